@@ -1,0 +1,16 @@
+// splitq CLI: the subcommands of the one `splitq` binary. Each Register* adds a subcommand
+// to the CLI11 app; main() parses and runs the chosen one. A subcommand's run function
+// returns the process exit code.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace splitq::cli {
+
+using RunFn = std::function<int()>;
+
+// `splitq bench kernels`: our kernels against PyTorch's ops and a copy (docs/benchmarks.md).
+void RegisterBenchKernels(CLI::App& bench, RunFn* run);
+
+}  // namespace splitq::cli

@@ -1,0 +1,189 @@
+#include "quant/tensor_ops.h"
+
+#include <c10/util/Exception.h>
+
+#if defined(SPLITQ_TORCH_CUDA)
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "kernels/fake_quant.h"
+#include "kernels/lsq_backward.h"
+
+namespace splitq::quant {
+namespace {
+
+void CheckParam(const at::Tensor& t, const char* name, int64_t groups, at::ScalarType type,
+                const at::Tensor& x) {
+  if (!t.defined()) return;
+  TORCH_CHECK(t.scalar_type() == type, name, " must be ", type, ", got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == groups, name, " must have ", groups, " entries, got ", t.numel());
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), ", x on ", x.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+kernels::QuantParams ParamsOf(const QuantTensors& q, const at::Tensor& x, int64_t groups) {
+  TORCH_CHECK(q.scale.defined(), "scale is required");
+  CheckParam(q.scale, "scale", groups, at::kFloat, x);
+  CheckParam(q.offset, "offset", groups, at::kFloat, x);
+  CheckParam(q.zero_point, "zero_point", groups, at::kFloat, x);
+  CheckParam(q.bits, "bits", groups, at::kByte, x);
+  kernels::QuantParams p;
+  p.scale = q.scale.data_ptr<float>();
+  p.offset = q.offset.defined() ? q.offset.data_ptr<float>() : nullptr;
+  p.zero_point = q.zero_point.defined() ? q.zero_point.data_ptr<float>() : nullptr;
+  p.bits = q.bits.defined() ? q.bits.data_ptr<uint8_t>() : nullptr;
+  p.uniform_bits = q.uniform_bits;
+  p.is_signed = q.is_signed;
+  return p;
+}
+
+void CheckInput(const at::Tensor& x) {
+  TORCH_CHECK(x.defined(), "input is undefined");
+  TORCH_CHECK(x.device().is_cpu() || x.device().is_cuda(), "unsupported device ", x.device());
+  ToKernelDType(x.scalar_type());
+}
+
+// Offsets of the packed segments, on x's device.
+std::pair<at::Tensor, int64_t> PackedOffsetsTensor(const std::vector<uint8_t>& bits,
+                                                   int64_t codes_per_group,
+                                                   const at::Device& device) {
+  at::Tensor offsets = at::empty({static_cast<int64_t>(bits.size()) + 1}, at::kLong);
+  CheckOk(kernels::PackedOffsets(
+      bits, codes_per_group,
+      absl::MakeSpan(offsets.data_ptr<int64_t>(), static_cast<size_t>(offsets.numel()))));
+  const int64_t total = offsets.data_ptr<int64_t>()[bits.size()];
+  return {offsets.to(device), total};
+}
+
+at::Tensor BitsTensor(const std::vector<uint8_t>& bits, const at::Device& device) {
+  return at::from_blob(const_cast<uint8_t*>(bits.data()), {static_cast<int64_t>(bits.size())},
+                       at::kByte)
+      .to(device, /*non_blocking=*/false, /*copy=*/true);
+}
+
+}  // namespace
+
+kernels::DType ToKernelDType(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+      return kernels::DType::kFloat32;
+    case at::kBFloat16:
+      return kernels::DType::kBFloat16;
+    case at::kHalf:
+      return kernels::DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", type, " (float32, bfloat16 or float16)");
+  }
+}
+
+at::ScalarType ToScalarType(kernels::DType dtype) {
+  switch (dtype) {
+    case kernels::DType::kFloat32:
+      return at::kFloat;
+    case kernels::DType::kBFloat16:
+      return at::kBFloat16;
+    case kernels::DType::kFloat16:
+      return at::kHalf;
+  }
+  TORCH_CHECK(false, "unknown kernel dtype");
+}
+
+kernels::GroupLayout LayoutOf(const at::Tensor& x, const Grouping& grouping) {
+  const auto layout =
+      kernels::MakeGroupLayout(x.sizes().vec(), grouping.granularity, grouping.axis);
+  CheckOk(layout.status());
+  return *layout;
+}
+
+kernels::ExecContext ContextOf(const at::Tensor& x) {
+  kernels::ExecContext ctx;
+  if (x.is_cuda()) {
+#if defined(SPLITQ_TORCH_CUDA)
+    ctx.device = kernels::Device::kCuda;
+    ctx.stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+#else
+    TORCH_CHECK(false, "CUDA tensor given, but splitq was built without torch CUDA support");
+#endif
+  }
+  return ctx;
+}
+
+void CheckOk(const absl::Status& status) {
+  TORCH_CHECK(status.ok(), std::string(status.message()));
+}
+
+at::Tensor FakeQuantize(const at::Tensor& x_in, const Grouping& grouping, const QuantTensors& q) {
+  CheckInput(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const kernels::GroupLayout layout = LayoutOf(x, grouping);
+  const kernels::QuantParams params = ParamsOf(q, x, layout.groups);
+  at::Tensor y = at::empty_like(x);
+  CheckOk(kernels::FakeQuantForward(ContextOf(x), ToKernelDType(x.scalar_type()), layout, params,
+                                    x.data_ptr(), y.data_ptr()));
+  return y;
+}
+
+LsqGradSums LsqBackward(const at::Tensor& x_in, const at::Tensor& dy_in, const Grouping& grouping,
+                        const QuantTensors& q) {
+  CheckInput(x_in);
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "grad_y shape ", dy_in.sizes(), " != x shape ",
+              x_in.sizes());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor dy = dy_in.to(x.scalar_type()).contiguous();
+  const kernels::GroupLayout layout = LayoutOf(x, grouping);
+  const kernels::QuantParams params = ParamsOf(q, x, layout.groups);
+  const kernels::ExecContext ctx = ContextOf(x);
+  LsqGradSums out;
+  out.grad_x = at::empty_like(x);
+  const auto float_opts = x.options().dtype(at::kFloat);
+  out.grad_scale_sum = at::empty({layout.groups}, float_opts);
+  out.grad_offset_sum = at::empty({layout.groups}, float_opts);
+  const size_t ws_bytes = kernels::LsqBackwardWorkspaceBytes(ctx, layout);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+  CheckOk(kernels::LsqBackward(
+      ctx, ToKernelDType(x.scalar_type()), layout, params, x.data_ptr(), dy.data_ptr(),
+      out.grad_x.data_ptr(), out.grad_scale_sum.data_ptr<float>(),
+      out.grad_offset_sum.data_ptr<float>(), workspace.data_ptr(), ws_bytes));
+  return out;
+}
+
+at::Tensor QuantizePack(const at::Tensor& x_in, const Grouping& grouping, const QuantTensors& q,
+                        const std::vector<uint8_t>& bits, const kernels::RoundingSpec& rounding) {
+  CheckInput(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const kernels::GroupLayout layout = LayoutOf(x, grouping);
+  TORCH_CHECK(static_cast<int64_t>(bits.size()) == layout.groups, "bits has ", bits.size(),
+              " entries for ", layout.groups, " groups");
+  QuantTensors with_bits = q;
+  with_bits.bits = BitsTensor(bits, x.device());
+  const kernels::QuantParams params = ParamsOf(with_bits, x, layout.groups);
+  auto [offsets, total] = PackedOffsetsTensor(bits, layout.per_group(), x.device());
+  at::Tensor packed = at::empty({total}, x.options().dtype(at::kByte));
+  CheckOk(kernels::QuantizePack(ContextOf(x), ToKernelDType(x.scalar_type()), layout, params,
+                                rounding, x.data_ptr(), offsets.data_ptr<int64_t>(),
+                                packed.data_ptr<uint8_t>(), total));
+  return packed;
+}
+
+at::Tensor UnpackDequantize(const at::Tensor& packed_in, at::IntArrayRef shape,
+                            at::ScalarType dtype, const Grouping& grouping, const QuantTensors& q,
+                            const std::vector<uint8_t>& bits) {
+  TORCH_CHECK(packed_in.scalar_type() == at::kByte, "packed must be uint8");
+  const at::Tensor packed = packed_in.contiguous();
+  at::Tensor y = at::empty(shape, packed.options().dtype(dtype));
+  const kernels::GroupLayout layout = LayoutOf(y, grouping);
+  TORCH_CHECK(static_cast<int64_t>(bits.size()) == layout.groups, "bits has ", bits.size(),
+              " entries for ", layout.groups, " groups");
+  QuantTensors with_bits = q;
+  with_bits.bits = BitsTensor(bits, y.device());
+  const kernels::QuantParams params = ParamsOf(with_bits, y, layout.groups);
+  auto [offsets, total] = PackedOffsetsTensor(bits, layout.per_group(), y.device());
+  TORCH_CHECK(packed.numel() == total, "packed has ", packed.numel(), " bytes, layout needs ",
+              total);
+  CheckOk(kernels::UnpackDequantize(ContextOf(y), ToKernelDType(dtype), layout, params,
+                                    packed.data_ptr<uint8_t>(), total, offsets.data_ptr<int64_t>(),
+                                    y.data_ptr()));
+  return y;
+}
+
+}  // namespace splitq::quant

@@ -1,0 +1,141 @@
+#include "quant/wire_codec.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace splitq::quant {
+namespace {
+
+// Smallest step the wire carries: a constant channel still gets a valid (positive) scale.
+constexpr double kMinWireScale = 1e-30;
+
+Grouping GroupingFor(int32_t group_axis) {
+  return group_axis < 0 ? Grouping{kernels::Granularity::kTensor, 0}
+                        : Grouping{kernels::Granularity::kChannel, group_axis};
+}
+
+std::vector<float> HostFloats(const at::Tensor& t) {
+  const at::Tensor h = t.detach().to(at::kCPU, at::kFloat).contiguous();
+  return std::vector<float>(h.data_ptr<float>(), h.data_ptr<float>() + h.numel());
+}
+
+// Per-group reduction of x to [groups] float32.
+at::Tensor GroupReduce(const at::Tensor& x, int32_t group_axis, bool max_abs, bool want_min) {
+  const kernels::GroupLayout layout = LayoutOf(x, GroupingFor(group_axis));
+  const at::Tensor v =
+      x.detach().to(at::kFloat).reshape({layout.outer, layout.groups, layout.inner});
+  if (max_abs) return v.abs().amax(at::IntArrayRef{0, 2});
+  return want_min ? v.amin(at::IntArrayRef{0, 2}) : v.amax(at::IntArrayRef{0, 2});
+}
+
+at::Tensor Levels(const std::vector<uint8_t>& bits, const at::Device& device) {
+  at::Tensor b = at::empty({static_cast<int64_t>(bits.size())}, at::kFloat);
+  for (size_t i = 0; i < bits.size(); ++i)
+    b.data_ptr<float>()[i] = std::ldexp(1.0f, bits[i]) - 1.0f;
+  return b.to(device);
+}
+
+}  // namespace
+
+WireEncoder::WireEncoder(uint64_t session_id, FrameKind kind, const WireEncoderOptions& options)
+    : session_id_(session_id), kind_(kind), options_(options) {}
+
+absl::StatusOr<Frame> WireEncoder::Encode(const at::Tensor& x_in, uint64_t step,
+                                          const std::vector<uint8_t>& bits,
+                                          const at::Tensor& scales, const at::Tensor& offsets) {
+  try {
+    const at::Tensor x = x_in.detach().contiguous();
+    const kernels::RoundingSpec rounding{options_.rounding, options_.seed, step};
+    const std::vector<float> host_scales = HostFloats(scales);
+    const std::vector<float> host_offsets = HostFloats(offsets);
+    Frame frame;
+    if (x.is_cpu()) {
+      SPLITQ_ASSIGN_OR_RETURN(
+          frame, EncodeFrame(x.data_ptr(), ToKernelDType(x.scalar_type()), x.sizes().vec(),
+                             options_.group_axis, bits, host_scales, host_offsets, rounding));
+    } else {
+      for (size_t g = 0; g < host_scales.size(); ++g) {
+        if (!std::isfinite(host_scales[g]) || !(host_scales[g] > 0) ||
+            (g < host_offsets.size() && !std::isfinite(host_offsets[g]))) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("group ", g, " has scale ", host_scales[g], " and offset ",
+                           g < host_offsets.size() ? host_offsets[g] : NAN,
+                           " (scale must be finite and > 0, offset finite)"));
+        }
+      }
+      const Grouping grouping = GroupingFor(options_.group_axis);
+      QuantTensors q;
+      q.scale = scales.detach().to(x.device(), at::kFloat).contiguous();
+      q.offset = offsets.detach().to(x.device(), at::kFloat).contiguous();
+      const at::Tensor packed = QuantizePack(x, grouping, q, bits, rounding).to(at::kCPU);
+      frame.dtype = ToKernelDType(x.scalar_type());
+      frame.shape = x.sizes().vec();
+      frame.group_axis = options_.group_axis;
+      frame.bits = bits;
+      frame.scales = host_scales;
+      frame.offsets = host_offsets;
+      frame.payload.assign(packed.data_ptr<uint8_t>(), packed.data_ptr<uint8_t>() + packed.numel());
+    }
+    if (bits != last_bits_ || version_ == 0) {
+      ++version_;
+      last_bits_ = bits;
+    } else {
+      frame.bits.clear();  // the receiver holds this version already
+    }
+    frame.session_id = session_id_;
+    frame.step = step;
+    frame.kind = kind_;
+    frame.bitmap_version = version_;
+    SealFrame(&frame);
+    return frame;
+  } catch (const c10::Error& e) {
+    return absl::InvalidArgumentError(e.what_without_backtrace());
+  }
+}
+
+WireDecoder::WireDecoder(const FrameLimits& limits) : limits_(limits) {}
+
+absl::StatusOr<at::Tensor> WireDecoder::Decode(const Frame& frame, const at::Device& device) {
+  SPLITQ_ASSIGN_OR_RETURN(std::vector<uint8_t> bits,
+                          ValidateFrame(frame, has_bits_ ? &bits_ : nullptr, version_, limits_));
+  try {
+    at::Tensor out;
+    if (device.is_cpu()) {
+      out = at::empty(frame.shape, at::TensorOptions().dtype(ToScalarType(frame.dtype)));
+      SPLITQ_RETURN_IF_ERROR(DecodePayload(frame, bits, out.data_ptr()));
+    } else {
+      const int64_t payload_bytes = static_cast<int64_t>(frame.payload.size());
+      const at::Tensor packed =
+          at::from_blob(const_cast<uint8_t*>(frame.payload.data()), {payload_bytes}, at::kByte)
+              .to(device);
+      const auto groups = static_cast<int64_t>(frame.scales.size());
+      QuantTensors q;
+      q.scale =
+          at::from_blob(const_cast<float*>(frame.scales.data()), {groups}, at::kFloat).to(device);
+      q.offset =
+          at::from_blob(const_cast<float*>(frame.offsets.data()), {groups}, at::kFloat).to(device);
+      out = UnpackDequantize(packed, frame.shape, ToScalarType(frame.dtype),
+                             GroupingFor(frame.group_axis), q, bits);
+    }
+    has_bits_ = true;
+    version_ = frame.bitmap_version;
+    bits_ = std::move(bits);
+    return out;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(e.what_without_backtrace());
+  }
+}
+
+WireRange MinMaxRange(const at::Tensor& x, int32_t group_axis, const std::vector<uint8_t>& bits) {
+  const at::Tensor lo = GroupReduce(x, group_axis, /*max_abs=*/false, /*want_min=*/true);
+  const at::Tensor hi = GroupReduce(x, group_axis, /*max_abs=*/false, /*want_min=*/false);
+  return WireRange{((hi - lo) / Levels(bits, x.device())).clamp_min(kMinWireScale), lo};
+}
+
+WireRange MaxAbsRange(const at::Tensor& x, int32_t group_axis, const std::vector<uint8_t>& bits) {
+  const at::Tensor m = GroupReduce(x, group_axis, /*max_abs=*/true, false);
+  return WireRange{(m * 2.0 / Levels(bits, x.device())).clamp_min(kMinWireScale), -m};
+}
+
+}  // namespace splitq::quant

@@ -1,0 +1,75 @@
+// splitq quant: WireEncoder / WireDecoder, boundary tensors to frames and back (torch side
+// of quant/wire_format.h).
+//
+// One encoder and one decoder per session and direction. The encoder bumps the bit-map
+// version and ships the map only when it changes; the decoder remembers the last map it
+// accepted. Decoding validates the whole frame (ValidateFrame) before it allocates the
+// output, and a rejected frame leaves the decoder's state as it was, so the session goes
+// on. CPU tensors are packed and unpacked by the CPU kernels straight into/out of the
+// frame; CUDA tensors by the CUDA kernels, with one copy of the packed bytes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "quant/tensor_ops.h"
+#include "quant/wire_format.h"
+
+namespace splitq::quant {
+
+struct WireEncoderOptions {
+  int32_t group_axis = 1;  // axis with one bit width / scale / offset per entry; -1: one group
+  kernels::Rounding rounding = kernels::Rounding::kNearest;  // stochastic for gradients
+  uint64_t seed = 0;  // Philox seed for stochastic rounding (the step is the other key)
+};
+
+class WireEncoder {
+ public:
+  WireEncoder(uint64_t session_id, FrameKind kind, const WireEncoderOptions& options);
+
+  // Encodes x (float32/bfloat16/float16, any device) with per-group `bits` and float32
+  // `scales` / `offsets` ([groups], any device). Returns a sealed frame.
+  // INVALID_ARGUMENT for a bits/scales/offsets length that does not match the groups,
+  // bits outside 1..8, or a non-finite or non-positive scale.
+  absl::StatusOr<Frame> Encode(const at::Tensor& x, uint64_t step, const std::vector<uint8_t>& bits,
+                               const at::Tensor& scales, const at::Tensor& offsets);
+
+  uint32_t bitmap_version() const { return version_; }
+
+ private:
+  uint64_t session_id_;
+  FrameKind kind_;
+  WireEncoderOptions options_;
+  uint32_t version_ = 0;
+  std::vector<uint8_t> last_bits_;
+};
+
+class WireDecoder {
+ public:
+  explicit WireDecoder(const FrameLimits& limits = {});
+
+  // Validates `frame` and decodes it to a tensor of frame.shape / frame.dtype on `device`.
+  // Status codes as ValidateFrame.
+  absl::StatusOr<at::Tensor> Decode(const Frame& frame, const at::Device& device = at::kCPU);
+
+ private:
+  FrameLimits limits_;
+  bool has_bits_ = false;
+  uint32_t version_ = 0;
+  std::vector<uint8_t> bits_;
+};
+
+// Per-group ranges for the wire when the sender has no learned range.
+struct WireRange {
+  at::Tensor scales;   // float32 [groups], > 0
+  at::Tensor offsets;  // float32 [groups]
+};
+// Asymmetric min-max: offset = min, scale = (max - min) / (2^k - 1).
+WireRange MinMaxRange(const at::Tensor& x, int32_t group_axis, const std::vector<uint8_t>& bits);
+// Symmetric max-abs (gradients, design.md): offset = -m, scale = 2 m / (2^k - 1).
+WireRange MaxAbsRange(const at::Tensor& x, int32_t group_axis, const std::vector<uint8_t>& bits);
+
+}  // namespace splitq::quant

@@ -1,0 +1,167 @@
+// Tests for quant/amaq_boundary.h: the budget projection, the gate and range gradients
+// (sign against the task, size against finite differences of the straight-through
+// surrogate), the regulariser, and forward == what the wire decodes.
+#include "quant/amaq_boundary.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "quant/lsq_quantizer.h"
+#include "quant/wire_codec.h"
+
+namespace splitq::quant {
+namespace {
+
+TEST(ProjectBits, NeverExceedsTheTargetForRandomGates) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> bdist(2.0f, 8.0f);
+  std::uniform_real_distribution<double> tdist(2.0, 8.0);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int channels = 1 + static_cast<int>(rng() % 300);
+    std::vector<float> b(channels);
+    for (auto& v : b) v = bdist(rng);
+    const double target = tdist(rng);
+    auto k = ProjectBits(b, 2, 8, target);
+    ASSERT_TRUE(k.ok()) << k.status();
+    const double mean = std::accumulate(k->begin(), k->end(), 0.0) / channels;
+    ASSERT_LE(mean, target + 1e-9) << "trial " << trial;
+    for (size_t c = 0; c < b.size(); ++c) {
+      ASSERT_GE((*k)[c], 2);
+      ASSERT_LE((*k)[c], 8);
+      ASSERT_LE((*k)[c], std::nearbyint(b[c]));  // projection only removes bits
+    }
+  }
+}
+
+TEST(ProjectBits, LowestGateGivesUpBitsFirstAndRoundingIsKeptWhenWithinBudget) {
+  auto k = ProjectBits({7.9f, 4.2f, 6.1f}, 2, 8, 6.0);  // rounds to 8,4,6 = mean 6
+  ASSERT_TRUE(k.ok());
+  EXPECT_EQ(*k, (std::vector<uint8_t>{8, 4, 6}));
+  k = ProjectBits({7.9f, 4.2f, 6.1f}, 2, 8, 5.0);  // needs 3 bits removed: from channel 1
+  ASSERT_TRUE(k.ok());
+  EXPECT_EQ(*k, (std::vector<uint8_t>{8, 2, 5}));
+  EXPECT_EQ(ProjectBits({5.0f}, 3, 8, 2.5).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// F(r, b) = sum w * (s(b) * (clamp((x + r) / s(b), 0, qmax) + delta) - r), s(b) = 2r/(2^b - 1).
+double AmaqSurrogate(const std::vector<double>& x, const std::vector<double>& w,
+                     const std::vector<double>& delta, double r, double b, double qmax) {
+  const double s = 2 * r / (std::exp2(b) - 1);
+  double f = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    double v = (x[i] + r) / s;
+    v = v < 0 ? 0 : (v > qmax ? qmax : v);
+    f += w[i] * (s * (v + delta[i]) - r);
+  }
+  return f;
+}
+
+TEST(AmaqBoundary, RangeAndBitGradientsMatchFiniteDifferencesOfTheSurrogate) {
+  AmaqOptions opt;
+  opt.channel_axis = 1;
+  AmaqBoundary boundary(opt, 1);
+  const int n = 3000;
+  std::mt19937 rng(9);
+  std::normal_distribution<double> dist(0.0, 0.5);
+  std::vector<float> xs;
+  const double r0 = 1.0;
+  const int k = 4;
+  const double qmax = 15, s0 = 2 * r0 / qmax;
+  while (static_cast<int>(xs.size()) < n) {
+    const double x = dist(rng);
+    const double v = (x + r0) / s0;
+    if ((v > qmax - 0.01 && v < qmax + 0.6) || (v < 0.01 && v > -0.6)) continue;
+    if (std::fabs(v - std::nearbyint(v)) > 0.49) continue;
+    xs.push_back(static_cast<float>(x));
+  }
+  const at::Tensor x = at::tensor(xs).reshape({n, 1});
+  const at::Tensor w = at::randn({n, 1});
+  {
+    at::NoGradGuard no_grad;
+    boundary->range().fill_(r0);
+    boundary->gate().fill_(0.0);  // b = 5 at alpha 2, bits 2..8
+  }
+  boundary->forward(x, 8.0);  // initialises (sets range to max|x|); reset below
+  {
+    at::NoGradGuard no_grad;
+    boundary->range().fill_(r0);
+  }
+  const at::Tensor b = boundary->continuous_bits();
+  // Choose the gate so that b rounds to k = 4 (target 4 forces it via the projection too).
+  const at::Tensor y = boundary->forward(x, static_cast<double>(k));
+  ASSERT_EQ(boundary->last_bits()[0], k);
+  const auto grads = torch::autograd::grad({(y * w).sum()}, {boundary->range(), boundary->gate()});
+  const double g = 1.0 / std::sqrt(n * qmax);
+
+  std::vector<double> xd(xs.begin(), xs.end()), wd, delta;
+  for (int i = 0; i < n; ++i) {
+    wd.push_back(w[i][0].item<float>());
+    double v = (xd[i] + r0) / s0;
+    v = v < 0 ? 0 : (v > qmax ? qmax : v);
+    delta.push_back(std::nearbyint(v) - v);
+  }
+  const double h = 1e-6;
+  const double fd_r = (AmaqSurrogate(xd, wd, delta, r0 + h, k, qmax) -
+                       AmaqSurrogate(xd, wd, delta, r0 - h, k, qmax)) /
+                      (2 * h);
+  const double fd_b = (AmaqSurrogate(xd, wd, delta, r0, k + h, qmax) -
+                       AmaqSurrogate(xd, wd, delta, r0, k - h, qmax)) /
+                      (2 * h);
+  EXPECT_NEAR(grads[0].item<double>() / g, fd_r, 1e-3 * (1 + std::fabs(fd_r)));
+  // Gate: d/dQ = d/db * (bmax - bmin) * alpha * sigma'(alpha Q).
+  const double sig = 1.0 / (1.0 + std::exp(-opt.alpha * boundary->gate()[0].item<double>()));
+  const double db_dq = (opt.bmax - opt.bmin) * opt.alpha * sig * (1 - sig);
+  EXPECT_NEAR(grads[1].item<double>() / (g * db_dq), fd_b, 1e-3 * (1 + std::fabs(fd_b)));
+  (void)b;
+}
+
+TEST(AmaqBoundary, GateGradientAsksForMoreBitsWhenTheTaskIsReconstruction) {
+  AmaqOptions opt;
+  opt.channel_axis = 1;
+  AmaqBoundary boundary(opt, 8);
+  const at::Tensor x = at::randn({512, 8});
+  boundary->forward(x, 8.0);  // initialise the range to max|x|
+  const at::Tensor y = boundary->forward(x, 3.0);
+  const at::Tensor loss = (y - x).square().sum();
+  const auto grads = torch::autograd::grad({loss}, {boundary->gate()});
+  // More bits lower the reconstruction error, so descending the gradient raises the gates.
+  EXPECT_TRUE((grads[0] < 0).all().item<bool>()) << grads[0];
+}
+
+TEST(AmaqBoundary, RegulariserPushesBitsDownWhenOverBudget) {
+  AmaqOptions opt;
+  AmaqBoundary a(opt, 4), b(opt, 6);
+  const at::Tensor reg = BitRegularization({a, b}, 1e-3, 1.0, 3.0);
+  const auto grads = torch::autograd::grad({reg}, {a->gate(), b->gate()});
+  EXPECT_TRUE((grads[0] > 0).all().item<bool>());
+  EXPECT_TRUE((grads[1] > 0).all().item<bool>());
+  EXPECT_GT(reg.item<double>(), 0.0);
+}
+
+TEST(AmaqBoundary, BudgetHoldsAndForwardEqualsWhatTheWireDecodes) {
+  AmaqOptions opt;
+  opt.channel_axis = 1;
+  AmaqBoundary boundary(opt, 16);
+  const at::Tensor x = at::randn({4, 16, 5, 5});
+  for (double target : {8.0, 6.5, 4.0, 3.0, 2.0}) {
+    const at::Tensor y = boundary->forward(x, target);
+    const auto& bits = boundary->last_bits();
+    const double mean = std::accumulate(bits.begin(), bits.end(), 0.0) / bits.size();
+    EXPECT_LE(mean, target);
+    WireEncoder enc(1, FrameKind::kActivation, WireEncoderOptions{1});
+    WireDecoder dec;
+    auto frame = enc.Encode(x, 0, bits, boundary->wire_scales(), boundary->wire_offsets());
+    ASSERT_TRUE(frame.ok()) << frame.status();
+    auto decoded = dec.Decode(*frame);
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    EXPECT_TRUE(at::equal(*decoded, y.detach())) << "target " << target;
+  }
+}
+
+}  // namespace
+}  // namespace splitq::quant

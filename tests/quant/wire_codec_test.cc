@@ -1,0 +1,108 @@
+// Tests for quant/wire_codec.h: tensor round trips, the bit-map protocol, rejected frames
+// that leave the decoder usable, and the scale helpers.
+#include "quant/wire_codec.h"
+
+#include <gtest/gtest.h>
+
+namespace splitq::quant {
+namespace {
+
+TEST(WireCodec, RoundTripWithinHalfAStepAndBitMapSentOnlyOnChange) {
+  const at::Tensor x = at::randn({64, 12});
+  std::vector<uint8_t> bits(12, 4);
+  WireEncoder enc(7, FrameKind::kActivation, {});
+  WireDecoder dec;
+  const WireRange range = MinMaxRange(x, 1, bits);
+  auto f1 = enc.Encode(x, 1, bits, range.scales, range.offsets);
+  ASSERT_TRUE(f1.ok()) << f1.status();
+  EXPECT_EQ(f1->bits.size(), 12u);
+  EXPECT_EQ(f1->session_id, 7u);
+  auto y = dec.Decode(*f1);
+  ASSERT_TRUE(y.ok()) << y.status();
+  const at::Tensor err = (*y - x).abs();
+  EXPECT_TRUE((err <= range.scales * 0.5001).all().item<bool>());
+
+  auto f2 = enc.Encode(x, 2, bits, range.scales, range.offsets);
+  ASSERT_TRUE(f2.ok());
+  EXPECT_TRUE(f2->bits.empty());
+  EXPECT_EQ(f2->bitmap_version, f1->bitmap_version);
+  ASSERT_TRUE(dec.Decode(*f2).ok());
+
+  bits[3] = 2;
+  auto f3 = enc.Encode(x, 3, bits, MinMaxRange(x, 1, bits).scales, range.offsets);
+  ASSERT_TRUE(f3.ok());
+  EXPECT_EQ(f3->bitmap_version, f1->bitmap_version + 1);
+  EXPECT_EQ(f3->bits.size(), 12u);
+  EXPECT_LT(f3->payload.size(), f1->payload.size());
+  ASSERT_TRUE(dec.Decode(*f3).ok());
+
+  // A fresh decoder never saw the map of f2's version.
+  WireDecoder fresh;
+  EXPECT_EQ(fresh.Decode(*f2).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(WireCodec, RejectedFrameLeavesTheDecoderUsable) {
+  const at::Tensor x = at::randn({16, 4});
+  const std::vector<uint8_t> bits(4, 3);
+  WireEncoder enc(1, FrameKind::kGradient, {});
+  WireDecoder dec;
+  const WireRange range = MaxAbsRange(x, 1, bits);
+  auto good = enc.Encode(x, 0, bits, range.scales, range.offsets);
+  ASSERT_TRUE(good.ok());
+  Frame bad = *good;
+  bad.payload[0] ^= 0x5A;  // CRC no longer matches
+  EXPECT_EQ(dec.Decode(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  Frame nan_scale = *good;
+  nan_scale.scales[1] = std::nanf("");
+  SealFrame(&nan_scale);
+  EXPECT_EQ(dec.Decode(nan_scale).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(dec.Decode(*good).ok());
+}
+
+TEST(WireCodec, EncodeRejectsBadScalesAndBits) {
+  const at::Tensor x = at::randn({8, 2});
+  WireEncoder enc(1, FrameKind::kActivation, {});
+  EXPECT_FALSE(enc.Encode(x, 0, {4, 4}, at::tensor({0.1f, -1.0f}), at::zeros({2})).ok());
+  EXPECT_FALSE(enc.Encode(x, 0, {4, 9}, at::tensor({0.1f, 0.1f}), at::zeros({2})).ok());
+  EXPECT_FALSE(enc.Encode(x, 0, {4}, at::tensor({0.1f, 0.1f}), at::zeros({2})).ok());
+}
+
+TEST(WireCodec, StochasticGradientsAreUnbiased) {
+  const at::Tensor g = at::full({20000, 2}, 0.123f);
+  g.select(1, 1).fill_(-0.77f);
+  const std::vector<uint8_t> bits(2, 2);
+  WireEncoderOptions opt;
+  opt.rounding = kernels::Rounding::kStochastic;
+  opt.seed = 99;
+  WireEncoder enc(1, FrameKind::kGradient, opt);
+  WireDecoder dec;
+  // A range wider than the values so that they fall between levels.
+  const at::Tensor scales = at::full({2}, 2.0f / 3.0f), offsets = at::full({2}, -1.0f);
+  auto frame = enc.Encode(g, 5, bits, scales, offsets);
+  ASSERT_TRUE(frame.ok());
+  auto y = dec.Decode(*frame);
+  ASSERT_TRUE(y.ok());
+  const at::Tensor mean = y->mean(0);
+  EXPECT_NEAR(mean[0].item<float>(), 0.123f, 0.01f);
+  EXPECT_NEAR(mean[1].item<float>(), -0.77f, 0.01f);
+}
+
+TEST(WireCodec, BFloat16AndPerTensorRoundTrip) {
+  const at::Tensor x = at::randn({3, 5, 7}).to(at::kBFloat16);
+  const std::vector<uint8_t> bits = {6};
+  WireEncoderOptions opt;
+  opt.group_axis = -1;
+  WireEncoder enc(1, FrameKind::kActivation, opt);
+  WireDecoder dec;
+  const WireRange range = MinMaxRange(x, -1, bits);
+  auto frame = enc.Encode(x, 0, bits, range.scales, range.offsets);
+  ASSERT_TRUE(frame.ok()) << frame.status();
+  auto y = dec.Decode(*frame);
+  ASSERT_TRUE(y.ok());
+  EXPECT_EQ(y->scalar_type(), at::kBFloat16);
+  EXPECT_EQ(y->sizes(), x.sizes());
+  EXPECT_LE((*y - x).abs().max().item<float>(), range.scales[0].item<float>() * 0.51f + 0.02f);
+}
+
+}  // namespace
+}  // namespace splitq::quant
