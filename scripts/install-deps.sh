@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# install-deps.sh: install splitq's build and test dependencies on Debian 12 (with network).
+#
+#   scripts/install-deps.sh          install what is missing (apt-get update + install)
+#   scripts/install-deps.sh --list   print the package list and exit
+#
+# The packages are the ones tagged 'apt' in scripts/deps.list (the one list, shared with
+# scripts/offline-deps.sh). Already installed packages are found with dpkg-query, so a run with
+# nothing missing needs no root, touches nothing and prints one line. Otherwise it runs
+# apt-get update and apt-get install -y --no-install-recommends for the missing ones, as root,
+# or through sudo when not root.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LIST=${SPLITQ_DEPS_LIST:-$SCRIPT_DIR/deps.list}
+
+die() { echo "install-deps: error: $*" >&2; exit 1; }
+
+[[ -r $LIST ]] || die "$LIST not found"
+mapfile -t PKGS < <(awk '
+  { sub(/#.*/, "") }
+  NF >= 2 { k = split($2, t, ","); for (i = 1; i <= k; i++) if (t[i] == "apt") { print $1; next } }' "$LIST")
+[[ ${#PKGS[@]} -gt 0 ]] || die "no packages tagged 'apt' in $LIST"
+
+case ${1:-} in
+  --list) printf '%s\n' "${PKGS[@]}"; exit 0 ;;
+  -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  "") ;;
+  *) die "unknown argument '$1' (try --help)" ;;
+esac
+
+command -v dpkg-query >/dev/null || die "dpkg-query not found: this script is for Debian 12"
+
+missing_packages() {
+  local p
+  for p in "${PKGS[@]}"; do
+    [[ $(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true) == ii* ]] || echo "$p"
+  done
+}
+
+mapfile -t MISSING < <(missing_packages)
+if [[ ${#MISSING[@]} -eq 0 ]]; then
+  echo "install-deps: all ${#PKGS[@]} packages installed"
+  exit 0
+fi
+
+if [[ -r /etc/debian_version ]] && [[ $(cut -d. -f1 /etc/debian_version) != 12 ]]; then
+  echo "install-deps: warning: this is Debian $(cat /etc/debian_version), the list is for Debian 12" >&2
+fi
+
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null || die "missing ${MISSING[*]}; run as root (no sudo here)"
+  if [[ -t 0 ]]; then SUDO=(sudo); else SUDO=(sudo -n); fi
+fi
+
+echo "install-deps: installing ${#MISSING[@]} missing packages: ${MISSING[*]}"
+export DEBIAN_FRONTEND=noninteractive
+log=$(mktemp "${TMPDIR:-/tmp}/install-deps.XXXXXX")
+trap 'rm -f "$log"' EXIT
+apt_opts=(-o Acquire::Retries=3 -o Dpkg::Use-Pty=0)
+if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" -qq update >"$log" 2>&1; then
+  tail -n 30 "$log" >&2
+  die "apt-get update failed"
+fi
+if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" -qq install -y \
+     --no-install-recommends "${MISSING[@]}" >"$log" 2>&1; then
+  tail -n 40 "$log" >&2
+  die "apt-get install failed"
+fi
+
+mapfile -t STILL < <(missing_packages)
+[[ ${#STILL[@]} -eq 0 ]] || die "still not installed after apt-get: ${STILL[*]}"
+echo "install-deps: installed ${#MISSING[@]} packages ($(grep -c '^Setting up' "$log" || true) set up in all)"
