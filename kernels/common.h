@@ -49,6 +49,12 @@
   if (!tmp.ok()) return tmp.status();                 \
   lhs = std::move(tmp).value()
 
+#if defined(__CUDACC__)
+#define SPLITQ_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SPLITQ_HOST_DEVICE inline
+#endif
+
 namespace splitq::kernels {
 
 // Element types a kernel reads and writes. Arithmetic is always fp32 inside.
@@ -112,8 +118,10 @@ struct QuantParams {
 absl::Status ValidateQuantParams(const QuantParams& params, const GroupLayout& layout);
 
 // Code range for `bits` (1..8).
-inline int32_t QMin(int bits, bool is_signed) { return is_signed ? -(1 << (bits - 1)) : 0; }
-inline int32_t QMax(int bits, bool is_signed) {
+SPLITQ_HOST_DEVICE int32_t QMin(int bits, bool is_signed) {
+  return is_signed ? -(1 << (bits - 1)) : 0;
+}
+SPLITQ_HOST_DEVICE int32_t QMax(int bits, bool is_signed) {
   return is_signed ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
 }
 

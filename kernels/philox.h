@@ -10,11 +10,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SPLITQ_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define SPLITQ_HOST_DEVICE inline
-#endif
+#include "kernels/common.h"  // SPLITQ_HOST_DEVICE
 
 namespace splitq::kernels {
 

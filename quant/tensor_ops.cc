@@ -43,22 +43,50 @@ void CheckInput(const at::Tensor& x) {
   ToKernelDType(x.scalar_type());
 }
 
-// Offsets of the packed segments, on x's device.
-std::pair<at::Tensor, int64_t> PackedOffsetsTensor(const std::vector<uint8_t>& bits,
-                                                   int64_t codes_per_group,
-                                                   const at::Device& device) {
+// The bit map and segment offsets of a packed layout, on one device.
+struct PackedLayout {
+  at::Tensor bits;     // uint8 [groups]
+  at::Tensor offsets;  // int64 [groups + 1]
+  int64_t total_bytes = 0;
+};
+
+PackedLayout MakePackedLayout(const std::vector<uint8_t>& bits, int64_t codes_per_group,
+                              const at::Device& device) {
+  PackedLayout layout;
   at::Tensor offsets = at::empty({static_cast<int64_t>(bits.size()) + 1}, at::kLong);
   CheckOk(kernels::PackedOffsets(
       bits, codes_per_group,
       absl::MakeSpan(offsets.data_ptr<int64_t>(), static_cast<size_t>(offsets.numel()))));
-  const int64_t total = offsets.data_ptr<int64_t>()[bits.size()];
-  return {offsets.to(device), total};
+  layout.total_bytes = offsets.data_ptr<int64_t>()[bits.size()];
+  const at::Tensor host_bits = at::from_blob(const_cast<uint8_t*>(bits.data()),
+                                             {static_cast<int64_t>(bits.size())}, at::kByte);
+  // Blocking copies: the cached tensors are complete before any stream reads them.
+  layout.bits = host_bits.to(device, /*non_blocking=*/false, /*copy=*/true);
+  layout.offsets = offsets.to(device, /*non_blocking=*/false, /*copy=*/true);
+  return layout;
 }
 
-at::Tensor BitsTensor(const std::vector<uint8_t>& bits, const at::Device& device) {
-  return at::from_blob(const_cast<uint8_t*>(bits.data()), {static_cast<int64_t>(bits.size())},
-                       at::kByte)
-      .to(device, /*non_blocking=*/false, /*copy=*/true);
+// The bit map changes rarely (when AMAQ moves a channel's width), so each thread keeps the
+// device copies of the last few layouts instead of copying them to the GPU on every call.
+const PackedLayout& CachedPackedLayout(const std::vector<uint8_t>& bits, int64_t codes_per_group,
+                                       const at::Device& device) {
+  struct Entry {
+    std::vector<uint8_t> bits;
+    int64_t codes_per_group;
+    at::Device device;
+    PackedLayout layout;
+  };
+  constexpr size_t kEntries = 4;
+  thread_local std::vector<Entry> cache;
+  for (const Entry& e : cache) {
+    if (e.codes_per_group == codes_per_group && e.device == device && e.bits == bits) {
+      return e.layout;
+    }
+  }
+  if (cache.size() == kEntries) cache.erase(cache.begin());
+  cache.push_back(
+      Entry{bits, codes_per_group, device, MakePackedLayout(bits, codes_per_group, device)});
+  return cache.back().layout;
 }
 
 }  // namespace
@@ -154,10 +182,12 @@ at::Tensor QuantizePack(const at::Tensor& x_in, const Grouping& grouping, const 
   const kernels::GroupLayout layout = LayoutOf(x, grouping);
   TORCH_CHECK(static_cast<int64_t>(bits.size()) == layout.groups, "bits has ", bits.size(),
               " entries for ", layout.groups, " groups");
+  const PackedLayout& packed_layout = CachedPackedLayout(bits, layout.per_group(), x.device());
   QuantTensors with_bits = q;
-  with_bits.bits = BitsTensor(bits, x.device());
+  with_bits.bits = packed_layout.bits;
   const kernels::QuantParams params = ParamsOf(with_bits, x, layout.groups);
-  auto [offsets, total] = PackedOffsetsTensor(bits, layout.per_group(), x.device());
+  const at::Tensor& offsets = packed_layout.offsets;
+  const int64_t total = packed_layout.total_bytes;
   at::Tensor packed = at::empty({total}, x.options().dtype(at::kByte));
   CheckOk(kernels::QuantizePack(ContextOf(x), ToKernelDType(x.scalar_type()), layout, params,
                                 rounding, x.data_ptr(), offsets.data_ptr<int64_t>(),
@@ -174,10 +204,12 @@ at::Tensor UnpackDequantize(const at::Tensor& packed_in, at::IntArrayRef shape,
   const kernels::GroupLayout layout = LayoutOf(y, grouping);
   TORCH_CHECK(static_cast<int64_t>(bits.size()) == layout.groups, "bits has ", bits.size(),
               " entries for ", layout.groups, " groups");
+  const PackedLayout& packed_layout = CachedPackedLayout(bits, layout.per_group(), y.device());
   QuantTensors with_bits = q;
-  with_bits.bits = BitsTensor(bits, y.device());
+  with_bits.bits = packed_layout.bits;
   const kernels::QuantParams params = ParamsOf(with_bits, y, layout.groups);
-  auto [offsets, total] = PackedOffsetsTensor(bits, layout.per_group(), y.device());
+  const at::Tensor& offsets = packed_layout.offsets;
+  const int64_t total = packed_layout.total_bytes;
   TORCH_CHECK(packed.numel() == total, "packed has ", packed.numel(), " bytes, layout needs ",
               total);
   CheckOk(kernels::UnpackDequantize(ContextOf(y), ToKernelDType(dtype), layout, params,
