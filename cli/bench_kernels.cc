@@ -1,10 +1,11 @@
 // `splitq bench kernels`: our kernels, PyTorch's ops of the same shape and a plain copy
-// (the bandwidth limit), measured side by side in one run. Each figure is the mean of
-// --iters calls after 3 warm-up calls, with the device synchronised around the timed loop.
+// (the bandwidth limit), measured side by side in one run. After 3 warm-up calls, each
+// figure is the mean of --iters calls on CUDA and the median of --iters calls on the CPU
+// (see TimeMs).
 // GB/s counts bytes read plus bytes written (10^9 bytes per second).
 //
 // Cases (fp32 [rows, cols], channels on axis 1):
-//   copy                          x.clone()
+//   copy                          out.copy_(x) into a preallocated tensor (bandwidth limit)
 //   fake_quant_per_channel        8-bit signed; torch: fake_quantize_per_channel_affine
 //   lsq_per_channel_fwd_bwd       learned step, forward + backward (grads of x and scale);
 //                                 torch: _fake_quantize_learnable_per_channel_affine
@@ -18,6 +19,7 @@
 #include <spdlog/spdlog.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -48,7 +50,7 @@ struct BenchOptions {
   std::string json_path;
   int64_t rows = 0;  // 0: 16384 on CUDA, 4096 on the CPU
   int64_t cols = 4096;
-  int iters = 0;  // 0: 20 on CUDA, 5 on the CPU
+  int iters = 0;  // 0: 20 on CUDA, 9 on the CPU
 };
 
 struct CaseResult {
@@ -66,14 +68,29 @@ void Sync(const at::Device& device) {
 #endif
 }
 
-double MeanMs(const at::Device& device, int iters, const std::function<void()>& fn) {
+// GPU: the mean over `iters` back-to-back calls, synchronised around the loop (the caching
+// allocator makes allocation free). CPU: the median of `iters` individually timed calls, because
+// on the VMs we measured a call that draws fresh pages from the kernel pays ~12 us per 4 KiB
+// page fault (up to 70 ms for a 64 MiB output), and which call pays it varies run to run.
+double TimeMs(const at::Device& device, int iters, const std::function<void()>& fn) {
   for (int i = 0; i < 3; ++i) fn();
   Sync(device);
-  const auto start = std::chrono::steady_clock::now();
-  for (int i = 0; i < iters; ++i) fn();
-  Sync(device);
-  const auto end = std::chrono::steady_clock::now();
-  return std::chrono::duration<double, std::milli>(end - start).count() / iters;
+  if (device.is_cuda()) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < iters; ++i) fn();
+    Sync(device);
+    const auto end = std::chrono::steady_clock::now();
+    return std::chrono::duration<double, std::milli>(end - start).count() / iters;
+  }
+  std::vector<double> ms;
+  for (int i = 0; i < iters; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
+  return ms[ms.size() / 2];
 }
 
 double Gbps(double bytes, double ms) { return bytes / (ms * 1e-3) / 1e9; }
@@ -86,12 +103,13 @@ int RunBenchKernels(const BenchOptions& opt) {
   }
   const int64_t rows = opt.rows > 0 ? opt.rows : (device.is_cuda() ? 16384 : 4096);
   const int64_t cols = opt.cols;
-  const int iters = opt.iters > 0 ? opt.iters : (device.is_cuda() ? 20 : 5);
+  const int iters = opt.iters > 0 ? opt.iters : (device.is_cuda() ? 20 : 9);
   const double n = static_cast<double>(rows * cols);
   std::printf(
       "splitq bench kernels: device=%s shape=[%lld, %lld] fp32, channels on axis 1, "
-      "%d timed calls after 3 warm-ups\n",
-      opt.device.c_str(), static_cast<long long>(rows), static_cast<long long>(cols), iters);
+      "%s of %d timed calls after 3 warm-ups\n",
+      opt.device.c_str(), static_cast<long long>(rows), static_cast<long long>(cols),
+      device.is_cuda() ? "mean" : "median", iters);
 
   at::manual_seed(0);
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
@@ -107,7 +125,9 @@ int RunBenchKernels(const BenchOptions& opt) {
     CaseResult r;
     r.name = "copy";
     r.bytes = 8 * n;
-    r.ours_ms = MeanMs(device, iters, [&] { (void)x.clone(); });
+    // Into a buffer allocated once: the bandwidth limit, without allocation costs.
+    at::Tensor copy_out = at::empty_like(x);
+    r.ours_ms = TimeMs(device, iters, [&] { copy_out.copy_(x); });
     results.push_back(r);
   }
   {
@@ -118,8 +138,8 @@ int RunBenchKernels(const BenchOptions& opt) {
     q.scale = scale;
     q.uniform_bits = 8;
     q.is_signed = true;
-    r.ours_ms = MeanMs(device, iters, [&] { (void)quant::FakeQuantize(x, per_channel, q); });
-    r.torch_ms = MeanMs(device, iters, [&] {
+    r.ours_ms = TimeMs(device, iters, [&] { (void)quant::FakeQuantize(x, per_channel, q); });
+    r.torch_ms = TimeMs(device, iters, [&] {
       (void)at::fake_quantize_per_channel_affine(x, scale, zp_int, 1, -128, 127);
     });
     results.push_back(r);
@@ -136,11 +156,11 @@ int RunBenchKernels(const BenchOptions& opt) {
     const at::Tensor xg = x.detach().requires_grad_(true);
     const at::Tensor sg = scale.detach().requires_grad_(true);
     const at::Tensor zg = zp_float.detach().requires_grad_(true);
-    r.ours_ms = MeanMs(device, iters, [&] {
+    r.ours_ms = TimeMs(device, iters, [&] {
       const at::Tensor y = quant::LsqFakeQuant(xg, sg, at::Tensor(), lsq);
       (void)torch::autograd::grad({y}, {xg, sg}, {dy});
     });
-    r.torch_ms = MeanMs(device, iters, [&] {
+    r.torch_ms = TimeMs(device, iters, [&] {
       const at::Tensor y =
           at::_fake_quantize_learnable_per_channel_affine(xg, sg, zg, 1, -128, 127, 1.0);
       (void)torch::autograd::grad({y}, {xg, sg, zg}, {dy});
@@ -156,10 +176,10 @@ int RunBenchKernels(const BenchOptions& opt) {
     CaseResult r;
     r.name = "pack_4bit";
     r.bytes = 4 * n + n / 2;
-    r.ours_ms = MeanMs(device, iters, [&] {
+    r.ours_ms = TimeMs(device, iters, [&] {
       (void)quant::QuantizePack(x, per_channel, q4, bits4, kernels::RoundingSpec{});
     });
-    r.torch_ms = MeanMs(device, iters, [&] {
+    r.torch_ms = TimeMs(device, iters, [&] {
       const at::Tensor codes =
           ((x - range4.offsets) / range4.scales).round_().clamp_(0, 15).to(at::kByte);
       const at::Tensor pairs = codes.view({rows, cols / 2, 2});
@@ -173,11 +193,11 @@ int RunBenchKernels(const BenchOptions& opt) {
     r.bytes = 4 * n + n / 2;
     const at::Tensor packed =
         quant::QuantizePack(x, per_channel, q4, bits4, kernels::RoundingSpec{});
-    r.ours_ms = MeanMs(device, iters, [&] {
+    r.ours_ms = TimeMs(device, iters, [&] {
       (void)quant::UnpackDequantize(packed, {rows, cols}, at::kFloat, per_channel, q4, bits4);
     });
     const at::Tensor torch_packed = at::randint(0, 255, {rows, cols / 2}, f32.dtype(at::kByte));
-    r.torch_ms = MeanMs(device, iters, [&] {
+    r.torch_ms = TimeMs(device, iters, [&] {
       const at::Tensor lo = torch_packed.bitwise_and(15);
       const at::Tensor hi = torch_packed.bitwise_right_shift(4);
       const at::Tensor codes = at::stack({lo, hi}, 2).view({rows, cols}).to(at::kFloat);
@@ -196,7 +216,7 @@ int RunBenchKernels(const BenchOptions& opt) {
     CaseResult r;
     r.name = "pack_mixed_3to5bit";
     r.bytes = 4 * n + n / 2;
-    r.ours_ms = MeanMs(device, iters, [&] {
+    r.ours_ms = TimeMs(device, iters, [&] {
       (void)quant::QuantizePack(x, per_channel, q, mixed, kernels::RoundingSpec{});
     });
     results.push_back(r);
@@ -212,7 +232,7 @@ int RunBenchKernels(const BenchOptions& opt) {
     CaseResult enc;
     enc.name = "encode_4bit_1thread";
     enc.bytes = 4 * n + n / 2;
-    enc.ours_ms = MeanMs(device, iters, [&] {
+    enc.ours_ms = TimeMs(device, iters, [&] {
       frame = encoder.Encode(x, 0, bits4, range4.scales, range4.offsets).value();
     });
     results.push_back(enc);
@@ -224,7 +244,7 @@ int RunBenchKernels(const BenchOptions& opt) {
     CaseResult dec;
     dec.name = "decode_4bit_1thread";
     dec.bytes = 4 * n + n / 2;
-    dec.ours_ms = MeanMs(device, iters, [&] { (void)decoder.Decode(frame).value(); });
+    dec.ours_ms = TimeMs(device, iters, [&] { (void)decoder.Decode(frame).value(); });
     results.push_back(dec);
     at::set_num_threads(threads_before);
 #if defined(_OPENMP)
@@ -277,7 +297,7 @@ void RegisterBenchKernels(CLI::App& bench, RunFn* run) {
   cmd->add_option("--rows", opt->rows, "Rows (default 16384 on CUDA, 4096 on the CPU)")
       ->check(CLI::PositiveNumber);
   cmd->add_option("--cols", opt->cols, "Columns = channels (even)")->check(CLI::PositiveNumber);
-  cmd->add_option("--iters", opt->iters, "Timed calls per case (default 20 CUDA, 5 CPU)")
+  cmd->add_option("--iters", opt->iters, "Timed calls per case (default 20 CUDA, 9 CPU)")
       ->check(CLI::PositiveNumber);
   cmd->callback([opt, run] { *run = [opt] { return RunBenchKernels(*opt); }; });
 }
