@@ -86,8 +86,8 @@ double TimeMs(const at::Device& device, int iters, const std::function<void()>& 
   for (int i = 0; i < iters; ++i) {
     const auto start = std::chrono::steady_clock::now();
     fn();
-    ms.push_back(
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+                     .count());
   }
   std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
   return ms[ms.size() / 2];

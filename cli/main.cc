@@ -1,10 +1,9 @@
 // splitq: one binary, one subcommand per job. `splitq --help` lists them.
+#include <malloc.h>
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
-
-#include <malloc.h>
 
 #include "cli/commands.h"
 

@@ -61,8 +61,10 @@ TEST_P(CudaTensors, LsqAutogradMatchesTheCpu) {
   for (int dev = 0; dev < 2; ++dev) {
     const at::Device device = dev == 0 ? at::Device(at::kCPU) : at::Device(at::kCUDA);
     const at::Tensor x = x0.to(device).requires_grad_(true);
-    const at::Tensor s = at::full({33}, 0.2f, at::TensorOptions().device(device)).requires_grad_(true);
-    const at::Tensor b = at::full({33}, 0.1f, at::TensorOptions().device(device)).requires_grad_(true);
+    const at::Tensor s =
+        at::full({33}, 0.2f, at::TensorOptions().device(device)).requires_grad_(true);
+    const at::Tensor b =
+        at::full({33}, 0.1f, at::TensorOptions().device(device)).requires_grad_(true);
     const at::Tensor y = LsqFakeQuant(x, s, b, opt);
     auto grads = torch::autograd::grad({y}, {x, s, b}, {dy0.to(device)});
     results[dev] = {y.cpu(), grads[0].cpu(), grads[1].cpu(), grads[2].cpu()};
@@ -90,8 +92,8 @@ TEST(CudaBoundary, EncodedOnTheGpuDecodesOnTheCpuToTheGpuForward) {
   WireEncoderOptions enc_opt;
   enc_opt.group_axis = 2;
   WireEncoder enc(1, FrameKind::kActivation, enc_opt);
-  auto frame = enc.Encode(h, 0, boundary->last_bits(), boundary->wire_scales(),
-                          boundary->wire_offsets());
+  auto frame =
+      enc.Encode(h, 0, boundary->last_bits(), boundary->wire_scales(), boundary->wire_offsets());
   ASSERT_TRUE(frame.ok()) << frame.status();
   WireDecoder dec;
   auto decoded = dec.Decode(*frame, at::kCPU);
