@@ -1,0 +1,181 @@
+#include "trainer/datasets.h"
+
+#include <zlib.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/philox.h"
+
+namespace splitq::trainer {
+namespace {
+
+bool FileExists(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return false;
+  std::fclose(f);
+  return true;
+}
+
+// Whole file through zlib, which reads plain files unchanged and gzip files inflated.
+absl::StatusOr<std::string> ReadMaybeGzip(const std::string& path) {
+  if (!FileExists(path)) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
+  std::unique_ptr<gzFile_s, int (*)(gzFile)> file(gzopen(path.c_str(), "rb"), gzclose);
+  if (!file) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::string out;
+  std::vector<char> buffer(1 << 20);
+  while (true) {
+    const int n = gzread(file.get(), buffer.data(), static_cast<unsigned>(buffer.size()));
+    if (n < 0) {
+      int errnum = 0;
+      return absl::DataLossError(absl::StrCat(path, ": ", gzerror(file.get(), &errnum)));
+    }
+    if (n == 0) break;
+    out.append(buffer.data(), static_cast<size_t>(n));
+  }
+  return out;
+}
+
+uint32_t BigEndian32(const std::string& bytes, size_t at) {
+  return (static_cast<uint32_t>(static_cast<uint8_t>(bytes[at])) << 24) |
+         (static_cast<uint32_t>(static_cast<uint8_t>(bytes[at + 1])) << 16) |
+         (static_cast<uint32_t>(static_cast<uint8_t>(bytes[at + 2])) << 8) |
+         static_cast<uint32_t>(static_cast<uint8_t>(bytes[at + 3]));
+}
+
+absl::StatusOr<std::string> RunBible() {
+  // The whole book, one verse a line, each line "Ge1:1 In the beginning ...".
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> pipe(
+      popen("bible -f 'Gen1:1-Rev22:21' 2>/dev/null", "r"), pclose);
+  if (!pipe) return absl::NotFoundError("cannot run `bible`: install the Debian package bible-kjv");
+  std::string raw;
+  char buffer[1 << 16];
+  size_t n;
+  while ((n = std::fread(buffer, 1, sizeof(buffer), pipe.get())) > 0) raw.append(buffer, n);
+  const int rc = pclose(pipe.release());
+  if (rc != 0 || raw.empty()) {
+    return absl::NotFoundError("`bible -f` printed nothing (exit status " + std::to_string(rc) +
+                               "): install the Debian package bible-kjv");
+  }
+  std::string text;
+  text.reserve(raw.size());
+  size_t start = 0;
+  while (start < raw.size()) {
+    size_t end = raw.find('\n', start);
+    if (end == std::string::npos) end = raw.size();
+    std::string line = raw.substr(start, end - start);
+    // Drop the verse reference: the first word, when it looks like "Ge1:1" or "1Co13:4".
+    const size_t space = line.find(' ');
+    if (space != std::string::npos && space > 0 && line.find(':') < space &&
+        std::isdigit(static_cast<unsigned char>(line[space - 1]))) {
+      line.erase(0, space + 1);
+    }
+    if (!line.empty()) {
+      text += line;
+      text += '\n';
+    }
+    start = end + 1;
+  }
+  return text;
+}
+
+}  // namespace
+
+absl::StatusOr<IdxArray> ReadIdxU8(const std::string& path) {
+  auto bytes = ReadMaybeGzip(path);
+  if (!bytes.ok()) return bytes.status();
+  if (bytes->size() < 4) return absl::InvalidArgumentError(path + ": too short for an IDX header");
+  const uint32_t magic = BigEndian32(*bytes, 0);
+  if ((magic >> 16) != 0) return absl::InvalidArgumentError(path + ": not an IDX file (bad magic)");
+  if (((magic >> 8) & 0xff) != 0x08) {
+    return absl::InvalidArgumentError(path + ": IDX element type is not unsigned byte");
+  }
+  const size_t rank = magic & 0xff;
+  if (rank == 0 || rank > 4 || bytes->size() < 4 + 4 * rank) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": bad IDX rank ", rank));
+  }
+  IdxArray out;
+  int64_t count = 1;
+  for (size_t d = 0; d < rank; ++d) {
+    out.dims.push_back(BigEndian32(*bytes, 4 + 4 * d));
+    count *= out.dims.back();
+  }
+  const size_t header = 4 + 4 * rank;
+  if (static_cast<int64_t>(bytes->size() - header) != count) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": header claims ", count, " bytes of data, file has ", bytes->size() - header));
+  }
+  out.data.assign(bytes->begin() + static_cast<std::ptrdiff_t>(header), bytes->end());
+  return out;
+}
+
+absl::StatusOr<ImageDataset> LoadFashionMnist(bool train, const std::string& dir) {
+  const std::string prefix = dir + "/" + (train ? "train" : "t10k");
+  const std::string images_path = prefix + "-images-idx3-ubyte.gz";
+  const std::string labels_path = prefix + "-labels-idx1-ubyte.gz";
+  if (!FileExists(images_path) || !FileExists(labels_path)) {
+    return absl::NotFoundError(absl::StrCat("Fashion-MNIST not found in ", dir,
+                                            ": install the Debian package dataset-fashion-mnist"));
+  }
+  auto images = ReadIdxU8(images_path);
+  if (!images.ok()) return images.status();
+  auto labels = ReadIdxU8(labels_path);
+  if (!labels.ok()) return labels.status();
+  if (images->dims.size() != 3 || images->dims[1] != 28 || images->dims[2] != 28 ||
+      labels->dims.size() != 1 || labels->dims[0] != images->dims[0]) {
+    return absl::InvalidArgumentError(dir + ": image and label files do not match");
+  }
+  const int64_t n = images->dims[0];
+  ImageDataset out;
+  out.images = at::from_blob(images->data.data(), {n, 1, 28, 28}, at::kByte).to(at::kFloat) / 255.0;
+  out.labels = at::from_blob(labels->data.data(), {n}, at::kByte).to(at::kLong);
+  if (out.labels.max().item<int64_t>() > 9) {
+    return absl::InvalidArgumentError(labels_path + ": a label is above 9");
+  }
+  return out;
+}
+
+absl::StatusOr<std::string> LoadTextCorpus(const std::string& source) {
+  if (source == "bible-kjv") return RunBible();
+  if (source == "gcide") {
+    if (!FileExists(kGcidePath)) {
+      return absl::NotFoundError(
+          absl::StrCat(kGcidePath, " is missing: install the Debian package dict-gcide"));
+    }
+    return ReadMaybeGzip(kGcidePath);
+  }
+  auto text = ReadMaybeGzip(source);
+  if (!text.ok()) return text.status();
+  if (text->empty()) return absl::InvalidArgumentError(source + ": the corpus is empty");
+  return text;
+}
+
+TextSplit SplitText(const std::string& text, double validation_fraction) {
+  const double f = std::min(0.99, std::max(0.01, validation_fraction));
+  size_t cut = static_cast<size_t>(static_cast<double>(text.size()) * (1.0 - f));
+  const size_t newline = text.find('\n', cut);
+  if (newline != std::string::npos && newline - cut < 1024) cut = newline + 1;
+  return TextSplit{text.substr(0, cut), text.substr(cut)};
+}
+
+at::Tensor SampleByteWindows(const std::string& text, int64_t batch, int64_t length, uint64_t seed,
+                             uint64_t step) {
+  TORCH_CHECK(length >= 1 && static_cast<int64_t>(text.size()) >= length, "text of ", text.size(),
+              " bytes is shorter than a window of ", length);
+  const uint64_t starts = text.size() - static_cast<uint64_t>(length) + 1;
+  at::Tensor out = at::empty({batch, length}, at::kLong);
+  int64_t* p = out.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const kernels::Philox4 draw = kernels::PhiloxBlock(seed, step, static_cast<uint64_t>(b));
+    const uint64_t r = (static_cast<uint64_t>(draw.v[0]) << 32) | draw.v[1];
+    const uint64_t start = r % starts;
+    for (int64_t t = 0; t < length; ++t) p[b * length + t] = static_cast<uint8_t>(text[start + t]);
+  }
+  return out;
+}
+
+}  // namespace splitq::trainer
