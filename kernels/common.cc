@@ -30,12 +30,19 @@ bool CudaKernelsBuilt() {
 
 absl::StatusOr<GroupLayout> MakeGroupLayout(absl::Span<const int64_t> shape,
                                             Granularity granularity, int axis) {
-  int64_t numel = 1;
+  // The product of the non-zero dims must fit in int64 too: outer and inner are partial
+  // products that skip the zeros elsewhere in the shape.
+  int64_t numel = 1, nonzero_product = 1;
   for (const int64_t d : shape) {
     if (d < 0) return absl::InvalidArgumentError(absl::StrCat("negative dimension ", d));
-    if (d != 0 && numel > std::numeric_limits<int64_t>::max() / d) {
+    if (d == 0) {
+      numel = 0;
+      continue;
+    }
+    if (nonzero_product > std::numeric_limits<int64_t>::max() / d) {
       return absl::InvalidArgumentError("element count overflows int64");
     }
+    nonzero_product *= d;
     numel *= d;
   }
   const int rank = static_cast<int>(shape.size());

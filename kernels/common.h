@@ -1,10 +1,15 @@
 // splitq kernels: the types every kernel's host API shares.
 //
 // Kernels take raw pointers, a layout, quantizer parameters and an execution context
-// (device + stream). They know nothing of torch, never allocate behind the caller's back
-// (scratch space is passed in, sized by a *WorkspaceBytes() query) and report errors as
-// absl::Status. Each op is a header (host API) plus a .cc (CPU path) and a .cu (CUDA path)
-// behind the same function.
+// (device + stream). They know nothing of torch, never allocate device memory (scratch space
+// is passed in, sized by a *WorkspaceBytes() query; the CPU paths use O(groups) host scratch
+// for per-group tables) and report errors as absl::Status.
+//
+// Validation: every path checks the layout, pointers and uniform bits on the host. Per-group
+// bit arrays are checked on the CPU paths; on CUDA they live in device memory and are
+// trusted (the callers that build them, quant::ProjectBits and PackedOffsets, validate
+// them), as is packed_bytes, which the caller computed with PackedOffsets. Each op is a header
+// (host API) plus a .cc (CPU path) and a .cu (CUDA path) behind the same function.
 //
 // The quantizer every kernel implements (design.md, "Quantizers"), per group g:
 //   inv_s = 1 / s_g                                  (float, computed once per group)

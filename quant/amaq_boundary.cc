@@ -78,10 +78,15 @@ absl::StatusOr<std::vector<uint8_t>> ProjectBits(const std::vector<float>& b, in
   if (bmin < 1 || bmax > 8 || bmin > bmax) {
     return absl::InvalidArgumentError(absl::StrCat("bad bit bounds [", bmin, ", ", bmax, "]"));
   }
-  if (!(target_mean >= bmin)) {
+  if (!std::isfinite(target_mean)) {
+    return absl::InvalidArgumentError(absl::StrCat("bit budget ", target_mean, " is not finite"));
+  }
+  if (target_mean < bmin) {
     return absl::InvalidArgumentError(
         absl::StrCat("bit budget ", target_mean, " is below the per-channel minimum ", bmin));
   }
+  // Above bmax the budget cannot bind; clamping keeps the integer arithmetic below exact.
+  target_mean = std::min<double>(target_mean, bmax);
   const int64_t channels = static_cast<int64_t>(b.size());
   std::vector<uint8_t> k(b.size());
   int64_t total = 0;
@@ -90,9 +95,9 @@ absl::StatusOr<std::vector<uint8_t>> ProjectBits(const std::vector<float>& b, in
     k[c] = static_cast<uint8_t>(std::clamp(static_cast<int>(rounded), bmin, bmax));
     total += k[c];
   }
-  // Largest total allowed: floor(target * C), with a little slack for a target like 3.0
-  // given as 2.9999999.
-  const int64_t allowed = static_cast<int64_t>(std::floor(target_mean * channels + 1e-6));
+  // Largest total allowed: floor(target * C), with no slack: the guarantee is strict.
+  const int64_t allowed =
+      static_cast<int64_t>(std::floor(target_mean * static_cast<double>(channels)));
   if (total <= allowed) return k;
   std::vector<int64_t> order(b.size());
   std::iota(order.begin(), order.end(), 0);

@@ -41,7 +41,8 @@ struct AmaqOptions {
 
 // The budget projection: k = clamp(round(b), bmin, bmax), then bits are removed from the
 // lowest-b channels (ties: lower index first) until mean(k) <= target_mean.
-// INVALID_ARGUMENT when target_mean < bmin (no assignment can meet it) or b is empty.
+// INVALID_ARGUMENT when target_mean is not finite, target_mean < bmin (no assignment can
+// meet it), or b is empty. A target above bmax does not bind.
 absl::StatusOr<std::vector<uint8_t>> ProjectBits(const std::vector<float>& b, int bmin, int bmax,
                                                  double target_mean);
 
@@ -51,6 +52,8 @@ class AmaqBoundaryImpl : public torch::nn::Module {
 
   // Fake-quantizes x with bits chosen under `target_bits` (the schedule's B*(t)); the
   // chosen bits, steps and offsets are kept for the wire (last_bits(), wire_scales(), ...).
+  // Throws c10::Error (an op body) when the channel count does not match or ProjectBits
+  // refuses the target (not finite, or below bmin).
   at::Tensor forward(const at::Tensor& x, double target_bits);
 
   // b_c, with autograd to the gates.

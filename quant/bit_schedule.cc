@@ -63,7 +63,8 @@ absl::StatusOr<SchedulePoint> ParsePoint(const YAML::Node& node, const std::stri
                                           "' is not a curve (expected linear, cosine or step)");
       }
     } else {
-      return absl::InvalidArgumentError(sub + ": unknown key (expected step, bits or curve)");
+      return absl::InvalidArgumentError(sub + ": unknown key (value '" + Scalar(entry.second) +
+                                        "'; expected step, bits or curve)");
     }
   }
   if (!has_step) return absl::InvalidArgumentError(key + ".step: missing");
@@ -121,10 +122,8 @@ absl::StatusOr<BitSchedule> BitSchedule::FromYaml(const YAML::Node& node,
   return FromPoints(std::move(points), key_path, min_bits, max_bits);
 }
 
-BitSchedule BitSchedule::Constant(double bits) {
-  BitSchedule schedule;
-  schedule.points_.push_back(SchedulePoint{0, bits, Curve::kLinear});
-  return schedule;
+absl::StatusOr<BitSchedule> BitSchedule::Constant(double bits) {
+  return FromPoints({SchedulePoint{0, bits, Curve::kLinear}}, "constant");
 }
 
 double BitSchedule::TargetAt(int64_t step) const {

@@ -42,8 +42,8 @@ class BitSchedule {
   static absl::StatusOr<BitSchedule> FromPoints(std::vector<SchedulePoint> points,
                                                 const std::string& key_path = "target",
                                                 double min_bits = 1, double max_bits = 8);
-  // A constant budget.
-  static BitSchedule Constant(double bits);
+  // A constant budget (bits in 1..8, else INVALID_ARGUMENT).
+  static absl::StatusOr<BitSchedule> Constant(double bits);
 
   // B*(step).
   double TargetAt(int64_t step) const;

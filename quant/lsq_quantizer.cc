@@ -70,6 +70,8 @@ at::Tensor LsqFakeQuant(const at::Tensor& x, const at::Tensor& scale, const at::
                         const LsqOptions& options) {
   TORCH_CHECK(options.bits >= 1 && options.bits <= 8, "LSQ bits must be in 1..8, got ",
               options.bits);
+  TORCH_CHECK(!options.is_signed || options.bits >= 2,
+              "signed LSQ needs at least 2 bits (1 signed bit has codes {-1, 0} and qmax 0)");
   // The clamp keeps the step positive whatever the optimiser does; its gradient is the
   // identity wherever the step is valid.
   return LsqFunction::apply(
@@ -83,6 +85,8 @@ LsqQuantizerImpl::LsqQuantizerImpl(const LsqOptions& options, int64_t groups) : 
               "LsqQuantizer learns one step per tensor or per channel, not per token");
   TORCH_CHECK(options.bits >= 1 && options.bits <= 8, "LSQ bits must be in 1..8, got ",
               options.bits);
+  TORCH_CHECK(!options.is_signed || options.bits >= 2,
+              "signed LSQ needs at least 2 bits (1 signed bit has codes {-1, 0} and qmax 0)");
   TORCH_CHECK(groups >= 1, "groups must be >= 1");
   scale_ = register_parameter("scale", at::ones({groups}));
   if (options.learn_offset) offset_ = register_parameter("offset", at::zeros({groups}));

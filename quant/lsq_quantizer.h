@@ -20,7 +20,7 @@
 namespace splitq::quant {
 
 struct LsqOptions {
-  int bits = 8;               // 1..8
+  int bits = 8;               // 1..8 unsigned, 2..8 signed
   bool is_signed = true;      // signed codes (weights) or unsigned (e.g. after ReLU)
   bool learn_offset = false;  // LSQ+: learn beta as well
   Grouping grouping{kernels::Granularity::kChannel, 0};  // kTensor or kChannel

@@ -89,6 +89,21 @@ const PackedLayout& CachedPackedLayout(const std::vector<uint8_t>& bits, int64_t
   return cache.back().layout;
 }
 
+// The cache may drop an entry while a kernel on another stream still reads it: tell the
+// caching allocator which stream uses the memory.
+void RecordUse(const PackedLayout& layout, const at::Tensor& x) {
+#if defined(SPLITQ_TORCH_CUDA)
+  if (x.is_cuda()) {
+    const c10::Stream stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+    layout.bits.record_stream(stream);
+    layout.offsets.record_stream(stream);
+  }
+#else
+  (void)layout;
+  (void)x;
+#endif
+}
+
 }  // namespace
 
 kernels::DType ToKernelDType(at::ScalarType type) {
@@ -183,6 +198,7 @@ at::Tensor QuantizePack(const at::Tensor& x_in, const Grouping& grouping, const 
   TORCH_CHECK(static_cast<int64_t>(bits.size()) == layout.groups, "bits has ", bits.size(),
               " entries for ", layout.groups, " groups");
   const PackedLayout& packed_layout = CachedPackedLayout(bits, layout.per_group(), x.device());
+  RecordUse(packed_layout, x);
   QuantTensors with_bits = q;
   with_bits.bits = packed_layout.bits;
   const kernels::QuantParams params = ParamsOf(with_bits, x, layout.groups);
@@ -199,22 +215,26 @@ at::Tensor UnpackDequantize(const at::Tensor& packed_in, at::IntArrayRef shape,
                             at::ScalarType dtype, const Grouping& grouping, const QuantTensors& q,
                             const std::vector<uint8_t>& bits) {
   TORCH_CHECK(packed_in.scalar_type() == at::kByte, "packed must be uint8");
+  ToKernelDType(dtype);
   const at::Tensor packed = packed_in.contiguous();
-  at::Tensor y = at::empty(shape, packed.options().dtype(dtype));
-  const kernels::GroupLayout layout = LayoutOf(y, grouping);
+  // Everything is checked against the packed bytes before the output is allocated.
+  const auto layout_or = kernels::MakeGroupLayout(shape.vec(), grouping.granularity, grouping.axis);
+  CheckOk(layout_or.status());
+  const kernels::GroupLayout layout = *layout_or;
   TORCH_CHECK(static_cast<int64_t>(bits.size()) == layout.groups, "bits has ", bits.size(),
               " entries for ", layout.groups, " groups");
-  const PackedLayout& packed_layout = CachedPackedLayout(bits, layout.per_group(), y.device());
-  QuantTensors with_bits = q;
-  with_bits.bits = packed_layout.bits;
-  const kernels::QuantParams params = ParamsOf(with_bits, y, layout.groups);
-  const at::Tensor& offsets = packed_layout.offsets;
+  const PackedLayout& packed_layout = CachedPackedLayout(bits, layout.per_group(), packed.device());
+  RecordUse(packed_layout, packed);
   const int64_t total = packed_layout.total_bytes;
   TORCH_CHECK(packed.numel() == total, "packed has ", packed.numel(), " bytes, layout needs ",
               total);
+  at::Tensor y = at::empty(shape, packed.options().dtype(dtype));
+  QuantTensors with_bits = q;
+  with_bits.bits = packed_layout.bits;
+  const kernels::QuantParams params = ParamsOf(with_bits, y, layout.groups);
   CheckOk(kernels::UnpackDequantize(ContextOf(y), ToKernelDType(dtype), layout, params,
-                                    packed.data_ptr<uint8_t>(), total, offsets.data_ptr<int64_t>(),
-                                    y.data_ptr()));
+                                    packed.data_ptr<uint8_t>(), total,
+                                    packed_layout.offsets.data_ptr<int64_t>(), y.data_ptr()));
   return y;
 }
 

@@ -41,34 +41,65 @@ at::Tensor Levels(const std::vector<uint8_t>& bits, const at::Device& device) {
 WireEncoder::WireEncoder(uint64_t session_id, FrameKind kind, const WireEncoderOptions& options)
     : session_id_(session_id), kind_(kind), options_(options) {}
 
+absl::Status WireEncoder::CheckArguments(const at::Tensor& x, const std::vector<uint8_t>& bits,
+                                         const std::vector<float>& scales,
+                                         const std::vector<float>& offsets) const {
+  const int64_t rank = x.dim();
+  if (rank > kMaxFrameRank) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank ", rank, " exceeds the frame's maximum ", kMaxFrameRank));
+  }
+  if (options_.group_axis < -1 || options_.group_axis >= rank) {
+    return absl::InvalidArgumentError(absl::StrCat("group_axis ", options_.group_axis,
+                                                   " is out of range for rank ", rank,
+                                                   " (-1 means one group)"));
+  }
+  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16 &&
+      x.scalar_type() != at::kHalf) {
+    return absl::InvalidArgumentError("only float32, bfloat16 and float16 tensors are encoded");
+  }
+  const int64_t groups = options_.group_axis < 0 ? 1 : x.size(options_.group_axis);
+  if (static_cast<int64_t>(bits.size()) != groups ||
+      static_cast<int64_t>(scales.size()) != groups ||
+      static_cast<int64_t>(offsets.size()) != groups) {
+    return absl::InvalidArgumentError(absl::StrCat("expected ", groups,
+                                                   " bits, scales and offsets; got ", bits.size(),
+                                                   ", ", scales.size(), " and ", offsets.size()));
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    if (bits[g] < 1 || bits[g] > 8) {
+      return absl::InvalidArgumentError(absl::StrCat("group ", g, " has bit width ",
+                                                     static_cast<int>(bits[g]), ", outside 1..8"));
+    }
+    if (!std::isfinite(scales[g]) || !(scales[g] > 0) || !std::isfinite(offsets[g])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("group ", g, " has scale ", scales[g], " and offset ", offsets[g],
+                       " (scale must be finite and > 0, offset finite)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Frame> WireEncoder::Encode(const at::Tensor& x_in, uint64_t step,
                                           const std::vector<uint8_t>& bits,
                                           const at::Tensor& scales, const at::Tensor& offsets) {
+  Frame frame;
   try {
     const at::Tensor x = x_in.detach().contiguous();
-    const kernels::RoundingSpec rounding{options_.rounding, options_.seed, step};
     const std::vector<float> host_scales = HostFloats(scales);
     const std::vector<float> host_offsets = HostFloats(offsets);
-    Frame frame;
+    SPLITQ_RETURN_IF_ERROR(CheckArguments(x, bits, host_scales, host_offsets));
+    const kernels::RoundingSpec rounding{options_.rounding, options_.seed, step};
     if (x.is_cpu()) {
       SPLITQ_ASSIGN_OR_RETURN(
           frame, EncodeFrame(x.data_ptr(), ToKernelDType(x.scalar_type()), x.sizes().vec(),
                              options_.group_axis, bits, host_scales, host_offsets, rounding));
     } else {
-      for (size_t g = 0; g < host_scales.size(); ++g) {
-        if (!std::isfinite(host_scales[g]) || !(host_scales[g] > 0) ||
-            (g < host_offsets.size() && !std::isfinite(host_offsets[g]))) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("group ", g, " has scale ", host_scales[g], " and offset ",
-                           g < host_offsets.size() ? host_offsets[g] : NAN,
-                           " (scale must be finite and > 0, offset finite)"));
-        }
-      }
-      const Grouping grouping = GroupingFor(options_.group_axis);
       QuantTensors q;
       q.scale = scales.detach().to(x.device(), at::kFloat).contiguous();
       q.offset = offsets.detach().to(x.device(), at::kFloat).contiguous();
-      const at::Tensor packed = QuantizePack(x, grouping, q, bits, rounding).to(at::kCPU);
+      const at::Tensor packed =
+          QuantizePack(x, GroupingFor(options_.group_axis), q, bits, rounding).to(at::kCPU);
       frame.dtype = ToKernelDType(x.scalar_type());
       frame.shape = x.sizes().vec();
       frame.group_axis = options_.group_axis;
@@ -77,22 +108,29 @@ absl::StatusOr<Frame> WireEncoder::Encode(const at::Tensor& x_in, uint64_t step,
       frame.offsets = host_offsets;
       frame.payload.assign(packed.data_ptr<uint8_t>(), packed.data_ptr<uint8_t>() + packed.numel());
     }
-    if (bits != last_bits_ || version_ == 0) {
-      ++version_;
-      last_bits_ = bits;
-    } else {
-      frame.bits.clear();  // the receiver holds this version already
-    }
-    frame.session_id = session_id_;
-    frame.step = step;
-    frame.kind = kind_;
-    frame.bitmap_version = version_;
-    SealFrame(&frame);
-    return frame;
   } catch (const c10::Error& e) {
-    return absl::InvalidArgumentError(e.what_without_backtrace());
+    // Arguments were checked above: what is left is a device or allocation failure.
+    return absl::InternalError(e.what_without_backtrace());
   }
+  // Only a frame that was built moves the bit-map state on.
+  if (bits != last_bits_ || version_ == 0) {
+    ++version_;
+    last_bits_ = bits;
+    resend_bits_ = false;
+  } else if (resend_bits_) {
+    resend_bits_ = false;
+  } else {
+    frame.bits.clear();  // the receiver holds this version already
+  }
+  frame.session_id = session_id_;
+  frame.step = step;
+  frame.kind = kind_;
+  frame.bitmap_version = version_;
+  SealFrame(&frame);
+  return frame;
 }
+
+void WireEncoder::ResendBitMap() { resend_bits_ = true; }
 
 WireDecoder::WireDecoder(const FrameLimits& limits) : limits_(limits) {}
 

@@ -5,8 +5,14 @@
 // version and ships the map only when it changes; the decoder remembers the last map it
 // accepted. Decoding validates the whole frame (ValidateFrame) before it allocates the
 // output, and a rejected frame leaves the decoder's state as it was, so the session goes
-// on. CPU tensors are packed and unpacked by the CPU kernels straight into/out of the
-// frame; CUDA tensors by the CUDA kernels, with one copy of the packed bytes.
+// on. If a frame that carried a new map was lost or rejected, the receiver answers the next
+// frames with FAILED_PRECONDITION; the sender then calls ResendBitMap() and the next frame
+// carries the map again.
+//
+// Memory: a valid frame decodes to numel * dtype-size bytes, up to 32x its payload (1-bit
+// codes to float32); FrameLimits::max_elements bounds that before anything is allocated. CPU
+// tensors are packed and unpacked by the CPU kernels straight into/out of the frame; CUDA tensors
+// by the CUDA kernels, with one copy of the packed bytes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,10 +38,17 @@ class WireEncoder {
 
   // Encodes x (float32/bfloat16/float16, any device) with per-group `bits` and float32
   // `scales` / `offsets` ([groups], any device). Returns a sealed frame.
-  // INVALID_ARGUMENT for a bits/scales/offsets length that does not match the groups,
-  // bits outside 1..8, or a non-finite or non-positive scale.
+  // INVALID_ARGUMENT (checked before any work, on every device): rank above 8, group_axis
+  // outside -1..rank-1, another dtype, a bits/scales/offsets length that does not match
+  // the groups, bits outside 1..8, a non-finite or non-positive scale, a non-finite offset.
+  // INTERNAL: a device or allocation failure. A failed encode leaves the bit-map state as
+  // it was.
   absl::StatusOr<Frame> Encode(const at::Tensor& x, uint64_t step, const std::vector<uint8_t>& bits,
                                const at::Tensor& scales, const at::Tensor& offsets);
+
+  // The next frame carries the bit map even if it did not change (after the receiver
+  // reported FAILED_PRECONDITION: it never got the current map).
+  void ResendBitMap();
 
   uint32_t bitmap_version() const { return version_; }
 
@@ -43,7 +56,12 @@ class WireEncoder {
   uint64_t session_id_;
   FrameKind kind_;
   WireEncoderOptions options_;
+  absl::Status CheckArguments(const at::Tensor& x, const std::vector<uint8_t>& bits,
+                              const std::vector<float>& scales,
+                              const std::vector<float>& offsets) const;
+
   uint32_t version_ = 0;
+  bool resend_bits_ = false;
   std::vector<uint8_t> last_bits_;
 };
 
@@ -52,7 +70,7 @@ class WireDecoder {
   explicit WireDecoder(const FrameLimits& limits = {});
 
   // Validates `frame` and decodes it to a tensor of frame.shape / frame.dtype on `device`.
-  // Status codes as ValidateFrame.
+  // Status codes as ValidateFrame, plus INTERNAL for a device or allocation failure.
   absl::StatusOr<at::Tensor> Decode(const Frame& frame, const at::Device& device = at::kCPU);
 
  private:

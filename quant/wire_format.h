@@ -50,7 +50,7 @@ struct Frame {
 
 // Bounds a receiver enforces before it allocates. Every limit is in elements or bytes.
 struct FrameLimits {
-  int64_t max_elements = int64_t{1} << 30;       // decoded tensor elements
+  int64_t max_elements = int64_t{1} << 28;       // decoded tensor elements (1 GiB as fp32)
   int64_t max_payload_bytes = int64_t{1} << 30;  // packed payload bytes
 };
 

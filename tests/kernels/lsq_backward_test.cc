@@ -90,6 +90,22 @@ TEST(LsqBackward, SameBitsWhateverTheThreadCount) {
   EXPECT_EQ(one.dx, two.dx);
 }
 
+TEST(LsqBackward, SameBitsWhateverTheThreadCountWithInnerDims) {
+  const GroupLayout layout{6, 5, 3000};  // several 4096-element units per group
+  std::vector<float> scale(5, 0.2f);
+  const std::vector<float> x = testing::RandomValues(layout.numel(), 3, 1.0f);
+  const std::vector<float> dy = testing::RandomValues(layout.numel(), 4, 1.0f);
+  QuantParams p;
+  p.scale = scale.data();
+  p.uniform_bits = 2;
+  p.is_signed = true;
+  const Sums one = RunBackward(layout, p, x, dy, 1);
+  const Sums two = RunBackward(layout, p, x, dy, 2);
+  EXPECT_EQ(one.gs, two.gs);
+  EXPECT_EQ(one.gb, two.gb);
+  EXPECT_EQ(one.dx, two.dx);
+}
+
 TEST(LsqBackward, RejectsSmallWorkspace) {
   const GroupLayout layout{10, 4, 1};
   std::vector<float> scale(4, 0.1f), x(40, 0.0f), gs(4);

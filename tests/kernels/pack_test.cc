@@ -173,6 +173,49 @@ TEST(Pack, StochasticRoundingIsUnbiasedAndReproducible) {
   EXPECT_NEAR(mean, 0.3, 0.005);
 }
 
+// Stochastic codes follow the documented keying exactly: u = Philox(seed, step, e / 4)[e % 4]
+// >> 8 * 2^-24 with e = g * M + m, code = min(floor(clamp(v) - lo + u), 2^k - 1).
+TEST(Pack, StochasticCodesFollowTheDocumentedPhiloxKeying) {
+  for (const GroupLayout layout : {GroupLayout{37, 5, 1}, GroupLayout{3, 4, 7}}) {
+    const int64_t groups = layout.groups, per_group = layout.per_group();
+    std::vector<uint8_t> bits(groups);
+    std::vector<float> scale(groups), offset(groups);
+    for (int64_t g = 0; g < groups; ++g) {
+      bits[g] = static_cast<uint8_t>(2 + g % 5);
+      scale[g] = 0.37f;
+      offset[g] = -1.5f;
+    }
+    const std::vector<float> x = testing::RandomValues(layout.numel(), 21, 1.0f);
+    QuantParams p;
+    p.scale = scale.data();
+    p.offset = offset.data();
+    p.bits = bits.data();
+    std::vector<int64_t> offsets(groups + 1);
+    ASSERT_TRUE(PackedOffsets(bits, per_group, absl::MakeSpan(offsets)).ok());
+    std::vector<uint8_t> packed(offsets[groups]);
+    const uint64_t seed = 0x123456789abcdefull, step = 77;
+    ASSERT_TRUE(QuantizePack({}, DType::kFloat32, layout, p, {Rounding::kStochastic, seed, step},
+                             x.data(), offsets.data(), packed.data(), offsets[groups])
+                    .ok());
+    std::vector<std::vector<uint32_t>> codes(groups);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float inv = 1.0f / scale[g], lo = 0.0f, hi = static_cast<float>((1 << bits[g]) - 1);
+      for (int64_t m = 0; m < per_group; ++m) {
+        const int64_t i = ((m / layout.inner) * groups + g) * layout.inner + m % layout.inner;
+        const uint64_t e = static_cast<uint64_t>(g * per_group + m);
+        const Philox4 draw = PhiloxBlock(seed, step, e / 4);
+        const float u = static_cast<float>(draw.v[e % 4] >> 8) * (1.0f / 16777216.0f);
+        float v = (x[i] - offset[g]) * inv;
+        v = v > lo ? v : lo;
+        v = v < hi ? v : hi;
+        const uint32_t code = static_cast<uint32_t>((v - lo) + u);
+        codes[g].push_back(std::min(code, static_cast<uint32_t>(hi)));
+      }
+    }
+    EXPECT_EQ(packed, ReferencePack(codes, bits)) << "inner " << layout.inner;
+  }
+}
+
 TEST(Pack, NanEncodesAsLowestCode) {
   const std::vector<float> x = {std::numeric_limits<float>::quiet_NaN(), 3.0f};
   const float scale = 1.0f, offset = -1.0f;

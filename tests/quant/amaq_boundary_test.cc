@@ -48,6 +48,20 @@ TEST(ProjectBits, LowestGateGivesUpBitsFirstAndRoundingIsKeptWhenWithinBudget) {
   EXPECT_EQ(ProjectBits({5.0f}, 3, 8, 2.5).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(ProjectBits, EdgeTargets) {
+  const std::vector<float> b = {7.6f, 3.2f, 5.5f};
+  for (double bad : {std::nan(""), HUGE_VAL, -HUGE_VAL}) {
+    EXPECT_EQ(ProjectBits(b, 2, 8, bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  auto above = ProjectBits(b, 2, 8, 1e300);  // does not bind
+  ASSERT_TRUE(above.ok());
+  EXPECT_EQ(*above, (std::vector<uint8_t>{8, 3, 6}));
+  // Just under an integer mean: the guarantee is strict, so one more bit goes.
+  auto under = ProjectBits({4.0f, 4.0f, 4.0f}, 2, 8, 4.0 - 1e-9);
+  ASSERT_TRUE(under.ok());
+  EXPECT_LE(std::accumulate(under->begin(), under->end(), 0.0) / 3, 4.0 - 1e-9);
+}
+
 // F(r, b) = sum w * (s(b) * (clamp((x + r) / s(b), 0, qmax) + delta) - r), s(b) = 2r/(2^b - 1).
 double AmaqSurrogate(const std::vector<double>& x, const std::vector<double>& w,
                      const std::vector<double>& delta, double r, double b, double qmax) {

@@ -32,6 +32,12 @@ TEST(BitSchedule, StepCurveHoldsThenJumps) {
   EXPECT_DOUBLE_EQ(s->TargetAt(20), 4);
 }
 
+TEST(BitSchedule, ConstantIsValidated) {
+  EXPECT_TRUE(BitSchedule::Constant(4).ok());
+  EXPECT_FALSE(BitSchedule::Constant(std::nan("")).ok());
+  EXPECT_FALSE(BitSchedule::Constant(0).ok());
+}
+
 TEST(BitSchedule, ConstantFromANumber) {
   auto s = Parse("4");
   ASSERT_TRUE(s.ok());

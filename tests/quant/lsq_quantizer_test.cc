@@ -120,6 +120,15 @@ TEST(LsqQuantizer, RejectsPerTokenAndBadBits) {
   LsqOptions bad;
   bad.bits = 9;
   EXPECT_THROW(LsqQuantizer(bad, 1), c10::Error);
+  LsqOptions one_signed_bit;
+  one_signed_bit.bits = 1;
+  one_signed_bit.is_signed = true;
+  EXPECT_THROW(LsqQuantizer(one_signed_bit, 1), c10::Error);
+  LsqOptions one_unsigned_bit = one_signed_bit;
+  one_unsigned_bit.is_signed = false;
+  LsqQuantizer ok(one_unsigned_bit, 1);
+  const at::Tensor y = ok->forward(at::rand({1, 64}));
+  EXPECT_TRUE(at::isfinite(y).all().item<bool>());
 }
 
 }  // namespace

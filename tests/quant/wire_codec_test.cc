@@ -43,20 +43,73 @@ TEST(WireCodec, RoundTripWithinHalfAStepAndBitMapSentOnlyOnChange) {
 
 TEST(WireCodec, RejectedFrameLeavesTheDecoderUsable) {
   const at::Tensor x = at::randn({16, 4});
-  const std::vector<uint8_t> bits(4, 3);
+  std::vector<uint8_t> bits(4, 3);
   WireEncoder enc(1, FrameKind::kGradient, {});
   WireDecoder dec;
   const WireRange range = MaxAbsRange(x, 1, bits);
-  auto good = enc.Encode(x, 0, bits, range.scales, range.offsets);
-  ASSERT_TRUE(good.ok());
-  Frame bad = *good;
-  bad.payload[0] ^= 0x5A;  // CRC no longer matches
-  EXPECT_EQ(dec.Decode(bad).status().code(), absl::StatusCode::kInvalidArgument);
-  Frame nan_scale = *good;
+  auto v1 = enc.Encode(x, 0, bits, range.scales, range.offsets);
+  ASSERT_TRUE(v1.ok());
+  ASSERT_TRUE(dec.Decode(*v1).ok());
+  auto v1_again = enc.Encode(x, 1, bits, range.scales, range.offsets);  // no map: version 1
+  ASSERT_TRUE(v1_again.ok());
+  ASSERT_TRUE(v1_again->bits.empty());
+  // A frame with a new map (version 2) and a bad CRC, then one with NaN scales: both rejected.
+  std::vector<uint8_t> bits2(4, 5);
+  auto v2 =
+      WireEncoder(1, FrameKind::kGradient, {}).Encode(x, 2, bits2, range.scales, range.offsets);
+  ASSERT_TRUE(v2.ok());
+  Frame bad_crc = *v2;
+  bad_crc.bitmap_version = 2;
+  bad_crc.payload[0] ^= 0x5A;
+  EXPECT_EQ(dec.Decode(bad_crc).status().code(), absl::StatusCode::kInvalidArgument);
+  Frame nan_scale = *v2;
+  nan_scale.bitmap_version = 2;
   nan_scale.scales[1] = std::nanf("");
   SealFrame(&nan_scale);
   EXPECT_EQ(dec.Decode(nan_scale).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(dec.Decode(*good).ok());
+  // The decoder still holds version 1's map: a frame without a map at version 1 decodes.
+  EXPECT_TRUE(dec.Decode(*v1_again).ok());
+}
+
+TEST(WireCodec, SenderRecoversAfterTheReceiverMissedANewMap) {
+  const at::Tensor x = at::randn({16, 4});
+  std::vector<uint8_t> bits(4, 3);
+  WireEncoder enc(1, FrameKind::kActivation, {});
+  WireDecoder dec;
+  WireRange range = MinMaxRange(x, 1, bits);
+  ASSERT_TRUE(dec.Decode(*enc.Encode(x, 0, bits, range.scales, range.offsets)).ok());
+  bits[0] = 6;  // a new map, in a frame that gets lost
+  range = MinMaxRange(x, 1, bits);
+  ASSERT_TRUE(enc.Encode(x, 1, bits, range.scales, range.offsets).ok());
+  auto next = enc.Encode(x, 2, bits, range.scales, range.offsets);
+  ASSERT_TRUE(next.ok());
+  EXPECT_EQ(dec.Decode(*next).status().code(), absl::StatusCode::kFailedPrecondition);
+  enc.ResendBitMap();
+  auto resent = enc.Encode(x, 3, bits, range.scales, range.offsets);
+  ASSERT_TRUE(resent.ok());
+  EXPECT_EQ(resent->bits, bits);
+  EXPECT_TRUE(dec.Decode(*resent).ok());
+  auto after = enc.Encode(x, 4, bits, range.scales, range.offsets);
+  ASSERT_TRUE(after.ok());
+  EXPECT_TRUE(after->bits.empty());
+  EXPECT_TRUE(dec.Decode(*after).ok());
+}
+
+TEST(WireCodec, FailedEncodeDoesNotMoveTheBitMapVersion) {
+  const at::Tensor x = at::randn({8, 2});
+  WireEncoder enc(1, FrameKind::kActivation, {});
+  ASSERT_TRUE(enc.Encode(x, 0, {4, 4}, at::tensor({0.1f, 0.1f}), at::zeros({2})).ok());
+  const uint32_t version = enc.bitmap_version();
+  EXPECT_EQ(enc.Encode(x, 1, {5, 5}, at::tensor({0.1f, -1.0f}), at::zeros({2})).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(enc.bitmap_version(), version);
+  WireEncoderOptions bad_axis;
+  bad_axis.group_axis = -2;
+  EXPECT_EQ(WireEncoder(1, FrameKind::kActivation, bad_axis)
+                .Encode(x, 0, {4}, at::tensor({0.1f}), at::zeros({1}))
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(WireCodec, EncodeRejectsBadScalesAndBits) {

@@ -860,10 +860,10 @@ TEST(WireFormatMalformedTest, ElementCountOverTheLimitIsResourceExhausted) {
   limits.max_elements = 5999;
   ExpectError(Resealed(f, limits).status(), absl::StatusCode::kResourceExhausted,
               {"6000 elements", "limit of 5999"});
-  // The default limit, 2^30 elements, with a shape whose payload is not there.
+  // The default limit, 2^28 elements, with a shape whose payload is not there.
   f.shape = {int64_t{1} << 30, 2};
   ExpectError(Resealed(f).status(), absl::StatusCode::kResourceExhausted,
-              {"2147483648 elements", "limit of 1073741824"});
+              {"2147483648 elements", "limit of 268435456"});
 }
 
 TEST(WireFormatMalformedTest, PayloadOverTheLimitIsResourceExhausted) {
