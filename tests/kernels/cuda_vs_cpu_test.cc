@@ -27,6 +27,7 @@
 #include "kernels/fake_quant.h"
 #include "kernels/lsq_backward.h"
 #include "kernels/pack.h"
+#include "tests/kernels/test_util.h"
 
 namespace splitq::kernels {
 namespace {
@@ -131,14 +132,7 @@ DeviceBuffer ToDevice(const std::vector<T>& v) {
 // ---- element access on raw bytes ------------------------------------------------------
 
 float LoadElem(DType dtype, const std::vector<uint8_t>& raw, int64_t i) {
-  if (dtype == DType::kFloat32) {
-    float f;
-    std::memcpy(&f, raw.data() + 4 * i, 4);
-    return f;
-  }
-  uint16_t h;
-  std::memcpy(&h, raw.data() + 2 * i, 2);
-  return dtype == DType::kBFloat16 ? detail::BFloat16ToFloat(h) : detail::HalfToFloat(h);
+  return testing::ElementAt(raw, dtype, static_cast<size_t>(i));
 }
 
 void StoreElem(DType dtype, std::vector<uint8_t>& raw, int64_t i, float v) {
