@@ -42,7 +42,9 @@ at::Tensor QuantLinearImpl::forward(const at::Tensor& x) {
   const at::Tensor input = input_quantizer ? input_quantizer->forward(x) : x;
   const at::Tensor weight =
       weight_quantizer ? weight_quantizer->forward(linear->weight) : linear->weight;
-  return torch::nn::functional::linear(input, weight, linear->bias);
+  at::Tensor y = torch::nn::functional::linear(input, weight, linear->bias);
+  if (has_lora()) y = y + at::matmul(at::matmul(x, lora_a.t()), lora_b.t()) * lora_scaling;
+  return y;
 }
 
 QuantConv2dImpl::QuantConv2dImpl(const QuantConv2dOptions& options)
@@ -66,21 +68,19 @@ at::Tensor QuantConv2dImpl::forward(const at::Tensor& x) {
   return at::conv2d(input, weight, conv->bias, {stride_, stride_}, {padding_, padding_});
 }
 
-LoraLinearImpl::LoraLinearImpl(QuantLinear base_layer, const LoraOptions& options) {
+void QuantLinearImpl::EnableLora(const LoraOptions& options) {
   TORCH_CHECK(options.rank >= 1, "LoRA rank must be >= 1, got ", options.rank);
-  base = register_module("base", std::move(base_layer));
-  base->linear->weight.set_requires_grad(false);
-  if (base->linear->bias.defined()) base->linear->bias.set_requires_grad(false);
-  const int64_t in = base->linear->weight.size(1), out = base->linear->weight.size(0);
+  TORCH_CHECK(!has_lora(), "LoRA is already enabled on this layer");
+  linear->weight.set_requires_grad(false);
+  if (linear->bias.defined()) linear->bias.set_requires_grad(false);
+  const int64_t in = linear->weight.size(1), out = linear->weight.size(0);
   // A as nn.Linear's default init would draw it; B zero, so the update starts at zero.
   const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-  lora_a = register_parameter("lora_a", at::empty({options.rank, in}).uniform_(-bound, bound));
-  lora_b = register_parameter("lora_b", at::zeros({out, options.rank}));
-  scaling = options.alpha / static_cast<double>(options.rank);
-}
-
-at::Tensor LoraLinearImpl::forward(const at::Tensor& x) {
-  return base->forward(x) + at::matmul(at::matmul(x, lora_a.t()), lora_b.t()) * scaling;
+  const auto opts = linear->weight.options();
+  lora_a =
+      register_parameter("lora_a", at::empty({options.rank, in}, opts).uniform_(-bound, bound));
+  lora_b = register_parameter("lora_b", at::zeros({out, options.rank}, opts));
+  lora_scaling = options.alpha / static_cast<double>(options.rank);
 }
 
 }  // namespace splitq::trainer

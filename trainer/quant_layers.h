@@ -4,11 +4,11 @@
 //                              (signed, one learned step per output channel) and whose input
 //                              goes through another (one learned step for the tensor), e.g.
 //                              W4A8. A bit width of 0 leaves that side in floating point.
-//   LoraLinear                 a frozen QuantLinear plus a trainable low-rank update:
-//                              y = base(x) + (alpha / rank) * x A^T B^T, A [rank, in] random,
-//                              B [out, rank] zero (so training starts from the base model).
-//                              The base weight and bias are frozen; the base's quantizer steps
-//                              stay trainable (design.md: LoRA, scales and gates train).
+//   QuantLinear::EnableLora    freezes the layer's weight and bias and adds a trainable
+//                              low-rank update: y = layer(x) + (alpha / rank) x A^T B^T, with
+//                              A [rank, in] random and B [out, rank] zero (training starts from
+//                              the base model). The quantizer steps stay trainable (design.md:
+//                              LoRA, scales and gates train).
 #pragma once
 
 #include <torch/nn/module.h>
@@ -26,15 +26,27 @@ struct QuantLayerOptions {
   bool input_signed = true;  // false for inputs known to be >= 0 (after a ReLU)
 };
 
+struct LoraOptions {
+  int64_t rank = 8;     // >= 1
+  double alpha = 16.0;  // the update is scaled by alpha / rank
+};
+
 class QuantLinearImpl : public torch::nn::Module {
  public:
   QuantLinearImpl(int64_t in_features, int64_t out_features, bool bias,
                   const QuantLayerOptions& options);
   at::Tensor forward(const at::Tensor& x);
 
+  // Freezes weight and bias and adds the LoRA adapters (once; a second call is an error).
+  void EnableLora(const LoraOptions& options);
+  bool has_lora() const { return lora_a.defined(); }
+
   torch::nn::Linear linear{nullptr};              // holds weight [out, in] and bias
   quant::LsqQuantizer weight_quantizer{nullptr};  // null when weight_bits == 0
   quant::LsqQuantizer input_quantizer{nullptr};   // null when input_bits == 0
+  at::Tensor lora_a;                              // [rank, in], trainable; undefined without LoRA
+  at::Tensor lora_b;                              // [out, rank], trainable, starts at zero
+  double lora_scaling = 0.0;
 };
 TORCH_MODULE(QuantLinear);
 
@@ -57,22 +69,5 @@ class QuantConv2dImpl : public torch::nn::Module {
   int64_t stride_, padding_;
 };
 TORCH_MODULE(QuantConv2d);
-
-struct LoraOptions {
-  int64_t rank = 8;     // >= 1
-  double alpha = 16.0;  // the update is scaled by alpha / rank
-};
-
-class LoraLinearImpl : public torch::nn::Module {
- public:
-  LoraLinearImpl(QuantLinear base, const LoraOptions& options);
-  at::Tensor forward(const at::Tensor& x);
-
-  QuantLinear base{nullptr};
-  at::Tensor lora_a;  // [rank, in], trainable
-  at::Tensor lora_b;  // [out, rank], trainable, starts at zero
-  double scaling;
-};
-TORCH_MODULE(LoraLinear);
 
 }  // namespace splitq::trainer

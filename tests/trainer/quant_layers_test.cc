@@ -43,30 +43,33 @@ TEST(QuantConv2d, GradientsReachWeightsStepsAndInput) {
   EXPECT_GT(x.grad().abs().sum().item<float>(), 0.0f);
 }
 
-TEST(LoraLinear, StartsAtTheBaseAndTrainsOnlyAdaptersAndSteps) {
-  QuantLinear base(12, 6, true, QuantLayerOptions{4, 0, true});
+TEST(Lora, StartsAtTheBaseAndTrainsOnlyAdaptersAndSteps) {
+  QuantLinear layer(12, 6, true, QuantLayerOptions{4, 0, true});
   const at::Tensor x = at::randn({20, 12});
-  const at::Tensor before = base->forward(x).detach();
-  LoraLinear lora(base, LoraOptions{4, 8.0});
-  EXPECT_TRUE(at::allclose(lora->forward(x), before));
+  const at::Tensor before = layer->forward(x).detach();
+  layer->EnableLora(LoraOptions{4, 8.0});
+  EXPECT_THROW(layer->EnableLora(LoraOptions{4, 8.0}), c10::Error);
+  EXPECT_TRUE(at::allclose(layer->forward(x), before));
   std::vector<at::Tensor> trainable;
-  for (const auto& p : lora->parameters()) {
+  for (const auto& p : layer->parameters()) {
     if (p.requires_grad()) trainable.push_back(p);
   }
   EXPECT_EQ(trainable.size(), 3u);  // lora_a, lora_b, the weight quantizer's step
-  const at::Tensor weight0 = lora->base->linear->weight.clone();
-  const at::Tensor bias0 = lora->base->linear->bias.clone();
-  const at::Tensor a0 = lora->lora_a.clone(), b0 = lora->lora_b.clone();
+  const at::Tensor weight0 = layer->linear->weight.clone();
+  const at::Tensor bias0 = layer->linear->bias.clone();
+  const at::Tensor a0 = layer->lora_a.clone(), b0 = layer->lora_b.clone();
+  const at::Tensor step0 = layer->weight_quantizer->scale().clone();
   torch::optim::AdamW opt(trainable, torch::optim::AdamWOptions(1e-2));
   for (int step = 0; step < 3; ++step) {
     opt.zero_grad();
-    (lora->forward(x) - 1.0).square().mean().backward();
+    (layer->forward(x) - 1.0).square().mean().backward();
     opt.step();
   }
-  EXPECT_TRUE(at::equal(lora->base->linear->weight, weight0));
-  EXPECT_TRUE(at::equal(lora->base->linear->bias, bias0));
-  EXPECT_FALSE(at::equal(lora->lora_a, a0));
-  EXPECT_FALSE(at::equal(lora->lora_b, b0));
+  EXPECT_TRUE(at::equal(layer->linear->weight, weight0));
+  EXPECT_TRUE(at::equal(layer->linear->bias, bias0));
+  EXPECT_FALSE(at::equal(layer->lora_a, a0));
+  EXPECT_FALSE(at::equal(layer->lora_b, b0));
+  EXPECT_FALSE(at::equal(layer->weight_quantizer->scale(), step0));
 }
 
 }  // namespace
