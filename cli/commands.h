@@ -13,4 +13,7 @@ using RunFn = std::function<int()>;
 // `splitq bench kernels`: our kernels against PyTorch's ops and a copy (docs/benchmarks.md).
 void RegisterBenchKernels(CLI::App& bench, RunFn* run);
 
+// `splitq config check|reference`: validate run configs; list every key.
+void RegisterConfig(CLI::App& app, RunFn* run);
+
 }  // namespace splitq::cli

@@ -1,0 +1,129 @@
+// Tests for trainer/config.h: defaults, the design's example, every kind of config error
+// (each names the key path and the value), --set overrides, and the configs/ directory.
+#include "trainer/config.h"
+
+#include <gtest/gtest.h>
+#include <yaml-cpp/yaml.h>
+
+#include <filesystem>
+
+namespace splitq::trainer {
+namespace {
+
+absl::StatusOr<RunConfig> Parse(const std::string& yaml) {
+  return ParseRunConfig(YAML::Load(yaml));
+}
+
+void ExpectError(const std::string& yaml, const std::string& needle) {
+  auto c = Parse(yaml);
+  ASSERT_FALSE(c.ok()) << yaml;
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(c.status().message().find(needle), std::string::npos)
+      << "message: " << c.status().message() << "\nexpected to contain: " << needle;
+}
+
+TEST(RunConfig, EmptyDocumentGivesTheDefaults) {
+  auto c = Parse("");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->task, Task::kFashionMnist);
+  EXPECT_EQ(c->steps, 600);
+  EXPECT_EQ(c->activations.mode, WireMode::kAmaq);
+  EXPECT_DOUBLE_EQ(c->activations.target.TargetAt(1000), 8);
+}
+
+TEST(RunConfig, DesignExampleParses) {
+  auto c = Parse(R"(
+quant:
+  activations:
+    bits: {min: 2, max: 8}
+    target: [{step: 0, bits: 8}, {step: 2000, bits: 4, curve: cosine}, {step: 6000, bits: 3}]
+    gate: {alpha: 2.0, lr: 0.01, beta: 1.0e-3, lambda: 1.0}
+    scale: learned
+    granularity: channel
+  gradients:
+    bits: {min: 4, max: 8}
+    target: [{step: 0, bits: 8}, {step: 4000, bits: 4, curve: linear}]
+    rounding: stochastic
+  weights: {bits: 4, granularity: channel, scale: lsq}
+)");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_DOUBLE_EQ(c->activations.target.TargetAt(1000), 6);
+  EXPECT_DOUBLE_EQ(c->gradients.target.TargetAt(2000), 6);
+  EXPECT_EQ(c->weight_bits, 4);
+  EXPECT_EQ(c->gradients.rounding, kernels::Rounding::kStochastic);
+}
+
+TEST(RunConfig, ErrorsNameTheKeyAndTheValue) {
+  ExpectError("stepz: 10", "stepz: unknown key (value '10'");
+  ExpectError("quant: {activations: {gatee: {alpha: 2}}}", "quant.activations.gatee: unknown key");
+  ExpectError("steps: abc", "steps: expected an integer, got 'abc'");
+  ExpectError("steps: 0", "steps: 0 is outside >= 1");
+  ExpectError("task: vision", "task: 'vision' is not one of fmnist, lm");
+  ExpectError("quant: {activations: {bits: {min: 2, max: 9}}}",
+              "quant.activations.bits.max: 9 is outside");
+  ExpectError("quant: {activations: {target: 1}}",
+              "quant.activations.target[0].bits: 1 is outside the allowed range [2, 8]");
+  ExpectError("quant: {gradients: {target: [{step: 0, bits: 8}, {step: 0, bits: 4}]}}",
+              "quant.gradients.target[1].step: 0 does not come after");
+  ExpectError("model: {split_after: 4}",
+              "model.split_after: 4 is outside the model (1..3 for the CNN)");
+  ExpectError("model: {split_after: 3, u_shaped: true}",
+              "model.split_after: 3 is outside the model (1..2 for the CNN, U-shaped)");
+  ExpectError("task: lm\nmodel: {layers: 4, split_after: 4}",
+              "model.split_after: 4 is outside the model (1..3 for this transformer)");
+  ExpectError("model: {width: 30, heads: 4}", "model.heads: 4 does not divide model.width 30");
+  ExpectError("quant: {weights: {bits: 1}}", "quant.weights.bits: 1 is outside 0 or 2..8");
+  ExpectError("lora: {rank: 4}", "lora.rank: LoRA applies to task lm only");
+  ExpectError("task: lm\nlora: {rank: 4, targets: [qkv, mlp]}",
+              "lora.targets: 'mlp' is not one of");
+  ExpectError("model: 3", "model: expected a map of keys");
+  ExpectError("optim: {bf16_autocast: maybe}",
+              "optim.bf16_autocast: expected true or false, got 'maybe'");
+}
+
+TEST(RunConfig, OverridesReplaceAndAddKeys) {
+  YAML::Node root = YAML::Load("steps: 100\nquant: {activations: {mode: amaq}}");
+  ASSERT_TRUE(ApplyOverride(root, "steps=7").ok());
+  ASSERT_TRUE(ApplyOverride(root, "quant.activations.target=3").ok());
+  ASSERT_TRUE(ApplyOverride(root, "model.split_after=1").ok());
+  ASSERT_TRUE(
+      ApplyOverride(root, "quant.gradients.target=[{step: 0, bits: 8}, {step: 10, bits: 4}]").ok());
+  auto c = ParseRunConfig(root);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->steps, 7);
+  EXPECT_EQ(c->split_after, 1);
+  EXPECT_DOUBLE_EQ(c->activations.target.TargetAt(0), 3);
+  EXPECT_DOUBLE_EQ(c->gradients.target.TargetAt(5), 6);
+  EXPECT_FALSE(ApplyOverride(root, "steps").ok());
+  EXPECT_FALSE(ApplyOverride(root, "=3").ok());
+  EXPECT_FALSE(ApplyOverride(root, "steps.inner=3").ok());  // steps is not a map
+}
+
+TEST(RunConfig, MissingFileAndBadYamlNameTheFile) {
+  auto missing = LoadRunConfig("/nonexistent/run.yaml");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("/nonexistent/run.yaml"), std::string::npos);
+}
+
+TEST(RunConfig, ReferenceListsEveryKey) {
+  const std::string ref = ConfigReference();
+  for (const char* key : {"task", "model.split_after", "quant.activations.gate.lambda",
+                          "quant.gradients.rounding", "lora.targets", "quant.weights.input_bits"}) {
+    EXPECT_NE(ref.find(std::string("`") + key + "`"), std::string::npos) << key;
+  }
+}
+
+TEST(RunConfig, EveryShippedConfigParses) {
+  const std::filesystem::path dir = std::filesystem::path(SPLITQ_SOURCE_DIR) / "configs";
+  int count = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().extension() != ".yaml") continue;
+    ++count;
+    auto c = LoadRunConfig(entry.path().string());
+    EXPECT_TRUE(c.ok()) << entry.path() << ": " << c.status();
+  }
+  EXPECT_GE(count, 9);
+}
+
+}  // namespace
+}  // namespace splitq::trainer
