@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 
 namespace splitq::trainer {
@@ -382,10 +383,12 @@ absl::StatusOr<RunConfig> LoadRunConfig(const std::string& path,
 }
 
 std::string ConfigReference() {
+  // Cells may hold "a | b" choices: escape the bar so the Markdown table keeps its columns.
+  auto cell = [](const char* text) { return absl::StrReplaceAll(text, {{"|", "\\|"}}); };
   std::string out = "| key | type | default | meaning |\n|---|---|---|---|\n";
   for (const KeyDoc& k : kKeys) {
-    absl::StrAppend(&out, "| `", k.path, "` | ", k.type, " | `", k.default_value, "` | ", k.doc,
-                    " |\n");
+    absl::StrAppend(&out, "| `", k.path, "` | ", cell(k.type), " | `", k.default_value, "` | ",
+                    cell(k.doc), " |\n");
   }
   return out;
 }
