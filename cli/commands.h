@@ -13,6 +13,9 @@ using RunFn = std::function<int()>;
 // `splitq bench kernels`: our kernels against PyTorch's ops and a copy (docs/benchmarks.md).
 void RegisterBenchKernels(CLI::App& bench, RunFn* run);
 
+// `splitq train`: one-process split training with the wire codec in the loop.
+void RegisterTrain(CLI::App& app, RunFn* run);
+
 // `splitq config check|reference`: validate run configs; list every key.
 void RegisterConfig(CLI::App& app, RunFn* run);
 

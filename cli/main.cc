@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "splitq 0.1.0");
 
   splitq::cli::RunFn run;
+  splitq::cli::RegisterTrain(app, &run);
   CLI::App* bench = app.add_subcommand("bench", "Measure splitq against the alternatives");
   bench->require_subcommand(1);
   splitq::cli::RegisterBenchKernels(*bench, &run);

@@ -1,0 +1,73 @@
+// `splitq train --config F [--set key=value ...] [--out DIR]`: client and server in one
+// process with the wire codec in the loop (trainer/train_loop.h). Progress goes to stderr (one
+// updating line on a terminal); the summary to stdout and DIR/summary.json.
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "trainer/config.h"
+#include "trainer/train_loop.h"
+
+namespace splitq::cli {
+namespace {
+
+struct TrainCommandOptions {
+  std::string config_path;
+  std::vector<std::string> overrides;
+  std::string out_dir;
+};
+
+int RunTrain(const TrainCommandOptions& opt) {
+  auto config = trainer::LoadRunConfig(opt.config_path, opt.overrides);
+  if (!config.ok()) {
+    std::fprintf(stderr, "config error: %s\n", std::string(config.status().message()).c_str());
+    return 2;
+  }
+  trainer::TrainOptions train_options;
+  train_options.out_dir =
+      opt.out_dir.empty()
+          ? (std::filesystem::path("runs") / std::filesystem::path(opt.config_path).stem()).string()
+          : opt.out_dir;
+  const bool tty = isatty(fileno(stderr)) != 0;
+  train_options.progress = [tty](const std::string& line) {
+    std::fprintf(stderr, tty ? "\r\033[K%s" : "%s\n", line.c_str());
+    std::fflush(stderr);
+  };
+  auto summary = trainer::Train(*config, train_options);
+  if (tty) std::fprintf(stderr, "\n");
+  if (!summary.ok()) {
+    std::fprintf(stderr, "train: %s\n", std::string(summary.status().message()).c_str());
+    return 1;
+  }
+  std::printf("%s: %lld steps in %.1f s; val loss %.4f", summary->task.c_str(),
+              static_cast<long long>(summary->steps), summary->wall_seconds, summary->val_loss);
+  if (summary->val_accuracy >= 0) std::printf(", val accuracy %.4f", summary->val_accuracy);
+  if (summary->val_bits_per_byte >= 0)
+    std::printf(", val bits/byte %.4f", summary->val_bits_per_byte);
+  std::printf(
+      "; wire %.2f MB up, %.2f MB down (fp32 would be %.2f MB); act bits %.2f, grad bits %.2f\n",
+      summary->bytes_up / 1e6, summary->bytes_down / 1e6, summary->bytes_fp32_equivalent / 1e6,
+      summary->avg_act_bits, summary->avg_grad_bits);
+  std::printf("wrote %s/metrics.jsonl and %s/summary.json\n", train_options.out_dir.c_str(),
+              train_options.out_dir.c_str());
+  return 0;
+}
+
+}  // namespace
+
+void RegisterTrain(CLI::App& app, RunFn* run) {
+  auto opt = std::make_shared<TrainCommandOptions>();
+  CLI::App* cmd =
+      app.add_subcommand("train", "Train a split model in one process, wire codec in the loop");
+  cmd->add_option("--config", opt->config_path, "The YAML run config (configs/)")->required();
+  cmd->add_option("--set", opt->overrides, "Override a key: key.path=value (YAML value)");
+  cmd->add_option("--out", opt->out_dir, "Output directory (default runs/<config name>)");
+  cmd->callback([opt, run] { *run = [opt] { return RunTrain(*opt); }; });
+}
+
+}  // namespace splitq::cli
