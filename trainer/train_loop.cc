@@ -1,10 +1,11 @@
 #include "trainer/train_loop.h"
 
-// clip_grad.h uses torch::Tensor without including its definition.
+// clang-format off
+// clip_grad.h uses torch::Tensor without including its definition: types.h goes first.
 #include <torch/types.h>
-
-#include <torch/csrc/autograd/autograd.h>
 #include <torch/nn/utils/clip_grad.h>
+// clang-format on
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/optim/adamw.h>
 
 #include <chrono>
