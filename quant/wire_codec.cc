@@ -41,45 +41,6 @@ at::Tensor Levels(const std::vector<uint8_t>& bits, const at::Device& device) {
 WireEncoder::WireEncoder(uint64_t session_id, FrameKind kind, const WireEncoderOptions& options)
     : session_id_(session_id), kind_(kind), options_(options) {}
 
-absl::Status WireEncoder::CheckArguments(const at::Tensor& x, const std::vector<uint8_t>& bits,
-                                         const std::vector<float>& scales,
-                                         const std::vector<float>& offsets) const {
-  const int64_t rank = x.dim();
-  if (rank > kMaxFrameRank) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("rank ", rank, " exceeds the frame's maximum ", kMaxFrameRank));
-  }
-  if (options_.group_axis < -1 || options_.group_axis >= rank) {
-    return absl::InvalidArgumentError(absl::StrCat("group_axis ", options_.group_axis,
-                                                   " is out of range for rank ", rank,
-                                                   " (-1 means one group)"));
-  }
-  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16 &&
-      x.scalar_type() != at::kHalf) {
-    return absl::InvalidArgumentError("only float32, bfloat16 and float16 tensors are encoded");
-  }
-  const int64_t groups = options_.group_axis < 0 ? 1 : x.size(options_.group_axis);
-  if (static_cast<int64_t>(bits.size()) != groups ||
-      static_cast<int64_t>(scales.size()) != groups ||
-      static_cast<int64_t>(offsets.size()) != groups) {
-    return absl::InvalidArgumentError(absl::StrCat("expected ", groups,
-                                                   " bits, scales and offsets; got ", bits.size(),
-                                                   ", ", scales.size(), " and ", offsets.size()));
-  }
-  for (int64_t g = 0; g < groups; ++g) {
-    if (bits[g] < 1 || bits[g] > 8) {
-      return absl::InvalidArgumentError(absl::StrCat("group ", g, " has bit width ",
-                                                     static_cast<int>(bits[g]), ", outside 1..8"));
-    }
-    if (!std::isfinite(scales[g]) || !(scales[g] > 0) || !std::isfinite(offsets[g])) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("group ", g, " has scale ", scales[g], " and offset ", offsets[g],
-                       " (scale must be finite and > 0, offset finite)"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<Frame> WireEncoder::Encode(const at::Tensor& x_in, uint64_t step,
                                           const std::vector<uint8_t>& bits,
                                           const at::Tensor& scales, const at::Tensor& offsets) {
@@ -88,7 +49,14 @@ absl::StatusOr<Frame> WireEncoder::Encode(const at::Tensor& x_in, uint64_t step,
     const at::Tensor x = x_in.detach().contiguous();
     const std::vector<float> host_scales = HostFloats(scales);
     const std::vector<float> host_offsets = HostFloats(offsets);
-    SPLITQ_RETURN_IF_ERROR(CheckArguments(x, bits, host_scales, host_offsets));
+    if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16 &&
+        x.scalar_type() != at::kHalf) {
+      return absl::InvalidArgumentError("only float32, bfloat16 and float16 tensors are encoded");
+    }
+    // Checked before any work on every device, so a failed encode changes nothing.
+    SPLITQ_RETURN_IF_ERROR(ValidateEncodeArguments(x.sizes().vec(), options_.group_axis, bits,
+                                                   host_scales, host_offsets)
+                               .status());
     const kernels::RoundingSpec rounding{options_.rounding, options_.seed, step};
     if (x.is_cpu()) {
       SPLITQ_ASSIGN_OR_RETURN(

@@ -56,10 +56,6 @@ class WireEncoder {
   uint64_t session_id_;
   FrameKind kind_;
   WireEncoderOptions options_;
-  absl::Status CheckArguments(const at::Tensor& x, const std::vector<uint8_t>& bits,
-                              const std::vector<float>& scales,
-                              const std::vector<float>& offsets) const;
-
   uint32_t version_ = 0;
   bool resend_bits_ = false;
   std::vector<uint8_t> last_bits_;

@@ -465,6 +465,18 @@ absl::Status DecodePayload(const Frame& frame, absl::Span<const uint8_t> bits, v
                                    static_cast<int64_t>(frame.payload.size()), offsets.data(), out);
 }
 
+absl::StatusOr<kernels::GroupLayout> ValidateEncodeArguments(absl::Span<const int64_t> shape,
+                                                             int32_t group_axis,
+                                                             absl::Span<const uint8_t> bits,
+                                                             absl::Span<const float> scales,
+                                                             absl::Span<const float> offsets) {
+  SPLITQ_ASSIGN_OR_RETURN(const kernels::GroupLayout layout, LayoutFor(shape, group_axis));
+  SPLITQ_RETURN_IF_ERROR(CheckBitCount(bits.size(), layout.groups, "bits"));
+  SPLITQ_RETURN_IF_ERROR(CheckBits(bits, "bits"));
+  SPLITQ_RETURN_IF_ERROR(CheckScalesOffsets(scales, offsets, layout.groups));
+  return layout;
+}
+
 absl::StatusOr<Frame> EncodeFrame(const void* x, kernels::DType dtype,
                                   absl::Span<const int64_t> shape, int32_t group_axis,
                                   absl::Span<const uint8_t> bits, absl::Span<const float> scales,
@@ -477,10 +489,8 @@ absl::StatusOr<Frame> EncodeFrame(const void* x, kernels::DType dtype,
   if (!KnownDType(static_cast<uint8_t>(dtype))) {
     return FieldError("dtype", absl::StrCat("unknown dtype ", static_cast<int>(dtype)));
   }
-  SPLITQ_ASSIGN_OR_RETURN(const kernels::GroupLayout layout, LayoutFor(shape, group_axis));
-  SPLITQ_RETURN_IF_ERROR(CheckBitCount(bits.size(), layout.groups, "bits"));
-  SPLITQ_RETURN_IF_ERROR(CheckBits(bits, "bits"));
-  SPLITQ_RETURN_IF_ERROR(CheckScalesOffsets(scales, offsets, layout.groups));
+  SPLITQ_ASSIGN_OR_RETURN(const kernels::GroupLayout layout,
+                          ValidateEncodeArguments(shape, group_axis, bits, scales, offsets));
   if (layout.numel() > 0 && x == nullptr) {
     return absl::InvalidArgumentError("EncodeFrame: null input");
   }

@@ -93,6 +93,15 @@ absl::StatusOr<std::vector<uint8_t>> ValidateFrame(const Frame& frame,
 absl::Status DecodePayload(const Frame& frame, absl::Span<const uint8_t> bits, void* out,
                            const kernels::ExecContext& cpu = {});
 
+// The content rules for a frame about to be built (the ones ValidateFrame applies to shape,
+// group_axis, bits, scales and offsets), with the same INVALID_ARGUMENT messages. Returns
+// the group layout. EncodeFrame calls it; so does a sender that packs on a device.
+absl::StatusOr<kernels::GroupLayout> ValidateEncodeArguments(absl::Span<const int64_t> shape,
+                                                             int32_t group_axis,
+                                                             absl::Span<const uint8_t> bits,
+                                                             absl::Span<const float> scales,
+                                                             absl::Span<const float> offsets);
+
 // Builds a frame on the host from `x` (numel elements of `dtype`, host memory): packs with
 // the given per-group bits/scales/offsets and rounding. Fills shape, dtype, group_axis,
 // bits, scales, offsets and payload; the caller sets session_id, step, kind and

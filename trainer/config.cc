@@ -131,13 +131,17 @@ absl::Status CheckKeys(const YAML::Node& node, const std::string& prefix) {
   return absl::OkStatus();
 }
 
+// Walks `path` without touching the tree: const lookups insert nothing, and reset() rebinds
+// the handle (assigning a YAML::Node would overwrite the node it refers to).
 YAML::Node Find(const YAML::Node& root, const std::string& path) {
-  YAML::Node node = YAML::Clone(root);
+  YAML::Node node;
+  node.reset(root);
   for (const std::string& part : std::vector<std::string>(absl::StrSplit(path, '.'))) {
     if (!node.IsMap()) return YAML::Node();
-    const YAML::Node child = node[part];
+    const YAML::Node& current = node;
+    const YAML::Node child = current[part];
     if (!child.IsDefined()) return YAML::Node();
-    node = child;
+    node.reset(child);
   }
   return node;
 }
