@@ -13,6 +13,9 @@ using RunFn = std::function<int()>;
 // `splitq bench kernels`: our kernels against PyTorch's ops and a copy (docs/benchmarks.md).
 void RegisterBenchKernels(CLI::App& bench, RunFn* run);
 
+// `splitq bench step`: a config's training step against an fp32 wire, side by side.
+void RegisterBenchStep(CLI::App& bench, RunFn* run);
+
 // `splitq train`: one-process split training with the wire codec in the loop.
 void RegisterTrain(CLI::App& app, RunFn* run);
 

@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
   CLI::App* bench = app.add_subcommand("bench", "Measure splitq against the alternatives");
   bench->require_subcommand(1);
   splitq::cli::RegisterBenchKernels(*bench, &run);
+  splitq::cli::RegisterBenchStep(*bench, &run);
   splitq::cli::RegisterConfig(app, &run);
 
   CLI11_PARSE(app, argc, argv);

@@ -1,9 +1,13 @@
 // `splitq train --config F [--set key=value ...] [--out DIR]`: client and server in one
 // process with the wire codec in the loop (trainer/train_loop.h). Progress goes to stderr (one
-// updating line on a terminal); the summary to stdout and DIR/summary.json.
+// updating line on a terminal); the summary to stdout and DIR/summary.json. Ctrl-C (or
+// SIGTERM) stops at the end of the step with a checkpoint; `--resume` continues from it.
 #include <unistd.h>
 
+#include <atomic>
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -20,7 +24,15 @@ struct TrainCommandOptions {
   std::string config_path;
   std::vector<std::string> overrides;
   std::string out_dir;
+  std::string init;
+  bool resume = false;
 };
+
+std::atomic<bool> g_interrupt{false};
+
+void OnInterrupt(int) {
+  if (g_interrupt.exchange(true)) std::_Exit(130);  // a second Ctrl-C quits at once
+}
 
 int RunTrain(const TrainCommandOptions& opt) {
   auto config = trainer::LoadRunConfig(opt.config_path, opt.overrides);
@@ -33,6 +45,11 @@ int RunTrain(const TrainCommandOptions& opt) {
       opt.out_dir.empty()
           ? (std::filesystem::path("runs") / std::filesystem::path(opt.config_path).stem()).string()
           : opt.out_dir;
+  train_options.init_checkpoint = opt.init;
+  train_options.resume = opt.resume;
+  train_options.interrupt = &g_interrupt;
+  std::signal(SIGINT, OnInterrupt);
+  std::signal(SIGTERM, OnInterrupt);
   const bool tty = isatty(fileno(stderr)) != 0;
   train_options.progress = [tty](const std::string& line) {
     std::fprintf(stderr, tty ? "\r\033[K%s" : "%s\n", line.c_str());
@@ -42,10 +59,11 @@ int RunTrain(const TrainCommandOptions& opt) {
   if (tty) std::fprintf(stderr, "\n");
   if (!summary.ok()) {
     std::fprintf(stderr, "train: %s\n", std::string(summary.status().message()).c_str());
-    return 1;
+    return summary.status().code() == absl::StatusCode::kCancelled ? 130 : 1;
   }
-  std::printf("%s: %lld steps in %.1f s; val loss %.4f", summary->task.c_str(),
-              static_cast<long long>(summary->steps), summary->wall_seconds, summary->val_loss);
+  std::printf("%s: %lld steps in %.1f s on %s; val loss %.4f", summary->task.c_str(),
+              static_cast<long long>(summary->steps), summary->wall_seconds,
+              summary->device.c_str(), summary->val_loss);
   if (summary->val_accuracy >= 0) std::printf(", val accuracy %.4f", summary->val_accuracy);
   if (summary->val_bits_per_byte >= 0)
     std::printf(", val bits/byte %.4f", summary->val_bits_per_byte);
@@ -53,7 +71,7 @@ int RunTrain(const TrainCommandOptions& opt) {
       "; wire %.2f MB up, %.2f MB down (fp32 would be %.2f MB); act bits %.2f, grad bits %.2f\n",
       summary->bytes_up / 1e6, summary->bytes_down / 1e6, summary->bytes_fp32_equivalent / 1e6,
       summary->avg_act_bits, summary->avg_grad_bits);
-  std::printf("wrote %s/metrics.jsonl and %s/summary.json\n", train_options.out_dir.c_str(),
+  std::printf("wrote %s/{metrics.jsonl, validation.jsonl, checkpoint.pt, summary.json}\n",
               train_options.out_dir.c_str());
   return 0;
 }
@@ -67,6 +85,9 @@ void RegisterTrain(CLI::App& app, RunFn* run) {
   cmd->add_option("--config", opt->config_path, "The YAML run config (configs/)")->required();
   cmd->add_option("--set", opt->overrides, "Override a key: key.path=value (YAML value)");
   cmd->add_option("--out", opt->out_dir, "Output directory (default runs/<config name>)");
+  cmd->add_option("--init", opt->init,
+                  "Checkpoint whose model weights are the base (LoRA runs need one)");
+  cmd->add_flag("--resume", opt->resume, "Continue from the output directory's checkpoint.pt");
   cmd->callback([opt, run] { *run = [opt] { return RunTrain(*opt); }; });
 }
 

@@ -147,6 +147,10 @@ at::Tensor AmaqBoundaryImpl::continuous_bits() const {
   return options_.bmin + (options_.bmax - options_.bmin) * at::sigmoid(options_.alpha * gate_);
 }
 
+bool AmaqBoundaryImpl::is_initialized() const {
+  return known_initialized_ || initialized_.item<uint8_t>() != 0;
+}
+
 at::Tensor AmaqBoundaryImpl::forward(const at::Tensor& x, double target_bits) {
   const kernels::GroupLayout layout =
       LayoutOf(x, Grouping{kernels::Granularity::kChannel, options_.channel_axis});

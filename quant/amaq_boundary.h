@@ -67,6 +67,8 @@ class AmaqBoundaryImpl : public torch::nn::Module {
   at::Tensor wire_scales() const;
   at::Tensor wire_offsets() const;
 
+  // Whether the ranges were set from a first batch (or restored from a checkpoint).
+  bool is_initialized() const;
   const AmaqOptions& options() const { return options_; }
   at::Tensor gate() const { return gate_; }
   at::Tensor range() const { return range_; }

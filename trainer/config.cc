@@ -31,6 +31,10 @@ constexpr KeyDoc kKeys[] = {
     {"batch_size", "integer >= 1", "64", "examples (fmnist) or byte windows (lm) per step"},
     {"log_every", "integer >= 1", "10", "steps between lines of metrics.jsonl"},
     {"eval_every", "integer >= 1", "200", "steps between validation passes"},
+    {"checkpoint_every", "integer >= 0", "500",
+     "steps between checkpoints (DIR/checkpoint.pt, replaced atomically; 0: only at the end)"},
+    {"device", "auto | cpu | cuda", "auto",
+     "where both parts run (auto: cuda when this build and machine have a GPU, else cpu)"},
     {"model.split_after", "integer", "2",
      "blocks (fmnist: 1..3, U-shaped 1..2) or layers (lm: 1..layers-1) on the client"},
     {"model.u_shaped", "bool", "false",
@@ -66,6 +70,9 @@ constexpr KeyDoc kKeys[] = {
      "weight of the gate penalty mean sigmoid(alpha Q)^2"},
     {"quant.activations.gate.lambda", "number >= 0", "1.0",
      "weight of the budget penalty relu(Bbar - B*)^2"},
+    {"quant.activations.calibration_steps", "integer >= 0", "100",
+     "amaq: for the first steps each channel's range also follows the running max |x| (it "
+     "only grows), so ranges keep up with early training; then they are learned alone"},
     {"quant.activations.scale", "learned | minmax", "learned",
      "learned clipping ranges, or per-batch min-max"},
     {"quant.activations.granularity", "tensor | channel | token", "channel",
@@ -232,6 +239,10 @@ absl::StatusOr<RunConfig> ParseRunConfig(const YAML::Node& root) {
   SPLITQ_RETURN_IF_ERROR(InRange<int64_t>("log_every", c.log_every, 1, int64_t{1} << 40, ">= 1"));
   SPLITQ_RETURN_IF_ERROR(r.Get("eval_every", "an integer", &c.eval_every));
   SPLITQ_RETURN_IF_ERROR(InRange<int64_t>("eval_every", c.eval_every, 1, int64_t{1} << 40, ">= 1"));
+  SPLITQ_RETURN_IF_ERROR(r.Get("checkpoint_every", "an integer", &c.checkpoint_every));
+  SPLITQ_RETURN_IF_ERROR(
+      InRange<int64_t>("checkpoint_every", c.checkpoint_every, 0, int64_t{1} << 40, ">= 0"));
+  SPLITQ_RETURN_IF_ERROR(r.Choice("device", {"auto", "cpu", "cuda"}, &c.device));
 
   SPLITQ_RETURN_IF_ERROR(r.Get("model.u_shaped", "true or false", &c.u_shaped));
   SPLITQ_RETURN_IF_ERROR(r.Get("model.layers", "an integer", &c.layers));
@@ -303,6 +314,10 @@ absl::StatusOr<RunConfig> ParseRunConfig(const YAML::Node& root) {
   SPLITQ_RETURN_IF_ERROR(InRange("quant.activations.gate.beta", a.gate_beta, 0.0, 1e6, ">= 0"));
   SPLITQ_RETURN_IF_ERROR(r.Get("quant.activations.gate.lambda", "a number", &a.gate_lambda));
   SPLITQ_RETURN_IF_ERROR(InRange("quant.activations.gate.lambda", a.gate_lambda, 0.0, 1e6, ">= 0"));
+  SPLITQ_RETURN_IF_ERROR(
+      r.Get("quant.activations.calibration_steps", "an integer", &a.calibration_steps));
+  SPLITQ_RETURN_IF_ERROR(InRange<int64_t>("quant.activations.calibration_steps",
+                                          a.calibration_steps, 0, int64_t{1} << 40, ">= 0"));
   SPLITQ_RETURN_IF_ERROR(r.Choice("quant.activations.scale", {"learned", "minmax"}, &scale));
   a.learned_scale = scale == "learned";
   SPLITQ_RETURN_IF_ERROR(

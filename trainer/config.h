@@ -47,7 +47,8 @@ struct ActivationQuantConfig {
   double gate_lr = 0.01;
   double gate_beta = 1e-3;
   double gate_lambda = 1.0;
-  bool learned_scale = true;  // scale: learned | minmax
+  int64_t calibration_steps = 100;  // amaq: ranges also track the running max |x| this long
+  bool learned_scale = true;        // scale: learned | minmax
   kernels::Granularity granularity = kernels::Granularity::kChannel;
 };
 
@@ -65,6 +66,8 @@ struct RunConfig {
   int64_t batch_size = 64;
   int64_t log_every = 10;
   int64_t eval_every = 200;
+  int64_t checkpoint_every = 500;  // 0: only at the end
+  std::string device = "auto";     // auto | cpu | cuda
   // model
   int split_after = 2;
   bool u_shaped = false;

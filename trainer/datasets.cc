@@ -178,4 +178,24 @@ at::Tensor SampleByteWindows(const std::string& text, int64_t batch, int64_t len
   return out;
 }
 
+int64_t ByteWindowCount(size_t text_size, int64_t length) {
+  TORCH_CHECK(length >= 2, "a window needs at least 2 bytes, got ", length);
+  if (static_cast<int64_t>(text_size) < length) return 0;
+  return (static_cast<int64_t>(text_size) - length) / (length - 1) + 1;
+}
+
+at::Tensor ByteWindowsAt(const std::string& text, const at::Tensor& ids, int64_t length) {
+  const int64_t count = ByteWindowCount(text.size(), length);
+  const at::Tensor id = ids.to(at::kLong).contiguous();
+  at::Tensor out = at::empty({id.numel(), length}, at::kLong);
+  int64_t* p = out.data_ptr<int64_t>();
+  for (int64_t b = 0; b < id.numel(); ++b) {
+    const int64_t i = id.data_ptr<int64_t>()[b];
+    TORCH_CHECK(i >= 0 && i < count, "window ", i, " is outside 0..", count - 1);
+    const char* src = text.data() + i * (length - 1);
+    for (int64_t t = 0; t < length; ++t) p[b * length + t] = static_cast<uint8_t>(src[t]);
+  }
+  return out;
+}
+
 }  // namespace splitq::trainer

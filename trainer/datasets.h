@@ -62,4 +62,12 @@ TextSplit SplitText(const std::string& text, double validation_fraction);
 at::Tensor SampleByteWindows(const std::string& text, int64_t batch, int64_t length, uint64_t seed,
                              uint64_t step);
 
+// A text seen as a fixed set of samples (what AQ-SGD's per-sample cache needs): window i holds
+// bytes [i * (length - 1), i * (length - 1) + length), so consecutive windows share one byte
+// and every byte after the first is a prediction target exactly once.
+// ByteWindowCount: how many whole windows fit (0 when text.size() < length; length >= 2).
+int64_t ByteWindowCount(size_t text_size, int64_t length);
+// The windows `ids` (int64 [batch], each in [0, ByteWindowCount)) as int64 [batch, length].
+at::Tensor ByteWindowsAt(const std::string& text, const at::Tensor& ids, int64_t length);
+
 }  // namespace splitq::trainer

@@ -1,25 +1,24 @@
-// splitq trainer: the training loop of `splitq train`, client and server in one process with
-// the wire codec in the loop.
+// splitq trainer: the driver of `splitq train`: runs a SplitTrainer (split_trainer.h) for the
+// configured steps and writes what a run leaves behind.
 //
-// Every step: the client runs its layers; the boundary activation is quantized (AMAQ: the
-// learned per-channel bits under the schedule's budget; uniform: the schedule's bits for
-// every channel, min-max ranges; fp32: raw floats), encoded into a frame, serialized to bytes,
-// parsed and decoded on the server side (no shortcut); the server runs its layers and the
-// loss and backpropagates to the decoded activation; that gradient goes back the same way
-// (max-abs ranges, stochastic rounding); the client backpropagates through the boundary
-// (straight-through for h; true gradients for ranges and gates, plus the bit regulariser)
-// and both sides step their optimisers (AdamW, warm-up then cosine, gradient clipping; gates
-// and ranges in their own group with their own learning rate).
-//
-// Outputs in `out_dir`: metrics.jsonl (one line per logged step: step, loss, lr, act_bits,
-// grad_bits, bytes_up, bytes_down, step_ms) and summary.json (task, steps, val_loss,
-// val_accuracy, val_bits_per_byte, avg_act_bits, avg_grad_bits, bytes_up, bytes_down,
-// bytes_fp32_equivalent, wall_seconds, max_budget_excess).
-//
-// Not yet: U-shaped runs, AQ-SGD, checkpoints and resume, --init, bf16 autocast (each is
-// refused with a clear error rather than ignored).
+// Outputs in `out_dir`:
+//   metrics.jsonl     one line per logged step (every log_every): step, loss, lr, act_bits,
+//                     grad_bits, bytes_up, bytes_down, step_ms (loss and bits are means over
+//                     the steps since the previous line; bytes are cumulative).
+//   validation.jsonl  one line per validation pass (every eval_every, and at the end): step,
+//                     val_loss, val_accuracy, val_bits_per_byte.
+//   checkpoint.pt     the whole training state, every checkpoint_every steps, on an interrupt
+//                     and at the end (replaced atomically).
+//   summary.json      task, steps, val_loss, val_accuracy, val_bits_per_byte, avg_act_bits,
+//                     avg_grad_bits (means over the last logged window), bytes_up, bytes_down,
+//                     bytes_fp32_equivalent, wall_seconds, max_budget_excess (max over frames
+//                     of mean bits - budget: never above 0), device.
+// Resume (`resume`): restores out_dir/checkpoint.pt, drops the metric and validation lines
+// after its step, and continues; on the CPU the curve is bit-identical to an uninterrupted
+// run (step_ms and the byte counters excepted: see split_trainer.h).
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <string>
 
@@ -39,16 +38,26 @@ struct TrainSummary {
   double avg_act_bits = 0;        // mean over the last logged window
   double avg_grad_bits = 0;
   int64_t bytes_up = 0, bytes_down = 0, bytes_fp32_equivalent = 0;
-  double wall_seconds = 0;
+  double wall_seconds = 0;       // over all sessions of a resumed run
   double max_budget_excess = 0;  // max over frames of (mean bits sent - budget); <= 0 always
+  std::string device;
 };
 
 struct TrainOptions {
-  std::string out_dir;  // created if missing
+  std::string out_dir;          // created if missing
+  std::string init_checkpoint;  // --init: base weights (required by LoRA runs)
+  bool resume = false;          // --resume: continue from out_dir/checkpoint.pt
+  // Stop after this step (with a checkpoint), as if interrupted; -1: run to the end.
+  int64_t stop_after = -1;
+  // Set (e.g. by a SIGINT handler) to stop at the end of the current step with a checkpoint;
+  // Train then returns CANCELLED. May be null.
+  const std::atomic<bool>* interrupt = nullptr;
   // Called after every logged step with a one-line summary (progress); may be empty.
   std::function<void(const std::string&)> progress;
 };
 
+// Runs the configured training. CANCELLED after an interrupt or stop_after (the checkpoint
+// is written; resume with `resume`). Other errors: see SplitTrainer::Create and Step.
 absl::StatusOr<TrainSummary> Train(const RunConfig& config, const TrainOptions& options);
 
 }  // namespace splitq::trainer
