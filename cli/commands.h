@@ -19,6 +19,9 @@ void RegisterBenchStep(CLI::App& bench, RunFn* run);
 // `splitq train`: one-process split training with the wire codec in the loop.
 void RegisterTrain(CLI::App& app, RunFn* run);
 
+// `splitq data export DIR`: the data sets, for hosts without their Debian packages.
+void RegisterData(CLI::App& app, RunFn* run);
+
 // `splitq config check|reference`: validate run configs; list every key.
 void RegisterConfig(CLI::App& app, RunFn* run);
 

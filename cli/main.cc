@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   splitq::cli::RegisterBenchKernels(*bench, &run);
   splitq::cli::RegisterBenchStep(*bench, &run);
   splitq::cli::RegisterConfig(app, &run);
+  splitq::cli::RegisterData(app, &run);
 
   CLI11_PARSE(app, argc, argv);
   if (!run) {

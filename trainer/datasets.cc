@@ -5,10 +5,13 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/common.h"
 #include "kernels/philox.h"
 
 namespace splitq::trainer {
@@ -83,6 +86,12 @@ absl::StatusOr<std::string> RunBible() {
   return text;
 }
 
+// SPLITQ_DATA_DIR, or empty.
+std::string DataDir() {
+  const char* dir = std::getenv("SPLITQ_DATA_DIR");
+  return dir == nullptr ? std::string() : std::string(dir);
+}
+
 }  // namespace
 
 absl::StatusOr<IdxArray> ReadIdxU8(const std::string& path) {
@@ -113,13 +122,18 @@ absl::StatusOr<IdxArray> ReadIdxU8(const std::string& path) {
   return out;
 }
 
-absl::StatusOr<ImageDataset> LoadFashionMnist(bool train, const std::string& dir) {
+absl::StatusOr<ImageDataset> LoadFashionMnist(bool train, const std::string& default_dir) {
+  const std::string dir = default_dir == kFashionMnistDir && !DataDir().empty()
+                              ? DataDir() + "/fashion-mnist"
+                              : default_dir;
   const std::string prefix = dir + "/" + (train ? "train" : "t10k");
   const std::string images_path = prefix + "-images-idx3-ubyte.gz";
   const std::string labels_path = prefix + "-labels-idx1-ubyte.gz";
   if (!FileExists(images_path) || !FileExists(labels_path)) {
-    return absl::NotFoundError(absl::StrCat("Fashion-MNIST not found in ", dir,
-                                            ": install the Debian package dataset-fashion-mnist"));
+    return absl::NotFoundError(absl::StrCat(
+        "Fashion-MNIST not found in ", dir,
+        ": install the Debian package dataset-fashion-mnist (or point SPLITQ_DATA_DIR at a "
+        "folder made by `splitq data export`)"));
   }
   auto images = ReadIdxU8(images_path);
   if (!images.ok()) return images.status();
@@ -140,6 +154,16 @@ absl::StatusOr<ImageDataset> LoadFashionMnist(bool train, const std::string& dir
 }
 
 absl::StatusOr<std::string> LoadTextCorpus(const std::string& source) {
+  const std::string exported = DataDir();
+  if (!exported.empty() && (source == "bible-kjv" || source == "gcide")) {
+    const std::string path =
+        exported + (source == "gcide" ? "/gcide.dict.dz" : "/bible-kjv.txt.gz");
+    if (!FileExists(path)) {
+      return absl::NotFoundError(absl::StrCat(
+          path, " is missing (SPLITQ_DATA_DIR is set; make it with `splitq data export`)"));
+    }
+    return ReadMaybeGzip(path);
+  }
   if (source == "bible-kjv") return RunBible();
   if (source == "gcide") {
     if (!FileExists(kGcidePath)) {
@@ -196,6 +220,38 @@ at::Tensor ByteWindowsAt(const std::string& text, const at::Tensor& ids, int64_t
     for (int64_t t = 0; t < length; ++t) p[b * length + t] = static_cast<uint8_t>(src[t]);
   }
   return out;
+}
+
+absl::Status ExportDataSets(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(dir) / "fashion-mnist", ec);
+  if (ec) return absl::InvalidArgumentError(absl::StrCat(dir, ": ", ec.message()));
+  for (const char* name : {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                           "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"}) {
+    const std::filesystem::path from = std::filesystem::path(kFashionMnistDir) / name;
+    if (!FileExists(from.string())) {
+      return absl::NotFoundError(
+          absl::StrCat(from.string(), " is missing: install dataset-fashion-mnist"));
+    }
+    std::filesystem::copy_file(from, std::filesystem::path(dir) / "fashion-mnist" / name,
+                               std::filesystem::copy_options::overwrite_existing, ec);
+    if (ec) return absl::InternalError(absl::StrCat(from.string(), ": ", ec.message()));
+  }
+  if (!FileExists(kGcidePath)) {
+    return absl::NotFoundError(absl::StrCat(kGcidePath, " is missing: install dict-gcide"));
+  }
+  std::filesystem::copy_file(kGcidePath, std::filesystem::path(dir) / "gcide.dict.dz",
+                             std::filesystem::copy_options::overwrite_existing, ec);
+  if (ec) return absl::InternalError(absl::StrCat(kGcidePath, ": ", ec.message()));
+  SPLITQ_ASSIGN_OR_RETURN(std::string bible, RunBible());
+  const std::string path = (std::filesystem::path(dir) / "bible-kjv.txt.gz").string();
+  gzFile out = gzopen(path.c_str(), "wb9");
+  if (out == nullptr) return absl::InternalError(absl::StrCat(path, ": cannot write"));
+  const int written = gzwrite(out, bible.data(), static_cast<unsigned>(bible.size()));
+  if (gzclose(out) != Z_OK || written != static_cast<int>(bible.size())) {
+    return absl::InternalError(absl::StrCat(path, ": write failed"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace splitq::trainer

@@ -8,6 +8,9 @@
 //                   read as gzip: ~55 MB of text.
 //   any file        a user's own plain-text or gzip file, named by path.
 // A missing data set is a NOT_FOUND error that names the Debian package to install.
+// Hosts without the packages (an air-gapped GPU host): `splitq data export DIR` on a Debian
+// machine writes DIR/{fashion-mnist/*.gz, gcide.dict.dz, bible-kjv.txt.gz}; with the
+// environment variable SPLITQ_DATA_DIR=DIR the loaders below read from there instead.
 // Train/validation splits are deterministic: Fashion-MNIST has its own test set; a text
 // corpus keeps its last `validation_fraction` of bytes for validation.
 #pragma once
@@ -61,6 +64,9 @@ TextSplit SplitText(const std::string& text, double validation_fraction);
 // same batch, on any machine. Requires text.size() >= length.
 at::Tensor SampleByteWindows(const std::string& text, int64_t batch, int64_t length, uint64_t seed,
                              uint64_t step);
+
+// Writes the three data sets, from their Debian packages, into `dir` (see above).
+absl::Status ExportDataSets(const std::string& dir);
 
 // A text seen as a fixed set of samples (what AQ-SGD's per-sample cache needs): window i holds
 // bytes [i * (length - 1), i * (length - 1) + length), so consecutive windows share one byte
