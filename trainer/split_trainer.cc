@@ -138,6 +138,7 @@ class DeltaCache {
     m_.clear();
     at::Tensor ids, values;
     archive.read(key + ".ids", ids);
+    ids = ids.cpu();  // the archive was loaded onto the run's device
     if (ids.numel() == 0) return;
     archive.read(key + ".values", values);
     values = values.to(device);
