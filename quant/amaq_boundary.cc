@@ -21,14 +21,14 @@ constexpr double kInitBitsBelowMax = 0.25;
 struct AmaqParams {
   at::Tensor levels;  // 2^k - 1, float32 [C]
   at::Tensor scale;   // 2 r / levels
-  at::Tensor offset;  // -r
+  at::Tensor offset;  // m - r
 };
 
-AmaqParams ParamsFor(const at::Tensor& range, const at::Tensor& bits) {
+AmaqParams ParamsFor(const at::Tensor& range, const at::Tensor& center, const at::Tensor& bits) {
   AmaqParams p;
   p.levels = at::exp2(bits.to(at::kFloat)) - 1.0;
   p.scale = (range * 2.0 / p.levels).contiguous();
-  p.offset = (-range).contiguous();
+  p.offset = (center - range).contiguous();
   return p;
 }
 
@@ -43,10 +43,10 @@ QuantTensors QuantTensorsFor(const AmaqParams& p, const at::Tensor& bits) {
 
 struct AmaqFunction : public torch::autograd::Function<AmaqFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& range,
-                            const at::Tensor& continuous_bits, const at::Tensor& bits,
-                            int64_t axis) {
-    const AmaqParams p = ParamsFor(range, bits);
-    ctx->save_for_backward({x, range, bits});
+                            const at::Tensor& center, const at::Tensor& continuous_bits,
+                            const at::Tensor& bits, int64_t axis) {
+    const AmaqParams p = ParamsFor(range, center, bits);
+    ctx->save_for_backward({x, range, center, bits});
     ctx->saved_data["axis"] = axis;
     return FakeQuantize(x, Grouping{kernels::Granularity::kChannel, static_cast<int>(axis)},
                         QuantTensorsFor(p, bits));
@@ -56,17 +56,19 @@ struct AmaqFunction : public torch::autograd::Function<AmaqFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const at::Tensor& range = saved[1];
-    const at::Tensor& bits = saved[2];
+    const at::Tensor& center = saved[2];
+    const at::Tensor& bits = saved[3];
     const Grouping grouping{kernels::Granularity::kChannel,
                             static_cast<int>(ctx->saved_data["axis"].toInt())};
-    const AmaqParams p = ParamsFor(range, bits);
+    const AmaqParams p = ParamsFor(range, center, bits);
     const LsqGradSums sums = LsqBackward(x, grads[0], grouping, QuantTensorsFor(p, bits));
     const double n = static_cast<double>(LayoutOf(x, grouping).per_group());
     const at::Tensor g = (p.levels * n).rsqrt();
     const at::Tensor grad_range = g * (sums.grad_scale_sum * 2.0 / p.levels - sums.grad_offset_sum);
     const at::Tensor ds_db = -2.0 * std::log(2.0) * range * (p.levels + 1.0) / p.levels.square();
     const at::Tensor grad_bits = g * sums.grad_scale_sum * ds_db;
-    return {sums.grad_x, grad_range, grad_bits, at::Tensor(), at::Tensor()};
+    const at::Tensor grad_center = g * sums.grad_offset_sum;
+    return {sums.grad_x, grad_range, grad_center, grad_bits, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -127,6 +129,7 @@ AmaqBoundaryImpl::AmaqBoundaryImpl(const AmaqOptions& options, int64_t channels)
   }
   gate_ = register_parameter("gate", at::full({channels}, gate0));
   range_ = register_parameter("range", at::ones({channels}));
+  center_ = register_parameter("center", at::zeros({channels}));
   initialized_ = register_buffer("initialized", at::zeros({}, at::kByte));
 }
 
@@ -134,12 +137,12 @@ void AmaqBoundaryImpl::Initialize(const at::Tensor& x) {
   at::NoGradGuard no_grad;
   const kernels::GroupLayout layout =
       LayoutOf(x, Grouping{kernels::Granularity::kChannel, options_.channel_axis});
-  const at::Tensor max_abs = x.detach()
-                                 .to(at::kFloat)
-                                 .abs()
-                                 .reshape({layout.outer, layout.groups, layout.inner})
-                                 .amax(at::IntArrayRef{0, 2});
-  range_.copy_(max_abs.clamp_min(kMinRange));
+  const at::Tensor grouped =
+      x.detach().to(at::kFloat).reshape({layout.outer, layout.groups, layout.inner});
+  const at::Tensor lo = grouped.amin(at::IntArrayRef{0, 2});
+  const at::Tensor hi = grouped.amax(at::IntArrayRef{0, 2});
+  center_.copy_((hi + lo) * 0.5);
+  range_.copy_(((hi - lo) * 0.5).clamp_min(kMinRange));
   initialized_.fill_(1);
 }
 
@@ -171,20 +174,21 @@ at::Tensor AmaqBoundaryImpl::forward(const at::Tensor& x, double target_bits) {
       at::from_blob(last_bits_.data(), {static_cast<int64_t>(last_bits_.size())}, at::kByte)
           .to(gate_.device(), /*non_blocking=*/false, /*copy=*/true);
   last_per_channel_ = layout.per_group();
-  return AmaqFunction::apply(x, range_.clamp_min(kMinRange), b, last_bits_tensor_,
+  return AmaqFunction::apply(x, range_.clamp_min(kMinRange), center_, b, last_bits_tensor_,
                              options_.channel_axis);
 }
 
 at::Tensor AmaqBoundaryImpl::wire_scales() const {
   TORCH_CHECK(last_bits_tensor_.defined(), "wire_scales() before the first forward()");
   at::NoGradGuard no_grad;
-  return ParamsFor(range_.detach().clamp_min(kMinRange), last_bits_tensor_).scale;
+  return ParamsFor(range_.detach().clamp_min(kMinRange), center_.detach(), last_bits_tensor_).scale;
 }
 
 at::Tensor AmaqBoundaryImpl::wire_offsets() const {
   TORCH_CHECK(last_bits_tensor_.defined(), "wire_offsets() before the first forward()");
   at::NoGradGuard no_grad;
-  return ParamsFor(range_.detach().clamp_min(kMinRange), last_bits_tensor_).offset;
+  return ParamsFor(range_.detach().clamp_min(kMinRange), center_.detach(), last_bits_tensor_)
+      .offset;
 }
 
 at::Tensor BitRegularization(const std::vector<AmaqBoundary>& boundaries, double beta,

@@ -3,11 +3,13 @@
 //
 // Per channel c of the boundary tensor:
 //   gate Q_c (learned)        b_c = bmin + (bmax - bmin) * sigmoid(alpha * Q_c)
-//   range r_c (learned)       k_c = round(b_c), then the budget projection below
-//   step                      s_c = 2 r_c / (2^k_c - 1),  offset beta_c = -r_c
-//   x_hat = clamp(rint((x + r_c) / s_c), 0, 2^k_c - 1) * s_c - r_c
+//   range [m_c - r_c, m_c + r_c] (centre m_c and half-width r_c learned)
+//   k_c = round(b_c), then the budget projection below
+//   step                      s_c = 2 r_c / (2^k_c - 1),  offset beta_c = m_c - r_c
+//   x_hat = clamp(rint((x - beta_c) / s_c), 0, 2^k_c - 1) * s_c + beta_c
 // Backward (fused kernel, kernels/lsq_backward.h): straight-through for x inside the range;
-// the range gets d/dr = g * (dL/ds * 2 / (2^k - 1) - dL/dbeta); the continuous bit width
+// the range gets d/dr = g * (dL/ds * 2 / (2^k - 1) - dL/dbeta), the centre d/dm = g * dL/dbeta
+// (asymmetric ranges: after a ReLU every level lands on [0, max]); the continuous bit width
 // gets d/db = g * dL/ds * ds/db with ds/db = -2 r ln2 2^k / (2^k - 1)^2 (the straight-through
 // estimate: b enters only through the step, evaluated at the integer k), and the gate gets
 // that through the sigmoid by autograd. g = 1 / sqrt(n * (2^k - 1)) is the LSQ gradient
@@ -17,8 +19,8 @@
 // channels exceeds the target B*(t), the channel with the lowest b_c that is still above
 // bmin gives up one bit. So a frame's mean bit width never exceeds the target.
 //
-// Initialisation: Q so that b = bmax - 0.25 (rounds to bmax); r_c = max |x_c| over the
-// first batch (no clipping at the start).
+// Initialisation: Q so that b = bmax - 0.25 (rounds to bmax); [m_c - r_c, m_c + r_c] = the
+// min and max of x_c over the first batch (no clipping at the start).
 #pragma once
 
 #include <torch/nn/module.h>
@@ -71,7 +73,8 @@ class AmaqBoundaryImpl : public torch::nn::Module {
   bool is_initialized() const;
   const AmaqOptions& options() const { return options_; }
   at::Tensor gate() const { return gate_; }
-  at::Tensor range() const { return range_; }
+  at::Tensor range() const { return range_; }    // half-widths r [C]
+  at::Tensor center() const { return center_; }  // centres m [C]
 
  private:
   void Initialize(const at::Tensor& x);
@@ -79,6 +82,7 @@ class AmaqBoundaryImpl : public torch::nn::Module {
   AmaqOptions options_;
   at::Tensor gate_;         // parameter [C]
   at::Tensor range_;        // parameter [C], > 0
+  at::Tensor center_;       // parameter [C]
   at::Tensor initialized_;  // buffer, scalar uint8
   bool known_initialized_ = false;
   std::vector<uint8_t> last_bits_;

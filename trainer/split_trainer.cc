@@ -358,17 +358,21 @@ class Boundary {
   }
 
  private:
-  // The calibration phase: range_c <- max(range_c, max |h_c|), before the forward pass.
+  // The calibration phase: each channel's range grows to cover this batch's min and max,
+  // before the forward pass.
   void Calibrate(const at::Tensor& h) {
-    if (!amaq_->is_initialized()) return;  // the first forward sets range = max |h| itself
+    if (!amaq_->is_initialized()) return;  // the first forward sets the range itself
     at::NoGradGuard no_grad;
     std::vector<int64_t> dims;
     for (int64_t d = 0; d < h.dim(); ++d) {
       if (d != axis_) dims.push_back(d);
     }
-    const at::Tensor peak = h.detach().abs().amax(dims).to(at::kFloat);
-    at::Tensor range = amaq_->range();
-    range.copy_(at::maximum(range, peak));
+    const at::Tensor x = h.detach().to(at::kFloat);
+    at::Tensor range = amaq_->range(), center = amaq_->center();
+    const at::Tensor lo = at::minimum(center - range, x.amin(dims));
+    const at::Tensor hi = at::maximum(center + range, x.amax(dims));
+    center.copy_((hi + lo) * 0.5);
+    range.copy_((hi - lo) * 0.5);
   }
 
   static quant::AmaqOptions AmaqOptionsOf(const RunConfig& c, int axis) {

@@ -62,20 +62,22 @@ TEST(ProjectBits, EdgeTargets) {
   EXPECT_LE(std::accumulate(under->begin(), under->end(), 0.0) / 3, 4.0 - 1e-9);
 }
 
-// F(r, b) = sum w * (s(b) * (clamp((x + r) / s(b), 0, qmax) + delta) - r), s(b) = 2r/(2^b - 1).
+// F(r, b, m) = sum w * (s(b) * (clamp((x - m + r) / s(b), 0, qmax) + delta) + m - r),
+// s(b) = 2r/(2^b - 1): the straight-through surrogate (delta, the rounding, held fixed).
 double AmaqSurrogate(const std::vector<double>& x, const std::vector<double>& w,
-                     const std::vector<double>& delta, double r, double b, double qmax) {
+                     const std::vector<double>& delta, double r, double b, double qmax,
+                     double m = 0) {
   const double s = 2 * r / (std::exp2(b) - 1);
   double f = 0;
   for (size_t i = 0; i < x.size(); ++i) {
-    double v = (x[i] + r) / s;
+    double v = (x[i] - m + r) / s;
     v = v < 0 ? 0 : (v > qmax ? qmax : v);
-    f += w[i] * (s * (v + delta[i]) - r);
+    f += w[i] * (s * (v + delta[i]) + m - r);
   }
   return f;
 }
 
-TEST(AmaqBoundary, RangeAndBitGradientsMatchFiniteDifferencesOfTheSurrogate) {
+TEST(AmaqBoundary, RangeCentreAndBitGradientsMatchFiniteDifferencesOfTheSurrogate) {
   AmaqOptions opt;
   opt.channel_axis = 1;
   AmaqBoundary boundary(opt, 1);
@@ -100,16 +102,18 @@ TEST(AmaqBoundary, RangeAndBitGradientsMatchFiniteDifferencesOfTheSurrogate) {
     boundary->range().fill_(r0);
     boundary->gate().fill_(0.0);  // b = 5 at alpha 2, bits 2..8
   }
-  boundary->forward(x, 8.0);  // initialises (sets range to max|x|); reset below
+  boundary->forward(x, 8.0);  // initialises (sets the range to [min, max]); reset below
   {
     at::NoGradGuard no_grad;
     boundary->range().fill_(r0);
+    boundary->center().fill_(0.0);
   }
   const at::Tensor b = boundary->continuous_bits();
   // Choose the gate so that b rounds to k = 4 (target 4 forces it via the projection too).
   const at::Tensor y = boundary->forward(x, static_cast<double>(k));
   ASSERT_EQ(boundary->last_bits()[0], k);
-  const auto grads = torch::autograd::grad({(y * w).sum()}, {boundary->range(), boundary->gate()});
+  const auto grads = torch::autograd::grad(
+      {(y * w).sum()}, {boundary->range(), boundary->gate(), boundary->center()});
   const double g = 1.0 / std::sqrt(n * qmax);
 
   std::vector<double> xd(xs.begin(), xs.end()), wd, delta;
@@ -131,6 +135,11 @@ TEST(AmaqBoundary, RangeAndBitGradientsMatchFiniteDifferencesOfTheSurrogate) {
   const double sig = 1.0 / (1.0 + std::exp(-opt.alpha * boundary->gate()[0].item<double>()));
   const double db_dq = (opt.bmax - opt.bmin) * opt.alpha * sig * (1 - sig);
   EXPECT_NEAR(grads[1].item<double>() / (g * db_dq), fd_b, 1e-3 * (1 + std::fabs(fd_b)));
+  // Centre: only clipped elements move with it.
+  const double fd_m = (AmaqSurrogate(xd, wd, delta, r0, k, qmax, h) -
+                       AmaqSurrogate(xd, wd, delta, r0, k, qmax, -h)) /
+                      (2 * h);
+  EXPECT_NEAR(grads[2].item<double>() / g, fd_m, 1e-3 * (1 + std::fabs(fd_m)));
   (void)b;
 }
 
@@ -139,7 +148,7 @@ TEST(AmaqBoundary, GateGradientAsksForMoreBitsWhenTheTaskIsReconstruction) {
   opt.channel_axis = 1;
   AmaqBoundary boundary(opt, 8);
   const at::Tensor x = at::randn({512, 8});
-  boundary->forward(x, 8.0);  // initialise the range to max|x|
+  boundary->forward(x, 8.0);  // initialise the range to [min, max]
   const at::Tensor y = boundary->forward(x, 3.0);
   const at::Tensor loss = (y - x).square().sum();
   const auto grads = torch::autograd::grad({loss}, {boundary->gate()});
