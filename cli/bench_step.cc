@@ -76,7 +76,6 @@ int RunBenchStep(const BenchStepOptions& opt) {
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   const double mb = 1.0 / (1 << 20);
-  const std::string mode = opt.config_path;
   std::printf("device %s, %d steps after %d warm-up, medians, alternating step by step\n",
               (*quantized)->device().c_str(), opt.steps, opt.warmup);
   std::printf("  %-40s %9.2f ms/step\n", "this config's wire", q);

@@ -29,9 +29,11 @@ struct TrainCommandOptions {
 };
 
 std::atomic<bool> g_interrupt{false};
+std::atomic<int> g_signal{0};
 
-void OnInterrupt(int) {
-  if (g_interrupt.exchange(true)) std::_Exit(130);  // a second Ctrl-C quits at once
+void OnInterrupt(int signal) {
+  g_signal.store(signal);
+  if (g_interrupt.exchange(true)) std::_Exit(128 + signal);  // a second one quits at once
 }
 
 int RunTrain(const TrainCommandOptions& opt) {
@@ -59,7 +61,7 @@ int RunTrain(const TrainCommandOptions& opt) {
   if (tty) std::fprintf(stderr, "\n");
   if (!summary.ok()) {
     std::fprintf(stderr, "train: %s\n", std::string(summary.status().message()).c_str());
-    return summary.status().code() == absl::StatusCode::kCancelled ? 130 : 1;
+    return summary.status().code() == absl::StatusCode::kCancelled ? 128 + g_signal.load() : 1;
   }
   std::printf("%s: %lld steps in %.1f s on %s; val loss %.4f", summary->task.c_str(),
               static_cast<long long>(summary->steps), summary->wall_seconds,

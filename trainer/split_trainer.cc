@@ -128,10 +128,10 @@ class DeltaCache {
     std::vector<at::Tensor> values;
     for (const auto& [id, t] : m_) {
       ids.push_back(id);
-      values.push_back(t);
+      values.push_back(t.cpu());  // one entry at a time: no second copy of the cache on a GPU
     }
     archive.write(key + ".ids", at::tensor(ids, at::kLong));
-    if (!values.empty()) archive.write(key + ".values", at::stack(values).cpu());
+    if (!values.empty()) archive.write(key + ".values", at::stack(values));
   }
   void Load(torch::serialize::InputArchive& archive, const std::string& key,
             const at::Device& device) {
@@ -286,6 +286,7 @@ class Boundary {
   const DeltaCache& sender_cache() const { return sender_cache_; }
   const DeltaCache& receiver_cache() const { return receiver_cache_; }
   double max_budget_excess() const { return max_excess_; }
+  void set_max_budget_excess(double v) { max_excess_ = v; }
 
   // The activation across the wire. `ids` (AQ-SGD) names the batch's samples; `train` false:
   // validation (its own link, no caches).
@@ -394,6 +395,16 @@ class Boundary {
   double max_excess_ = -1e9;
 };
 
+// Reads the loss (a device sync) and refuses a non-finite one before anything backpropagates
+// or steps, so the weights stay finite and the error names the cause.
+absl::Status CheckLoss(const at::Tensor& loss, int64_t step, StepStats* stats) {
+  stats->loss = loss.item<double>();
+  if (std::isfinite(stats->loss)) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat("step ", step, ": the loss is ", stats->loss,
+                   " (diverged; try a lower optim.lr or a higher quant.activations.bits.min)"));
+}
+
 // Backpropagates `outputs` with `grads`, adding each defined regulariser with gradient 1.
 void BackwardWithRegularizer(at::Tensor output, at::Tensor grad, const at::Tensor& reg) {
   std::vector<at::Tensor> outputs{std::move(output)}, grads{std::move(grad)};
@@ -446,10 +457,22 @@ std::vector<std::pair<const char*, int64_t>> ShapeFields(const RunConfig& c) {
           {"quant.weights.bits", c.weight_bits},
           {"quant.weights.input_bits", c.input_bits}};
 }
+int64_t TargetMask(const std::vector<std::string>& targets) {
+  int64_t mask = 0;
+  const char* names[] = {"qkv", "proj", "fc1", "fc2"};
+  for (int i = 0; i < 4; ++i) {
+    if (std::find(targets.begin(), targets.end(), names[i]) != targets.end()) mask |= 1 << i;
+  }
+  return mask;
+}
+
+constexpr int kStateLoraRank = 2;  // index of lora.rank in StateFields
 std::vector<std::pair<const char*, int64_t>> StateFields(const RunConfig& c) {
   return {{"model.split_after", c.split_after},
           {"model.u_shaped", c.u_shaped},
           {"lora.rank", c.lora_rank},
+          {"lora.alpha (x1000)", static_cast<int64_t>(std::llround(c.lora_alpha * 1000))},
+          {"lora.targets", TargetMask(c.lora_targets)},
           {"quant.activations.mode", static_cast<int64_t>(c.activations.mode)},
           {"quant.activations.bits.min", c.activations.bits.min},
           {"quant.activations.bits.max", c.activations.bits.max}};
@@ -497,7 +520,7 @@ struct SplitTrainer::Impl {
   std::unique_ptr<torch::optim::AdamW> client_opt, server_opt;
   int64_t step = 0;
   int64_t bytes_up = 0, bytes_down = 0, bytes_fp32 = 0;
-  int64_t boundary_bytes = 0;
+  int64_t boundary_bytes = 0, boundary2_bytes = 0;
 
   absl::Status LoadModel(torch::serialize::InputArchive& archive, const std::string& path) {
     const auto blocks = Blocks(model);
@@ -527,7 +550,7 @@ SplitTrainer::SplitTrainer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) 
 SplitTrainer::~SplitTrainer() = default;
 
 absl::StatusOr<std::unique_ptr<SplitTrainer>> SplitTrainer::Create(
-    const RunConfig& c, const std::string& init_checkpoint) {
+    const RunConfig& c, const std::string& init_checkpoint, bool for_resume) {
   if (c.activations.granularity != kernels::Granularity::kChannel &&
       c.activations.mode != WireMode::kFloat32) {
     return absl::UnimplementedError(
@@ -538,7 +561,7 @@ absl::StatusOr<std::unique_ptr<SplitTrainer>> SplitTrainer::Create(
         "quant.activations.scale: minmax with mode amaq is not supported yet (use learned, or "
         "mode uniform for min-max ranges)");
   }
-  if (c.lora_rank > 0 && init_checkpoint.empty()) {
+  if (c.lora_rank > 0 && init_checkpoint.empty() && !for_resume) {
     return absl::InvalidArgumentError(
         "lora.rank: a LoRA run fine-tunes a pretrained base; name its checkpoint with --init");
   }
@@ -576,7 +599,7 @@ absl::StatusOr<std::unique_ptr<SplitTrainer>> SplitTrainer::Create(
     if (!init_checkpoint.empty()) {
       torch::serialize::InputArchive archive;
       try {
-        archive.load_from(init_checkpoint);
+        archive.load_from(init_checkpoint, at::kCPU);  // the model moves to its device below
       } catch (const c10::Error& e) {
         return absl::NotFoundError(
             absl::StrCat("--init ", init_checkpoint,
@@ -588,6 +611,13 @@ absl::StatusOr<std::unique_ptr<SplitTrainer>> SplitTrainer::Create(
             absl::StrCat(init_checkpoint, ": not a splitq checkpoint"));
       }
       SPLITQ_RETURN_IF_ERROR(CheckFields(init_checkpoint, ShapeFields(c), shape));
+      at::Tensor state;
+      if (archive.try_read("state", state) && state.numel() > kStateLoraRank &&
+          state.data_ptr<int64_t>()[kStateLoraRank] > 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            init_checkpoint,
+            ": a LoRA run's checkpoint; --init takes a base model (its adapters would be lost)"));
+      }
       SPLITQ_RETURN_IF_ERROR(impl->LoadModel(archive, init_checkpoint));
     }
     if (c.lora_rank > 0) {
@@ -597,25 +627,30 @@ absl::StatusOr<std::unique_ptr<SplitTrainer>> SplitTrainer::Create(
   } catch (const c10::Error& e) {
     return absl::InvalidArgumentError(e.what_without_backtrace());
   }
-  const int axis = model.boundary_channel_axis;
-  const int64_t channels1 = c.task == Task::kLanguageModel
-                                ? c.width
-                                : std::array<int64_t, 3>{32, 64, 128}[c.split_after - 1];
-  impl->boundaries.push_back(
-      std::make_unique<Boundary>(impl->c, 0, axis, channels1, &impl->bytes_up, &impl->bytes_down));
-  if (c.u_shaped) {
-    const int64_t channels2 = c.task == Task::kLanguageModel ? c.width : 128;
-    impl->boundaries.push_back(std::make_unique<Boundary>(impl->c, 1, axis, channels2,
-                                                          &impl->bytes_down, &impl->bytes_up));
-  }
-  for (auto& b : impl->boundaries) b->amaq()->to(impl->device);
+  try {
+    const int axis = model.boundary_channel_axis;
+    const int64_t channels1 = c.task == Task::kLanguageModel
+                                  ? c.width
+                                  : std::array<int64_t, 3>{32, 64, 128}[c.split_after - 1];
+    impl->boundaries.push_back(std::make_unique<Boundary>(impl->c, 0, axis, channels1,
+                                                          &impl->bytes_up, &impl->bytes_down));
+    if (c.u_shaped) {
+      const int64_t channels2 = c.task == Task::kLanguageModel ? c.width : 128;
+      impl->boundaries.push_back(std::make_unique<Boundary>(impl->c, 1, axis, channels2,
+                                                            &impl->bytes_down, &impl->bytes_up));
+    }
+    for (auto& b : impl->boundaries) b->amaq()->to(impl->device);
 
-  std::vector<at::Tensor> client_params = model.client->parameters();
-  for (const at::Tensor& p : model.head->parameters()) client_params.push_back(p);
-  impl->client_opt = MakeOptimizer(c, client_params, impl->boundaries[0]->amaq()->parameters());
-  impl->server_opt = MakeOptimizer(
-      c, model.server->parameters(),
-      c.u_shaped ? impl->boundaries[1]->amaq()->parameters() : std::vector<at::Tensor>{});
+    std::vector<at::Tensor> client_params = model.client->parameters();
+    for (const at::Tensor& p : model.head->parameters()) client_params.push_back(p);
+    impl->client_opt = MakeOptimizer(c, client_params, impl->boundaries[0]->amaq()->parameters());
+    impl->server_opt = MakeOptimizer(
+        c, model.server->parameters(),
+        c.u_shaped ? impl->boundaries[1]->amaq()->parameters() : std::vector<at::Tensor>{});
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("setting up the boundaries and optimizers: ", e.what_without_backtrace()));
+  }
   return std::unique_ptr<SplitTrainer>(new SplitTrainer(std::move(impl)));
 }
 
@@ -624,16 +659,16 @@ absl::StatusOr<StepStats> SplitTrainer::Step() {
   const RunConfig& c = s.c;
   const int64_t step = s.step;
   const auto start = Clock::now();
-  for (auto* opt : {s.client_opt.get(), s.server_opt.get()}) {
-    SetLr(*opt, 0, LearningRateAt(c, step, c.lr));
-    SetLr(*opt, 1, LearningRateAt(c, step, c.activations.gate_lr));
-    opt->zero_grad();
-  }
-  const Batch batch = s.data.Train(step);
-  const at::Tensor inputs = batch.inputs.to(s.device), targets = batch.targets.to(s.device);
   const bool autocast = c.bf16_autocast;
   StepStats stats;
   try {
+    for (auto* opt : {s.client_opt.get(), s.server_opt.get()}) {
+      SetLr(*opt, 0, LearningRateAt(c, step, c.lr));
+      SetLr(*opt, 1, LearningRateAt(c, step, c.activations.gate_lr));
+      opt->zero_grad();
+    }
+    const Batch batch = s.data.Train(step);
+    const at::Tensor inputs = batch.inputs.to(s.device), targets = batch.targets.to(s.device);
     Boundary& b1 = *s.boundaries[0];
     at::Tensor h1;
     {
@@ -651,6 +686,7 @@ absl::StatusOr<StepStats> SplitTrainer::Step() {
         AutocastScope scope(autocast);
         loss = TaskLoss(s.model.server->forward(server_in), targets);
       }
+      SPLITQ_RETURN_IF_ERROR(CheckLoss(loss, step, &stats));
       loss.backward();
     } else {
       Boundary& b2 = *s.boundaries[1];
@@ -667,11 +703,13 @@ absl::StatusOr<StepStats> SplitTrainer::Step() {
         AutocastScope scope(autocast);
         loss = TaskLoss(s.model.head->forward(head_in), targets);
       }
+      SPLITQ_RETURN_IF_ERROR(CheckLoss(loss, step, &stats));
       loss.backward();
       SPLITQ_ASSIGN_OR_RETURN(auto g2, b2.Backward(head_in.grad(), step));
       grad_bits_sum += g2.second * static_cast<double>(h2.numel());
       grad_elements += static_cast<double>(h2.numel());
       s.bytes_fp32 += 8 * h2.numel();
+      s.boundary2_bytes = 4 * h2.numel();
       BackwardWithRegularizer(down.sender_side, g2.first, b2.Regularizer(step));
     }
     SPLITQ_ASSIGN_OR_RETURN(auto g1, b1.Backward(server_in.grad(), step));
@@ -686,10 +724,6 @@ absl::StatusOr<StepStats> SplitTrainer::Step() {
     }
     s.client_opt->step();
     s.server_opt->step();
-    stats.loss = loss.item<double>();
-    if (!std::isfinite(stats.loss)) {
-      return absl::InternalError(absl::StrCat("step ", step, ": the loss is ", stats.loss));
-    }
     stats.act_bits = act_bits_sum / act_elements;
     stats.grad_bits = grad_bits_sum / grad_elements;
     s.bytes_fp32 += 8 * h1.numel();
@@ -809,6 +843,10 @@ absl::Status SplitTrainer::LoadCheckpoint(const std::string& path,
       torch::serialize::InputArchive boundary;
       archive.read(absl::StrCat("boundary.", b), boundary);
       s.boundaries[b]->amaq()->load(boundary);
+      at::Tensor excess;
+      if (archive.try_read(absl::StrCat("boundary.", b, ".excess"), excess)) {
+        s.boundaries[b]->set_max_budget_excess(excess.cpu().item<double>());
+      }
       s.boundaries[b]->sender_cache().Load(archive, absl::StrCat("aqsgd.", b, ".sender"), s.device);
       s.boundaries[b]->receiver_cache().Load(archive, absl::StrCat("aqsgd.", b, ".receiver"),
                                              s.device);
@@ -876,6 +914,10 @@ ClientMemory SplitTrainer::client_memory() const {
   add(*s.boundaries[0]->amaq());
   m.boundary_tensor = s.boundary_bytes;
   m.aqsgd_cache = s.boundaries[0]->sender_cache().bytes();
+  if (s.boundaries.size() > 1) {  // U-shaped: the client also receives boundary 2
+    m.boundary_tensor += s.boundary2_bytes;
+    m.aqsgd_cache += s.boundaries[1]->receiver_cache().bytes();
+  }
   return m;
 }
 

@@ -64,6 +64,9 @@ struct EvalStats {
   double bits_per_byte = -1;  // language model (loss / ln 2); -1 otherwise
 };
 
+// Labels are not counted in the byte totals: in the plain layout they travel with the
+// activation frame, one byte per target here (both tasks have at most 256 classes): 64 bytes a
+// step for Fashion-MNIST, 4096 for the language-model configs (0.5% of a 4-bit frame).
 struct WireTotals {
   int64_t bytes_up = 0;               // client -> server, frames as serialized, over the whole run
   int64_t bytes_down = 0;             // server -> client
@@ -88,13 +91,16 @@ class SplitTrainer {
  public:
   // Builds data, model, boundaries and optimizers. `init_checkpoint` (--init): a checkpoint
   // (of any run of the same task and model shape, at any split point) whose model weights
-  // become the base before LoRA is applied; a LoRA run (lora.rank > 0) requires one.
+  // become the base before LoRA is applied; a LoRA run (lora.rank > 0) requires one, and the
+  // checkpoint of a LoRA run is refused (its adapters would be dropped).
   // Errors: a missing data set (NOT_FOUND naming its Debian package), device cuda without a
   // GPU (FAILED_PRECONDITION), a checkpoint that does not match the model (FAILED_PRECONDITION
   // naming the field), bf16_autocast on the CPU (INVALID_ARGUMENT), granularity other than
   // channel with a quantized boundary (UNIMPLEMENTED).
+  // `for_resume`: LoadCheckpoint follows (it holds the whole model, so a LoRA run needs no
+  // --init then).
   static absl::StatusOr<std::unique_ptr<SplitTrainer>> Create(
-      const RunConfig& config, const std::string& init_checkpoint = "");
+      const RunConfig& config, const std::string& init_checkpoint = "", bool for_resume = false);
   ~SplitTrainer();
 
   // Trains on batch step() and advances step(). A frame over the budget, a non-finite loss
@@ -109,8 +115,10 @@ class SplitTrainer {
   // caller's own counters, e.g. partial metric windows) and returned by LoadCheckpoint.
   absl::Status SaveCheckpoint(const std::string& path,
                               const std::vector<double>& driver_state = {}) const;
-  // Restores a state written by SaveCheckpoint of a run with the same model, boundary mode
-  // and LoRA settings (FAILED_PRECONDITION naming the first field that differs).
+  // Restores a state written by SaveCheckpoint of a run with the same model, split point,
+  // boundary mode, bit range and LoRA settings (FAILED_PRECONDITION naming the first field
+  // that differs). Optimizer hyper-parameters come back from the checkpoint (the learning
+  // rate is set again every step).
   absl::Status LoadCheckpoint(const std::string& path, std::vector<double>* driver_state = nullptr);
 
   int64_t step() const;

@@ -31,9 +31,15 @@ absl::Status TruncateJsonl(const fs::path& path, int64_t last_step) {
     }
   }
   in.close();
-  std::ofstream out(path, std::ios::trunc);
-  out << kept;
-  if (!out) return absl::InternalError(absl::StrCat(path.string(), ": cannot rewrite"));
+  const fs::path temp = path.string() + ".tmp";
+  {
+    std::ofstream out(temp, std::ios::trunc);
+    out << kept;
+    if (!out) return absl::InternalError(absl::StrCat(temp.string(), ": cannot write"));
+  }
+  std::error_code ec;
+  fs::rename(temp, path, ec);  // a crash here leaves the old file whole
+  if (ec) return absl::InternalError(absl::StrCat(path.string(), ": ", ec.message()));
   return absl::OkStatus();
 }
 
@@ -65,7 +71,8 @@ absl::StatusOr<TrainSummary> Train(const RunConfig& c, const TrainOptions& optio
   const fs::path dir(options.out_dir);
   const fs::path checkpoint = dir / "checkpoint.pt";
 
-  SPLITQ_ASSIGN_OR_RETURN(auto trainer, SplitTrainer::Create(c, options.init_checkpoint));
+  SPLITQ_ASSIGN_OR_RETURN(auto trainer,
+                          SplitTrainer::Create(c, options.init_checkpoint, options.resume));
   Window w;
   if (options.resume) {
     std::vector<double> driver;
@@ -149,7 +156,7 @@ absl::StatusOr<TrainSummary> Train(const RunConfig& c, const TrainOptions& optio
 
   TrainSummary summary;
   summary.task = c.task == Task::kFashionMnist ? "fmnist" : "lm";
-  summary.steps = c.steps;
+  summary.steps = trainer->step();
   summary.val_loss = eval.loss;
   summary.val_accuracy = eval.accuracy;
   summary.val_bits_per_byte = eval.bits_per_byte;

@@ -218,6 +218,7 @@ void ExpectResumeIsBitIdentical(const RunConfig& c, const std::string& name) {
   EXPECT_EQ(a, b);
   EXPECT_EQ(whole.val_loss, resumed->val_loss);  // bit for bit
   EXPECT_EQ(whole.avg_act_bits, resumed->avg_act_bits);
+  EXPECT_EQ(whole.max_budget_excess, resumed->max_budget_excess);
 }
 
 TEST_F(FashionMnistSmoke, ResumeGivesTheSameCurveBitForBit) {
@@ -257,6 +258,14 @@ TEST(TrainLoop, LoraFineTuneStartsFromTheInitCheckpointAndTrainsOnlyAdapters) {
   ASSERT_TRUE(tuned.ok()) << tuned.status();
   // It starts where the base ended, far below a fresh model's first loss.
   EXPECT_LT(tuned->first_loss, 0.8 * base.first_loss);
+  // A LoRA run's checkpoint is not a base: its adapters would be dropped.
+  TrainOptions from_lora = Options("lora_again");
+  from_lora.init_checkpoint = (std::filesystem::path(OutDir("lora")) / "checkpoint.pt").string();
+  EXPECT_EQ(Train(lora, from_lora).status().code(), absl::StatusCode::kFailedPrecondition);
+  // Resuming a LoRA run needs no --init: the checkpoint holds the whole model.
+  TrainOptions resume = Options("lora");
+  resume.resume = true;
+  EXPECT_TRUE(Train(lora, resume).ok());
 
   // The base weights are unchanged; the adapters moved.
   auto load = [](const std::string& path, bool with_lora) {
