@@ -22,6 +22,9 @@ void RegisterTrain(CLI::App& app, RunFn* run);
 // `splitq data export DIR`: the data sets, for hosts without their Debian packages.
 void RegisterData(CLI::App& app, RunFn* run);
 
+// `splitq certs --out DIR`: a CA plus server and client certificates (server/tls_certs.h).
+void RegisterCerts(CLI::App& app, RunFn* run);
+
 // `splitq config check|reference`: validate run configs; list every key.
 void RegisterConfig(CLI::App& app, RunFn* run);
 

@@ -35,6 +35,7 @@ int main(int argc, char** argv) {
   splitq::cli::RegisterBenchStep(*bench, &run);
   splitq::cli::RegisterConfig(app, &run);
   splitq::cli::RegisterData(app, &run);
+  splitq::cli::RegisterCerts(app, &run);
 
   CLI11_PARSE(app, argc, argv);
   if (!run) {

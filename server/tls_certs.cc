@@ -1,0 +1,181 @@
+#include "server/tls_certs.h"
+
+#include <fcntl.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace splitq::server {
+namespace {
+
+struct KeyFree {
+  void operator()(EVP_PKEY* k) const { EVP_PKEY_free(k); }
+};
+struct CertFree {
+  void operator()(X509* c) const { X509_free(c); }
+};
+using Key = std::unique_ptr<EVP_PKEY, KeyFree>;
+using Cert = std::unique_ptr<X509, CertFree>;
+
+absl::Status OpenSslError(const std::string& what) {
+  char buffer[256] = "no detail";
+  const unsigned long code = ERR_get_error();
+  if (code != 0) ERR_error_string_n(code, buffer, sizeof(buffer));
+  ERR_clear_error();
+  return absl::InternalError(absl::StrCat(what, ": ", buffer));
+}
+
+bool IsIpLiteral(const std::string& host) {
+  ASN1_OCTET_STRING* ip = a2i_IPADDRESS(host.c_str());
+  if (ip == nullptr) {
+    ERR_clear_error();
+    return false;
+  }
+  ASN1_OCTET_STRING_free(ip);
+  return true;
+}
+
+absl::Status AddExtension(X509* cert, X509* issuer, int nid, const std::string& value) {
+  X509V3_CTX ctx;
+  X509V3_set_ctx_nodb(&ctx);
+  X509V3_set_ctx(&ctx, issuer, cert, nullptr, nullptr, 0);
+  X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &ctx, nid, value.c_str());
+  if (ext == nullptr) return OpenSslError(absl::StrCat("extension ", OBJ_nid2sn(nid)));
+  const int ok = X509_add_ext(cert, ext, -1);
+  X509_EXTENSION_free(ext);
+  return ok == 1 ? absl::OkStatus() : OpenSslError("X509_add_ext");
+}
+
+struct Made {
+  Key key;
+  Cert cert;
+};
+
+// A certificate for `common_name`, signed by (issuer, issuer_key), or self-signed when
+// issuer is null. `extensions`: (nid, value) pairs.
+absl::Status MakeCert(const std::string& common_name, const CertificateOptions& options,
+                      X509* issuer, EVP_PKEY* issuer_key,
+                      const std::vector<std::pair<int, std::string>>& extensions, Made* out) {
+  out->key.reset(EVP_EC_gen("P-256"));
+  if (!out->key) return OpenSslError("EC key generation");
+  out->cert.reset(X509_new());
+  X509* cert = out->cert.get();
+  if (cert == nullptr || X509_set_version(cert, 2) != 1) return OpenSslError("X509_new");
+  unsigned char serial[16];
+  if (RAND_bytes(serial, sizeof(serial)) != 1) return OpenSslError("RAND_bytes");
+  serial[0] &= 0x7f;  // positive
+  BIGNUM* bn = BN_bin2bn(serial, sizeof(serial), nullptr);
+  const bool serial_ok = bn != nullptr && BN_to_ASN1_INTEGER(bn, X509_get_serialNumber(cert));
+  BN_free(bn);
+  if (!serial_ok) return OpenSslError("serial number");
+  X509_gmtime_adj(X509_getm_notBefore(cert), -3600);
+  X509_gmtime_adj(X509_getm_notAfter(cert), static_cast<long>(options.days) * 86400L);
+  X509_NAME* name = X509_get_subject_name(cert);
+  X509_NAME_add_entry_by_txt(name, "O", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>(options.organization.c_str()),
+                             -1, -1, 0);
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>(common_name.c_str()), -1, -1,
+                             0);
+  X509_set_issuer_name(cert, issuer != nullptr ? X509_get_subject_name(issuer) : name);
+  if (X509_set_pubkey(cert, out->key.get()) != 1) return OpenSslError("X509_set_pubkey");
+  X509* signer = issuer != nullptr ? issuer : cert;
+  for (const auto& [nid, value] : extensions) {
+    if (auto status = AddExtension(cert, signer, nid, value); !status.ok()) return status;
+  }
+  EVP_PKEY* signing_key = issuer_key != nullptr ? issuer_key : out->key.get();
+  if (X509_sign(cert, signing_key, EVP_sha256()) == 0) return OpenSslError("X509_sign");
+  return absl::OkStatus();
+}
+
+// Writes `pem` (a callback that writes into a FILE*) to path via a temporary file.
+template <typename Write>
+absl::Status WritePem(const std::filesystem::path& path, mode_t mode, Write write) {
+  const std::string temp = path.string() + ".tmp";
+  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, mode);
+  if (fd < 0) return absl::InternalError(absl::StrCat(temp, ": cannot create"));
+  ::fchmod(fd, mode);  // the umask may have narrowed it; never widen keys beyond mode
+  FILE* f = ::fdopen(fd, "w");
+  if (f == nullptr) {
+    ::close(fd);
+    return absl::InternalError(absl::StrCat(temp, ": fdopen failed"));
+  }
+  const bool ok = write(f) == 1;
+  if (std::fclose(f) != 0 || !ok) return OpenSslError(absl::StrCat(temp, ": write failed"));
+  std::error_code ec;
+  std::filesystem::rename(temp, path, ec);
+  if (ec) return absl::InternalError(absl::StrCat(path.string(), ": ", ec.message()));
+  return absl::OkStatus();
+}
+
+absl::Status Save(const std::filesystem::path& dir, const std::string& stem, const Made& made) {
+  EVP_PKEY* key = made.key.get();
+  X509* cert = made.cert.get();
+  if (auto s = WritePem(dir / (stem + ".key"), 0600,
+                        [key](FILE* f) {
+                          return PEM_write_PrivateKey(f, key, nullptr, nullptr, 0, nullptr,
+                                                      nullptr);
+                        });
+      !s.ok()) {
+    return s;
+  }
+  return WritePem(dir / (stem + ".crt"), 0644, [cert](FILE* f) { return PEM_write_X509(f, cert); });
+}
+
+}  // namespace
+
+absl::Status MakeCertificates(const std::string& dir, const CertificateOptions& options) {
+  if (options.days < 1 || options.days > 36500) {
+    return absl::InvalidArgumentError(absl::StrCat("days: ", options.days, " is outside 1..36500"));
+  }
+  std::vector<std::string> names{"DNS:localhost", "IP:127.0.0.1", "IP:::1"};
+  for (const std::string& host : options.hosts) {
+    if (host.empty()) return absl::InvalidArgumentError("hosts: an empty host name");
+    names.push_back(absl::StrCat(IsIpLiteral(host) ? "IP:" : "DNS:", host));
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat(dir, ": ", ec.message()));
+
+  Made ca, server, client;
+  absl::Status s = MakeCert("splitq CA", options, nullptr, nullptr,
+                            {{NID_basic_constraints, "critical,CA:TRUE,pathlen:0"},
+                             {NID_key_usage, "critical,keyCertSign,cRLSign"},
+                             {NID_subject_key_identifier, "hash"}},
+                            &ca);
+  if (!s.ok()) return s;
+  s = MakeCert("splitq server", options, ca.cert.get(), ca.key.get(),
+               {{NID_basic_constraints, "critical,CA:FALSE"},
+                {NID_key_usage, "critical,digitalSignature,keyAgreement"},
+                {NID_ext_key_usage, "serverAuth"},
+                {NID_subject_alt_name, absl::StrJoin(names, ",")},
+                {NID_authority_key_identifier, "keyid"}},
+               &server);
+  if (!s.ok()) return s;
+  s = MakeCert("splitq client", options, ca.cert.get(), ca.key.get(),
+               {{NID_basic_constraints, "critical,CA:FALSE"},
+                {NID_key_usage, "critical,digitalSignature,keyAgreement"},
+                {NID_ext_key_usage, "clientAuth"},
+                {NID_authority_key_identifier, "keyid"}},
+               &client);
+  if (!s.ok()) return s;
+  for (const auto& [stem, made] :
+       {std::pair<const char*, const Made*>{"ca", &ca}, {"server", &server}, {"client", &client}}) {
+    if (auto saved = Save(dir, stem, *made); !saved.ok()) return saved;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace splitq::server
