@@ -37,6 +37,7 @@ double Median(std::vector<double> v) {
 }
 
 int RunBenchStep(const BenchStepOptions& opt) {
+  WarnIfReferenceBlas();
   auto config = trainer::LoadRunConfig(opt.config_path, opt.overrides);
   if (!config.ok()) {
     std::fprintf(stderr, "config error: %s\n", std::string(config.status().message()).c_str());

@@ -10,6 +10,10 @@ namespace splitq::cli {
 
 using RunFn = std::function<int()>;
 
+// Warns (once, on stderr) when libtorch runs on the reference (netlib) BLAS, Debian's default
+// libblas3: CPU training is then ~10x slower than with OpenBLAS (scripts/deps.list).
+void WarnIfReferenceBlas();
+
 // `splitq bench kernels`: our kernels against PyTorch's ops and a copy (docs/benchmarks.md).
 void RegisterBenchKernels(CLI::App& bench, RunFn* run);
 

@@ -4,6 +4,8 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <fstream>
+#include <string>
 
 #include "cli/commands.h"
 
@@ -20,6 +22,26 @@ void KeepLargeAllocationsInTheHeap() {
 }
 
 }  // namespace
+
+namespace splitq::cli {
+
+void WarnIfReferenceBlas() {
+  std::ifstream maps("/proc/self/maps");
+  for (std::string line; std::getline(maps, line);) {
+    // Debian's alternatives: .../blas/libblas.so.3 is netlib; OpenBLAS lives under
+    // .../openblas-<flavour>/.
+    const size_t at = line.find("/blas/libblas.so");
+    if (at == std::string::npos) continue;
+    spdlog::warn(
+        "libtorch is running on the reference BLAS ({}): CPU training is about 10x slower than "
+        "with OpenBLAS. Install it: scripts/install-deps.sh, or apt-get install "
+        "libopenblas0-openmp",
+        line.substr(line.find('/')));
+    return;
+  }
+}
+
+}  // namespace splitq::cli
 
 int main(int argc, char** argv) {
   KeepLargeAllocationsInTheHeap();

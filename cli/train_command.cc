@@ -37,6 +37,7 @@ void OnInterrupt(int signal) {
 }
 
 int RunTrain(const TrainCommandOptions& opt) {
+  WarnIfReferenceBlas();
   auto config = trainer::LoadRunConfig(opt.config_path, opt.overrides);
   if (!config.ok()) {
     std::fprintf(stderr, "config error: %s\n", std::string(config.status().message()).c_str());
