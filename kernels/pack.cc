@@ -54,6 +54,27 @@ int BitsOf(const QuantParams& p, int64_t g) {
   return p.bits != nullptr ? p.bits[g] : p.uniform_bits;
 }
 
+// The position in x of code m, m+1, ... of group g in a [outer, groups, inner] layout:
+// x[(o * groups + g) * inner + i] with m = o * inner + i, advanced without dividing.
+class ElementWalker {
+ public:
+  ElementWalker(int64_t m, int64_t inner, int64_t groups, int64_t g)
+      : inner_(inner),
+        stride_(groups * inner),
+        i_(m % inner),
+        base_((m / inner) * groups * inner + g * inner) {}
+  int64_t index() const { return base_ + i_; }
+  void Next() {
+    if (++i_ == inner_) {
+      i_ = 0;
+      base_ += stride_;
+    }
+  }
+
+ private:
+  int64_t inner_, stride_, i_, base_;
+};
+
 template <DType D>
 void PackCpu(const ExecContext& ctx, const GroupLayout& layout, const QuantParams& p,
              const GroupTable& t, const RoundingSpec& rounding, const void* x_raw,
@@ -123,13 +144,15 @@ void PackCpu(const ExecContext& ctx, const GroupLayout& layout, const QuantParam
     const detail::GroupQuant q = t.at(g);
     const int k = BitsOf(p, g);
     UniformStream uniform(rounding.seed, rounding.step);
+    // Code m of group g is x[((m / inner) * groups + g) * inner + m % inner]: walk (o, i)
+    // incrementally, as a division per element costs more than the rest of the work.
+    ElementWalker walk(m_begin, inner, groups, g);
     for (int64_t m0 = m_begin; m0 < m_end; m0 += 8) {
       const int64_t n = std::min<int64_t>(8, m_end - m0);
       uint64_t word = 0;
-      for (int64_t r = 0; r < n; ++r) {
+      for (int64_t r = 0; r < n; ++r, walk.Next()) {
         const int64_t m = m0 + r;
-        const int64_t index = ((m / inner) * groups + g) * inner + m % inner;
-        const float value = E::Load(x[index]);
+        const float value = E::Load(x[walk.index()]);
         const uint32_t code =
             stochastic ? detail::StochasticCode(
                              value, q, uniform.At(static_cast<uint64_t>(g * codes_per_group + m)))
@@ -191,13 +214,12 @@ void UnpackCpu(const ExecContext& ctx, const GroupLayout& layout, const QuantPar
     const detail::GroupQuant q = t.at(g);
     const int k = BitsOf(p, g);
     const uint64_t mask = (uint64_t{1} << k) - 1;
+    ElementWalker walk(m_begin, inner, groups, g);
     for (int64_t m0 = m_begin; m0 < m_end; m0 += 8) {
       const int64_t n = std::min<int64_t>(8, m_end - m0);
       const uint64_t word = LoadBytes(packed + offsets[g] + (m0 / 8) * k, (n * k + 7) / 8);
-      for (int64_t r = 0; r < n; ++r) {
-        const int64_t m = m0 + r;
-        const int64_t index = ((m / inner) * groups + g) * inner + m % inner;
-        y[index] =
+      for (int64_t r = 0; r < n; ++r, walk.Next()) {
+        y[walk.index()] =
             E::Store(detail::DequantCode(static_cast<uint32_t>((word >> (r * k)) & mask), q));
       }
     }

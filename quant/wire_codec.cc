@@ -1,6 +1,7 @@
 #include "quant/wire_codec.h"
 
 #include <cmath>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 
@@ -18,6 +19,42 @@ Grouping GroupingFor(int32_t group_axis) {
 std::vector<float> HostFloats(const at::Tensor& t) {
   const at::Tensor h = t.detach().to(at::kCPU, at::kFloat).contiguous();
   return std::vector<float>(h.data_ptr<float>(), h.data_ptr<float>() + h.numel());
+}
+
+// CPU float32 fast path of the reductions below: one pass over x, no temporaries. Fills
+// lo/hi (or, with max_abs, hi = max |x|) per group; a NaN in a group makes its results NaN,
+// as at::amin/amax do.
+bool GroupMinMaxCpu(const at::Tensor& x, int32_t group_axis, bool max_abs, at::Tensor* lo,
+                    at::Tensor* hi) {
+  if (!x.device().is_cpu() || x.scalar_type() != at::kFloat || !x.is_contiguous()) return false;
+  const kernels::GroupLayout layout = LayoutOf(x, GroupingFor(group_axis));
+  if (layout.per_group() == 0) return false;
+  *lo = at::full({layout.groups}, std::numeric_limits<float>::infinity(), at::kFloat);
+  *hi = at::full({layout.groups}, -std::numeric_limits<float>::infinity(), at::kFloat);
+  float* l = lo->data_ptr<float>();
+  float* h = hi->data_ptr<float>();
+  std::vector<uint8_t> nan(static_cast<size_t>(layout.groups), 0);
+  const float* p = x.data_ptr<float>();
+  for (int64_t o = 0; o < layout.outer; ++o) {
+    for (int64_t g = 0; g < layout.groups; ++g) {
+      const float* row = p + (o * layout.groups + g) * layout.inner;
+      float rl = l[g], rh = h[g];
+      bool bad = false;
+      for (int64_t i = 0; i < layout.inner; ++i) {
+        const float v = max_abs ? std::fabs(row[i]) : row[i];
+        bad |= std::isnan(v);
+        rl = v < rl ? v : rl;
+        rh = v > rh ? v : rh;
+      }
+      l[g] = rl;
+      h[g] = rh;
+      nan[static_cast<size_t>(g)] |= bad;
+    }
+  }
+  for (int64_t g = 0; g < layout.groups; ++g) {
+    if (nan[static_cast<size_t>(g)]) l[g] = h[g] = std::numeric_limits<float>::quiet_NaN();
+  }
+  return true;
 }
 
 // Per-group reduction of x to [groups] float32.
@@ -134,13 +171,21 @@ absl::StatusOr<at::Tensor> WireDecoder::Decode(const Frame& frame, const at::Dev
 }
 
 WireRange MinMaxRange(const at::Tensor& x, int32_t group_axis, const std::vector<uint8_t>& bits) {
+  at::Tensor fast_lo, fast_hi;
+  if (GroupMinMaxCpu(x.detach(), group_axis, false, &fast_lo, &fast_hi)) {
+    return WireRange{((fast_hi - fast_lo) / Levels(bits, x.device())).clamp_min(kMinWireScale),
+                     fast_lo};
+  }
   const at::Tensor lo = GroupReduce(x, group_axis, /*max_abs=*/false, /*want_min=*/true);
   const at::Tensor hi = GroupReduce(x, group_axis, /*max_abs=*/false, /*want_min=*/false);
   return WireRange{((hi - lo) / Levels(bits, x.device())).clamp_min(kMinWireScale), lo};
 }
 
 WireRange MaxAbsRange(const at::Tensor& x, int32_t group_axis, const std::vector<uint8_t>& bits) {
-  const at::Tensor m = GroupReduce(x, group_axis, /*max_abs=*/true, false);
+  at::Tensor unused, fast;
+  const at::Tensor m = GroupMinMaxCpu(x.detach(), group_axis, true, &unused, &fast)
+                           ? fast
+                           : GroupReduce(x, group_axis, /*max_abs=*/true, false);
   return WireRange{(m * 2.0 / Levels(bits, x.device())).clamp_min(kMinWireScale), -m};
 }
 

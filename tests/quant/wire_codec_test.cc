@@ -4,6 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
+
 namespace splitq::quant {
 namespace {
 
@@ -155,6 +158,34 @@ TEST(WireCodec, BFloat16AndPerTensorRoundTrip) {
   EXPECT_EQ(y->scalar_type(), at::kBFloat16);
   EXPECT_EQ(y->sizes(), x.sizes());
   EXPECT_LE((*y - x).abs().max().item<float>(), range.scales[0].item<float>() * 0.51f + 0.02f);
+}
+
+// The one-pass CPU float32 ranges agree exactly with torch's reductions (the path a
+// non-contiguous or bf16 tensor takes), per tensor, channel and last-axis grouping, and a NaN
+// makes its group's range NaN (which the encoder then refuses).
+TEST(WireCodec, FastCpuRangesMatchTorchReductions) {
+  const at::Tensor x = at::randn({5, 7, 3, 4});
+  for (const int32_t axis : {-1, 1, 3}) {
+    const int64_t groups = axis < 0 ? 1 : x.size(axis);
+    const std::vector<uint8_t> bits(static_cast<size_t>(groups), 5);
+    // A transposed copy is not contiguous: it takes the torch path.
+    const at::Tensor slow_x = x.transpose(0, 2).contiguous().transpose(0, 2);
+    ASSERT_FALSE(slow_x.is_contiguous());
+    const WireRange fast = MinMaxRange(x, axis, bits), slow = MinMaxRange(slow_x, axis, bits);
+    EXPECT_TRUE(at::equal(fast.scales, slow.scales)) << axis;
+    EXPECT_TRUE(at::equal(fast.offsets, slow.offsets)) << axis;
+    const WireRange fast_abs = MaxAbsRange(x, axis, bits),
+                    slow_abs = MaxAbsRange(slow_x, axis, bits);
+    EXPECT_TRUE(at::equal(fast_abs.scales, slow_abs.scales)) << axis;
+    EXPECT_TRUE(at::equal(fast_abs.offsets, slow_abs.offsets)) << axis;
+  }
+  at::Tensor with_nan = x.clone();
+  with_nan[2][4][1][0] = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<uint8_t> bits(7, 5);
+  const WireRange range = MinMaxRange(with_nan, 1, bits);
+  EXPECT_TRUE(std::isnan(range.offsets[4].item<float>()));
+  EXPECT_FALSE(std::isnan(range.offsets[3].item<float>()));
+  EXPECT_TRUE(std::isnan(MaxAbsRange(with_nan, 1, bits).scales[4].item<float>()));
 }
 
 }  // namespace
