@@ -29,6 +29,9 @@ void RegisterData(CLI::App& app, RunFn* run);
 // `splitq certs --out DIR`: a CA plus server and client certificates (server/tls_certs.h).
 void RegisterCerts(CLI::App& app, RunFn* run);
 
+// `splitq health HOST:PORT`: the standard gRPC health check (built with the services).
+void RegisterHealth(CLI::App& app, RunFn* run);
+
 // `splitq config check|reference`: validate run configs; list every key.
 void RegisterConfig(CLI::App& app, RunFn* run);
 

@@ -58,6 +58,9 @@ int main(int argc, char** argv) {
   splitq::cli::RegisterConfig(app, &run);
   splitq::cli::RegisterData(app, &run);
   splitq::cli::RegisterCerts(app, &run);
+#if SPLITQ_WITH_SERVICES
+  splitq::cli::RegisterHealth(app, &run);
+#endif
 
   CLI11_PARSE(app, argc, argv);
   if (!run) {

@@ -1,0 +1,42 @@
+// `splitq health HOST:PORT (--tls-dir DIR | --insecure) [--mtls] [--service S]
+// [--timeout-ms N]`: the standard gRPC health check (server/health.h). Prints the status;
+// exits 0 when SERVING, 1 otherwise (usable as a docker compose healthcheck).
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "cli/commands.h"
+#include "server/health.h"
+
+namespace splitq::cli {
+
+void RegisterHealth(CLI::App& app, RunFn* run) {
+  struct Options {
+    std::string target, service;
+    server::TransportSecurity security;
+    int timeout_ms = 2000;
+  };
+  auto opt = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("health", "Ask a splitq server for its gRPC health");
+  cmd->add_option("target", opt->target, "HOST:PORT")->required();
+  cmd->add_option("--tls-dir", opt->security.tls_dir, "Certificates from `splitq certs`");
+  cmd->add_flag("--insecure", opt->security.insecure, "Plaintext (no TLS)");
+  cmd->add_flag("--mtls", opt->security.mutual_tls, "Present client.crt (mutual TLS)");
+  cmd->add_option("--service", opt->service, "Service name (default: the whole server)");
+  cmd->add_option("--timeout-ms", opt->timeout_ms, "Deadline in milliseconds")
+      ->check(CLI::PositiveNumber);
+  cmd->callback([opt, run] {
+    *run = [opt] {
+      auto status = server::CheckHealth(opt->target, opt->security, opt->service, opt->timeout_ms);
+      if (!status.ok()) {
+        std::fprintf(stderr, "health %s: %s\n", opt->target.c_str(),
+                     status.status().ToString().c_str());
+        return 1;
+      }
+      std::printf("%s\n", status->c_str());
+      return *status == "SERVING" ? 0 : 1;
+    };
+  });
+}
+
+}  // namespace splitq::cli
