@@ -29,6 +29,9 @@ void RegisterData(CLI::App& app, RunFn* run);
 // `splitq certs --out DIR`: a CA plus server and client certificates (server/tls_certs.h).
 void RegisterCerts(CLI::App& app, RunFn* run);
 
+// `splitq bench transport`: frames over gRPC against raw TCP (built with the services).
+void RegisterBenchTransport(CLI::App& bench, RunFn* run);
+
 // `splitq health HOST:PORT`: the standard gRPC health check (built with the services).
 void RegisterHealth(CLI::App& app, RunFn* run);
 

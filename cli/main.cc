@@ -55,6 +55,9 @@ int main(int argc, char** argv) {
   bench->require_subcommand(1);
   splitq::cli::RegisterBenchKernels(*bench, &run);
   splitq::cli::RegisterBenchStep(*bench, &run);
+#if SPLITQ_WITH_SERVICES
+  splitq::cli::RegisterBenchTransport(*bench, &run);
+#endif
   splitq::cli::RegisterConfig(app, &run);
   splitq::cli::RegisterData(app, &run);
   splitq::cli::RegisterCerts(app, &run);

@@ -1,7 +1,7 @@
 // server/health.h and server/rpc_channel.h against a real gRPC server on a port the OS picks,
 // on loopback: the health check answers SERVING over plaintext, TLS and mutual TLS; a
 // plaintext client against a TLS server fails cleanly; an unknown service is NOT_FOUND;
-// security options must be explicit.
+// security options must be explicit. Also a smoke run of the transport benchmark.
 #include "server/health.h"
 
 #include <grpcpp/health_check_service_interface.h>
@@ -15,6 +15,7 @@
 #include <string>
 
 #include "server/tls_certs.h"
+#include "server/transport_bench.h"
 #include "splitq/v1/coordinator.grpc.pb.h"
 
 namespace splitq::server {
@@ -113,6 +114,19 @@ TEST(StatusMapping, CodesCrossTheEdgeOneToOne) {
     const absl::Status back = FromGrpcStatus(ToGrpcStatus(absl::Status(code, "m")));
     EXPECT_EQ(back.code(), code);
     EXPECT_EQ(back.message(), "m");
+  }
+}
+
+// The transport benchmark runs end to end on loopback (its speed is printed by
+// `splitq bench transport`, not asserted here).
+TEST(TransportBench, MovesEveryFrameSizeOverBothTransports) {
+  auto results = RunTransportBench(1);
+  ASSERT_TRUE(results.ok()) << results.status();
+  ASSERT_EQ(results->size(), 5u);
+  for (const TransportResult& r : *results) {
+    EXPECT_GE(r.frames, 4);
+    EXPECT_GT(r.grpc_mb_s, 0.0) << r.frame_bytes;
+    EXPECT_GT(r.tcp_mb_s, 0.0) << r.frame_bytes;
   }
 }
 

@@ -1,0 +1,59 @@
+// `splitq bench transport [--json FILE] [--mib N]`: frames over gRPC on loopback against a
+// raw TCP socket moving the same bytes (server/transport_bench.h).
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_format.h"
+#include "cli/commands.h"
+#include "server/transport_bench.h"
+
+namespace splitq::cli {
+
+void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
+  struct Options {
+    std::string json;
+    int mib = 256;
+  };
+  auto opt = std::make_shared<Options>();
+  CLI::App* cmd = bench.add_subcommand(
+      "transport", "Frames over gRPC on loopback against a raw TCP socket, same bytes");
+  cmd->add_option("--json", opt->json, "Also write the results as JSON to this file");
+  cmd->add_option("--mib", opt->mib, "MiB moved per frame size and round (default 256)")
+      ->check(CLI::PositiveNumber);
+  cmd->callback([opt, run] {
+    *run = [opt] {
+      auto results = server::RunTransportBench(opt->mib);
+      if (!results.ok()) {
+        std::fprintf(stderr, "bench transport: %s\n", results.status().ToString().c_str());
+        return 1;
+      }
+      std::printf("%-10s %8s %12s %12s %8s\n", "frame", "frames", "gRPC MB/s", "TCP MB/s", "ratio");
+      std::string json = "{\"results\": [";
+      for (const server::TransportResult& r : *results) {
+        const double ratio = r.grpc_mb_s / r.tcp_mb_s;
+        std::printf("%-10s %8d %12.0f %12.0f %8.3f\n",
+                    absl::StrFormat("%d KiB", r.frame_bytes >> 10).c_str(), r.frames, r.grpc_mb_s,
+                    r.tcp_mb_s, ratio);
+        json += absl::StrFormat(
+            "%s{\"frame_bytes\": %d, \"frames\": %d, \"grpc_mb_s\": %.1f, "
+            "\"tcp_mb_s\": %.1f, \"ratio\": %.4f}",
+            json.back() == '[' ? "" : ", ", r.frame_bytes, r.frames, r.grpc_mb_s, r.tcp_mb_s,
+            ratio);
+      }
+      json += "]}\n";
+      if (!opt->json.empty()) {
+        std::ofstream out(opt->json);
+        out << json;
+        if (!out) {
+          std::fprintf(stderr, "cannot write %s\n", opt->json.c_str());
+          return 1;
+        }
+      }
+      return 0;
+    };
+  });
+}
+
+}  // namespace splitq::cli
