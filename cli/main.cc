@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
   splitq::cli::RegisterCerts(app, &run);
 #if SPLITQ_WITH_SERVICES
   splitq::cli::RegisterHealth(app, &run);
+  splitq::cli::RegisterTokens(app, &run);
 #endif
 
   CLI11_PARSE(app, argc, argv);

@@ -1,0 +1,36 @@
+// `splitq tokens --out DIR ID...`: a bearer token per client (server/tokens.h): DIR/tokens
+// for the coordinator and workers, DIR/ID.token for each client, all mode 0600.
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "server/tokens.h"
+
+namespace splitq::cli {
+
+void RegisterTokens(CLI::App& app, RunFn* run) {
+  struct Options {
+    std::string out;
+    std::vector<std::string> ids;
+  };
+  auto opt = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("tokens", "Make a bearer token for each client id");
+  cmd->add_option("--out", opt->out, "Output folder")->required();
+  cmd->add_option("ids", opt->ids, "Client ids ([A-Za-z0-9._-], 1..64 characters)")->required();
+  cmd->callback([opt, run] {
+    *run = [opt] {
+      const absl::Status status = server::WriteTokens(opt->out, opt->ids);
+      if (!status.ok()) {
+        std::fprintf(stderr, "tokens: %s\n", std::string(status.message()).c_str());
+        return 1;
+      }
+      std::printf("wrote %s/tokens and %zu client token files (mode 0600)\n", opt->out.c_str(),
+                  opt->ids.size());
+      return 0;
+    };
+  });
+}
+
+}  // namespace splitq::cli

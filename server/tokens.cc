@@ -1,0 +1,164 @@
+#include "server/tokens.h"
+
+#include <fcntl.h>
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cctype>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+namespace splitq::server {
+namespace {
+
+bool ValidId(const std::string& id) {
+  if (id.empty() || id.size() > 64) return false;
+  for (const char c : id) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
+      return false;
+    }
+  }
+  return true;
+}
+
+absl::Status WritePrivate(const std::filesystem::path& path, const std::string& text) {
+  const std::string temp = path.string() + ".tmp";
+  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  if (fd < 0) return absl::InternalError(absl::StrCat(temp, ": cannot create"));
+  ::fchmod(fd, 0600);
+  const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  if (::close(fd) != 0 || !ok) return absl::InternalError(absl::StrCat(temp, ": write failed"));
+  std::error_code ec;
+  std::filesystem::rename(temp, path, ec);
+  if (ec) return absl::InternalError(absl::StrCat(path.string(), ": ", ec.message()));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::string& origin) {
+  TokenSet set;
+  std::set<std::string> ids, tokens;
+  int line_number = 0;
+  for (const absl::string_view raw : absl::StrSplit(text, '\n')) {
+    ++line_number;
+    const absl::string_view line = absl::StripAsciiWhitespace(raw);
+    if (line.empty() || line[0] == '#') continue;
+    const std::vector<std::string> fields = absl::StrSplit(line, ' ', absl::SkipEmpty());
+    if (fields.size() != 2) {
+      return absl::InvalidArgumentError(absl::StrCat(origin, ":", line_number,
+                                                     ": expected 'CLIENT_ID TOKEN', got ",
+                                                     fields.size(), " fields"));
+    }
+    if (!ValidId(fields[0])) {
+      return absl::InvalidArgumentError(absl::StrCat(origin, ":", line_number, ": client id '",
+                                                     fields[0],
+                                                     "' is not 1..64 of [A-Za-z0-9._-]"));
+    }
+    if (fields[1].size() < 16) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(origin, ":", line_number, ": the token is shorter than 16 characters"));
+    }
+    if (!ids.insert(fields[0]).second || !tokens.insert(fields[1]).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(origin, ":", line_number, ": duplicate client id or token"));
+    }
+    set.tokens_.emplace_back(fields[0], fields[1]);
+  }
+  return set;
+}
+
+absl::StatusOr<TokenSet> TokenSet::Load(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": no such token file"));
+  std::stringstream text;
+  text << in.rdbuf();
+  return Parse(text.str(), path);
+}
+
+absl::StatusOr<std::string> TokenSet::Authenticate(
+    const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) const {
+  const auto it = metadata.find("authorization");
+  constexpr absl::string_view kPrefix = "Bearer ";
+  if (it == metadata.end() || it->second.size() <= kPrefix.size() ||
+      absl::string_view(it->second.data(), kPrefix.size()) != kPrefix) {
+    return absl::UnauthenticatedError("a bearer token is required");
+  }
+  const absl::string_view presented(it->second.data() + kPrefix.size(),
+                                    it->second.size() - kPrefix.size());
+  const std::string* match = nullptr;
+  for (const auto& [id, token] : tokens_) {
+    // Constant time per candidate, and every candidate is compared.
+    if (token.size() == presented.size() &&
+        CRYPTO_memcmp(token.data(), presented.data(), token.size()) == 0) {
+      match = &id;
+    }
+  }
+  if (match == nullptr) return absl::UnauthenticatedError("the bearer token is not valid");
+  return *match;
+}
+
+absl::StatusOr<std::string> MakeToken() {
+  unsigned char bytes[32];
+  if (RAND_bytes(bytes, sizeof(bytes)) != 1) return absl::InternalError("RAND_bytes failed");
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string token;
+  for (const unsigned char b : bytes) {
+    token.push_back(kHex[b >> 4]);
+    token.push_back(kHex[b & 15]);
+  }
+  return token;
+}
+
+absl::Status WriteTokens(const std::string& dir, const std::vector<std::string>& client_ids) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat(dir, ": ", ec.message()));
+  std::string all = "# splitq bearer tokens: CLIENT_ID TOKEN (keep this file private)\n";
+  std::set<std::string> seen;
+  for (const std::string& id : client_ids) {
+    if (!ValidId(id)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("client id '", id, "' is not 1..64 of [A-Za-z0-9._-]"));
+    }
+    if (!seen.insert(id).second) {
+      return absl::InvalidArgumentError(absl::StrCat("client id '", id, "' appears twice"));
+    }
+  }
+  for (const std::string& id : client_ids) {
+    absl::StatusOr<std::string> token = MakeToken();
+    if (!token.ok()) return token.status();
+    absl::StrAppend(&all, id, " ", *token, "\n");
+    if (absl::Status s = WritePrivate(std::filesystem::path(dir) / (id + ".token"), *token + "\n");
+        !s.ok()) {
+      return s;
+    }
+  }
+  return WritePrivate(std::filesystem::path(dir) / "tokens", all);
+}
+
+absl::StatusOr<std::string> ReadToken(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": no such token file"));
+  std::stringstream text;
+  text << in.rdbuf();
+  const std::string token(absl::StripAsciiWhitespace(text.str()));
+  if (token.size() < 16) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": no token (16+ characters) in it"));
+  }
+  return token;
+}
+
+void AddBearer(grpc::ClientContext& context, const std::string& token) {
+  context.AddMetadata("authorization", "Bearer " + token);
+}
+
+}  // namespace splitq::server

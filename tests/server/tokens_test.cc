@@ -1,0 +1,127 @@
+// server/tokens.h: token files parse strictly, written tokens load back and are private, and
+// a real gRPC service that checks them answers UNAUTHENTICATED for a missing or wrong token
+// and serves the right one, over an OS-picked loopback port.
+#include "server/tokens.h"
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "server/rpc_channel.h"
+#include "splitq/v1/coordinator.grpc.pb.h"
+
+namespace splitq::server {
+namespace {
+
+const std::string kTokenA = "0123456789abcdef0123456789abcdef";
+const std::string kTokenB = "fedcba9876543210fedcba9876543210";
+
+TEST(TokenSet, ParsesAndRefusesBadFiles) {
+  auto set = TokenSet::Parse("# comment\n\nalice " + kTokenA + "\nbob " + kTokenB + "\n", "t");
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(set->size(), 2u);
+  for (const std::string& bad : std::vector<std::string>{
+           "alice\n", "alice " + kTokenA + " extra\n", "al/ice " + kTokenA + "\n", "alice short\n",
+           "alice " + kTokenA + "\nalice " + kTokenB + "\n",
+           "alice " + kTokenA + "\nbob " + kTokenA + "\n"}) {
+    const auto r = TokenSet::Parse(bad, "tokens");
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(r.status().message().find("tokens:"), std::string::npos) << r.status();
+  }
+  EXPECT_EQ(TokenSet::Load("/nonexistent/tokens").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(TokenSet, AuthenticateNamesTheClient) {
+  auto set = TokenSet::Parse("alice " + kTokenA + "\nbob " + kTokenB + "\n", "t");
+  ASSERT_TRUE(set.ok());
+  const std::string good = "Bearer " + kTokenB, wrong = "Bearer " + kTokenB + "x",
+                    basic = "Basic " + kTokenB;
+  std::multimap<grpc::string_ref, grpc::string_ref> metadata;
+  EXPECT_EQ(set->Authenticate(metadata).status().code(), absl::StatusCode::kUnauthenticated);
+  metadata.emplace("authorization", good);
+  ASSERT_TRUE(set->Authenticate(metadata).ok());
+  EXPECT_EQ(*set->Authenticate(metadata), "bob");
+  for (const std::string* v : {&wrong, &basic}) {
+    std::multimap<grpc::string_ref, grpc::string_ref> m;
+    m.emplace("authorization", *v);
+    EXPECT_EQ(set->Authenticate(m).status().code(), absl::StatusCode::kUnauthenticated) << *v;
+  }
+}
+
+TEST(Tokens, WrittenFilesLoadBackAndArePrivate) {
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / ("splitq_tokens_" + std::to_string(getpid())))
+          .string();
+  ASSERT_TRUE(WriteTokens(dir, {"alice", "bob"}).ok());
+  auto set = TokenSet::Load(dir + "/tokens");
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(set->size(), 2u);
+  auto token = ReadToken(dir + "/bob.token");
+  ASSERT_TRUE(token.ok()) << token.status();
+  EXPECT_EQ(token->size(), 64u);
+  const std::string header = "Bearer " + *token;
+  std::multimap<grpc::string_ref, grpc::string_ref> metadata;
+  metadata.emplace("authorization", header);
+  EXPECT_EQ(*set->Authenticate(metadata), "bob");
+  for (const char* name : {"tokens", "alice.token", "bob.token"}) {
+    struct stat st {};
+    ASSERT_EQ(stat((dir + "/" + name).c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0600u) << name;
+  }
+  EXPECT_EQ(WriteTokens(dir, {"a b"}).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(WriteTokens(dir, {"x", "x"}).code(), absl::StatusCode::kInvalidArgument);
+  std::filesystem::remove_all(dir);
+}
+
+// A coordinator whose Status checks the bearer token first.
+class CheckingCoordinator final : public splitq::v1::Coordinator::Service {
+ public:
+  explicit CheckingCoordinator(TokenSet tokens) : tokens_(std::move(tokens)) {}
+  grpc::Status Status(grpc::ServerContext* context, const splitq::v1::StatusRequest*,
+                      splitq::v1::StatusReply* reply) override {
+    auto client = tokens_.Authenticate(context->client_metadata());
+    if (!client.ok()) return ToGrpcStatus(client.status());
+    reply->set_global_step(7);
+    return grpc::Status::OK;
+  }
+
+ private:
+  TokenSet tokens_;
+};
+
+TEST(Tokens, ARealServiceRefusesMissingAndWrongTokens) {
+  auto set = TokenSet::Parse("alice " + kTokenA + "\n", "t");
+  ASSERT_TRUE(set.ok());
+  CheckingCoordinator service(*set);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  auto stub = splitq::v1::Coordinator::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
+  auto call = [&](const std::string* token) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    if (token != nullptr) AddBearer(context, *token);
+    splitq::v1::StatusRequest request;
+    splitq::v1::StatusReply reply;
+    const grpc::Status status = stub->Status(&context, request, &reply);
+    return std::make_pair(status.error_code(), reply.global_step());
+  };
+  EXPECT_EQ(call(nullptr).first, grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(call(&kTokenB).first, grpc::StatusCode::UNAUTHENTICATED);
+  const auto ok = call(&kTokenA);
+  EXPECT_EQ(ok.first, grpc::StatusCode::OK);
+  EXPECT_EQ(ok.second, 7u);
+  server->Shutdown();
+}
+
+}  // namespace
+}  // namespace splitq::server
