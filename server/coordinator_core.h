@@ -1,0 +1,111 @@
+// splitq server: the coordinator's handler logic, behind a plain C++ interface (the gRPC
+// Coordinator service of proto/splitq/v1/coordinator.proto only adapts it). Tests drive it
+// directly with made-up clocks.
+//
+// It keeps the registry of workers and clients:
+// - Register: a worker or client joins under a unique name. A name that is registered and
+//   alive is ALREADY_EXISTS. A dead or departed name may come back; a client keeps its
+//   progress (resume step) across that.
+// - Assign: a client gets the live worker with the fewest clients that has room (ties: the
+//   earlier registration). UNAVAILABLE when none has room. A client assigned already gets its
+//   worker again while that worker lives.
+// - Heartbeat: liveness, and progress (a client's steps completed; its resume step after a
+//   restart). NOT_FOUND for a member that is not registered or was marked dead: it must
+//   register again.
+// - Expire(now): every member silent for longer than heartbeat_deadline is marked dead. A dead
+//   worker's clients lose their assignment (their next Assign moves them to a live worker);
+//   a dead client's slot on its worker is freed.
+// - Leave: a clean goodbye (as dead, without waiting for the deadline).
+// Every method is safe to call from several threads.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace splitq::server {
+
+using Clock = std::chrono::steady_clock;
+
+inline constexpr uint32_t kProtocolVersion = 1;  // splitq.v1 PROTOCOL_VERSION_CURRENT
+
+enum class Role : uint8_t { kWorker, kClient };
+
+struct CoordinatorOptions {
+  std::chrono::milliseconds heartbeat_period{1000};
+  // Silent longer than this: dead. Two periods by default, so one lost heartbeat is tolerated.
+  std::chrono::milliseconds heartbeat_deadline{2000};
+  uint32_t default_max_sessions = 64;  // a worker's clients when it names no limit
+};
+
+struct WorkerAddress {
+  std::string host;
+  uint32_t port = 0;
+};
+
+struct Assignment {
+  std::string worker_name;
+  WorkerAddress worker;
+  uint64_t assignment_id = 0;  // new for every (re)assignment
+  uint64_t resume_step = 0;    // the client's steps completed, as last reported
+};
+
+struct MemberView {
+  Role role = Role::kClient;
+  std::string name;
+  bool alive = false;
+  uint64_t step = 0;
+  std::chrono::milliseconds since_heartbeat{0};
+  std::string worker_name;  // clients: their worker ("" when unassigned)
+  uint32_t clients = 0;     // workers: clients assigned now
+};
+
+class CoordinatorCore {
+ public:
+  explicit CoordinatorCore(const CoordinatorOptions& options = {});
+
+  // Returns the member id. FAILED_PRECONDITION for another protocol version,
+  // INVALID_ARGUMENT for a bad name or a worker without an endpoint, ALREADY_EXISTS for a
+  // live duplicate name.
+  absl::StatusOr<uint64_t> Register(Role role, const std::string& name, uint32_t protocol_version,
+                                    const WorkerAddress& endpoint, uint32_t max_sessions,
+                                    Clock::time_point now);
+  absl::StatusOr<Assignment> Assign(uint64_t member_id, Clock::time_point now);
+  absl::Status Heartbeat(uint64_t member_id, uint64_t step, Clock::time_point now);
+  absl::Status Leave(uint64_t member_id);
+  // Marks the silent dead; returns their names.
+  std::vector<std::string> Expire(Clock::time_point now);
+  std::vector<MemberView> Status(Clock::time_point now) const;
+  const CoordinatorOptions& options() const { return options_; }
+
+ private:
+  struct Member {
+    Role role = Role::kClient;
+    std::string name;
+    bool alive = true;
+    WorkerAddress endpoint;
+    uint32_t max_sessions = 0;
+    uint64_t step = 0;
+    Clock::time_point last_heartbeat;
+    std::string worker_name;  // clients
+    uint64_t assignment_id = 0;
+  };
+  Member* Find(uint64_t member_id);
+  Member* LiveWorker(const std::string& name);
+  uint32_t ClientsOf(const std::string& worker_name) const;
+  void MarkDead(Member& member);
+
+  CoordinatorOptions options_;
+  mutable std::mutex mutex_;
+  std::map<uint64_t, Member> members_;               // by member id, in registration order
+  std::map<std::string, uint64_t> client_progress_;  // client name -> steps completed
+  uint64_t next_member_id_ = 1;
+  uint64_t next_assignment_id_ = 1;
+};
+
+}  // namespace splitq::server

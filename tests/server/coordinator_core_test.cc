@@ -1,0 +1,122 @@
+// server/coordinator_core.h driven directly, with made-up clocks: balanced assignment,
+// protocol-version refusal, duplicate names, a dead worker's clients moved within two
+// heartbeat periods, a dead client's slot freed, and a restarted client's resume step.
+#include "server/coordinator_core.h"
+
+#include <gtest/gtest.h>
+
+namespace splitq::server {
+namespace {
+
+using std::chrono::milliseconds;
+
+class CoordinatorCoreTest : public ::testing::Test {
+ protected:
+  Clock::time_point At(int ms) const { return t0_ + milliseconds(ms); }
+  uint64_t Worker(const std::string& name, uint32_t max_sessions = 0, int at = 0) {
+    auto id = core_.Register(Role::kWorker, name, kProtocolVersion, {"10.0.0.1", 7000},
+                             max_sessions, At(at));
+    EXPECT_TRUE(id.ok()) << id.status();
+    return id.ok() ? *id : 0;
+  }
+  uint64_t Client(const std::string& name, int at = 0) {
+    auto id = core_.Register(Role::kClient, name, kProtocolVersion, {}, 0, At(at));
+    EXPECT_TRUE(id.ok()) << id.status();
+    return id.ok() ? *id : 0;
+  }
+  std::string WorkerOf(uint64_t client, int at = 0) {
+    auto a = core_.Assign(client, At(at));
+    return a.ok() ? a->worker_name : std::string(a.status().message());
+  }
+
+  const Clock::time_point t0_ = Clock::now();
+  CoordinatorCore core_{CoordinatorOptions{milliseconds(1000), milliseconds(2000), 64}};
+};
+
+TEST_F(CoordinatorCoreTest, AssignsTheLeastLoadedLiveWorker) {
+  Worker("w1");
+  Worker("w2");
+  const uint64_t a = Client("a"), b = Client("b"), c = Client("c");
+  EXPECT_EQ(WorkerOf(a), "w1");
+  EXPECT_EQ(WorkerOf(b), "w2");
+  EXPECT_EQ(WorkerOf(c), "w1");
+  // Asking again gives the same worker and the same assignment.
+  const auto first = core_.Assign(a, At(1));
+  const auto again = core_.Assign(a, At(2));
+  ASSERT_TRUE(first.ok() && again.ok());
+  EXPECT_EQ(first->assignment_id, again->assignment_id);
+  EXPECT_EQ(again->worker.host, "10.0.0.1");
+  EXPECT_EQ(again->worker.port, 7000u);
+}
+
+TEST_F(CoordinatorCoreTest, RefusesOtherProtocolVersionsAndBadNames) {
+  auto old = core_.Register(Role::kClient, "old", kProtocolVersion + 1, {}, 0, At(0));
+  EXPECT_EQ(old.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(old.status().message().find("version"), std::string::npos);
+  EXPECT_EQ(core_.Register(Role::kClient, "a b", kProtocolVersion, {}, 0, At(0)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(core_.Register(Role::kWorker, "w", kProtocolVersion, {}, 0, At(0)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // A client cannot be assigned before a worker exists; the answer says to retry.
+  EXPECT_EQ(core_.Assign(Client("early"), At(0)).status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST_F(CoordinatorCoreTest, LiveDuplicateNamesAreRefusedDeadOnesMayReturn) {
+  const uint64_t a = Client("a");
+  EXPECT_EQ(core_.Register(Role::kClient, "a", kProtocolVersion, {}, 0, At(10)).status().code(),
+            absl::StatusCode::kAlreadyExists);
+  ASSERT_TRUE(core_.Leave(a).ok());
+  EXPECT_TRUE(core_.Register(Role::kClient, "a", kProtocolVersion, {}, 0, At(20)).ok());
+}
+
+TEST_F(CoordinatorCoreTest, ADeadWorkersClientsMoveWithinTwoHeartbeatPeriods) {
+  const uint64_t w1 = Worker("w1"), w2 = Worker("w2");
+  const uint64_t a = Client("a"), b = Client("b");
+  ASSERT_EQ(WorkerOf(a), "w1");
+  ASSERT_EQ(WorkerOf(b), "w2");
+  const uint64_t first_assignment = core_.Assign(a, At(0))->assignment_id;
+  // Everyone but w1 keeps heartbeating every period.
+  for (int t = 1000; t <= 2000; t += 1000) {
+    for (const uint64_t id : {w2, a, b}) ASSERT_TRUE(core_.Heartbeat(id, 0, At(t)).ok());
+    EXPECT_TRUE(core_.Expire(At(t)).empty()) << t;
+  }
+  const auto dead = core_.Expire(At(2001));  // two periods and a bit after w1's last word
+  ASSERT_EQ(dead, std::vector<std::string>{"w1"});
+  EXPECT_EQ(core_.Heartbeat(w1, 0, At(2002)).code(), absl::StatusCode::kNotFound);
+  const auto moved = core_.Assign(a, At(2003));
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_EQ(moved->worker_name, "w2");
+  EXPECT_NE(moved->assignment_id, first_assignment);
+  EXPECT_EQ(WorkerOf(b, 2003), "w2");
+}
+
+TEST_F(CoordinatorCoreTest, ADeadClientsSlotIsFreed) {
+  const uint64_t w = Worker("w", /*max_sessions=*/1);
+  const uint64_t a = Client("a"), b = Client("b");
+  ASSERT_EQ(WorkerOf(a), "w");
+  EXPECT_EQ(core_.Assign(b, At(0)).status().code(), absl::StatusCode::kUnavailable);
+  for (const uint64_t id : {w, b}) ASSERT_TRUE(core_.Heartbeat(id, 0, At(1500)).ok());
+  EXPECT_EQ(core_.Expire(At(2500)), std::vector<std::string>{"a"});
+  EXPECT_EQ(WorkerOf(b, 2500), "w");
+}
+
+TEST_F(CoordinatorCoreTest, ARestartedClientResumesFromItsLastReportedStep) {
+  Worker("w");
+  const uint64_t a = Client("a");
+  ASSERT_EQ(WorkerOf(a), "w");
+  ASSERT_TRUE(core_.Heartbeat(a, 42, At(500)).ok());
+  EXPECT_EQ(core_.Expire(At(5000)).size(), 2u);  // both went silent
+  Worker("w", 0, 5001);
+  auto again = core_.Register(Role::kClient, "a", kProtocolVersion, {}, 0, At(5002));
+  ASSERT_TRUE(again.ok());
+  const auto assignment = core_.Assign(*again, At(5003));
+  ASSERT_TRUE(assignment.ok()) << assignment.status();
+  EXPECT_EQ(assignment->resume_step, 42u);
+  const auto status = core_.Status(At(5004));
+  int alive = 0;
+  for (const MemberView& m : status) alive += m.alive;
+  EXPECT_EQ(alive, 2);
+}
+
+}  // namespace
+}  // namespace splitq::server
