@@ -1,0 +1,115 @@
+#include "server/coordinator_service.h"
+
+#include <utility>
+
+#include "server/rpc_channel.h"
+
+namespace splitq::server {
+
+CoordinatorService::CoordinatorService(CoordinatorCore& core, const TokenSet* tokens,
+                                       std::string config_yaml)
+    : core_(core), tokens_(tokens), config_yaml_(std::move(config_yaml)) {
+  expiry_ = std::thread([this] {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!wake_.wait_for(lock, core_.options().heartbeat_period, [this] { return stopping_; })) {
+      core_.Expire(Clock::now());
+    }
+  });
+}
+
+CoordinatorService::~CoordinatorService() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  expiry_.join();
+}
+
+absl::Status CoordinatorService::Authenticate(grpc::CallbackServerContext* context) const {
+  if (tokens_ == nullptr) return absl::OkStatus();
+  return tokens_->Authenticate(context->client_metadata()).status();
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Finish(grpc::CallbackServerContext* context,
+                                                     const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerContext* context,
+                                                       const splitq::v1::RegisterRequest* request,
+                                                       splitq::v1::RegisterReply* reply) {
+  if (absl::Status auth = Authenticate(context); !auth.ok()) return Finish(context, auth);
+  if (request->role() == splitq::v1::ROLE_UNSPECIFIED) {
+    return Finish(context, absl::InvalidArgumentError("role: worker or client"));
+  }
+  const Role role = request->role() == splitq::v1::ROLE_WORKER ? Role::kWorker : Role::kClient;
+  auto id =
+      core_.Register(role, request->name(), static_cast<uint32_t>(request->protocol_version()),
+                     WorkerAddress{request->endpoint().host(), request->endpoint().port()},
+                     request->max_sessions(), Clock::now());
+  if (!id.ok()) return Finish(context, id.status());
+  reply->set_protocol_version(splitq::v1::PROTOCOL_VERSION_CURRENT);
+  reply->set_member_id(*id);
+  reply->set_heartbeat_period_ms(static_cast<uint32_t>(core_.options().heartbeat_period.count()));
+  reply->set_heartbeat_deadline_ms(
+      static_cast<uint32_t>(core_.options().heartbeat_deadline.count()));
+  reply->set_config_yaml(config_yaml_);
+  return Finish(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Assign(grpc::CallbackServerContext* context,
+                                                     const splitq::v1::AssignRequest* request,
+                                                     splitq::v1::AssignReply* reply) {
+  if (absl::Status auth = Authenticate(context); !auth.ok()) return Finish(context, auth);
+  auto a = core_.Assign(request->member_id(), Clock::now());
+  if (!a.ok()) return Finish(context, a.status());
+  reply->set_worker_name(a->worker_name);
+  reply->mutable_worker()->set_host(a->worker.host);
+  reply->mutable_worker()->set_port(a->worker.port);
+  reply->set_resume_step(a->resume_step);
+  reply->set_assignment_id(a->assignment_id);
+  return Finish(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerContext* context,
+                                                        const splitq::v1::HeartbeatRequest* request,
+                                                        splitq::v1::HeartbeatReply* reply) {
+  if (absl::Status auth = Authenticate(context); !auth.ok()) return Finish(context, auth);
+  const absl::Status s = core_.Heartbeat(request->member_id(), request->step(), Clock::now());
+  if (s.code() == absl::StatusCode::kNotFound) {
+    reply->set_unknown_member(true);  // an answer, not an error: the caller registers again
+    return Finish(context, absl::OkStatus());
+  }
+  return Finish(context, s);
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Status(grpc::CallbackServerContext* context,
+                                                     const splitq::v1::StatusRequest*,
+                                                     splitq::v1::StatusReply* reply) {
+  if (absl::Status auth = Authenticate(context); !auth.ok()) return Finish(context, auth);
+  uint64_t global_step = 0;
+  for (const MemberView& m : core_.Status(Clock::now())) {
+    splitq::v1::MemberStatus* out = reply->add_members();
+    out->set_role(m.role == Role::kWorker ? splitq::v1::ROLE_WORKER : splitq::v1::ROLE_CLIENT);
+    out->set_name(m.name);
+    out->set_alive(m.alive);
+    out->set_step(m.step);
+    out->set_last_heartbeat_age_ms(static_cast<uint64_t>(m.since_heartbeat.count()));
+    out->set_worker_name(m.worker_name);
+    if (m.role == Role::kClient && m.alive) global_step += m.step;
+  }
+  reply->set_global_step(global_step);
+  return Finish(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Leave(grpc::CallbackServerContext* context,
+                                                    const splitq::v1::LeaveRequest* request,
+                                                    splitq::v1::LeaveReply*) {
+  if (absl::Status auth = Authenticate(context); !auth.ok()) return Finish(context, auth);
+  return Finish(context, core_.Leave(request->member_id()));
+}
+
+}  // namespace splitq::server
