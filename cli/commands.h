@@ -32,6 +32,9 @@ void RegisterCerts(CLI::App& app, RunFn* run);
 // `splitq bench transport`: frames over gRPC against raw TCP (built with the services).
 void RegisterBenchTransport(CLI::App& bench, RunFn* run);
 
+// `splitq coordinator`: a cluster's control plane (built with the services).
+void RegisterCoordinator(CLI::App& app, RunFn* run);
+
 // `splitq tokens --out DIR ID...`: bearer tokens (built with the services).
 void RegisterTokens(CLI::App& app, RunFn* run);
 

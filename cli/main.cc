@@ -64,6 +64,7 @@ int main(int argc, char** argv) {
 #if SPLITQ_WITH_SERVICES
   splitq::cli::RegisterHealth(app, &run);
   splitq::cli::RegisterTokens(app, &run);
+  splitq::cli::RegisterCoordinator(app, &run);
 #endif
 
   CLI11_PARSE(app, argc, argv);
