@@ -1,0 +1,67 @@
+#include "server/frame_assembler.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace splitq::server {
+
+void FrameAssembler::Reset() {
+  buffer_.clear();
+  buffer_.shrink_to_fit();
+  step_ = 0;
+  count_ = next_index_ = 0;
+  frame_bytes_ = 0;
+}
+
+absl::StatusOr<std::optional<std::string>> FrameAssembler::Add(const Chunk& c,
+                                                               uint64_t expected_step) {
+  absl::Status error;
+  const std::string where = absl::StrCat("chunk ", c.index, "/", c.count, " of step ", c.step);
+  if (static_cast<int64_t>(c.data.size()) > limits_.max_chunk_bytes) {
+    error = absl::ResourceExhaustedError(absl::StrCat(
+        where, ": ", c.data.size(), " bytes, above the chunk limit ", limits_.max_chunk_bytes));
+  } else if (c.frame_bytes > static_cast<uint64_t>(limits_.max_frame_bytes)) {
+    error = absl::ResourceExhaustedError(absl::StrCat(where, ": a frame of ", c.frame_bytes,
+                                                      " bytes, above the frame limit ",
+                                                      limits_.max_frame_bytes));
+  } else if (c.count == 0 || c.index >= c.count) {
+    error = absl::InvalidArgumentError(absl::StrCat(where, ": index or count out of range"));
+  } else if (next_index_ == 0 && c.index != 0) {
+    error = absl::FailedPreconditionError(absl::StrCat(where, ": a frame must start with chunk 0"));
+  } else if (next_index_ == 0 && c.step != expected_step) {
+    error = absl::FailedPreconditionError(absl::StrCat(
+        where, ": step ", c.step, " is ", c.step < expected_step ? "a replay" : "ahead", "; step ",
+        expected_step, " is due"));
+  } else if (next_index_ > 0 && (c.index != next_index_ || c.step != step_ || c.count != count_ ||
+                                 c.frame_bytes != frame_bytes_)) {
+    error =
+        absl::FailedPreconditionError(absl::StrCat(where, ": out of sequence (chunk ", next_index_,
+                                                   "/", count_, " of step ", step_, " is due)"));
+  } else if (buffer_.size() + c.data.size() > c.frame_bytes) {
+    error = absl::InvalidArgumentError(
+        absl::StrCat(where, ": more bytes than the frame_bytes ", c.frame_bytes, " it declared"));
+  }
+  if (!error.ok()) {
+    Reset();
+    return error;
+  }
+  if (next_index_ == 0) {
+    step_ = c.step;
+    count_ = c.count;
+    frame_bytes_ = c.frame_bytes;
+    buffer_.reserve(static_cast<size_t>(c.frame_bytes));  // bounded by max_frame_bytes above
+  }
+  buffer_.append(c.data.data(), c.data.size());
+  ++next_index_;
+  if (next_index_ < count_) return std::optional<std::string>();
+  if (buffer_.size() != frame_bytes_) {
+    const std::string message = absl::StrCat(where, ": the frame has ", buffer_.size(),
+                                             " bytes, its chunks declared ", frame_bytes_);
+    Reset();
+    return absl::InvalidArgumentError(message);
+  }
+  std::string frame = std::move(buffer_);
+  Reset();
+  return std::optional<std::string>(std::move(frame));
+}
+
+}  // namespace splitq::server

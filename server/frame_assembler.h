@@ -1,0 +1,60 @@
+// splitq server: reassembles one serialized frame from the chunks of a stream
+// (proto/splitq/v1/worker.proto, FrameChunk), with every limit checked before memory is
+// taken, so a bad or hostile peer cannot make a worker allocate more than `max_frame_bytes`
+// per session.
+//
+// Rules (each a status naming the chunk):
+//   - a chunk's data is at most max_chunk_bytes                       RESOURCE_EXHAUSTED
+//   - frame_bytes is at most max_frame_bytes                          RESOURCE_EXHAUSTED
+//   - count >= 1 and index < count; the bytes received never exceed frame_bytes, and the
+//     last chunk brings the total to exactly frame_bytes              INVALID_ARGUMENT
+//   - chunks of a frame arrive in order 0, 1, ..., count-1, with the same step, count and
+//     frame_bytes; the first chunk of a frame has the step the caller expects
+//                                                                     FAILED_PRECONDITION
+// After an error the assembler is empty again (the partial frame is dropped).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace splitq::server {
+
+struct AssemblerLimits {
+  int64_t max_chunk_bytes = 4 << 20;    // FrameChunk.data, bytes
+  int64_t max_frame_bytes = 256 << 20;  // a whole serialized frame, bytes
+};
+
+struct Chunk {
+  uint64_t step = 0;
+  uint32_t index = 0;
+  uint32_t count = 0;
+  uint64_t frame_bytes = 0;
+  absl::string_view data;
+};
+
+class FrameAssembler {
+ public:
+  explicit FrameAssembler(const AssemblerLimits& limits = {}) : limits_(limits) {}
+
+  // Adds a chunk of the frame for `expected_step`. Returns the whole frame's bytes when this
+  // chunk completed it, nullopt while more chunks are due, or an error.
+  absl::StatusOr<std::optional<std::string>> Add(const Chunk& chunk, uint64_t expected_step);
+
+  bool in_progress() const { return next_index_ > 0; }
+  int64_t buffered_bytes() const { return static_cast<int64_t>(buffer_.size()); }
+
+ private:
+  void Reset();
+
+  AssemblerLimits limits_;
+  std::string buffer_;
+  uint64_t step_ = 0;
+  uint32_t count_ = 0, next_index_ = 0;
+  uint64_t frame_bytes_ = 0;
+};
+
+}  // namespace splitq::server

@@ -1,0 +1,77 @@
+// server/frame_assembler.h: frames come back whole from in-order chunks; every broken rule
+// (oversized chunk or frame, replayed or skipped step, out-of-order chunk, a byte count
+// that lies) is refused with its status code, and the assembler is empty and usable after.
+#include "server/frame_assembler.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+
+namespace splitq::server {
+namespace {
+
+Chunk Make(uint64_t step, uint32_t index, uint32_t count, uint64_t frame_bytes,
+           absl::string_view data) {
+  return Chunk{step, index, count, frame_bytes, data};
+}
+
+TEST(FrameAssembler, ReassemblesInOrderChunks) {
+  FrameAssembler a;
+  const std::string frame = "abcdefghij";
+  auto r = a.Add(Make(3, 0, 3, 10, "abcd"), 3);
+  ASSERT_TRUE(r.ok() && !r->has_value());
+  r = a.Add(Make(3, 1, 3, 10, "efgh"), 3);
+  ASSERT_TRUE(r.ok() && !r->has_value());
+  EXPECT_TRUE(a.in_progress());
+  r = a.Add(Make(3, 2, 3, 10, "ij"), 3);
+  ASSERT_TRUE(r.ok() && r->has_value());
+  EXPECT_EQ(**r, frame);
+  EXPECT_FALSE(a.in_progress());
+  // A one-chunk frame.
+  r = a.Add(Make(4, 0, 1, 2, "xy"), 4);
+  ASSERT_TRUE(r.ok() && r->has_value());
+  EXPECT_EQ(**r, "xy");
+}
+
+TEST(FrameAssembler, RefusesEachBrokenRuleAndRecovers) {
+  FrameAssembler a(AssemblerLimits{4, 16});
+  struct Case {
+    const char* what;
+    Chunk first;
+    Chunk second;  // step 0 means: only `first` is sent
+    absl::StatusCode code;
+  };
+  const Case cases[] = {
+      {"oversized chunk", Make(5, 0, 1, 5, "abcde"), {}, absl::StatusCode::kResourceExhausted},
+      {"oversized frame", Make(5, 0, 9, 17, "ab"), {}, absl::StatusCode::kResourceExhausted},
+      {"replayed step", Make(4, 0, 1, 2, "ab"), {}, absl::StatusCode::kFailedPrecondition},
+      {"skipped step", Make(6, 0, 1, 2, "ab"), {}, absl::StatusCode::kFailedPrecondition},
+      {"index out of range", Make(5, 2, 2, 2, "ab"), {}, absl::StatusCode::kInvalidArgument},
+      {"not starting at 0", Make(5, 1, 2, 4, "ab"), {}, absl::StatusCode::kFailedPrecondition},
+      {"chunk out of order", Make(5, 0, 3, 6, "ab"), Make(5, 2, 3, 6, "ab"),
+       absl::StatusCode::kFailedPrecondition},
+      {"step changes mid-frame", Make(5, 0, 2, 4, "ab"), Make(6, 1, 2, 4, "ab"),
+       absl::StatusCode::kFailedPrecondition},
+      {"more bytes than declared", Make(5, 0, 2, 3, "ab"), Make(5, 1, 2, 3, "ab"),
+       absl::StatusCode::kInvalidArgument},
+      {"fewer bytes than declared", Make(5, 0, 2, 8, "ab"), Make(5, 1, 2, 8, "ab"),
+       absl::StatusCode::kInvalidArgument},
+  };
+  for (const Case& c : cases) {
+    auto r = a.Add(c.first, 5);
+    if (c.second.step != 0) {
+      ASSERT_TRUE(r.ok()) << c.what << ": " << r.status();
+      r = a.Add(c.second, 5);
+    }
+    EXPECT_EQ(r.status().code(), c.code) << c.what << ": " << r.status();
+    EXPECT_FALSE(r.status().message().empty()) << c.what;
+    EXPECT_FALSE(a.in_progress()) << c.what;
+    EXPECT_EQ(a.buffered_bytes(), 0) << c.what;
+    // Still usable: the due frame goes through.
+    auto ok = a.Add(Make(5, 0, 1, 2, "ok"), 5);
+    ASSERT_TRUE(ok.ok() && ok->has_value()) << c.what;
+  }
+}
+
+}  // namespace
+}  // namespace splitq::server
