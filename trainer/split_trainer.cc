@@ -298,7 +298,7 @@ class Boundary {
     Crossed out;
     std::vector<uint8_t> bits;
     at::Tensor scales, offsets, payload = h.detach();
-    at::Tensor receiver_base;  // AQ-SGD: m_i on the receiving side
+    at::Tensor sender_base, receiver_base;  // AQ-SGD: m_i on each side
     if (c_.activations.mode == WireMode::kAmaq) {
       if (train && step < c_.activations.calibration_steps) Calibrate(h);
       out.sender_side = train ? amaq_->forward(h, budget) : amaq_->forward(h.detach(), budget);
@@ -311,8 +311,9 @@ class Boundary {
           static_cast<uint8_t>(ScheduleBits(c_.activations.target, c_.activations.bits, step)));
       out.sender_side = h;  // straight-through: min-max ranges clip nothing
       if (c_.activations.mode == WireMode::kAqSgd && train) {
-        payload = (payload.to(at::kFloat) - sender_cache_.Gather(ids, payload));
+        sender_base = sender_cache_.Gather(ids, payload);
         receiver_base = receiver_cache_.Gather(ids, payload);
+        payload = payload.to(at::kFloat) - sender_base;
       }
       const quant::WireRange range = quant::MinMaxRange(payload, axis_, bits);
       scales = range.scales;
@@ -331,7 +332,7 @@ class Boundary {
       // Both sides apply the same frame to their own cache: the sender decodes its own frame
       // with its own decoder (as a remote sender would), the receiver the one it received.
       SPLITQ_ASSIGN_OR_RETURN(at::Tensor sender_delta, sender_decoder_.Decode(frame, h.device()));
-      sender_cache_.Update(ids, sender_cache_.Gather(ids, payload) + sender_delta);
+      sender_cache_.Update(ids, sender_base + sender_delta);
       out.received = receiver_base + out.received;
       receiver_cache_.Update(ids, out.received);
       out.received = out.received.to(h.scalar_type());
