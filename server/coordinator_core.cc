@@ -6,16 +6,12 @@
 #include "absl/strings/str_cat.h"
 
 namespace splitq::server {
-namespace {
-
-bool ValidName(const std::string& name) {
+bool IsValidMemberName(const std::string& name) {
   if (name.empty() || name.size() > 64) return false;
   return std::all_of(name.begin(), name.end(), [](char c) {
     return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-';
   });
 }
-
-}  // namespace
 
 CoordinatorCore::CoordinatorCore(const CoordinatorOptions& options) : options_(options) {}
 
@@ -59,7 +55,7 @@ absl::StatusOr<uint64_t> CoordinatorCore::Register(Role role, const std::string&
         absl::StrCat("protocol version ", protocol_version, " is not supported: this coordinator ",
                      "speaks version ", kProtocolVersion, " (upgrade the older side)"));
   }
-  if (!ValidName(name)) {
+  if (!IsValidMemberName(name)) {
     return absl::InvalidArgumentError(
         absl::StrCat("name '", name, "' is not 1..64 of [A-Za-z0-9._-]"));
   }

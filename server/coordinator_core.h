@@ -36,6 +36,9 @@ inline constexpr uint32_t kProtocolVersion = 1;  // splitq.v1 PROTOCOL_VERSION_C
 
 enum class Role : uint8_t { kWorker, kClient };
 
+// Worker names and client ids (also the ids of `splitq tokens`): 1..64 of [A-Za-z0-9._-].
+bool IsValidMemberName(const std::string& name);
+
 struct CoordinatorOptions {
   std::chrono::milliseconds heartbeat_period{1000};
   // Silent longer than this: dead. Two periods by default, so one lost heartbeat is tolerated.

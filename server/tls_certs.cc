@@ -1,21 +1,20 @@
 #include "server/tls_certs.h"
 
-#include <fcntl.h>
+#include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
-#include <cstdio>
 #include <filesystem>
 #include <memory>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/files.h"
 
 namespace splitq::server {
 namespace {
@@ -100,38 +99,35 @@ absl::Status MakeCert(const std::string& common_name, const CertificateOptions& 
   return absl::OkStatus();
 }
 
-// Writes `pem` (a callback that writes into a FILE*) to path via a temporary file.
+// The PEM text that `write` (PEM_write_bio_*) produces.
 template <typename Write>
-absl::Status WritePem(const std::filesystem::path& path, mode_t mode, Write write) {
-  const std::string temp = path.string() + ".tmp";
-  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, mode);
-  if (fd < 0) return absl::InternalError(absl::StrCat(temp, ": cannot create"));
-  ::fchmod(fd, mode);  // the umask may have narrowed it; never widen keys beyond mode
-  FILE* f = ::fdopen(fd, "w");
-  if (f == nullptr) {
-    ::close(fd);
-    return absl::InternalError(absl::StrCat(temp, ": fdopen failed"));
+absl::StatusOr<std::string> Pem(Write write) {
+  BIO* bio = BIO_new(BIO_s_mem());
+  if (bio == nullptr || write(bio) != 1) {
+    BIO_free(bio);
+    return OpenSslError("PEM encoding");
   }
-  const bool ok = write(f) == 1;
-  if (std::fclose(f) != 0 || !ok) return OpenSslError(absl::StrCat(temp, ": write failed"));
-  std::error_code ec;
-  std::filesystem::rename(temp, path, ec);
-  if (ec) return absl::InternalError(absl::StrCat(path.string(), ": ", ec.message()));
-  return absl::OkStatus();
+  char* data = nullptr;
+  const long size = BIO_get_mem_data(bio, &data);
+  std::string text(data, static_cast<size_t>(size));
+  BIO_free(bio);
+  return text;
 }
 
 absl::Status Save(const std::filesystem::path& dir, const std::string& stem, const Made& made) {
   EVP_PKEY* key = made.key.get();
   X509* cert = made.cert.get();
-  if (auto s = WritePem(dir / (stem + ".key"), 0600,
-                        [key](FILE* f) {
-                          return PEM_write_PrivateKey(f, key, nullptr, nullptr, 0, nullptr,
-                                                      nullptr);
-                        });
-      !s.ok()) {
+  absl::StatusOr<std::string> key_pem = Pem([key](BIO* b) {
+    return PEM_write_bio_PrivateKey(b, key, nullptr, nullptr, 0, nullptr, nullptr);
+  });
+  absl::StatusOr<std::string> cert_pem =
+      Pem([cert](BIO* b) { return PEM_write_bio_X509(b, cert); });
+  if (!key_pem.ok()) return key_pem.status();
+  if (!cert_pem.ok()) return cert_pem.status();
+  if (absl::Status s = WriteFileAtomically(dir / (stem + ".key"), *key_pem, 0600); !s.ok()) {
     return s;
   }
-  return WritePem(dir / (stem + ".crt"), 0644, [cert](FILE* f) { return PEM_write_X509(f, cert); });
+  return WriteFileAtomically(dir / (stem + ".crt"), *cert_pem, 0644);
 }
 
 }  // namespace

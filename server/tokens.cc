@@ -1,12 +1,8 @@
 #include "server/tokens.h"
 
-#include <fcntl.h>
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
-#include <cctype>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -15,34 +11,10 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "server/coordinator_core.h"
+#include "server/files.h"
 
 namespace splitq::server {
-namespace {
-
-bool ValidId(const std::string& id) {
-  if (id.empty() || id.size() > 64) return false;
-  for (const char c : id) {
-    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
-      return false;
-    }
-  }
-  return true;
-}
-
-absl::Status WritePrivate(const std::filesystem::path& path, const std::string& text) {
-  const std::string temp = path.string() + ".tmp";
-  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-  if (fd < 0) return absl::InternalError(absl::StrCat(temp, ": cannot create"));
-  ::fchmod(fd, 0600);
-  const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
-  if (::close(fd) != 0 || !ok) return absl::InternalError(absl::StrCat(temp, ": write failed"));
-  std::error_code ec;
-  std::filesystem::rename(temp, path, ec);
-  if (ec) return absl::InternalError(absl::StrCat(path.string(), ": ", ec.message()));
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::string& origin) {
   TokenSet set;
@@ -58,7 +30,7 @@ absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::str
                                                      ": expected 'CLIENT_ID TOKEN', got ",
                                                      fields.size(), " fields"));
     }
-    if (!ValidId(fields[0])) {
+    if (!IsValidMemberName(fields[0])) {
       return absl::InvalidArgumentError(absl::StrCat(origin, ":", line_number, ": client id '",
                                                      fields[0],
                                                      "' is not 1..64 of [A-Za-z0-9._-]"));
@@ -125,7 +97,7 @@ absl::Status WriteTokens(const std::string& dir, const std::vector<std::string>&
   std::string all = "# splitq bearer tokens: CLIENT_ID TOKEN (keep this file private)\n";
   std::set<std::string> seen;
   for (const std::string& id : client_ids) {
-    if (!ValidId(id)) {
+    if (!IsValidMemberName(id)) {
       return absl::InvalidArgumentError(
           absl::StrCat("client id '", id, "' is not 1..64 of [A-Za-z0-9._-]"));
     }
@@ -137,12 +109,13 @@ absl::Status WriteTokens(const std::string& dir, const std::vector<std::string>&
     absl::StatusOr<std::string> token = MakeToken();
     if (!token.ok()) return token.status();
     absl::StrAppend(&all, id, " ", *token, "\n");
-    if (absl::Status s = WritePrivate(std::filesystem::path(dir) / (id + ".token"), *token + "\n");
+    if (absl::Status s =
+            WriteFileAtomically(std::filesystem::path(dir) / (id + ".token"), *token + "\n", 0600);
         !s.ok()) {
       return s;
     }
   }
-  return WritePrivate(std::filesystem::path(dir) / "tokens", all);
+  return WriteFileAtomically(std::filesystem::path(dir) / "tokens", all, 0600);
 }
 
 absl::StatusOr<std::string> ReadToken(const std::string& path) {
