@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "cli/commands.h"
+#include "cli/security_flags.h"
 #include "server/coordinator_service.h"
 #include "server/rpc_channel.h"
 #include "trainer/config.h"
@@ -94,9 +95,7 @@ void RegisterCoordinator(CLI::App& app, RunFn* run) {
   CLI::App* cmd = app.add_subcommand("coordinator", "Run a cluster's coordinator");
   cmd->add_option("--config", opt->config_path, "The YAML run config")->required();
   cmd->add_option("--listen", opt->listen, "HOST:PORT (port 0: pick a free one)");
-  cmd->add_option("--tls-dir", opt->security.tls_dir, "Certificates from `splitq certs`");
-  cmd->add_flag("--insecure", opt->security.insecure, "Plaintext (no TLS)");
-  cmd->add_flag("--mtls", opt->security.mutual_tls, "Require client certificates");
+  AddSecurityFlags(cmd, &opt->security, /*serving=*/true);
   cmd->add_option("--tokens", opt->tokens_path, "Bearer tokens from `splitq tokens`");
   cmd->add_option("--heartbeat-ms", opt->heartbeat_ms, "Heartbeat period (dead after two)")
       ->check(CLI::Range(10, 600000));

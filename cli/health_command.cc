@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cli/commands.h"
+#include "cli/security_flags.h"
 #include "server/health.h"
 
 namespace splitq::cli {
@@ -19,9 +20,7 @@ void RegisterHealth(CLI::App& app, RunFn* run) {
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("health", "Ask a splitq server for its gRPC health");
   cmd->add_option("target", opt->target, "HOST:PORT")->required();
-  cmd->add_option("--tls-dir", opt->security.tls_dir, "Certificates from `splitq certs`");
-  cmd->add_flag("--insecure", opt->security.insecure, "Plaintext (no TLS)");
-  cmd->add_flag("--mtls", opt->security.mutual_tls, "Present client.crt (mutual TLS)");
+  AddSecurityFlags(cmd, &opt->security, /*serving=*/false);
   cmd->add_option("--service", opt->service, "Service name (default: the whole server)");
   cmd->add_option("--timeout-ms", opt->timeout_ms, "Deadline in milliseconds")
       ->check(CLI::PositiveNumber);
