@@ -87,7 +87,27 @@ struct ClientMemory {
 // cosine decay to zero at `steps`.
 double LearningRateAt(const RunConfig& config, int64_t step, double base);
 
-class SplitTrainer {
+// What the train driver (train_loop.h) runs: SplitTrainer (both parties in one process), or a
+// networked client (split_parts.h, ClientRunner).
+class StepRunner {
+ public:
+  virtual ~StepRunner() = default;
+  // Trains on batch step() and advances step().
+  virtual absl::StatusOr<StepStats> Step() = 0;
+  // The validation set (training state not touched).
+  virtual absl::StatusOr<EvalStats> Evaluate() = 0;
+  // The state this party holds, atomically written; `driver_state` is stored opaquely.
+  virtual absl::Status SaveCheckpoint(const std::string& path,
+                                      const std::vector<double>& driver_state) const = 0;
+  virtual absl::Status LoadCheckpoint(const std::string& path,
+                                      std::vector<double>* driver_state) = 0;
+  virtual int64_t step() const = 0;
+  virtual const RunConfig& config() const = 0;
+  virtual WireTotals wire() const = 0;
+  virtual std::string device() const = 0;  // "cpu" or "cuda"
+};
+
+class SplitTrainer : public StepRunner {
  public:
   // Builds data, model, boundaries and optimizers. `init_checkpoint` (--init): a checkpoint
   // (of any run of the same task and model shape, at any split point) whose model weights
@@ -101,30 +121,31 @@ class SplitTrainer {
   // --init then).
   static absl::StatusOr<std::unique_ptr<SplitTrainer>> Create(
       const RunConfig& config, const std::string& init_checkpoint = "", bool for_resume = false);
-  ~SplitTrainer();
+  ~SplitTrainer() override;
 
   // Trains on batch step() and advances step(). A frame over the budget, a non-finite loss
   // or a wire error stops the run with an error (the state is then not meant to continue).
-  absl::StatusOr<StepStats> Step();
+  absl::StatusOr<StepStats> Step() override;
   // The validation set through the same model and wire (its own links; training state is
   // not touched).
-  absl::StatusOr<EvalStats> Evaluate();
+  absl::StatusOr<EvalStats> Evaluate() override;
 
   // Writes the whole training state to `path` (through a temporary file and a rename, so a
   // crash never leaves a half-written checkpoint). `driver_state` is stored opaquely (the
   // caller's own counters, e.g. partial metric windows) and returned by LoadCheckpoint.
   absl::Status SaveCheckpoint(const std::string& path,
-                              const std::vector<double>& driver_state = {}) const;
+                              const std::vector<double>& driver_state = {}) const override;
   // Restores a state written by SaveCheckpoint of a run with the same model, split point,
   // boundary mode, bit range and LoRA settings (FAILED_PRECONDITION naming the first field
   // that differs). Optimizer hyper-parameters come back from the checkpoint (the learning
   // rate is set again every step).
-  absl::Status LoadCheckpoint(const std::string& path, std::vector<double>* driver_state = nullptr);
+  absl::Status LoadCheckpoint(const std::string& path,
+                              std::vector<double>* driver_state = nullptr) override;
 
-  int64_t step() const;
-  const RunConfig& config() const;
-  WireTotals wire() const;
-  std::string device() const;  // "cpu" or "cuda"
+  int64_t step() const override;
+  const RunConfig& config() const override;
+  WireTotals wire() const override;
+  std::string device() const override;  // "cpu" or "cuda"
   ClientMemory client_memory() const;
 
  private:

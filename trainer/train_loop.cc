@@ -64,6 +64,14 @@ struct Window {
 }  // namespace
 
 absl::StatusOr<TrainSummary> Train(const RunConfig& c, const TrainOptions& options) {
+  SPLITQ_ASSIGN_OR_RETURN(auto trainer,
+                          SplitTrainer::Create(c, options.init_checkpoint, options.resume));
+  return RunTraining(*trainer, options);
+}
+
+absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions& options) {
+  StepRunner* trainer = &runner;
+  const RunConfig& c = runner.config();
   const auto start = Clock::now();
   std::error_code ec;
   fs::create_directories(options.out_dir, ec);
@@ -71,8 +79,6 @@ absl::StatusOr<TrainSummary> Train(const RunConfig& c, const TrainOptions& optio
   const fs::path dir(options.out_dir);
   const fs::path checkpoint = dir / "checkpoint.pt";
 
-  SPLITQ_ASSIGN_OR_RETURN(auto trainer,
-                          SplitTrainer::Create(c, options.init_checkpoint, options.resume));
   Window w;
   if (options.resume) {
     std::vector<double> driver;

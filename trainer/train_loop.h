@@ -24,6 +24,7 @@
 
 #include "absl/status/statusor.h"
 #include "trainer/config.h"
+#include "trainer/split_trainer.h"
 
 namespace splitq::trainer {
 
@@ -59,5 +60,10 @@ struct TrainOptions {
 // Runs the configured training. CANCELLED after an interrupt or stop_after (the checkpoint
 // is written; resume with `resume`). Other errors: see SplitTrainer::Create and Step.
 absl::StatusOr<TrainSummary> Train(const RunConfig& config, const TrainOptions& options);
+
+// The same driver around any StepRunner (a networked client: split_parts.h). The runner is
+// created by the caller (options.init_checkpoint is not used here); `options.resume` loads
+// out_dir/checkpoint.pt into it.
+absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions& options);
 
 }  // namespace splitq::trainer

@@ -1,0 +1,235 @@
+// trainer/split_parts.h: a ClientPart and a ServerPart that talk only in frames give the same
+// curve as SplitTrainer (both parties in one process), bit for bit on the CPU; a new session
+// mid-run carries on; a replayed step does not step the server twice; bad input gets the
+// documented status codes and leaves the server serving.
+#include "trainer/split_parts.h"
+
+#include <gtest/gtest.h>
+#include <malloc.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <filesystem>
+
+#include "trainer/datasets.h"
+
+namespace splitq::trainer {
+namespace {
+
+const int kMallopt = [] {
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  return 0;
+}();
+
+RunConfig ConfigFrom(const std::string& yaml) {
+  auto c = ParseRunConfig(YAML::Load(yaml));
+  EXPECT_TRUE(c.ok()) << c.status();
+  return *c;
+}
+
+constexpr char kAmaq[] = R"(
+task: fmnist
+steps: 40
+batch_size: 32
+optim: {warmup_steps: 5, grad_clip: 1.0}
+quant:
+  activations: {mode: amaq, target: [{step: 0, bits: 8}, {step: 30, bits: 4}], calibration_steps: 10}
+  gradients: {mode: uniform, target: 6}
+)";
+
+class SplitParts : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (access(kFashionMnistDir, R_OK) != 0) {
+      GTEST_SKIP() << kFashionMnistDir << " missing: install dataset-fashion-mnist";
+    }
+  }
+};
+
+void ExpectSameCurve(const RunConfig& c, int steps) {
+  auto trainer = SplitTrainer::Create(c);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  auto client = ClientPart::Create(c, "", false);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto server = ServerPart::Create(c, "");
+  ASSERT_TRUE(server.ok()) << server.status();
+  LocalServerLink link(**server);
+  ClientRunner runner(**client, link);
+  for (int i = 0; i < steps; ++i) {
+    auto a = (*trainer)->Step();
+    auto b = runner.Step();
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    ASSERT_EQ(a->loss, b->loss) << "step " << i;
+    ASSERT_EQ(a->act_bits, b->act_bits) << "step " << i;
+    ASSERT_EQ(a->grad_bits, b->grad_bits) << "step " << i;
+  }
+  auto ea = (*trainer)->Evaluate();
+  auto eb = runner.Evaluate();
+  ASSERT_TRUE(ea.ok() && eb.ok());
+  EXPECT_NEAR(ea->loss, eb->loss, 1e-9);
+  EXPECT_EQ(ea->accuracy, eb->accuracy);
+  // The same frames: the parts' bytes are the trainer's (one session, so no bit map resent).
+  EXPECT_EQ((*trainer)->wire().bytes_up, runner.wire().bytes_up);
+  EXPECT_EQ((*trainer)->wire().bytes_down, runner.wire().bytes_down);
+  EXPECT_EQ((*server)->updates(), steps);
+}
+
+TEST_F(SplitParts, AmaqCurveIsSplitTrainersBitForBit) { ExpectSameCurve(ConfigFrom(kAmaq), 25); }
+
+TEST_F(SplitParts, Fp32CurveIsSplitTrainersBitForBit) {
+  RunConfig c = ConfigFrom(kAmaq);
+  c.activations.mode = WireMode::kFloat32;
+  c.gradients.mode = WireMode::kFloat32;
+  ExpectSameCurve(c, 10);
+}
+
+TEST_F(SplitParts, NewSessionMidRunResendsTheBitMapAndCarriesOn) {
+  RunConfig c = ConfigFrom(kAmaq);
+  // A bit map that never changes, so frames after the first leave it out.
+  c.activations =
+      ConfigFrom("quant: {activations: {mode: uniform, target: 4, scale: minmax}}").activations;
+  auto client = ClientPart::Create(c, "", false);
+  auto server = ServerPart::Create(c, "");
+  ASSERT_TRUE(client.ok() && server.ok());
+  uint64_t session = (*server)->OpenSession();
+  for (int i = 0; i < 3; ++i) {
+    auto up = (*client)->Forward();
+    ASSERT_TRUE(up.ok());
+    if (i == 2) {
+      // The worker went away with the pending step: a new session gets the same step again.
+      (*server)->CloseSession(session);
+      session = (*server)->OpenSession();
+      (*client)->NewSession();
+      auto again = (*client)->Forward();
+      ASSERT_TRUE(again.ok());
+      EXPECT_EQ(again->step, up->step);
+      EXPECT_GE(again->frame.size(), up->frame.size());
+      up = again;
+    }
+    auto down = (*server)->Train(session, *up, true);
+    ASSERT_TRUE(down.ok()) << down.status();
+    ASSERT_TRUE((*client)->Backward(*down).ok());
+  }
+  // Between steps too: without NewSession the next frame has no bit map for a new session.
+  (*server)->CloseSession(session);
+  session = (*server)->OpenSession();
+  auto up = (*client)->Forward();
+  ASSERT_TRUE(up.ok());
+  EXPECT_EQ((*server)->Train(session, *up, true).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  (*client)->NewSession();
+  up = (*client)->Forward();
+  ASSERT_TRUE(up.ok());
+  EXPECT_TRUE((*server)->Train(session, *up, true).ok());
+}
+
+TEST_F(SplitParts, ReplayedStepDoesNotStepTheServerAgain) {
+  const RunConfig c = ConfigFrom(kAmaq);
+  auto client = ClientPart::Create(c, "", false);
+  auto server = ServerPart::Create(c, "");
+  ASSERT_TRUE(client.ok() && server.ok());
+  const uint64_t session = (*server)->OpenSession();
+  auto up = (*client)->Forward();
+  ASSERT_TRUE(up.ok());
+  ASSERT_TRUE((*server)->Train(session, *up, true).ok());
+  auto replay = (*server)->Train(session, *up, false);
+  ASSERT_TRUE(replay.ok()) << replay.status();
+  EXPECT_EQ((*server)->updates(), 1);
+}
+
+TEST_F(SplitParts, BadInputGetsACodeAndTheServerKeepsServing) {
+  const RunConfig c = ConfigFrom(kAmaq);
+  auto client = ClientPart::Create(c, "", false);
+  auto server = ServerPart::Create(c, "");
+  ASSERT_TRUE(client.ok() && server.ok());
+  const uint64_t session = (*server)->OpenSession();
+  auto up = (*client)->Forward();
+  ASSERT_TRUE(up.ok());
+  auto expect = [&](UpFrame bad, absl::StatusCode code, const char* what) {
+    auto r = (*server)->Train(session, bad, true);
+    EXPECT_EQ(r.status().code(), code) << what << ": " << r.status();
+    EXPECT_FALSE(r.status().message().empty()) << what;
+  };
+  UpFrame bad = *up;
+  bad.frame = "random bytes, not a frame";
+  expect(bad, absl::StatusCode::kInvalidArgument, "random bytes");
+  bad = *up;
+  bad.frame[bad.frame.size() / 2] ^= 0x5a;  // the CRC no longer matches
+  expect(bad, absl::StatusCode::kInvalidArgument, "flipped byte");
+  bad = *up;
+  bad.labels.pop_back();
+  expect(bad, absl::StatusCode::kInvalidArgument, "too few labels");
+  bad = *up;
+  bad.labels[0] = 10;
+  expect(bad, absl::StatusCode::kInvalidArgument, "label out of range");
+  bad = *up;
+  bad.step += 1;
+  expect(bad, absl::StatusCode::kInvalidArgument, "step that is not the frame's");
+  EXPECT_EQ((*server)->Train(session + 100, *up, true).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ((*server)->updates(), 0);
+  auto down = (*server)->Train(session, *up, true);
+  ASSERT_TRUE(down.ok()) << down.status();
+  EXPECT_TRUE((*client)->Backward(*down).ok());
+}
+
+TEST_F(SplitParts, ClientCheckpointRoundTrips) {
+  const RunConfig c = ConfigFrom(kAmaq);
+  auto client = ClientPart::Create(c, "", false);
+  auto server = ServerPart::Create(c, "");
+  ASSERT_TRUE(client.ok() && server.ok());
+  LocalServerLink link(**server);
+  ClientRunner runner(**client, link);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(runner.Step().ok());
+  const std::string path =
+      (std::filesystem::temp_directory_path() / "splitq_client_part.pt").string();
+  ASSERT_TRUE(runner.SaveCheckpoint(path, {1.5}).ok());
+  auto again = ClientPart::Create(c, "", true);
+  ASSERT_TRUE(again.ok());
+  std::vector<double> driver;
+  ASSERT_TRUE((*again)->LoadCheckpoint(path, &driver).ok());
+  EXPECT_EQ((*again)->step(), 3);
+  EXPECT_EQ(driver, std::vector<double>{1.5});
+  EXPECT_EQ((*again)->wire().bytes_up, runner.wire().bytes_up);
+  auto a = (*client)->Forward();
+  auto b = (*again)->Forward();
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->labels, b->labels);
+  // A SplitTrainer checkpoint is not a client checkpoint.
+  auto trainer = SplitTrainer::Create(c);
+  ASSERT_TRUE(trainer.ok());
+  ASSERT_TRUE((*trainer)->SaveCheckpoint(path).ok());
+  EXPECT_EQ((*again)->LoadCheckpoint(path, nullptr).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(SplitPartsConfig, UnsupportedLayoutsAreRefusedByName) {
+  RunConfig c = ConfigFrom(kAmaq);
+  c.u_shaped = true;
+  EXPECT_EQ(CheckNetworkable(c).code(), absl::StatusCode::kUnimplemented);
+  c = ConfigFrom(kAmaq);
+  c.activations.mode = WireMode::kAqSgd;
+  EXPECT_EQ(CheckNetworkable(c).code(), absl::StatusCode::kUnimplemented);
+}
+
+TEST_F(SplitParts, ShardsAreDisjoint) {
+  const RunConfig c = ConfigFrom(kAmaq);
+  for (int64_t k = 0; k < 3; ++k) {
+    auto client = ClientPart::Create(c, "", false, DataShard{k, 3});
+    ASSERT_TRUE(client.ok());
+    auto up = (*client)->Forward();
+    ASSERT_TRUE(up.ok());
+    for (int64_t id : up->sample_ids) EXPECT_EQ(id % 3, k);
+  }
+}
+
+TEST(SplitPartsConfig, BadShardIsRefused) {
+  // Checked before any data is loaded.
+  RunConfig c = ConfigFrom(kAmaq);
+  EXPECT_EQ(ClientPart::Create(c, "", false, DataShard{2, 2}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace splitq::trainer
