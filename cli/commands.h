@@ -5,6 +5,9 @@
 
 #include <CLI/CLI.hpp>
 #include <functional>
+#include <string>
+
+#include "trainer/train_loop.h"
 
 namespace splitq::cli {
 
@@ -22,6 +25,8 @@ void RegisterBenchStep(CLI::App& bench, RunFn* run);
 
 // `splitq train`: one-process split training with the wire codec in the loop.
 void RegisterTrain(CLI::App& app, RunFn* run);
+// The two lines `splitq train` (and `splitq client`) print at the end of a run.
+void PrintTrainSummary(const trainer::TrainSummary& summary, const std::string& out_dir);
 
 // `splitq data export DIR`: the data sets, for hosts without their Debian packages.
 void RegisterData(CLI::App& app, RunFn* run);
@@ -34,6 +39,12 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run);
 
 // `splitq coordinator`: a cluster's control plane (built with the services).
 void RegisterCoordinator(CLI::App& app, RunFn* run);
+// `splitq worker`: the server part behind the Worker service (built with the services).
+void RegisterWorker(CLI::App& app, RunFn* run);
+// `splitq client`: the client part, training through a worker (built with the services).
+void RegisterClient(CLI::App& app, RunFn* run);
+// `splitq demo`: coordinator, worker and clients as processes on loopback.
+void RegisterDemo(CLI::App& app, RunFn* run);
 
 // `splitq tokens --out DIR ID...`: bearer tokens (built with the services).
 void RegisterTokens(CLI::App& app, RunFn* run);

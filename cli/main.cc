@@ -65,6 +65,8 @@ int main(int argc, char** argv) {
   splitq::cli::RegisterHealth(app, &run);
   splitq::cli::RegisterTokens(app, &run);
   splitq::cli::RegisterCoordinator(app, &run);
+  splitq::cli::RegisterWorker(app, &run);
+  splitq::cli::RegisterClient(app, &run);
 #endif
 
   CLI11_PARSE(app, argc, argv);

@@ -64,6 +64,14 @@ int RunTrain(const TrainCommandOptions& opt) {
     std::fprintf(stderr, "train: %s\n", std::string(summary.status().message()).c_str());
     return summary.status().code() == absl::StatusCode::kCancelled ? 128 + g_signal.load() : 1;
   }
+  PrintTrainSummary(*summary, train_options.out_dir);
+  return 0;
+}
+
+}  // namespace
+
+void PrintTrainSummary(const trainer::TrainSummary& s, const std::string& out_dir) {
+  const trainer::TrainSummary* summary = &s;
   std::printf("%s: %lld steps in %.1f s on %s; val loss %.4f", summary->task.c_str(),
               static_cast<long long>(summary->steps), summary->wall_seconds,
               summary->device.c_str(), summary->val_loss);
@@ -75,11 +83,8 @@ int RunTrain(const TrainCommandOptions& opt) {
       summary->bytes_up / 1e6, summary->bytes_down / 1e6, summary->bytes_fp32_equivalent / 1e6,
       summary->avg_act_bits, summary->avg_grad_bits);
   std::printf("wrote %s/{metrics.jsonl, validation.jsonl, checkpoint.pt, summary.json}\n",
-              train_options.out_dir.c_str());
-  return 0;
+              out_dir.c_str());
 }
-
-}  // namespace
 
 void RegisterTrain(CLI::App& app, RunFn* run) {
   auto opt = std::make_shared<TrainCommandOptions>();

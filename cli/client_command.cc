@@ -1,0 +1,291 @@
+// `splitq client --config F --coordinator HOST:PORT --id NAME [--token FILE] [--shard K/N]
+// [--out DIR] (--tls-dir DIR [--mtls] | --insecure)`: one client of a cluster. It runs the
+// client part of the model on its own shard of the data (trainer/split_parts.h), gets a worker
+// from the coordinator, and trains through it with the same driver as `splitq train`
+// (progress, metrics.jsonl, validation.jsonl, checkpoint.pt, summary.json in --out).
+//
+// Faults: when the worker stream breaks (the worker died or the network failed) the client asks
+// the coordinator for a worker again and reconnects, with exponential backoff (0.2 s doubling
+// to 5 s, jittered) for up to --reconnect-timeout seconds; the step in flight is sent again,
+// not recomputed. A client started on an --out that holds a checkpoint resumes from it (after a
+// crash or a SIGKILL); the worker does not apply the replayed steps to its weights twice.
+// SIGINT/SIGTERM stop at the end of the step with a checkpoint (exit 128 + signal).
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "cli/commands.h"
+#include "cli/net_common.h"
+#include "cli/security_flags.h"
+#include "server/coordinator_client.h"
+#include "server/worker_client.h"
+#include "trainer/config.h"
+#include "trainer/split_parts.h"
+#include "trainer/train_loop.h"
+
+namespace splitq::cli {
+namespace {
+
+std::atomic<bool> g_interrupt{false};
+std::atomic<int> g_signal{0};
+void OnInterrupt(int signal) {
+  g_signal.store(signal);
+  if (g_interrupt.exchange(true)) std::_Exit(128 + signal);
+}
+
+struct ClientCommandOptions {
+  std::string config_path, coordinator, id, token_path, shard = "0/1", out_dir, init;
+  std::vector<std::string> overrides;
+  server::TransportSecurity security;
+  int connect_timeout_s = 120, reconnect_timeout_s = 300;
+};
+
+// A ServerLink to whichever worker the coordinator assigns, reconnecting after failures.
+class ReconnectingLink : public trainer::ServerLink {
+ public:
+  ReconnectingLink(server::CoordinatorClient& coordinator, const ClientCommandOptions& opt,
+                   server::WorkerLinkOptions link_options)
+      : coordinator_(coordinator), opt_(opt), link_options_(std::move(link_options)) {}
+
+  // Registers (retrying while the coordinator is unreachable) and connects to a worker
+  // (retrying while none is available).
+  absl::Status Connect(std::chrono::seconds timeout) {
+    return server::RetryWithBackoff([this] { return ConnectOnce(); },
+                                    [](const absl::Status& s) { return server::IsTransient(s); },
+                                    timeout, Report());
+  }
+
+  absl::StatusOr<trainer::DownFrame> Train(const trainer::UpFrame& up) override {
+    return link_->Train(up);
+  }
+  absl::StatusOr<trainer::EvalPiece> Evaluate(const trainer::UpFrame& up) override {
+    return link_->Evaluate(up);
+  }
+  absl::Status Recover(const absl::Status& error) override {
+    if (!server::IsTransient(error) && error.code() != absl::StatusCode::kNotFound) return error;
+    std::fprintf(stderr, "\nclient %s: the worker stream failed (%s); reconnecting\n",
+                 opt_.id.c_str(), error.ToString().c_str());
+    link_.reset();
+    const absl::Status s = Connect(std::chrono::seconds(opt_.reconnect_timeout_s));
+    if (s.ok()) {
+      std::fprintf(stderr, "client %s: reconnected to worker %s\n", opt_.id.c_str(),
+                   worker_.c_str());
+    }
+    return s;
+  }
+
+  uint64_t member_id() const { return member_id_.load(); }
+  void Close() {
+    if (link_) link_->Close();
+  }
+
+  // ALREADY_EXISTS (the id is registered and alive: a previous run of this client that the
+  // coordinator has not yet seen die, or a concurrent re-registration) comes back as
+  // UNAVAILABLE, to be retried.
+  absl::StatusOr<uint64_t> Register() {
+    auto r = coordinator_.Register(server::Role::kClient, opt_.id);
+    if (r.status().code() == absl::StatusCode::kAlreadyExists) {
+      return absl::UnavailableError(
+          absl::StrCat("client id ", opt_.id, " is registered and alive (a previous run?)"));
+    }
+    if (!r.ok()) return r.status();
+    member_id_.store(r->member_id);
+    return r->member_id;
+  }
+
+ private:
+  std::function<void(const absl::Status&, std::chrono::milliseconds)> Report() const {
+    return [this](const absl::Status& s, std::chrono::milliseconds wait) {
+      std::fprintf(stderr, "client %s: %s; retrying in %lld ms\n", opt_.id.c_str(),
+                   std::string(s.message()).c_str(), static_cast<long long>(wait.count()));
+    };
+  }
+
+  absl::Status ConnectOnce() {
+    if (g_interrupt.load()) return absl::CancelledError("interrupted");
+    if (member_id_.load() == 0) SPLITQ_RETURN_IF_ERROR(Register().status());
+    auto assignment = coordinator_.Assign(member_id_.load());
+    if (assignment.status().code() == absl::StatusCode::kNotFound) {  // marked dead: again
+      member_id_.store(0);
+      return absl::UnavailableError("the coordinator forgot this client; registering again");
+    }
+    if (!assignment.ok()) return assignment.status();
+    const std::string target = JoinHostPort(assignment->worker);
+    auto channel = MakeChannel(target, opt_.security);
+    if (!channel.ok()) return channel.status();
+    // Wait for the connection so that a dead worker shows up here, not in the middle of a step.
+    if (!(*channel)->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(5))) {
+      return absl::UnavailableError(
+          absl::StrCat("worker ", assignment->worker_name, " at ", target, " does not answer"));
+    }
+    link_ = std::make_unique<server::WorkerClient>(*channel, link_options_);
+    worker_ = absl::StrCat(assignment->worker_name, " at ", target);
+    return absl::OkStatus();
+  }
+
+  server::CoordinatorClient& coordinator_;
+  const ClientCommandOptions& opt_;
+  server::WorkerLinkOptions link_options_;
+  std::unique_ptr<server::WorkerClient> link_;
+  std::atomic<uint64_t> member_id_{0};
+  std::string worker_;
+
+ public:
+  const std::string& worker() const { return worker_; }
+};
+
+// Publishes the step count for the heartbeat thread.
+class CountingRunner : public trainer::StepRunner {
+ public:
+  explicit CountingRunner(trainer::StepRunner& inner) : inner_(inner), steps_(inner.step()) {}
+  absl::StatusOr<trainer::StepStats> Step() override {
+    auto s = inner_.Step();
+    steps_.store(inner_.step());
+    return s;
+  }
+  absl::StatusOr<trainer::EvalStats> Evaluate() override { return inner_.Evaluate(); }
+  absl::Status SaveCheckpoint(const std::string& p, const std::vector<double>& d) const override {
+    return inner_.SaveCheckpoint(p, d);
+  }
+  absl::Status LoadCheckpoint(const std::string& p, std::vector<double>* d) override {
+    absl::Status s = inner_.LoadCheckpoint(p, d);
+    steps_.store(inner_.step());
+    return s;
+  }
+  int64_t step() const override { return inner_.step(); }
+  const trainer::RunConfig& config() const override { return inner_.config(); }
+  trainer::WireTotals wire() const override { return inner_.wire(); }
+  std::string device() const override { return inner_.device(); }
+  int64_t steps() const { return steps_.load(); }
+
+ private:
+  trainer::StepRunner& inner_;
+  std::atomic<int64_t> steps_;
+};
+
+int Fail(const std::string& id, const char* what, const absl::Status& status, int code = 2) {
+  std::fprintf(stderr, "client %s: %s: %s\n", id.c_str(), what, status.ToString().c_str());
+  return code;
+}
+
+absl::StatusOr<trainer::DataShard> ParseShard(const std::string& text) {
+  const size_t slash = text.find('/');
+  trainer::DataShard shard;
+  if (slash == std::string::npos || !absl::SimpleAtoi(text.substr(0, slash), &shard.index) ||
+      !absl::SimpleAtoi(text.substr(slash + 1), &shard.count) || shard.count < 1 ||
+      shard.index < 0 || shard.index >= shard.count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--shard '", text, "': expected K/N with 0 <= K < N"));
+  }
+  return shard;
+}
+
+int RunClient(const ClientCommandOptions& opt) {
+  WarnIfReferenceBlas();
+  if (absl::Status s = server::ValidateSecurity(opt.security); !s.ok()) {
+    return Fail(opt.id, "flags", s);
+  }
+  if (!server::IsValidMemberName(opt.id)) {
+    return Fail(opt.id, "--id", absl::InvalidArgumentError("1..64 of [A-Za-z0-9._-]"));
+  }
+  auto shard = ParseShard(opt.shard);
+  if (!shard.ok()) return Fail(opt.id, "flags", shard.status());
+  auto config = trainer::LoadRunConfig(opt.config_path, opt.overrides);
+  if (!config.ok()) return Fail(opt.id, "config", config.status());
+  auto digest = ConfigDigest(opt.config_path, opt.overrides);
+  if (!digest.ok()) return Fail(opt.id, "config", digest.status());
+  auto token = TokenFromFile(opt.token_path);
+  if (!token.ok()) return Fail(opt.id, "--token", token.status());
+
+  trainer::TrainOptions train_options;
+  train_options.out_dir =
+      opt.out_dir.empty() ? (std::filesystem::path("runs") / opt.id).string() : opt.out_dir;
+  train_options.resume =
+      std::filesystem::exists(std::filesystem::path(train_options.out_dir) / "checkpoint.pt");
+  auto part = trainer::ClientPart::Create(*config, opt.init, train_options.resume, *shard);
+  if (!part.ok()) return Fail(opt.id, "client part", part.status(), 1);
+
+  auto channel = MakeChannel(opt.coordinator, opt.security);
+  if (!channel.ok()) return Fail(opt.id, "--coordinator", channel.status());
+  server::CoordinatorClient coordinator(*channel, *token);
+  server::WorkerLinkOptions link_options;
+  link_options.client_id = opt.id;
+  link_options.token = *token;
+  link_options.config_digest = *digest;
+  ReconnectingLink link(coordinator, opt, link_options);
+  std::signal(SIGINT, OnInterrupt);
+  std::signal(SIGTERM, OnInterrupt);
+  if (absl::Status s = link.Connect(std::chrono::seconds(opt.connect_timeout_s)); !s.ok()) {
+    return Fail(opt.id, "connect", s, 1);
+  }
+  std::fprintf(stderr, "client %s: shard %s, worker %s\n", opt.id.c_str(), opt.shard.c_str(),
+               link.worker().c_str());
+
+  trainer::ClientRunner runner(**part, link);
+  CountingRunner counting(runner);
+  const bool tty = isatty(fileno(stderr)) != 0;
+  train_options.interrupt = &g_interrupt;
+  train_options.progress = [tty, &opt](const std::string& line) {
+    std::fprintf(stderr, tty ? "\r\033[K%s: %s" : "%s: %s\n", opt.id.c_str(), line.c_str());
+    std::fflush(stderr);
+  };
+  absl::StatusOr<trainer::TrainSummary> summary;
+  {
+    server::Heartbeater heartbeat(
+        coordinator, link.member_id(), std::chrono::milliseconds(1000),
+        [&counting] {
+          return server::Heartbeater::Progress{static_cast<uint64_t>(counting.steps()), 0};
+        },
+        [&link]() -> absl::StatusOr<uint64_t> {
+          auto id = link.Register();
+          if (!id.ok() && link.member_id() != 0) return link.member_id();  // re-registered
+          return id;
+        });
+    summary = trainer::RunTraining(counting, train_options);
+    link.Close();
+    (void)coordinator.Leave(heartbeat.member_id());
+  }
+  if (tty) std::fprintf(stderr, "\n");
+  if (!summary.ok()) {
+    std::fprintf(stderr, "client %s: %s\n", opt.id.c_str(),
+                 std::string(summary.status().message()).c_str());
+    return summary.status().code() == absl::StatusCode::kCancelled ? 128 + g_signal.load() : 1;
+  }
+  PrintTrainSummary(*summary, train_options.out_dir);
+  return 0;
+}
+
+}  // namespace
+
+void RegisterClient(CLI::App& app, RunFn* run) {
+  auto opt = std::make_shared<ClientCommandOptions>();
+  CLI::App* cmd = app.add_subcommand("client", "Run a client: the client part, on its own data");
+  cmd->add_option("--config", opt->config_path, "The YAML run config")->required();
+  cmd->add_option("--set", opt->overrides, "Override a key: key.path=value (YAML value)");
+  cmd->add_option("--coordinator", opt->coordinator, "The coordinator's HOST:PORT")->required();
+  cmd->add_option("--id", opt->id, "This client's id (1..64 of [A-Za-z0-9._-])")->required();
+  cmd->add_option("--token", opt->token_path, "This client's bearer token file");
+  cmd->add_option("--shard", opt->shard, "K/N: train on samples with id % N == K (default 0/1)");
+  cmd->add_option("--out", opt->out_dir,
+                  "Output directory (default runs/<id>); resumes from "
+                  "its checkpoint.pt when there is one");
+  cmd->add_option("--init", opt->init, "Base weights checkpoint (LoRA runs)");
+  AddSecurityFlags(cmd, &opt->security, /*serving=*/false);
+  cmd->add_option("--connect-timeout", opt->connect_timeout_s,
+                  "Seconds to keep trying to reach the coordinator and a worker at the start");
+  cmd->add_option("--reconnect-timeout", opt->reconnect_timeout_s,
+                  "Seconds to keep trying after the worker stream failed");
+  cmd->callback([opt, run] { *run = [opt] { return RunClient(*opt); }; });
+}
+
+}  // namespace splitq::cli

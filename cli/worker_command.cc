@@ -1,0 +1,195 @@
+// `splitq worker --config F --coordinator HOST:PORT --listen HOST:PORT [--name NAME]
+// [--advertise HOST] (--tls-dir DIR [--mtls] | --insecure) [--tokens FILE] [--token FILE]`:
+// the server part of the model behind the Worker service (server/worker_service.h), with the
+// standard health service. It registers with the coordinator (retrying with backoff until
+// --connect-timeout), heartbeats with its steps served, prints its address and a status line
+// every 10 s, and stops cleanly on SIGINT/SIGTERM (leaving the coordinator).
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/server.h>
+#include <grpcpp/server_builder.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cli/commands.h"
+#include "cli/net_common.h"
+#include "cli/security_flags.h"
+#include "server/coordinator_client.h"
+#include "server/worker_core.h"
+#include "server/worker_service.h"
+#include "trainer/config.h"
+#include "trainer/split_parts.h"
+
+namespace splitq::cli {
+namespace {
+
+std::atomic<bool> g_stop{false};
+void OnStop(int) { g_stop.store(true); }
+
+struct WorkerCommandOptions {
+  std::string config_path, coordinator, listen = "127.0.0.1:0", name = "worker0", advertise;
+  std::vector<std::string> overrides;
+  std::string init, tokens_path, token_path;
+  server::TransportSecurity security;
+  uint32_t max_clients = 64;
+  int connect_timeout_s = 120;
+};
+
+int Fail(const char* what, const absl::Status& status, int code = 2) {
+  std::fprintf(stderr, "worker: %s: %s\n", what, status.ToString().c_str());
+  return code;
+}
+
+int RunWorker(const WorkerCommandOptions& opt) {
+  WarnIfReferenceBlas();
+  if (absl::Status s = server::ValidateSecurity(opt.security); !s.ok()) return Fail("flags", s);
+  auto config = trainer::LoadRunConfig(opt.config_path, opt.overrides);
+  if (!config.ok()) return Fail("config", config.status());
+  auto digest = ConfigDigest(opt.config_path, opt.overrides);
+  if (!digest.ok()) return Fail("config", digest.status());
+  auto own_token = TokenFromFile(opt.token_path);
+  if (!own_token.ok()) return Fail("--token", own_token.status());
+  std::unique_ptr<server::TokenSet> tokens;
+  if (!opt.tokens_path.empty()) {
+    auto loaded = server::TokenSet::Load(opt.tokens_path);
+    if (!loaded.ok()) return Fail("--tokens", loaded.status());
+    tokens = std::make_unique<server::TokenSet>(std::move(*loaded));
+  } else if (!opt.security.insecure) {
+    return Fail("--tokens", absl::InvalidArgumentError(
+                                "required with TLS: the clients' tokens (`splitq tokens`)"));
+  }
+  auto part = trainer::ServerPart::Create(*config, opt.init);
+  if (!part.ok()) return Fail("server part", part.status(), 1);
+
+  server::WorkerOptions core_options;
+  core_options.max_sessions = opt.max_clients;
+  core_options.config_digest = *digest;
+  server::WorkerCore core(**part, core_options);
+  server::WorkerService service(core, tokens.get());
+
+  auto credentials = server::MakeServerCredentials(opt.security);
+  if (!credentials.ok()) return Fail("TLS", credentials.status());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(opt.listen, *credentials, &port);
+  builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(
+      server::WorkerService::MaxReceiveMessageBytes(core_options.assembler));
+  // Keepalive: a client that vanished without closing its connection is noticed within ~20 s;
+  // clients may ping every 5 s (server/worker_client.h pings every 10 s).
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  std::unique_ptr<grpc::Server> grpc_server = builder.BuildAndStart();
+  if (grpc_server == nullptr || port == 0) {
+    return Fail("listen", absl::UnavailableError("cannot listen on " + opt.listen), 1);
+  }
+  auto listen = ParseHostPort(opt.listen);
+  if (!listen.ok()) return Fail("--listen", listen.status());
+  server::WorkerAddress advertised{opt.advertise.empty() ? listen->host : opt.advertise,
+                                   static_cast<uint32_t>(port)};
+  if (advertised.host == "0.0.0.0" || advertised.host == "::" || advertised.host.empty()) {
+    char host[256] = {};
+    gethostname(host, sizeof host - 1);
+    advertised.host = host;
+  }
+  std::printf("worker %s listening on %s (%s), server part on %s\n", opt.name.c_str(),
+              JoinHostPort(advertised).c_str(), opt.security.insecure ? "plaintext" : "TLS",
+              (*part)->device().c_str());
+  std::fflush(stdout);
+  std::signal(SIGINT, OnStop);
+  std::signal(SIGTERM, OnStop);
+
+  // The coordinator: register (it may start after us), then heartbeat.
+  auto channel = MakeChannel(opt.coordinator, opt.security);
+  if (!channel.ok()) return Fail("--coordinator", channel.status());
+  server::CoordinatorClient coordinator(*channel, *own_token);
+  server::Registration registration;
+  auto register_once = [&]() -> absl::Status {
+    if (g_stop.load()) return absl::CancelledError("stopped");
+    auto r = coordinator.Register(server::Role::kWorker, opt.name, advertised, opt.max_clients);
+    if (!r.ok()) return r.status();
+    registration = *r;
+    return absl::OkStatus();
+  };
+  const absl::Status registered = server::RetryWithBackoff(
+      register_once, [](const absl::Status& s) { return server::IsTransient(s); },
+      std::chrono::seconds(opt.connect_timeout_s),
+      [&](const absl::Status& s, auto wait) {
+        std::fprintf(stderr, "worker: coordinator %s: %s; retrying in %lld ms\n",
+                     opt.coordinator.c_str(), std::string(s.message()).c_str(),
+                     static_cast<long long>(wait.count()));
+      });
+  if (!registered.ok()) {
+    grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    return Fail("register", registered, 1);
+  }
+  std::printf("worker %s registered with the coordinator at %s\n", opt.name.c_str(),
+              opt.coordinator.c_str());
+  std::fflush(stdout);
+  {
+    server::Heartbeater heartbeat(
+        coordinator, registration.member_id, registration.heartbeat_period,
+        [&core] {
+          const server::WorkerStats s = core.stats();
+          return server::Heartbeater::Progress{static_cast<uint64_t>(s.steps_served), s.sessions};
+        },
+        [&]() -> absl::StatusOr<uint64_t> {
+          auto r =
+              coordinator.Register(server::Role::kWorker, opt.name, advertised, opt.max_clients);
+          if (!r.ok()) return r.status();
+          return r->member_id;
+        });
+    auto last_status = std::chrono::steady_clock::now();
+    while (!g_stop.load()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      if (std::chrono::steady_clock::now() - last_status > std::chrono::seconds(10)) {
+        last_status = std::chrono::steady_clock::now();
+        const server::WorkerStats s = core.stats();
+        std::printf("worker %s: %u clients, %lld steps served, %lld server updates\n",
+                    opt.name.c_str(), s.sessions, static_cast<long long>(s.steps_served),
+                    static_cast<long long>(s.updates));
+        std::fflush(stdout);
+      }
+    }
+    (void)coordinator.Leave(heartbeat.member_id());
+  }
+  grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  std::printf("worker %s stopped\n", opt.name.c_str());
+  return 0;
+}
+
+}  // namespace
+
+void RegisterWorker(CLI::App& app, RunFn* run) {
+  auto opt = std::make_shared<WorkerCommandOptions>();
+  CLI::App* cmd = app.add_subcommand("worker", "Run a worker: the server part of the model");
+  cmd->add_option("--config", opt->config_path, "The YAML run config")->required();
+  cmd->add_option("--set", opt->overrides, "Override a key: key.path=value (YAML value)");
+  cmd->add_option("--coordinator", opt->coordinator, "The coordinator's HOST:PORT")->required();
+  cmd->add_option("--listen", opt->listen, "HOST:PORT (port 0: pick a free one)");
+  cmd->add_option("--name", opt->name, "This worker's name (1..64 of [A-Za-z0-9._-])");
+  cmd->add_option("--advertise", opt->advertise,
+                  "Host clients dial (default: the --listen host, or this host's name)");
+  cmd->add_option("--init", opt->init, "Base weights checkpoint (LoRA runs)");
+  AddSecurityFlags(cmd, &opt->security, /*serving=*/true);
+  cmd->add_option("--tokens", opt->tokens_path, "The clients' bearer tokens (`splitq tokens`)");
+  cmd->add_option("--token", opt->token_path, "This worker's own token file, for the coordinator");
+  cmd->add_option("--max-clients", opt->max_clients, "Clients served at once")
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option("--connect-timeout", opt->connect_timeout_s,
+                  "Seconds to keep trying to reach the coordinator");
+  cmd->callback([opt, run] { *run = [opt] { return RunWorker(*opt); }; });
+}
+
+}  // namespace splitq::cli

@@ -1,0 +1,148 @@
+#include "server/coordinator_client.h"
+
+#include <grpcpp/client_context.h>
+
+#include <random>
+#include <utility>
+
+#include "kernels/common.h"  // SPLITQ_ASSIGN_OR_RETURN
+#include "server/rpc_channel.h"
+#include "server/tokens.h"
+
+namespace splitq::server {
+
+CoordinatorClient::CoordinatorClient(std::shared_ptr<grpc::Channel> channel, std::string token,
+                                     std::chrono::milliseconds call_timeout)
+    : stub_(splitq::v1::Coordinator::NewStub(channel)),
+      token_(std::move(token)),
+      call_timeout_(call_timeout) {}
+
+std::unique_ptr<grpc::ClientContext> CoordinatorClient::Context() const {
+  auto context = std::make_unique<grpc::ClientContext>();
+  context->set_deadline(std::chrono::system_clock::now() + call_timeout_);
+  if (!token_.empty()) AddBearer(*context, token_);
+  return context;
+}
+
+absl::StatusOr<Registration> CoordinatorClient::Register(Role role, const std::string& name,
+                                                         const WorkerAddress& endpoint,
+                                                         uint32_t max_sessions) {
+  splitq::v1::RegisterRequest request;
+  request.set_protocol_version(splitq::v1::PROTOCOL_VERSION_CURRENT);
+  request.set_role(role == Role::kWorker ? splitq::v1::ROLE_WORKER : splitq::v1::ROLE_CLIENT);
+  request.set_name(name);
+  if (role == Role::kWorker) {
+    request.mutable_endpoint()->set_host(endpoint.host);
+    request.mutable_endpoint()->set_port(endpoint.port);
+    request.set_max_sessions(max_sessions);
+  }
+  splitq::v1::RegisterReply reply;
+  auto context = Context();
+  SPLITQ_RETURN_IF_ERROR(FromGrpcStatus(stub_->Register(context.get(), request, &reply)));
+  Registration r;
+  r.member_id = reply.member_id();
+  r.heartbeat_period = std::chrono::milliseconds(reply.heartbeat_period_ms());
+  r.heartbeat_deadline = std::chrono::milliseconds(reply.heartbeat_deadline_ms());
+  r.config_yaml = reply.config_yaml();
+  return r;
+}
+
+absl::StatusOr<Assignment> CoordinatorClient::Assign(uint64_t member_id) {
+  splitq::v1::AssignRequest request;
+  request.set_member_id(member_id);
+  splitq::v1::AssignReply reply;
+  auto context = Context();
+  SPLITQ_RETURN_IF_ERROR(FromGrpcStatus(stub_->Assign(context.get(), request, &reply)));
+  Assignment a;
+  a.worker_name = reply.worker_name();
+  a.worker = WorkerAddress{reply.worker().host(), reply.worker().port()};
+  a.assignment_id = reply.assignment_id();
+  a.resume_step = reply.resume_step();
+  return a;
+}
+
+absl::StatusOr<bool> CoordinatorClient::Heartbeat(uint64_t member_id, uint64_t step,
+                                                  uint32_t sessions) {
+  splitq::v1::HeartbeatRequest request;
+  request.set_member_id(member_id);
+  request.set_step(step);
+  request.set_sessions(sessions);
+  splitq::v1::HeartbeatReply reply;
+  auto context = Context();
+  SPLITQ_RETURN_IF_ERROR(FromGrpcStatus(stub_->Heartbeat(context.get(), request, &reply)));
+  return !reply.unknown_member();
+}
+
+absl::Status CoordinatorClient::Leave(uint64_t member_id) {
+  splitq::v1::LeaveRequest request;
+  request.set_member_id(member_id);
+  splitq::v1::LeaveReply reply;
+  auto context = Context();
+  return FromGrpcStatus(stub_->Leave(context.get(), request, &reply));
+}
+
+Heartbeater::Heartbeater(CoordinatorClient& client, uint64_t member_id,
+                         std::chrono::milliseconds period, std::function<Progress()> progress,
+                         std::function<absl::StatusOr<uint64_t>()> reregister)
+    : member_id_(member_id) {
+  thread_ = std::thread(
+      [this, &client, period, progress = std::move(progress), reregister = std::move(reregister)] {
+        std::unique_lock<std::mutex> lock(mutex_);
+        while (!wake_.wait_for(lock, period, [this] { return stopping_; })) {
+          lock.unlock();
+          const Progress p = progress ? progress() : Progress{};
+          auto known = client.Heartbeat(member_id_.load(), p.step, p.sessions);
+          if (known.ok() && !*known && reregister) {
+            auto id = reregister();
+            if (id.ok()) member_id_.store(*id);
+          }
+          lock.lock();
+        }
+      });
+}
+
+Heartbeater::~Heartbeater() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  thread_.join();
+}
+
+bool IsTransient(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kDeadlineExceeded:
+    case absl::StatusCode::kCancelled:
+    case absl::StatusCode::kAborted:
+    case absl::StatusCode::kUnknown:
+      return true;
+    default:
+      return false;
+  }
+}
+
+absl::Status RetryWithBackoff(
+    const std::function<absl::Status()>& attempt,
+    const std::function<bool(const absl::Status&)>& retry, std::chrono::milliseconds timeout,
+    const std::function<void(const absl::Status&, std::chrono::milliseconds)>& on_retry,
+    std::chrono::milliseconds first, std::chrono::milliseconds cap) {
+  const auto end = std::chrono::steady_clock::now() + timeout;
+  std::minstd_rand jitter(std::random_device{}());
+  std::chrono::milliseconds wait = first;
+  for (;;) {
+    absl::Status status = attempt();
+    if (status.ok() || !retry(status)) return status;
+    // Full jitter in [wait/2, wait], so restarted clients do not reconnect in lock step.
+    const auto sleep = std::chrono::milliseconds(
+        wait.count() / 2 +
+        static_cast<int64_t>(jitter() % static_cast<uint64_t>(wait.count() / 2 + 1)));
+    if (std::chrono::steady_clock::now() + sleep > end) return status;
+    if (on_retry) on_retry(status, sleep);
+    std::this_thread::sleep_for(sleep);
+    wait = std::min(cap, wait * 2);
+  }
+}
+
+}  // namespace splitq::server

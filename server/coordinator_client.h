@@ -1,0 +1,95 @@
+// splitq server: the client side of the Coordinator service (proto/splitq/v1/coordinator.proto),
+// for workers and clients: register, get a worker assigned, heartbeat, leave. Sync gRPC calls,
+// each with a deadline (`call_timeout`).
+//
+// Heartbeater sends a heartbeat every period from its own thread; when the coordinator no
+// longer knows the member (it was marked dead, or the coordinator restarted), it registers again
+// through the callback given, so a member survives a coordinator restart.
+#pragma once
+
+#include <grpcpp/channel.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "server/coordinator_core.h"
+#include "splitq/v1/coordinator.grpc.pb.h"
+
+namespace splitq::server {
+
+struct Registration {
+  uint64_t member_id = 0;
+  std::chrono::milliseconds heartbeat_period{1000};
+  std::chrono::milliseconds heartbeat_deadline{2000};
+  std::string config_yaml;  // the coordinator's run config
+};
+
+class CoordinatorClient {
+ public:
+  CoordinatorClient(std::shared_ptr<grpc::Channel> channel, std::string token,
+                    std::chrono::milliseconds call_timeout = std::chrono::milliseconds(5000));
+
+  // Errors one to one from the coordinator (coordinator_core.h), UNAVAILABLE when it cannot be
+  // reached, DEADLINE_EXCEEDED after call_timeout.
+  absl::StatusOr<Registration> Register(Role role, const std::string& name,
+                                        const WorkerAddress& endpoint = {},
+                                        uint32_t max_sessions = 0);
+  absl::StatusOr<Assignment> Assign(uint64_t member_id);
+  // False when the coordinator does not know the member any more (register again).
+  absl::StatusOr<bool> Heartbeat(uint64_t member_id, uint64_t step, uint32_t sessions = 0);
+  absl::Status Leave(uint64_t member_id);
+
+ private:
+  std::unique_ptr<grpc::ClientContext> Context() const;
+
+  std::unique_ptr<splitq::v1::Coordinator::Stub> stub_;
+  std::string token_;
+  std::chrono::milliseconds call_timeout_;
+};
+
+class Heartbeater {
+ public:
+  struct Progress {
+    uint64_t step = 0;
+    uint32_t sessions = 0;
+  };
+  // `progress` is called on the heartbeat thread; `reregister` when the member is unknown (it
+  // returns the new member id, or an error to try again next period).
+  Heartbeater(CoordinatorClient& client, uint64_t member_id, std::chrono::milliseconds period,
+              std::function<Progress()> progress,
+              std::function<absl::StatusOr<uint64_t>()> reregister);
+  ~Heartbeater();  // stops the thread
+
+  uint64_t member_id() const { return member_id_.load(); }
+
+ private:
+  std::atomic<uint64_t> member_id_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+// Retries `attempt` with exponential backoff (from `first`, doubling up to `cap`, with jitter)
+// while it fails with a status for which `retry` is true and `timeout` has not passed. Calls
+// `on_retry` (may be empty) before each wait.
+absl::Status RetryWithBackoff(
+    const std::function<absl::Status()>& attempt,
+    const std::function<bool(const absl::Status&)>& retry, std::chrono::milliseconds timeout,
+    const std::function<void(const absl::Status&, std::chrono::milliseconds)>& on_retry = {},
+    std::chrono::milliseconds first = std::chrono::milliseconds(200),
+    std::chrono::milliseconds cap = std::chrono::milliseconds(5000));
+
+// UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, ABORTED, UNKNOWN: a network or peer failure
+// worth retrying after a reconnect.
+bool IsTransient(const absl::Status& status);
+
+}  // namespace splitq::server

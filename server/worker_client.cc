@@ -1,0 +1,198 @@
+#include "server/worker_client.h"
+
+#include <grpcpp/support/channel_arguments.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/common.h"  // SPLITQ_ASSIGN_OR_RETURN
+#include "server/coordinator_core.h"
+#include "server/rpc_channel.h"
+#include "server/tokens.h"
+
+namespace splitq::server {
+namespace {
+
+template <typename Request>
+void FillHello(Request* request, const WorkerLinkOptions& o, int64_t step) {
+  auto* hello = request->mutable_hello();
+  hello->set_protocol_version(splitq::v1::PROTOCOL_VERSION_CURRENT);
+  hello->set_client_id(o.client_id);
+  hello->set_resume_step(static_cast<uint64_t>(step));
+  hello->set_config_digest(o.config_digest);
+}
+
+// Writes a step's labels, then its frame in chunks. False when the stream broke.
+template <typename Request, typename Stream>
+bool WriteStep(Stream& stream, const trainer::UpFrame& up, int64_t chunk_bytes) {
+  Request labels;
+  auto* l = labels.mutable_labels();
+  l->set_step(static_cast<uint64_t>(up.step));
+  l->mutable_values()->Add(up.labels.begin(), up.labels.end());
+  l->mutable_sample_ids()->Add(up.sample_ids.begin(), up.sample_ids.end());
+  if (!stream.Write(labels)) return false;
+  const int64_t size = static_cast<int64_t>(up.frame.size());
+  const uint32_t count =
+      static_cast<uint32_t>(std::max<int64_t>(1, (size + chunk_bytes - 1) / chunk_bytes));
+  Request chunk;
+  for (uint32_t i = 0; i < count; ++i) {
+    auto* c = chunk.mutable_activation();
+    c->set_step(static_cast<uint64_t>(up.step));
+    c->set_index(i);
+    c->set_count(count);
+    c->set_frame_bytes(static_cast<uint64_t>(size));
+    const int64_t begin = i * chunk_bytes;
+    c->set_data(up.frame.data() + begin, static_cast<size_t>(std::min(chunk_bytes, size - begin)));
+    if (!stream.Write(chunk)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+grpc::ChannelArguments ClientChannelArguments(int keepalive_ms) {
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, keepalive_ms);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, keepalive_ms);
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  args.SetMaxReceiveMessageSize(AssemblerLimits{}.max_chunk_bytes + (64 << 10));
+  args.SetMaxSendMessageSize(AssemblerLimits{}.max_chunk_bytes + (64 << 10));
+  return args;
+}
+
+WorkerClient::WorkerClient(std::shared_ptr<grpc::Channel> channel, WorkerLinkOptions options)
+    : channel_(std::move(channel)),
+      stub_(splitq::v1::Worker::NewStub(channel_)),
+      options_(std::move(options)) {
+  options_.chunk_bytes =
+      std::clamp<int64_t>(options_.chunk_bytes, 1, options_.limits.max_chunk_bytes);
+}
+
+WorkerClient::~WorkerClient() { Close(); }
+
+std::unique_ptr<grpc::ClientContext> WorkerClient::NewContext() const {
+  auto context = std::make_unique<grpc::ClientContext>();
+  context->set_deadline(std::chrono::system_clock::now() + options_.stream_deadline);
+  if (!options_.token.empty()) AddBearer(*context, options_.token);
+  return context;
+}
+
+template <typename Stream>
+absl::Status WorkerClient::Fail(Open<Stream>& open, const char* what) {
+  absl::Status status;
+  if (open.stream) {
+    open.context->TryCancel();  // a half-written step must not linger on the worker
+    status = FromGrpcStatus(open.stream->Finish());
+  }
+  open.stream.reset();
+  open.context.reset();
+  if (status.ok() || status.code() == absl::StatusCode::kCancelled) {
+    status = absl::UnavailableError(absl::StrCat("the worker stream broke (", what, ")"));
+  }
+  return status;
+}
+
+absl::Status WorkerClient::OpenTrain(int64_t step) {
+  train_.context = NewContext();
+  train_.stream = stub_->Train(train_.context.get());
+  splitq::v1::TrainRequest hello;
+  FillHello(&hello, options_, step);
+  splitq::v1::TrainReply reply;
+  if (!train_.stream->Write(hello) || !train_.stream->Read(&reply)) {
+    return Fail(train_, "hello");
+  }
+  if (!reply.has_welcome()) {
+    (void)Fail(train_, "welcome");
+    return absl::InternalError("the worker answered the hello without a welcome");
+  }
+  if (reply.welcome().expected_step() != static_cast<uint64_t>(step)) {
+    (void)Fail(train_, "welcome");
+    return absl::InternalError(
+        absl::StrCat("the worker expects step ", reply.welcome().expected_step(), ", not ", step));
+  }
+  session_id_ = reply.welcome().session_id();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<trainer::DownFrame> WorkerClient::Train(const trainer::UpFrame& up) {
+  if (!train_.stream) SPLITQ_RETURN_IF_ERROR(OpenTrain(up.step));
+  if (!WriteStep<splitq::v1::TrainRequest>(*train_.stream, up, options_.chunk_bytes)) {
+    return Fail(train_, "sending a frame");
+  }
+  FrameAssembler assembler(options_.limits);
+  trainer::DownFrame down;
+  down.step = up.step;
+  bool have_frame = false;
+  splitq::v1::TrainReply reply;
+  while (train_.stream->Read(&reply)) {
+    if (reply.has_gradient()) {
+      const auto& g = reply.gradient();
+      auto frame = assembler.Add(Chunk{g.step(), g.index(), g.count(), g.frame_bytes(), g.data()},
+                                 static_cast<uint64_t>(up.step));
+      if (!frame.ok()) {
+        (void)Fail(train_, "gradient");
+        return absl::InternalError(
+            absl::StrCat("the worker's gradient: ", frame.status().message()));
+      }
+      if (*frame) {
+        down.frame = std::move(**frame);
+        have_frame = true;
+      }
+    } else if (reply.has_result()) {
+      if (!have_frame || reply.result().step() != static_cast<uint64_t>(up.step)) {
+        (void)Fail(train_, "result");
+        return absl::InternalError("the worker's result came before its gradient");
+      }
+      down.loss = reply.result().loss();
+      down.grad_bits = reply.result().grad_bits();
+      return down;
+    } else {
+      (void)Fail(train_, "reply");
+      return absl::InternalError("an unexpected reply from the worker");
+    }
+  }
+  return Fail(train_, "waiting for the gradient");
+}
+
+absl::StatusOr<trainer::EvalPiece> WorkerClient::Evaluate(const trainer::UpFrame& up) {
+  if (eval_.stream && eval_.step != up.step) {  // a new validation pass: a new stream
+    eval_.stream->WritesDone();
+    eval_.stream->Finish();
+    eval_.stream.reset();
+  }
+  if (!eval_.stream) {
+    eval_.context = NewContext();
+    eval_.stream = stub_->Evaluate(eval_.context.get());
+    eval_.step = up.step;
+    splitq::v1::EvaluateRequest hello;
+    FillHello(&hello, options_, up.step);
+    if (!eval_.stream->Write(hello)) return Fail(eval_, "hello");
+  }
+  if (!WriteStep<splitq::v1::EvaluateRequest>(*eval_.stream, up, options_.chunk_bytes)) {
+    return Fail(eval_, "sending a frame");
+  }
+  splitq::v1::EvaluateReply reply;
+  if (!eval_.stream->Read(&reply)) return Fail(eval_, "waiting for the result");
+  trainer::EvalPiece piece;
+  piece.loss_sum = reply.loss_sum();
+  piece.correct = static_cast<int64_t>(reply.correct());
+  piece.count = static_cast<int64_t>(reply.count());
+  return piece;
+}
+
+void WorkerClient::Close() {
+  if (train_.stream) {
+    train_.stream->WritesDone();
+    train_.stream->Finish();
+    train_.stream.reset();
+  }
+  if (eval_.stream) {
+    eval_.stream->WritesDone();
+    eval_.stream->Finish();
+    eval_.stream.reset();
+  }
+}
+
+}  // namespace splitq::server

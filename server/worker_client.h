@@ -1,0 +1,78 @@
+// splitq server: the client side of the Worker service, as a trainer::ServerLink (sync gRPC
+// API: a client has one step in flight and nothing else to do meanwhile).
+//
+// Train keeps one Train stream open across steps: the first call opens it with a hello
+// (resume_step = that step), each call then writes the step's labels and its frame in chunks
+// and reads the gradient's chunks and the result. Evaluate does the same on an Evaluate
+// stream. Any failure closes the stream and returns the status (the next call opens a new
+// stream, that is a new session; see ClientPart::NewSession).
+//
+// Deadlines: each stream has a deadline (`stream_deadline`, default 24 h: a run longer than that
+// reconnects once a day) and keepalive pings detect a dead worker or network within
+// ~2 x keepalive_ms.
+#pragma once
+
+#include <grpcpp/channel.h>
+#include <grpcpp/client_context.h>
+#include <grpcpp/support/channel_arguments.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "server/frame_assembler.h"
+#include "splitq/v1/worker.grpc.pb.h"
+#include "trainer/split_link.h"
+
+namespace splitq::server {
+
+struct WorkerLinkOptions {
+  std::string client_id;          // as registered with the coordinator
+  std::string token;              // bearer token ("" to send none)
+  std::string config_digest;      // hex SHA-256 of the run config ("" to skip the check)
+  int64_t chunk_bytes = 1 << 20;  // frames go up in chunks of this size
+  AssemblerLimits limits;         // for the gradient frames coming down
+  std::chrono::seconds stream_deadline{24 * 3600};
+};
+
+// Channel arguments every splitq client uses: keepalive pings every `keepalive_ms` (dead after
+// another keepalive_ms without an answer), and message sizes for 4 MiB chunks.
+grpc::ChannelArguments ClientChannelArguments(int keepalive_ms = 10000);
+
+class WorkerClient : public trainer::ServerLink {
+ public:
+  WorkerClient(std::shared_ptr<grpc::Channel> channel, WorkerLinkOptions options);
+  ~WorkerClient() override;
+
+  absl::StatusOr<trainer::DownFrame> Train(const trainer::UpFrame& up) override;
+  absl::StatusOr<trainer::EvalPiece> Evaluate(const trainer::UpFrame& up) override;
+  // Ends both streams cleanly (WritesDone, Finish).
+  void Close();
+
+  uint64_t session_id() const { return session_id_; }
+
+ private:
+  template <typename Stream>
+  struct Open {
+    std::unique_ptr<grpc::ClientContext> context;
+    std::unique_ptr<Stream> stream;
+    int64_t step = -1;  // Evaluate: the training step in its hello
+  };
+  using TrainStream = grpc::ClientReaderWriter<splitq::v1::TrainRequest, splitq::v1::TrainReply>;
+  using EvalStream =
+      grpc::ClientReaderWriter<splitq::v1::EvaluateRequest, splitq::v1::EvaluateReply>;
+
+  std::unique_ptr<grpc::ClientContext> NewContext() const;
+  absl::Status OpenTrain(int64_t step);
+  template <typename Stream>
+  absl::Status Fail(Open<Stream>& open, const char* what);
+
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<splitq::v1::Worker::Stub> stub_;
+  WorkerLinkOptions options_;
+  Open<TrainStream> train_;
+  Open<EvalStream> eval_;
+  uint64_t session_id_ = 0;
+};
+
+}  // namespace splitq::server

@@ -1,0 +1,239 @@
+#include "server/worker_core.h"
+
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/common.h"  // SPLITQ_ASSIGN_OR_RETURN
+#include "server/coordinator_core.h"
+
+namespace splitq::server {
+
+struct WorkerCore::Session {
+  std::string client_id;
+  bool evaluate = false;
+  uint64_t handler_id = 0;
+  uint64_t expected_step = 0;
+  FrameAssembler assembler;
+  bool has_labels = false;
+  std::vector<int32_t> labels;
+  std::vector<int64_t> sample_ids;
+  std::optional<trainer::UpFrame> ready;
+
+  explicit Session(const AssemblerLimits& limits) : assembler(limits) {}
+  int64_t bytes() const {
+    int64_t n = assembler.buffered_bytes();
+    n += static_cast<int64_t>(labels.size() * sizeof(int32_t) + sample_ids.size() * 8);
+    if (ready) n += static_cast<int64_t>(ready->frame.size());
+    return n;
+  }
+};
+
+WorkerCore::WorkerCore(trainer::ServerHandler& handler, const WorkerOptions& options)
+    : handler_(handler), options_(options) {}
+
+WorkerCore::~WorkerCore() {
+  std::lock_guard<std::mutex> compute(compute_);
+  for (auto& [id, s] : sessions_) handler_.CloseSession(s->handler_id);
+}
+
+absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& authenticated_id) {
+  if (hello.protocol_version != kProtocolVersion) {
+    return absl::FailedPreconditionError(absl::StrCat("protocol version ", hello.protocol_version,
+                                                      "; this worker speaks ", kProtocolVersion,
+                                                      " (upgrade the older side)"));
+  }
+  if (!IsValidMemberName(hello.client_id)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("client id '", hello.client_id, "': 1..64 of [A-Za-z0-9._-]"));
+  }
+  if (!authenticated_id.empty() && authenticated_id != hello.client_id) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("the token belongs to another client than '", hello.client_id, "'"));
+  }
+  if (!options_.config_digest.empty() && !hello.config_digest.empty() &&
+      hello.config_digest != options_.config_digest) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the client's run config (digest ", hello.config_digest.substr(0, 12),
+                     ") is not the worker's (", options_.config_digest.substr(0, 12),
+                     "): start both with the same --config"));
+  }
+  uint64_t handler_id;
+  {
+    std::lock_guard<std::mutex> compute(compute_);
+    handler_id = handler_.OpenSession();
+  }
+  std::vector<uint64_t> replaced;
+  Welcome welcome;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    size_t same_kind = 0;  // Train and Evaluate sessions are counted apart
+    for (const auto& [id, s] : sessions_) {
+      if (s->evaluate != hello.evaluate) continue;
+      ++same_kind;
+      if (s->client_id == hello.client_id) replaced.push_back(id);
+    }
+    if (same_kind - replaced.size() >= options_.max_sessions) {
+      std::lock_guard<std::mutex> compute(compute_);
+      handler_.CloseSession(handler_id);
+      return absl::ResourceExhaustedError(
+          absl::StrCat("this worker serves ", options_.max_sessions, " clients at most"));
+    }
+    auto session = std::make_unique<Session>(options_.assembler);
+    session->client_id = hello.client_id;
+    session->evaluate = hello.evaluate;
+    session->handler_id = handler_id;
+    session->expected_step = hello.resume_step;
+    welcome.session_id = next_id_++;
+    welcome.expected_step = hello.resume_step;
+    sessions_[welcome.session_id] = std::move(session);
+  }
+  for (uint64_t id : replaced) Close(id);
+  return welcome;
+}
+
+absl::StatusOr<WorkerCore::Session*> WorkerCore::Find(uint64_t session) {
+  auto it = sessions_.find(session);
+  if (it == sessions_.end()) {
+    return absl::NotFoundError(absl::StrCat("no session ", session, " (closed or replaced)"));
+  }
+  return it->second.get();
+}
+
+absl::Status WorkerCore::AddLabels(uint64_t session, uint64_t step, std::vector<int32_t> labels,
+                                   std::vector<int64_t> sample_ids) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  SPLITQ_ASSIGN_OR_RETURN(Session * s, Find(session));
+  if (s->ready) return absl::FailedPreconditionError("one step in flight per session");
+  if (step != s->expected_step) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("labels of step ", step, "; the session expects step ", s->expected_step));
+  }
+  if (s->has_labels) {
+    return absl::FailedPreconditionError(absl::StrCat("labels of step ", step, " sent twice"));
+  }
+  if (static_cast<int64_t>(labels.size()) > options_.max_labels ||
+      static_cast<int64_t>(sample_ids.size()) > options_.max_labels) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("more than ", options_.max_labels, " labels or sample ids in one step"));
+  }
+  s->labels = std::move(labels);
+  s->sample_ids = std::move(sample_ids);
+  s->has_labels = true;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> WorkerCore::AddChunk(uint64_t session, const Chunk& chunk) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  SPLITQ_ASSIGN_OR_RETURN(Session * s, Find(session));
+  if (s->ready) return absl::FailedPreconditionError("one step in flight per session");
+  SPLITQ_ASSIGN_OR_RETURN(std::optional<std::string> frame,
+                          s->assembler.Add(chunk, s->expected_step));
+  if (!frame) return false;
+  if (!s->has_labels) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the frame of step ", chunk.step, " ended before its labels (send them first)"));
+  }
+  trainer::UpFrame up;
+  up.step = static_cast<int64_t>(s->expected_step);
+  up.frame = std::move(*frame);
+  up.labels = std::move(s->labels);
+  up.sample_ids = std::move(s->sample_ids);
+  s->labels.clear();
+  s->sample_ids.clear();
+  s->has_labels = false;
+  s->ready = std::move(up);
+  return true;
+}
+
+absl::StatusOr<trainer::UpFrame> WorkerCore::TakeReady(uint64_t session, bool evaluate,
+                                                       uint64_t* handler_id,
+                                                       std::string* client_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  SPLITQ_ASSIGN_OR_RETURN(Session * s, Find(session));
+  if (s->evaluate != evaluate) {
+    return absl::FailedPreconditionError(evaluate ? "a Train session cannot evaluate"
+                                                  : "an Evaluate session cannot train");
+  }
+  if (!s->ready) return absl::FailedPreconditionError("no complete frame to compute");
+  trainer::UpFrame up = std::move(*s->ready);
+  s->ready.reset();
+  if (!evaluate) ++s->expected_step;  // validation batches all carry the training step
+  *handler_id = s->handler_id;
+  *client_id = s->client_id;
+  return up;
+}
+
+absl::StatusOr<trainer::DownFrame> WorkerCore::RunStep(uint64_t session) {
+  uint64_t handler_id = 0;
+  std::string client_id;
+  SPLITQ_ASSIGN_OR_RETURN(trainer::UpFrame up, TakeReady(session, false, &handler_id, &client_id));
+  bool update;
+  uint64_t before;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    uint64_t& next = next_applied_[client_id];
+    before = next;
+    update = static_cast<uint64_t>(up.step) >= next;
+    if (update) next = static_cast<uint64_t>(up.step) + 1;
+  }
+  absl::StatusOr<trainer::DownFrame> down;
+  {
+    std::lock_guard<std::mutex> compute(compute_);
+    down = handler_.Train(handler_id, up, update);
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!down.ok()) {
+    // Not applied after all: a retry of this step must update.
+    if (update && next_applied_[client_id] == static_cast<uint64_t>(up.step) + 1) {
+      next_applied_[client_id] = before;
+    }
+    return down.status();
+  }
+  ++steps_served_;
+  return down;
+}
+
+absl::StatusOr<trainer::EvalPiece> WorkerCore::RunEvaluate(uint64_t session) {
+  uint64_t handler_id = 0;
+  std::string client_id;
+  SPLITQ_ASSIGN_OR_RETURN(trainer::UpFrame up, TakeReady(session, true, &handler_id, &client_id));
+  std::lock_guard<std::mutex> compute(compute_);
+  return handler_.Evaluate(handler_id, up);
+}
+
+void WorkerCore::Close(uint64_t session) {
+  uint64_t handler_id = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = sessions_.find(session);
+    if (it == sessions_.end()) return;
+    handler_id = it->second->handler_id;
+    sessions_.erase(it);
+  }
+  std::lock_guard<std::mutex> compute(compute_);
+  handler_.CloseSession(handler_id);
+}
+
+WorkerStats WorkerCore::stats() const {
+  WorkerStats out;
+  {
+    std::lock_guard<std::mutex> compute(compute_);
+    out.updates = handler_.updates();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    out.sessions = static_cast<uint32_t>(sessions_.size());
+    out.steps_served = steps_served_;
+  }
+  return out;
+}
+
+int64_t WorkerCore::buffered_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  int64_t n = 0;
+  for (const auto& [id, s] : sessions_) n += s->bytes();
+  return n;
+}
+
+}  // namespace splitq::server

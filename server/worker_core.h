@@ -1,0 +1,115 @@
+// splitq server: the worker's handler logic, behind a plain C++ interface (the gRPC Worker
+// service of proto/splitq/v1/worker.proto only adapts it: server/worker_service.h). Tests
+// drive it directly with a fake ServerHandler.
+//
+// A session is one client's Train (or Evaluate) stream. It opens with a hello, then carries
+// one step at a time: the step's labels, then its activation frame in chunks; when the last
+// chunk arrives the step is ready, RunStep computes it and the session expects the next step.
+// One frame is in flight per session, so the memory a session holds is bounded by one frame
+// (AssemblerLimits::max_frame_bytes) plus its labels.
+//
+// Ordering across clients: sequential. The server part is shared and every client step is
+// one forward, backward and optimizer step of it, taken one at a time in the order the frames
+// complete (RunStep holds a compute lock). This is what `splitq train` computes for a single
+// client, keeps each client's step independent of how many others are connected, and makes
+// the server's state a plain function of the order of steps; micro-batching across clients
+// would change the effective batch size with the number of clients. The price: the server
+// part does one client's batch at a time (fine for the small server parts we train; see
+// docs/benchmarks.md for the throughput with 32 clients).
+//
+// Client restarts: the worker remembers, per client id, the next step it has not applied.
+// A client that comes back from an older checkpoint (hello.resume_step below that) gets its
+// replayed steps' gradients, but the server's weights are not stepped again for them, so no
+// step is counted twice. A hello from a client id that has a session already replaces it
+// (the old one is a dead connection that has not been noticed yet).
+//
+// Status codes (each with a message): FAILED_PRECONDITION for another protocol version or
+// config, a chunk or labels before the hello or of another step, a frame without labels;
+// INVALID_ARGUMENT for a bad client id or byte counts that lie; RESOURCE_EXHAUSTED for an
+// oversized chunk, frame or label list, or too many sessions; PERMISSION_DENIED for a hello
+// under another client's token; NOT_FOUND for an unknown session. A session with an error is
+// closed by the service; the others carry on. Every method is safe to call from any thread.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/frame_assembler.h"
+#include "trainer/split_link.h"
+
+namespace splitq::server {
+
+struct WorkerOptions {
+  // Train sessions at once (clients); Evaluate sessions are limited to one per client id apart
+  // from that, so a worker holds at most 2 x max_sessions sessions.
+  uint32_t max_sessions = 64;
+  AssemblerLimits assembler;              // per session
+  int64_t max_labels = int64_t{1} << 22;  // labels (and sample ids) per step
+  // Hellos must carry this digest of the run config ("" here or in the hello: not checked).
+  std::string config_digest;
+};
+
+struct Hello {
+  uint32_t protocol_version = 0;
+  std::string client_id;
+  uint64_t resume_step = 0;  // the first step the session sends
+  std::string config_digest;
+  bool evaluate = false;  // an Evaluate stream: every frame is a validation batch
+};
+
+struct Welcome {
+  uint64_t session_id = 0;
+  uint64_t expected_step = 0;
+};
+
+struct WorkerStats {
+  uint32_t sessions = 0;
+  int64_t steps_served = 0;  // training steps answered (replays included)
+  int64_t updates = 0;       // optimizer steps of the server part
+};
+
+class WorkerCore {
+ public:
+  WorkerCore(trainer::ServerHandler& handler, const WorkerOptions& options = {});
+  ~WorkerCore();
+
+  // `authenticated_id`: the client id of the caller's bearer token ("" when tokens are off).
+  absl::StatusOr<Welcome> Open(const Hello& hello, const std::string& authenticated_id);
+  // The labels (and sample ids) of the step in flight, before its frame's last chunk.
+  absl::Status AddLabels(uint64_t session, uint64_t step, std::vector<int32_t> labels,
+                         std::vector<int64_t> sample_ids);
+  // One chunk of the step's activation frame. True when it completed the frame: call RunStep
+  // (or RunEvaluate) next.
+  absl::StatusOr<bool> AddChunk(uint64_t session, const Chunk& chunk);
+  // Computes the completed step and advances the session to the next one.
+  absl::StatusOr<trainer::DownFrame> RunStep(uint64_t session);
+  absl::StatusOr<trainer::EvalPiece> RunEvaluate(uint64_t session);
+  // Frees the session (a no-op for an unknown one).
+  void Close(uint64_t session);
+
+  WorkerStats stats() const;
+  // Bytes held by sessions' partial frames and labels now.
+  int64_t buffered_bytes() const;
+
+ private:
+  struct Session;
+  absl::StatusOr<Session*> Find(uint64_t session);
+  absl::StatusOr<trainer::UpFrame> TakeReady(uint64_t session, bool evaluate, uint64_t* handler_id,
+                                             std::string* client_id);
+
+  trainer::ServerHandler& handler_;
+  WorkerOptions options_;
+  mutable std::mutex mutex_;    // sessions_, next_applied_, counters
+  mutable std::mutex compute_;  // handler_ (one step at a time)
+  std::map<uint64_t, std::unique_ptr<Session>> sessions_;
+  std::map<std::string, uint64_t> next_applied_;  // client id -> first step not yet applied
+  uint64_t next_id_ = 1;
+  int64_t steps_served_ = 0;
+};
+
+}  // namespace splitq::server

@@ -1,0 +1,304 @@
+#include "server/worker_service.h"
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "kernels/common.h"  // SPLITQ_ASSIGN_OR_RETURN
+#include "server/rpc_channel.h"
+
+namespace splitq::server {
+
+SerialExecutor::SerialExecutor() {
+  thread_ = std::thread([this] {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
+      if (jobs_.empty()) return;  // stopping, and nothing left
+      std::function<void()> job = std::move(jobs_.front());
+      jobs_.pop_front();
+      lock.unlock();
+      job();
+      lock.lock();
+    }
+  });
+}
+
+SerialExecutor::~SerialExecutor() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  thread_.join();
+}
+
+void SerialExecutor::Post(std::function<void()> job) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    jobs_.push_back(std::move(job));
+  }
+  wake_.notify_one();
+}
+
+// One Train or Evaluate stream. States: reading one message at a time; when a frame completes,
+// a compute job (no read outstanding) whose replies are written before the next read.
+template <typename Request, typename Reply, bool kEvaluate>
+class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
+ public:
+  SessionReactor(WorkerService& service, grpc::CallbackServerContext* context) : service_(service) {
+    if (service_.tokens_ != nullptr) {
+      auto id = service_.tokens_->Authenticate(context->client_metadata());
+      if (!id.ok()) {
+        finished_ = true;
+        this->Finish(ToGrpcStatus(id.status()));
+        return;
+      }
+      auth_id_ = *id;
+    }
+    this->StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client finished writing, or the stream broke
+      std::lock_guard<std::mutex> lock(mutex_);
+      read_closed_ = true;
+      MaybeFinishLocked(absl::OkStatus());
+      return;
+    }
+    bool compute = false;
+    const absl::Status status = Handle(&compute);
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!status.ok()) {
+      MaybeFinishLocked(status);
+      return;
+    }
+    if (compute) {
+      job_running_ = true;
+      service_.compute_.Post([this] { Compute(); });
+    } else if (writes_.empty() && !writing_) {
+      this->StartRead(&request_);
+    } else {
+      read_after_writes_ = true;
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::unique_lock<std::mutex> lock(mutex_);
+    writing_ = false;
+    if (!ok) {  // the client went away
+      MaybeFinishLocked(absl::CancelledError("the client went away"));
+      return;
+    }
+    writes_.pop_front();
+    WriteNextLocked();
+  }
+
+  void OnDone() override {
+    bool last;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_ = true;
+      last = !job_running_;
+    }
+    if (last) Destroy();
+  }
+
+ private:
+  void Destroy() {
+    if (session_ != 0) service_.core_.Close(session_);
+    delete this;
+  }
+
+  // Handles request_; sets *compute when a frame is complete.
+  absl::Status Handle(bool* compute) {
+    switch (request_.payload_case()) {
+      case Request::kHello: {
+        if (session_ != 0) return absl::FailedPreconditionError("a second hello on one stream");
+        const auto& h = request_.hello();
+        Hello hello;
+        hello.protocol_version = static_cast<uint32_t>(h.protocol_version());
+        hello.client_id = h.client_id();
+        hello.resume_step = h.resume_step();
+        hello.config_digest = h.config_digest();
+        hello.evaluate = kEvaluate;
+        SPLITQ_ASSIGN_OR_RETURN(Welcome welcome, service_.core_.Open(hello, auth_id_));
+        session_ = welcome.session_id;
+        if constexpr (!kEvaluate) {
+          Reply reply;
+          auto* w = reply.mutable_welcome();
+          w->set_protocol_version(splitq::v1::PROTOCOL_VERSION_CURRENT);
+          w->set_session_id(welcome.session_id);
+          w->set_expected_step(welcome.expected_step);
+          std::lock_guard<std::mutex> lock(mutex_);
+          writes_.push_back(std::move(reply));
+          WriteNextLocked();
+        }
+        return absl::OkStatus();
+      }
+      case Request::kLabels: {
+        if (session_ == 0) return absl::FailedPreconditionError("labels before the hello");
+        auto* labels = request_.mutable_labels();
+        return service_.core_.AddLabels(
+            session_, labels->step(),
+            std::vector<int32_t>(labels->values().begin(), labels->values().end()),
+            std::vector<int64_t>(labels->sample_ids().begin(), labels->sample_ids().end()));
+      }
+      case Request::kActivation: {
+        if (session_ == 0) return absl::FailedPreconditionError("a frame before the hello");
+        const auto& c = request_.activation();
+        SPLITQ_ASSIGN_OR_RETURN(
+            *compute, service_.core_.AddChunk(session_, Chunk{c.step(), c.index(), c.count(),
+                                                              c.frame_bytes(), c.data()}));
+        return absl::OkStatus();
+      }
+      default:
+        return absl::InvalidArgumentError("an empty request");
+    }
+  }
+
+  // On the compute thread.
+  void Compute() {
+    std::deque<Reply> replies;
+    absl::Status status;
+    if constexpr (kEvaluate) {
+      auto piece = service_.core_.RunEvaluate(session_);
+      status = piece.status();
+      if (piece.ok()) {
+        Reply r;
+        r.set_step(request_.activation().step());
+        r.set_loss_sum(piece->loss_sum);
+        r.set_correct(static_cast<uint64_t>(piece->correct));
+        r.set_count(static_cast<uint64_t>(piece->count));
+        replies.push_back(std::move(r));
+      }
+    } else {
+      auto down = service_.core_.RunStep(session_);
+      status = down.status();
+      if (down.ok()) {
+        const std::string& frame = down->frame;
+        const int64_t chunk = service_.options_.reply_chunk_bytes;
+        const int64_t size = static_cast<int64_t>(frame.size());
+        const uint32_t count =
+            static_cast<uint32_t>(std::max<int64_t>(1, (size + chunk - 1) / chunk));
+        for (uint32_t i = 0; i < count; ++i) {
+          Reply r;
+          auto* g = r.mutable_gradient();
+          g->set_step(static_cast<uint64_t>(down->step));
+          g->set_index(i);
+          g->set_count(count);
+          g->set_frame_bytes(static_cast<uint64_t>(size));
+          const int64_t begin = i * chunk;
+          g->set_data(frame.substr(static_cast<size_t>(begin),
+                                   static_cast<size_t>(std::min(chunk, size - begin))));
+          replies.push_back(std::move(r));
+        }
+        Reply result;
+        auto* res = result.mutable_result();
+        res->set_step(static_cast<uint64_t>(down->step));
+        res->set_loss(down->loss);
+        res->set_grad_bits(down->grad_bits);
+        res->set_bytes_down(static_cast<uint64_t>(size));
+        replies.push_back(std::move(result));
+      }
+    }
+    bool destroy;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_running_ = false;
+      destroy = done_;
+      if (!destroy) {
+        if (!status.ok()) {
+          MaybeFinishLocked(status);
+        } else {
+          for (Reply& r : replies) writes_.push_back(std::move(r));
+          read_after_writes_ = true;
+          WriteNextLocked();
+        }
+      }
+    }
+    if (destroy) Destroy();
+  }
+
+  void WriteNextLocked() {
+    if (writing_ || finished_) return;
+    if (!writes_.empty()) {
+      writing_ = true;
+      this->StartWrite(&writes_.front());
+      return;
+    }
+    if (finish_pending_) {
+      finished_ = true;
+      this->Finish(ToGrpcStatus(finish_status_));
+      return;
+    }
+    if (read_after_writes_ && !read_closed_) {
+      read_after_writes_ = false;
+      this->StartRead(&request_);
+    } else if (read_closed_ && !job_running_) {
+      finished_ = true;
+      this->Finish(grpc::Status::OK);
+    }
+  }
+
+  // Ends the stream with `status` once the queued writes are out (an error ends it at once:
+  // queued replies are dropped).
+  void MaybeFinishLocked(const absl::Status& status) {
+    if (finished_) return;
+    if (!status.ok()) {
+      if (writing_) {  // StartWrite's message (the front) must live until OnWriteDone
+        while (writes_.size() > 1) writes_.pop_back();
+        finish_pending_ = true;
+        finish_status_ = status;
+        return;
+      }
+      writes_.clear();
+      finished_ = true;
+      this->Finish(ToGrpcStatus(status));
+      return;
+    }
+    // The client is done: finish when nothing is computing or being written.
+    if (job_running_ || writing_ || !writes_.empty()) return;
+    finished_ = true;
+    this->Finish(grpc::Status::OK);
+  }
+
+  WorkerService& service_;
+  std::string auth_id_;
+  Request request_;
+  uint64_t session_ = 0;
+  std::mutex mutex_;
+  std::deque<Reply> writes_;  // front: being written while writing_
+  bool writing_ = false;
+  bool read_after_writes_ = false;
+  bool read_closed_ = false;
+  bool job_running_ = false;
+  bool done_ = false;
+  bool finished_ = false;
+  bool finish_pending_ = false;
+  absl::Status finish_status_;
+};
+
+WorkerService::WorkerService(WorkerCore& core, const TokenSet* tokens,
+                             const WorkerServiceOptions& options)
+    : core_(core), tokens_(tokens), options_(options) {}
+
+WorkerService::~WorkerService() = default;
+
+grpc::ServerBidiReactor<splitq::v1::TrainRequest, splitq::v1::TrainReply>* WorkerService::Train(
+    grpc::CallbackServerContext* context) {
+  return new SessionReactor<splitq::v1::TrainRequest, splitq::v1::TrainReply, false>(*this,
+                                                                                     context);
+}
+
+grpc::ServerBidiReactor<splitq::v1::EvaluateRequest, splitq::v1::EvaluateReply>*
+WorkerService::Evaluate(grpc::CallbackServerContext* context) {
+  return new SessionReactor<splitq::v1::EvaluateRequest, splitq::v1::EvaluateReply, true>(*this,
+                                                                                          context);
+}
+
+int WorkerService::MaxReceiveMessageBytes(const AssemblerLimits& limits) {
+  return static_cast<int>(std::min<int64_t>(limits.max_chunk_bytes + (64 << 10), INT32_MAX));
+}
+
+}  // namespace splitq::server

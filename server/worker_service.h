@@ -1,0 +1,70 @@
+// splitq server: the gRPC Worker service (proto/splitq/v1/worker.proto), callback API. It only
+// adapts WorkerCore (worker_core.h): it checks the caller's bearer token, turns messages into
+// core calls and statuses into stream endings, and writes the replies.
+//
+// Threads: gRPC's callback threads only read, reassemble and write; they never compute. When a
+// frame is complete the step goes to one compute thread (the steps of all sessions, one at a
+// time: WorkerCore's sequential ordering). A session reads nothing more until its step's reply
+// is written, so one frame is in flight per session and HTTP/2 flow control holds the client
+// back; the compute queue holds at most one job per session.
+//
+// Errors end only the session that caused them, with the core's status code and message.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include "server/tokens.h"
+#include "server/worker_core.h"
+#include "splitq/v1/worker.grpc.pb.h"
+
+namespace splitq::server {
+
+// Runs posted jobs one at a time, in order, on its own thread.
+class SerialExecutor {
+ public:
+  SerialExecutor();
+  ~SerialExecutor();  // runs the jobs already posted, then joins
+  void Post(std::function<void()> job);
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::function<void()>> jobs_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+struct WorkerServiceOptions {
+  int64_t reply_chunk_bytes = 1 << 20;  // gradient frames go back in chunks of this size
+};
+
+class WorkerService final : public splitq::v1::Worker::CallbackService {
+ public:
+  // `tokens`: every caller must present one (null: no check, for tests and trusted networks).
+  WorkerService(WorkerCore& core, const TokenSet* tokens, const WorkerServiceOptions& options = {});
+  ~WorkerService() override;
+
+  grpc::ServerBidiReactor<splitq::v1::TrainRequest, splitq::v1::TrainReply>* Train(
+      grpc::CallbackServerContext* context) override;
+  grpc::ServerBidiReactor<splitq::v1::EvaluateRequest, splitq::v1::EvaluateReply>* Evaluate(
+      grpc::CallbackServerContext* context) override;
+
+  // The gRPC message size a worker must accept: the largest chunk plus framing.
+  static int MaxReceiveMessageBytes(const AssemblerLimits& limits);
+
+ private:
+  template <typename Request, typename Reply, bool kEvaluate>
+  friend class SessionReactor;
+
+  WorkerCore& core_;
+  const TokenSet* tokens_;
+  WorkerServiceOptions options_;
+  SerialExecutor compute_;
+};
+
+}  // namespace splitq::server
