@@ -20,6 +20,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -66,16 +67,28 @@ class ReconnectingLink : public trainer::ServerLink {
   }
 
   absl::StatusOr<trainer::DownFrame> Train(const trainer::UpFrame& up) override {
-    return link_->Train(up);
+    return Succeeded(link_->Train(up));
   }
   absl::StatusOr<trainer::EvalPiece> Evaluate(const trainer::UpFrame& up) override {
-    return link_->Evaluate(up);
+    return Succeeded(link_->Evaluate(up));
   }
+  // Failures in a row back off (0.2 s doubling to 5 s, as in Connect) until a call succeeds;
+  // after --reconnect-timeout seconds without one, the client gives up.
   absl::Status Recover(const absl::Status& error) override {
     if (!server::IsTransient(error) && error.code() != absl::StatusCode::kNotFound) return error;
-    std::fprintf(stderr, "\nclient %s: the worker stream failed (%s); reconnecting\n",
-                 opt_.id.c_str(), error.ToString().c_str());
+    const auto now = std::chrono::steady_clock::now();
+    if (failures_ == 0) failing_since_ = now;
+    if (now - failing_since_ > std::chrono::seconds(opt_.reconnect_timeout_s)) {
+      return absl::UnavailableError(absl::StrCat("no progress for ", opt_.reconnect_timeout_s,
+                                                 " s; last error: ", error.ToString()));
+    }
+    const auto wait =
+        std::chrono::milliseconds(std::min<int64_t>(5000, 200LL << std::min(failures_, 5)));
+    ++failures_;
+    std::fprintf(stderr, "\nclient %s: the worker stream failed (%s); reconnecting in %lld ms\n",
+                 opt_.id.c_str(), error.ToString().c_str(), static_cast<long long>(wait.count()));
     link_.reset();
+    std::this_thread::sleep_for(wait);
     const absl::Status s = Connect(std::chrono::seconds(opt_.reconnect_timeout_s));
     if (s.ok()) {
       std::fprintf(stderr, "client %s: reconnected to worker %s\n", opt_.id.c_str(),
@@ -133,8 +146,16 @@ class ReconnectingLink : public trainer::ServerLink {
     return absl::OkStatus();
   }
 
+  template <typename T>
+  absl::StatusOr<T> Succeeded(absl::StatusOr<T> result) {
+    if (result.ok()) failures_ = 0;
+    return result;
+  }
+
   server::CoordinatorClient& coordinator_;
   const ClientCommandOptions& opt_;
+  int failures_ = 0;
+  std::chrono::steady_clock::time_point failing_since_;
   server::WorkerLinkOptions link_options_;
   std::unique_ptr<server::WorkerClient> link_;
   std::atomic<uint64_t> member_id_{0};

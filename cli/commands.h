@@ -25,7 +25,8 @@ void RegisterBenchStep(CLI::App& bench, RunFn* run);
 
 // `splitq train`: one-process split training with the wire codec in the loop.
 void RegisterTrain(CLI::App& app, RunFn* run);
-// The two lines `splitq train` (and `splitq client`) print at the end of a run.
+// The lines `splitq train` (and `splitq client`) print at the end of a run; the second (the
+// files written) only with a non-empty out_dir.
 void PrintTrainSummary(const trainer::TrainSummary& summary, const std::string& out_dir);
 
 // `splitq data export DIR`: the data sets, for hosts without their Debian packages.

@@ -67,6 +67,7 @@ int main(int argc, char** argv) {
   splitq::cli::RegisterCoordinator(app, &run);
   splitq::cli::RegisterWorker(app, &run);
   splitq::cli::RegisterClient(app, &run);
+  splitq::cli::RegisterDemo(app, &run);
 #endif
 
   CLI11_PARSE(app, argc, argv);

@@ -82,8 +82,10 @@ void PrintTrainSummary(const trainer::TrainSummary& s, const std::string& out_di
       "; wire %.2f MB up, %.2f MB down (fp32 would be %.2f MB); act bits %.2f, grad bits %.2f\n",
       summary->bytes_up / 1e6, summary->bytes_down / 1e6, summary->bytes_fp32_equivalent / 1e6,
       summary->avg_act_bits, summary->avg_grad_bits);
-  std::printf("wrote %s/{metrics.jsonl, validation.jsonl, checkpoint.pt, summary.json}\n",
-              out_dir.c_str());
+  if (!out_dir.empty()) {
+    std::printf("wrote %s/{metrics.jsonl, validation.jsonl, checkpoint.pt, summary.json}\n",
+                out_dir.c_str());
+  }
 }
 
 void RegisterTrain(CLI::App& app, RunFn* run) {

@@ -72,7 +72,12 @@ int RunWorker(const WorkerCommandOptions& opt) {
   core_options.max_sessions = opt.max_clients;
   core_options.config_digest = *digest;
   server::WorkerCore core(**part, core_options);
-  server::WorkerService service(core, tokens.get());
+  server::WorkerServiceOptions service_options;
+  service_options.log = [name = opt.name](const std::string& line) {
+    std::printf("worker %s: %s\n", name.c_str(), line.c_str());
+    std::fflush(stdout);
+  };
+  server::WorkerService service(core, tokens.get(), service_options);
 
   auto credentials = server::MakeServerCredentials(opt.security);
   if (!credentials.ok()) return Fail("TLS", credentials.status());
@@ -165,7 +170,9 @@ int RunWorker(const WorkerCommandOptions& opt) {
     (void)coordinator.Leave(heartbeat.member_id());
   }
   grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  std::printf("worker %s stopped\n", opt.name.c_str());
+  const server::WorkerStats s = core.stats();
+  std::printf("worker %s stopped: %lld steps served, %lld server updates\n", opt.name.c_str(),
+              static_cast<long long>(s.steps_served), static_cast<long long>(s.updates));
   return 0;
 }
 

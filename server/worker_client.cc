@@ -80,10 +80,12 @@ std::unique_ptr<grpc::ClientContext> WorkerClient::NewContext() const {
 }
 
 template <typename Stream>
-absl::Status WorkerClient::Fail(Open<Stream>& open, const char* what) {
+absl::Status WorkerClient::Fail(Open<Stream>& open, const char* what, bool cancel) {
   absl::Status status;
   if (open.stream) {
-    open.context->TryCancel();  // a half-written step must not linger on the worker
+    // After a failed Read or Write the worker has ended the stream, and Finish returns its
+    // status; a stream we abandon (a bad reply) is cancelled first, or Finish would wait.
+    if (cancel) open.context->TryCancel();
     status = FromGrpcStatus(open.stream->Finish());
   }
   open.stream.reset();
@@ -104,11 +106,11 @@ absl::Status WorkerClient::OpenTrain(int64_t step) {
     return Fail(train_, "hello");
   }
   if (!reply.has_welcome()) {
-    (void)Fail(train_, "welcome");
+    (void)Fail(train_, "welcome", true);
     return absl::InternalError("the worker answered the hello without a welcome");
   }
   if (reply.welcome().expected_step() != static_cast<uint64_t>(step)) {
-    (void)Fail(train_, "welcome");
+    (void)Fail(train_, "welcome", true);
     return absl::InternalError(
         absl::StrCat("the worker expects step ", reply.welcome().expected_step(), ", not ", step));
   }
@@ -132,7 +134,7 @@ absl::StatusOr<trainer::DownFrame> WorkerClient::Train(const trainer::UpFrame& u
       auto frame = assembler.Add(Chunk{g.step(), g.index(), g.count(), g.frame_bytes(), g.data()},
                                  static_cast<uint64_t>(up.step));
       if (!frame.ok()) {
-        (void)Fail(train_, "gradient");
+        (void)Fail(train_, "gradient", true);
         return absl::InternalError(
             absl::StrCat("the worker's gradient: ", frame.status().message()));
       }
@@ -142,14 +144,14 @@ absl::StatusOr<trainer::DownFrame> WorkerClient::Train(const trainer::UpFrame& u
       }
     } else if (reply.has_result()) {
       if (!have_frame || reply.result().step() != static_cast<uint64_t>(up.step)) {
-        (void)Fail(train_, "result");
+        (void)Fail(train_, "result", true);
         return absl::InternalError("the worker's result came before its gradient");
       }
       down.loss = reply.result().loss();
       down.grad_bits = reply.result().grad_bits();
       return down;
     } else {
-      (void)Fail(train_, "reply");
+      (void)Fail(train_, "reply", true);
       return absl::InternalError("an unexpected reply from the worker");
     }
   }

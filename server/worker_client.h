@@ -65,7 +65,7 @@ class WorkerClient : public trainer::ServerLink {
   std::unique_ptr<grpc::ClientContext> NewContext() const;
   absl::Status OpenTrain(int64_t step);
   template <typename Stream>
-  absl::Status Fail(Open<Stream>& open, const char* what);
+  absl::Status Fail(Open<Stream>& open, const char* what, bool cancel = false);
 
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<splitq::v1::Worker::Stub> stub_;

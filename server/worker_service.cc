@@ -1,9 +1,11 @@
 #include "server/worker_service.h"
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "kernels/common.h"  // SPLITQ_ASSIGN_OR_RETURN
 #include "server/rpc_channel.h"
 
@@ -94,6 +96,8 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
     WriteNextLocked();
   }
 
+  void OnCancel() override { cancelled_.store(true); }
+
   void OnDone() override {
     bool last;
     {
@@ -106,8 +110,19 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
 
  private:
   void Destroy() {
-    if (session_ != 0) service_.core_.Close(session_);
+    if (session_ != 0) {
+      service_.core_.Close(session_);
+      Log(absl::StrCat("ended: ", !end_status_.ok()   ? end_status_.ToString()
+                                  : cancelled_.load() ? "the client disconnected"
+                                                      : "finished"));
+    }
     delete this;
+  }
+
+  void Log(const std::string& what) const {
+    if (!service_.options_.log) return;
+    service_.options_.log(absl::StrCat(kEvaluate ? "evaluate" : "train", " session ", session_,
+                                       " of ", client_id_, " ", what));
   }
 
   // Handles request_; sets *compute when a frame is complete.
@@ -124,6 +139,8 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
         hello.evaluate = kEvaluate;
         SPLITQ_ASSIGN_OR_RETURN(Welcome welcome, service_.core_.Open(hello, auth_id_));
         session_ = welcome.session_id;
+        client_id_ = hello.client_id;
+        Log(absl::StrCat("opened at step ", welcome.expected_step));
         if constexpr (!kEvaluate) {
           Reply reply;
           auto* w = reply.mutable_welcome();
@@ -229,6 +246,7 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
     }
     if (finish_pending_) {
       finished_ = true;
+      end_status_ = finish_status_;
       this->Finish(ToGrpcStatus(finish_status_));
       return;
     }
@@ -254,6 +272,7 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
       }
       writes_.clear();
       finished_ = true;
+      end_status_ = status;
       this->Finish(ToGrpcStatus(status));
       return;
     }
@@ -264,7 +283,9 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
   }
 
   WorkerService& service_;
-  std::string auth_id_;
+  std::atomic<bool> cancelled_{false};
+  std::string auth_id_, client_id_;
+  absl::Status end_status_;
   Request request_;
   uint64_t session_ = 0;
   std::mutex mutex_;

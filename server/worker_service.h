@@ -16,6 +16,7 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 
 #include "server/tokens.h"
@@ -41,6 +42,9 @@ class SerialExecutor {
 
 struct WorkerServiceOptions {
   int64_t reply_chunk_bytes = 1 << 20;  // gradient frames go back in chunks of this size
+  // Called (from gRPC's threads) with one line when a session opens and when it ends (with
+  // its status, or "the client disconnected"). May be empty.
+  std::function<void(const std::string&)> log;
 };
 
 class WorkerService final : public splitq::v1::Worker::CallbackService {

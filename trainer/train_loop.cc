@@ -1,5 +1,7 @@
 #include "trainer/train_loop.h"
 
+#include <yaml-cpp/yaml.h>
+
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
@@ -178,7 +180,12 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
   summary.wall_seconds = wall();
   summary.device = trainer->device();
 
-  std::ofstream out(dir / "summary.json");
+  SPLITQ_RETURN_IF_ERROR(WriteSummary(summary, (dir / "summary.json").string()));
+  return summary;
+}
+
+absl::Status WriteSummary(const TrainSummary& summary, const std::string& path) {
+  std::ofstream out(path);
   out << absl::StrFormat(
       "{\n  \"task\": \"%s\",\n  \"steps\": %d,\n  \"val_loss\": %.6f,\n  \"val_accuracy\": %s,\n"
       "  \"val_bits_per_byte\": %s,\n  \"avg_act_bits\": %.4f,\n  \"avg_grad_bits\": %.4f,\n"
@@ -188,9 +195,36 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
       NumberOrNull(summary.val_bits_per_byte), summary.avg_act_bits, summary.avg_grad_bits,
       summary.bytes_up, summary.bytes_down, summary.bytes_fp32_equivalent, summary.wall_seconds,
       summary.max_budget_excess, summary.device);
-  if (!out)
-    return absl::InternalError(absl::StrCat(options.out_dir, ": cannot write summary.json"));
-  return summary;
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat(path, ": cannot write"));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TrainSummary> ReadSummary(const std::string& path) {
+  TrainSummary s;
+  try {
+    const YAML::Node n = YAML::LoadFile(path);  // JSON is YAML
+    auto number = [&](const char* key) {
+      const YAML::Node v = n[key];
+      return v && !v.IsNull() ? v.as<double>() : -1.0;
+    };
+    s.task = n["task"].as<std::string>();
+    s.steps = n["steps"].as<int64_t>();
+    s.val_loss = number("val_loss");
+    s.val_accuracy = number("val_accuracy");
+    s.val_bits_per_byte = number("val_bits_per_byte");
+    s.avg_act_bits = number("avg_act_bits");
+    s.avg_grad_bits = number("avg_grad_bits");
+    s.bytes_up = n["bytes_up"].as<int64_t>();
+    s.bytes_down = n["bytes_down"].as<int64_t>();
+    s.bytes_fp32_equivalent = n["bytes_fp32_equivalent"].as<int64_t>();
+    s.wall_seconds = number("wall_seconds");
+    s.max_budget_excess = n["max_budget_excess"].as<double>();
+    s.device = n["device"].as<std::string>();
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a summary.json: ", e.what()));
+  }
+  return s;
 }
 
 }  // namespace splitq::trainer

@@ -66,4 +66,9 @@ absl::StatusOr<TrainSummary> Train(const RunConfig& config, const TrainOptions& 
 // out_dir/checkpoint.pt into it.
 absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions& options);
 
+// summary.json (the keys listed at the top of this file; first_loss and last_loss are not
+// written). ReadSummary parses one back (INVALID_ARGUMENT naming the file).
+absl::Status WriteSummary(const TrainSummary& summary, const std::string& path);
+absl::StatusOr<TrainSummary> ReadSummary(const std::string& path);
+
 }  // namespace splitq::trainer

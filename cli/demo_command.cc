@@ -1,0 +1,339 @@
+// `splitq demo [--config F] [--clients N] [--out DIR]`: a whole cluster on this machine, as
+// real processes on loopback: one coordinator, one worker and N clients (default 2), with
+// OS-picked ports, fresh certificates (TLS) and fresh bearer tokens. It trains the config (by
+// default the embedded one below: Fashion-MNIST, AMAQ at the boundary, 8 -> 4 bits), relays
+// the clients' progress, and writes DIR/summary.json with the keys of `splitq train`'s,
+// counted over all clients (steps and bytes summed; validation and bits averaged; the max
+// budget excess is the max).
+//
+// DIR holds: config.yaml, certs/, tokens/, logs/{coordinator,worker}.log, client<i>/ (each
+// client's metrics, validation, checkpoint and summary) and summary.json. Ctrl-C stops the
+// clients with a checkpoint and then the servers; running the demo again on the same DIR
+// resumes the clients.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "cli/commands.h"
+#include "server/tls_certs.h"
+#include "server/tokens.h"
+#include "trainer/config.h"
+#include "trainer/train_loop.h"
+
+namespace splitq::cli {
+namespace {
+
+constexpr char kDefaultConfig[] = R"(# splitq demo: the embedded default run.
+# Fashion-MNIST CNN split after its second block; AMAQ at the boundary with a bit budget
+# shrinking from 8 to 4; 6-bit stochastic gradients. Each client trains its own shard.
+task: fmnist
+seed: 0
+steps: 400
+batch_size: 64
+log_every: 50
+eval_every: 200
+model: {split_after: 2}
+optim: {lr: 1.0e-3, warmup_steps: 50}
+quant:
+  activations:
+    mode: amaq
+    bits: {min: 2, max: 8}
+    target: [{step: 0, bits: 8}, {step: 100, bits: 8}, {step: 300, bits: 4, curve: cosine}]
+    gate: {alpha: 2.0, lr: 0.01, beta: 1.0e-3, lambda: 1.0}
+    calibration_steps: 50
+  gradients:
+    mode: uniform
+    bits: {min: 4, max: 8}
+    target: 6
+    rounding: stochastic
+)";
+
+std::atomic<bool> g_interrupt{false};
+void OnInterrupt(int) { g_interrupt.store(true); }
+
+struct DemoOptions {
+  std::string config_path, out_dir = "runs/demo";
+  int clients = 2;
+  int startup_timeout_s = 60;
+};
+
+struct Child {
+  pid_t pid = -1;
+  std::string name;
+  std::string log;  // stdout and stderr, when not inherited
+};
+
+// Starts `splitq ARGS...` (this binary). With `log`, its stdout and stderr go to that file
+// (appended); without, they are the demo's.
+absl::StatusOr<Child> Spawn(const std::string& name, const std::vector<std::string>& args,
+                            const std::string& log) {
+  int log_fd = -1;
+  if (!log.empty()) {
+    log_fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (log_fd < 0) return absl::InternalError(log + ": " + strerror(errno));
+  }
+  std::vector<std::string> argv_s = {"/proc/self/exe"};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  const pid_t pid = fork();
+  if (pid < 0) return absl::InternalError("fork: " + std::string(strerror(errno)));
+  if (pid == 0) {
+    if (log_fd >= 0) {
+      dup2(log_fd, STDOUT_FILENO);
+      dup2(log_fd, STDERR_FILENO);
+    }
+    // Its own process group, so a Ctrl-C reaches only the demo, which stops its children in
+    // order (clients first); and a SIGTERM if the demo dies.
+    setpgid(0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    std::vector<char*> argv;
+    for (std::string& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    execv("/proc/self/exe", argv.data());
+    _exit(127);
+  }
+  if (log_fd >= 0) close(log_fd);
+  return Child{pid, name, log};
+}
+
+// Watches the child's log until a line containing "listening on "; returns the HOST:PORT.
+absl::StatusOr<std::string> WaitListening(Child& child, int timeout_s) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  while (std::chrono::steady_clock::now() < end && !g_interrupt.load()) {
+    std::ifstream in(child.log);
+    std::string line;
+    while (std::getline(in, line)) {
+      const size_t at = line.find("listening on ");
+      if (at == std::string::npos) continue;
+      const size_t begin = at + std::strlen("listening on ");
+      return line.substr(begin, line.find(' ', begin) - begin);
+    }
+    int status = 0;
+    if (waitpid(child.pid, &status, WNOHANG) == child.pid) {
+      child.pid = -1;
+      return absl::InternalError(
+          absl::StrCat(child.name, " exited before listening; see ", child.log));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return absl::DeadlineExceededError(absl::StrCat(child.name, " did not start listening within ",
+                                                  timeout_s, " s; see ", child.log));
+}
+
+void Stop(Child& child, int signal) {
+  if (child.pid > 0) kill(child.pid, signal);
+}
+
+int Wait(Child& child) {
+  int status = 0;
+  if (child.pid <= 0) return 0;
+  waitpid(child.pid, &status, 0);
+  child.pid = -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+// The clients' summaries as one: steps and bytes summed, the rest averaged (max for the
+// budget excess, the longest wall time).
+trainer::TrainSummary Combine(const std::vector<trainer::TrainSummary>& parts) {
+  trainer::TrainSummary all;
+  const double n = static_cast<double>(parts.size());
+  all.task = parts.front().task;
+  all.device = parts.front().device;
+  all.max_budget_excess = -1e9;
+  all.val_accuracy = parts.front().val_accuracy < 0 ? -1 : 0;  // -1: not this task (null)
+  all.val_bits_per_byte = parts.front().val_bits_per_byte < 0 ? -1 : 0;
+  for (const trainer::TrainSummary& s : parts) {
+    all.steps += s.steps;
+    all.bytes_up += s.bytes_up;
+    all.bytes_down += s.bytes_down;
+    all.bytes_fp32_equivalent += s.bytes_fp32_equivalent;
+    all.val_loss += s.val_loss / n;
+    if (all.val_accuracy >= 0) all.val_accuracy += s.val_accuracy / n;
+    if (all.val_bits_per_byte >= 0) all.val_bits_per_byte += s.val_bits_per_byte / n;
+    all.avg_act_bits += s.avg_act_bits / n;
+    all.avg_grad_bits += s.avg_grad_bits / n;
+    all.wall_seconds = std::max(all.wall_seconds, s.wall_seconds);
+    all.max_budget_excess = std::max(all.max_budget_excess, s.max_budget_excess);
+  }
+  return all;
+}
+
+int RunDemo(const DemoOptions& opt) {
+  namespace fs = std::filesystem;
+  const auto start = std::chrono::steady_clock::now();
+  const fs::path dir(opt.out_dir);
+  std::error_code ec;
+  fs::create_directories(dir / "logs", ec);
+  if (ec) {
+    std::fprintf(stderr, "demo: %s: %s\n", opt.out_dir.c_str(), ec.message().c_str());
+    return 2;
+  }
+  // The config every process loads (one file, so one digest).
+  const std::string config = (dir / "config.yaml").string();
+  if (opt.config_path.empty()) {
+    std::ofstream(config) << kDefaultConfig;
+  } else if (fs::absolute(opt.config_path) != fs::absolute(config)) {
+    fs::copy_file(opt.config_path, config, fs::copy_options::overwrite_existing, ec);
+    if (ec) {
+      std::fprintf(stderr, "demo: --config %s: %s\n", opt.config_path.c_str(),
+                   ec.message().c_str());
+      return 2;
+    }
+  }
+  auto parsed = trainer::LoadRunConfig(config);
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "demo: config error: %s\n",
+                 std::string(parsed.status().message()).c_str());
+    return 2;
+  }
+  const std::string certs = (dir / "certs").string(), tokens = (dir / "tokens").string();
+  std::vector<std::string> ids = {"worker0"};
+  for (int i = 0; i < opt.clients; ++i) ids.push_back(absl::StrCat("client", i));
+  if (absl::Status s = server::MakeCertificates(certs); !s.ok()) {
+    std::fprintf(stderr, "demo: certificates: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  if (absl::Status s = server::WriteTokens(tokens, ids); !s.ok()) {
+    std::fprintf(stderr, "demo: tokens: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  std::fprintf(stderr, "demo: %s, %d clients; fresh certificates in %s, tokens in %s\n",
+               config.c_str(), opt.clients, certs.c_str(), tokens.c_str());
+  signal(SIGINT, OnInterrupt);
+  signal(SIGTERM, OnInterrupt);
+  const std::vector<std::string> tls = {"--tls-dir", certs};
+  const std::string token_file = (fs::path(tokens) / "tokens").string();
+
+  std::vector<Child> servers;
+  auto stop_servers = [&] {
+    for (auto it = servers.rbegin(); it != servers.rend(); ++it) Stop(*it, SIGTERM);
+    for (auto it = servers.rbegin(); it != servers.rend(); ++it) Wait(*it);
+  };
+  auto start_server = [&](const std::string& name,
+                          std::vector<std::string> args) -> absl::StatusOr<std::string> {
+    args.insert(args.end(), tls.begin(), tls.end());
+    const std::string log = (dir / "logs" / (name + ".log")).string();
+    std::filesystem::remove(log);
+    auto child = Spawn(name, args, log);
+    if (!child.ok()) return child.status();
+    servers.push_back(*child);
+    auto address = WaitListening(servers.back(), opt.startup_timeout_s);
+    if (address.ok())
+      std::fprintf(stderr, "demo: %s listening on %s\n", name.c_str(), address->c_str());
+    return address;
+  };
+  auto coordinator = start_server("coordinator", {"coordinator", "--config", config, "--listen",
+                                                  "127.0.0.1:0", "--tokens", token_file});
+  absl::StatusOr<std::string> worker = absl::UnknownError("not started");
+  if (!coordinator.ok()) {
+    worker = coordinator.status();
+  } else {
+    worker = start_server("worker",
+                          {"worker", "--config", config, "--coordinator", *coordinator, "--listen",
+                           "127.0.0.1:0", "--name", "worker0", "--tokens", token_file, "--token",
+                           (fs::path(tokens) / "worker0.token").string()});
+  }
+  if (!worker.ok()) {
+    std::fprintf(stderr, "demo: %s\n", worker.status().ToString().c_str());
+    stop_servers();
+    return 1;
+  }
+
+  std::vector<Child> clients;
+  for (int i = 0; i < opt.clients; ++i) {
+    const std::string id = absl::StrCat("client", i);
+    auto child =
+        Spawn(id,
+              {"client", "--config", config, "--coordinator", *coordinator, "--id", id, "--token",
+               (fs::path(tokens) / (id + ".token")).string(), "--shard",
+               absl::StrCat(i, "/", opt.clients), "--out", (dir / id).string(), "--tls-dir", certs},
+              "");
+    if (!child.ok()) {
+      std::fprintf(stderr, "demo: %s\n", child.status().ToString().c_str());
+      g_interrupt.store(true);
+      break;
+    }
+    clients.push_back(*child);
+  }
+  // Wait for the clients; an interrupt is passed on to them (they checkpoint and stop).
+  int failures = 0;
+  bool forwarded = false;
+  for (Child& c : clients) {
+    for (;;) {
+      if (g_interrupt.load() && !forwarded) {
+        for (Child& other : clients) Stop(other, SIGTERM);
+        forwarded = true;
+      }
+      int status = 0;
+      const pid_t done = waitpid(c.pid, &status, WNOHANG);
+      if (done == c.pid) {
+        const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        c.pid = -1;
+        if (code != 0) {
+          ++failures;
+          std::fprintf(stderr, "demo: %s exited with %d\n", c.name.c_str(), code);
+        }
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+  stop_servers();
+  if (failures > 0 || g_interrupt.load()) {
+    std::fprintf(stderr, "demo: stopped (%d client(s) failed); logs in %s\n", failures,
+                 (dir / "logs").c_str());
+    return 1;
+  }
+  std::vector<trainer::TrainSummary> parts;
+  for (const Child& c : clients) {
+    auto s = trainer::ReadSummary((dir / c.name / "summary.json").string());
+    if (!s.ok()) {
+      std::fprintf(stderr, "demo: %s\n", s.status().ToString().c_str());
+      return 1;
+    }
+    parts.push_back(*s);
+  }
+  trainer::TrainSummary all = Combine(parts);
+  all.wall_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const std::string summary_path = (dir / "summary.json").string();
+  if (absl::Status s = trainer::WriteSummary(all, summary_path); !s.ok()) {
+    std::fprintf(stderr, "demo: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  std::printf("demo: %d clients through one worker; all clients together:\n", opt.clients);
+  PrintTrainSummary(all, "");
+  std::printf("wrote %s\n", summary_path.c_str());
+  std::printf("(per client: %s/client<i>/; server logs: %s/logs/)\n", opt.out_dir.c_str(),
+              opt.out_dir.c_str());
+  return 0;
+}
+
+}  // namespace
+
+void RegisterDemo(CLI::App& app, RunFn* run) {
+  auto opt = std::make_shared<DemoOptions>();
+  CLI::App* cmd = app.add_subcommand(
+      "demo", "A cluster on this machine: coordinator, worker and clients as processes (TLS)");
+  cmd->add_option("--config", opt->config_path, "The YAML run config (default: the embedded one)");
+  cmd->add_option("--clients", opt->clients, "How many clients")->check(CLI::Range(1, 64));
+  cmd->add_option("--out", opt->out_dir, "Output directory (default runs/demo)");
+  cmd->add_option("--startup-timeout", opt->startup_timeout_s,
+                  "Seconds a server may take to start listening");
+  cmd->callback([opt, run] { *run = [opt] { return RunDemo(*opt); }; });
+}
+
+}  // namespace splitq::cli

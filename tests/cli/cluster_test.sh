@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Real `splitq` processes on loopback (OS-picked ports): the cluster's behaviour end to end.
+#
+#   cluster_test.sh SPLITQ CASE
+#
+# CASE:
+#   demo         `splitq demo` with 2 clients and a small config: exits 0, summary.json has
+#                exactly the keys of `splitq train`'s, steps summed over the clients, TLS and
+#                tokens in use (a plaintext health probe fails).
+#   equivalence  one client through coordinator + worker against `splitq train`, same config and
+#                seed: with one thread per process every logged loss is equal to 1e-6 relative
+#                (bit-identical in practice); with the default threads within 2% (float
+#                reductions differ between processes).
+#   client-kill  a client killed with SIGKILL mid-run: the worker frees its session within two
+#                heartbeat periods (2 s); the restarted client resumes from its last checkpoint
+#                and finishes; its metrics have every logged step exactly once and the worker
+#                applied exactly `steps` server updates (replayed steps are not applied twice).
+#   worker-kill  the client's worker killed with SIGKILL: the coordinator marks it dead, the
+#                client reconnects with backoff to the second worker and finishes.
+#   refusals     a client with another config (digest) and a client without a token are refused
+#                with a clear message; the worker keeps serving.
+set -euo pipefail
+SPLITQ=${1:?usage: cluster_test.sh SPLITQ CASE}
+CASE=${2:?usage: cluster_test.sh SPLITQ CASE}
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do { wait "$p"; } 2>/dev/null || true; done
+  if [[ ${KEEP:-0} == 1 ]]; then echo "kept $dir"; else rm -rf "$dir"; fi
+}
+trap cleanup EXIT
+fail() {
+  echo "FAIL ($CASE): $*"
+  for f in "$dir"/*.log; do [[ -f $f ]] && { echo "--- $f"; tail -n 20 "$f"; }; done
+  exit 1
+}
+
+cat >"$dir/config.yaml" <<'EOF'
+task: fmnist
+steps: 60
+batch_size: 32
+log_every: 10
+eval_every: 30
+checkpoint_every: 20
+optim: {warmup_steps: 5}
+quant:
+  activations: {mode: amaq, target: [{step: 0, bits: 8}, {step: 40, bits: 4}], calibration_steps: 10}
+  gradients: {mode: uniform, target: 6}
+EOF
+config=$dir/config.yaml
+
+# wait_for FILE PATTERN [TENTHS]: until FILE has a line matching PATTERN.
+wait_for() {
+  for _ in $(seq "${3:-300}"); do
+    grep -q "$2" "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  fail "no '$2' in $1"
+}
+address_in() { sed -n 's/.*listening on \([0-9.]*:[0-9]*\).*/\1/p' "$1" | head -n1; }
+
+# start_cluster [WORKERS]: certificates, tokens, a coordinator and WORKERS workers (TLS).
+start_cluster() {
+  if [[ ! -d $dir/certs ]]; then
+    "$SPLITQ" certs --out "$dir/certs" >/dev/null
+    "$SPLITQ" tokens --out "$dir/tokens" worker0 worker1 client0 client1 >/dev/null
+  fi
+  sec=(--tls-dir "$dir/certs")
+  "$SPLITQ" coordinator --config "$config" --listen 127.0.0.1:0 "${sec[@]}" \
+    --tokens "$dir/tokens/tokens" >"$dir/coordinator.log" 2>&1 &
+  pids+=($!)
+  wait_for "$dir/coordinator.log" "listening on"
+  coord=$(address_in "$dir/coordinator.log")
+  worker_pids=()
+  for w in $(seq 0 $((${1:-1} - 1))); do
+    "$SPLITQ" worker --config "$config" --coordinator "$coord" --listen 127.0.0.1:0 \
+      --name "worker$w" "${sec[@]}" --tokens "$dir/tokens/tokens" \
+      --token "$dir/tokens/worker$w.token" >"$dir/worker$w.log" 2>&1 &
+    pids+=($!)
+    worker_pids+=($!)
+    wait_for "$dir/worker$w.log" "registered with the coordinator"
+  done
+}
+stop_cluster() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  pids=()
+}
+client_args() {  # client_args ID OUT: the args of `splitq client` (in ${args[@]})
+  args=(client --config "$config" --coordinator "$coord" --id "$1" "${sec[@]}"
+    --token "$dir/tokens/$1.token" --out "$2" --reconnect-timeout 30)
+}
+client() {  # client ID OUT: runs it in the foreground
+  client_args "$1" "$2"
+  "$SPLITQ" "${args[@]}"
+}
+# start_long_run WORKERS: a 200-step run of client0 in the background (pid in $cpid), past
+# step 50 when this returns.
+start_long_run() {
+  sed -i 's/^steps: 60/steps: 200/' "$config"
+  start_cluster "$1"
+  client_args client0 "$dir/run"
+  "$SPLITQ" "${args[@]}" >"$dir/client.log" 2>&1 &
+  cpid=$!
+  pids+=($cpid)
+  wait_for "$dir/client.log" 'step 50/' 600
+}
+losses() { sed -n 's/.*"loss": \([0-9.e+-]*\).*/\1/p' "$1"; }
+# compare_losses A B TOLERANCE: every logged loss of A within TOLERANCE (relative) of B's.
+compare_losses() {
+  paste <(losses "$1") <(losses "$2") | awk -v tol="$3" '
+    { n++; d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > worst) worst = r;
+      if (r > tol) bad++ }
+    END { printf "%d logged losses, worst relative difference %.2e\n", n, worst;
+          exit (n == 6 && bad == 0) ? 0 : 1 }'
+}
+
+case $CASE in
+demo)
+  "$SPLITQ" demo --config "$config" --clients 2 --out "$dir/demo" >"$dir/demo.log" 2>&1 ||
+    fail "demo exited with $?"
+  [[ -f $dir/demo/summary.json ]] || fail "no summary.json"
+  "$SPLITQ" train --config "$config" --set steps=10 --out "$dir/train" >/dev/null 2>&1
+  keys() { sed -n 's/^ *"\([a-z_0-9]*\)":.*/\1/p' "$1" | sort | tr '\n' ' '; }
+  [[ $(keys "$dir/demo/summary.json") == "$(keys "$dir/train/summary.json")" ]] ||
+    fail "keys differ: $(keys "$dir/demo/summary.json") vs $(keys "$dir/train/summary.json")"
+  grep -q '"steps": 120,' "$dir/demo/summary.json" || fail "steps not summed over 2 clients"
+  grep -q "train session .* of client1 ended: finished" "$dir/demo/logs/worker.log" ||
+    fail "the worker did not see client1 finish"
+  [[ -f $dir/demo/certs/ca.crt && -f $dir/demo/tokens/client1.token ]] || fail "no certs/tokens"
+  echo "demo: ok ($(grep -o '"val_loss": [0-9.]*' "$dir/demo/summary.json"))"
+  ;;
+equivalence)
+  export OMP_NUM_THREADS=1
+  start_cluster 1
+  client client0 "$dir/net1" >"$dir/client.log" 2>&1 || fail "client failed"
+  "$SPLITQ" train --config "$config" --out "$dir/train1" >/dev/null 2>&1
+  compare_losses "$dir/net1/metrics.jsonl" "$dir/train1/metrics.jsonl" 1e-6 ||
+    fail "one thread: the curves differ"
+  stop_cluster  # a fresh server part for the second run
+  unset OMP_NUM_THREADS
+  start_cluster 1
+  client client0 "$dir/net2" >"$dir/client2.log" 2>&1 || fail "client failed"
+  "$SPLITQ" train --config "$config" --out "$dir/train2" >/dev/null 2>&1
+  compare_losses "$dir/net2/metrics.jsonl" "$dir/train2/metrics.jsonl" 0.02 ||
+    fail "default threads: the curves differ by more than 2%"
+  echo "equivalence: ok"
+  ;;
+client-kill)
+  start_long_run 1
+  kill -9 "$cpid"
+  killed=$(date +%s%N)
+  wait "$cpid" 2>/dev/null || true
+  wait_for "$dir/worker0.log" "train session .* of client0 ended" 100
+  freed_ms=$((($(date +%s%N) - killed) / 1000000))
+  ((freed_ms <= 2000)) || fail "the session was freed after $freed_ms ms (> 2 heartbeat periods)"
+  grep "train session .* of client0 ended" "$dir/worker0.log" | tail -n1
+  client client0 "$dir/run" >"$dir/client2.log" 2>&1 || fail "restart failed"
+  grep -q "resumed .* at step" "$dir/client2.log" || fail "the client did not resume"
+  resumed=$(sed -n 's/.*resumed .* at step \([0-9]*\).*/\1/p' "$dir/client2.log")
+  steps=$(sed -n 's/.*"step": \([0-9]*\),.*/\1/p' "$dir/run/metrics.jsonl" | tr '\n' ' ')
+  [[ $steps == "$(seq -s ' ' 10 10 200) " ]] || fail "logged steps: $steps"
+  kill -TERM "${worker_pids[0]}"
+  wait "${worker_pids[0]}" || true
+  grep -q "stopped: [0-9]* steps served, 200 server updates" "$dir/worker0.log" ||
+    fail "server updates: $(grep stopped "$dir/worker0.log")"
+  echo "client-kill: ok (session freed in $freed_ms ms; resumed at step $resumed;" \
+    "$(sed -n 's/.*stopped: //p' "$dir/worker0.log"))"
+  ;;
+worker-kill)
+  start_long_run 2
+  first=$(sed -n 's/.*shard 0\/1, worker \(worker[0-9]\).*/\1/p' "$dir/client.log")
+  victim=${first#worker}
+  kill -9 "${worker_pids[$victim]}"
+  wait "$cpid" || fail "the client did not survive its worker's death"
+  grep -q "reconnected to worker" "$dir/client.log" || fail "no reconnect"
+  grep -q '"steps": 200,' "$dir/run/summary.json" || fail "the run did not finish"
+  echo "worker-kill: ok (from $first to $(sed -n 's/.*reconnected to worker \(worker[0-9]\).*/\1/p' \
+    "$dir/client.log" | tail -n1))"
+  ;;
+refusals)
+  start_cluster 1
+  other=$dir/other.yaml
+  sed 's/steps: 60/steps: 61/' "$config" >"$other"
+  if "$SPLITQ" client --config "$other" --coordinator "$coord" --id client0 "${sec[@]}" \
+    --token "$dir/tokens/client0.token" --out "$dir/other" --reconnect-timeout 1 \
+    >"$dir/other.log" 2>&1; then
+    fail "a client with another config was served"
+  fi
+  grep -q "run config (digest .*) is not the worker" "$dir/other.log" || fail "$(tail -n 3 "$dir/other.log")"
+  if "$SPLITQ" client --config "$config" --coordinator "$coord" --id client1 "${sec[@]}" \
+    --out "$dir/notoken" --connect-timeout 2 >"$dir/notoken.log" 2>&1; then
+    fail "a client without a token was served"
+  fi
+  grep -q "UNAUTHENTICATED" "$dir/notoken.log" || fail "$(tail -n 3 "$dir/notoken.log")"
+  client client1 "$dir/good" >"$dir/good.log" 2>&1 || fail "a good client failed"
+  echo "refusals: ok"
+  ;;
+*)
+  echo "unknown case $CASE"
+  exit 2
+  ;;
+esac
