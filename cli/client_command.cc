@@ -283,6 +283,7 @@ int RunClient(const ClientCommandOptions& opt) {
     return summary.status().code() == absl::StatusCode::kCancelled ? 128 + g_signal.load() : 1;
   }
   PrintTrainSummary(*summary, train_options.out_dir);
+  std::printf("client %s: peak RSS %.0f MiB\n", opt.id.c_str(), PeakRssMiB());
   return 0;
 }
 

@@ -61,6 +61,15 @@ std::string JoinHostPort(const server::WorkerAddress& a) {
   return absl::StrCat(a.host, ":", a.port);
 }
 
+double PeakRssMiB() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  }
+  return -1;
+}
+
 absl::StatusOr<std::string> TokenFromFile(const std::string& path) {
   if (path.empty()) return std::string();
   return server::ReadToken(path);

@@ -29,6 +29,9 @@ absl::StatusOr<server::WorkerAddress> ParseHostPort(const std::string& text);
 // {host, port} -> "HOST:PORT" (brackets around IPv6 literals).
 std::string JoinHostPort(const server::WorkerAddress& address);
 
+// This process's peak resident set (VmHWM) in MiB, or -1 when /proc is not readable.
+double PeakRssMiB();
+
 // The token in `path`, or "" for an empty path.
 absl::StatusOr<std::string> TokenFromFile(const std::string& path);
 

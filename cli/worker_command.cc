@@ -171,8 +171,9 @@ int RunWorker(const WorkerCommandOptions& opt) {
   }
   grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   const server::WorkerStats s = core.stats();
-  std::printf("worker %s stopped: %lld steps served, %lld server updates\n", opt.name.c_str(),
-              static_cast<long long>(s.steps_served), static_cast<long long>(s.updates));
+  std::printf("worker %s stopped: %lld steps served, %lld server updates; peak RSS %.0f MiB\n",
+              opt.name.c_str(), static_cast<long long>(s.steps_served),
+              static_cast<long long>(s.updates), PeakRssMiB());
   return 0;
 }
 

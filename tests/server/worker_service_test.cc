@@ -1,0 +1,392 @@
+// server/worker_service.h over a real gRPC server on an OS-picked loopback port, with a real
+// server part (trainer/split_parts.h, Fashion-MNIST) behind it and real frames from a client
+// part. Malformed input over the real stream gets INVALID_ARGUMENT, FAILED_PRECONDITION or
+// RESOURCE_EXHAUSTED with a message, only that stream ends, the worker keeps serving a good
+// client, and its memory stays bounded; tokens, protocol versions and TLS are enforced; 32
+// clients at once train without deadlock (the test prints the peak RSS).
+#include "server/worker_service.h"
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <malloc.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+
+#include "quant/wire_format.h"
+#include "server/rpc_channel.h"
+#include "server/tls_certs.h"
+#include "server/tokens.h"
+#include "server/worker_client.h"
+#include "trainer/datasets.h"
+#include "trainer/split_parts.h"
+
+namespace splitq::server {
+namespace {
+
+using splitq::v1::TrainReply;
+using splitq::v1::TrainRequest;
+
+const int kMallopt = [] {
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  return 0;
+}();
+
+constexpr char kConfig[] = R"(
+task: fmnist
+steps: 100
+batch_size: 16
+quant:
+  activations: {mode: amaq, target: 4, calibration_steps: 0}
+  gradients: {mode: uniform, target: 6}
+)";
+
+// Kilobytes from /proc/self/status ("VmRSS" now, "VmHWM" the peak).
+int64_t StatusKb(const std::string& key) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key + ":", 0) == 0) return std::stoll(line.substr(key.size() + 1));
+  }
+  return -1;
+}
+
+std::string TokenFor(const std::string& id) {
+  std::string t = id + "-";
+  while (t.size() < 32) t += "x";
+  return t;
+}
+
+class WorkerServiceTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (access(trainer::kFashionMnistDir, R_OK) != 0) return;
+    auto c = trainer::ParseRunConfig(YAML::Load(kConfig));
+    ASSERT_TRUE(c.ok()) << c.status();
+    config_ = new trainer::RunConfig(*c);
+    // Real frames for steps 0..2 from a client part trained against its own server part.
+    auto part = trainer::ClientPart::Create(*config_, "", false);
+    auto local = trainer::ServerPart::Create(*config_, "");
+    ASSERT_TRUE(part.ok() && local.ok());
+    trainer::LocalServerLink link(**local);
+    frames_ = new std::vector<trainer::UpFrame>;
+    for (int i = 0; i < 3; ++i) {
+      auto up = (*part)->Forward();
+      ASSERT_TRUE(up.ok());
+      frames_->push_back(*up);
+      auto down = link.Train(*up);
+      ASSERT_TRUE(down.ok());
+      ASSERT_TRUE((*part)->Backward(*down).ok());
+    }
+  }
+
+  void SetUp() override {
+    if (config_ == nullptr) GTEST_SKIP() << trainer::kFashionMnistDir << " missing";
+    std::string lines;
+    for (const char* id : {"alice", "bob"}) lines += std::string(id) + " " + TokenFor(id) + "\n";
+    for (int i = 0; i < 32; ++i) {
+      const std::string id = "c" + std::to_string(i);
+      lines += id + " " + TokenFor(id) + "\n";
+    }
+    auto tokens = TokenSet::Parse(lines, "test");
+    ASSERT_TRUE(tokens.ok()) << tokens.status();
+    tokens_ = std::make_unique<TokenSet>(*tokens);
+    auto part = trainer::ServerPart::Create(*config_, "");
+    ASSERT_TRUE(part.ok());
+    part_ = std::move(*part);
+    WorkerOptions options;
+    options.assembler.max_frame_bytes = 8 << 20;
+    core_ = std::make_unique<WorkerCore>(*part_, options);
+    service_ = std::make_unique<WorkerService>(*core_, tokens_.get());
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+    builder.RegisterService(service_.get());
+    builder.SetMaxReceiveMessageSize(WorkerService::MaxReceiveMessageBytes(options.assembler));
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    channel_ =
+        grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port_),
+                                  grpc::InsecureChannelCredentials(), ClientChannelArguments());
+    // Raw streams send what the test wants, however large.
+    grpc::ChannelArguments raw_args;
+    raw_args.SetMaxSendMessageSize(-1);
+    stub_ = splitq::v1::Worker::NewStub(grpc::CreateCustomChannel(
+        "127.0.0.1:" + std::to_string(port_), grpc::InsecureChannelCredentials(), raw_args));
+  }
+  void TearDown() override {
+    if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    service_.reset();
+  }
+
+  // A raw Train stream: the test writes whatever it wants.
+  struct Raw {
+    std::unique_ptr<grpc::ClientContext> context;
+    std::unique_ptr<grpc::ClientReaderWriter<TrainRequest, TrainReply>> stream;
+  };
+  Raw Open(const std::string& token) {
+    Raw raw;
+    raw.context = std::make_unique<grpc::ClientContext>();
+    raw.context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    if (!token.empty()) AddBearer(*raw.context, token);
+    raw.stream = stub_->Train(raw.context.get());
+    return raw;
+  }
+  static TrainRequest Hello(const std::string& id, int version = 1, uint64_t step = 0) {
+    TrainRequest r;
+    r.mutable_hello()->set_protocol_version(static_cast<splitq::v1::ProtocolVersion>(version));
+    r.mutable_hello()->set_client_id(id);
+    r.mutable_hello()->set_resume_step(step);
+    return r;
+  }
+  static TrainRequest Labels(const trainer::UpFrame& up, uint64_t step) {
+    TrainRequest r;
+    r.mutable_labels()->set_step(step);
+    r.mutable_labels()->mutable_values()->Add(up.labels.begin(), up.labels.end());
+    return r;
+  }
+  static TrainRequest Chunk(const std::string& data, uint64_t step, uint64_t frame_bytes,
+                            uint32_t index = 0, uint32_t count = 1) {
+    TrainRequest r;
+    auto* c = r.mutable_activation();
+    c->set_step(step);
+    c->set_index(index);
+    c->set_count(count);
+    c->set_frame_bytes(frame_bytes);
+    c->set_data(data);
+    return r;
+  }
+  // Writes `requests` (stopping at the first refused write), then reads until the stream ends.
+  static grpc::Status Run(Raw& raw, const std::vector<TrainRequest>& requests) {
+    for (const TrainRequest& r : requests) {
+      if (!raw.stream->Write(r)) break;
+    }
+    raw.stream->WritesDone();
+    TrainReply reply;
+    while (raw.stream->Read(&reply)) {
+    }
+    return raw.stream->Finish();
+  }
+  // One step: hello (alice), labels and the frame `bytes` for step 0.
+  grpc::Status SendFrame(const std::string& bytes) {
+    Raw raw = Open(TokenFor("alice"));
+    const trainer::UpFrame& up = (*frames_)[0];
+    return Run(raw, {Hello("alice"), Labels(up, 0), Chunk(bytes, 0, bytes.size())});
+  }
+  static quant::Frame Parsed(const std::string& bytes) {
+    auto f = quant::ParseFrame(
+        absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+    EXPECT_TRUE(f.ok());
+    return *f;
+  }
+  static std::string Resealed(quant::Frame f) {
+    quant::SealFrame(&f);
+    return quant::SerializeFrame(f);
+  }
+
+  // A good client (a WorkerClient, as `splitq client` uses) trains `steps` of the frames.
+  void ExpectGoodClientTrains(const std::string& id, int steps = 3) {
+    WorkerLinkOptions o;
+    o.client_id = id;
+    o.token = TokenFor(id);
+    WorkerClient client(channel_, o);
+    for (int i = 0; i < steps; ++i) {
+      auto down = client.Train((*frames_)[static_cast<size_t>(i)]);
+      ASSERT_TRUE(down.ok()) << id << " step " << i << ": " << down.status();
+      EXPECT_FALSE(down->frame.empty());
+      EXPECT_TRUE(std::isfinite(down->loss));
+    }
+    client.Close();
+  }
+
+  static trainer::RunConfig* config_;
+  static std::vector<trainer::UpFrame>* frames_;
+  std::unique_ptr<TokenSet> tokens_;
+  std::unique_ptr<trainer::ServerPart> part_;
+  std::unique_ptr<WorkerCore> core_;
+  std::unique_ptr<WorkerService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<splitq::v1::Worker::Stub> stub_;
+  int port_ = 0;
+};
+trainer::RunConfig* WorkerServiceTest::config_ = nullptr;
+std::vector<trainer::UpFrame>* WorkerServiceTest::frames_ = nullptr;
+
+#define EXPECT_CODE(status, code)                                             \
+  do {                                                                        \
+    const grpc::Status s_ = (status);                                         \
+    EXPECT_EQ(s_.error_code(), grpc::StatusCode::code) << s_.error_message(); \
+    EXPECT_FALSE(s_.error_message().empty());                                 \
+  } while (0)
+
+TEST_F(WorkerServiceTest, MalformedFramesGetACodeAndTheWorkerKeepsServing) {
+  const std::string good = (*frames_)[0].frame;
+  std::mt19937 rng(7);
+  std::string random(good.size(), '\0');
+  for (char& c : random) c = static_cast<char>(rng());
+  EXPECT_CODE(SendFrame(random), INVALID_ARGUMENT);  // random payload bytes
+
+  quant::Frame f = Parsed(good);
+  ASSERT_FALSE(f.bits.empty());
+  f.bits.pop_back();  // a bit map that contradicts the shape's channels
+  EXPECT_CODE(SendFrame(Resealed(f)), INVALID_ARGUMENT);
+
+  f = Parsed(good);
+  f.scales[3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_CODE(SendFrame(Resealed(f)), INVALID_ARGUMENT);  // NaN scales
+
+  f = Parsed(good);
+  f.payload.resize(f.payload.size() / 2);  // a payload shorter than shape x bits
+  EXPECT_CODE(SendFrame(Resealed(f)), INVALID_ARGUMENT);
+
+  f = Parsed(good);
+  f.shape[0] = 2;  // a shape whose payload size does not match
+  EXPECT_CODE(SendFrame(Resealed(f)), INVALID_ARGUMENT);
+
+  // A frame before the hello (no session on this stream).
+  Raw raw = Open(TokenFor("alice"));
+  EXPECT_CODE(Run(raw, {Chunk(good, 0, good.size())}), FAILED_PRECONDITION);
+
+  // A skipped step, then a replayed one.
+  raw = Open(TokenFor("alice"));
+  EXPECT_CODE(Run(raw, {Hello("alice"), Labels((*frames_)[1], 1)}), FAILED_PRECONDITION);
+  raw = Open(TokenFor("alice"));
+  EXPECT_CODE(Run(raw, {Hello("alice"), Labels((*frames_)[0], 0), Chunk(good, 0, good.size()),
+                        Labels((*frames_)[0], 0), Chunk(good, 0, good.size())}),
+              FAILED_PRECONDITION);
+
+  // Oversized: a frame announced above the limit, and a chunk above gRPC's message limit.
+  raw = Open(TokenFor("alice"));
+  EXPECT_CODE(Run(raw, {Hello("alice"), Labels((*frames_)[0], 0), Chunk("x", 0, 1ull << 40, 0, 2)}),
+              RESOURCE_EXHAUSTED);
+  raw = Open(TokenFor("alice"));
+  EXPECT_CODE(Run(raw, {Hello("alice"), Labels((*frames_)[0], 0),
+                        Chunk(std::string(6 << 20, 'x'), 0, 6 << 20)}),
+              RESOURCE_EXHAUSTED);
+
+  // Labels that do not fit the batch.
+  raw = Open(TokenFor("alice"));
+  TrainRequest few = Labels((*frames_)[0], 0);
+  few.mutable_labels()->mutable_values()->RemoveLast();
+  EXPECT_CODE(Run(raw, {Hello("alice"), few, Chunk(good, 0, good.size())}), INVALID_ARGUMENT);
+
+  // Only the one good frame (step 0 of the replay case) reached the optimizer.
+  EXPECT_EQ(part_->updates(), 1);
+  ExpectGoodClientTrains("bob");
+  EXPECT_EQ(part_->updates(), 4);
+  // Every refused session is gone, with its buffers.
+  for (int i = 0; i < 50 && core_->stats().sessions > 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(core_->stats().sessions, 0u);
+  EXPECT_EQ(core_->buffered_bytes(), 0);
+}
+
+TEST_F(WorkerServiceTest, MemoryStaysBoundedUnderBadStreams) {
+  const std::string good = (*frames_)[0].frame;
+  auto hammer = [&](int n) {
+    for (int i = 0; i < n; ++i) {
+      Raw raw = Open(TokenFor("alice"));
+      // Half a frame then goodbye, and a frame of garbage: both leave nothing behind.
+      (void)Run(raw, {Hello("alice"), Labels((*frames_)[0], 0),
+                      Chunk(std::string(1 << 20, 'y'), 0, 2 << 20, 0, 2)});
+      (void)SendFrame(std::string(good.size(), 'z'));
+    }
+  };
+  hammer(20);  // warm up gRPC's and the allocator's pools
+  const int64_t before = StatusKb("VmRSS");
+  hammer(100);
+  const int64_t after = StatusKb("VmRSS");
+  std::printf("RSS %lld kB before, %lld kB after 200 bad streams\n", static_cast<long long>(before),
+              static_cast<long long>(after));
+  EXPECT_LT(after - before, 32 * 1024) << "RSS grew by more than 32 MiB";
+  EXPECT_EQ(core_->buffered_bytes(), 0);
+  ExpectGoodClientTrains("bob", 1);
+}
+
+TEST_F(WorkerServiceTest, TokensAndProtocolVersionsAreEnforced) {
+  Raw raw = Open("");
+  EXPECT_CODE(Run(raw, {Hello("alice")}), UNAUTHENTICATED);
+  raw = Open(TokenFor("mallory"));
+  EXPECT_CODE(Run(raw, {Hello("alice")}), UNAUTHENTICATED);
+  raw = Open(TokenFor("bob"));  // bob's valid token, alice's id
+  EXPECT_CODE(Run(raw, {Hello("alice")}), PERMISSION_DENIED);
+  raw = Open(TokenFor("alice"));
+  const grpc::Status old = Run(raw, {Hello("alice", /*version=*/2)});
+  EXPECT_CODE(old, FAILED_PRECONDITION);
+  EXPECT_NE(old.error_message().find("protocol version"), std::string::npos);
+  ExpectGoodClientTrains("alice", 1);
+}
+
+TEST_F(WorkerServiceTest, PlaintextClientAgainstTlsWorkerFailsCleanly) {
+  const std::string dir = testing::TempDir() + "worker_tls";
+  ASSERT_TRUE(MakeCertificates(dir).ok());
+  auto credentials = MakeServerCredentials(TransportSecurity{dir, false, false});
+  ASSERT_TRUE(credentials.ok());
+  int port = 0;
+  WorkerService tls_service(*core_, tokens_.get());
+  grpc::ServerBuilder tls_builder;
+  tls_builder.AddListeningPort("127.0.0.1:0", *credentials, &port);
+  tls_builder.RegisterService(&tls_service);
+  auto tls_server = tls_builder.BuildAndStart();
+  ASSERT_NE(tls_server, nullptr);
+  auto plain =
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials());
+  WorkerLinkOptions o;
+  o.client_id = "alice";
+  o.token = TokenFor("alice");
+  WorkerClient client(plain, o);
+  auto down = client.Train((*frames_)[0]);
+  EXPECT_EQ(down.status().code(), absl::StatusCode::kUnavailable) << down.status();
+  // The same server over TLS works.
+  auto tls_credentials = MakeChannelCredentials(TransportSecurity{dir, false, false});
+  ASSERT_TRUE(tls_credentials.ok());
+  WorkerClient tls_client(
+      grpc::CreateChannel("localhost:" + std::to_string(port), *tls_credentials), o);
+  auto ok = tls_client.Train((*frames_)[0]);
+  EXPECT_TRUE(ok.ok()) << ok.status();
+  tls_client.Close();
+  tls_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+}
+
+TEST_F(WorkerServiceTest, ThirtyTwoClientsAtOnce) {
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int i = 0; i < 32; ++i) {
+    threads.emplace_back([&, i] {
+      const std::string id = "c" + std::to_string(i);
+      WorkerLinkOptions o;
+      o.client_id = id;
+      o.token = TokenFor(id);
+      WorkerClient client(channel_, o);
+      for (int s = 0; s < 3; ++s) {
+        if (!client.Train((*frames_)[static_cast<size_t>(s)]).ok()) ++failures;
+      }
+      client.Close();
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(part_->updates(), 96);
+  std::printf(
+      "32 clients x 3 steps in %.2f s; process peak RSS %.1f MiB (worker, 32 client "
+      "stubs and the test's data together)\n",
+      seconds, StatusKb("VmHWM") / 1024.0);
+}
+
+}  // namespace
+}  // namespace splitq::server
