@@ -1,6 +1,7 @@
-// `splitq certs --out DIR [--host NAME ...] [--days N]`: a CA plus server and client
+// `splitq certs --out DIR [--host NAME ...] [--days N] [--keep]`: a CA plus server and client
 // certificates for the cluster's TLS (server/tls_certs.h).
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@ void RegisterCerts(CLI::App& app, RunFn* run) {
   struct Options {
     std::string out;
     server::CertificateOptions certs;
+    bool keep = false;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("certs", "Make a CA plus server and client certificates");
@@ -21,8 +23,14 @@ void RegisterCerts(CLI::App& app, RunFn* run) {
   cmd->add_option("--host", opt->certs.hosts,
                   "Extra DNS name or IP of the servers (localhost, 127.0.0.1, ::1 are always in)");
   cmd->add_option("--days", opt->certs.days, "Validity in days (1..36500, default 365)");
+  cmd->add_flag("--keep", opt->keep,
+                "Do nothing when --out already holds ca.crt (for init containers that rerun)");
   cmd->callback([opt, run] {
     *run = [opt] {
+      if (opt->keep && std::filesystem::exists(std::filesystem::path(opt->out) / "ca.crt")) {
+        std::printf("kept the certificates in %s\n", opt->out.c_str());
+        return 0;
+      }
       const absl::Status status = server::MakeCertificates(opt->out, opt->certs);
       if (!status.ok()) {
         std::fprintf(stderr, "certs: %s\n", std::string(status.message()).c_str());

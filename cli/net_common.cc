@@ -22,7 +22,10 @@ absl::StatusOr<std::string> ConfigDigest(const std::string& path,
   std::stringstream text;
   text << file.rdbuf();
   std::string all = text.str();
-  for (const std::string& o : overrides) absl::StrAppend(&all, "\n--set ", o);
+  for (const std::string& o : overrides) {
+    if (o.rfind("device=", 0) == 0) continue;  // each process picks its own device
+    absl::StrAppend(&all, "\n--set ", o);
+  }
   unsigned char digest[SHA256_DIGEST_LENGTH];
   SHA256(reinterpret_cast<const unsigned char*>(all.data()), all.size(), digest);
   std::string hex;

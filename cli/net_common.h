@@ -14,8 +14,9 @@
 
 namespace splitq::cli {
 
-// Hex SHA-256 of the config file's bytes and the --set overrides, in order. A worker refuses a
-// client whose digest differs: both must start from the same file and overrides.
+// Hex SHA-256 of the config file's bytes and the --set overrides, in order, except `device=`
+// (each process runs on its own device). A worker refuses a client whose digest differs: both
+// must start from the same file and overrides.
 absl::StatusOr<std::string> ConfigDigest(const std::string& path,
                                          const std::vector<std::string>& overrides);
 

@@ -1,6 +1,7 @@
-// `splitq tokens --out DIR ID...`: a bearer token per client (server/tokens.h): DIR/tokens
+// `splitq tokens --out DIR [--keep] ID...`: a bearer token per client (server/tokens.h): DIR/tokens
 // for the coordinator and workers, DIR/ID.token for each client, all mode 0600.
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -14,13 +15,20 @@ void RegisterTokens(CLI::App& app, RunFn* run) {
   struct Options {
     std::string out;
     std::vector<std::string> ids;
+    bool keep = false;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("tokens", "Make a bearer token for each client id");
   cmd->add_option("--out", opt->out, "Output folder")->required();
   cmd->add_option("ids", opt->ids, "Client ids ([A-Za-z0-9._-], 1..64 characters)")->required();
+  cmd->add_flag("--keep", opt->keep,
+                "Do nothing when --out already holds a tokens file (for init containers)");
   cmd->callback([opt, run] {
     *run = [opt] {
+      if (opt->keep && std::filesystem::exists(std::filesystem::path(opt->out) / "tokens")) {
+        std::printf("kept the tokens in %s\n", opt->out.c_str());
+        return 0;
+      }
       const absl::Status status = server::WriteTokens(opt->out, opt->ids);
       if (!status.ok()) {
         std::fprintf(stderr, "tokens: %s\n", std::string(status.message()).c_str());

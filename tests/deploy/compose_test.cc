@@ -1,0 +1,293 @@
+// docker-compose.yml, checked without a Docker engine (none runs on our build machines):
+//   1. every service's command (and health check) parses with the real `splitq` CLI
+//      (SPLITQ_PARSE_ONLY=1), every mounted config passes the config parser and can run over
+//      the network, the services it depends on exist, the long-running ones have a restart
+//      policy and the servers a health check, and the clients' shards cover the data once;
+//   2. the same topology runs as processes, one network namespace per service joined by a
+//      bridge, with the compose file's own commands (container paths mapped to folders here,
+//      host names through /etc/netns/<ns>/hosts, and `--set steps=30` for the worker and the
+//      clients so that it finishes quickly). Skipped with a reason where `ip netns` is not
+//      allowed (not root, or no CAP_NET_ADMIN).
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "trainer/config.h"
+#include "trainer/split_parts.h"
+
+namespace splitq {
+namespace {
+
+namespace fs = std::filesystem;
+
+const fs::path kSource = SPLITQ_SOURCE_DIR;
+const std::string kSplitq = SPLITQ_BINARY;
+
+// A service's key, looking through the `<<: *anchor` merge key (yaml-cpp does not resolve it).
+YAML::Node Key(const YAML::Node& service, const std::string& key) {
+  if (service[key]) return service[key];
+  if (service["<<"] && service["<<"][key]) return service["<<"][key];
+  return YAML::Node(YAML::NodeType::Undefined);  // false, unlike YAML::Node() (null)
+}
+
+std::vector<std::string> Strings(const YAML::Node& list) {
+  std::vector<std::string> out;
+  for (const auto& item : list) out.push_back(item.as<std::string>());
+  return out;
+}
+
+// Runs argv with extra environment; returns the exit code. Output goes to `log` (appended).
+pid_t Start(const std::vector<std::string>& argv, const std::map<std::string, std::string>& env,
+            const std::string& log) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    for (const auto& [k, v] : env) setenv(k.c_str(), v.c_str(), 1);
+    FILE* out = std::fopen(log.c_str(), "a");
+    if (out != nullptr) {
+      dup2(fileno(out), STDOUT_FILENO);
+      dup2(fileno(out), STDERR_FILENO);
+    }
+    std::vector<char*> args;
+    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    execvp(args[0], args.data());
+    _exit(127);
+  }
+  return pid;
+}
+int Wait(pid_t pid) {
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+int RunToEnd(const std::vector<std::string>& argv, const std::map<std::string, std::string>& env,
+             const std::string& log) {
+  return Wait(Start(argv, env, log));
+}
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+class Compose : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = YAML::LoadFile((kSource / "docker-compose.yml").string());
+    ASSERT_TRUE(root_["services"]) << "no services";
+  }
+  // The host folder a container path lives in, by the service's volumes (HOST:CONTAINER[:ro]);
+  // named volumes map to `named_root/NAME`.
+  static std::string HostPath(const YAML::Node& service, const std::string& path,
+                              const fs::path& named_root) {
+    for (const std::string& v : Strings(Key(service, "volumes"))) {
+      const size_t colon = v.find(':');
+      const std::string host = v.substr(0, colon);
+      std::string container = v.substr(colon + 1);
+      container = container.substr(0, container.find(':'));
+      if (path.rfind(container + "/", 0) != 0) continue;
+      const fs::path base = host.rfind("./", 0) == 0 ? kSource / host.substr(2) : named_root / host;
+      return (base / path.substr(container.size() + 1)).string();
+    }
+    return path;
+  }
+  YAML::Node root_;
+};
+
+TEST_F(Compose, EveryCommandParsesAndEveryConfigLoads) {
+  const YAML::Node services = root_["services"];
+  std::set<std::string> names;
+  for (const auto& s : services) names.insert(s.first.as<std::string>());
+  std::set<std::string> shards;
+  int clients = 0;
+  const std::string log = testing::TempDir() + "compose_parse.log";
+  for (const auto& entry : services) {
+    const std::string name = entry.first.as<std::string>();
+    const YAML::Node service = entry.second;
+    std::vector<std::string> command = Strings(Key(service, "command"));
+    ASSERT_FALSE(command.empty()) << name << ": no command";
+    ASSERT_EQ(command[0], "splitq") << name;
+    std::vector<std::vector<std::string>> lines = {command};
+    if (const YAML::Node health = Key(service, "healthcheck")) {
+      std::vector<std::string> test = Strings(health["test"]);
+      ASSERT_GE(test.size(), 2u);
+      EXPECT_EQ(test[0], "CMD") << name;
+      lines.emplace_back(test.begin() + 1, test.end());
+    }
+    for (std::vector<std::string> line : lines) {
+      line[0] = kSplitq;
+      fs::remove(log);
+      EXPECT_EQ(RunToEnd(line, {{"SPLITQ_PARSE_ONLY", "1"}}, log), 0)
+          << name << ": the command does not parse: " << Slurp(log);
+    }
+    for (size_t i = 0; i + 1 < command.size(); ++i) {
+      if (command[i] != "--config") continue;
+      const std::string config = HostPath(service, command[i + 1], "/nonexistent");
+      auto parsed = trainer::LoadRunConfig(config);
+      ASSERT_TRUE(parsed.ok()) << name << ": " << config << ": " << parsed.status();
+      EXPECT_TRUE(trainer::CheckNetworkable(*parsed).ok()) << name << ": " << config;
+    }
+    const std::string verb = command.size() > 1 ? command[1] : "";
+    if (verb == "coordinator" || verb == "worker" || verb == "client") {
+      EXPECT_TRUE(Key(service, "restart")) << name << ": no restart policy";
+    }
+    if (verb == "coordinator" || verb == "worker") {
+      EXPECT_TRUE(Key(service, "healthcheck")) << name << ": no health check";
+    }
+    if (verb == "client") {
+      ++clients;
+      for (size_t i = 0; i + 1 < command.size(); ++i) {
+        if (command[i] == "--shard") shards.insert(command[i + 1]);
+      }
+    }
+    if (const YAML::Node deps = Key(service, "depends_on")) {
+      for (const auto& d : deps) {
+        EXPECT_TRUE(names.count(d.first.as<std::string>())) << name << " depends on a stranger";
+      }
+    }
+  }
+  EXPECT_EQ(clients, 2);
+  std::set<std::string> want;
+  for (int k = 0; k < clients; ++k) want.insert(std::to_string(k) + "/" + std::to_string(clients));
+  EXPECT_EQ(shards, want) << "the clients' shards should cover the data once";
+}
+
+// One network namespace per service, a bridge between them.
+class Namespaces {
+ public:
+  bool Add(const std::string& service, int index) {
+    const std::string ns = "sqc-" + service, veth = "sqv" + std::to_string(index);
+    const std::string ip = "10.231.0." + std::to_string(10 + index);
+    bool ok = Sh("ip netns add " + ns) &&
+              Sh("ip link add " + veth + " type veth peer name eth0 netns " + ns) &&
+              Sh("ip link set " + veth + " master sqcbr0 up") &&
+              Sh("ip -n " + ns + " addr add " + ip + "/24 dev eth0") &&
+              Sh("ip -n " + ns + " link set eth0 up") && Sh("ip -n " + ns + " link set lo up");
+    namespaces_.push_back(ns);
+    hosts_ += ip + " " + service + "\n";
+    return ok;
+  }
+  bool Bridge() {
+    bridge_ = Sh("ip link add sqcbr0 type bridge") && Sh("ip addr add 10.231.0.1/24 dev sqcbr0") &&
+              Sh("ip link set sqcbr0 up");
+    return bridge_;
+  }
+  // /etc/netns/<ns>/hosts: `ip netns exec` shows it as /etc/hosts inside.
+  void WriteHosts() {
+    for (const std::string& ns : namespaces_) {
+      fs::create_directories("/etc/netns/" + ns);
+      std::ofstream("/etc/netns/" + ns + "/hosts") << "127.0.0.1 localhost\n" << hosts_;
+    }
+  }
+  ~Namespaces() {
+    for (const std::string& ns : namespaces_) {
+      Sh("ip netns del " + ns + " 2>/dev/null");
+      std::error_code ec;
+      fs::remove_all("/etc/netns/" + ns, ec);
+    }
+    Sh("ip link del sqcbr0 2>/dev/null");
+  }
+  static bool Sh(const std::string& command) { return std::system(command.c_str()) == 0; }
+
+ private:
+  std::vector<std::string> namespaces_;
+  std::string hosts_;
+  bool bridge_ = false;
+};
+
+TEST_F(Compose, TopologyRunsInNetworkNamespaces) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root for ip netns";
+  if (!Namespaces::Sh("ip netns add sqc-probe 2>/dev/null && ip netns del sqc-probe")) {
+    GTEST_SKIP() << "ip netns is not allowed here";
+  }
+  Namespaces::Sh("ip link del sqcbr0 2>/dev/null");  // a leftover from an interrupted run
+  const fs::path dir = fs::path(testing::TempDir()) / "compose_netns";
+  fs::remove_all(dir);
+  fs::create_directories(dir / "logs");
+  Namespaces net;
+  ASSERT_TRUE(net.Bridge());
+  const YAML::Node services = root_["services"];
+  std::vector<std::string> order;
+  int index = 0;
+  for (const auto& entry : services) {
+    order.push_back(entry.first.as<std::string>());
+    ASSERT_TRUE(net.Add(order.back(), index++)) << "namespace for " << order.back();
+  }
+  net.WriteHosts();
+  // The command of a service, as a process in its namespace, with container paths mapped.
+  auto argv_of = [&](const std::string& name) {
+    const YAML::Node service = services[name];
+    std::vector<std::string> argv = {"ip", "netns", "exec", "sqc-" + name};
+    std::vector<std::string> command = Strings(Key(service, "command"));
+    command[0] = kSplitq;
+    for (std::string& a : command) {
+      if (!a.empty() && a[0] == '/') a = HostPath(service, a, dir / "volumes");
+    }
+    if (command[1] == "worker" || command[1] == "client") {
+      command.insert(command.end(), {"--set", "steps=30", "--connect-timeout", "60"});
+    }
+    argv.insert(argv.end(), command.begin(), command.end());
+    return argv;
+  };
+  fs::create_directories(dir / "volumes" / "secrets");
+  fs::create_directories(dir / "volumes" / "runs");
+  auto log_of = [&](const std::string& name) { return (dir / "logs" / (name + ".log")).string(); };
+  std::vector<pid_t> servers, clients;
+  struct Stopper {
+    std::vector<pid_t>* pids;
+    ~Stopper() {
+      for (pid_t p : *pids) kill(p, SIGKILL);
+      for (pid_t p : *pids) waitpid(p, nullptr, 0);
+    }
+  };
+  std::vector<pid_t> all;
+  Stopper stopper{&all};
+  for (const std::string& name : order) {
+    const std::vector<std::string> argv = argv_of(name);
+    const std::string verb = argv[5];
+    if (verb == "certs" || verb == "tokens") {
+      ASSERT_EQ(RunToEnd(argv, {}, log_of(name)), 0) << name << ": " << Slurp(log_of(name));
+      continue;
+    }
+    const pid_t pid = Start(argv, {}, log_of(name));
+    all.push_back(pid);
+    (verb == "client" ? clients : servers).push_back(pid);
+    if (verb == "coordinator" || verb == "worker") {  // wait until it is up, as depends_on does
+      const std::string ready = verb == "coordinator" ? "listening on" : "registered with";
+      bool up = false;
+      for (int i = 0; i < 600 && !up; ++i) {
+        up = Slurp(log_of(name)).find(ready) != std::string::npos;
+        if (!up) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+      ASSERT_TRUE(up) << name << " did not come up: " << Slurp(log_of(name));
+    }
+  }
+  for (pid_t c : clients) {
+    EXPECT_EQ(Wait(c), 0) << "a client failed";
+    all.erase(std::find(all.begin(), all.end(), c));
+  }
+  for (const std::string& name : order) {
+    if (name.rfind("client", 0) != 0) continue;
+    const std::string summary = Slurp((dir / "volumes" / "runs" / name / "summary.json").string());
+    EXPECT_NE(summary.find("\"steps\": 30,"), std::string::npos)
+        << name << ": " << summary << Slurp(log_of(name));
+  }
+  EXPECT_NE(Slurp(log_of("worker0")).find("of client1 opened"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace splitq
