@@ -249,8 +249,9 @@ int RunClient(const ClientCommandOptions& opt) {
   if (absl::Status s = link.Connect(std::chrono::seconds(opt.connect_timeout_s)); !s.ok()) {
     return Fail(opt.id, "connect", s, 1);
   }
-  std::fprintf(stderr, "client %s: shard %s, worker %s\n", opt.id.c_str(), opt.shard.c_str(),
-               link.worker().c_str());
+  std::fprintf(stderr, "client %s: shard %s, worker %s; client part on %s, RSS %.0f MiB\n",
+               opt.id.c_str(), opt.shard.c_str(), link.worker().c_str(), (*part)->device().c_str(),
+               RssMiB());
 
   trainer::ClientRunner runner(**part, link);
   CountingRunner counting(runner);

@@ -16,7 +16,9 @@ namespace {
 // mmap()s, so every step pays one page fault per 4 KiB; on the VMs we measured, that is
 // ~12 us per fault (200 ms for a 64 MiB buffer, against 4 ms to fill a reused one). Keeping
 // freed memory in the heap lets the next step reuse it.
+// SPLITQ_LOW_MEMORY=1 keeps glibc's defaults (memory goes back to the system; slower steps).
 void KeepLargeAllocationsInTheHeap() {
+  if (const char* low = std::getenv("SPLITQ_LOW_MEMORY"); low != nullptr && low[0] == '1') return;
   if (mallopt(M_MMAP_THRESHOLD, 1 << 30) != 1 || mallopt(M_TRIM_THRESHOLD, 1 << 30) != 1) {
     spdlog::debug("mallopt refused; large allocations stay mmap-backed");
   }

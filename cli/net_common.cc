@@ -64,14 +64,19 @@ std::string JoinHostPort(const server::WorkerAddress& a) {
   return absl::StrCat(a.host, ":", a.port);
 }
 
-double PeakRssMiB() {
+namespace {
+double StatusMiB(const std::string& key) {
   std::ifstream in("/proc/self/status");
   std::string line;
   while (std::getline(in, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+    if (line.rfind(key, 0) == 0) return std::stod(line.substr(key.size())) / 1024.0;
   }
   return -1;
 }
+}  // namespace
+
+double PeakRssMiB() { return StatusMiB("VmHWM:"); }
+double RssMiB() { return StatusMiB("VmRSS:"); }
 
 absl::StatusOr<std::string> TokenFromFile(const std::string& path) {
   if (path.empty()) return std::string();

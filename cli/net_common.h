@@ -32,6 +32,8 @@ std::string JoinHostPort(const server::WorkerAddress& address);
 
 // This process's peak resident set (VmHWM) in MiB, or -1 when /proc is not readable.
 double PeakRssMiB();
+// ... and its resident set now (VmRSS).
+double RssMiB();
 
 // The token in `path`, or "" for an empty path.
 absl::StatusOr<std::string> TokenFromFile(const std::string& path);
