@@ -65,6 +65,7 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
   }
   std::vector<uint64_t> replaced;
   Welcome welcome;
+  bool full = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     size_t same_kind = 0;  // Train and Evaluate sessions are counted apart
@@ -73,20 +74,23 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
       ++same_kind;
       if (s->client_id == hello.client_id) replaced.push_back(id);
     }
-    if (same_kind - replaced.size() >= options_.max_sessions) {
-      std::lock_guard<std::mutex> compute(compute_);
-      handler_.CloseSession(handler_id);
-      return absl::ResourceExhaustedError(
-          absl::StrCat("this worker serves ", options_.max_sessions, " clients at most"));
+    full = same_kind - replaced.size() >= options_.max_sessions;
+    if (!full) {
+      auto session = std::make_unique<Session>(options_.assembler);
+      session->client_id = hello.client_id;
+      session->evaluate = hello.evaluate;
+      session->handler_id = handler_id;
+      session->expected_step = hello.resume_step;
+      welcome.session_id = next_id_++;
+      welcome.expected_step = hello.resume_step;
+      sessions_[welcome.session_id] = std::move(session);
     }
-    auto session = std::make_unique<Session>(options_.assembler);
-    session->client_id = hello.client_id;
-    session->evaluate = hello.evaluate;
-    session->handler_id = handler_id;
-    session->expected_step = hello.resume_step;
-    welcome.session_id = next_id_++;
-    welcome.expected_step = hello.resume_step;
-    sessions_[welcome.session_id] = std::move(session);
+  }
+  if (full) {  // (never holding mutex_ while waiting for compute_)
+    std::lock_guard<std::mutex> compute(compute_);
+    handler_.CloseSession(handler_id);
+    return absl::ResourceExhaustedError(
+        absl::StrCat("this worker serves ", options_.max_sessions, " clients at most"));
   }
   for (uint64_t id : replaced) Close(id);
   return welcome;
@@ -165,31 +169,22 @@ absl::StatusOr<trainer::UpFrame> WorkerCore::TakeReady(uint64_t session, bool ev
 }
 
 absl::StatusOr<trainer::DownFrame> WorkerCore::RunStep(uint64_t session) {
+  // Deciding whether the step updates, computing it and settling the count happen under
+  // compute_, so two sessions of one client id cannot interleave them (lock order: compute_,
+  // then mutex_, everywhere).
+  std::lock_guard<std::mutex> compute(compute_);
   uint64_t handler_id = 0;
   std::string client_id;
   SPLITQ_ASSIGN_OR_RETURN(trainer::UpFrame up, TakeReady(session, false, &handler_id, &client_id));
   bool update;
-  uint64_t before;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    uint64_t& next = next_applied_[client_id];
-    before = next;
-    update = static_cast<uint64_t>(up.step) >= next;
-    if (update) next = static_cast<uint64_t>(up.step) + 1;
+    update = static_cast<uint64_t>(up.step) >= next_applied_[client_id];
   }
-  absl::StatusOr<trainer::DownFrame> down;
-  {
-    std::lock_guard<std::mutex> compute(compute_);
-    down = handler_.Train(handler_id, up, update);
-  }
+  absl::StatusOr<trainer::DownFrame> down = handler_.Train(handler_id, up, update);
   std::lock_guard<std::mutex> lock(mutex_);
-  if (!down.ok()) {
-    // Not applied after all: a retry of this step must update.
-    if (update && next_applied_[client_id] == static_cast<uint64_t>(up.step) + 1) {
-      next_applied_[client_id] = before;
-    }
-    return down.status();
-  }
+  if (!down.ok()) return down.status();
+  if (update) next_applied_[client_id] = static_cast<uint64_t>(up.step) + 1;
   ++steps_served_;
   return down;
 }
@@ -197,8 +192,8 @@ absl::StatusOr<trainer::DownFrame> WorkerCore::RunStep(uint64_t session) {
 absl::StatusOr<trainer::EvalPiece> WorkerCore::RunEvaluate(uint64_t session) {
   uint64_t handler_id = 0;
   std::string client_id;
-  SPLITQ_ASSIGN_OR_RETURN(trainer::UpFrame up, TakeReady(session, true, &handler_id, &client_id));
   std::lock_guard<std::mutex> compute(compute_);
+  SPLITQ_ASSIGN_OR_RETURN(trainer::UpFrame up, TakeReady(session, true, &handler_id, &client_id));
   return handler_.Evaluate(handler_id, up);
 }
 

@@ -28,7 +28,10 @@
 // INVALID_ARGUMENT for a bad client id or byte counts that lie; RESOURCE_EXHAUSTED for an
 // oversized chunk, frame or label list, or too many sessions; PERMISSION_DENIED for a hello
 // under another client's token; NOT_FOUND for an unknown session. A session with an error is
-// closed by the service; the others carry on. Every method is safe to call from any thread.
+// closed by the service; the others carry on. Every method is safe to call from any thread;
+// Open, RunStep, RunEvaluate, Close and stats wait for the step being computed (the service
+// calls RunStep, RunEvaluate and Close on its compute thread, so gRPC's threads wait only in
+// Open, for at most one step).
 #pragma once
 
 #include <cstdint>

@@ -71,6 +71,7 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
     bool compute = false;
     const absl::Status status = Handle(&compute);
     std::lock_guard<std::mutex> lock(mutex_);
+    if (finished_) return;  // a write failed meanwhile and ended the stream
     if (!status.ok()) {
       MaybeFinishLocked(status);
       return;
@@ -89,7 +90,8 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
     std::unique_lock<std::mutex> lock(mutex_);
     writing_ = false;
     if (!ok) {  // the client went away
-      MaybeFinishLocked(absl::CancelledError("the client went away"));
+      MaybeFinishLocked(finish_pending_ ? finish_status_
+                                        : absl::CancelledError("the client went away"));
       return;
     }
     writes_.pop_front();
@@ -111,7 +113,8 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
  private:
   void Destroy() {
     if (session_ != 0) {
-      service_.core_.Close(session_);
+      // Closing waits for the step being computed: on the compute thread, not gRPC's.
+      service_.compute_.Post([&core = service_.core_, id = session_] { core.Close(id); });
       Log(absl::StrCat("ended: ", !end_status_.ok()   ? end_status_.ToString()
                                   : cancelled_.load() ? "the client disconnected"
                                                       : "finished"));
@@ -302,7 +305,9 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
 
 WorkerService::WorkerService(WorkerCore& core, const TokenSet* tokens,
                              const WorkerServiceOptions& options)
-    : core_(core), tokens_(tokens), options_(options) {}
+    : core_(core), tokens_(tokens), options_(options) {
+  options_.reply_chunk_bytes = std::clamp<int64_t>(options_.reply_chunk_bytes, 1 << 10, 4 << 20);
+}
 
 WorkerService::~WorkerService() = default;
 

@@ -42,6 +42,7 @@ class SerialExecutor {
 
 struct WorkerServiceOptions {
   int64_t reply_chunk_bytes = 1 << 20;  // gradient frames go back in chunks of this size
+                                        // (clamped to 1 KiB .. 4 MiB)
   // Called (from gRPC's threads) with one line when a session opens and when it ends (with
   // its status, or "the client disconnected"). May be empty.
   std::function<void(const std::string&)> log;
@@ -58,7 +59,9 @@ class WorkerService final : public splitq::v1::Worker::CallbackService {
   grpc::ServerBidiReactor<splitq::v1::EvaluateRequest, splitq::v1::EvaluateReply>* Evaluate(
       grpc::CallbackServerContext* context) override;
 
-  // The gRPC message size a worker must accept: the largest chunk plus framing.
+  // The gRPC message size a worker must accept: the largest chunk plus framing. A step's labels
+  // travel in one message too, so they are bounded by it as well (about 340,000 labels with
+  // their sample ids at the default 4 MiB chunk limit).
   static int MaxReceiveMessageBytes(const AssemblerLimits& limits);
 
  private:

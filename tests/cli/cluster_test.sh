@@ -8,9 +8,9 @@
 #                exactly the keys of `splitq train`'s, steps summed over the clients, TLS and
 #                tokens in use (a plaintext health probe fails).
 #   equivalence  one client through coordinator + worker against `splitq train`, same config and
-#                seed: with one thread per process every logged loss is equal to 1e-6 relative
-#                (bit-identical in practice); with the default threads within 2% (float
-#                reductions differ between processes).
+#                seed: on the CPU with one thread per process every logged loss is equal to
+#                1e-6 relative (bit-identical in practice); with the default threads and device
+#                (CUDA on a GPU host) within 2% (float reductions differ between processes).
 #   client-kill  a client killed with SIGKILL mid-run: the worker frees its session within two
 #                heartbeat periods (2 s); the restarted client resumes from its last checkpoint
 #                and finishes; its metrics have every logged step exactly once and the worker
@@ -74,7 +74,8 @@ start_cluster() {
   coord=$(address_in "$dir/coordinator.log")
   worker_pids=()
   for w in $(seq 0 $((${1:-1} - 1))); do
-    "$SPLITQ" worker --config "$config" --coordinator "$coord" --listen 127.0.0.1:0 \
+    "$SPLITQ" worker --config "$config" ${DEVICE:+--set device=$DEVICE} \
+      --coordinator "$coord" --listen 127.0.0.1:0 \
       --name "worker$w" "${sec[@]}" --tokens "$dir/tokens/tokens" \
       --token "$dir/tokens/worker$w.token" >"$dir/worker$w.log" 2>&1 &
     pids+=($!)
@@ -88,7 +89,8 @@ stop_cluster() {
   pids=()
 }
 client_args() {  # client_args ID OUT: the args of `splitq client` (in ${args[@]})
-  args=(client --config "$config" --coordinator "$coord" --id "$1" "${sec[@]}"
+  args=(client --config "$config" ${DEVICE:+--set device=$DEVICE} --coordinator "$coord"
+    --id "$1" "${sec[@]}"
     --token "$dir/tokens/$1.token" --out "$2" --reconnect-timeout 30)
 }
 client() {  # client ID OUT: runs it in the foreground
@@ -132,14 +134,16 @@ demo)
   echo "demo: ok ($(grep -o '"val_loss": [0-9.]*' "$dir/demo/summary.json"))"
   ;;
 equivalence)
-  export OMP_NUM_THREADS=1
+  # Exact: one CPU thread per process (on a GPU host the CUDA kernels' reductions are not
+  # deterministic across processes, so this case runs on the CPU there too).
+  export OMP_NUM_THREADS=1 DEVICE=cpu
   start_cluster 1
   client client0 "$dir/net1" >"$dir/client.log" 2>&1 || fail "client failed"
-  "$SPLITQ" train --config "$config" --out "$dir/train1" >/dev/null 2>&1
+  "$SPLITQ" train --config "$config" --set device=cpu --out "$dir/train1" >/dev/null 2>&1
   compare_losses "$dir/net1/metrics.jsonl" "$dir/train1/metrics.jsonl" 1e-6 ||
     fail "one thread: the curves differ"
   stop_cluster  # a fresh server part for the second run
-  unset OMP_NUM_THREADS
+  unset OMP_NUM_THREADS DEVICE
   start_cluster 1
   client client0 "$dir/net2" >"$dir/client2.log" 2>&1 || fail "client failed"
   "$SPLITQ" train --config "$config" --out "$dir/train2" >/dev/null 2>&1
