@@ -44,6 +44,8 @@ void RegisterCoordinator(CLI::App& app, RunFn* run);
 void RegisterWorker(CLI::App& app, RunFn* run);
 // `splitq client`: the client part, training through a worker (built with the services).
 void RegisterClient(CLI::App& app, RunFn* run);
+// `splitq throttle`: a TCP proxy capped at a link rate (link benchmarks without tc).
+void RegisterThrottle(CLI::App& app, RunFn* run);
 // `splitq demo`: coordinator, worker and clients as processes on loopback.
 void RegisterDemo(CLI::App& app, RunFn* run);
 

@@ -64,6 +64,7 @@ int main(int argc, char** argv) {
   splitq::cli::RegisterConfig(app, &run);
   splitq::cli::RegisterData(app, &run);
   splitq::cli::RegisterCerts(app, &run);
+  splitq::cli::RegisterThrottle(app, &run);
 #if SPLITQ_WITH_SERVICES
   splitq::cli::RegisterHealth(app, &run);
   splitq::cli::RegisterTokens(app, &run);

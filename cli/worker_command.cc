@@ -39,6 +39,7 @@ struct WorkerCommandOptions {
   std::string init, tokens_path, token_path;
   server::TransportSecurity security;
   uint32_t max_clients = 64;
+  uint32_t advertise_port = 0;
   int connect_timeout_s = 120;
 };
 
@@ -101,8 +102,9 @@ int RunWorker(const WorkerCommandOptions& opt) {
   }
   auto listen = ParseHostPort(opt.listen);
   if (!listen.ok()) return Fail("--listen", listen.status());
-  server::WorkerAddress advertised{opt.advertise.empty() ? listen->host : opt.advertise,
-                                   static_cast<uint32_t>(port)};
+  server::WorkerAddress advertised{
+      opt.advertise.empty() ? listen->host : opt.advertise,
+      opt.advertise_port != 0 ? opt.advertise_port : static_cast<uint32_t>(port)};
   if (advertised.host == "0.0.0.0" || advertised.host == "::" || advertised.host.empty()) {
     char host[256] = {};
     gethostname(host, sizeof host - 1);
@@ -189,6 +191,9 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
   cmd->add_option("--name", opt->name, "This worker's name (1..64 of [A-Za-z0-9._-])");
   cmd->add_option("--advertise", opt->advertise,
                   "Host clients dial (default: the --listen host, or this host's name)");
+  cmd->add_option("--advertise-port", opt->advertise_port,
+                  "Port clients dial, when not the listening one (a proxy or NAT in between)")
+      ->check(CLI::Range(1, 65535));
   cmd->add_option("--init", opt->init, "Base weights checkpoint (LoRA runs)");
   AddSecurityFlags(cmd, &opt->security, /*serving=*/true);
   cmd->add_option("--tokens", opt->tokens_path, "The clients' bearer tokens (`splitq tokens`)");

