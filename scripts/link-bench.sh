@@ -84,7 +84,7 @@ cap() {  # cap on|off: tbf on both ends (each shapes what it sends); proxy mode:
 # A base checkpoint for the LoRA runs (its weights do not matter for timing).
 if [[ ! -f $OUT/base/checkpoint.pt ]]; then
   "$SPLITQ" train --config "$ROOT/configs/lm-pretrain.yaml" --set steps=1 --out "$OUT/base" \
-    >"$OUT/base.log" 2>&1
+    >"$OUT/base.log" 2>&1 || { echo "link-bench: the base checkpoint failed:" >&2; tail -n 5 "$OUT/base.log" >&2; exit 1; }
 fi
 wait_for() {
   for _ in $(seq 600); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
