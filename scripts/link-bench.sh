@@ -8,7 +8,8 @@
 #
 # SPLITQ: the splitq binary; OUT: a folder for logs, runs and link-bench.json; STEPS: timed
 # steps per run (default 20; the first two are warm-up and not counted).
-# Environment: RATE (default 100mbit), BURST (default 64kb), LINK=tc|proxy (default: tc when
+# Environment: RATE (default 100mbit), BURST (default 64kb), AMAQ_SETS (more --set overrides
+# for the AMAQ runs), LINK=tc|proxy (default: tc when
 # `ip` and `tc` exist and we are root, else proxy).
 #   tc     coordinator and worker in one network namespace, the client in another, a veth
 #          pair between them with tc tbf on both ends.
@@ -144,6 +145,10 @@ for mode in amaq fp32; do
   if [[ $mode == amaq ]]; then
     config=$ROOT/configs/lm-lora-amaq.yaml
     extra=(--set quant.activations.target=4 --set quant.activations.calibration_steps=5)
+    # AMAQ_SETS: more overrides for the AMAQ runs, e.g. 6-bit gradients:
+    # AMAQ_SETS="--set quant.gradients.bits.min=6 --set quant.gradients.target=6"
+    read -r -a more <<<"${AMAQ_SETS:-}"
+    extra+=("${more[@]}")
   else
     config=$ROOT/configs/lm-lora-fp32.yaml
     extra=()
