@@ -270,7 +270,7 @@ BoundarySender::BoundarySender(const RunConfig& c, int index, int axis, int64_t 
 
 absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& h, int64_t step,
                                                           const at::Tensor& ids, bool train) {
-  if (c_.activations.mode == WireMode::kFloat32) return Sent{h, EncodeRawTensor(h), 32.0};
+  if (c_.activations.mode == WireMode::kFloat32) return Sent{h, EncodeRawTensor(h), 32.0, {}};
   const double budget = c_.activations.target.TargetAt(step);
   Sent out;
   std::vector<uint8_t> bits;
