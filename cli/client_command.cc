@@ -49,6 +49,7 @@ struct ClientCommandOptions {
   std::vector<std::string> overrides;
   server::TransportSecurity security;
   int connect_timeout_s = 120, reconnect_timeout_s = 300;
+  int micro_batches = 1;
 };
 
 // A ServerLink to whichever worker the coordinator assigns, reconnecting after failures.
@@ -235,6 +236,7 @@ int RunClient(const ClientCommandOptions& opt) {
       std::filesystem::exists(std::filesystem::path(train_options.out_dir) / "checkpoint.pt");
   auto part = trainer::ClientPart::Create(*config, opt.init, train_options.resume, *shard);
   if (!part.ok()) return Fail(opt.id, "client part", part.status(), 1);
+  (*part)->set_micro_batches(opt.micro_batches);
 
   auto channel = MakeChannel(opt.coordinator, opt.security);
   if (!channel.ok()) return Fail(opt.id, "--coordinator", channel.status());
@@ -303,6 +305,10 @@ void RegisterClient(CLI::App& app, RunFn* run) {
                   "Output directory (default runs/<id>); resumes from "
                   "its checkpoint.pt when there is one");
   cmd->add_option("--init", opt->init, "Base weights checkpoint (LoRA runs)");
+  cmd->add_option("--micro-batches", opt->micro_batches,
+                  "Recompute the client's layers in K slices in the backward pass: less memory "
+                  "(the activations of batch/K examples), one more forward pass")
+      ->check(CLI::Range(1, 1024));
   AddSecurityFlags(cmd, &opt->security, /*serving=*/false);
   cmd->add_option("--connect-timeout", opt->connect_timeout_s,
                   "Seconds to keep trying to reach the coordinator and a worker at the start");

@@ -314,6 +314,11 @@ absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& h, i
   return out;
 }
 
+at::Tensor BoundarySender::SenderSide(const at::Tensor& h, int64_t step) {
+  if (c_.activations.mode != WireMode::kAmaq) return h;
+  return amaq_->forward(h, c_.activations.target.TargetAt(step));
+}
+
 absl::StatusOr<at::Tensor> BoundarySender::ReceiveGradient(const std::string& bytes,
                                                            const at::Device& device,
                                                            at::ScalarType dtype) {

@@ -118,6 +118,10 @@ class BoundarySender {
   // validation (its own encoder, no caches, no gradient through the AMAQ module).
   // INTERNAL for a frame over the schedule's budget (a bug, never expected).
   absl::StatusOr<Sent> Send(const at::Tensor& h, int64_t step, const at::Tensor& ids, bool train);
+  // What the sender backpropagates through for h (as Send's sender_side, without sending):
+  // the AMAQ module's output for an AMAQ boundary, h itself otherwise. For recomputing a
+  // slice of the batch (ClientPart's micro-batches).
+  at::Tensor SenderSide(const at::Tensor& h, int64_t step);
   // Decodes the gradient frame that came back (the receiver's SendGradient).
   absl::StatusOr<at::Tensor> ReceiveGradient(const std::string& bytes, const at::Device& device,
                                              at::ScalarType dtype);

@@ -5,6 +5,7 @@
 #include <torch/types.h>
 #include <torch/nn/utils/clip_grad.h>
 // clang-format on
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
@@ -83,6 +84,7 @@ struct ClientPart::Impl {
   struct Pending {
     UpFrame up;
     at::Tensor sender_side;
+    at::Tensor inputs;  // micro-batch mode: the batch, to recompute the client's layers
     std::vector<uint8_t> bit_map;
     double bits = 32;
     Clock::time_point start;
@@ -151,7 +153,13 @@ absl::StatusOr<UpFrame> ClientPart::Forward() {
     at::Tensor h1;
     {
       AutocastScope scope(s.c.bf16_autocast);
-      h1 = s.model.client->forward(batch.inputs.to(s.device));
+      if (micro_batches_ > 1) {
+        at::NoGradGuard no_grad;  // Backward recomputes, slice by slice
+        p.inputs = batch.inputs.to(s.device);
+        h1 = s.model.client->forward(p.inputs);
+      } else {
+        h1 = s.model.client->forward(batch.inputs.to(s.device));
+      }
     }
     SPLITQ_ASSIGN_OR_RETURN(BoundarySender::Sent sent, s.sender->Send(h1, step, batch.ids, true));
     p.up.step = step;
@@ -184,7 +192,23 @@ absl::StatusOr<StepStats> ClientPart::Backward(const DownFrame& down) {
     if (g.sizes() != side.sizes()) {
       return absl::InvalidArgumentError("the gradient frame's shape is not the activation's");
     }
-    BackwardWithRegularizer(side, g, s.sender->Regularizer(s.step));
+    if (!s.pending->inputs.defined()) {
+      BackwardWithRegularizer(side, g, s.sender->Regularizer(s.step));
+    } else {
+      const int64_t batch = s.pending->inputs.size(0);
+      const int64_t slice = (batch + micro_batches_ - 1) / micro_batches_;
+      for (int64_t a = 0; a < batch; a += slice) {
+        const int64_t b = std::min(batch, a + slice);
+        at::Tensor part;
+        {
+          AutocastScope scope(s.c.bf16_autocast);
+          part = s.sender->SenderSide(s.model.client->forward(s.pending->inputs.slice(0, a, b)),
+                                      s.step);
+        }
+        torch::autograd::backward({part}, {g.slice(0, a, b)});
+      }
+      if (at::Tensor reg = s.sender->Regularizer(s.step); reg.defined()) reg.backward();
+    }
     if (s.c.grad_clip > 0) {
       torch::nn::utils::clip_grad_norm_(ClientParameters(s.model), s.c.grad_clip);
     }

@@ -21,6 +21,7 @@
 // client checkpoints) are UNIMPLEMENTED over the network for now.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -53,6 +54,12 @@ class ClientPart {
   absl::StatusOr<StepStats> Backward(const DownFrame& down);
   // A new server session: the next frames (and the pending one) carry the bit map.
   void NewSession();
+  // Memory for time: with k > 1, Forward computes the activation without keeping the autograd
+  // graph, and Backward recomputes the client's layers in k slices of the batch, one at a time,
+  // so the step holds the activations of batch/k examples instead of the whole batch. It costs
+  // one more forward pass of the client's layers. The gradient is the same up to the order of
+  // float sums (the models have no batch statistics: LayerNorm, no BatchNorm). Default 1.
+  void set_micro_batches(int k) { micro_batches_ = std::max(1, k); }
 
   int64_t validation_batches() const;
   // Validation batch i (no autograd, its own encoder).
@@ -72,6 +79,7 @@ class ClientPart {
   struct Impl;
   explicit ClientPart(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
+  int micro_batches_ = 1;
 };
 
 class ServerPart : public ServerHandler {
