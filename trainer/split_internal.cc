@@ -301,6 +301,8 @@ absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& h, i
         absl::StrCat("a frame of ", out.bits, " bits exceeds the budget ", budget));
   }
   if (train) max_excess_ = std::max(max_excess_, out.bits - budget);
+  // Validation frames all carry their bit map: a receiver may see any one of them first.
+  if (!train) eval_.ResendBitMap();
   quant::WireEncoder& encoder = train ? act_ : eval_;
   SPLITQ_ASSIGN_OR_RETURN(quant::Frame frame, encoder.Encode(payload, static_cast<uint64_t>(step),
                                                              bits, scales, offsets));
@@ -343,10 +345,7 @@ absl::StatusOr<std::string> BoundarySender::WithBitMap(const std::string& bytes,
   return quant::SerializeFrame(frame);
 }
 
-void BoundarySender::ResendBitMap() {
-  act_.ResendBitMap();
-  eval_.ResendBitMap();
-}
+void BoundarySender::ResendBitMap() { act_.ResendBitMap(); }  // eval_ always sends it
 
 at::Tensor BoundarySender::Regularizer(int64_t step) {
   if (c_.activations.mode != WireMode::kAmaq) return {};

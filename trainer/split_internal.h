@@ -115,7 +115,8 @@ class BoundarySender {
   BoundarySender(const RunConfig& c, int index, int axis, int64_t channels);
 
   // Quantizes and serializes h. `ids` (AQ-SGD) names the batch's samples; `train` false:
-  // validation (its own encoder, no caches, no gradient through the AMAQ module).
+  // validation (its own encoder, no caches, no gradient through the AMAQ module; every validation
+  // frame carries its bit map).
   // INTERNAL for a frame over the schedule's budget (a bug, never expected).
   absl::StatusOr<Sent> Send(const at::Tensor& h, int64_t step, const at::Tensor& ids, bool train);
   // What the sender backpropagates through for h (as Send's sender_side, without sending):

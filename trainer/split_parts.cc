@@ -258,9 +258,7 @@ absl::StatusOr<UpFrame> ClientPart::EvalForward(int64_t i) {
       h1 = s.model.client->forward(batch.inputs.to(s.device));
     }
     SPLITQ_ASSIGN_OR_RETURN(BoundarySender::Sent sent, s.sender->Send(h1, s.step, {}, false));
-    // Validation frames use their own encoder; every one carries its bit map, so a session
-    // that saw no earlier validation frame decodes it.
-    SPLITQ_ASSIGN_OR_RETURN(up.frame, BoundarySender::WithBitMap(sent.bytes, sent.bit_map));
+    up.frame = std::move(sent.bytes);  // carries its bit map (BoundarySender::Send)
     up.step = s.step;
     up.labels = FlatLabels(batch.targets);
   } catch (const c10::Error& e) {
@@ -345,10 +343,9 @@ WireTotals ClientPart::wire() const {
 ClientMemory ClientPart::memory() const {
   const Impl& s = *impl_;
   ClientMemory m;
-  auto add = [&](const torch::nn::Module& module) { AddModuleMemory(module, &m); };
-  add(*s.model.client);
-  add(*s.model.head);
-  add(*s.sender->amaq());
+  AddModuleMemory(*s.model.client, &m);
+  AddModuleMemory(*s.model.head, &m);
+  AddModuleMemory(*s.sender->amaq(), &m);
   m.boundary_tensor = s.boundary_bytes;
   m.aqsgd_cache = s.sender->cache().bytes();
   return m;

@@ -357,10 +357,9 @@ WireTotals SplitTrainer::wire() const {
 ClientMemory SplitTrainer::client_memory() const {
   const Impl& s = *impl_;
   ClientMemory m;
-  auto add = [&](const torch::nn::Module& module) { AddModuleMemory(module, &m); };
-  add(*s.model.client);
-  add(*s.model.head);
-  add(*s.boundaries[0]->sender().amaq());
+  AddModuleMemory(*s.model.client, &m);
+  AddModuleMemory(*s.model.head, &m);
+  AddModuleMemory(*s.boundaries[0]->sender().amaq(), &m);
   m.boundary_tensor = s.boundary_bytes;
   m.aqsgd_cache = s.boundaries[0]->sender().cache().bytes();
   if (s.boundaries.size() > 1) {  // U-shaped: the client also receives boundary 2
