@@ -87,8 +87,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
   int port = 0;
   builder.AddListeningPort(opt.listen, *credentials, &port);
   builder.RegisterService(&service);
-  builder.SetMaxReceiveMessageSize(
-      server::WorkerService::MaxReceiveMessageBytes(core_options.assembler));
+  builder.SetMaxReceiveMessageSize(server::MaxMessageBytes(core_options.assembler));
   // Keepalive: a client that vanished without closing its connection is noticed within ~20 s;
   // clients may ping every 5 s (server/worker_client.h pings every 10 s).
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);

@@ -1,8 +1,15 @@
 #include "server/frame_assembler.h"
 
+#include <algorithm>
+#include <cstdint>
+
 #include "absl/strings/str_cat.h"
 
 namespace splitq::server {
+
+int MaxMessageBytes(const AssemblerLimits& limits) {
+  return static_cast<int>(std::min<int64_t>(limits.max_chunk_bytes + (64 << 10), INT32_MAX));
+}
 
 void FrameAssembler::Reset() {
   buffer_.clear();

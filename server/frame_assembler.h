@@ -36,6 +36,11 @@ struct Chunk {
   absl::string_view data;
 };
 
+// The gRPC message size both ends of a frame stream must allow: the largest chunk plus
+// framing. A step's labels travel in one message too, so they are bounded by it as well (about
+// 340,000 labels with their sample ids at the default 4 MiB chunk limit).
+int MaxMessageBytes(const AssemblerLimits& limits);
+
 class FrameAssembler {
  public:
   explicit FrameAssembler(const AssemblerLimits& limits = {}) : limits_(limits) {}

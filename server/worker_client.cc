@@ -57,8 +57,8 @@ grpc::ChannelArguments ClientChannelArguments(int keepalive_ms) {
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, keepalive_ms);
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
-  args.SetMaxReceiveMessageSize(AssemblerLimits{}.max_chunk_bytes + (64 << 10));
-  args.SetMaxSendMessageSize(AssemblerLimits{}.max_chunk_bytes + (64 << 10));
+  args.SetMaxReceiveMessageSize(MaxMessageBytes(AssemblerLimits{}));
+  args.SetMaxSendMessageSize(MaxMessageBytes(AssemblerLimits{}));
   return args;
 }
 

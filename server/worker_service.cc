@@ -323,8 +323,4 @@ WorkerService::Evaluate(grpc::CallbackServerContext* context) {
                                                                                           context);
 }
 
-int WorkerService::MaxReceiveMessageBytes(const AssemblerLimits& limits) {
-  return static_cast<int>(std::min<int64_t>(limits.max_chunk_bytes + (64 << 10), INT32_MAX));
-}
-
 }  // namespace splitq::server

@@ -59,11 +59,6 @@ class WorkerService final : public splitq::v1::Worker::CallbackService {
   grpc::ServerBidiReactor<splitq::v1::EvaluateRequest, splitq::v1::EvaluateReply>* Evaluate(
       grpc::CallbackServerContext* context) override;
 
-  // The gRPC message size a worker must accept: the largest chunk plus framing. A step's labels
-  // travel in one message too, so they are bounded by it as well (about 340,000 labels with
-  // their sample ids at the default 4 MiB chunk limit).
-  static int MaxReceiveMessageBytes(const AssemblerLimits& limits);
-
  private:
   template <typename Request, typename Reply, bool kEvaluate>
   friend class SessionReactor;

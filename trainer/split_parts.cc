@@ -493,7 +493,6 @@ absl::StatusOr<DownFrame> ServerPart::Train(uint64_t session, const UpFrame& up,
       s.opt->step();
       ++s.updates;
     }
-    s.opt->zero_grad();
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("step ", up.step, ": ", e.what_without_backtrace()));
   }

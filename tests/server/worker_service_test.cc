@@ -112,7 +112,7 @@ class WorkerServiceTest : public ::testing::Test {
     grpc::ServerBuilder builder;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
     builder.RegisterService(service_.get());
-    builder.SetMaxReceiveMessageSize(WorkerService::MaxReceiveMessageBytes(options.assembler));
+    builder.SetMaxReceiveMessageSize(MaxMessageBytes(options.assembler));
     server_ = builder.BuildAndStart();
     ASSERT_NE(server_, nullptr);
     channel_ =
