@@ -306,8 +306,9 @@ void RegisterClient(CLI::App& app, RunFn* run) {
                   "its checkpoint.pt when there is one");
   cmd->add_option("--init", opt->init, "Base weights checkpoint (LoRA runs)");
   cmd->add_option("--micro-batches", opt->micro_batches,
-                  "Recompute the client's layers in K slices in the backward pass: less memory "
-                  "(the activations of batch/K examples), one more forward pass")
+                  "Run the client's layers on K slices of the batch, one at a time, and "
+                  "recompute them in the backward pass: less memory (the LM config needs K >= 4 "
+                  "for a peak under 400 MB), one more forward pass")
       ->check(CLI::Range(1, 1024));
   AddSecurityFlags(cmd, &opt->security, /*serving=*/false);
   cmd->add_option("--connect-timeout", opt->connect_timeout_s,

@@ -69,6 +69,24 @@ absl::Status CheckNetworkable(const RunConfig& c) {
 
 // ---- ClientPart ------------------------------------------------------------------------------
 
+namespace {
+
+// The client's layers on `inputs` without autograd, k slices of the batch at a time, so only
+// one slice's intermediate tensors are alive at once (micro-batch mode).
+at::Tensor ForwardInSlices(torch::nn::SequentialImpl& client, const at::Tensor& inputs, int k) {
+  at::NoGradGuard no_grad;
+  if (k <= 1) return client.forward(inputs);
+  const int64_t batch = inputs.size(0);
+  const int64_t slice = (batch + k - 1) / k;
+  std::vector<at::Tensor> parts;
+  for (int64_t a = 0; a < batch; a += slice) {
+    parts.push_back(client.forward(inputs.slice(0, a, std::min(batch, a + slice))));
+  }
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 0);
+}
+
+}  // namespace
+
 struct ClientPart::Impl {
   RunConfig c;
   at::Device device{at::kCPU};
@@ -153,10 +171,9 @@ absl::StatusOr<UpFrame> ClientPart::Forward() {
     at::Tensor h1;
     {
       AutocastScope scope(s.c.bf16_autocast);
-      if (micro_batches_ > 1) {
-        at::NoGradGuard no_grad;  // Backward recomputes, slice by slice
+      if (micro_batches_ > 1) {  // Backward recomputes, slice by slice
         p.inputs = batch.inputs.to(s.device);
-        h1 = s.model.client->forward(p.inputs);
+        h1 = ForwardInSlices(*s.model.client, p.inputs, micro_batches_);
       } else {
         h1 = s.model.client->forward(batch.inputs.to(s.device));
       }
@@ -255,7 +272,7 @@ absl::StatusOr<UpFrame> ClientPart::EvalForward(int64_t i) {
     at::Tensor h1;
     {
       AutocastScope scope(s.c.bf16_autocast);
-      h1 = s.model.client->forward(batch.inputs.to(s.device));
+      h1 = ForwardInSlices(*s.model.client, batch.inputs.to(s.device), micro_batches_);
     }
     SPLITQ_ASSIGN_OR_RETURN(BoundarySender::Sent sent, s.sender->Send(h1, s.step, {}, false));
     up.frame = std::move(sent.bytes);  // carries its bit map (BoundarySender::Send)

@@ -54,9 +54,10 @@ class ClientPart {
   absl::StatusOr<StepStats> Backward(const DownFrame& down);
   // A new server session: the next frames (and the pending one) carry the bit map.
   void NewSession();
-  // Memory for time: with k > 1, Forward computes the activation without keeping the autograd
-  // graph, and Backward recomputes the client's layers in k slices of the batch, one at a time,
-  // so the step holds the activations of batch/k examples instead of the whole batch. It costs
+  // Memory for time: with k > 1, Forward (and EvalForward) compute the activation without the
+  // autograd graph, k slices of the batch at a time, and Backward recomputes the client's layers
+  // slice by slice, so a step holds the intermediate tensors of batch/k examples instead of the
+  // whole batch's (LM LoRA client peak RSS 663 -> 343 MiB at k=4: docs/benchmarks.md). It costs
   // one more forward pass of the client's layers. The gradient is the same up to the order of
   // float sums (the models have no batch statistics: LayerNorm, no BatchNorm). Default 1.
   void set_micro_batches(int k) { micro_batches_ = std::max(1, k); }

@@ -216,6 +216,7 @@ quant:
   gradients: {mode: uniform, target: 8}
 )");
   std::vector<double> losses[2];
+  double validation_loss[2] = {0, 0};
   for (int k : {1, 4}) {
     auto client = ClientPart::Create(c, "", false);
     if (client.status().code() == absl::StatusCode::kNotFound) {
@@ -231,7 +232,14 @@ quant:
       ASSERT_TRUE(s.ok()) << s.status();
       losses[k == 1 ? 0 : 1].push_back(s->loss);
     }
+    // Validation computes the client's layers in slices as well.
+    auto up = (*client)->EvalForward(0);
+    ASSERT_TRUE(up.ok()) << up.status();
+    auto piece = link.Evaluate(*up);
+    ASSERT_TRUE(piece.ok()) << piece.status();
+    validation_loss[k == 1 ? 0 : 1] = piece->loss_sum;
   }
+  EXPECT_NEAR(validation_loss[1], validation_loss[0], 1e-3 * validation_loss[0]);
   for (size_t i = 0; i < losses[0].size(); ++i) {
     // Float sums in another order: 3e-6 relative after the first update, growing through
     // Adam's early steps (1.6e-4 at step 7 here); a wrong gradient would be off by far more.
