@@ -4,6 +4,7 @@
 #   scripts/experiment.sh fmnist      OUT [SEEDS]   # Fashion-MNIST, full size (CPU: ~100 s a run)
 #   scripts/experiment.sh lm          OUT [SEEDS]   # GCIDE pre-training, then Bible LoRA (GPU)
 #   scripts/experiment.sh lm-reduced  OUT [SEEDS]   # the same rows, a smaller model (CPU)
+#   scripts/experiment.sh lm-grads    OUT [SEEDS]   # AMAQ 8 -> 4 with 8, 6, 4, 8->4-bit gradients (GPU)
 #   scripts/experiment.sh table       OUT           # the Markdown table of what OUT holds
 #
 # SEEDS defaults to "0 1 2". Runs already finished (OUT/<row>/seed<N>/summary.json) are
@@ -14,8 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPLITQ=${SPLITQ:-build/splitq}
-what=${1:?usage: scripts/experiment.sh fmnist|lm|lm-reduced|table OUT [SEEDS]}
-out=${2:?usage: scripts/experiment.sh fmnist|lm|lm-reduced|table OUT [SEEDS]}
+what=${1:?usage: scripts/experiment.sh fmnist|lm|lm-reduced|lm-grads|table OUT [SEEDS]}
+out=${2:?usage: scripts/experiment.sh fmnist|lm|lm-reduced|lm-grads|table OUT [SEEDS]}
 seeds=${3:-0 1 2}
 read -r -a extra <<<"${EXTRA:-}"
 
@@ -111,8 +112,28 @@ lm_rows() {
   done
 }
 
+# lm_grads: the gradient's bit width on the wire, with AMAQ 8 -> 4 activations (the question
+# behind issue 4's link target: how many bits the gradients need). Pre-trains as `lm` does.
+lm_grads() {
+  local sched='[{step: 0, bits: 8}, {step: 200, bits: 8}, {step: 800, bits: 4, curve: cosine}]'
+  run pretrain 0 --config configs/lm-pretrain.yaml
+  local amaq=(--config configs/lm-lora-amaq.yaml --init "$out/pretrain/seed0/checkpoint.pt"
+    --set "quant.activations.target=$sched")
+  for seed in $seeds; do
+    run amaq8to4-grad8 "$seed" "${amaq[@]}"
+    run amaq8to4-grad6 "$seed" "${amaq[@]}" --set quant.gradients.bits.min=6 \
+      --set quant.gradients.target=6
+    run amaq8to4-grad4 "$seed" "${amaq[@]}" --set quant.gradients.bits.min=4 \
+      --set quant.gradients.target=4
+    run amaq8to4-grad8to4 "$seed" "${amaq[@]}" --set quant.gradients.bits.min=4 \
+      --set "quant.gradients.target=$sched"
+    run fp32 "$seed" --config configs/lm-lora-fp32.yaml --init "$out/pretrain/seed0/checkpoint.pt"
+  done
+}
+
 case "$what" in
   fmnist) fmnist ;;
+  lm-grads) lm_grads ;;
   lm)
     lm_rows "" "" \
       '[{step: 0, bits: 8}, {step: 200, bits: 8}, {step: 800, bits: 4, curve: cosine}]'
@@ -125,7 +146,7 @@ case "$what" in
     ;;
   table) ;;
   *)
-    echo "unknown experiment '$what' (fmnist, lm, lm-reduced or table)" >&2
+    echo "unknown experiment '$what' (fmnist, lm, lm-reduced, lm-grads or table)" >&2
     exit 2
     ;;
 esac
