@@ -122,6 +122,8 @@ absl::StatusOr<IdxArray> ReadIdxU8(const std::string& path) {
   return out;
 }
 
+at::Tensor ImagesFromPixels(const at::Tensor& pixels) { return pixels.to(at::kFloat) / 255.0; }
+
 absl::StatusOr<ImageDataset> LoadFashionMnist(bool train, const std::string& default_dir) {
   const std::string dir = default_dir == kFashionMnistDir && !DataDir().empty()
                               ? DataDir() + "/fashion-mnist"
@@ -145,7 +147,7 @@ absl::StatusOr<ImageDataset> LoadFashionMnist(bool train, const std::string& def
   }
   const int64_t n = images->dims[0];
   ImageDataset out;
-  out.images = at::from_blob(images->data.data(), {n, 1, 28, 28}, at::kByte).to(at::kFloat) / 255.0;
+  out.pixels = at::from_blob(images->data.data(), {n, 1, 28, 28}, at::kByte).clone();
   out.labels = at::from_blob(labels->data.data(), {n}, at::kByte).to(at::kLong);
   if (out.labels.max().item<int64_t>() > 9) {
     return absl::InvalidArgumentError(labels_path + ": a label is above 9");

@@ -40,9 +40,12 @@ struct IdxArray {
 absl::StatusOr<IdxArray> ReadIdxU8(const std::string& path);
 
 struct ImageDataset {
-  at::Tensor images;  // float32 [N, 1, 28, 28], values in [0, 1]
+  at::Tensor pixels;  // uint8 [N, 1, 28, 28] as stored (a quarter of the floats' memory)
   at::Tensor labels;  // int64 [N], classes 0..9
 };
+
+// The model's input for some of `pixels`: float32, values in [0, 1] (pixel / 255).
+at::Tensor ImagesFromPixels(const at::Tensor& pixels);
 
 // Fashion-MNIST's train (60000) or test (10000) split from `dir`.
 absl::StatusOr<ImageDataset> LoadFashionMnist(bool train,

@@ -174,6 +174,11 @@ absl::StatusOr<Data> Data::Load(const RunConfig& c, const Shard& shard) {
     SPLITQ_ASSIGN_OR_RETURN(d.train_, LoadFashionMnist(true));
     SPLITQ_ASSIGN_OR_RETURN(d.test_, LoadFashionMnist(false));
     d.samples_ = d.train_.labels.size(0);
+    if (shard.count > 1 && d.samples_ >= shard.count) {  // keep this shard's samples only
+      for (at::Tensor* t : {&d.train_.pixels, &d.train_.labels}) {
+        *t = t->slice(0, shard.index, d.samples_, shard.count).contiguous();
+      }
+    }
   } else {
     SPLITQ_ASSIGN_OR_RETURN(std::string text, LoadTextCorpus(c.corpus));
     d.text_ = SplitText(text, c.validation_fraction);
@@ -200,36 +205,38 @@ Batch Data::Train(int64_t step) const {
   const uint64_t in_shard =
       static_cast<uint64_t>((samples_ - shard_.index + shard_.count - 1) / shard_.count);
   at::Tensor ids = at::empty({c.batch_size}, at::kLong);
+  at::Tensor local = at::empty({c.batch_size}, at::kLong);  // the shard's sample number
   for (int64_t b = 0; b < c.batch_size; ++b) {
     const kernels::Philox4 r = kernels::PhiloxBlock(c.seed, static_cast<uint64_t>(step), b);
     const uint64_t draw = (static_cast<uint64_t>(r.v[0]) << 32) | r.v[1];
-    ids.data_ptr<int64_t>()[b] =
-        static_cast<int64_t>(draw % in_shard) * shard_.count + shard_.index;
+    local.data_ptr<int64_t>()[b] = static_cast<int64_t>(draw % in_shard);
+    ids.data_ptr<int64_t>()[b] = local.data_ptr<int64_t>()[b] * shard_.count + shard_.index;
   }
   if (c.task == Task::kFashionMnist) {
-    return Batch{train_.images.index_select(0, ids), train_.labels.index_select(0, ids), ids};
+    return Batch{ImagesFromPixels(train_.pixels.index_select(0, local)),
+                 train_.labels.index_select(0, local), ids};
   }
   const at::Tensor w = ByteWindowsAt(text_.train, ids, c.context + 1);
   return Batch{w.slice(1, 0, c.context), w.slice(1, 1, c.context + 1), ids};
 }
 
-std::vector<Batch> Data::Validation() const {
+constexpr int64_t kImageValidationBatch = 500;
+
+int64_t Data::ValidationBatches() const {
+  if (config_.task != Task::kFashionMnist) return 16;
+  return (test_.labels.size(0) + kImageValidationBatch - 1) / kImageValidationBatch;
+}
+
+Batch Data::ValidationBatch(int64_t i) const {
   const RunConfig& c = config_;
-  std::vector<Batch> out;
   if (c.task == Task::kFashionMnist) {
-    const int64_t n = test_.labels.size(0);
-    for (int64_t i = 0; i < n; i += 500) {
-      const int64_t j = std::min(n, i + 500);
-      out.push_back(Batch{test_.images.slice(0, i, j), test_.labels.slice(0, i, j), {}});
-    }
-    return out;
+    const int64_t a = i * kImageValidationBatch;
+    const int64_t b = std::min(test_.labels.size(0), a + kImageValidationBatch);
+    return Batch{ImagesFromPixels(test_.pixels.slice(0, a, b)), test_.labels.slice(0, a, b), {}};
   }
-  for (int64_t i = 0; i < 16; ++i) {
-    const at::Tensor w = SampleByteWindows(text_.validation, c.batch_size, c.context + 1,
-                                           c.seed ^ 0x5eed, static_cast<uint64_t>(i));
-    out.push_back(Batch{w.slice(1, 0, c.context), w.slice(1, 1, c.context + 1), {}});
-  }
-  return out;
+  const at::Tensor w = SampleByteWindows(text_.validation, c.batch_size, c.context + 1,
+                                         c.seed ^ 0x5eed, static_cast<uint64_t>(i));
+  return Batch{w.slice(1, 0, c.context), w.slice(1, 1, c.context + 1), {}};
 }
 
 at::Tensor TaskLoss(const at::Tensor& logits, const at::Tensor& targets) {

@@ -75,14 +75,16 @@ class Data {
  public:
   static absl::StatusOr<Data> Load(const RunConfig& c, const Shard& shard = {});
   Batch Train(int64_t step) const;
-  // Validation batches: the whole test set (fmnist) or 16 fixed batches of windows (lm).
-  std::vector<Batch> Validation() const;
+  // Validation batches: the whole test set in batches of 500 (fmnist) or 16 fixed batches of
+  // windows (lm). ValidationBatch(i) makes batch i when asked (nothing is kept).
+  int64_t ValidationBatches() const;
+  Batch ValidationBatch(int64_t i) const;
 
  private:
   RunConfig config_;
   Shard shard_;
   int64_t samples_ = 0;
-  ImageDataset train_, test_;
+  ImageDataset train_, test_;  // train_: only this shard's samples (index, index + count, ...)
   TextSplit text_;
 };
 

@@ -91,7 +91,6 @@ struct ClientPart::Impl {
   RunConfig c;
   at::Device device{at::kCPU};
   Data data;
-  std::vector<Batch> validation;
   SplitModel model;  // client and head kept; the server part is dropped
   size_t first_server_block = 0, server_blocks = 0;
   std::unique_ptr<BoundarySender> sender;
@@ -135,7 +134,6 @@ absl::StatusOr<std::unique_ptr<ClientPart>> ClientPart::Create(const RunConfig& 
   impl->c = c;
   SPLITQ_ASSIGN_OR_RETURN(impl->device, ResolveDevice(c));
   SPLITQ_ASSIGN_OR_RETURN(impl->data, Data::Load(c, shard));
-  impl->validation = impl->data.Validation();
   SPLITQ_ASSIGN_OR_RETURN(impl->model, BuildModel(c, init, for_resume, impl->device));
   SplitModel& m = impl->model;
   impl->first_server_block = m.client->children().size();
@@ -256,16 +254,14 @@ void ClientPart::NewSession() {
   }
 }
 
-int64_t ClientPart::validation_batches() const {
-  return static_cast<int64_t>(impl_->validation.size());
-}
+int64_t ClientPart::validation_batches() const { return impl_->data.ValidationBatches(); }
 
 absl::StatusOr<UpFrame> ClientPart::EvalForward(int64_t i) {
   Impl& s = *impl_;
   if (i < 0 || i >= validation_batches()) {
     return absl::OutOfRangeError(absl::StrCat("validation batch ", i));
   }
-  const Batch& batch = s.validation[static_cast<size_t>(i)];
+  const Batch batch = s.data.ValidationBatch(i);
   UpFrame up;
   try {
     at::NoGradGuard no_grad;

@@ -226,7 +226,8 @@ absl::StatusOr<EvalStats> SplitTrainer::Evaluate() {
   double loss_sum = 0, correct = 0, count = 0;
   try {
     at::NoGradGuard no_grad;
-    for (const Batch& batch : s.data.Validation()) {
+    for (int64_t i = 0; i < s.data.ValidationBatches(); ++i) {
+      const Batch batch = s.data.ValidationBatch(i);
       const at::Tensor inputs = batch.inputs.to(s.device), targets = batch.targets.to(s.device);
       at::Tensor h1;
       {

@@ -27,10 +27,14 @@ TEST(FashionMnist, LoadsBothSplitsWithTheRightShapes) {
   SKIP_UNLESS_EXISTS(kFashionMnistDir, "dataset-fashion-mnist");
   auto train = LoadFashionMnist(true);
   ASSERT_TRUE(train.ok()) << train.status();
-  EXPECT_EQ(train->images.sizes(), (std::vector<int64_t>{60000, 1, 28, 28}));
+  EXPECT_EQ(train->pixels.sizes(), (std::vector<int64_t>{60000, 1, 28, 28}));
+  EXPECT_EQ(train->pixels.scalar_type(), at::kByte);
   EXPECT_EQ(train->labels.numel(), 60000);
-  EXPECT_GE(train->images.min().item<float>(), 0.0f);
-  EXPECT_LE(train->images.max().item<float>(), 1.0f);
+  const at::Tensor images = ImagesFromPixels(train->pixels.slice(0, 0, 100));
+  EXPECT_EQ(images.scalar_type(), at::kFloat);
+  EXPECT_GE(images.min().item<float>(), 0.0f);
+  EXPECT_LE(images.max().item<float>(), 1.0f);
+  EXPECT_GT(images.max().item<float>(), 0.9f);  // scaled by 1/255, not by some other factor
   // Fashion-MNIST is balanced: 6000 of each class in train.
   const at::Tensor counts = at::bincount(train->labels);
   EXPECT_TRUE((counts == 6000).all().item<bool>()) << counts;

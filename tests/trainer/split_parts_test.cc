@@ -12,6 +12,7 @@
 #include <filesystem>
 
 #include "trainer/datasets.h"
+#include "trainer/split_internal.h"
 
 namespace splitq::trainer {
 namespace {
@@ -254,6 +255,27 @@ TEST(SplitPartsConfig, UnsupportedLayoutsAreRefusedByName) {
   c = ConfigFrom(kAmaq);
   c.activations.mode = WireMode::kAqSgd;
   EXPECT_EQ(CheckNetworkable(c).code(), absl::StatusCode::kUnimplemented);
+}
+
+TEST_F(SplitParts, AShardKeepsOnlyItsSamplesAndServesTheRightOnes) {
+  const RunConfig c = ConfigFrom(kAmaq);
+  auto full = LoadFashionMnist(true);
+  ASSERT_TRUE(full.ok()) << full.status();
+  auto data = internal::Data::Load(c, DataShard{2, 3});
+  ASSERT_TRUE(data.ok()) << data.status();
+  for (int64_t step : {0, 7, 123}) {
+    const internal::Batch batch = data->Train(step);
+    ASSERT_EQ(batch.ids.numel(), c.batch_size);
+    for (int64_t b = 0; b < c.batch_size; ++b) {
+      const int64_t id = batch.ids[b].item<int64_t>();
+      EXPECT_EQ(id % 3, 2);
+      EXPECT_TRUE(at::equal(batch.inputs[b], ImagesFromPixels(full->pixels[id]))) << "id " << id;
+      EXPECT_EQ(batch.targets[b].item<int64_t>(), full->labels[id].item<int64_t>());
+    }
+  }
+  // Validation is the whole test set whatever the shard, made batch by batch.
+  EXPECT_EQ(data->ValidationBatches(), 20);
+  EXPECT_EQ(data->ValidationBatch(19).inputs.size(0), 500);
 }
 
 TEST_F(SplitParts, ShardsAreDisjoint) {
