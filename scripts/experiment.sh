@@ -96,6 +96,9 @@ lm_rows() {
   local sched=$3
   run pretrain 0 --config configs/lm-pretrain.yaml "${pre[@]}"
   local init=(--init "$out/pretrain/seed0/checkpoint.pt")
+  # Every quantized row with 8-bit gradients, as the other rows' configs have (the AMAQ config
+  # now ships gradients 8 -> 4: `lm-grads` below measures that choice).
+  local grad8=(--set quant.gradients.bits.min=8 --set quant.gradients.target=8)
   for seed in $seeds; do
     run fp32 "$seed" --config configs/lm-lora-fp32.yaml "${init[@]}" "${lora[@]}"
     run uniform4 "$seed" --config configs/lm-lora-uniform4.yaml "${init[@]}" "${lora[@]}"
@@ -103,12 +106,12 @@ lm_rows() {
       --set quant.activations.bits.max=8 --set "quant.activations.target=$sched"
     run aqsgd4 "$seed" --config configs/lm-lora-aqsgd.yaml "${init[@]}" "${lora[@]}"
     run amaq8to4 "$seed" --config configs/lm-lora-amaq.yaml "${init[@]}" "${lora[@]}" \
-      --set "quant.activations.target=$sched"
+      --set "quant.activations.target=$sched" "${grad8[@]}"
     run uniform2 "$seed" --config configs/lm-lora-uniform4.yaml "${init[@]}" "${lora[@]}" \
       --set quant.activations.bits.min=2 --set quant.activations.bits.max=2 \
       --set quant.activations.target=2
     run amaq8to2 "$seed" --config configs/lm-lora-amaq.yaml "${init[@]}" "${lora[@]}" \
-      --set "quant.activations.target=${sched//bits: 4/bits: 2}"
+      --set "quant.activations.target=${sched//bits: 4/bits: 2}" "${grad8[@]}"
   done
 }
 
@@ -120,13 +123,14 @@ lm_grads() {
   local amaq=(--config configs/lm-lora-amaq.yaml --init "$out/pretrain/seed0/checkpoint.pt"
     --set "quant.activations.target=$sched")
   for seed in $seeds; do
-    run amaq8to4-grad8 "$seed" "${amaq[@]}"
+    run amaq8to4-grad8 "$seed" "${amaq[@]}" --set quant.gradients.bits.min=8 \
+      --set quant.gradients.target=8
     run amaq8to4-grad6 "$seed" "${amaq[@]}" --set quant.gradients.bits.min=6 \
       --set quant.gradients.target=6
     run amaq8to4-grad4 "$seed" "${amaq[@]}" --set quant.gradients.bits.min=4 \
       --set quant.gradients.target=4
     run amaq8to4-grad8to4 "$seed" "${amaq[@]}" --set quant.gradients.bits.min=4 \
-      --set "quant.gradients.target=$sched"
+      --set "quant.gradients.target=$sched"  # (what configs/lm-lora-amaq.yaml now holds)
     run fp32 "$seed" --config configs/lm-lora-fp32.yaml --init "$out/pretrain/seed0/checkpoint.pt"
   done
 }

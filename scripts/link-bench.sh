@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # link-bench.sh: split training over a capped link. The worker (and coordinator) run in one
 # network namespace, the client in another, joined by a veth pair; `tc tbf` caps each
-# direction at RATE. The language-model LoRA config runs with AMAQ at 4 bits on the wire and
-# with fp32 on the wire, each first without the cap (the compute time) and then with it.
+# direction at RATE. The language-model LoRA config runs with AMAQ at 4 bits on the wire (4-bit
+# activations and gradients, its schedules' end) and with fp32 on the wire, each first without
+# the cap (the compute time) and then with it.
 #
 #   sudo scripts/link-bench.sh SPLITQ OUT [STEPS]
 #
@@ -144,9 +145,12 @@ declare -A ms bytes
 for mode in amaq fp32; do
   if [[ $mode == amaq ]]; then
     config=$ROOT/configs/lm-lora-amaq.yaml
-    extra=(--set quant.activations.target=4 --set quant.activations.calibration_steps=5)
-    # AMAQ_SETS: more overrides for the AMAQ runs, e.g. 6-bit gradients:
-    # AMAQ_SETS="--set quant.gradients.bits.min=6 --set quant.gradients.target=6"
+    # The config's steady state from the first step: 4-bit activations and gradients (its
+    # schedules reach 4 bits at step 800).
+    extra=(--set quant.activations.target=4 --set quant.gradients.target=4
+      --set quant.activations.calibration_steps=5)
+    # AMAQ_SETS: more overrides for the AMAQ runs, e.g. 8-bit gradients:
+    # AMAQ_SETS="--set quant.gradients.bits.min=8 --set quant.gradients.target=8"
     read -r -a more <<<"${AMAQ_SETS:-}"
     extra+=("${more[@]}")
   else
