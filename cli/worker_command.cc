@@ -154,6 +154,9 @@ int RunWorker(const WorkerCommandOptions& opt) {
           auto r =
               coordinator.Register(server::Role::kWorker, opt.name, advertised, opt.max_clients);
           if (!r.ok()) return r.status();
+          std::printf("worker %s registered again with the coordinator (it had lost us)\n",
+                      opt.name.c_str());
+          std::fflush(stdout);
           return r->member_id;
         });
     auto last_status = std::chrono::steady_clock::now();

@@ -183,6 +183,25 @@ worker-kill)
   echo "worker-kill: ok (from $first to $(sed -n 's/.*reconnected to worker \(worker[0-9]\).*/\1/p' \
     "$dir/client.log" | tail -n1))"
   ;;
+coordinator-restart)
+  # The coordinator dies mid-run and comes back on its address with no state: the run goes on
+  # (clients train against their worker directly), and the worker and the client register
+  # again on their next heartbeat.
+  start_long_run 1
+  coord_pid=${pids[0]}
+  kill -9 "$coord_pid"
+  wait "$coord_pid" 2>/dev/null || true
+  sleep 1
+  "$SPLITQ" coordinator --config "$config" --listen "$coord" "${sec[@]}" \
+    --tokens "$dir/tokens/tokens" >"$dir/coordinator2.log" 2>&1 &
+  pids+=($!)
+  wait_for "$dir/coordinator2.log" "listening on"
+  wait "$cpid" || fail "the client did not survive the coordinator's restart"
+  grep -q '"steps": 200,' "$dir/run/summary.json" || fail "the run did not finish"
+  grep -q "worker0 registered again with the coordinator" "$dir/worker0.log" ||
+    fail "the worker did not register again: $(tail -n 3 "$dir/worker0.log")"
+  echo "coordinator-restart: ok"
+  ;;
 refusals)
   start_cluster 1
   other=$dir/other.yaml
