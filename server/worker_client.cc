@@ -57,6 +57,9 @@ grpc::ChannelArguments ClientChannelArguments(int keepalive_ms) {
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, keepalive_ms);
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  // gRPC's own reconnect backoff grows to 120 s by default; a restarted coordinator or worker
+  // is found again within 5 s (our retries above it back off to 5 s as well).
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 5000);
   args.SetMaxReceiveMessageSize(MaxMessageBytes(AssemblerLimits{}));
   args.SetMaxSendMessageSize(MaxMessageBytes(AssemblerLimits{}));
   return args;

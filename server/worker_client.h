@@ -36,7 +36,8 @@ struct WorkerLinkOptions {
 };
 
 // Channel arguments every splitq client uses: keepalive pings every `keepalive_ms` (dead after
-// another keepalive_ms without an answer), and message sizes for 4 MiB chunks.
+// another keepalive_ms without an answer), reconnect backoff at most 5 s, and message sizes
+// for 4 MiB chunks.
 grpc::ChannelArguments ClientChannelArguments(int keepalive_ms = 10000);
 
 class WorkerClient : public trainer::ServerLink {
