@@ -49,7 +49,7 @@ struct ClientCommandOptions {
   std::vector<std::string> overrides;
   server::TransportSecurity security;
   int connect_timeout_s = 120, reconnect_timeout_s = 300;
-  int micro_batches = 1;
+  int micro_batches = 0;  // 0: the config's client.micro_batches
 };
 
 // A ServerLink to whichever worker the coordinator assigns, reconnecting after failures.
@@ -236,7 +236,8 @@ int RunClient(const ClientCommandOptions& opt) {
       std::filesystem::exists(std::filesystem::path(train_options.out_dir) / "checkpoint.pt");
   auto part = trainer::ClientPart::Create(*config, opt.init, train_options.resume, *shard);
   if (!part.ok()) return Fail(opt.id, "client part", part.status(), 1);
-  (*part)->set_micro_batches(opt.micro_batches);
+  (*part)->set_micro_batches(
+      opt.micro_batches > 0 ? opt.micro_batches : static_cast<int>(config->client_micro_batches));
 
   auto channel = MakeChannel(opt.coordinator, opt.security);
   if (!channel.ok()) return Fail(opt.id, "--coordinator", channel.status());
@@ -307,8 +308,8 @@ void RegisterClient(CLI::App& app, RunFn* run) {
   cmd->add_option("--init", opt->init, "Base weights checkpoint (LoRA runs)");
   cmd->add_option("--micro-batches", opt->micro_batches,
                   "Run the client's layers on K slices of the batch, one at a time, and "
-                  "recompute them in the backward pass: less memory (the LM config needs K >= 4 "
-                  "for a peak under 400 MB), one more forward pass")
+                  "recompute them in the backward pass: less memory, one more forward pass "
+                  "(default: the config's client.micro_batches; the LM LoRA configs set 4)")
       ->check(CLI::Range(1, 1024));
   AddSecurityFlags(cmd, &opt->security, /*serving=*/false);
   cmd->add_option("--connect-timeout", opt->connect_timeout_s,

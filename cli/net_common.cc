@@ -24,7 +24,8 @@ absl::StatusOr<std::string> ConfigDigest(const std::string& path,
   text << file.rdbuf();
   std::string all = text.str();
   for (const std::string& o : overrides) {
-    if (o.rfind("device=", 0) == 0) continue;  // each process picks its own device
+    // Each process picks its own device, and client.* settings are the client's alone.
+    if (o.rfind("device=", 0) == 0 || o.rfind("client.", 0) == 0) continue;
     absl::StrAppend(&all, "\n--set ", o);
   }
   unsigned char digest[SHA256_DIGEST_LENGTH];

@@ -15,8 +15,8 @@
 namespace splitq::cli {
 
 // Hex SHA-256 of the config file's bytes and the --set overrides, in order, except `device=`
-// (each process runs on its own device). A worker refuses a client whose digest differs: both
-// must start from the same file and overrides.
+// (each process runs on its own device) and `client.*` (the client's own settings). A worker
+// refuses a client whose digest differs: both must start from the same file and overrides.
 absl::StatusOr<std::string> ConfigDigest(const std::string& path,
                                          const std::vector<std::string>& overrides);
 

@@ -57,6 +57,11 @@ constexpr KeyDoc kKeys[] = {
     {"lora.alpha", "number > 0", "16", "LoRA scale numerator (update scaled by alpha / rank)"},
     {"lora.targets", "list of qkv | proj | fc1 | fc2", "[qkv, proj, fc1, fc2]",
      "linears that get adapters"},
+    {"client.micro_batches", "integer 1..1024", "1",
+     "splitq client: run the client's layers on K slices of the batch, one at a time, and "
+     "recompute them in the backward pass (the memory of batch/K examples for one more forward "
+     "pass; the same result up to float summation order); `splitq client --micro-batches` "
+     "overrides it; splitq train ignores it"},
     {"quant.activations.mode", "fp32 | uniform | amaq | aqsgd", "amaq",
      "how activations cross the wire"},
     {"quant.activations.bits.min", "integer 1..8", "2", "lowest bits a channel can get (amaq)"},
@@ -280,6 +285,10 @@ absl::StatusOr<RunConfig> ParseRunConfig(const YAML::Node& root) {
   SPLITQ_RETURN_IF_ERROR(r.Get("optim.grad_clip", "a number", &c.grad_clip));
   SPLITQ_RETURN_IF_ERROR(InRange("optim.grad_clip", c.grad_clip, 0.0, 1e9, ">= 0"));
   SPLITQ_RETURN_IF_ERROR(r.Get("optim.bf16_autocast", "true or false", &c.bf16_autocast));
+
+  SPLITQ_RETURN_IF_ERROR(r.Get("client.micro_batches", "an integer", &c.client_micro_batches));
+  SPLITQ_RETURN_IF_ERROR(
+      InRange<int64_t>("client.micro_batches", c.client_micro_batches, 1, 1024, "1..1024"));
 
   SPLITQ_RETURN_IF_ERROR(r.Get("lora.rank", "an integer", &c.lora_rank));
   SPLITQ_RETURN_IF_ERROR(InRange<int64_t>("lora.rank", c.lora_rank, 0, 4096, "0..4096"));

@@ -88,6 +88,8 @@ struct RunConfig {
   int64_t lora_rank = 0;  // 0: no LoRA
   double lora_alpha = 16.0;
   std::vector<std::string> lora_targets{"qkv", "proj", "fc1", "fc2"};
+  // client: `splitq client` only (`splitq train` ignores it)
+  int64_t client_micro_batches = 1;  // ClientPart::set_micro_batches
   // quant
   ActivationQuantConfig activations;
   GradientQuantConfig gradients;

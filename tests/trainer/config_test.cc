@@ -29,6 +29,10 @@ TEST(RunConfig, EmptyDocumentGivesTheDefaults) {
   EXPECT_EQ(c->steps, 600);
   EXPECT_EQ(c->activations.mode, WireMode::kAmaq);
   EXPECT_DOUBLE_EQ(c->activations.target.TargetAt(1000), 8);
+  EXPECT_EQ(c->client_micro_batches, 1);
+  auto sliced = Parse("client: {micro_batches: 4}");
+  ASSERT_TRUE(sliced.ok()) << sliced.status();
+  EXPECT_EQ(sliced->client_micro_batches, 4);
 }
 
 TEST(RunConfig, DesignExampleParses) {
@@ -58,6 +62,7 @@ TEST(RunConfig, ErrorsNameTheKeyAndTheValue) {
   ExpectError("quant: {activations: {gatee: {alpha: 2}}}", "quant.activations.gatee: unknown key");
   ExpectError("steps: abc", "steps: expected an integer, got 'abc'");
   ExpectError("steps: 0", "steps: 0 is outside >= 1");
+  ExpectError("client: {micro_batches: 0}", "client.micro_batches: 0 is outside 1..1024");
   ExpectError("task: vision", "task: 'vision' is not one of fmnist, lm");
   ExpectError("quant: {activations: {bits: {min: 2, max: 9}}}",
               "quant.activations.bits.max: 9 is outside");
