@@ -236,8 +236,15 @@ int RunClient(const ClientCommandOptions& opt) {
       std::filesystem::exists(std::filesystem::path(train_options.out_dir) / "checkpoint.pt");
   auto part = trainer::ClientPart::Create(*config, opt.init, train_options.resume, *shard);
   if (!part.ok()) return Fail(opt.id, "client part", part.status(), 1);
-  (*part)->set_micro_batches(
-      opt.micro_batches > 0 ? opt.micro_batches : static_cast<int>(config->client_micro_batches));
+  // The config's slices save host memory, which only a CPU client spends on activations; a
+  // CUDA client runs the batch whole unless --micro-batches says otherwise.
+  int micro_batches = 1;
+  if (opt.micro_batches > 0) {
+    micro_batches = opt.micro_batches;
+  } else if ((*part)->device().rfind("cpu", 0) == 0) {
+    micro_batches = static_cast<int>(config->client_micro_batches);
+  }
+  (*part)->set_micro_batches(micro_batches);
 
   auto channel = MakeChannel(opt.coordinator, opt.security);
   if (!channel.ok()) return Fail(opt.id, "--coordinator", channel.status());
@@ -252,9 +259,11 @@ int RunClient(const ClientCommandOptions& opt) {
   if (absl::Status s = link.Connect(std::chrono::seconds(opt.connect_timeout_s)); !s.ok()) {
     return Fail(opt.id, "connect", s, 1);
   }
-  std::fprintf(stderr, "client %s: shard %s, worker %s; client part on %s, RSS %.0f MiB\n",
+  std::fprintf(stderr,
+               "client %s: shard %s, worker %s; client part on %s in %d slice(s) of the batch, "
+               "RSS %.0f MiB\n",
                opt.id.c_str(), opt.shard.c_str(), link.worker().c_str(), (*part)->device().c_str(),
-               RssMiB());
+               micro_batches, RssMiB());
 
   trainer::ClientRunner runner(**part, link);
   CountingRunner counting(runner);
@@ -309,7 +318,7 @@ void RegisterClient(CLI::App& app, RunFn* run) {
   cmd->add_option("--micro-batches", opt->micro_batches,
                   "Run the client's layers on K slices of the batch, one at a time, and "
                   "recompute them in the backward pass: less memory, one more forward pass "
-                  "(default: the config's client.micro_batches; the LM LoRA configs set 4)")
+                  "(default: the config's client.micro_batches on a CPU, 1 on CUDA)")
       ->check(CLI::Range(1, 1024));
   AddSecurityFlags(cmd, &opt->security, /*serving=*/false);
   cmd->add_option("--connect-timeout", opt->connect_timeout_s,

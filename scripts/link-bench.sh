@@ -10,7 +10,8 @@
 # SPLITQ: the splitq binary; OUT: a folder for logs, runs and link-bench.json; STEPS: timed
 # steps per run (default 20; the first two are warm-up and not counted).
 # Environment: RATE (default 100mbit), BURST (default 64kb), AMAQ_SETS (more --set overrides
-# for the AMAQ runs), LINK=tc|proxy (default: tc when
+# for the AMAQ runs), MICRO_BATCHES (the client's --micro-batches; default: the config's, which
+# the client applies on a CPU only), LINK=tc|proxy (default: tc when
 # `ip` and `tc` exist and we are root, else proxy).
 #   tc     coordinator and worker in one network namespace, the client in another, a veth
 #          pair between them with tc tbf on both ends.
@@ -127,7 +128,8 @@ run() {
   pids+=($!)
   wait_for "$dir/worker.log" "registered with"
   in_cli "$SPLITQ" client --config "$config" "${sets[@]}" --coordinator "$coord" \
-    --id c0 --insecure --init "$OUT/base/checkpoint.pt" --out "$dir/run" >"$dir/client.log" 2>&1
+    --id c0 --insecure --init "$OUT/base/checkpoint.pt" --out "$dir/run" \
+    ${MICRO_BATCHES:+--micro-batches "$MICRO_BATCHES"} >"$dir/client.log" 2>&1
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do { wait "$p"; } 2>/dev/null || true; done
   pids=()

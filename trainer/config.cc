@@ -58,10 +58,10 @@ constexpr KeyDoc kKeys[] = {
     {"lora.targets", "list of qkv | proj | fc1 | fc2", "[qkv, proj, fc1, fc2]",
      "linears that get adapters"},
     {"client.micro_batches", "integer 1..1024", "1",
-     "splitq client: run the client's layers on K slices of the batch, one at a time, and "
-     "recompute them in the backward pass (the memory of batch/K examples for one more forward "
-     "pass; the same result up to float summation order); `splitq client --micro-batches` "
-     "overrides it; splitq train ignores it"},
+     "splitq client on a CPU: run the client's layers on K slices of the batch, one at a time, "
+     "and recompute them in the backward pass (the memory of batch/K examples for one more "
+     "forward pass; the same result up to float summation order). A CUDA client runs the batch "
+     "whole; `splitq client --micro-batches K` overrides both; splitq train ignores it"},
     {"quant.activations.mode", "fp32 | uniform | amaq | aqsgd", "amaq",
      "how activations cross the wire"},
     {"quant.activations.bits.min", "integer 1..8", "2", "lowest bits a channel can get (amaq)"},
