@@ -17,6 +17,10 @@
 #                applied exactly `steps` server updates (replayed steps are not applied twice).
 #   worker-kill  the client's worker killed with SIGKILL: the coordinator marks it dead, the
 #                client reconnects with backoff to the second worker and finishes.
+#   coordinator-restart  the coordinator killed mid-run and restarted empty: the run finishes,
+#                the worker registers again
+#   partition    a silent partition (the proxy to the worker stops forwarding): keepalive finds
+#                it, the client reconnects after it heals, every step is applied once
 #   refusals     a client with another config (digest) and a client without a token are refused
 #                with a clear message; the worker keeps serving.
 set -euo pipefail
@@ -201,6 +205,46 @@ coordinator-restart)
   # Its next heartbeat after gRPC has reconnected (reconnect backoff at most 5 s).
   wait_for "$dir/worker0.log" "worker0 registered again with the coordinator" 300
   echo "coordinator-restart: ok"
+  ;;
+partition)
+  # A silent partition: the TCP proxy between the client and its worker stops forwarding
+  # (SIGSTOP) without closing anything. Keepalive (pings every 10 s, dead 10 s later) must find
+  # it; after the partition heals the client reconnects, replays, and every step is applied once.
+  sed -i 's/^steps: 60/steps: 200/' "$config"
+  start_cluster 0
+  wport=$((20000 + RANDOM % 20000))
+  "$SPLITQ" throttle --listen 127.0.0.1:0 --to "127.0.0.1:$wport" --mbit 1000 \
+    >"$dir/throttle.log" 2>&1 &
+  throttle=$!
+  pids+=($throttle)
+  wait_for "$dir/throttle.log" "listening on"
+  "$SPLITQ" worker --config "$config" --coordinator "$coord" --listen "127.0.0.1:$wport" \
+    --advertise-port "$(sed -n 's/.*listening on [0-9.]*:\([0-9]*\).*/\1/p' "$dir/throttle.log")" \
+    --name worker0 "${sec[@]}" --tokens "$dir/tokens/tokens" \
+    --token "$dir/tokens/worker0.token" >"$dir/worker0.log" 2>&1 &
+  worker=$!
+  pids+=($worker)
+  wait_for "$dir/worker0.log" "registered with the coordinator"
+  client_args client0 "$dir/run"
+  "$SPLITQ" "${args[@]}" >"$dir/client.log" 2>&1 &
+  cpid=$!
+  pids+=($cpid)
+  wait_for "$dir/client.log" 'step 50/' 600
+  kill -STOP "$throttle"
+  cut=$(date +%s%N)
+  wait_for "$dir/client.log" "keepalive watchdog timeout" 450
+  found_s=$((($(date +%s%N) - cut) / 1000000000))
+  sleep 2
+  kill -CONT "$throttle"
+  wait "$cpid" || fail "the client did not survive the partition"
+  grep -q "reconnected to worker" "$dir/client.log" || fail "no reconnect"
+  grep -q '"steps": 200,' "$dir/run/summary.json" || fail "the run did not finish"
+  kill -TERM "$worker"
+  wait "$worker" || true
+  grep -q "stopped: [0-9]* steps served, 200 server updates" "$dir/worker0.log" ||
+    fail "server updates: $(grep stopped "$dir/worker0.log")"
+  echo "partition: ok (found by keepalive after $found_s s;" \
+    "$(sed -n 's/.*stopped: //p' "$dir/worker0.log"))"
   ;;
 refusals)
   start_cluster 1
