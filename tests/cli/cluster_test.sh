@@ -112,6 +112,13 @@ start_long_run() {
   pids+=($cpid)
   wait_for "$dir/client.log" 'step 50/' 600
 }
+# stop_worker_expecting_200_updates PID: stops worker0 and checks its count of server updates.
+stop_worker_expecting_200_updates() {
+  kill -TERM "$1"
+  wait "$1" || true
+  grep -q "stopped: [0-9]* steps served, 200 server updates" "$dir/worker0.log" ||
+    fail "server updates: $(grep stopped "$dir/worker0.log")"
+}
 losses() { sed -n 's/.*"loss": \([0-9.e+-]*\).*/\1/p' "$1"; }
 # compare_losses A B TOLERANCE: every logged loss of A within TOLERANCE (relative) of B's.
 compare_losses() {
@@ -169,10 +176,7 @@ client-kill)
   resumed=$(sed -n 's/.*resumed .* at step \([0-9]*\).*/\1/p' "$dir/client2.log")
   steps=$(sed -n 's/.*"step": \([0-9]*\),.*/\1/p' "$dir/run/metrics.jsonl" | tr '\n' ' ')
   [[ $steps == "$(seq -s ' ' 10 10 200) " ]] || fail "logged steps: $steps"
-  kill -TERM "${worker_pids[0]}"
-  wait "${worker_pids[0]}" || true
-  grep -q "stopped: [0-9]* steps served, 200 server updates" "$dir/worker0.log" ||
-    fail "server updates: $(grep stopped "$dir/worker0.log")"
+  stop_worker_expecting_200_updates "${worker_pids[0]}"
   echo "client-kill: ok (session freed in $freed_ms ms; resumed at step $resumed;" \
     "$(sed -n 's/.*stopped: //p' "$dir/worker0.log"))"
   ;;
@@ -239,10 +243,7 @@ partition)
   wait "$cpid" || fail "the client did not survive the partition"
   grep -q "reconnected to worker" "$dir/client.log" || fail "no reconnect"
   grep -q '"steps": 200,' "$dir/run/summary.json" || fail "the run did not finish"
-  kill -TERM "$worker"
-  wait "$worker" || true
-  grep -q "stopped: [0-9]* steps served, 200 server updates" "$dir/worker0.log" ||
-    fail "server updates: $(grep stopped "$dir/worker0.log")"
+  stop_worker_expecting_200_updates "$worker"
   echo "partition: ok (found by keepalive after $found_s s;" \
     "$(sed -n 's/.*stopped: //p' "$dir/worker0.log"))"
   ;;
