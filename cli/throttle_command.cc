@@ -25,7 +25,9 @@
 #include <string>
 #include <thread>
 
+#include "absl/status/statusor.h"
 #include "cli/commands.h"
+#include "cli/net_common.h"
 
 namespace splitq::cli {
 namespace {
@@ -56,21 +58,12 @@ class Pacer {
   Clock::time_point next_ = Clock::now();
 };
 
-bool SplitHostPort(const std::string& text, std::string* host, std::string* port) {
-  const size_t colon = text.rfind(':');
-  if (colon == std::string::npos) return false;
-  *host = text.substr(0, colon);
-  *port = text.substr(colon + 1);
-  if (host->size() >= 2 && host->front() == '[') *host = host->substr(1, host->size() - 2);
-  return !host->empty() && !port->empty();
-}
-
-int Connect(const std::string& target) {
-  std::string host, port;
-  if (!SplitHostPort(target, &host, &port)) return -1;
+int Connect(const server::WorkerAddress& target) {
   addrinfo hints{}, *res = nullptr;
   hints.ai_socktype = SOCK_STREAM;
-  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0) return -1;
+  if (getaddrinfo(target.host.c_str(), std::to_string(target.port).c_str(), &hints, &res) != 0) {
+    return -1;
+  }
   int fd = -1;
   for (addrinfo* a = res; a != nullptr && fd < 0; a = a->ai_next) {
     fd = socket(a->ai_family, a->ai_socktype, a->ai_protocol);
@@ -113,15 +106,23 @@ struct ThrottleOptions {
 };
 
 int RunThrottle(const ThrottleOptions& opt) {
-  std::string host, port;
-  if (!SplitHostPort(opt.listen, &host, &port) || opt.mbit <= 0) {
-    std::fprintf(stderr, "throttle: --listen HOST:PORT and --mbit > 0\n");
+  const absl::StatusOr<server::WorkerAddress> from = ParseHostPort(opt.listen);
+  const absl::StatusOr<server::WorkerAddress> to = ParseHostPort(opt.to);
+  for (const auto* a : {&from, &to}) {
+    if (!a->ok()) {
+      std::fprintf(stderr, "throttle: %s\n", std::string(a->status().message()).c_str());
+      return 2;
+    }
+  }
+  if (opt.mbit <= 0) {
+    std::fprintf(stderr, "throttle: --mbit must be > 0\n");
     return 2;
   }
+  const std::string& host = from->host;
   const int server = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(std::stoi(port)));
+  addr.sin_port = htons(static_cast<uint16_t>(from->port));
   if (inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) {
     std::fprintf(stderr, "throttle: --listen takes an IPv4 address\n");
     return 2;
@@ -152,7 +153,7 @@ int RunThrottle(const ThrottleOptions& opt) {
     setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     const timeval blocking{0, 0};  // accepted sockets inherit the listener's receive timeout
     setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &blocking, sizeof blocking);
-    const int target = Connect(opt.to);
+    const int target = Connect(*to);
     if (target < 0) {
       std::fprintf(stderr, "throttle: cannot reach %s\n", opt.to.c_str());
       close(client);
