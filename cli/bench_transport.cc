@@ -1,5 +1,6 @@
-// `splitq bench transport [--json FILE] [--mib N]`: frames over gRPC on loopback against a
-// raw TCP socket moving the same bytes (server/transport_bench.h).
+// `splitq bench transport [--json FILE] [--mib N] [--chunk-kib K] [--streams S] [--sync-server]`:
+// frames over gRPC on loopback against a raw TCP socket moving the same bytes
+// (server/transport_bench.h).
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -15,6 +16,9 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
   struct Options {
     std::string json;
     int mib = 256;
+    int chunk_kib = 1024;
+    int streams = 1;
+    bool sync_server = false;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = bench.add_subcommand(
@@ -22,15 +26,33 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
   cmd->add_option("--json", opt->json, "Also write the results as JSON to this file");
   cmd->add_option("--mib", opt->mib, "MiB moved per frame size and round (default 256)")
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--chunk-kib", opt->chunk_kib,
+                  "FrameChunk size in KiB (default 1024, the client's)")
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option("--streams", opt->streams,
+                  "Experiment: deal each frame's chunks over this many streams, one HTTP/2 "
+                  "connection each (default 1, what a session does)")
+      ->check(CLI::Range(1, 16));
+  cmd->add_flag("--sync-server", opt->sync_server,
+                "Serve with gRPC's sync API instead of the callback API the worker uses");
   cmd->callback([opt, run] {
     *run = [opt] {
-      auto results = server::RunTransportBench(opt->mib);
+      server::TransportOptions options;
+      options.mib_per_size = opt->mib;
+      options.chunk_bytes = int64_t{opt->chunk_kib} << 10;
+      options.streams = opt->streams;
+      options.callback_server = !opt->sync_server;
+      std::printf("gRPC: %d stream(s), %d KiB chunks, %s server API; TCP: one connection\n",
+                  options.streams, opt->chunk_kib, options.callback_server ? "callback" : "sync");
+      auto results = server::RunTransportBench(options);
       if (!results.ok()) {
         std::fprintf(stderr, "bench transport: %s\n", results.status().ToString().c_str());
         return 1;
       }
       std::printf("%-10s %8s %12s %12s %8s\n", "frame", "frames", "gRPC MB/s", "TCP MB/s", "ratio");
-      std::string json = "{\"results\": [";
+      std::string json = absl::StrFormat(
+          "{\"chunk_bytes\": %d, \"streams\": %d, \"server_api\": \"%s\", \"results\": [",
+          options.chunk_bytes, options.streams, options.callback_server ? "callback" : "sync");
       for (const server::TransportResult& r : *results) {
         const double ratio = r.grpc_mb_s / r.tcp_mb_s;
         std::printf("%-10s %8d %12.0f %12.0f %8.3f\n",

@@ -9,18 +9,23 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "splitq/v1/worker.grpc.pb.h"
 
 namespace splitq::server {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr int64_t kChunkBytes = 4 << 20;
+using splitq::v1::TrainReply;
+using splitq::v1::TrainRequest;
+constexpr int64_t kMaxChunkBytes = 4 << 20;
 
 // Reads every chunk of every frame; answers each frame's last chunk with a StepResult.
 class SinkWorker final : public splitq::v1::Worker::Service {
@@ -40,6 +45,90 @@ class SinkWorker final : public splitq::v1::Worker::Service {
     }
     return grpc::Status::OK;
   }
+};
+
+// The same on the callback API, as WorkerService reads: one read outstanding at a time. The
+// client may see an answer (and send the next frame) before OnWriteDone, so a second answer
+// waits for the first write to complete.
+class SinkReactor final : public grpc::ServerBidiReactor<TrainRequest, TrainReply> {
+ public:
+  SinkReactor() { StartRead(&request_); }
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      read_closed_ = true;
+      if (!writing_) Finish(grpc::Status::OK);
+      return;
+    }
+    if (request_.has_activation()) {
+      const splitq::v1::FrameChunk& chunk = request_.activation();
+      if (chunk.index() + 1 == chunk.count()) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (writing_) {
+          pending_step_ = static_cast<int64_t>(chunk.step());
+        } else {
+          WriteLocked(chunk.step());
+        }
+      }
+    }
+    StartRead(&request_);
+  }
+  void OnWriteDone(bool) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    writing_ = false;
+    if (pending_step_ >= 0) {
+      WriteLocked(static_cast<uint64_t>(pending_step_));
+      pending_step_ = -1;
+    } else if (read_closed_) {
+      Finish(grpc::Status::OK);
+    }
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void WriteLocked(uint64_t step) {
+    writing_ = true;
+    reply_.mutable_result()->set_step(step);
+    StartWrite(&reply_);
+  }
+
+  TrainRequest request_;
+  std::mutex mutex_;
+  TrainReply reply_;  // being written while writing_
+  bool writing_ = false;
+  bool read_closed_ = false;
+  int64_t pending_step_ = -1;
+};
+
+class CallbackSinkWorker final : public splitq::v1::Worker::CallbackService {
+ public:
+  grpc::ServerBidiReactor<TrainRequest, TrainReply>* Train(grpc::CallbackServerContext*) override {
+    return new SinkReactor();
+  }
+};
+
+// All `n` threads leave Wait() together (a reusable barrier).
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int64_t generation = generation_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++generation_;
+      all_.notify_all();
+    } else {
+      all_.wait(lock, [&] { return generation_ != generation; });
+    }
+  }
+
+ private:
+  const int n_;
+  std::mutex mutex_;
+  std::condition_variable all_;
+  int arrived_ = 0;
+  int64_t generation_ = 0;
 };
 
 bool SendAll(int fd, const void* data, size_t n) {
@@ -64,33 +153,60 @@ bool RecvAll(int fd, void* data, size_t n) {
   return true;
 }
 
-// Seconds to move `frames` frames of `bytes` over gRPC.
-double GrpcSeconds(splitq::v1::Worker::Stub& stub, const std::string& payload, int frames) {
+// Stream `lane` of `lanes` carries chunks lane, lane + lanes, ... of each frame (numbered
+// 0..k-1 within the stream, so its server answers after its own last one). Seconds from the
+// first barrier to the last frame's answer; -1 if the stream broke.
+double GrpcLaneSeconds(splitq::v1::Worker::Stub& stub, const std::string& payload, int frames,
+                       int64_t chunk_bytes, int lane, int lanes, Barrier& barrier) {
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(5));
   auto stream = stub.Train(&context);
   const int64_t bytes = static_cast<int64_t>(payload.size());
-  const int count = static_cast<int>((bytes + kChunkBytes - 1) / kChunkBytes);
-  splitq::v1::TrainRequest request;
-  splitq::v1::TrainReply reply;
+  const int count = static_cast<int>((bytes + chunk_bytes - 1) / chunk_bytes);
+  std::vector<int> mine;
+  for (int i = lane; i < count; i += lanes) mine.push_back(i);
+  TrainRequest request;
+  TrainReply reply;
+  bool ok = true;
+  barrier.Wait();
   const auto start = Clock::now();
   for (int f = 0; f < frames; ++f) {
-    for (int i = 0; i < count; ++i) {
+    for (size_t k = 0; k < mine.size() && ok; ++k) {
       splitq::v1::FrameChunk* chunk = request.mutable_activation();
       chunk->set_step(static_cast<uint64_t>(f));
-      chunk->set_index(static_cast<uint32_t>(i));
-      chunk->set_count(static_cast<uint32_t>(count));
+      chunk->set_index(static_cast<uint32_t>(k));
+      chunk->set_count(static_cast<uint32_t>(mine.size()));
       chunk->set_frame_bytes(static_cast<uint64_t>(bytes));
-      const int64_t begin = i * kChunkBytes;
-      chunk->set_data(payload.data() + begin, std::min(kChunkBytes, bytes - begin));
-      if (!stream->Write(request)) return -1;
+      const int64_t begin = mine[k] * chunk_bytes;
+      chunk->set_data(payload.data() + begin, std::min(chunk_bytes, bytes - begin));
+      ok = stream->Write(request);
     }
-    if (!stream->Read(&reply)) return -1;
+    if (ok && !mine.empty()) ok = stream->Read(&reply);
+    if (lanes > 1) barrier.Wait();  // keeps going after a failure, so no lane waits forever
   }
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
   stream->WritesDone();
   stream->Finish();
-  return seconds;
+  return ok ? seconds : -1;
+}
+
+// Seconds to move `frames` frames of `payload` over the stubs' streams.
+double GrpcSeconds(const std::vector<std::unique_ptr<splitq::v1::Worker::Stub>>& stubs,
+                   const std::string& payload, int frames, int64_t chunk_bytes) {
+  const int lanes = static_cast<int>(stubs.size());
+  Barrier barrier(lanes);
+  if (lanes == 1) return GrpcLaneSeconds(*stubs[0], payload, frames, chunk_bytes, 0, 1, barrier);
+  std::vector<double> seconds(static_cast<size_t>(lanes));
+  std::vector<std::thread> threads;
+  for (int lane = 0; lane < lanes; ++lane) {
+    threads.emplace_back([&, lane] {
+      seconds[static_cast<size_t>(lane)] = GrpcLaneSeconds(
+          *stubs[static_cast<size_t>(lane)], payload, frames, chunk_bytes, lane, lanes, barrier);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  if (*std::min_element(seconds.begin(), seconds.end()) < 0) return -1;
+  return *std::max_element(seconds.begin(), seconds.end());
 }
 
 // Seconds to move the same frames over one TCP connection on loopback.
@@ -142,31 +258,53 @@ double TcpSeconds(const std::string& payload, int frames) {
 
 }  // namespace
 
-absl::StatusOr<std::vector<TransportResult>> RunTransportBench(int mib_per_size) {
-  SinkWorker service;
+absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOptions& options) {
+  if (options.mib_per_size < 1) return absl::InvalidArgumentError("mib_per_size must be >= 1");
+  if (options.chunk_bytes < 1024 || options.chunk_bytes > kMaxChunkBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk size ", options.chunk_bytes, " bytes is outside 1 KiB .. 4 MiB"));
+  }
+  if (options.streams < 1 || options.streams > 16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("streams ", options.streams, " is outside 1 .. 16"));
+  }
+  SinkWorker sync_service;
+  CallbackSinkWorker callback_service;
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.SetMaxReceiveMessageSize(kChunkBytes + (64 << 10));
-  builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(kMaxChunkBytes + (64 << 10));
+  if (options.callback_server) {
+    builder.RegisterService(&callback_service);
+  } else {
+    builder.RegisterService(&sync_service);
+  }
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     return absl::UnavailableError("cannot start a gRPC server on loopback");
   }
-  grpc::ChannelArguments args;
-  args.SetMaxSendMessageSize(kChunkBytes + (64 << 10));
-  auto stub = splitq::v1::Worker::NewStub(grpc::CreateCustomChannel(
-      "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials(), args));
+  // One channel per stream; distinct arguments and local subchannel pools keep their HTTP/2
+  // connections apart.
+  std::vector<std::unique_ptr<splitq::v1::Worker::Stub>> stubs;
+  for (int lane = 0; lane < options.streams; ++lane) {
+    grpc::ChannelArguments args;
+    args.SetMaxSendMessageSize(kMaxChunkBytes + (64 << 10));
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    args.SetInt("splitq.bench_lane", lane);
+    stubs.push_back(splitq::v1::Worker::NewStub(grpc::CreateCustomChannel(
+        "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials(), args)));
+  }
   std::vector<TransportResult> results;
   for (const int64_t size : {int64_t{64} << 10, int64_t{256} << 10, int64_t{1} << 20,
                              int64_t{4} << 20, int64_t{16} << 20}) {
     const std::string payload(static_cast<size_t>(size), '\x5a');
-    const int frames = static_cast<int>(std::max<int64_t>(4, (int64_t{mib_per_size} << 20) / size));
-    GrpcSeconds(*stub, payload, std::max(1, frames / 8));  // warm-up
+    const int frames =
+        static_cast<int>(std::max<int64_t>(4, (int64_t{options.mib_per_size} << 20) / size));
+    GrpcSeconds(stubs, payload, std::max(1, frames / 8), options.chunk_bytes);  // warm-up
     // Alternate, three rounds each, and keep each side's best (least disturbed) round.
     double grpc_best = 1e30, tcp_best = 1e30;
     for (int round = 0; round < 3; ++round) {
-      const double g = GrpcSeconds(*stub, payload, frames);
+      const double g = GrpcSeconds(stubs, payload, frames, options.chunk_bytes);
       const double t = TcpSeconds(payload, frames);
       if (g < 0 || t < 0) return absl::InternalError("a transfer failed");
       grpc_best = std::min(grpc_best, g);

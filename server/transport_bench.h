@@ -3,12 +3,18 @@
 //
 // Both sides follow the worker protocol's rule of one frame in flight: the client sends a
 // frame, the server reads all of it and answers, then the next frame goes.
-//   gRPC  the Worker.Train bidirectional stream of proto/splitq/v1/worker.proto (sync API),
-//         each frame as FrameChunk messages of at most 4 MiB, answered by a StepResult.
-//   TCP   an 8-byte length, the bytes, and a 1-byte answer, TCP_NODELAY.
+//   gRPC  the Worker.Train bidirectional stream of proto/splitq/v1/worker.proto, each frame as
+//         FrameChunk messages of `chunk_bytes`, answered by a StepResult. By default it is
+//         what a session does: one stream, the client's chunk size (1 MiB), and a server on
+//         the callback API with one read outstanding, like WorkerService.
+//   TCP   an 8-byte length, the bytes, and a 1-byte answer, TCP_NODELAY, one connection.
 // Both are plaintext: this measures the framework, not TLS. For each frame size the two
 // alternate for three rounds and each keeps its best round. Issue 4's target: gRPC at least
 // 80% of raw TCP for frames of 1 MiB or more.
+//
+// `streams` > 1 is an experiment, not what a session does today: each frame's chunks are dealt
+// round-robin over that many Train streams, each on its own HTTP/2 connection, sent by one
+// thread per stream; the frame is done when every stream has answered.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +24,13 @@
 
 namespace splitq::server {
 
+struct TransportOptions {
+  int mib_per_size = 256;         // about this many MiB per frame size and round (>= 4 frames)
+  int64_t chunk_bytes = 1 << 20;  // FrameChunk.data size, 1 KiB .. 4 MiB
+  int streams = 1;                // 1 .. 16; > 1 stripes each frame (see above)
+  bool callback_server = true;    // false: the sync server API instead
+};
+
 struct TransportResult {
   int64_t frame_bytes = 0;
   int frames = 0;        // per round
@@ -25,8 +38,7 @@ struct TransportResult {
   double tcp_mb_s = 0;
 };
 
-// Frame sizes 64 KiB, 256 KiB, 1 MiB, 4 MiB, 16 MiB; about `mib_per_size` MiB per size and
-// round (at least 4 frames).
-absl::StatusOr<std::vector<TransportResult>> RunTransportBench(int mib_per_size);
+// Frame sizes 64 KiB, 256 KiB, 1 MiB, 4 MiB, 16 MiB. INVALID_ARGUMENT for options out of range.
+absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOptions& options);
 
 }  // namespace splitq::server

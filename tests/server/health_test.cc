@@ -118,15 +118,31 @@ TEST(StatusMapping, CodesCrossTheEdgeOneToOne) {
 }
 
 // The transport benchmark runs end to end on loopback (its speed is printed by
-// `splitq bench transport`, not asserted here).
+// `splitq bench transport`, not asserted here), as a session streams and striped.
 TEST(TransportBench, MovesEveryFrameSizeOverBothTransports) {
-  auto results = RunTransportBench(1);
-  ASSERT_TRUE(results.ok()) << results.status();
-  ASSERT_EQ(results->size(), 5u);
-  for (const TransportResult& r : *results) {
-    EXPECT_GE(r.frames, 4);
-    EXPECT_GT(r.grpc_mb_s, 0.0) << r.frame_bytes;
-    EXPECT_GT(r.tcp_mb_s, 0.0) << r.frame_bytes;
+  for (const int streams : {1, 3}) {
+    TransportOptions options;
+    options.mib_per_size = 1;
+    options.streams = streams;
+    options.chunk_bytes = streams == 1 ? (1 << 20) : (64 << 10);
+    auto results = RunTransportBench(options);
+    ASSERT_TRUE(results.ok()) << results.status();
+    ASSERT_EQ(results->size(), 5u);
+    for (const TransportResult& r : *results) {
+      EXPECT_GE(r.frames, 4);
+      EXPECT_GT(r.grpc_mb_s, 0.0) << r.frame_bytes << " over " << streams;
+      EXPECT_GT(r.tcp_mb_s, 0.0) << r.frame_bytes;
+    }
+  }
+}
+
+TEST(TransportBench, RefusesOptionsOutOfRange) {
+  TransportOptions small_chunk, many_streams, no_mib;
+  small_chunk.chunk_bytes = 100;
+  many_streams.streams = 17;
+  no_mib.mib_per_size = 0;
+  for (const TransportOptions& o : {small_chunk, many_streams, no_mib}) {
+    EXPECT_EQ(RunTransportBench(o).status().code(), absl::StatusCode::kInvalidArgument);
   }
 }
 
