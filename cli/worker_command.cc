@@ -1,9 +1,17 @@
 // `splitq worker --config F --coordinator HOST:PORT --listen HOST:PORT [--name NAME]
-// [--advertise HOST] (--tls-dir DIR [--mtls] | --insecure) [--tokens FILE] [--token FILE]`:
+// [--advertise HOST] (--tls-dir DIR [--mtls] | --insecure) [--tokens FILE] [--token FILE]
+// [--out DIR [--checkpoint-every N]]`:
 // the server part of the model behind the Worker service (server/worker_service.h), with the
 // standard health service. It registers with the coordinator (retrying with backoff until
 // --connect-timeout), heartbeats with its steps served, prints its address and a status line
 // every 10 s, and stops cleanly on SIGINT/SIGTERM (leaving the coordinator).
+//
+// With --out DIR the worker keeps DIR/worker.pt (the server part's weights and optimizer, and
+// per client the first step it has not applied), replaced atomically every --checkpoint-every
+// server updates (default: the config's checkpoint_every) and when it stops. A worker started
+// on a DIR that holds one resumes from it, so a restarted worker (a crash, a container restart
+// policy) keeps its training; steps applied after the last checkpoint are lost, and the log
+// names them when their client comes back.
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/server.h>
 #include <grpcpp/server_builder.h>
@@ -13,6 +21,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
@@ -36,7 +45,8 @@ void OnStop(int) { g_stop.store(true); }
 struct WorkerCommandOptions {
   std::string config_path, coordinator, listen = "127.0.0.1:0", name = "worker0", advertise;
   std::vector<std::string> overrides;
-  std::string init, tokens_path, token_path;
+  std::string init, tokens_path, token_path, out_dir;
+  int64_t checkpoint_every = -1;  // server updates; -1: the config's checkpoint_every
   server::TransportSecurity security;
   uint32_t max_clients = 64;
   uint32_t advertise_port = 0;
@@ -73,6 +83,39 @@ int RunWorker(const WorkerCommandOptions& opt) {
   core_options.max_sessions = opt.max_clients;
   core_options.config_digest = *digest;
   server::WorkerCore core(**part, core_options);
+  std::string checkpoint;
+  if (!opt.out_dir.empty()) {
+    std::error_code error;
+    std::filesystem::create_directories(opt.out_dir, error);
+    if (error) {
+      return Fail("--out", absl::InternalError(opt.out_dir + ": " + error.message()));
+    }
+    checkpoint = (std::filesystem::path(opt.out_dir) / "worker.pt").string();
+    if (std::filesystem::exists(checkpoint)) {
+      auto clients = core.LoadCheckpoint(checkpoint);
+      if (!clients.ok()) return Fail("--out", clients.status());
+      std::printf("worker %s resumed from %s: %lld server updates, progress of %zu clients\n",
+                  opt.name.c_str(), checkpoint.c_str(),
+                  static_cast<long long>(core.stats().updates), *clients);
+      std::fflush(stdout);
+    }
+  }
+  const int64_t checkpoint_every =
+      opt.checkpoint_every >= 0 ? opt.checkpoint_every : config->checkpoint_every;
+  int64_t saved_updates = core.stats().updates;
+  auto save = [&](bool final) {
+    auto updates = core.SaveCheckpoint(checkpoint);
+    if (!updates.ok()) {
+      std::fprintf(stderr, "worker: checkpoint: %s\n", updates.status().ToString().c_str());
+      return;
+    }
+    saved_updates = *updates;
+    if (final) {
+      std::printf("worker %s saved %s at %lld server updates\n", opt.name.c_str(),
+                  checkpoint.c_str(), static_cast<long long>(*updates));
+      std::fflush(stdout);
+    }
+  };
   server::WorkerServiceOptions service_options;
   service_options.log = [name = opt.name](const std::string& line) {
     std::printf("worker %s: %s\n", name.c_str(), line.c_str());
@@ -124,6 +167,11 @@ int RunWorker(const WorkerCommandOptions& opt) {
   auto register_once = [&]() -> absl::Status {
     if (g_stop.load()) return absl::CancelledError("stopped");
     auto r = coordinator.Register(server::Role::kWorker, opt.name, advertised, opt.max_clients);
+    if (r.status().code() == absl::StatusCode::kAlreadyExists) {
+      // Our previous run (a restart) until the coordinator marks it dead; or another worker
+      // with this name, which the message names and --connect-timeout ends.
+      return absl::UnavailableError(r.status().message());
+    }
     if (!r.ok()) return r.status();
     registration = *r;
     return absl::OkStatus();
@@ -162,18 +210,24 @@ int RunWorker(const WorkerCommandOptions& opt) {
     auto last_status = std::chrono::steady_clock::now();
     while (!g_stop.load()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      if (!checkpoint.empty() && checkpoint_every > 0 &&
+          core.stats().updates - saved_updates >= checkpoint_every) {
+        save(false);
+      }
       if (std::chrono::steady_clock::now() - last_status > std::chrono::seconds(10)) {
         last_status = std::chrono::steady_clock::now();
         const server::WorkerStats s = core.stats();
-        std::printf("worker %s: %u clients, %lld steps served, %lld server updates\n",
-                    opt.name.c_str(), s.sessions, static_cast<long long>(s.steps_served),
-                    static_cast<long long>(s.updates));
+        std::printf(
+            "worker %s: %u sessions (train and evaluate), %lld steps served, %lld server updates\n",
+            opt.name.c_str(), s.sessions, static_cast<long long>(s.steps_served),
+            static_cast<long long>(s.updates));
         std::fflush(stdout);
       }
     }
     (void)coordinator.Leave(heartbeat.member_id());
   }
   grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  if (!checkpoint.empty()) save(true);
   const server::WorkerStats s = core.stats();
   std::printf("worker %s stopped: %lld steps served, %lld server updates; peak RSS %.0f MiB\n",
               opt.name.c_str(), static_cast<long long>(s.steps_served),
@@ -197,6 +251,12 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
                   "Port clients dial, when not the listening one (a proxy or NAT in between)")
       ->check(CLI::Range(1, 65535));
   cmd->add_option("--init", opt->init, "Base weights checkpoint (LoRA runs)");
+  cmd->add_option("--out", opt->out_dir,
+                  "Keep DIR/worker.pt (the server part's state) and resume from it when present");
+  cmd->add_option("--checkpoint-every", opt->checkpoint_every,
+                  "Server updates between checkpoints in --out (default: the config's "
+                  "checkpoint_every; 0: only when stopping)")
+      ->check(CLI::NonNegativeNumber);
   AddSecurityFlags(cmd, &opt->security, /*serving=*/true);
   cmd->add_option("--tokens", opt->tokens_path, "The clients' bearer tokens (`splitq tokens`)");
   cmd->add_option("--token", opt->token_path, "This worker's own token file, for the coordinator");

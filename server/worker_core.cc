@@ -3,7 +3,9 @@
 #include <optional>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "kernels/common.h"  // SPLITQ_ASSIGN_OR_RETURN
 #include "server/coordinator_core.h"
 
@@ -83,6 +85,11 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
       session->expected_step = hello.resume_step;
       welcome.session_id = next_id_++;
       welcome.expected_step = hello.resume_step;
+      if (!hello.evaluate) {
+        auto known = next_applied_.find(hello.client_id);
+        if (known != next_applied_.end())
+          welcome.next_applied = static_cast<int64_t>(known->second);
+      }
       sessions_[welcome.session_id] = std::move(session);
     }
   }
@@ -208,6 +215,45 @@ void WorkerCore::Close(uint64_t session) {
   }
   std::lock_guard<std::mutex> compute(compute_);
   handler_.CloseSession(handler_id);
+}
+
+absl::StatusOr<int64_t> WorkerCore::SaveCheckpoint(const std::string& path) {
+  std::lock_guard<std::mutex> compute(compute_);
+  std::string progress;  // "client_id next_step\n" per client
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& [id, next] : next_applied_) absl::StrAppend(&progress, id, " ", next, "\n");
+  }
+  SPLITQ_RETURN_IF_ERROR(handler_.SaveCheckpoint(path, progress));
+  return handler_.updates();
+}
+
+absl::StatusOr<size_t> WorkerCore::LoadCheckpoint(const std::string& path) {
+  std::lock_guard<std::mutex> compute(compute_);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!sessions_.empty()) {
+      return absl::FailedPreconditionError("load a checkpoint before serving any session");
+    }
+  }
+  std::string progress;
+  SPLITQ_RETURN_IF_ERROR(handler_.LoadCheckpoint(path, &progress));
+  std::map<std::string, uint64_t> next_applied;
+  int line_number = 0;
+  for (absl::string_view line : absl::StrSplit(progress, '\n', absl::SkipEmpty())) {
+    ++line_number;
+    std::vector<absl::string_view> fields = absl::StrSplit(line, ' ');
+    uint64_t next = 0;
+    if (fields.size() != 2 || !IsValidMemberName(std::string(fields[0])) ||
+        !absl::SimpleAtoi(fields[1], &next)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          path, ": the clients' progress is damaged (line ", line_number, ": '", line, "')"));
+    }
+    next_applied[std::string(fields[0])] = next;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  next_applied_ = std::move(next_applied);
+  return next_applied_.size();
 }
 
 WorkerStats WorkerCore::stats() const {

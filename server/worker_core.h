@@ -17,7 +17,8 @@
 // part does one client's batch at a time (fine for the small server parts we train; see
 // docs/benchmarks.md for the throughput with 32 clients).
 //
-// Client restarts: the worker remembers, per client id, the next step it has not applied.
+// Client restarts: the worker remembers, per client id, the next step it has not applied (and
+// keeps that in its checkpoints).
 // A client that comes back from an older checkpoint (hello.resume_step below that) gets its
 // replayed steps' gradients, but the server's weights are not stepped again for them, so no
 // step is counted twice. A hello from a client id that has a session already replaces it
@@ -68,6 +69,12 @@ struct Hello {
 struct Welcome {
   uint64_t session_id = 0;
   uint64_t expected_step = 0;
+  // The client's first step that the server part has not applied, when this worker knows the
+  // client (-1: it does not, e.g. a client moved here from another worker). Above
+  // expected_step: the steps in between are replays, answered but not applied again. Below
+  // it: the steps in between were lost with the worker's state (it restarted from an older
+  // checkpoint); they are not sent again.
+  int64_t next_applied = -1;
 };
 
 struct WorkerStats {
@@ -94,6 +101,15 @@ class WorkerCore {
   absl::StatusOr<trainer::EvalPiece> RunEvaluate(uint64_t session);
   // Frees the session (a no-op for an unknown one).
   void Close(uint64_t session);
+
+  // Worker checkpoints (`splitq worker --out`): the handler's state plus, per client id, the
+  // first step not yet applied, so replays after a restart are still applied once. Saving
+  // waits for the step being computed and returns the updates it saved. Loading is for a
+  // worker that serves nobody yet (FAILED_PRECONDITION otherwise, and for a damaged progress
+  // list); it returns the number of clients whose progress it restored. Other errors as
+  // ServerHandler::SaveCheckpoint / LoadCheckpoint.
+  absl::StatusOr<int64_t> SaveCheckpoint(const std::string& path);
+  absl::StatusOr<size_t> LoadCheckpoint(const std::string& path);
 
   WorkerStats stats() const;
   // Bytes held by sessions' partial frames and labels now.

@@ -143,7 +143,18 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
         SPLITQ_ASSIGN_OR_RETURN(Welcome welcome, service_.core_.Open(hello, auth_id_));
         session_ = welcome.session_id;
         client_id_ = hello.client_id;
-        Log(absl::StrCat("opened at step ", welcome.expected_step));
+        std::string note;
+        if (welcome.next_applied >= 0 &&
+            static_cast<uint64_t>(welcome.next_applied) > welcome.expected_step) {
+          note = absl::StrCat(" (steps before ", welcome.next_applied,
+                              " are replays: answered, not applied again)");
+        } else if (welcome.next_applied >= 0 &&
+                   static_cast<uint64_t>(welcome.next_applied) < welcome.expected_step) {
+          note = absl::StrCat(" (its steps ", welcome.next_applied, "..", welcome.expected_step - 1,
+                              " were lost with the worker's state: it restarted from an older "
+                              "checkpoint)");
+        }
+        Log(absl::StrCat("opened at step ", welcome.expected_step, note));
         if constexpr (!kEvaluate) {
           Reply reply;
           auto* w = reply.mutable_welcome();

@@ -32,7 +32,8 @@ constexpr KeyDoc kKeys[] = {
     {"log_every", "integer >= 1", "10", "steps between lines of metrics.jsonl"},
     {"eval_every", "integer >= 1", "200", "steps between validation passes"},
     {"checkpoint_every", "integer >= 0", "500",
-     "steps between checkpoints (DIR/checkpoint.pt, replaced atomically; 0: only at the end)"},
+     "steps between checkpoints (DIR/checkpoint.pt, replaced atomically; 0: only at the end); "
+     "a worker with --out: server updates between its DIR/worker.pt"},
     {"device", "auto | cpu | cuda", "auto",
      "where both parts run (auto: cuda when this build and machine have a GPU, else cpu)"},
     {"model.split_after", "integer", "2",

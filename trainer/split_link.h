@@ -78,6 +78,20 @@ class ServerHandler {
   virtual absl::StatusOr<EvalPiece> Evaluate(uint64_t session, const UpFrame& up) = 0;
   // Optimizer steps taken so far, over all sessions.
   virtual int64_t updates() const = 0;
+  // The trainable state shared by all sessions (weights, optimizer, updates()) plus the
+  // caller's `extra` bytes, written to `path` atomically; sessions are not saved (a client
+  // opens a new one and resends its bit map). The default: UNIMPLEMENTED.
+  virtual absl::Status SaveCheckpoint(const std::string& path, const std::string& extra) const {
+    (void)path, (void)extra;
+    return absl::UnimplementedError("this server part cannot save checkpoints");
+  }
+  // Restores what SaveCheckpoint wrote and returns its `extra` in *extra. NOT_FOUND when the
+  // file is missing; FAILED_PRECONDITION for a checkpoint of another kind or run config (the
+  // message names the key), with nothing changed.
+  virtual absl::Status LoadCheckpoint(const std::string& path, std::string* extra) {
+    (void)path, (void)extra;
+    return absl::UnimplementedError("this server part cannot load checkpoints");
+  }
 };
 
 }  // namespace splitq::trainer

@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <optional>
 
@@ -24,6 +25,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using namespace internal;  // NOLINT(build/namespaces)
 constexpr int64_t kClientCheckpointVersion = 1;
+constexpr int64_t kServerCheckpointVersion = 1;
 
 std::vector<at::Tensor> ClientParameters(const SplitModel& m) {
   std::vector<at::Tensor> out = m.client->parameters();
@@ -369,7 +371,8 @@ ClientMemory ClientPart::memory() const {
 struct ServerPart::Impl {
   RunConfig c;
   at::Device device{at::kCPU};
-  SplitModel model;  // server kept; client and head dropped
+  SplitModel model;        // server kept; client and head dropped
+  size_t first_block = 0;  // the index of the server's first block in the whole model
   std::unique_ptr<torch::optim::AdamW> opt;
   std::vector<int64_t> sample_shape;  // one example's boundary activation
   int64_t max_batch = 0;
@@ -449,6 +452,7 @@ absl::StatusOr<std::unique_ptr<ServerPart>> ServerPart::Create(const RunConfig& 
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("server part: ", e.what_without_backtrace()));
   }
+  impl->first_block = m.client->children().size();
   m.client = torch::nn::Sequential();  // the clients'
   m.head = torch::nn::Sequential();
   impl->max_batch = max_batch > 0
@@ -536,6 +540,56 @@ absl::StatusOr<EvalPiece> ServerPart::Evaluate(uint64_t session, const UpFrame& 
 }
 
 int64_t ServerPart::updates() const { return impl_->updates; }
+
+absl::Status ServerPart::SaveCheckpoint(const std::string& path, const std::string& extra) const {
+  const Impl& s = *impl_;
+  torch::serialize::OutputArchive archive;
+  try {
+    WriteHeader(archive, "server_version", kServerCheckpointVersion, s.c,
+                CheckpointCounters{s.updates}, {});
+    const auto blocks = s.model.server->children();
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      torch::serialize::OutputArchive block;
+      blocks[i]->save(block);
+      archive.write(absl::StrCat("block.", s.first_block + i), block);
+    }
+    torch::serialize::OutputArchive opt;
+    s.opt->save(opt);
+    archive.write("server_opt", opt);
+    at::Tensor bytes = at::empty({static_cast<int64_t>(extra.size())}, at::kByte);
+    if (!extra.empty()) std::memcpy(bytes.data_ptr(), extra.data(), extra.size());
+    archive.write("server_extra", bytes);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat(path, ": cannot write the checkpoint: ", e.what_without_backtrace()));
+  }
+  return SaveArchive(archive, path);
+}
+
+absl::Status ServerPart::LoadCheckpoint(const std::string& path, std::string* extra) {
+  Impl& s = *impl_;
+  torch::serialize::InputArchive archive;
+  SPLITQ_RETURN_IF_ERROR(OpenArchive(path, s.device, &archive));
+  try {
+    CheckpointCounters n;
+    std::vector<double> driver;
+    SPLITQ_RETURN_IF_ERROR(ReadHeader(archive, path, "server_version", kServerCheckpointVersion,
+                                      "splitq worker", s.c, &n, &driver));
+    SPLITQ_RETURN_IF_ERROR(LoadBlocks(archive, path, s.model.server->children(), s.first_block));
+    torch::serialize::InputArchive opt;
+    archive.read("server_opt", opt);
+    s.opt->load(opt);
+    at::Tensor bytes;
+    archive.read("server_extra", bytes);
+    bytes = bytes.to(at::kCPU).contiguous();
+    extra->assign(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
+    s.updates = n.step;
+  } catch (const c10::Error& e) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(path, ": cannot restore the checkpoint: ", e.what_without_backtrace()));
+  }
+  return absl::OkStatus();
+}
 size_t ServerPart::sessions() const { return impl_->sessions.size(); }
 std::string ServerPart::device() const { return impl_->device.is_cuda() ? "cuda" : "cpu"; }
 

@@ -98,6 +98,12 @@ class ServerPart : public ServerHandler {
   absl::StatusOr<DownFrame> Train(uint64_t session, const UpFrame& up, bool update) override;
   absl::StatusOr<EvalPiece> Evaluate(uint64_t session, const UpFrame& up) override;
   int64_t updates() const override;
+  // The server's blocks (under their indices in the whole model, as in a `splitq train`
+  // checkpoint), its optimizer and updates(); "server_version" 1. Loading checks the shape and
+  // state fields of the run config first (a mismatch changes nothing); an error after that
+  // (a damaged file) may leave the part half loaded, so the caller must not serve with it.
+  absl::Status SaveCheckpoint(const std::string& path, const std::string& extra) const override;
+  absl::Status LoadCheckpoint(const std::string& path, std::string* extra) override;
 
   size_t sessions() const;
   std::string device() const;

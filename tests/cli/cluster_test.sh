@@ -21,6 +21,10 @@
 #                the worker registers again
 #   partition    a silent partition (the proxy to the worker stops forwarding): keepalive finds
 #                it, the client reconnects after it heals, every step is applied once
+#   worker-restart  the only worker killed with SIGKILL and started again on its --out: it
+#                resumes from its checkpoint (worker.pt), the client reconnects to it and
+#                finishes, and the server updates add up: those saved, plus those after the
+#                restart, plus the steps the log names as lost since the checkpoint = 200.
 #   refusals     a client with another config (digest) and a client without a token are refused
 #                with a clear message; the worker keeps serving.
 set -euo pipefail
@@ -78,14 +82,20 @@ start_cluster() {
   coord=$(address_in "$dir/coordinator.log")
   worker_pids=()
   for w in $(seq 0 $((${1:-1} - 1))); do
-    "$SPLITQ" worker --config "$config" ${DEVICE:+--set device=$DEVICE} \
-      --coordinator "$coord" --listen 127.0.0.1:0 \
-      --name "worker$w" "${sec[@]}" --tokens "$dir/tokens/tokens" \
-      --token "$dir/tokens/worker$w.token" >"$dir/worker$w.log" 2>&1 &
-    pids+=($!)
-    worker_pids+=($!)
-    wait_for "$dir/worker$w.log" "registered with the coordinator"
+    start_worker "$w" "$dir/worker$w.log"
   done
+}
+# start_worker W LOG: worker W of the cluster (its pid appended to worker_pids), with
+# ${worker_extra[@]} as further arguments; returns once it is registered.
+worker_extra=()
+start_worker() {
+  "$SPLITQ" worker --config "$config" ${DEVICE:+--set device=$DEVICE} \
+    --coordinator "$coord" --listen 127.0.0.1:0 \
+    --name "worker$1" "${sec[@]}" --tokens "$dir/tokens/tokens" \
+    --token "$dir/tokens/worker$1.token" "${worker_extra[@]}" >"$2" 2>&1 &
+  pids+=($!)
+  worker_pids+=($!)
+  wait_for "$2" "registered with the coordinator" 600
 }
 stop_cluster() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
@@ -246,6 +256,42 @@ partition)
   stop_worker_expecting_200_updates "$worker"
   echo "partition: ok (found by keepalive after $found_s s;" \
     "$(sed -n 's/.*stopped: //p' "$dir/worker0.log"))"
+  ;;
+worker-restart)
+  worker_extra=(--out "$dir/w0" --checkpoint-every 20)
+  start_long_run 1
+  kill -9 "${worker_pids[0]}"
+  wait "${worker_pids[0]}" 2>/dev/null || true
+  ls "$dir/w0/worker.pt" >/dev/null || fail "no worker checkpoint"
+  start_worker 0 "$dir/worker0b.log"
+  grep -q "resumed from .*worker.pt: [0-9]* server updates, progress of 1 clients" \
+    "$dir/worker0b.log" || fail "the worker did not resume"
+  saved=$(sed -n 's/.*worker.pt: \([0-9]*\) server updates.*/\1/p' "$dir/worker0b.log")
+  ((saved >= 20)) || fail "resumed at $saved server updates"
+  wait "$cpid" || fail "the client did not survive its worker's restart"
+  grep -q '"steps": 200,' "$dir/run/summary.json" || fail "the run did not finish"
+  # Steps the checkpoint missed: "its steps A..B were lost" (none if it was saved in between).
+  lost=$(sed -n 's/.*its steps \([0-9]*\)\.\.\([0-9]*\) were lost.*/\1 \2/p' "$dir/worker0b.log" |
+    awk '{ n += $2 - $1 + 1 } END { print n + 0 }')
+  kill -TERM "${worker_pids[1]}"
+  wait "${worker_pids[1]}" || true
+  after=$(sed -n 's/.*stopped: [0-9]* steps served, \([0-9]*\) server updates.*/\1/p' \
+    "$dir/worker0b.log")
+  ((after + lost == 200)) || fail "server updates: $after at the end ($saved resumed) + $lost lost != 200"
+  grep -q "saved .*worker.pt at $after server updates" "$dir/worker0b.log" ||
+    fail "no final checkpoint"
+  # A worker with another config refuses the checkpoint, names the key, and leaves it intact.
+  sum=$(md5sum <"$dir/w0/worker.pt")
+  sed 's/target: 6}/target: 8}/; s/mode: amaq/mode: uniform/' "$config" >"$dir/other.yaml"
+  code=0
+  "$SPLITQ" worker --config "$dir/other.yaml" --coordinator "$coord" --listen 127.0.0.1:0 \
+    --name worker0 "${sec[@]}" --tokens "$dir/tokens/tokens" \
+    --token "$dir/tokens/worker0.token" --out "$dir/w0" >"$dir/other.log" 2>&1 || code=$?
+  ((code == 2)) || fail "another config's worker exited with $code"
+  grep -q "quant.activations.mode" "$dir/other.log" || fail "$(cat "$dir/other.log")"
+  [[ $(md5sum <"$dir/w0/worker.pt") == "$sum" ]] || fail "the checkpoint was changed"
+  echo "worker-restart: ok (resumed at $saved server updates; $lost steps lost since the" \
+    "checkpoint; $after at the end)"
   ;;
 refusals)
   start_cluster 1

@@ -10,6 +10,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <filesystem>
+#include <memory>
 
 #include "trainer/datasets.h"
 #include "trainer/split_internal.h"
@@ -176,25 +177,44 @@ TEST_F(SplitParts, BadInputGetsACodeAndTheServerKeepsServing) {
   EXPECT_TRUE((*client)->Backward(*down).ok());
 }
 
+// A client part and a server part of kAmaq, three steps into training through one link.
+struct ThreeSteps {
+  RunConfig c = ConfigFrom(kAmaq);
+  std::unique_ptr<ClientPart> client;
+  std::unique_ptr<ServerPart> server;
+  std::unique_ptr<LocalServerLink> link;
+  std::unique_ptr<ClientRunner> runner;
+
+  ThreeSteps() {
+    auto cp = ClientPart::Create(c, "", false);
+    auto sp = ServerPart::Create(c, "");
+    EXPECT_TRUE(cp.ok() && sp.ok());
+    if (!cp.ok() || !sp.ok()) return;
+    client = std::move(*cp);
+    server = std::move(*sp);
+    link = std::make_unique<LocalServerLink>(*server);
+    runner = std::make_unique<ClientRunner>(*client, *link);
+    for (int i = 0; i < 3; ++i) EXPECT_TRUE(runner->Step().ok());
+  }
+  static std::string TempPath(const char* name) {
+    return (std::filesystem::temp_directory_path() / name).string();
+  }
+};
+
 TEST_F(SplitParts, ClientCheckpointRoundTrips) {
-  const RunConfig c = ConfigFrom(kAmaq);
-  auto client = ClientPart::Create(c, "", false);
-  auto server = ServerPart::Create(c, "");
-  ASSERT_TRUE(client.ok() && server.ok());
-  LocalServerLink link(**server);
-  ClientRunner runner(**client, link);
-  for (int i = 0; i < 3; ++i) ASSERT_TRUE(runner.Step().ok());
-  const std::string path =
-      (std::filesystem::temp_directory_path() / "splitq_client_part.pt").string();
-  ASSERT_TRUE(runner.SaveCheckpoint(path, {1.5}).ok());
+  ThreeSteps t;
+  ASSERT_NE(t.runner, nullptr);
+  const RunConfig& c = t.c;
+  const std::string path = ThreeSteps::TempPath("splitq_client_part.pt");
+  ASSERT_TRUE(t.runner->SaveCheckpoint(path, {1.5}).ok());
   auto again = ClientPart::Create(c, "", true);
   ASSERT_TRUE(again.ok());
   std::vector<double> driver;
   ASSERT_TRUE((*again)->LoadCheckpoint(path, &driver).ok());
   EXPECT_EQ((*again)->step(), 3);
   EXPECT_EQ(driver, std::vector<double>{1.5});
-  EXPECT_EQ((*again)->wire().bytes_up, runner.wire().bytes_up);
-  auto a = (*client)->Forward();
+  EXPECT_EQ((*again)->wire().bytes_up, t.runner->wire().bytes_up);
+  auto a = t.client->Forward();
   auto b = (*again)->Forward();
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_EQ(a->labels, b->labels);
@@ -203,6 +223,50 @@ TEST_F(SplitParts, ClientCheckpointRoundTrips) {
   ASSERT_TRUE(trainer.ok());
   ASSERT_TRUE((*trainer)->SaveCheckpoint(path).ok());
   EXPECT_EQ((*again)->LoadCheckpoint(path, nullptr).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(SplitParts, ServerCheckpointRoundTrips) {
+  ThreeSteps t;
+  ASSERT_NE(t.runner, nullptr);
+  const RunConfig& c = t.c;
+  ClientPart* client = t.client.get();
+  ServerPart* server = t.server.get();
+  const std::string path = ThreeSteps::TempPath("splitq_server_part.pt");
+  ASSERT_TRUE(server->SaveCheckpoint(path, "alice 3\n").ok());
+  auto again = ServerPart::Create(c, "");
+  ASSERT_TRUE(again.ok());
+  std::string extra;
+  ASSERT_TRUE((*again)->LoadCheckpoint(path, &extra).ok());
+  EXPECT_EQ(extra, "alice 3\n");
+  EXPECT_EQ((*again)->updates(), 3);
+  // Two more steps on both: the same losses and gradients, bit for bit (the weights and the
+  // optimizer's moments came back). Fresh sessions: the frames carry their bit map.
+  const uint64_t a = server->OpenSession(), b = (*again)->OpenSession();
+  client->NewSession();
+  for (int i = 0; i < 2; ++i) {
+    auto up = client->Forward();
+    ASSERT_TRUE(up.ok());
+    auto da = server->Train(a, *up, true);
+    auto db = (*again)->Train(b, *up, true);
+    ASSERT_TRUE(da.ok() && db.ok());
+    EXPECT_EQ(da->loss, db->loss) << "step " << up->step;
+    EXPECT_EQ(da->frame, db->frame) << "step " << up->step;
+    ASSERT_TRUE(client->Backward(*da).ok());
+  }
+  // Not a server checkpoint, a missing file, another model: refused, by name.
+  const std::string client_path = ThreeSteps::TempPath("splitq_client_part2.pt");
+  ASSERT_TRUE(t.runner->SaveCheckpoint(client_path, {}).ok());
+  EXPECT_EQ((*again)->LoadCheckpoint(client_path, &extra).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*again)->LoadCheckpoint(path + ".missing", &extra).code(),
+            absl::StatusCode::kNotFound);
+  RunConfig other = c;
+  other.activations.mode = WireMode::kUniform;
+  auto third = ServerPart::Create(other, "");
+  ASSERT_TRUE(third.ok());
+  const absl::Status mismatch = (*third)->LoadCheckpoint(path, &extra);
+  EXPECT_EQ(mismatch.code(), absl::StatusCode::kFailedPrecondition) << mismatch;
+  EXPECT_NE(mismatch.message().find("quant.activations.mode"), std::string::npos) << mismatch;
 }
 
 TEST(SplitPartsMicroBatches, RecomputingInSlicesGivesTheSameCurve) {

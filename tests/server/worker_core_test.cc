@@ -1,0 +1,160 @@
+// server/worker_core.h driven directly with a fake server part: worker checkpoints keep, per
+// client, the first step not yet applied, so after a restart a replay is still applied once and
+// the steps the checkpoint missed are reported; a damaged progress list and a load after serving
+// has begun are refused.
+#include "server/worker_core.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "server/coordinator_core.h"  // kProtocolVersion
+
+namespace splitq::server {
+namespace {
+
+// Answers every step; remembers which steps it applied. Its "checkpoint" is a map in memory
+// keyed by path: the updates and the caller's extra bytes.
+class FakeServer : public trainer::ServerHandler {
+ public:
+  struct Saved {
+    int64_t updates = 0;
+    std::string extra;
+  };
+  explicit FakeServer(std::map<std::string, Saved>* disk) : disk_(disk) {}
+
+  uint64_t OpenSession() override { return next_++; }
+  void CloseSession(uint64_t) override {}
+  absl::StatusOr<trainer::DownFrame> Train(uint64_t, const trainer::UpFrame& up,
+                                           bool update) override {
+    if (update) {
+      ++updates_;
+      applied.push_back(up.step);
+    }
+    trainer::DownFrame down;
+    down.step = up.step;
+    down.frame = "g";
+    return down;
+  }
+  absl::StatusOr<trainer::EvalPiece> Evaluate(uint64_t, const trainer::UpFrame&) override {
+    return trainer::EvalPiece{};
+  }
+  int64_t updates() const override { return updates_; }
+  absl::Status SaveCheckpoint(const std::string& path, const std::string& extra) const override {
+    (*disk_)[path] = Saved{updates_, extra};
+    return absl::OkStatus();
+  }
+  absl::Status LoadCheckpoint(const std::string& path, std::string* extra) override {
+    auto it = disk_->find(path);
+    if (it == disk_->end()) return absl::NotFoundError(path);
+    updates_ = it->second.updates;
+    *extra = it->second.extra;
+    return absl::OkStatus();
+  }
+
+  std::vector<int64_t> applied;
+
+ private:
+  std::map<std::string, Saved>* disk_;
+  uint64_t next_ = 1;
+  int64_t updates_ = 0;
+};
+
+Hello HelloFrom(const std::string& id, uint64_t resume_step) {
+  Hello h;
+  h.protocol_version = kProtocolVersion;
+  h.client_id = id;
+  h.resume_step = resume_step;
+  return h;
+}
+
+// Sends steps [from, to) of `session` through the core.
+void RunSteps(WorkerCore& core, uint64_t session, uint64_t from, uint64_t to) {
+  const std::string frame = "frame";
+  for (uint64_t step = from; step < to; ++step) {
+    ASSERT_TRUE(core.AddLabels(session, step, {1}, {}).ok());
+    auto done = core.AddChunk(session, Chunk{step, 0, 1, frame.size(), frame});
+    ASSERT_TRUE(done.ok()) << done.status();
+    ASSERT_TRUE(*done);
+    auto down = core.RunStep(session);
+    ASSERT_TRUE(down.ok()) << down.status();
+  }
+}
+
+TEST(WorkerCoreCheckpoint, ProgressSurvivesARestart) {
+  std::map<std::string, FakeServer::Saved> disk;
+  FakeServer before_server(&disk);
+  WorkerCore before(before_server);
+  auto alice = before.Open(HelloFrom("alice", 0), "");
+  auto bob = before.Open(HelloFrom("bob", 0), "");
+  ASSERT_TRUE(alice.ok() && bob.ok());
+  EXPECT_EQ(alice->next_applied, -1);  // not known yet
+  RunSteps(before, alice->session_id, 0, 5);
+  RunSteps(before, bob->session_id, 0, 2);
+  auto saved = before.SaveCheckpoint("w.pt");
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  EXPECT_EQ(*saved, 7);
+  RunSteps(before, alice->session_id, 5, 8);  // applied, then lost with the worker
+
+  FakeServer after_server(&disk);
+  WorkerCore after(after_server);
+  auto clients = after.LoadCheckpoint("w.pt");
+  ASSERT_TRUE(clients.ok()) << clients.status();
+  EXPECT_EQ(*clients, 2u);
+  EXPECT_EQ(after.stats().updates, 7);
+  // Alice restarts from her checkpoint at step 3: steps 3 and 4 are replays, 5 on are applied.
+  auto again = after.Open(HelloFrom("alice", 3), "");
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->next_applied, 5);
+  RunSteps(after, again->session_id, 3, 7);
+  EXPECT_EQ(after_server.applied, (std::vector<int64_t>{5, 6}));
+  // Bob kept running while the worker was down: it comes back at step 4, and the worker knows
+  // it had applied his steps before 2 only (2 and 3 were lost).
+  auto bob_again = after.Open(HelloFrom("bob", 4), "");
+  ASSERT_TRUE(bob_again.ok());
+  EXPECT_EQ(bob_again->next_applied, 2);
+  // Carol is new here.
+  auto carol = after.Open(HelloFrom("carol", 10), "");
+  ASSERT_TRUE(carol.ok());
+  EXPECT_EQ(carol->next_applied, -1);
+}
+
+TEST(WorkerCoreCheckpoint, LoadIsRefusedOnceServingAndForDamagedProgress) {
+  std::map<std::string, FakeServer::Saved> disk;
+  FakeServer server(&disk);
+  WorkerCore core(server);
+  EXPECT_EQ(core.LoadCheckpoint("missing.pt").status().code(), absl::StatusCode::kNotFound);
+  disk["bad.pt"] = FakeServer::Saved{3, "alice 2\nnot a line\n"};
+  auto bad = core.LoadCheckpoint("bad.pt");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(bad.status().message().find("line 2"), std::string::npos) << bad.status();
+  disk["bad.pt"] = FakeServer::Saved{3, "alice x\n"};
+  EXPECT_EQ(core.LoadCheckpoint("bad.pt").status().code(), absl::StatusCode::kFailedPrecondition);
+  disk["good.pt"] = FakeServer::Saved{3, "alice 2\n"};
+  ASSERT_TRUE(core.Open(HelloFrom("alice", 0), "").ok());
+  EXPECT_EQ(core.LoadCheckpoint("good.pt").status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// A handler without checkpoints says so.
+TEST(WorkerCoreCheckpoint, AHandlerWithoutCheckpointsIsUnimplemented) {
+  class Plain : public trainer::ServerHandler {
+   public:
+    uint64_t OpenSession() override { return 1; }
+    void CloseSession(uint64_t) override {}
+    absl::StatusOr<trainer::DownFrame> Train(uint64_t, const trainer::UpFrame&, bool) override {
+      return trainer::DownFrame{};
+    }
+    absl::StatusOr<trainer::EvalPiece> Evaluate(uint64_t, const trainer::UpFrame&) override {
+      return trainer::EvalPiece{};
+    }
+    int64_t updates() const override { return 0; }
+  } plain;
+  WorkerCore core(plain);
+  EXPECT_EQ(core.SaveCheckpoint("x").status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(core.LoadCheckpoint("x").status().code(), absl::StatusCode::kUnimplemented);
+}
+
+}  // namespace
+}  // namespace splitq::server
