@@ -1,11 +1,15 @@
-// `splitq throttle --listen HOST:PORT --to HOST:PORT [--mbit R]`: a TCP proxy that carries each
-// direction at most R Mbit/s (default 100), for measuring training over a slow link where
-// `tc` and network namespaces are not available (scripts/link-bench.sh uses it then).
+// `splitq throttle --listen HOST:PORT --to (HOST:PORT | -) [--mbit R]`: a TCP proxy that carries
+// each direction at most R Mbit/s (default 100), for measuring training over a slow link where `tc`
+// and network namespaces are not available (scripts/link-bench.sh uses it then).
 //
 // Each direction is one pacer shared by every connection, like one link: a chunk of n bytes
 // (at most 64 KiB) leaves when the link has finished sending the bytes before it, and takes
 // n / rate seconds. That is a tbf with a 64 KiB burst and no queue limit. Latency is not added.
 // Prints "throttle listening on HOST:PORT"; stops on SIGINT/SIGTERM.
+//
+// `--to -` reads the target's HOST:PORT as one line from stdin after listening (connections
+// wait in the backlog until then), so both ends can take ports the OS picks: start the
+// throttle, give its port to the server as the port to advertise, then write the server's.
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -20,6 +24,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <iostream>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -106,8 +111,10 @@ struct ThrottleOptions {
 };
 
 int RunThrottle(const ThrottleOptions& opt) {
-  const absl::StatusOr<server::WorkerAddress> from = ParseHostPort(opt.listen);
-  const absl::StatusOr<server::WorkerAddress> to = ParseHostPort(opt.to);
+  const bool to_from_stdin = opt.to == "-";
+  absl::StatusOr<server::WorkerAddress> from = ParseHostPort(opt.listen);
+  absl::StatusOr<server::WorkerAddress> to =
+      to_from_stdin ? server::WorkerAddress{} : ParseHostPort(opt.to);
   for (const auto* a : {&from, &to}) {
     if (!a->ok()) {
       std::fprintf(stderr, "throttle: %s\n", std::string(a->status().message()).c_str());
@@ -138,8 +145,23 @@ int RunThrottle(const ThrottleOptions& opt) {
   socklen_t len = sizeof addr;
   getsockname(server, reinterpret_cast<sockaddr*>(&addr), &len);
   std::printf("throttle listening on %s:%d (%.0f Mbit/s each way to %s)\n", host.c_str(),
-              ntohs(addr.sin_port), opt.mbit, opt.to.c_str());
+              ntohs(addr.sin_port), opt.mbit,
+              to_from_stdin ? "the address on stdin" : opt.to.c_str());
   std::fflush(stdout);
+  std::string target_name = opt.to;
+  if (to_from_stdin) {
+    if (!std::getline(std::cin, target_name)) {
+      std::fprintf(stderr, "throttle: --to -: no HOST:PORT line on stdin\n");
+      return 2;
+    }
+    to = ParseHostPort(target_name);
+    if (!to.ok()) {
+      std::fprintf(stderr, "throttle: --to -: %s\n", std::string(to.status().message()).c_str());
+      return 2;
+    }
+    std::printf("throttle forwarding to %s\n", target_name.c_str());
+    std::fflush(stdout);
+  }
   std::signal(SIGINT, OnStop);
   std::signal(SIGTERM, OnStop);
   // Shared with the connection threads, which may outlive this function at shutdown.
@@ -155,7 +177,7 @@ int RunThrottle(const ThrottleOptions& opt) {
     setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &blocking, sizeof blocking);
     const int target = Connect(*to);
     if (target < 0) {
-      std::fprintf(stderr, "throttle: cannot reach %s\n", opt.to.c_str());
+      std::fprintf(stderr, "throttle: cannot reach %s\n", target_name.c_str());
       close(client);
       continue;
     }
@@ -178,7 +200,9 @@ void RegisterThrottle(CLI::App& app, RunFn* run) {
   CLI::App* cmd = app.add_subcommand(
       "throttle", "A TCP proxy capped at --mbit each way (link benchmarks without tc)");
   cmd->add_option("--listen", opt->listen, "IPv4 HOST:PORT (port 0: pick a free one)");
-  cmd->add_option("--to", opt->to, "HOST:PORT to forward to")->required();
+  cmd->add_option("--to", opt->to,
+                  "HOST:PORT to forward to; '-': read it from stdin after listening")
+      ->required();
   cmd->add_option("--mbit", opt->mbit, "Link rate in Mbit/s, each direction (default 100)");
   cmd->callback([opt, run] { *run = [opt] { return RunThrottle(*opt); }; });
 }

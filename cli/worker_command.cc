@@ -1,6 +1,6 @@
 // `splitq worker --config F --coordinator HOST:PORT --listen HOST:PORT [--name NAME]
 // [--advertise HOST] (--tls-dir DIR [--mtls] | --insecure) [--tokens FILE] [--token FILE]
-// [--out DIR [--checkpoint-every N]]`:
+// [--out DIR [--checkpoint-every N]] [--chunk-kib K]`:
 // the server part of the model behind the Worker service (server/worker_service.h), with the
 // standard health service. It registers with the coordinator (retrying with backoff until
 // --connect-timeout), heartbeats with its steps served, prints its address and a status line
@@ -47,6 +47,7 @@ struct WorkerCommandOptions {
   std::vector<std::string> overrides;
   std::string init, tokens_path, token_path, out_dir;
   int64_t checkpoint_every = -1;  // server updates; -1: the config's checkpoint_every
+  int chunk_kib = 1024;           // gradient frames go down in chunks of this size
   server::TransportSecurity security;
   uint32_t max_clients = 64;
   uint32_t advertise_port = 0;
@@ -117,6 +118,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
     }
   };
   server::WorkerServiceOptions service_options;
+  service_options.reply_chunk_bytes = int64_t{opt.chunk_kib} << 10;
   service_options.log = [name = opt.name](const std::string& line) {
     std::printf("worker %s: %s\n", name.c_str(), line.c_str());
     std::fflush(stdout);
@@ -155,6 +157,9 @@ int RunWorker(const WorkerCommandOptions& opt) {
   std::printf("worker %s listening on %s (%s), server part on %s\n", opt.name.c_str(),
               JoinHostPort(advertised).c_str(), opt.security.insecure ? "plaintext" : "TLS",
               (*part)->device().c_str());
+  if (advertised.port != static_cast<uint32_t>(port)) {  // --advertise-port: a proxy in front
+    std::printf("worker %s bound to %s:%d\n", opt.name.c_str(), listen->host.c_str(), port);
+  }
   std::fflush(stdout);
   std::signal(SIGINT, OnStop);
   std::signal(SIGTERM, OnStop);
@@ -260,6 +265,10 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
   AddSecurityFlags(cmd, &opt->security, /*serving=*/true);
   cmd->add_option("--tokens", opt->tokens_path, "The clients' bearer tokens (`splitq tokens`)");
   cmd->add_option("--token", opt->token_path, "This worker's own token file, for the coordinator");
+  cmd->add_option("--chunk-kib", opt->chunk_kib,
+                  "Send gradient frames in chunks of this many KiB (default 1024; see "
+                  "`splitq client --chunk-kib`)")
+      ->check(CLI::Range(16, 4096));
   cmd->add_option("--max-clients", opt->max_clients, "Clients served at once")
       ->check(CLI::Range(1, 4096));
   cmd->add_option("--connect-timeout", opt->connect_timeout_s,

@@ -11,7 +11,7 @@
 # steps per run (default 20; the first two are warm-up and not counted).
 # Environment: RATE (default 100mbit), BURST (default 64kb), AMAQ_SETS (more --set overrides
 # for the AMAQ runs), MICRO_BATCHES (the client's --micro-batches; default: the config's, which
-# the client applies on a CPU only), LINK=tc|proxy (default: tc when
+# the client applies on a CPU only), CHUNK_KIB (the worker's and client's --chunk-kib), LINK=tc|proxy (default: tc when
 # `ip` and `tc` exist and we are root, else proxy).
 #   tc     coordinator and worker in one network namespace, the client in another, a veth
 #          pair between them with tc tbf on both ends.
@@ -111,25 +111,34 @@ run() {
   wait_for "$dir/coordinator.log" "listening on"
   local coord
   coord=$(sed -n 's/.*listening on \([0-9.]*:[0-9]*\).*/\1/p' "$dir/coordinator.log")
-  local listen=$SRV_IP:0 advertise=()
+  local listen=$SRV_IP:0 advertise=() throttled=0
   if [[ $LINK == proxy && $cap_state == on ]]; then
-    # The worker on a port of our choosing, the throttle in front of it, advertised instead.
-    local wport=$((20000 + RANDOM % 20000))
-    "$SPLITQ" throttle --listen 127.0.0.1:0 --to 127.0.0.1:$wport \
+    # The throttle in front of the worker, advertised instead; it learns the worker's address
+    # (both ports picked by the OS) on its stdin.
+    rm -f "$dir/throttle.to"
+    mkfifo "$dir/throttle.to"
+    "$SPLITQ" throttle --listen 127.0.0.1:0 --to - <"$dir/throttle.to" \
       --mbit "$(awk -v b="$rate_bps" 'BEGIN { print b / 1e6 }')" >"$dir/throttle.log" 2>&1 &
     pids+=($!)
+    exec 3>"$dir/throttle.to"
     wait_for "$dir/throttle.log" "listening on"
-    listen=127.0.0.1:$wport
     advertise=(--advertise-port "$(sed -n 's/.*listening on [0-9.]*:\([0-9]*\).*/\1/p' "$dir/throttle.log")")
+    throttled=1
   fi
   in_srv "$SPLITQ" worker --config "$config" "${sets[@]}" --coordinator "$coord" \
     --listen "$listen" "${advertise[@]}" --insecure --init "$OUT/base/checkpoint.pt" \
-    >"$dir/worker.log" 2>&1 &
+    ${CHUNK_KIB:+--chunk-kib "$CHUNK_KIB"} >"$dir/worker.log" 2>&1 &
   pids+=($!)
   wait_for "$dir/worker.log" "registered with"
+  if ((throttled)); then
+    sed -n 's/.*bound to \([0-9.]*:[0-9]*\).*/\1/p' "$dir/worker.log" | head -n1 >&3
+    exec 3>&-
+    wait_for "$dir/throttle.log" "forwarding to"
+  fi
   in_cli "$SPLITQ" client --config "$config" "${sets[@]}" --coordinator "$coord" \
     --id c0 --insecure --init "$OUT/base/checkpoint.pt" --out "$dir/run" \
-    ${MICRO_BATCHES:+--micro-batches "$MICRO_BATCHES"} >"$dir/client.log" 2>&1
+    ${MICRO_BATCHES:+--micro-batches "$MICRO_BATCHES"} ${CHUNK_KIB:+--chunk-kib "$CHUNK_KIB"} \
+    >"$dir/client.log" 2>&1
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do { wait "$p"; } 2>/dev/null || true; done
   pids=()

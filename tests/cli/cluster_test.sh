@@ -226,19 +226,25 @@ partition)
   # it; after the partition heals the client reconnects, replays, and every step is applied once.
   sed -i 's/^steps: 60/steps: 200/' "$config"
   start_cluster 0
-  wport=$((20000 + RANDOM % 20000))
-  "$SPLITQ" throttle --listen 127.0.0.1:0 --to "127.0.0.1:$wport" --mbit 1000 \
+  # Both ports picked by the OS: the throttle listens first and learns the worker's address on
+  # its stdin once the worker (advertising the throttle's port) listens.
+  mkfifo "$dir/throttle.to"
+  "$SPLITQ" throttle --listen 127.0.0.1:0 --to - --mbit 1000 <"$dir/throttle.to" \
     >"$dir/throttle.log" 2>&1 &
   throttle=$!
   pids+=($throttle)
+  exec 3>"$dir/throttle.to"
   wait_for "$dir/throttle.log" "listening on"
-  "$SPLITQ" worker --config "$config" --coordinator "$coord" --listen "127.0.0.1:$wport" \
+  "$SPLITQ" worker --config "$config" --coordinator "$coord" --listen 127.0.0.1:0 \
     --advertise-port "$(sed -n 's/.*listening on [0-9.]*:\([0-9]*\).*/\1/p' "$dir/throttle.log")" \
     --name worker0 "${sec[@]}" --tokens "$dir/tokens/tokens" \
     --token "$dir/tokens/worker0.token" >"$dir/worker0.log" 2>&1 &
   worker=$!
   pids+=($worker)
   wait_for "$dir/worker0.log" "registered with the coordinator"
+  sed -n 's/.*bound to \([0-9.]*:[0-9]*\).*/\1/p' "$dir/worker0.log" >&3
+  exec 3>&-
+  wait_for "$dir/throttle.log" "forwarding to"
   client_args client0 "$dir/run"
   "$SPLITQ" "${args[@]}" >"$dir/client.log" 2>&1 &
   cpid=$!
