@@ -282,9 +282,14 @@ int RunClient(const ClientCommandOptions& opt) {
         [&counting] {
           return server::Heartbeater::Progress{static_cast<uint64_t>(counting.steps()), 0};
         },
-        [&link]() -> absl::StatusOr<uint64_t> {
+        [&link, &opt]() -> absl::StatusOr<uint64_t> {
           auto id = link.Register();
           if (!id.ok() && link.member_id() != 0) return link.member_id();  // re-registered
+          if (id.ok()) {
+            std::fprintf(stderr,
+                         "client %s registered again with the coordinator (it had lost us)\n",
+                         opt.id.c_str());
+          }
           return id;
         });
     summary = trainer::RunTraining(counting, train_options);
@@ -319,8 +324,9 @@ void RegisterClient(CLI::App& app, RunFn* run) {
   cmd->add_option("--init", opt->init, "Base weights checkpoint (LoRA runs)");
   cmd->add_option("--chunk-kib", opt->chunk_kib,
                   "Send activation frames in chunks of this many KiB (default 1024; 256 moved "
-                  "frames of 1 MiB or more 1.2-1.8x faster on a 16-core host over a fast "
-                  "link, not on 2 cores: docs/benchmarks.md)")
+                  "frames of 1 MiB or more 1.2-1.8x faster in `splitq bench transport` on a "
+                  "16-core host, not on 2 cores, and no end-to-end gain was measured: "
+                  "docs/benchmarks.md)")
       ->check(CLI::Range(16, 4096));
   cmd->add_option("--micro-batches", opt->micro_batches,
                   "Run the client's layers on K slices of the batch, one at a time, and "

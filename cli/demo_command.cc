@@ -7,9 +7,9 @@
 // budget excess is the max).
 //
 // DIR holds: config.yaml, certs/, tokens/, logs/{coordinator,worker}.log, client<i>/ (each
-// client's metrics, validation, checkpoint and summary) and summary.json. Ctrl-C stops the
-// clients with a checkpoint and then the servers; running the demo again on the same DIR
-// resumes the clients.
+// client's metrics, validation, checkpoint and summary), worker0/worker.pt (the server part)
+// and summary.json. Ctrl-C stops the clients with a checkpoint and then the servers (the
+// worker saves its checkpoint); running the demo again on the same DIR resumes them all.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -244,7 +244,8 @@ int RunDemo(const DemoOptions& opt) {
     worker = start_server("worker",
                           {"worker", "--config", config, "--coordinator", *coordinator, "--listen",
                            "127.0.0.1:0", "--name", "worker0", "--tokens", token_file, "--token",
-                           (fs::path(tokens) / "worker0.token").string()});
+                           (fs::path(tokens) / "worker0.token").string(), "--out",
+                           (dir / "worker0").string()});
   }
   if (!worker.ok()) {
     std::fprintf(stderr, "demo: %s\n", worker.status().ToString().c_str());

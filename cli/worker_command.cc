@@ -23,10 +23,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "cli/commands.h"
 #include "cli/net_common.h"
 #include "cli/security_flags.h"
@@ -104,11 +106,16 @@ int RunWorker(const WorkerCommandOptions& opt) {
   const int64_t checkpoint_every =
       opt.checkpoint_every >= 0 ? opt.checkpoint_every : config->checkpoint_every;
   int64_t saved_updates = core.stats().updates;
-  auto save = [&](bool final) {
+  // On failure the next attempt waits another checkpoint_every updates (a full disk must not
+  // stall training with a save every 100 ms); a failed final save makes the exit code 1.
+  auto save = [&](bool final) -> bool {
+    const int64_t before = core.stats().updates;
     auto updates = core.SaveCheckpoint(checkpoint);
     if (!updates.ok()) {
-      std::fprintf(stderr, "worker: checkpoint: %s\n", updates.status().ToString().c_str());
-      return;
+      std::fprintf(stderr, "worker: checkpoint at %lld server updates failed: %s\n",
+                   static_cast<long long>(before), updates.status().ToString().c_str());
+      saved_updates = before;
+      return false;
     }
     saved_updates = *updates;
     if (final) {
@@ -116,6 +123,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
                   checkpoint.c_str(), static_cast<long long>(*updates));
       std::fflush(stdout);
     }
+    return true;
   };
   server::WorkerServiceOptions service_options;
   service_options.reply_chunk_bytes = int64_t{opt.chunk_kib} << 10;
@@ -169,13 +177,22 @@ int RunWorker(const WorkerCommandOptions& opt) {
   if (!channel.ok()) return Fail("--coordinator", channel.status());
   server::CoordinatorClient coordinator(*channel, *own_token);
   server::Registration registration;
+  std::optional<std::chrono::steady_clock::time_point> name_taken_since;
   auto register_once = [&]() -> absl::Status {
     if (g_stop.load()) return absl::CancelledError("stopped");
     auto r = coordinator.Register(server::Role::kWorker, opt.name, advertised, opt.max_clients);
     if (r.status().code() == absl::StatusCode::kAlreadyExists) {
-      // Our previous run (a restart) until the coordinator marks it dead; or another worker
-      // with this name, which the message names and --connect-timeout ends.
-      return absl::UnavailableError(r.status().message());
+      // Our previous run (a restart) until the coordinator marks it dead, which takes its
+      // heartbeat deadline (2 s by default). Still taken after 30 s: another live worker has
+      // the name, and we stop.
+      const auto now = std::chrono::steady_clock::now();
+      if (!name_taken_since) name_taken_since = now;
+      if (now - *name_taken_since > std::chrono::seconds(30)) {
+        return absl::AlreadyExistsError(absl::StrCat(
+            r.status().message(), " (still after 30 s: another live worker has this name)"));
+      }
+      return absl::UnavailableError(
+          absl::StrCat(r.status().message(), " (our previous run, or another worker)"));
     }
     if (!r.ok()) return r.status();
     registration = *r;
@@ -217,7 +234,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
       if (!checkpoint.empty() && checkpoint_every > 0 &&
           core.stats().updates - saved_updates >= checkpoint_every) {
-        save(false);
+        (void)save(false);
       }
       if (std::chrono::steady_clock::now() - last_status > std::chrono::seconds(10)) {
         last_status = std::chrono::steady_clock::now();
@@ -232,12 +249,12 @@ int RunWorker(const WorkerCommandOptions& opt) {
     (void)coordinator.Leave(heartbeat.member_id());
   }
   grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  if (!checkpoint.empty()) save(true);
+  const bool saved = checkpoint.empty() || save(true);
   const server::WorkerStats s = core.stats();
   std::printf("worker %s stopped: %lld steps served, %lld server updates; peak RSS %.0f MiB\n",
               opt.name.c_str(), static_cast<long long>(s.steps_served),
               static_cast<long long>(s.updates), PeakRssMiB());
-  return 0;
+  return saved ? 0 : 1;
 }
 
 }  // namespace

@@ -127,7 +127,7 @@ run() {
   fi
   in_srv "$SPLITQ" worker --config "$config" "${sets[@]}" --coordinator "$coord" \
     --listen "$listen" "${advertise[@]}" --insecure --init "$OUT/base/checkpoint.pt" \
-    ${CHUNK_KIB:+--chunk-kib "$CHUNK_KIB"} >"$dir/worker.log" 2>&1 &
+    ${CHUNK_KIB:+--chunk-kib "$CHUNK_KIB"} >"$dir/worker.log" 2>&1 3>&- &
   pids+=($!)
   wait_for "$dir/worker.log" "registered with"
   if ((throttled)); then

@@ -32,7 +32,7 @@ struct WorkerCore::Session {
 };
 
 WorkerCore::WorkerCore(trainer::ServerHandler& handler, const WorkerOptions& options)
-    : handler_(handler), options_(options) {}
+    : handler_(handler), options_(options), updates_(handler.updates()) {}
 
 WorkerCore::~WorkerCore() {
   std::lock_guard<std::mutex> compute(compute_);
@@ -193,6 +193,7 @@ absl::StatusOr<trainer::DownFrame> WorkerCore::RunStep(uint64_t session) {
   if (!down.ok()) return down.status();
   if (update) next_applied_[client_id] = static_cast<uint64_t>(up.step) + 1;
   ++steps_served_;
+  updates_.store(handler_.updates());
   return down;
 }
 
@@ -253,15 +254,13 @@ absl::StatusOr<size_t> WorkerCore::LoadCheckpoint(const std::string& path) {
   }
   std::lock_guard<std::mutex> lock(mutex_);
   next_applied_ = std::move(next_applied);
+  updates_.store(handler_.updates());
   return next_applied_.size();
 }
 
 WorkerStats WorkerCore::stats() const {
   WorkerStats out;
-  {
-    std::lock_guard<std::mutex> compute(compute_);
-    out.updates = handler_.updates();
-  }
+  out.updates = updates_.load();
   {
     std::lock_guard<std::mutex> lock(mutex_);
     out.sessions = static_cast<uint32_t>(sessions_.size());

@@ -30,11 +30,13 @@
 // oversized chunk, frame or label list, or too many sessions; PERMISSION_DENIED for a hello
 // under another client's token; NOT_FOUND for an unknown session. A session with an error is
 // closed by the service; the others carry on. Every method is safe to call from any thread;
-// Open, RunStep, RunEvaluate, Close and stats wait for the step being computed (the service
-// calls RunStep, RunEvaluate and Close on its compute thread, so gRPC's threads wait only in
-// Open, for at most one step).
+// Open, RunStep, RunEvaluate, Close, SaveCheckpoint and LoadCheckpoint wait for the step being
+// computed (the service calls RunStep, RunEvaluate and Close on its compute thread, so gRPC's
+// threads wait only in Open, for at most one step or one checkpoint save); stats() never
+// waits for it.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -129,6 +131,8 @@ class WorkerCore {
   std::map<std::string, uint64_t> next_applied_;  // client id -> first step not yet applied
   uint64_t next_id_ = 1;
   int64_t steps_served_ = 0;
+  // handler_.updates(), mirrored so that stats() (the heartbeat) never waits for compute_.
+  std::atomic<int64_t> updates_{0};
 };
 
 }  // namespace splitq::server

@@ -144,15 +144,21 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
         session_ = welcome.session_id;
         client_id_ = hello.client_id;
         std::string note;
-        if (welcome.next_applied >= 0 &&
-            static_cast<uint64_t>(welcome.next_applied) > welcome.expected_step) {
-          note = absl::StrCat(" (steps before ", welcome.next_applied,
-                              " are replays: answered, not applied again)");
-        } else if (welcome.next_applied >= 0 &&
-                   static_cast<uint64_t>(welcome.next_applied) < welcome.expected_step) {
-          note = absl::StrCat(" (its steps ", welcome.next_applied, "..", welcome.expected_step - 1,
-                              " were lost with the worker's state: it restarted from an older "
-                              "checkpoint)");
+        const int64_t known = welcome.next_applied;
+        const auto expected = static_cast<int64_t>(welcome.expected_step);
+        if (known > expected && expected == 0) {
+          note = absl::StrCat(
+              "; WARNING: this worker has applied its steps before ", known, ", so steps 0..",
+              known - 1,
+              " are taken as replays and not applied again. A new run under an old client id? "
+              "Give it a new --id, or start the worker without its --out state");
+        } else if (known > expected) {
+          note =
+              absl::StrCat(" (steps before ", known, " are replays: answered, not applied again)");
+        } else if (known >= 0 && known < expected) {
+          note = absl::StrCat(" (its steps ", known, "..", expected - 1,
+                              " were not applied on this worker: it restarted from an older "
+                              "checkpoint, or the client trained elsewhere meanwhile)");
         }
         Log(absl::StrCat("opened at step ", welcome.expected_step, note));
         if constexpr (!kEvaluate) {

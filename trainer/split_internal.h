@@ -238,7 +238,8 @@ absl::Status ReadHeader(torch::serialize::InputArchive& archive, const std::stri
 // Opens `path` onto `device` (NOT_FOUND when missing, FAILED_PRECONDITION when unreadable).
 absl::Status OpenArchive(const std::string& path, const at::Device& device,
                          torch::serialize::InputArchive* archive);
-// Writes through `path`.tmp and a rename, so a crash never leaves half a checkpoint.
+// Writes through `path`.tmp, fsync and a rename (then syncs the folder), so neither a crash nor
+// a power failure leaves half a checkpoint.
 absl::Status SaveArchive(torch::serialize::OutputArchive& archive, const std::string& path);
 
 // Loads blocks "block.<i>" of `archive` into the given blocks (FAILED_PRECONDITION naming a

@@ -18,7 +18,7 @@
 #   worker-kill  the client's worker killed with SIGKILL: the coordinator marks it dead, the
 #                client reconnects with backoff to the second worker and finishes.
 #   coordinator-restart  the coordinator killed mid-run and restarted empty: the run finishes,
-#                the worker registers again
+#                the worker and the client register again
 #   partition    a silent partition (the proxy to the worker stops forwarding): keepalive finds
 #                it, the client reconnects after it heals, every step is applied once
 #   worker-restart  the only worker killed with SIGKILL and started again on its --out: it
@@ -111,10 +111,10 @@ client() {  # client ID OUT: runs it in the foreground
   client_args "$1" "$2"
   "$SPLITQ" "${args[@]}"
 }
-# start_long_run WORKERS: a 200-step run of client0 in the background (pid in $cpid), past
-# step 50 when this returns.
+# start_long_run WORKERS: a 200-step (LONG_STEPS) run of client0 in the background (pid in
+# $cpid), past step 50 when this returns.
 start_long_run() {
-  sed -i 's/^steps: 60/steps: 200/' "$config"
+  sed -i "s/^steps: 60\$/steps: ${LONG_STEPS:-200}/" "$config"
   start_cluster "$1"
   client_args client0 "$dir/run"
   "$SPLITQ" "${args[@]}" >"$dir/client.log" 2>&1 &
@@ -204,7 +204,10 @@ worker-kill)
 coordinator-restart)
   # The coordinator dies mid-run and comes back on its address with no state: the run goes on
   # (clients train against their worker directly), and the worker and the client register
-  # again on their next heartbeat.
+  # again on their next heartbeat. 600 steps, so that the client (which exits at the end) is
+  # still running a few seconds after the restart even on a GPU host.
+  LONG_STEPS=600
+  sed -i 's/^eval_every: 30$/eval_every: 300/' "$config"
   start_long_run 1
   coord_pid=${pids[0]}
   kill -9 "$coord_pid"
@@ -215,9 +218,11 @@ coordinator-restart)
   pids+=($!)
   wait_for "$dir/coordinator2.log" "listening on"
   wait "$cpid" || fail "the client did not survive the coordinator's restart"
-  grep -q '"steps": 200,' "$dir/run/summary.json" || fail "the run did not finish"
+  grep -q '"steps": 600,' "$dir/run/summary.json" || fail "the run did not finish"
   # Its next heartbeat after gRPC has reconnected (reconnect backoff at most 5 s).
   wait_for "$dir/worker0.log" "worker0 registered again with the coordinator" 300
+  grep -q "client client0 registered again with the coordinator" "$dir/client.log" ||
+    fail "the client did not register again"
   echo "coordinator-restart: ok"
   ;;
 partition)
@@ -238,7 +243,7 @@ partition)
   "$SPLITQ" worker --config "$config" --coordinator "$coord" --listen 127.0.0.1:0 \
     --advertise-port "$(sed -n 's/.*listening on [0-9.]*:\([0-9]*\).*/\1/p' "$dir/throttle.log")" \
     --name worker0 "${sec[@]}" --tokens "$dir/tokens/tokens" \
-    --token "$dir/tokens/worker0.token" >"$dir/worker0.log" 2>&1 &
+    --token "$dir/tokens/worker0.token" >"$dir/worker0.log" 2>&1 3>&- &
   worker=$!
   pids+=($worker)
   wait_for "$dir/worker0.log" "registered with the coordinator"
@@ -276,8 +281,8 @@ worker-restart)
   ((saved >= 20)) || fail "resumed at $saved server updates"
   wait "$cpid" || fail "the client did not survive its worker's restart"
   grep -q '"steps": 200,' "$dir/run/summary.json" || fail "the run did not finish"
-  # Steps the checkpoint missed: "its steps A..B were lost" (none if it was saved in between).
-  lost=$(sed -n 's/.*its steps \([0-9]*\)\.\.\([0-9]*\) were lost.*/\1 \2/p' "$dir/worker0b.log" |
+  # Steps the checkpoint missed: "its steps A..B were not applied on this worker".
+  lost=$(sed -n 's/.*its steps \([0-9]*\)\.\.\([0-9]*\) were not applied.*/\1 \2/p' "$dir/worker0b.log" |
     awk '{ n += $2 - $1 + 1 } END { print n + 0 }')
   kill -TERM "${worker_pids[1]}"
   wait "${worker_pids[1]}" || true
