@@ -18,17 +18,23 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <memory>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "cli/commands.h"
 #include "cli/net_common.h"
 #include "cli/security_flags.h"
+#include "kernels/common.h"  // SPLITQ_RETURN_IF_ERROR
 #include "server/coordinator_client.h"
+#include "server/coordinator_core.h"  // IsValidMemberName
+#include "server/files.h"
 #include "server/worker_client.h"
 #include "trainer/config.h"
 #include "trainer/split_parts.h"
@@ -42,6 +48,30 @@ std::atomic<int> g_signal{0};
 void OnInterrupt(int signal) {
   g_signal.store(signal);
   if (g_interrupt.exchange(true)) std::_Exit(128 + signal);
+}
+
+// This run's id, kept in DIR/run_id from its first start on: the same across restarts on
+// DIR (the worker then takes replayed steps as replays), new for a new DIR (the worker then
+// applies every step, even under a client id it knows from an earlier run).
+absl::StatusOr<std::string> RunId(const std::string& dir) {
+  const std::filesystem::path path = std::filesystem::path(dir) / "run_id";
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error) return absl::InternalError(absl::StrCat(dir, ": ", error.message()));
+  if (std::filesystem::exists(path)) {
+    std::ifstream in(path);
+    std::string id;
+    std::getline(in, id);
+    if (!server::IsValidMemberName(id)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(path.string(), " holds '", id, "', not a run id (1..64 of [A-Za-z0-9._-])"));
+    }
+    return id;
+  }
+  std::random_device random;
+  const std::string id = absl::StrFormat("%08x%08x", random(), random());
+  SPLITQ_RETURN_IF_ERROR(server::WriteFileAtomically(path, id + "\n", 0644));
+  return id;
 }
 
 struct ClientCommandOptions {
@@ -235,6 +265,8 @@ int RunClient(const ClientCommandOptions& opt) {
       opt.out_dir.empty() ? (std::filesystem::path("runs") / opt.id).string() : opt.out_dir;
   train_options.resume =
       std::filesystem::exists(std::filesystem::path(train_options.out_dir) / "checkpoint.pt");
+  auto run_id = RunId(train_options.out_dir);
+  if (!run_id.ok()) return Fail(opt.id, "--out", run_id.status());
   auto part = trainer::ClientPart::Create(*config, opt.init, train_options.resume, *shard);
   if (!part.ok()) return Fail(opt.id, "client part", part.status(), 1);
   // The config's slices save host memory, which only a CPU client spends on activations; a
@@ -254,6 +286,7 @@ int RunClient(const ClientCommandOptions& opt) {
   link_options.client_id = opt.id;
   link_options.token = *token;
   link_options.config_digest = *digest;
+  link_options.run_id = *run_id;
   link_options.chunk_bytes = int64_t{opt.chunk_kib} << 10;
   ReconnectingLink link(coordinator, opt, link_options);
   std::signal(SIGINT, OnInterrupt);

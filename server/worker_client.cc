@@ -21,6 +21,7 @@ void FillHello(Request* request, const WorkerLinkOptions& o, int64_t step) {
   hello->set_client_id(o.client_id);
   hello->set_resume_step(static_cast<uint64_t>(step));
   hello->set_config_digest(o.config_digest);
+  hello->set_run_id(o.run_id);
 }
 
 // Writes a step's labels, then its frame in chunks. False when the stream broke.

@@ -30,6 +30,7 @@ struct WorkerLinkOptions {
   std::string client_id;          // as registered with the coordinator
   std::string token;              // bearer token ("" to send none)
   std::string config_digest;      // hex SHA-256 of the run config ("" to skip the check)
+  std::string run_id;             // the client's run (TrainHello.run_id; "" for none)
   int64_t chunk_bytes = 1 << 20;  // frames go up in chunks of this size
   AssemblerLimits limits;         // for the gradient frames coming down
   std::chrono::seconds stream_deadline{24 * 3600};

@@ -11,8 +11,16 @@
 
 namespace splitq::server {
 
+namespace {
+// Two run ids name the same run, or one of them is unknown (an older client or checkpoint).
+bool SameRun(const std::string& a, const std::string& b) {
+  return a.empty() || b.empty() || a == b;
+}
+}  // namespace
+
 struct WorkerCore::Session {
   std::string client_id;
+  std::string run_id;
   bool evaluate = false;
   uint64_t handler_id = 0;
   uint64_t expected_step = 0;
@@ -49,6 +57,10 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
     return absl::InvalidArgumentError(
         absl::StrCat("client id '", hello.client_id, "': 1..64 of [A-Za-z0-9._-]"));
   }
+  if (!hello.run_id.empty() && !IsValidMemberName(hello.run_id)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("run id '", hello.run_id, "': 1..64 of [A-Za-z0-9._-]"));
+  }
   if (!authenticated_id.empty() && authenticated_id != hello.client_id) {
     return absl::PermissionDeniedError(
         absl::StrCat("the token belongs to another client than '", hello.client_id, "'"));
@@ -80,6 +92,7 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
     if (!full) {
       auto session = std::make_unique<Session>(options_.assembler);
       session->client_id = hello.client_id;
+      session->run_id = hello.run_id;
       session->evaluate = hello.evaluate;
       session->handler_id = handler_id;
       session->expected_step = hello.resume_step;
@@ -87,8 +100,12 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
       welcome.expected_step = hello.resume_step;
       if (!hello.evaluate) {
         auto known = next_applied_.find(hello.client_id);
-        if (known != next_applied_.end())
-          welcome.next_applied = static_cast<int64_t>(known->second);
+        if (known != next_applied_.end() && SameRun(known->second.run_id, hello.run_id)) {
+          welcome.next_applied = static_cast<int64_t>(known->second.next);
+        } else if (known != next_applied_.end()) {  // a new run under this client id
+          welcome.new_run = true;
+          known->second = Progress{0, hello.run_id};
+        }
       }
       sessions_[welcome.session_id] = std::move(session);
     }
@@ -158,8 +175,8 @@ absl::StatusOr<bool> WorkerCore::AddChunk(uint64_t session, const Chunk& chunk) 
 }
 
 absl::StatusOr<trainer::UpFrame> WorkerCore::TakeReady(uint64_t session, bool evaluate,
-                                                       uint64_t* handler_id,
-                                                       std::string* client_id) {
+                                                       uint64_t* handler_id, std::string* client_id,
+                                                       std::string* run_id) {
   std::lock_guard<std::mutex> lock(mutex_);
   SPLITQ_ASSIGN_OR_RETURN(Session * s, Find(session));
   if (s->evaluate != evaluate) {
@@ -172,6 +189,7 @@ absl::StatusOr<trainer::UpFrame> WorkerCore::TakeReady(uint64_t session, bool ev
   if (!evaluate) ++s->expected_step;  // validation batches all carry the training step
   *handler_id = s->handler_id;
   *client_id = s->client_id;
+  *run_id = s->run_id;
   return up;
 }
 
@@ -181,17 +199,29 @@ absl::StatusOr<trainer::DownFrame> WorkerCore::RunStep(uint64_t session) {
   // then mutex_, everywhere).
   std::lock_guard<std::mutex> compute(compute_);
   uint64_t handler_id = 0;
-  std::string client_id;
-  SPLITQ_ASSIGN_OR_RETURN(trainer::UpFrame up, TakeReady(session, false, &handler_id, &client_id));
+  std::string client_id, run_id;
+  SPLITQ_ASSIGN_OR_RETURN(trainer::UpFrame up,
+                          TakeReady(session, false, &handler_id, &client_id, &run_id));
   bool update;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    update = static_cast<uint64_t>(up.step) >= next_applied_[client_id];
+    auto known = next_applied_.find(client_id);
+    if (known == next_applied_.end()) {
+      update = true;
+    } else if (!SameRun(known->second.run_id, run_id)) {
+      update = false;  // a session of a run that a newer run of this client id replaced
+    } else {
+      update = static_cast<uint64_t>(up.step) >= known->second.next;
+    }
   }
   absl::StatusOr<trainer::DownFrame> down = handler_.Train(handler_id, up, update);
   std::lock_guard<std::mutex> lock(mutex_);
   if (!down.ok()) return down.status();
-  if (update) next_applied_[client_id] = static_cast<uint64_t>(up.step) + 1;
+  if (update) {
+    Progress& p = next_applied_[client_id];
+    p.next = static_cast<uint64_t>(up.step) + 1;
+    if (!run_id.empty()) p.run_id = run_id;
+  }
   ++steps_served_;
   updates_.store(handler_.updates());
   return down;
@@ -199,9 +229,10 @@ absl::StatusOr<trainer::DownFrame> WorkerCore::RunStep(uint64_t session) {
 
 absl::StatusOr<trainer::EvalPiece> WorkerCore::RunEvaluate(uint64_t session) {
   uint64_t handler_id = 0;
-  std::string client_id;
+  std::string client_id, run_id;
   std::lock_guard<std::mutex> compute(compute_);
-  SPLITQ_ASSIGN_OR_RETURN(trainer::UpFrame up, TakeReady(session, true, &handler_id, &client_id));
+  SPLITQ_ASSIGN_OR_RETURN(trainer::UpFrame up,
+                          TakeReady(session, true, &handler_id, &client_id, &run_id));
   return handler_.Evaluate(handler_id, up);
 }
 
@@ -220,10 +251,12 @@ void WorkerCore::Close(uint64_t session) {
 
 absl::StatusOr<int64_t> WorkerCore::SaveCheckpoint(const std::string& path) {
   std::lock_guard<std::mutex> compute(compute_);
-  std::string progress;  // "client_id next_step\n" per client
+  std::string progress;  // "client_id next_step [run_id]\n" per client
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (const auto& [id, next] : next_applied_) absl::StrAppend(&progress, id, " ", next, "\n");
+    for (const auto& [id, p] : next_applied_) {
+      absl::StrAppend(&progress, id, " ", p.next, p.run_id.empty() ? "" : " ", p.run_id, "\n");
+    }
   }
   SPLITQ_RETURN_IF_ERROR(handler_.SaveCheckpoint(path, progress));
   return handler_.updates();
@@ -239,18 +272,20 @@ absl::StatusOr<size_t> WorkerCore::LoadCheckpoint(const std::string& path) {
   }
   std::string progress;
   SPLITQ_RETURN_IF_ERROR(handler_.LoadCheckpoint(path, &progress));
-  std::map<std::string, uint64_t> next_applied;
+  std::map<std::string, Progress> next_applied;
   int line_number = 0;
   for (absl::string_view line : absl::StrSplit(progress, '\n', absl::SkipEmpty())) {
     ++line_number;
     std::vector<absl::string_view> fields = absl::StrSplit(line, ' ');
     uint64_t next = 0;
-    if (fields.size() != 2 || !IsValidMemberName(std::string(fields[0])) ||
-        !absl::SimpleAtoi(fields[1], &next)) {
+    if (fields.size() < 2 || fields.size() > 3 || !IsValidMemberName(std::string(fields[0])) ||
+        !absl::SimpleAtoi(fields[1], &next) ||
+        (fields.size() == 3 && !IsValidMemberName(std::string(fields[2])))) {
       return absl::FailedPreconditionError(absl::StrCat(
           path, ": the clients' progress is damaged (line ", line_number, ": '", line, "')"));
     }
-    next_applied[std::string(fields[0])] = next;
+    next_applied[std::string(fields[0])] =
+        Progress{next, fields.size() == 3 ? std::string(fields[2]) : std::string()};
   }
   std::lock_guard<std::mutex> lock(mutex_);
   next_applied_ = std::move(next_applied);

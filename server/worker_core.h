@@ -17,8 +17,9 @@
 // part does one client's batch at a time (fine for the small server parts we train; see
 // docs/benchmarks.md for the throughput with 32 clients).
 //
-// Client restarts: the worker remembers, per client id, the next step it has not applied (and
-// keeps that in its checkpoints).
+// Client restarts: the worker remembers, per client id, the next step it has not applied and
+// the run it belongs to (TrainHello.run_id), and keeps both in its checkpoints. A hello with
+// another run id than the one remembered starts afresh: a new run under an old client id.
 // A client that comes back from an older checkpoint (hello.resume_step below that) gets its
 // replayed steps' gradients, but the server's weights are not stepped again for them, so no
 // step is counted twice. A hello from a client id that has a session already replaces it
@@ -66,6 +67,7 @@ struct Hello {
   uint64_t resume_step = 0;  // the first step the session sends
   std::string config_digest;
   bool evaluate = false;  // an Evaluate stream: every frame is a validation batch
+  std::string run_id;     // the client's run ("" : unknown, an older client)
 };
 
 struct Welcome {
@@ -77,6 +79,9 @@ struct Welcome {
   // it: the steps in between were lost with the worker's state (it restarted from an older
   // checkpoint); they are not sent again.
   int64_t next_applied = -1;
+  // The worker knew this client id from another run (another run_id): that run's progress was
+  // dropped, and this run's steps are all applied.
+  bool new_run = false;
 };
 
 struct WorkerStats {
@@ -121,14 +126,18 @@ class WorkerCore {
   struct Session;
   absl::StatusOr<Session*> Find(uint64_t session);
   absl::StatusOr<trainer::UpFrame> TakeReady(uint64_t session, bool evaluate, uint64_t* handler_id,
-                                             std::string* client_id);
+                                             std::string* client_id, std::string* run_id);
 
   trainer::ServerHandler& handler_;
   WorkerOptions options_;
   mutable std::mutex mutex_;    // sessions_, next_applied_, counters
   mutable std::mutex compute_;  // handler_ (one step at a time)
   std::map<uint64_t, std::unique_ptr<Session>> sessions_;
-  std::map<std::string, uint64_t> next_applied_;  // client id -> first step not yet applied
+  struct Progress {
+    uint64_t next = 0;   // the first step not yet applied
+    std::string run_id;  // the run that applied them ("" : unknown)
+  };
+  std::map<std::string, Progress> next_applied_;  // by client id
   uint64_t next_id_ = 1;
   int64_t steps_served_ = 0;
   // handler_.updates(), mirrored so that stats() (the heartbeat) never waits for compute_.

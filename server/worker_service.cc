@@ -139,6 +139,7 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
         hello.client_id = h.client_id();
         hello.resume_step = h.resume_step();
         hello.config_digest = h.config_digest();
+        hello.run_id = h.run_id();
         hello.evaluate = kEvaluate;
         SPLITQ_ASSIGN_OR_RETURN(Welcome welcome, service_.core_.Open(hello, auth_id_));
         session_ = welcome.session_id;
@@ -146,7 +147,10 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
         std::string note;
         const int64_t known = welcome.next_applied;
         const auto expected = static_cast<int64_t>(welcome.expected_step);
-        if (known > expected && expected == 0) {
+        if (welcome.new_run) {
+          note = absl::StrCat(" (a new run, ", hello.run_id,
+                              ", of this client id: the previous run's progress is dropped)");
+        } else if (known > expected && expected == 0 && hello.run_id.empty()) {
           note = absl::StrCat(
               "; WARNING: this worker has applied its steps before ", known, ", so steps 0..",
               known - 1,

@@ -1,7 +1,7 @@
 // server/worker_core.h driven directly with a fake server part: worker checkpoints keep, per
-// client, the first step not yet applied, so after a restart a replay is still applied once and
-// the steps the checkpoint missed are reported; a damaged progress list and a load after serving
-// has begun are refused.
+// client, the first step not yet applied and its run, so after a restart a replay is still
+// applied once and the steps the checkpoint missed are reported; a new run under an old client
+// id is applied in full; a damaged progress list and a load after serving has begun are refused.
 #include "server/worker_core.h"
 
 #include <gtest/gtest.h>
@@ -62,11 +62,12 @@ class FakeServer : public trainer::ServerHandler {
   int64_t updates_ = 0;
 };
 
-Hello HelloFrom(const std::string& id, uint64_t resume_step) {
+Hello HelloFrom(const std::string& id, uint64_t resume_step, const std::string& run = "") {
   Hello h;
   h.protocol_version = kProtocolVersion;
   h.client_id = id;
   h.resume_step = resume_step;
+  h.run_id = run;
   return h;
 }
 
@@ -121,6 +122,41 @@ TEST(WorkerCoreCheckpoint, ProgressSurvivesARestart) {
   EXPECT_EQ(carol->next_applied, -1);
 }
 
+// A new run under a known client id (another run id) starts afresh: all its steps are applied,
+// and the old run's sessions no longer step the server. The run ids survive a checkpoint.
+TEST(WorkerCoreCheckpoint, ANewRunUnderAnOldIdIsAppliedInFull) {
+  std::map<std::string, FakeServer::Saved> disk;
+  FakeServer server(&disk);
+  WorkerCore core(server);
+  auto first = core.Open(HelloFrom("alice", 0, "run1"), "");
+  ASSERT_TRUE(first.ok());
+  RunSteps(core, first->session_id, 0, 4);
+  auto restart = core.Open(HelloFrom("alice", 2, "run1"), "");  // same run: replays
+  ASSERT_TRUE(restart.ok());
+  EXPECT_EQ(restart->next_applied, 4);
+  EXPECT_FALSE(restart->new_run);
+  auto second = core.Open(HelloFrom("alice", 0, "run2"), "");
+  ASSERT_TRUE(second.ok());
+  EXPECT_TRUE(second->new_run);
+  EXPECT_EQ(second->next_applied, -1);
+  RunSteps(core, second->session_id, 0, 3);
+  EXPECT_EQ(server.applied, (std::vector<int64_t>{0, 1, 2, 3, 0, 1, 2}));
+  ASSERT_TRUE(core.SaveCheckpoint("w.pt").ok());
+
+  FakeServer after_server(&disk);
+  WorkerCore after(after_server);
+  ASSERT_TRUE(after.LoadCheckpoint("w.pt").ok());
+  auto back = after.Open(HelloFrom("alice", 1, "run2"), "");
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->next_applied, 3);
+  EXPECT_FALSE(back->new_run);
+  auto old = after.Open(HelloFrom("alice", 4, "run1"), "");
+  ASSERT_TRUE(old.ok());
+  EXPECT_TRUE(old->new_run);
+  EXPECT_EQ(after.Open(HelloFrom("alice", 0, "bad id!"), "").status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(WorkerCoreCheckpoint, LoadIsRefusedOnceServingAndForDamagedProgress) {
   std::map<std::string, FakeServer::Saved> disk;
   FakeServer server(&disk);
@@ -130,8 +166,11 @@ TEST(WorkerCoreCheckpoint, LoadIsRefusedOnceServingAndForDamagedProgress) {
   auto bad = core.LoadCheckpoint("bad.pt");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(bad.status().message().find("line 2"), std::string::npos) << bad.status();
-  disk["bad.pt"] = FakeServer::Saved{3, "alice x\n"};
-  EXPECT_EQ(core.LoadCheckpoint("bad.pt").status().code(), absl::StatusCode::kFailedPrecondition);
+  for (const char* bad : {"alice x\n", "alice 2 run/1\n", "alice 2 run1 extra\n"}) {
+    disk["bad.pt"] = FakeServer::Saved{3, bad};
+    EXPECT_EQ(core.LoadCheckpoint("bad.pt").status().code(), absl::StatusCode::kFailedPrecondition)
+        << bad;
+  }
   disk["good.pt"] = FakeServer::Saved{3, "alice 2\n"};
   ASSERT_TRUE(core.Open(HelloFrom("alice", 0), "").ok());
   EXPECT_EQ(core.LoadCheckpoint("good.pt").status().code(), absl::StatusCode::kFailedPrecondition);
