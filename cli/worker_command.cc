@@ -110,7 +110,10 @@ int RunWorker(const WorkerCommandOptions& opt) {
   // stall training with a save every 100 ms); a failed final save makes the exit code 1.
   auto save = [&](bool final) -> bool {
     const int64_t before = core.stats().updates;
+    const auto start = std::chrono::steady_clock::now();
     auto updates = core.SaveCheckpoint(checkpoint);
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
     if (!updates.ok()) {
       std::fprintf(stderr, "worker: checkpoint at %lld server updates failed: %s\n",
                    static_cast<long long>(before), updates.status().ToString().c_str());
@@ -119,8 +122,11 @@ int RunWorker(const WorkerCommandOptions& opt) {
     }
     saved_updates = *updates;
     if (final) {
-      std::printf("worker %s saved %s at %lld server updates\n", opt.name.c_str(),
-                  checkpoint.c_str(), static_cast<long long>(*updates));
+      std::error_code size_error;
+      const auto bytes = std::filesystem::file_size(checkpoint, size_error);
+      std::printf("worker %s saved %s at %lld server updates (%.1f MiB in %.0f ms)\n",
+                  opt.name.c_str(), checkpoint.c_str(), static_cast<long long>(*updates),
+                  size_error ? 0.0 : static_cast<double>(bytes) / (1 << 20), ms);
       std::fflush(stdout);
     }
     return true;
