@@ -1,7 +1,9 @@
 // `splitq bench transport [--json FILE] [--mib N] [--chunk-kib K] [--streams S] [--sync-server]`:
 // frames over gRPC on loopback against a raw TCP socket moving the same bytes
 // (server/transport_bench.h).
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -37,6 +39,16 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
                 "Serve with gRPC's sync API instead of the callback API the worker uses");
   cmd->callback([opt, run] {
     *run = [opt] {
+      // The file opens before the minutes of measuring, not after.
+      std::ofstream out;
+      if (!opt->json.empty()) {
+        out.open(opt->json);
+        if (!out) {
+          std::fprintf(stderr, "bench transport: cannot write %s: %s\n", opt->json.c_str(),
+                       std::strerror(errno));
+          return 1;
+        }
+      }
       server::TransportOptions options;
       options.mib_per_size = opt->mib;
       options.chunk_bytes = int64_t{opt->chunk_kib} << 10;
@@ -66,10 +78,10 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
       }
       json += "]}\n";
       if (!opt->json.empty()) {
-        std::ofstream out(opt->json);
         out << json;
+        out.close();
         if (!out) {
-          std::fprintf(stderr, "cannot write %s\n", opt->json.c_str());
+          std::fprintf(stderr, "bench transport: cannot write %s\n", opt->json.c_str());
           return 1;
         }
       }

@@ -1,5 +1,5 @@
-// `splitq certs --out DIR [--host NAME ...] [--days N] [--keep]`: a CA plus server and client
-// certificates for the cluster's TLS (server/tls_certs.h).
+// `splitq certs --out DIR [--host NAME ...] [--days N] [--keep | --force]`: a CA plus server and
+// client certificates for the cluster's TLS (server/tls_certs.h).
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -15,7 +15,7 @@ void RegisterCerts(CLI::App& app, RunFn* run) {
   struct Options {
     std::string out;
     server::CertificateOptions certs;
-    bool keep = false;
+    bool keep = false, force = false;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("certs", "Make a CA plus server and client certificates");
@@ -25,11 +25,21 @@ void RegisterCerts(CLI::App& app, RunFn* run) {
   cmd->add_option("--days", opt->certs.days, "Validity in days (1..36500, default 365)");
   cmd->add_flag("--keep", opt->keep,
                 "Do nothing when --out already holds ca.crt (for init containers that rerun)");
+  cmd->add_flag("--force", opt->force,
+                "Replace the CA in --out (every ca.crt copied from it stops working)");
   cmd->callback([opt, run] {
     *run = [opt] {
-      if (opt->keep && std::filesystem::exists(std::filesystem::path(opt->out) / "ca.crt")) {
+      const bool exists = std::filesystem::exists(std::filesystem::path(opt->out) / "ca.crt");
+      if (opt->keep && exists) {
         std::printf("kept the certificates in %s\n", opt->out.c_str());
         return 0;
+      }
+      if (exists && !opt->force) {
+        std::fprintf(stderr,
+                     "certs: %s already holds a CA (ca.crt): --keep to leave it, or --force to "
+                     "replace it (every ca.crt copied from it stops working)\n",
+                     opt->out.c_str());
+        return 2;
       }
       const absl::Status status = server::MakeCertificates(opt->out, opt->certs);
       if (!status.ok()) {

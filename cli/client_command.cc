@@ -94,7 +94,10 @@ class ReconnectingLink : public trainer::ServerLink {
   // (retrying while none is available).
   absl::Status Connect(std::chrono::seconds timeout) {
     return server::RetryWithBackoff([this] { return ConnectOnce(); },
-                                    [](const absl::Status& s) { return server::IsTransient(s); },
+                                    [](const absl::Status& s) {
+                                      // Ctrl-C while connecting stops, not retries.
+                                      return server::IsTransient(s) && !g_interrupt.load();
+                                    },
                                     timeout, Report());
   }
 

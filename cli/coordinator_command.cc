@@ -70,6 +70,8 @@ int RunCoordinator(const CoordinatorOptions& opt) {
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(opt.listen, *credentials, &port);
+  // gRPC sets SO_REUSEPORT by default: a second process could then listen on our port.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {

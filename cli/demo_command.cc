@@ -241,11 +241,11 @@ int RunDemo(const DemoOptions& opt) {
   if (!coordinator.ok()) {
     worker = coordinator.status();
   } else {
-    worker = start_server("worker",
-                          {"worker", "--config", config, "--coordinator", *coordinator, "--listen",
-                           "127.0.0.1:0", "--name", "worker0", "--tokens", token_file, "--token",
-                           (fs::path(tokens) / "worker0.token").string(), "--out",
-                           (dir / "worker0").string()});
+    worker = start_server(
+        "worker",
+        {"worker", "--config", config, "--coordinator", *coordinator, "--listen", "127.0.0.1:0",
+         "--name", "worker0", "--tokens", token_file, "--token",
+         (fs::path(tokens) / "worker0.token").string(), "--out", (dir / "worker0").string()});
   }
   if (!worker.ok()) {
     std::fprintf(stderr, "demo: %s\n", worker.status().ToString().c_str());

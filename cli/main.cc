@@ -74,7 +74,12 @@ int main(int argc, char** argv) {
   splitq::cli::RegisterDemo(app, &run);
 #endif
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version exit 0; every usage error exits 2 (CLI11's own codes vary).
+    return app.exit(e) == 0 ? 0 : 2;
+  }
   if (!run) {
     std::fprintf(stderr, "%s", app.help().c_str());
     return 2;

@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -121,8 +122,8 @@ int RunThrottle(const ThrottleOptions& opt) {
       return 2;
     }
   }
-  if (opt.mbit <= 0) {
-    std::fprintf(stderr, "throttle: --mbit must be > 0\n");
+  if (!std::isfinite(opt.mbit) || opt.mbit < 0.001 || opt.mbit > 1e6) {
+    std::fprintf(stderr, "throttle: --mbit must be a number from 0.001 to 1000000\n");
     return 2;
   }
   const std::string& host = from->host;

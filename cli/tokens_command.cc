@@ -1,5 +1,5 @@
-// `splitq tokens --out DIR [--keep] ID...`: a bearer token per client (server/tokens.h): DIR/tokens
-// for the coordinator and workers, DIR/ID.token for each client, all mode 0600.
+// `splitq tokens --out DIR [--keep | --force] ID...`: a bearer token per client (server/tokens.h):
+// DIR/tokens for the coordinator and workers, DIR/ID.token for each client, all mode 0600.
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -15,7 +15,7 @@ void RegisterTokens(CLI::App& app, RunFn* run) {
   struct Options {
     std::string out;
     std::vector<std::string> ids;
-    bool keep = false;
+    bool keep = false, force = false;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("tokens", "Make a bearer token for each client id");
@@ -23,11 +23,22 @@ void RegisterTokens(CLI::App& app, RunFn* run) {
   cmd->add_option("ids", opt->ids, "Client ids ([A-Za-z0-9._-], 1..64 characters)")->required();
   cmd->add_flag("--keep", opt->keep,
                 "Do nothing when --out already holds a tokens file (for init containers)");
+  cmd->add_flag("--force", opt->force,
+                "Replace the tokens file in --out (ids not named lose their tokens)");
   cmd->callback([opt, run] {
     *run = [opt] {
-      if (opt->keep && std::filesystem::exists(std::filesystem::path(opt->out) / "tokens")) {
+      const bool exists = std::filesystem::exists(std::filesystem::path(opt->out) / "tokens");
+      if (opt->keep && exists) {
         std::printf("kept the tokens in %s\n", opt->out.c_str());
         return 0;
+      }
+      if (exists && !opt->force) {
+        std::fprintf(stderr,
+                     "tokens: %s already holds a tokens file: --keep to leave it, or --force to "
+                     "replace it with tokens for exactly the ids given (the others stop "
+                     "working)\n",
+                     opt->out.c_str());
+        return 2;
       }
       const absl::Status status = server::WriteTokens(opt->out, opt->ids);
       if (!status.ok()) {

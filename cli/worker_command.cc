@@ -7,10 +7,11 @@
 // every 10 s, and stops cleanly on SIGINT/SIGTERM (leaving the coordinator).
 //
 // With --out DIR the worker keeps DIR/worker.pt (the server part's weights and optimizer, and
-// per client the first step it has not applied), replaced atomically every --checkpoint-every
-// server updates (default: the config's checkpoint_every) and when it stops. A worker started
-// on a DIR that holds one resumes from it, so a restarted worker (a crash, a container restart
-// policy) keeps its training; steps applied after the last checkpoint are lost, and the log
+// per client the first step it has not applied), replaced atomically once --checkpoint-every
+// server updates (default: the config's checkpoint_every) have passed since the last save
+// (looked at every 0.1 s, so a fast worker saves a few updates later) and when it stops. A worker
+// started on a DIR that holds one resumes from it, so a restarted worker (a crash, a container
+// restart policy) keeps its training; steps applied after the last checkpoint are lost, and the log
 // names them when their client comes back.
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/server.h>
@@ -33,6 +34,7 @@
 #include "cli/net_common.h"
 #include "cli/security_flags.h"
 #include "server/coordinator_client.h"
+#include "server/files.h"
 #include "server/worker_core.h"
 #include "server/worker_service.h"
 #include "trainer/config.h"
@@ -94,6 +96,13 @@ int RunWorker(const WorkerCommandOptions& opt) {
       return Fail("--out", absl::InternalError(opt.out_dir + ": " + error.message()));
     }
     checkpoint = (std::filesystem::path(opt.out_dir) / "worker.pt").string();
+    if (absl::Status s = server::WriteFileAtomically(
+            std::filesystem::path(opt.out_dir) / ".write-test", "", 0600);
+        !s.ok()) {
+      return Fail("--out", absl::FailedPreconditionError(
+                               absl::StrCat(opt.out_dir, " is not writable: ", s.message())));
+    }
+    std::filesystem::remove(std::filesystem::path(opt.out_dir) / ".write-test", error);
     if (std::filesystem::exists(checkpoint)) {
       auto clients = core.LoadCheckpoint(checkpoint);
       if (!clients.ok()) return Fail("--out", clients.status());
@@ -145,6 +154,8 @@ int RunWorker(const WorkerCommandOptions& opt) {
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(opt.listen, *credentials, &port);
+  // gRPC sets SO_REUSEPORT by default: a second process could then listen on our port.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(&service);
   builder.SetMaxReceiveMessageSize(server::MaxMessageBytes(core_options.assembler));
   // Keepalive: a client that vanished without closing its connection is noticed within ~20 s;
@@ -205,7 +216,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
     return absl::OkStatus();
   };
   const absl::Status registered = server::RetryWithBackoff(
-      register_once, [](const absl::Status& s) { return server::IsTransient(s); },
+      register_once, [](const absl::Status& s) { return server::IsTransient(s) && !g_stop.load(); },
       std::chrono::seconds(opt.connect_timeout_s),
       [&](const absl::Status& s, auto wait) {
         std::fprintf(stderr, "worker: coordinator %s: %s; retrying in %lld ms\n",
@@ -284,7 +295,7 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
   cmd->add_option("--checkpoint-every", opt->checkpoint_every,
                   "Server updates between checkpoints in --out (default: the config's "
                   "checkpoint_every; 0: only when stopping)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
   AddSecurityFlags(cmd, &opt->security, /*serving=*/true);
   cmd->add_option("--tokens", opt->tokens_path, "The clients' bearer tokens (`splitq tokens`)");
   cmd->add_option("--token", opt->token_path, "This worker's own token file, for the coordinator");

@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <set>
 #include <sstream>
 
@@ -395,6 +396,10 @@ absl::Status ApplyOverride(YAML::Node& root, const std::string& assignment) {
 absl::StatusOr<RunConfig> LoadRunConfig(const std::string& path,
                                         const std::vector<std::string>& overrides) {
   YAML::Node root;
+  std::error_code kind_error;
+  if (std::filesystem::is_directory(path, kind_error)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": a folder, not a config file"));
+  }
   try {
     root = YAML::LoadFile(path);
   } catch (const YAML::BadFile&) {

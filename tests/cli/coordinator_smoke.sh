@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The real `splitq coordinator` process on loopback with an OS-picked port, fresh
 # certificates and tokens: `splitq health` gets SERVING over TLS, a plaintext probe fails
-# cleanly, and SIGTERM stops the coordinator with exit code 0.
+# cleanly, a second coordinator on its port fails, `certs` and `tokens` refuse to replace
+# what --out holds (exit 2, naming --force / --keep), an unknown flag exits 2, and SIGTERM stops
+# the coordinator with exit code 0.
 set -euo pipefail
 SPLITQ=${1:?usage: coordinator_smoke.sh SPLITQ_BINARY CONFIG}
 CONFIG=${2:?usage: coordinator_smoke.sh SPLITQ_BINARY CONFIG}
@@ -23,6 +25,26 @@ if "$SPLITQ" health "127.0.0.1:$port" --insecure --timeout-ms 1000 2>/dev/null; 
   echo "a plaintext probe of a TLS coordinator succeeded"
   exit 1
 fi
+# A second coordinator on the same port must not start (gRPC's SO_REUSEPORT is off).
+if "$SPLITQ" coordinator --config "$CONFIG" --listen "127.0.0.1:$port" --tls-dir "$dir" \
+  --tokens "$dir/tokens" >"$dir/second.log" 2>&1; then
+  echo "a second coordinator started on port $port"
+  exit 1
+fi
+grep -q "cannot listen" "$dir/second.log"
+# Certificates and tokens are not replaced by accident; usage errors exit 2.
+code=0
+"$SPLITQ" certs --out "$dir" 2>"$dir/certs.err" || code=$?
+[[ $code == 2 ]] || { echo "certs over a CA exited $code"; exit 1; }
+grep -q -- "--force" "$dir/certs.err"
+code=0
+"$SPLITQ" tokens --out "$dir" bob 2>"$dir/tokens.err" || code=$?
+[[ $code == 2 ]] || { echo "tokens over a tokens file exited $code"; exit 1; }
+grep -q "alice" "$dir/tokens"
+grep -q -- "--keep" "$dir/tokens.err"
+code=0
+"$SPLITQ" coordinator --no-such-flag >/dev/null 2>&1 || code=$?
+[[ $code == 2 ]] || { echo "an unknown flag exited $code"; exit 1; }
 kill -TERM "$pid"
 wait "$pid"
 grep -q "coordinator stopped" "$dir/log"
