@@ -27,7 +27,7 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
       "transport", "Frames over gRPC on loopback against a raw TCP socket, same bytes");
   cmd->add_option("--json", opt->json, "Also write the results as JSON to this file");
   cmd->add_option("--mib", opt->mib, "MiB moved per frame size and round (default 256)")
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(1, 1 << 30));
   cmd->add_option("--chunk-kib", opt->chunk_kib,
                   "FrameChunk size in KiB (default 1024, the client's)")
       ->check(CLI::Range(1, 4096));

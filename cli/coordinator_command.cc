@@ -74,6 +74,9 @@ int RunCoordinator(const CoordinatorOptions& opt) {
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server != nullptr) {  // `splitq health --service splitq.v1.Coordinator` as well
+    server->GetHealthCheckService()->SetServingStatus("splitq.v1.Coordinator", true);
+  }
   if (server == nullptr || port == 0) {
     std::fprintf(stderr, "coordinator: cannot listen on %s\n", opt.listen.c_str());
     return 1;

@@ -21,9 +21,11 @@ void RegisterHealth(CLI::App& app, RunFn* run) {
   CLI::App* cmd = app.add_subcommand("health", "Ask a splitq server for its gRPC health");
   cmd->add_option("target", opt->target, "HOST:PORT")->required();
   AddSecurityFlags(cmd, &opt->security, /*serving=*/false);
-  cmd->add_option("--service", opt->service, "Service name (default: the whole server)");
+  cmd->add_option(
+      "--service", opt->service,
+      "Service name: splitq.v1.Coordinator or splitq.v1.Worker (default: the whole server)");
   cmd->add_option("--timeout-ms", opt->timeout_ms, "Deadline in milliseconds")
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(1, 1 << 30));
   cmd->callback([opt, run] {
     *run = [opt] {
       auto status = server::CheckHealth(opt->target, opt->security, opt->service, opt->timeout_ms);

@@ -166,6 +166,9 @@ int RunWorker(const WorkerCommandOptions& opt) {
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
   std::unique_ptr<grpc::Server> grpc_server = builder.BuildAndStart();
+  if (grpc_server != nullptr) {  // `splitq health --service splitq.v1.Worker` as well
+    grpc_server->GetHealthCheckService()->SetServingStatus("splitq.v1.Worker", true);
+  }
   if (grpc_server == nullptr || port == 0) {
     return Fail("listen", absl::UnavailableError("cannot listen on " + opt.listen), 1);
   }

@@ -70,7 +70,7 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
     return absl::FailedPreconditionError(
         absl::StrCat("the client's run config (digest ", hello.config_digest.substr(0, 12),
                      ") is not the worker's (", options_.config_digest.substr(0, 12),
-                     "): start both with the same --config"));
+                     "): start both with the same --config and --set"));
   }
   uint64_t handler_id;
   {

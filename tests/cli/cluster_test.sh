@@ -306,6 +306,8 @@ worker-restart)
   ;;
 refusals)
   start_cluster 1
+  [[ $("$SPLITQ" health "$(address_in "$dir/worker0.log")" "${sec[@]}" \
+    --service splitq.v1.Worker) == SERVING ]] || fail "the worker's health service"
   other=$dir/other.yaml
   sed 's/steps: 60/steps: 61/' "$config" >"$other"
   if "$SPLITQ" client --config "$other" --coordinator "$coord" --id client0 "${sec[@]}" \

@@ -21,6 +21,7 @@ done
 port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$dir/log")
 [[ -n $port ]] || { echo "no port in: $(cat "$dir/log")"; exit 1; }
 [[ $("$SPLITQ" health "127.0.0.1:$port" --tls-dir "$dir") == SERVING ]]
+[[ $("$SPLITQ" health "127.0.0.1:$port" --tls-dir "$dir" --service splitq.v1.Coordinator) == SERVING ]]
 if "$SPLITQ" health "127.0.0.1:$port" --insecure --timeout-ms 1000 2>/dev/null; then
   echo "a plaintext probe of a TLS coordinator succeeded"
   exit 1
