@@ -371,9 +371,11 @@ void RegisterClient(CLI::App& app, RunFn* run) {
       ->check(CLI::Range(1, 1024));
   AddSecurityFlags(cmd, &opt->security, /*serving=*/false);
   cmd->add_option("--connect-timeout", opt->connect_timeout_s,
-                  "Seconds to keep trying to reach the coordinator and a worker at the start");
+                  "Seconds to keep trying to reach the coordinator and a worker at the start")
+      ->check(CLI::Range(1, 1 << 30));
   cmd->add_option("--reconnect-timeout", opt->reconnect_timeout_s,
-                  "Seconds to keep trying after the worker stream failed");
+                  "Seconds to keep trying after the worker stream failed")
+      ->check(CLI::Range(1, 1 << 30));
   cmd->callback([opt, run] { *run = [opt] { return RunClient(*opt); }; });
 }
 

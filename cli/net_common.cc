@@ -47,7 +47,8 @@ absl::StatusOr<server::WorkerAddress> ParseHostPort(const std::string& text) {
   uint32_t port = 0;
   if (colon == std::string::npos || colon == 0 ||
       !absl::SimpleAtoi(text.substr(colon + 1), &port) || port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("'", text, "': expected HOST:PORT"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", text, "': expected HOST:PORT (PORT 0..65535, 0: the OS picks)"));
   }
   std::string host = text.substr(0, colon);
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {

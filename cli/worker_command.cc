@@ -309,7 +309,8 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
   cmd->add_option("--max-clients", opt->max_clients, "Clients served at once")
       ->check(CLI::Range(1, 4096));
   cmd->add_option("--connect-timeout", opt->connect_timeout_s,
-                  "Seconds to keep trying to reach the coordinator");
+                  "Seconds to keep trying to reach the coordinator")
+      ->check(CLI::Range(1, 1 << 30));
   cmd->callback([opt, run] { *run = [opt] { return RunWorker(*opt); }; });
 }
 
