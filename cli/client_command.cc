@@ -280,6 +280,12 @@ int RunClient(const ClientCommandOptions& opt) {
   } else if ((*part)->device().rfind("cpu", 0) == 0) {
     micro_batches = static_cast<int>(config->client_micro_batches);
   }
+  if (micro_batches > config->batch_size) {  // a slice holds one example at least
+    std::fprintf(stderr, "client %s: %d slices of a batch of %lld: using %lld\n", opt.id.c_str(),
+                 micro_batches, static_cast<long long>(config->batch_size),
+                 static_cast<long long>(config->batch_size));
+    micro_batches = static_cast<int>(config->batch_size);
+  }
   (*part)->set_micro_batches(micro_batches);
 
   auto channel = MakeChannel(opt.coordinator, opt.security);
