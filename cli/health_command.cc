@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cli/commands.h"
+#include "cli/net_common.h"
 #include "cli/security_flags.h"
 #include "server/health.h"
 
@@ -28,6 +29,11 @@ void RegisterHealth(CLI::App& app, RunFn* run) {
       ->check(CLI::Range(1, 1 << 30));
   cmd->callback([opt, run] {
     *run = [opt] {
+      if (auto address = ParseHostPort(opt->target); !address.ok() || address->port == 0) {
+        std::fprintf(stderr, "health: '%s': expected HOST:PORT with a port of 1..65535\n",
+                     opt->target.c_str());
+        return 2;
+      }
       auto status = server::CheckHealth(opt->target, opt->security, opt->service, opt->timeout_ms);
       if (!status.ok()) {
         std::fprintf(stderr, "health %s: %s\n", opt->target.c_str(),

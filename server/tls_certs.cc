@@ -8,6 +8,8 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
+#include <algorithm>
+#include <cctype>
 #include <filesystem>
 #include <memory>
 
@@ -139,6 +141,14 @@ absl::Status MakeCertificates(const std::string& dir, const CertificateOptions& 
   std::vector<std::string> names{"DNS:localhost", "IP:127.0.0.1", "IP:::1"};
   for (const std::string& host : options.hosts) {
     if (host.empty()) return absl::InvalidArgumentError("hosts: an empty host name");
+    const bool plain = std::all_of(host.begin(), host.end(), [](char c) {
+      return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == ':' ||
+             c == '*';
+    });
+    if (!plain || host.size() > 253) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "hosts: '", host, "' is not a DNS name or an IP address ([A-Za-z0-9.-], or IPv6)"));
+    }
     names.push_back(absl::StrCat(IsIpLiteral(host) ? "IP:" : "DNS:", host));
   }
   std::error_code ec;

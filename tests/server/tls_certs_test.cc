@@ -113,9 +113,12 @@ TEST(CertificateOptions, BadOptionsAreRefused) {
   EXPECT_EQ(MakeCertificates("/tmp/splitq_certs_bad", days).code(),
             absl::StatusCode::kInvalidArgument);
   CertificateOptions host;
-  host.hosts = {""};
-  EXPECT_EQ(MakeCertificates("/tmp/splitq_certs_bad", host).code(),
-            absl::StatusCode::kInvalidArgument);
+  for (const char* bad : {"", "bad host/with slash", "a b"}) {
+    host.hosts = {bad};
+    EXPECT_EQ(MakeCertificates("/tmp/splitq_certs_bad", host).code(),
+              absl::StatusCode::kInvalidArgument)
+        << bad;
+  }
 }
 
 }  // namespace
