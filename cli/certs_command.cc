@@ -23,10 +23,12 @@ void RegisterCerts(CLI::App& app, RunFn* run) {
   cmd->add_option("--host", opt->certs.hosts,
                   "Extra DNS name or IP of the servers (localhost, 127.0.0.1, ::1 are always in)");
   cmd->add_option("--days", opt->certs.days, "Validity in days (1..36500, default 365)");
-  cmd->add_flag("--keep", opt->keep,
-                "Do nothing when --out already holds ca.crt (for init containers that rerun)");
+  CLI::Option* keep =
+      cmd->add_flag("--keep", opt->keep,
+                    "Do nothing when --out already holds ca.crt (for init containers that rerun)");
   cmd->add_flag("--force", opt->force,
-                "Replace the CA in --out (every ca.crt copied from it stops working)");
+                "Replace the CA in --out (every ca.crt copied from it stops working)")
+      ->excludes(keep);
   cmd->callback([opt, run] {
     *run = [opt] {
       const bool exists = std::filesystem::exists(std::filesystem::path(opt->out) / "ca.crt");

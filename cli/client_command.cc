@@ -20,7 +20,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
-#include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -28,13 +28,15 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "cli/commands.h"
 #include "cli/net_common.h"
 #include "cli/security_flags.h"
-#include "kernels/common.h"  // SPLITQ_RETURN_IF_ERROR
+#include "kernels/common.h"  // SPLITQ_RETURN_IF_ERROR, SPLITQ_ASSIGN_OR_RETURN
 #include "server/coordinator_client.h"
 #include "server/coordinator_core.h"  // IsValidMemberName
 #include "server/files.h"
+#include "server/tokens.h"
 #include "server/worker_client.h"
 #include "trainer/config.h"
 #include "trainer/split_parts.h"
@@ -60,16 +62,17 @@ absl::StatusOr<std::string> RunId(const std::string& dir) {
   if (error) return absl::InternalError(absl::StrCat(dir, ": ", error.message()));
   if (std::filesystem::exists(path)) {
     std::ifstream in(path);
-    std::string id;
-    std::getline(in, id);
+    std::stringstream text;
+    text << in.rdbuf();
+    const std::string id(absl::StripAsciiWhitespace(text.str()));
     if (!server::IsValidMemberName(id)) {
       return absl::FailedPreconditionError(
           absl::StrCat(path.string(), " holds '", id, "', not a run id (1..64 of [A-Za-z0-9._-])"));
     }
     return id;
   }
-  std::random_device random;
-  const std::string id = absl::StrFormat("%08x%08x", random(), random());
+  SPLITQ_ASSIGN_OR_RETURN(const std::string token, server::MakeToken());  // random hex
+  const std::string id = token.substr(0, 16);
   SPLITQ_RETURN_IF_ERROR(server::WriteFileAtomically(path, id + "\n", 0644));
   return id;
 }
@@ -301,6 +304,7 @@ int RunClient(const ClientCommandOptions& opt) {
   std::signal(SIGINT, OnInterrupt);
   std::signal(SIGTERM, OnInterrupt);
   if (absl::Status s = link.Connect(std::chrono::seconds(opt.connect_timeout_s)); !s.ok()) {
+    if (g_interrupt.load()) return 128 + g_signal.load();  // Ctrl-C while connecting
     return Fail(opt.id, "connect", s, 1);
   }
   std::fprintf(stderr,

@@ -74,13 +74,13 @@ int RunCoordinator(const CoordinatorOptions& opt) {
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server != nullptr) {  // `splitq health --service splitq.v1.Coordinator` as well
-    server->GetHealthCheckService()->SetServingStatus("splitq.v1.Coordinator", true);
-  }
   if (server == nullptr || port == 0) {
     std::fprintf(stderr, "coordinator: cannot listen on %s\n", opt.listen.c_str());
     return 1;
   }
+  // `splitq health --service splitq.v1.Coordinator` as well as the whole server.
+  server->GetHealthCheckService()->SetServingStatus(splitq::v1::Coordinator::service_full_name(),
+                                                    true);
   const std::string host = opt.listen.substr(0, opt.listen.rfind(':'));
   std::printf("coordinator listening on %s:%d (%s)\n", host.c_str(), port,
               opt.security.insecure ? "plaintext" : "TLS");

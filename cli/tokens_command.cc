@@ -21,10 +21,12 @@ void RegisterTokens(CLI::App& app, RunFn* run) {
   CLI::App* cmd = app.add_subcommand("tokens", "Make a bearer token for each client id");
   cmd->add_option("--out", opt->out, "Output folder")->required();
   cmd->add_option("ids", opt->ids, "Client ids ([A-Za-z0-9._-], 1..64 characters)")->required();
-  cmd->add_flag("--keep", opt->keep,
-                "Do nothing when --out already holds a tokens file (for init containers)");
+  CLI::Option* keep =
+      cmd->add_flag("--keep", opt->keep,
+                    "Do nothing when --out already holds a tokens file (for init containers)");
   cmd->add_flag("--force", opt->force,
-                "Replace the tokens file in --out (ids not named lose their tokens)");
+                "Replace the tokens file in --out (ids not named lose their tokens)")
+      ->excludes(keep);
   cmd->callback([opt, run] {
     *run = [opt] {
       const bool exists = std::filesystem::exists(std::filesystem::path(opt->out) / "tokens");

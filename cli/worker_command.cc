@@ -24,7 +24,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
-#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -166,12 +165,12 @@ int RunWorker(const WorkerCommandOptions& opt) {
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
   std::unique_ptr<grpc::Server> grpc_server = builder.BuildAndStart();
-  if (grpc_server != nullptr) {  // `splitq health --service splitq.v1.Worker` as well
-    grpc_server->GetHealthCheckService()->SetServingStatus("splitq.v1.Worker", true);
-  }
   if (grpc_server == nullptr || port == 0) {
     return Fail("listen", absl::UnavailableError("cannot listen on " + opt.listen), 1);
   }
+  // `splitq health --service splitq.v1.Worker` as well as the whole server.
+  grpc_server->GetHealthCheckService()->SetServingStatus(splitq::v1::Worker::service_full_name(),
+                                                         true);
   auto listen = ParseHostPort(opt.listen);
   if (!listen.ok()) return Fail("--listen", listen.status());
   server::WorkerAddress advertised{
@@ -197,22 +196,14 @@ int RunWorker(const WorkerCommandOptions& opt) {
   if (!channel.ok()) return Fail("--coordinator", channel.status());
   server::CoordinatorClient coordinator(*channel, *own_token);
   server::Registration registration;
-  std::optional<std::chrono::steady_clock::time_point> name_taken_since;
   auto register_once = [&]() -> absl::Status {
     if (g_stop.load()) return absl::CancelledError("stopped");
     auto r = coordinator.Register(server::Role::kWorker, opt.name, advertised, opt.max_clients);
     if (r.status().code() == absl::StatusCode::kAlreadyExists) {
-      // Our previous run (a restart) until the coordinator marks it dead, which takes its
-      // heartbeat deadline (2 s by default). Still taken after 30 s: another live worker has
-      // the name, and we stop.
-      const auto now = std::chrono::steady_clock::now();
-      if (!name_taken_since) name_taken_since = now;
-      if (now - *name_taken_since > std::chrono::seconds(30)) {
-        return absl::AlreadyExistsError(absl::StrCat(
-            r.status().message(), " (still after 30 s: another live worker has this name)"));
-      }
-      return absl::UnavailableError(
-          absl::StrCat(r.status().message(), " (our previous run, or another worker)"));
+      // Our previous run (a restart) until the coordinator marks it dead (its heartbeat
+      // deadline), or another live worker with this name, which --connect-timeout ends.
+      return absl::UnavailableError(absl::StrCat(
+          r.status().message(), " (our previous run, or another worker with this name)"));
     }
     if (!r.ok()) return r.status();
     registration = *r;
@@ -228,6 +219,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
       });
   if (!registered.ok()) {
     grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    if (g_stop.load()) return 0;  // SIGINT/SIGTERM while registering: a clean stop
     return Fail("register", registered, 1);
   }
   std::printf("worker %s registered with the coordinator at %s\n", opt.name.c_str(),

@@ -141,11 +141,12 @@ absl::Status MakeCertificates(const std::string& dir, const CertificateOptions& 
   std::vector<std::string> names{"DNS:localhost", "IP:127.0.0.1", "IP:::1"};
   for (const std::string& host : options.hosts) {
     if (host.empty()) return absl::InvalidArgumentError("hosts: an empty host name");
-    const bool plain = std::all_of(host.begin(), host.end(), [](char c) {
-      return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == ':' ||
-             c == '*';
+    // An IP literal, or a DNS name of [A-Za-z0-9.-] with at most a leading "*." wildcard.
+    const std::string name = host.rfind("*.", 0) == 0 ? host.substr(2) : host;
+    const bool dns = !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+      return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-';
     });
-    if (!plain || host.size() > 253) {
+    if ((!IsIpLiteral(host) && !dns) || host.size() > 253) {
       return absl::InvalidArgumentError(absl::StrCat(
           "hosts: '", host, "' is not a DNS name or an IP address ([A-Za-z0-9.-], or IPv6)"));
     }

@@ -217,7 +217,10 @@ absl::StatusOr<trainer::DownFrame> WorkerCore::RunStep(uint64_t session) {
   absl::StatusOr<trainer::DownFrame> down = handler_.Train(handler_id, up, update);
   std::lock_guard<std::mutex> lock(mutex_);
   if (!down.ok()) return down.status();
-  if (update) {
+  // A new run of this client id may have opened meanwhile (Open does not wait for compute_):
+  // then its fresh record stays.
+  auto known = next_applied_.find(client_id);
+  if (update && (known == next_applied_.end() || SameRun(known->second.run_id, run_id))) {
     Progress& p = next_applied_[client_id];
     p.next = static_cast<uint64_t>(up.step) + 1;
     if (!run_id.empty()) p.run_id = run_id;

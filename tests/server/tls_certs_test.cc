@@ -113,7 +113,7 @@ TEST(CertificateOptions, BadOptionsAreRefused) {
   EXPECT_EQ(MakeCertificates("/tmp/splitq_certs_bad", days).code(),
             absl::StatusCode::kInvalidArgument);
   CertificateOptions host;
-  for (const char* bad : {"", "bad host/with slash", "a b"}) {
+  for (const char* bad : {"", "bad host/with slash", "a b", "a:b", "x*.y"}) {
     host.hosts = {bad};
     EXPECT_EQ(MakeCertificates("/tmp/splitq_certs_bad", host).code(),
               absl::StatusCode::kInvalidArgument)
