@@ -596,6 +596,15 @@ absl::Status SaveArchive(torch::serialize::OutputArchive& archive, const std::st
   return absl::OkStatus();
 }
 
+void SaveBlocks(torch::serialize::OutputArchive& archive,
+                const std::vector<std::shared_ptr<torch::nn::Module>>& blocks, size_t first) {
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    torch::serialize::OutputArchive block;
+    blocks[i]->save(block);
+    archive.write(absl::StrCat("block.", first + i), block);
+  }
+}
+
 absl::Status LoadBlocks(torch::serialize::InputArchive& archive, const std::string& path,
                         const std::vector<std::shared_ptr<torch::nn::Module>>& blocks,
                         size_t first) {

@@ -242,6 +242,9 @@ absl::Status OpenArchive(const std::string& path, const at::Device& device,
 // a power failure leaves half a checkpoint.
 absl::Status SaveArchive(torch::serialize::OutputArchive& archive, const std::string& path);
 
+// Writes the given blocks as "block.<first + i>" of `archive` (c10::Error on failure).
+void SaveBlocks(torch::serialize::OutputArchive& archive,
+                const std::vector<std::shared_ptr<torch::nn::Module>>& blocks, size_t first = 0);
 // Loads blocks "block.<i>" of `archive` into the given blocks (FAILED_PRECONDITION naming a
 // missing block or a shape that does not match). `first` is the index of blocks[0] in the
 // whole model.

@@ -290,11 +290,7 @@ absl::Status ClientPart::SaveCheckpoint(const std::string& path,
     WriteHeader(archive, "client_version", kClientCheckpointVersion, s.c,
                 CheckpointCounters{s.step, s.bytes_up, s.bytes_down, s.bytes_fp32}, driver);
     const auto blocks = s.OwnBlocks();
-    for (size_t i = 0; i < blocks.size(); ++i) {
-      torch::serialize::OutputArchive block;
-      blocks[i]->save(block);
-      archive.write(absl::StrCat("block.", s.GlobalIndex(i)), block);
-    }
+    for (size_t i = 0; i < blocks.size(); ++i) SaveBlocks(archive, {blocks[i]}, s.GlobalIndex(i));
     torch::serialize::OutputArchive boundary, opt;
     s.sender->amaq()->save(boundary);
     archive.write("boundary.0", boundary);
@@ -547,12 +543,7 @@ absl::Status ServerPart::SaveCheckpoint(const std::string& path, const std::stri
   try {
     WriteHeader(archive, "server_version", kServerCheckpointVersion, s.c,
                 CheckpointCounters{s.updates}, {});
-    const auto blocks = s.model.server->children();
-    for (size_t i = 0; i < blocks.size(); ++i) {
-      torch::serialize::OutputArchive block;
-      blocks[i]->save(block);
-      archive.write(absl::StrCat("block.", s.first_block + i), block);
-    }
+    SaveBlocks(archive, s.model.server->children(), s.first_block);
     torch::serialize::OutputArchive opt;
     s.opt->save(opt);
     archive.write("server_opt", opt);

@@ -270,12 +270,7 @@ absl::Status SplitTrainer::SaveCheckpoint(const std::string& path,
   try {
     WriteHeader(archive, "version", kCheckpointVersion, s.c,
                 CheckpointCounters{s.step, s.bytes_up, s.bytes_down, s.bytes_fp32}, driver_state);
-    const auto blocks = Blocks(s.model);
-    for (size_t i = 0; i < blocks.size(); ++i) {
-      torch::serialize::OutputArchive block;
-      blocks[i]->save(block);
-      archive.write(absl::StrCat("block.", i), block);
-    }
+    SaveBlocks(archive, Blocks(s.model));
     for (size_t b = 0; b < s.boundaries.size(); ++b) {
       torch::serialize::OutputArchive boundary;
       s.boundaries[b]->sender().amaq()->save(boundary);
