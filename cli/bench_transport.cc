@@ -1,4 +1,5 @@
-// `splitq bench transport [--json FILE] [--mib N] [--chunk-kib K] [--streams S] [--sync-server]`:
+// `splitq bench transport [--json FILE] [--mib N] [--chunk-kib K] [--streams S] [--protobuf]
+// [--sync-server]`:
 // frames over gRPC on loopback against a raw TCP socket moving the same bytes
 // (server/transport_bench.h).
 #include <cerrno>
@@ -21,6 +22,7 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
     int chunk_kib = 1024;
     int streams = 1;
     bool sync_server = false;
+    bool protobuf = false;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = bench.add_subcommand(
@@ -36,7 +38,11 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
                   "connection each (default 1, what a session does)")
       ->check(CLI::Range(1, 16));
   cmd->add_flag("--sync-server", opt->sync_server,
-                "Serve with gRPC's sync API instead of the callback API the worker uses");
+                "Serve with gRPC's sync API instead of the callback API the worker uses "
+                "(implies --protobuf)");
+  cmd->add_flag("--protobuf", opt->protobuf,
+                "Send and read chunks through protobuf's generated classes (copies the data), "
+                "not without copies as sessions do");
   cmd->callback([opt, run] {
     *run = [opt] {
       // The file opens before the minutes of measuring, not after.
@@ -54,8 +60,12 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
       options.chunk_bytes = int64_t{opt->chunk_kib} << 10;
       options.streams = opt->streams;
       options.callback_server = !opt->sync_server;
-      std::printf("gRPC: %d stream(s), %d KiB chunks, %s server API; TCP: one connection\n",
-                  options.streams, opt->chunk_kib, options.callback_server ? "callback" : "sync");
+      options.protobuf_messages = opt->protobuf || opt->sync_server;
+      const char* messages = options.protobuf_messages ? "protobuf" : "zero-copy";
+      std::printf(
+          "gRPC: %d stream(s), %d KiB chunks, %s messages, %s server API; TCP: one "
+          "connection\n",
+          options.streams, opt->chunk_kib, messages, options.callback_server ? "callback" : "sync");
       auto results = server::RunTransportBench(options);
       if (!results.ok()) {
         std::fprintf(stderr, "bench transport: %s\n", results.status().ToString().c_str());
@@ -63,8 +73,10 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
       }
       std::printf("%-10s %8s %12s %12s %8s\n", "frame", "frames", "gRPC MB/s", "TCP MB/s", "ratio");
       std::string json = absl::StrFormat(
-          "{\"chunk_bytes\": %d, \"streams\": %d, \"server_api\": \"%s\", \"results\": [",
-          options.chunk_bytes, options.streams, options.callback_server ? "callback" : "sync");
+          "{\"chunk_bytes\": %d, \"streams\": %d, \"messages\": \"%s\", \"server_api\": "
+          "\"%s\", \"results\": [",
+          options.chunk_bytes, options.streams, messages,
+          options.callback_server ? "callback" : "sync");
       for (const server::TransportResult& r : *results) {
         const double ratio = r.grpc_mb_s / r.tcp_mb_s;
         std::printf("%-10s %8d %12.0f %12.0f %8.3f\n",

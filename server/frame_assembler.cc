@@ -11,6 +11,13 @@ int MaxMessageBytes(const AssemblerLimits& limits) {
   return static_cast<int>(std::min<int64_t>(limits.max_chunk_bytes + (64 << 10), INT32_MAX));
 }
 
+int64_t Chunk::size() const {
+  if (pieces.empty()) return static_cast<int64_t>(data.size());
+  int64_t n = 0;
+  for (const absl::string_view p : pieces) n += static_cast<int64_t>(p.size());
+  return n;
+}
+
 void FrameAssembler::Reset() {
   buffer_.clear();
   buffer_.shrink_to_fit();
@@ -23,9 +30,10 @@ absl::StatusOr<std::optional<std::string>> FrameAssembler::Add(const Chunk& c,
                                                                uint64_t expected_step) {
   absl::Status error;
   const std::string where = absl::StrCat("chunk ", c.index, "/", c.count, " of step ", c.step);
-  if (static_cast<int64_t>(c.data.size()) > limits_.max_chunk_bytes) {
-    error = absl::ResourceExhaustedError(absl::StrCat(
-        where, ": ", c.data.size(), " bytes, above the chunk limit ", limits_.max_chunk_bytes));
+  const int64_t size = c.size();
+  if (size > limits_.max_chunk_bytes) {
+    error = absl::ResourceExhaustedError(
+        absl::StrCat(where, ": ", size, " bytes, above the chunk limit ", limits_.max_chunk_bytes));
   } else if (c.frame_bytes > static_cast<uint64_t>(limits_.max_frame_bytes)) {
     error = absl::ResourceExhaustedError(absl::StrCat(where, ": a frame of ", c.frame_bytes,
                                                       " bytes, above the frame limit ",
@@ -43,7 +51,7 @@ absl::StatusOr<std::optional<std::string>> FrameAssembler::Add(const Chunk& c,
     error =
         absl::FailedPreconditionError(absl::StrCat(where, ": out of sequence (chunk ", next_index_,
                                                    "/", count_, " of step ", step_, " is due)"));
-  } else if (buffer_.size() + c.data.size() > c.frame_bytes) {
+  } else if (buffer_.size() + static_cast<uint64_t>(size) > c.frame_bytes) {
     error = absl::InvalidArgumentError(
         absl::StrCat(where, ": more bytes than the frame_bytes ", c.frame_bytes, " it declared"));
   }
@@ -57,7 +65,11 @@ absl::StatusOr<std::optional<std::string>> FrameAssembler::Add(const Chunk& c,
     frame_bytes_ = c.frame_bytes;
     buffer_.reserve(static_cast<size_t>(c.frame_bytes));  // bounded by max_frame_bytes above
   }
-  buffer_.append(c.data.data(), c.data.size());
+  if (c.pieces.empty()) {
+    buffer_.append(c.data.data(), c.data.size());
+  } else {
+    for (const absl::string_view p : c.pieces) buffer_.append(p.data(), p.size());
+  }
   ++next_index_;
   if (next_index_ < count_) return std::optional<std::string>();
   if (buffer_.size() != frame_bytes_) {

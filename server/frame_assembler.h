@@ -20,6 +20,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 
 namespace splitq::server {
 
@@ -33,7 +34,12 @@ struct Chunk {
   uint32_t index = 0;
   uint32_t count = 0;
   uint64_t frame_bytes = 0;
-  absl::string_view data;
+  absl::string_view data;  // the chunk's bytes, when they are in one piece
+  // Or, when not empty, the chunk's bytes in order in several pieces (`data` is then ignored):
+  // a chunk received by gRPC lies in the pieces of its HTTP/2 frames (chunk_codec.h).
+  absl::Span<const absl::string_view> pieces;
+
+  int64_t size() const;  // bytes of data
 };
 
 // The gRPC message size both ends of a frame stream must allow: the largest chunk plus

@@ -14,9 +14,11 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "server/chunk_codec.h"
 #include "splitq/v1/worker.grpc.pb.h"
 
 namespace splitq::server {
@@ -49,29 +51,35 @@ class SinkWorker final : public splitq::v1::Worker::Service {
 
 // The same on the callback API, as WorkerService reads: one read outstanding at a time. The
 // client may see an answer (and send the next frame) before OnWriteDone, so a second answer
-// waits for the first write to complete.
-class SinkReactor final : public grpc::ServerBidiReactor<TrainRequest, TrainReply> {
+// waits for the first write to complete. Message = TrainRequest: through the generated classes,
+// the last chunk of a frame answered; Message = ByteBuffer: as WorkerService reads, chunks
+// decoded without copies (chunk_codec.h) and reassembled into the frame.
+template <typename Message, typename Reply>
+class SinkReactor final : public grpc::ServerBidiReactor<Message, Reply> {
  public:
-  SinkReactor() { StartRead(&request_); }
+  SinkReactor() { this->StartRead(&request_); }
   void OnReadDone(bool ok) override {
     if (!ok) {
       std::lock_guard<std::mutex> lock(mutex_);
       read_closed_ = true;
-      if (!writing_) Finish(grpc::Status::OK);
+      if (!writing_) this->Finish(grpc::Status::OK);
       return;
     }
-    if (request_.has_activation()) {
-      const splitq::v1::FrameChunk& chunk = request_.activation();
-      if (chunk.index() + 1 == chunk.count()) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (writing_) {
-          pending_step_ = static_cast<int64_t>(chunk.step());
-        } else {
-          WriteLocked(chunk.step());
-        }
+    absl::StatusOr<std::optional<uint64_t>> done = FrameDone();
+    if (!done.ok()) {
+      this->Finish(
+          grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(done.status().message())));
+      return;
+    }
+    if (*done) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (writing_) {
+        pending_step_ = static_cast<int64_t>(**done);
+      } else {
+        WriteLocked(**done);
       }
     }
-    StartRead(&request_);
+    this->StartRead(&request_);
   }
   void OnWriteDone(bool) override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -80,21 +88,46 @@ class SinkReactor final : public grpc::ServerBidiReactor<TrainRequest, TrainRepl
       WriteLocked(static_cast<uint64_t>(pending_step_));
       pending_step_ = -1;
     } else if (read_closed_) {
-      Finish(grpc::Status::OK);
+      this->Finish(grpc::Status::OK);
     }
   }
   void OnDone() override { delete this; }
 
  private:
-  void WriteLocked(uint64_t step) {
-    writing_ = true;
-    reply_.mutable_result()->set_step(step);
-    StartWrite(&reply_);
+  // The step of the frame request_ completed, if it did.
+  absl::StatusOr<std::optional<uint64_t>> FrameDone() {
+    if constexpr (std::is_same_v<Message, TrainRequest>) {
+      const splitq::v1::FrameChunk& c = request_.activation();
+      if (request_.has_activation() && c.index() + 1 == c.count()) return c.step();
+      return std::nullopt;
+    } else {
+      std::optional<ChunkMessage> m = DecodeChunk(request_);
+      if (!m) return absl::InvalidArgumentError("not a chunk");
+      auto frame = assembler_.Add(m->chunk, m->chunk.index == 0 ? m->chunk.step : step_);
+      if (!frame.ok()) return frame.status();
+      step_ = m->chunk.step;
+      if (*frame) return step_;
+      return std::nullopt;
+    }
   }
 
-  TrainRequest request_;
+  void WriteLocked(uint64_t step) {
+    writing_ = true;
+    TrainReply reply;
+    reply.mutable_result()->set_step(step);
+    if constexpr (std::is_same_v<Reply, grpc::ByteBuffer>) {
+      reply_ = ToByteBuffer(reply);
+    } else {
+      reply_ = reply;
+    }
+    this->StartWrite(&reply_);
+  }
+
+  Message request_;
+  FrameAssembler assembler_;  // ByteBuffer only
+  uint64_t step_ = 0;
   std::mutex mutex_;
-  TrainReply reply_;  // being written while writing_
+  Reply reply_;  // being written while writing_
   bool writing_ = false;
   bool read_closed_ = false;
   int64_t pending_step_ = -1;
@@ -103,7 +136,17 @@ class SinkReactor final : public grpc::ServerBidiReactor<TrainRequest, TrainRepl
 class CallbackSinkWorker final : public splitq::v1::Worker::CallbackService {
  public:
   grpc::ServerBidiReactor<TrainRequest, TrainReply>* Train(grpc::CallbackServerContext*) override {
-    return new SinkReactor();
+    return new SinkReactor<TrainRequest, TrainReply>();
+  }
+};
+
+class RawSinkWorker final
+    : public splitq::v1::Worker::WithRawCallbackMethod_Train<
+          splitq::v1::Worker::WithCallbackMethod_Evaluate<splitq::v1::Worker::Service>> {
+ public:
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Train(
+      grpc::CallbackServerContext*) override {
+    return new SinkReactor<grpc::ByteBuffer, grpc::ByteBuffer>();
   }
 };
 
@@ -153,55 +196,96 @@ bool RecvAll(int fd, void* data, size_t n) {
   return true;
 }
 
+// The Worker.Train method, for raw streams.
+const grpc::internal::RpcMethod& TrainMethod() {
+  static const grpc::internal::RpcMethod method("/splitq.v1.Worker/Train",
+                                                grpc::internal::RpcMethod::BIDI_STREAMING);
+  return method;
+}
+
 // Stream `lane` of `lanes` carries chunks lane, lane + lanes, ... of each frame (numbered
-// 0..k-1 within the stream, so its server answers after its own last one). Seconds from the
-// first barrier to the last frame's answer; -1 if the stream broke.
-double GrpcLaneSeconds(splitq::v1::Worker::Stub& stub, const std::string& payload, int frames,
-                       int64_t chunk_bytes, int lane, int lanes, Barrier& barrier) {
+// 0..k-1 within the stream, with the stream's own byte count, so its server answers after its
+// own last one). Raw: chunks as WorkerClient sends them (chunk_codec.h, no copies); otherwise
+// through the generated classes. Seconds from the first barrier to the last frame's answer;
+// -1 if the stream broke.
+double LaneSeconds(grpc::Channel& channel, const std::shared_ptr<const std::string>& payload,
+                   int frames, int64_t chunk_bytes, bool raw, int lane, int lanes,
+                   Barrier& barrier) {
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(5));
-  auto stream = stub.Train(&context);
-  const int64_t bytes = static_cast<int64_t>(payload.size());
+  std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> raw_stream;
+  std::unique_ptr<grpc::ClientReaderWriter<TrainRequest, TrainReply>> stream;
+  splitq::v1::Worker::Stub stub(std::shared_ptr<grpc::Channel>(&channel, [](grpc::Channel*) {}));
+  if (raw) {
+    raw_stream.reset(
+        grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+            &channel, TrainMethod(), &context));
+  } else {
+    stream = stub.Train(&context);
+  }
+  const int64_t bytes = static_cast<int64_t>(payload->size());
   const int count = static_cast<int>((bytes + chunk_bytes - 1) / chunk_bytes);
   std::vector<int> mine;
-  for (int i = lane; i < count; i += lanes) mine.push_back(i);
+  int64_t my_bytes = 0;
+  for (int i = lane; i < count; i += lanes) {
+    mine.push_back(i);
+    my_bytes += std::min(chunk_bytes, bytes - i * chunk_bytes);
+  }
+  const auto n = static_cast<uint32_t>(mine.size());
   TrainRequest request;
   TrainReply reply;
+  grpc::ByteBuffer raw_reply;
   bool ok = true;
   barrier.Wait();
   const auto start = Clock::now();
   for (int f = 0; f < frames; ++f) {
-    for (size_t k = 0; k < mine.size() && ok; ++k) {
-      splitq::v1::FrameChunk* chunk = request.mutable_activation();
-      chunk->set_step(static_cast<uint64_t>(f));
-      chunk->set_index(static_cast<uint32_t>(k));
-      chunk->set_count(static_cast<uint32_t>(mine.size()));
-      chunk->set_frame_bytes(static_cast<uint64_t>(bytes));
+    for (uint32_t k = 0; k < n && ok; ++k) {
       const int64_t begin = mine[k] * chunk_bytes;
-      chunk->set_data(payload.data() + begin, std::min(chunk_bytes, bytes - begin));
-      ok = stream->Write(request);
+      const auto length = static_cast<size_t>(std::min(chunk_bytes, bytes - begin));
+      if (raw) {
+        ok = raw_stream->Write(EncodeChunk(static_cast<uint64_t>(f), k, n,
+                                           static_cast<uint64_t>(my_bytes), payload,
+                                           static_cast<size_t>(begin), length));
+      } else {
+        splitq::v1::FrameChunk* chunk = request.mutable_activation();
+        chunk->set_step(static_cast<uint64_t>(f));
+        chunk->set_index(k);
+        chunk->set_count(n);
+        chunk->set_frame_bytes(static_cast<uint64_t>(my_bytes));
+        chunk->set_data(payload->data() + begin, length);
+        ok = stream->Write(request);
+      }
     }
-    if (ok && !mine.empty()) ok = stream->Read(&reply);
+    if (ok && n > 0) ok = raw ? raw_stream->Read(&raw_reply) : stream->Read(&reply);
     if (lanes > 1) barrier.Wait();  // keeps going after a failure, so no lane waits forever
   }
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  stream->WritesDone();
-  stream->Finish();
+  if (raw) {
+    raw_stream->WritesDone();
+    raw_stream->Finish();
+  } else {
+    stream->WritesDone();
+    stream->Finish();
+  }
   return ok ? seconds : -1;
 }
 
-// Seconds to move `frames` frames of `payload` over the stubs' streams.
-double GrpcSeconds(const std::vector<std::unique_ptr<splitq::v1::Worker::Stub>>& stubs,
-                   const std::string& payload, int frames, int64_t chunk_bytes) {
-  const int lanes = static_cast<int>(stubs.size());
+// Seconds to move `frames` frames of `payload` over one stream per channel.
+double GrpcSeconds(const std::vector<std::shared_ptr<grpc::Channel>>& channels,
+                   const std::shared_ptr<const std::string>& payload, int frames,
+                   int64_t chunk_bytes, bool raw) {
+  const int lanes = static_cast<int>(channels.size());
   Barrier barrier(lanes);
-  if (lanes == 1) return GrpcLaneSeconds(*stubs[0], payload, frames, chunk_bytes, 0, 1, barrier);
+  if (lanes == 1) {
+    return LaneSeconds(*channels[0], payload, frames, chunk_bytes, raw, 0, 1, barrier);
+  }
   std::vector<double> seconds(static_cast<size_t>(lanes));
   std::vector<std::thread> threads;
   for (int lane = 0; lane < lanes; ++lane) {
     threads.emplace_back([&, lane] {
-      seconds[static_cast<size_t>(lane)] = GrpcLaneSeconds(
-          *stubs[static_cast<size_t>(lane)], payload, frames, chunk_bytes, lane, lanes, barrier);
+      seconds[static_cast<size_t>(lane)] =
+          LaneSeconds(*channels[static_cast<size_t>(lane)], payload, frames, chunk_bytes, raw, lane,
+                      lanes, barrier);
     });
   }
   for (std::thread& t : threads) t.join();
@@ -268,16 +352,22 @@ absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOp
     return absl::InvalidArgumentError(
         absl::StrCat("streams ", options.streams, " is outside 1 .. 16"));
   }
+  if (!options.protobuf_messages && !options.callback_server) {
+    return absl::InvalidArgumentError("the sync server reads protobuf messages only");
+  }
   SinkWorker sync_service;
   CallbackSinkWorker callback_service;
+  RawSinkWorker raw_service;
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
   builder.SetMaxReceiveMessageSize(kMaxChunkBytes + (64 << 10));
-  if (options.callback_server) {
+  if (!options.callback_server) {
+    builder.RegisterService(&sync_service);
+  } else if (options.protobuf_messages) {
     builder.RegisterService(&callback_service);
   } else {
-    builder.RegisterService(&sync_service);
+    builder.RegisterService(&raw_service);
   }
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
@@ -285,26 +375,31 @@ absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOp
   }
   // One channel per stream; distinct arguments and local subchannel pools keep their HTTP/2
   // connections apart.
-  std::vector<std::unique_ptr<splitq::v1::Worker::Stub>> stubs;
+  std::vector<std::shared_ptr<grpc::Channel>> channels;
   for (int lane = 0; lane < options.streams; ++lane) {
     grpc::ChannelArguments args;
     args.SetMaxSendMessageSize(kMaxChunkBytes + (64 << 10));
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     args.SetInt("splitq.bench_lane", lane);
-    stubs.push_back(splitq::v1::Worker::NewStub(grpc::CreateCustomChannel(
-        "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials(), args)));
+    channels.push_back(grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
+                                                 grpc::InsecureChannelCredentials(), args));
   }
+  const bool raw = !options.protobuf_messages;
+  const auto grpc_seconds = [&](const std::shared_ptr<const std::string>& payload, int frames) {
+    return GrpcSeconds(channels, payload, frames, options.chunk_bytes, raw);
+  };
   std::vector<TransportResult> results;
   for (const int64_t size : {int64_t{64} << 10, int64_t{256} << 10, int64_t{1} << 20,
                              int64_t{4} << 20, int64_t{16} << 20}) {
-    const std::string payload(static_cast<size_t>(size), '\x5a');
+    const auto shared = std::make_shared<const std::string>(static_cast<size_t>(size), '\x5a');
+    const std::string& payload = *shared;
     const int frames =
         static_cast<int>(std::max<int64_t>(4, (int64_t{options.mib_per_size} << 20) / size));
-    GrpcSeconds(stubs, payload, std::max(1, frames / 8), options.chunk_bytes);  // warm-up
+    grpc_seconds(shared, std::max(1, frames / 8));  // warm-up
     // Alternate, three rounds each, and keep each side's best (least disturbed) round.
     double grpc_best = 1e30, tcp_best = 1e30;
     for (int round = 0; round < 3; ++round) {
-      const double g = GrpcSeconds(stubs, payload, frames, options.chunk_bytes);
+      const double g = grpc_seconds(shared, frames);
       const double t = TcpSeconds(payload, frames);
       if (g < 0 || t < 0) return absl::InternalError("a transfer failed");
       grpc_best = std::min(grpc_best, g);

@@ -5,8 +5,11 @@
 // frame, the server reads all of it and answers, then the next frame goes.
 //   gRPC  the Worker.Train bidirectional stream of proto/splitq/v1/worker.proto, each frame as
 //         FrameChunk messages of `chunk_bytes`, answered by a StepResult. By default it is
-//         what a session does: one stream, the client's chunk size (1 MiB), and a server on
-//         the callback API with one read outstanding, like WorkerService.
+//         what a session does: one stream, the client's chunk size (1 MiB), chunks encoded
+//         and decoded without copies (chunk_codec.h) and reassembled into the frame, and a
+//         server on the callback API with one read outstanding, like WorkerService.
+//         `protobuf_messages` sends and reads them through the generated classes instead (four
+//         copies of the data; what sessions did before chunk_codec.h), for comparison.
 //   TCP   an 8-byte length, the bytes, and a 1-byte answer, TCP_NODELAY, one connection.
 // Both are plaintext: this measures the framework, not TLS. For each frame size the two
 // alternate for three rounds and each keeps its best round. Issue 4's target: gRPC at least
@@ -25,10 +28,11 @@
 namespace splitq::server {
 
 struct TransportOptions {
-  int mib_per_size = 256;         // about this many MiB per frame size and round (>= 4 frames)
-  int64_t chunk_bytes = 1 << 20;  // FrameChunk.data size, 1 KiB .. 4 MiB
-  int streams = 1;                // 1 .. 16; > 1 stripes each frame (see above)
-  bool callback_server = true;    // false: the sync server API instead
+  int mib_per_size = 256;          // about this many MiB per frame size and round (>= 4 frames)
+  int64_t chunk_bytes = 1 << 20;   // FrameChunk.data size, 1 KiB .. 4 MiB
+  int streams = 1;                 // 1 .. 16; > 1 stripes each frame (see above)
+  bool callback_server = true;     // false: the sync server API (needs protobuf_messages)
+  bool protobuf_messages = false;  // chunks through the generated classes, not chunk_codec.h
 };
 
 struct TransportResult {

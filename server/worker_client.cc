@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/common.h"  // SPLITQ_ASSIGN_OR_RETURN
+#include "server/chunk_codec.h"
 #include "server/coordinator_core.h"
 #include "server/rpc_channel.h"
 #include "server/tokens.h"
@@ -24,7 +25,17 @@ void FillHello(Request* request, const WorkerLinkOptions& o, int64_t step) {
   hello->set_run_id(o.run_id);
 }
 
-// Writes a step's labels, then its frame in chunks. False when the stream broke.
+// The generated names of the Worker methods (worker.proto).
+constexpr char kTrainMethod[] = "/splitq.v1.Worker/Train";
+constexpr char kEvaluateMethod[] = "/splitq.v1.Worker/Evaluate";
+
+template <typename Message, typename Stream>
+bool Write(Stream& stream, const Message& message) {
+  return stream.Write(ToByteBuffer(message));
+}
+
+// Writes a step's labels, then its frame in chunks (the frame's bytes are not copied). False
+// when the stream broke.
 template <typename Request, typename Stream>
 bool WriteStep(Stream& stream, const trainer::UpFrame& up, int64_t chunk_bytes) {
   Request labels;
@@ -32,19 +43,15 @@ bool WriteStep(Stream& stream, const trainer::UpFrame& up, int64_t chunk_bytes) 
   l->set_step(static_cast<uint64_t>(up.step));
   l->mutable_values()->Add(up.labels.begin(), up.labels.end());
   l->mutable_sample_ids()->Add(up.sample_ids.begin(), up.sample_ids.end());
-  if (!stream.Write(labels)) return false;
-  const int64_t size = static_cast<int64_t>(up.frame.size());
+  if (!Write(stream, labels)) return false;
+  const int64_t size = static_cast<int64_t>(up.frame->size());
   const uint32_t count =
       static_cast<uint32_t>(std::max<int64_t>(1, (size + chunk_bytes - 1) / chunk_bytes));
-  Request chunk;
   for (uint32_t i = 0; i < count; ++i) {
-    auto* c = chunk.mutable_activation();
-    c->set_step(static_cast<uint64_t>(up.step));
-    c->set_index(i);
-    c->set_count(count);
-    c->set_frame_bytes(static_cast<uint64_t>(size));
     const int64_t begin = i * chunk_bytes;
-    c->set_data(up.frame.data() + begin, static_cast<size_t>(std::min(chunk_bytes, size - begin)));
+    const grpc::ByteBuffer chunk = EncodeChunk(
+        static_cast<uint64_t>(up.step), i, count, static_cast<uint64_t>(size), up.frame,
+        static_cast<size_t>(begin), static_cast<size_t>(std::min(chunk_bytes, size - begin)));
     if (!stream.Write(chunk)) return false;
   }
   return true;
@@ -68,8 +75,9 @@ grpc::ChannelArguments ClientChannelArguments(int keepalive_ms) {
 
 WorkerClient::WorkerClient(std::shared_ptr<grpc::Channel> channel, WorkerLinkOptions options)
     : channel_(std::move(channel)),
-      stub_(splitq::v1::Worker::NewStub(channel_)),
-      options_(std::move(options)) {
+      options_(std::move(options)),
+      train_method_(kTrainMethod, grpc::internal::RpcMethod::BIDI_STREAMING, channel_),
+      evaluate_method_(kEvaluateMethod, grpc::internal::RpcMethod::BIDI_STREAMING, channel_) {
   options_.chunk_bytes =
       std::clamp<int64_t>(options_.chunk_bytes, 1, options_.limits.max_chunk_bytes);
 }
@@ -100,14 +108,26 @@ absl::Status WorkerClient::Fail(Open<Stream>& open, const char* what, bool cance
   return status;
 }
 
+std::unique_ptr<WorkerClient::RawStream> WorkerClient::OpenStream(
+    const grpc::internal::RpcMethod& method, grpc::ClientContext* context) {
+  return std::unique_ptr<RawStream>(
+      grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+          channel_.get(), method, context));
+}
+
 absl::Status WorkerClient::OpenTrain(int64_t step) {
   train_.context = NewContext();
-  train_.stream = stub_->Train(train_.context.get());
+  train_.stream = OpenStream(train_method_, train_.context.get());
   splitq::v1::TrainRequest hello;
   FillHello(&hello, options_, step);
-  splitq::v1::TrainReply reply;
-  if (!train_.stream->Write(hello) || !train_.stream->Read(&reply)) {
+  grpc::ByteBuffer raw;
+  if (!Write(*train_.stream, hello) || !train_.stream->Read(&raw)) {
     return Fail(train_, "hello");
+  }
+  splitq::v1::TrainReply reply;
+  if (!FromByteBuffer(&raw, &reply)) {
+    (void)Fail(train_, "welcome", true);
+    return absl::InternalError("the worker's welcome does not parse");
   }
   if (!reply.has_welcome()) {
     (void)Fail(train_, "welcome", true);
@@ -131,12 +151,23 @@ absl::StatusOr<trainer::DownFrame> WorkerClient::Train(const trainer::UpFrame& u
   trainer::DownFrame down;
   down.step = up.step;
   bool have_frame = false;
+  grpc::ByteBuffer raw;
   splitq::v1::TrainReply reply;
-  while (train_.stream->Read(&reply)) {
-    if (reply.has_gradient()) {
-      const auto& g = reply.gradient();
-      auto frame = assembler.Add(Chunk{g.step(), g.index(), g.count(), g.frame_bytes(), g.data()},
-                                 static_cast<uint64_t>(up.step));
+  while (train_.stream->Read(&raw)) {
+    std::optional<ChunkMessage> fast = DecodeChunk(raw);  // a gradient chunk, as we send them
+    if (!fast && !FromByteBuffer(&raw, &reply)) {
+      (void)Fail(train_, "reply", true);
+      return absl::InternalError("a reply from the worker does not parse");
+    }
+    if (fast || reply.has_gradient()) {
+      Chunk chunk;
+      if (fast) {
+        chunk = fast->chunk;
+      } else {
+        const auto& g = reply.gradient();
+        chunk = Chunk{g.step(), g.index(), g.count(), g.frame_bytes(), g.data(), {}};
+      }
+      auto frame = assembler.Add(chunk, static_cast<uint64_t>(up.step));
       if (!frame.ok()) {
         (void)Fail(train_, "gradient", true);
         return absl::InternalError(
@@ -170,17 +201,22 @@ absl::StatusOr<trainer::EvalPiece> WorkerClient::Evaluate(const trainer::UpFrame
   }
   if (!eval_.stream) {
     eval_.context = NewContext();
-    eval_.stream = stub_->Evaluate(eval_.context.get());
+    eval_.stream = OpenStream(evaluate_method_, eval_.context.get());
     eval_.step = up.step;
     splitq::v1::EvaluateRequest hello;
     FillHello(&hello, options_, up.step);
-    if (!eval_.stream->Write(hello)) return Fail(eval_, "hello");
+    if (!Write(*eval_.stream, hello)) return Fail(eval_, "hello");
   }
   if (!WriteStep<splitq::v1::EvaluateRequest>(*eval_.stream, up, options_.chunk_bytes)) {
     return Fail(eval_, "sending a frame");
   }
+  grpc::ByteBuffer raw;
+  if (!eval_.stream->Read(&raw)) return Fail(eval_, "waiting for the result");
   splitq::v1::EvaluateReply reply;
-  if (!eval_.stream->Read(&reply)) return Fail(eval_, "waiting for the result");
+  if (!FromByteBuffer(&raw, &reply)) {
+    (void)Fail(eval_, "result", true);
+    return absl::InternalError("the worker's evaluation result does not parse");
+  }
   trainer::EvalPiece piece;
   piece.loss_sum = reply.loss_sum();
   piece.correct = static_cast<int64_t>(reply.correct());

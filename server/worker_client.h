@@ -7,6 +7,10 @@
 // stream. Any failure closes the stream and returns the status (the next call opens a new
 // stream, that is a new session; see ClientPart::NewSession).
 //
+// Messages go as raw ByteBuffers in protobuf's wire format: frame chunks without copies
+// (chunk_codec.h: the activation frame is sent from the UpFrame's own bytes, a gradient is
+// reassembled straight from the received slices), the rest through the generated classes.
+//
 // Deadlines: each stream has a deadline (`stream_deadline`, default 24 h: a run longer than that
 // reconnects once a day) and keepalive pings detect a dead worker or network within
 // ~2 x keepalive_ms.
@@ -14,7 +18,10 @@
 
 #include <grpcpp/channel.h>
 #include <grpcpp/client_context.h>
+#include <grpcpp/impl/codegen/rpc_method.h>
+#include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/channel_arguments.h>
+#include <grpcpp/support/sync_stream.h>
 
 #include <chrono>
 #include <memory>
@@ -60,20 +67,20 @@ class WorkerClient : public trainer::ServerLink {
     std::unique_ptr<Stream> stream;
     int64_t step = -1;  // Evaluate: the training step in its hello
   };
-  using TrainStream = grpc::ClientReaderWriter<splitq::v1::TrainRequest, splitq::v1::TrainReply>;
-  using EvalStream =
-      grpc::ClientReaderWriter<splitq::v1::EvaluateRequest, splitq::v1::EvaluateReply>;
+  using RawStream = grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>;
 
   std::unique_ptr<grpc::ClientContext> NewContext() const;
+  std::unique_ptr<RawStream> OpenStream(const grpc::internal::RpcMethod& method,
+                                        grpc::ClientContext* context);
   absl::Status OpenTrain(int64_t step);
   template <typename Stream>
   absl::Status Fail(Open<Stream>& open, const char* what, bool cancel = false);
 
   std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<splitq::v1::Worker::Stub> stub_;
   WorkerLinkOptions options_;
-  Open<TrainStream> train_;
-  Open<EvalStream> eval_;
+  grpc::internal::RpcMethod train_method_, evaluate_method_;
+  Open<RawStream> train_;
+  Open<RawStream> eval_;
   uint64_t session_id_ = 0;
 };
 

@@ -34,7 +34,7 @@ struct WorkerCore::Session {
   int64_t bytes() const {
     int64_t n = assembler.buffered_bytes();
     n += static_cast<int64_t>(labels.size() * sizeof(int32_t) + sample_ids.size() * 8);
-    if (ready) n += static_cast<int64_t>(ready->frame.size());
+    if (ready) n += static_cast<int64_t>(ready->frame->size());
     return n;
   }
 };
@@ -164,7 +164,7 @@ absl::StatusOr<bool> WorkerCore::AddChunk(uint64_t session, const Chunk& chunk) 
   }
   trainer::UpFrame up;
   up.step = static_cast<int64_t>(s->expected_step);
-  up.frame = std::move(*frame);
+  up.frame = std::make_shared<const std::string>(std::move(*frame));
   up.labels = std::move(s->labels);
   up.sample_ids = std::move(s->sample_ids);
   s->labels.clear();

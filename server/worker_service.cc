@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/common.h"  // SPLITQ_ASSIGN_OR_RETURN
+#include "server/chunk_codec.h"
 #include "server/rpc_channel.h"
 
 namespace splitq::server {
@@ -46,7 +47,7 @@ void SerialExecutor::Post(std::function<void()> job) {
 // One Train or Evaluate stream. States: reading one message at a time; when a frame completes,
 // a compute job (no read outstanding) whose replies are written before the next read.
 template <typename Request, typename Reply, bool kEvaluate>
-class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
+class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   SessionReactor(WorkerService& service, grpc::CallbackServerContext* context) : service_(service) {
     if (service_.tokens_ != nullptr) {
@@ -58,7 +59,7 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
       }
       auth_id_ = *id;
     }
-    this->StartRead(&request_);
+    this->StartRead(&raw_);
   }
 
   void OnReadDone(bool ok) override {
@@ -80,7 +81,7 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
       job_running_ = true;
       service_.compute_.Post([this] { Compute(); });
     } else if (writes_.empty() && !writing_) {
-      this->StartRead(&request_);
+      this->StartRead(&raw_);
     } else {
       read_after_writes_ = true;
     }
@@ -128,12 +129,21 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
                                        " of ", client_id_, " ", what));
   }
 
-  // Handles request_; sets *compute when a frame is complete.
+  // Handles raw_; sets *compute when a frame is complete.
   absl::Status Handle(bool* compute) {
-    switch (request_.payload_case()) {
+    // A chunk as clients send them is taken from gRPC's slices without a copy.
+    if (std::optional<ChunkMessage> chunk = DecodeChunk(raw_)) {
+      return HandleChunk(chunk->chunk, compute);
+    }
+    Request request;
+    if (!FromByteBuffer(&raw_, &request)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("a message that is not a ", Request::descriptor()->full_name()));
+    }
+    switch (request.payload_case()) {
       case Request::kHello: {
         if (session_ != 0) return absl::FailedPreconditionError("a second hello on one stream");
-        const auto& h = request_.hello();
+        const auto& h = request.hello();
         Hello hello;
         hello.protocol_version = static_cast<uint32_t>(h.protocol_version());
         hello.client_id = h.client_id();
@@ -172,67 +182,66 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
           w->set_session_id(welcome.session_id);
           w->set_expected_step(welcome.expected_step);
           std::lock_guard<std::mutex> lock(mutex_);
-          writes_.push_back(std::move(reply));
+          writes_.push_back(ToByteBuffer(reply));
           WriteNextLocked();
         }
         return absl::OkStatus();
       }
       case Request::kLabels: {
         if (session_ == 0) return absl::FailedPreconditionError("labels before the hello");
-        auto* labels = request_.mutable_labels();
+        auto* labels = request.mutable_labels();
         return service_.core_.AddLabels(
             session_, labels->step(),
             std::vector<int32_t>(labels->values().begin(), labels->values().end()),
             std::vector<int64_t>(labels->sample_ids().begin(), labels->sample_ids().end()));
       }
       case Request::kActivation: {
-        if (session_ == 0) return absl::FailedPreconditionError("a frame before the hello");
-        const auto& c = request_.activation();
-        SPLITQ_ASSIGN_OR_RETURN(
-            *compute, service_.core_.AddChunk(session_, Chunk{c.step(), c.index(), c.count(),
-                                                              c.frame_bytes(), c.data()}));
-        return absl::OkStatus();
+        const auto& c = request.activation();
+        return HandleChunk(Chunk{c.step(), c.index(), c.count(), c.frame_bytes(), c.data(), {}},
+                           compute);
       }
       default:
         return absl::InvalidArgumentError("an empty request");
     }
   }
 
+  absl::Status HandleChunk(const Chunk& chunk, bool* compute) {
+    if (session_ == 0) return absl::FailedPreconditionError("a frame before the hello");
+    SPLITQ_ASSIGN_OR_RETURN(*compute, service_.core_.AddChunk(session_, chunk));
+    frame_step_ = chunk.step;
+    return absl::OkStatus();
+  }
+
   // On the compute thread.
   void Compute() {
-    std::deque<Reply> replies;
+    std::deque<grpc::ByteBuffer> replies;
     absl::Status status;
     if constexpr (kEvaluate) {
       auto piece = service_.core_.RunEvaluate(session_);
       status = piece.status();
       if (piece.ok()) {
         Reply r;
-        r.set_step(request_.activation().step());
+        r.set_step(frame_step_);
         r.set_loss_sum(piece->loss_sum);
         r.set_correct(static_cast<uint64_t>(piece->correct));
         r.set_count(static_cast<uint64_t>(piece->count));
-        replies.push_back(std::move(r));
+        replies.push_back(ToByteBuffer(r));
       }
     } else {
       auto down = service_.core_.RunStep(session_);
       status = down.status();
       if (down.ok()) {
-        const std::string& frame = down->frame;
+        // The chunks refer to the frame; the last one written lets it go.
+        const auto frame = std::make_shared<const std::string>(std::move(down->frame));
         const int64_t chunk = service_.options_.reply_chunk_bytes;
-        const int64_t size = static_cast<int64_t>(frame.size());
+        const int64_t size = static_cast<int64_t>(frame->size());
         const uint32_t count =
             static_cast<uint32_t>(std::max<int64_t>(1, (size + chunk - 1) / chunk));
         for (uint32_t i = 0; i < count; ++i) {
-          Reply r;
-          auto* g = r.mutable_gradient();
-          g->set_step(static_cast<uint64_t>(down->step));
-          g->set_index(i);
-          g->set_count(count);
-          g->set_frame_bytes(static_cast<uint64_t>(size));
           const int64_t begin = i * chunk;
-          g->set_data(frame.substr(static_cast<size_t>(begin),
-                                   static_cast<size_t>(std::min(chunk, size - begin))));
-          replies.push_back(std::move(r));
+          replies.push_back(EncodeChunk(
+              static_cast<uint64_t>(down->step), i, count, static_cast<uint64_t>(size), frame,
+              static_cast<size_t>(begin), static_cast<size_t>(std::min(chunk, size - begin))));
         }
         Reply result;
         auto* res = result.mutable_result();
@@ -240,7 +249,7 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
         res->set_loss(down->loss);
         res->set_grad_bits(down->grad_bits);
         res->set_bytes_down(static_cast<uint64_t>(size));
-        replies.push_back(std::move(result));
+        replies.push_back(ToByteBuffer(result));
       }
     }
     bool destroy;
@@ -252,7 +261,7 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
         if (!status.ok()) {
           MaybeFinishLocked(status);
         } else {
-          for (Reply& r : replies) writes_.push_back(std::move(r));
+          for (grpc::ByteBuffer& r : replies) writes_.push_back(std::move(r));
           read_after_writes_ = true;
           WriteNextLocked();
         }
@@ -276,7 +285,7 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
     }
     if (read_after_writes_ && !read_closed_) {
       read_after_writes_ = false;
-      this->StartRead(&request_);
+      this->StartRead(&raw_);
     } else if (read_closed_ && !job_running_) {
       finished_ = true;
       this->Finish(grpc::Status::OK);
@@ -310,10 +319,11 @@ class SessionReactor : public grpc::ServerBidiReactor<Request, Reply> {
   std::atomic<bool> cancelled_{false};
   std::string auth_id_, client_id_;
   absl::Status end_status_;
-  Request request_;
+  grpc::ByteBuffer raw_;     // the message being read
+  uint64_t frame_step_ = 0;  // the step of the last chunk taken
   uint64_t session_ = 0;
   std::mutex mutex_;
-  std::deque<Reply> writes_;  // front: being written while writing_
+  std::deque<grpc::ByteBuffer> writes_;  // front: being written while writing_
   bool writing_ = false;
   bool read_after_writes_ = false;
   bool read_closed_ = false;
@@ -332,14 +342,14 @@ WorkerService::WorkerService(WorkerCore& core, const TokenSet* tokens,
 
 WorkerService::~WorkerService() = default;
 
-grpc::ServerBidiReactor<splitq::v1::TrainRequest, splitq::v1::TrainReply>* WorkerService::Train(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* WorkerService::Train(
     grpc::CallbackServerContext* context) {
   return new SessionReactor<splitq::v1::TrainRequest, splitq::v1::TrainReply, false>(*this,
                                                                                      context);
 }
 
-grpc::ServerBidiReactor<splitq::v1::EvaluateRequest, splitq::v1::EvaluateReply>*
-WorkerService::Evaluate(grpc::CallbackServerContext* context) {
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* WorkerService::Evaluate(
+    grpc::CallbackServerContext* context) {
   return new SessionReactor<splitq::v1::EvaluateRequest, splitq::v1::EvaluateReply, true>(*this,
                                                                                           context);
 }

@@ -48,15 +48,20 @@ struct WorkerServiceOptions {
   std::function<void(const std::string&)> log;
 };
 
-class WorkerService final : public splitq::v1::Worker::CallbackService {
+// Both methods take raw messages (protobuf's wire format as ByteBuffers): frame chunks are
+// decoded and encoded without copies (chunk_codec.h), everything else goes through the
+// generated classes. A message that does not parse ends its session with INVALID_ARGUMENT.
+class WorkerService final
+    : public splitq::v1::Worker::WithRawCallbackMethod_Train<
+          splitq::v1::Worker::WithRawCallbackMethod_Evaluate<splitq::v1::Worker::Service>> {
  public:
   // `tokens`: every caller must present one (null: no check, for tests and trusted networks).
   WorkerService(WorkerCore& core, const TokenSet* tokens, const WorkerServiceOptions& options = {});
   ~WorkerService() override;
 
-  grpc::ServerBidiReactor<splitq::v1::TrainRequest, splitq::v1::TrainReply>* Train(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Train(
       grpc::CallbackServerContext* context) override;
-  grpc::ServerBidiReactor<splitq::v1::EvaluateRequest, splitq::v1::EvaluateReply>* Evaluate(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Evaluate(
       grpc::CallbackServerContext* context) override;
 
  private:

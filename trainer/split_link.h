@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -20,9 +21,11 @@ namespace splitq::trainer {
 
 // Client -> server, one step (or one validation batch).
 struct UpFrame {
-  int64_t step = 0;                 // training step (validation: the batch index)
-  std::string frame;                // the serialized activation frame (quant/wire_format.h, or a
-                                    // raw fp32 frame for an fp32 boundary)
+  int64_t step = 0;  // training step (validation: the batch index)
+  // The serialized activation frame (quant/wire_format.h, or a raw fp32 frame for an fp32
+  // boundary); never null. Shared and immutable: a resend or a network link (which sends it
+  // without copying, server/chunk_codec.h) holds it without a copy.
+  std::shared_ptr<const std::string> frame = std::make_shared<const std::string>();
   std::vector<int32_t> labels;      // targets, flattened (class per image / next byte per position)
   std::vector<int64_t> sample_ids;  // the batch's training-sample ids (for AQ-SGD; may be empty)
 };

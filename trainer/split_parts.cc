@@ -156,8 +156,9 @@ absl::StatusOr<UpFrame> ClientPart::Forward() {
   Impl& s = *impl_;
   if (s.pending) {
     if (s.resend_pending_map) {
-      SPLITQ_ASSIGN_OR_RETURN(s.pending->up.frame,
-                              BoundarySender::WithBitMap(s.pending->up.frame, s.pending->bit_map));
+      SPLITQ_ASSIGN_OR_RETURN(std::string with_map,
+                              BoundarySender::WithBitMap(*s.pending->up.frame, s.pending->bit_map));
+      s.pending->up.frame = std::make_shared<const std::string>(std::move(with_map));
       s.resend_pending_map = false;
     }
     return s.pending->up;
@@ -180,7 +181,7 @@ absl::StatusOr<UpFrame> ClientPart::Forward() {
     }
     SPLITQ_ASSIGN_OR_RETURN(BoundarySender::Sent sent, s.sender->Send(h1, step, batch.ids, true));
     p.up.step = step;
-    p.up.frame = std::move(sent.bytes);
+    p.up.frame = std::make_shared<const std::string>(std::move(sent.bytes));
     p.up.labels = FlatLabels(batch.targets);
     p.up.sample_ids = Ids(batch.ids);
     p.sender_side = sent.sender_side;
@@ -233,7 +234,7 @@ absl::StatusOr<StepStats> ClientPart::Backward(const DownFrame& down) {
     stats.loss = down.loss;
     stats.act_bits = s.pending->bits;
     stats.grad_bits = down.grad_bits;
-    s.bytes_up += static_cast<int64_t>(s.pending->up.frame.size());
+    s.bytes_up += static_cast<int64_t>(s.pending->up.frame->size());
     s.bytes_down += static_cast<int64_t>(down.frame.size());
     s.bytes_fp32 += 8 * side.numel();
     stats.step_ms =
@@ -273,7 +274,8 @@ absl::StatusOr<UpFrame> ClientPart::EvalForward(int64_t i) {
       h1 = ForwardInSlices(*s.model.client, batch.inputs.to(s.device), micro_batches_);
     }
     SPLITQ_ASSIGN_OR_RETURN(BoundarySender::Sent sent, s.sender->Send(h1, s.step, {}, false));
-    up.frame = std::move(sent.bytes);  // carries its bit map (BoundarySender::Send)
+    up.frame = std::make_shared<const std::string>(
+        std::move(sent.bytes));  // carries its bit map (BoundarySender::Send)
     up.step = s.step;
     up.labels = FlatLabels(batch.targets);
   } catch (const c10::Error& e) {
@@ -414,7 +416,7 @@ struct ServerPart::Impl {
 
   absl::StatusOr<at::Tensor> Input(BoundaryReceiver& r, const UpFrame& up, bool train) {
     const at::Tensor ids = at::tensor(up.sample_ids, at::kLong);
-    SPLITQ_ASSIGN_OR_RETURN(at::Tensor h, r.Receive(up.frame, up.step, ids, train, device,
+    SPLITQ_ASSIGN_OR_RETURN(at::Tensor h, r.Receive(*up.frame, up.step, ids, train, device,
                                                     c.bf16_autocast ? at::kBFloat16 : at::kFloat));
     SPLITQ_RETURN_IF_ERROR(CheckInput(h, up));
     return h;

@@ -6,13 +6,14 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <vector>
 
 namespace splitq::server {
 namespace {
 
 Chunk Make(uint64_t step, uint32_t index, uint32_t count, uint64_t frame_bytes,
            absl::string_view data) {
-  return Chunk{step, index, count, frame_bytes, data};
+  return Chunk{step, index, count, frame_bytes, data, {}};
 }
 
 TEST(FrameAssembler, ReassemblesInOrderChunks) {
@@ -31,6 +32,27 @@ TEST(FrameAssembler, ReassemblesInOrderChunks) {
   r = a.Add(Make(4, 0, 1, 2, "xy"), 4);
   ASSERT_TRUE(r.ok() && r->has_value());
   EXPECT_EQ(**r, "xy");
+}
+
+TEST(FrameAssembler, TakesAChunkInPieces) {
+  FrameAssembler a({8, 100});
+  const std::vector<absl::string_view> pieces = {"ab", "", "cde"};
+  Chunk c = Make(0, 0, 2, 9, "ignored when there are pieces");
+  c.pieces = pieces;
+  EXPECT_EQ(c.size(), 5);
+  auto r = a.Add(c, 0);
+  ASSERT_TRUE(r.ok() && !r->has_value()) << r.status();
+  const std::vector<absl::string_view> rest = {"fg", "hi"};
+  c = Make(0, 1, 2, 9, "");
+  c.pieces = rest;
+  r = a.Add(c, 0);
+  ASSERT_TRUE(r.ok() && r->has_value()) << r.status();
+  EXPECT_EQ(**r, "abcdefghi");
+  // The limits count the pieces' bytes: 9 bytes in pieces are above a chunk limit of 8.
+  const std::vector<absl::string_view> big = {"abcd", "efghi"};
+  c = Make(1, 0, 1, 9, "");
+  c.pieces = big;
+  EXPECT_EQ(a.Add(c, 1).status().code(), absl::StatusCode::kResourceExhausted);
 }
 
 TEST(FrameAssembler, RefusesEachBrokenRuleAndRecovers) {

@@ -118,15 +118,24 @@ TEST(StatusMapping, CodesCrossTheEdgeOneToOne) {
 }
 
 // The transport benchmark runs end to end on loopback (its speed is printed by
-// `splitq bench transport`, not asserted here), as a session streams and striped.
+// `splitq bench transport`, not asserted here): as a session streams (zero-copy chunks), striped,
+// and through the generated classes on both server APIs.
 TEST(TransportBench, MovesEveryFrameSizeOverBothTransports) {
-  for (const int streams : {1, 3}) {
+  struct Variant {
+    int streams;
+    bool protobuf, callback;
+  };
+  for (const Variant v : {Variant{1, false, true}, Variant{3, false, true}, Variant{2, true, true},
+                          Variant{1, true, false}}) {
     TransportOptions options;
     options.mib_per_size = 1;
-    options.streams = streams;
-    options.chunk_bytes = streams == 1 ? (1 << 20) : (64 << 10);
+    options.streams = v.streams;
+    options.chunk_bytes = v.streams == 1 ? (1 << 20) : (64 << 10);
+    options.protobuf_messages = v.protobuf;
+    options.callback_server = v.callback;
     auto results = RunTransportBench(options);
     ASSERT_TRUE(results.ok()) << results.status();
+    const int streams = v.streams;
     ASSERT_EQ(results->size(), 5u);
     for (const TransportResult& r : *results) {
       EXPECT_GE(r.frames, 4);
@@ -137,11 +146,12 @@ TEST(TransportBench, MovesEveryFrameSizeOverBothTransports) {
 }
 
 TEST(TransportBench, RefusesOptionsOutOfRange) {
-  TransportOptions small_chunk, many_streams, no_mib;
+  TransportOptions small_chunk, many_streams, no_mib, sync_raw;
   small_chunk.chunk_bytes = 100;
   many_streams.streams = 17;
   no_mib.mib_per_size = 0;
-  for (const TransportOptions& o : {small_chunk, many_streams, no_mib}) {
+  sync_raw.callback_server = false;  // the sync sink reads protobuf messages only
+  for (const TransportOptions& o : {small_chunk, many_streams, no_mib, sync_raw}) {
     EXPECT_EQ(RunTransportBench(o).status().code(), absl::StatusCode::kInvalidArgument);
   }
 }

@@ -231,7 +231,7 @@ std::vector<trainer::UpFrame>* WorkerServiceTest::frames_ = nullptr;
   } while (0)
 
 TEST_F(WorkerServiceTest, MalformedFramesGetACodeAndTheWorkerKeepsServing) {
-  const std::string good = (*frames_)[0].frame;
+  const std::string good = *(*frames_)[0].frame;
   std::mt19937 rng(7);
   std::string random(good.size(), '\0');
   for (char& c : random) c = static_cast<char>(rng());
@@ -294,7 +294,7 @@ TEST_F(WorkerServiceTest, MalformedFramesGetACodeAndTheWorkerKeepsServing) {
 }
 
 TEST_F(WorkerServiceTest, MemoryStaysBoundedUnderBadStreams) {
-  const std::string good = (*frames_)[0].frame;
+  const std::string good = *(*frames_)[0].frame;
   auto hammer = [&](int n) {
     for (int i = 0; i < n; ++i) {
       Raw raw = Open(TokenFor("alice"));

@@ -107,7 +107,7 @@ TEST_F(SplitParts, NewSessionMidRunResendsTheBitMapAndCarriesOn) {
       auto again = (*client)->Forward();
       ASSERT_TRUE(again.ok());
       EXPECT_EQ(again->step, up->step);
-      EXPECT_GE(again->frame.size(), up->frame.size());
+      EXPECT_GE(again->frame->size(), up->frame->size());
       up = again;
     }
     auto down = (*server)->Train(session, *up, true);
@@ -155,10 +155,12 @@ TEST_F(SplitParts, BadInputGetsACodeAndTheServerKeepsServing) {
     EXPECT_FALSE(r.status().message().empty()) << what;
   };
   UpFrame bad = *up;
-  bad.frame = "random bytes, not a frame";
+  bad.frame = std::make_shared<const std::string>("random bytes, not a frame");
   expect(bad, absl::StatusCode::kInvalidArgument, "random bytes");
   bad = *up;
-  bad.frame[bad.frame.size() / 2] ^= 0x5a;  // the CRC no longer matches
+  std::string flipped = *up->frame;
+  flipped[flipped.size() / 2] ^= 0x5a;  // the CRC no longer matches
+  bad.frame = std::make_shared<const std::string>(flipped);
   expect(bad, absl::StatusCode::kInvalidArgument, "flipped byte");
   bad = *up;
   bad.labels.pop_back();
