@@ -8,6 +8,7 @@
 #include <fstream>
 #include <string>
 
+#include "absl/synchronization/mutex.h"
 #include "cli/commands.h"
 
 namespace {
@@ -22,6 +23,15 @@ void KeepLargeAllocationsInTheHeap() {
   if (mallopt(M_MMAP_THRESHOLD, 1 << 30) != 1 || mallopt(M_TRIM_THRESHOLD, 1 << 30) != 1) {
     spdlog::debug("mallopt refused; large allocations stay mmap-backed");
   }
+}
+
+// Debian's abseil is built with assertions, so every absl::Mutex lock (gRPC takes many per
+// message) also updates a global lock graph to detect deadlocks: measured at 3.3% of the CPU
+// time of `splitq bench transport`, about as much as gRPC itself. That is a debugging aid;
+// SPLITQ_ABSL_DEADLOCK_CHECK=1 keeps it.
+void SkipMutexDeadlockDetection() {
+  if (const char* keep = std::getenv("SPLITQ_ABSL_DEADLOCK_CHECK"); keep && keep[0] == '1') return;
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 }
 
 }  // namespace
@@ -48,6 +58,7 @@ void WarnIfReferenceBlas() {
 
 int main(int argc, char** argv) {
   KeepLargeAllocationsInTheHeap();
+  SkipMutexDeadlockDetection();
   CLI::App app{"splitq: distributed quantization-aware training and split learning"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "splitq 0.1.0");

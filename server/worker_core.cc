@@ -72,11 +72,11 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
                      ") is not the worker's (", options_.config_digest.substr(0, 12),
                      "): start both with the same --config and --set"));
   }
-  uint64_t handler_id;
-  {
-    std::lock_guard<std::mutex> compute(compute_);
-    handler_id = handler_.OpenSession();
-  }
+  // compute_ is held until the session is in place: a step being computed (RunStep holds
+  // compute_ from its decision to update until it records the progress) never sees a new run
+  // of its client id replace the record halfway.
+  std::unique_lock<std::mutex> compute(compute_);
+  const uint64_t handler_id = handler_.OpenSession();
   std::vector<uint64_t> replaced;
   Welcome welcome;
   bool full = false;
@@ -110,13 +110,13 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
       sessions_[welcome.session_id] = std::move(session);
     }
   }
-  if (full) {  // (never holding mutex_ while waiting for compute_)
-    std::lock_guard<std::mutex> compute(compute_);
+  if (full) {
     handler_.CloseSession(handler_id);
     return absl::ResourceExhaustedError(
         absl::StrCat("this worker serves ", options_.max_sessions, " clients at most"));
   }
-  for (uint64_t id : replaced) Close(id);
+  compute.unlock();
+  for (uint64_t id : replaced) Close(id);  // (takes mutex_, then compute_)
   return welcome;
 }
 
@@ -217,8 +217,8 @@ absl::StatusOr<trainer::DownFrame> WorkerCore::RunStep(uint64_t session) {
   absl::StatusOr<trainer::DownFrame> down = handler_.Train(handler_id, up, update);
   std::lock_guard<std::mutex> lock(mutex_);
   if (!down.ok()) return down.status();
-  // A new run of this client id may have opened meanwhile (Open does not wait for compute_):
-  // then its fresh record stays.
+  // A new run of this client id cannot have opened meanwhile (Open holds compute_ until its
+  // record is in place); checked all the same, so that its fresh record would stay.
   auto known = next_applied_.find(client_id);
   if (update && (known == next_applied_.end() || SameRun(known->second.run_id, run_id))) {
     Progress& p = next_applied_[client_id];
