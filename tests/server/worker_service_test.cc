@@ -121,8 +121,9 @@ class WorkerServiceTest : public ::testing::Test {
     // Raw streams send what the test wants, however large.
     grpc::ChannelArguments raw_args;
     raw_args.SetMaxSendMessageSize(-1);
-    stub_ = splitq::v1::Worker::NewStub(grpc::CreateCustomChannel(
-        "127.0.0.1:" + std::to_string(port_), grpc::InsecureChannelCredentials(), raw_args));
+    raw_channel_ = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port_),
+                                             grpc::InsecureChannelCredentials(), raw_args);
+    stub_ = splitq::v1::Worker::NewStub(raw_channel_);
   }
   void TearDown() override {
     if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
@@ -217,6 +218,7 @@ class WorkerServiceTest : public ::testing::Test {
   std::unique_ptr<WorkerService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::shared_ptr<grpc::Channel> channel_;
+  std::shared_ptr<grpc::Channel> raw_channel_;
   std::unique_ptr<splitq::v1::Worker::Stub> stub_;
   int port_ = 0;
 };
@@ -291,6 +293,66 @@ TEST_F(WorkerServiceTest, MalformedFramesGetACodeAndTheWorkerKeepsServing) {
   }
   EXPECT_EQ(core_->stats().sessions, 0u);
   EXPECT_EQ(core_->buffered_bytes(), 0);
+}
+
+// The worker reads raw messages (chunk_codec.h): bytes that are no TrainRequest at all end the
+// session with INVALID_ARGUMENT, and a chunk in a valid but unusual protobuf encoding (fields in
+// another order, an unknown field) is read through the generated classes and trains.
+TEST_F(WorkerServiceTest, UnparsableMessagesAreRefusedAndUnusualEncodingsTrain) {
+  const grpc::internal::RpcMethod train("/splitq.v1.Worker/Train",
+                                        grpc::internal::RpcMethod::BIDI_STREAMING);
+  auto run = [&](const std::vector<std::string>& messages) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    AddBearer(context, TokenFor("alice"));
+    std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> stream(
+        grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+            raw_channel_.get(), train, &context));
+    for (const std::string& m : messages) {
+      grpc::Slice slice(m);
+      if (!stream->Write(grpc::ByteBuffer(&slice, 1))) break;
+    }
+    stream->WritesDone();
+    grpc::ByteBuffer reply;
+    int replies = 0;
+    while (stream->Read(&reply)) ++replies;
+    return std::make_pair(stream->Finish(), replies);
+  };
+  const trainer::UpFrame& up = (*frames_)[0];
+  const std::string hello = Hello("alice").SerializeAsString();
+  const std::string labels = Labels(up, 0).SerializeAsString();
+  auto [status, replies] = run({hello, labels, std::string("\xff\xff\xff\xff", 4)});
+  EXPECT_CODE(status, INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("TrainRequest"), std::string::npos)
+      << status.error_message();
+  // FrameChunk with data (field 5) first, then frame_bytes, count and an unknown field 9.
+  const std::string& frame = *up.frame;
+  auto varint = [](std::string& out, uint64_t v) {
+    for (; v >= 0x80; v >>= 7) out.push_back(static_cast<char>(v | 0x80));
+    out.push_back(static_cast<char>(v));
+  };
+  std::string inner;
+  varint(inner, (5 << 3) | 2);
+  varint(inner, frame.size());
+  inner += frame;
+  varint(inner, 4 << 3);
+  varint(inner, frame.size());
+  varint(inner, 3 << 3);
+  varint(inner, 1);
+  varint(inner, 9 << 3);
+  varint(inner, 77);
+  std::string chunk;
+  varint(chunk, (2 << 3) | 2);
+  varint(chunk, inner.size());
+  chunk += inner;
+  TrainRequest parsed;
+  ASSERT_TRUE(parsed.ParseFromString(chunk));
+  ASSERT_EQ(parsed.activation().data(), frame);
+  const int64_t before = part_->updates();
+  std::tie(status, replies) = run({hello, labels, chunk});
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_GE(replies, 3);  // welcome, the gradient's chunk(s), the result
+  EXPECT_EQ(part_->updates(), before + 1);
 }
 
 TEST_F(WorkerServiceTest, MemoryStaysBoundedUnderBadStreams) {
