@@ -1,6 +1,7 @@
 #include "server/chunk_codec.h"
 
 #include <array>
+#include <cassert>
 #include <utility>
 
 namespace splitq::server {
@@ -23,7 +24,10 @@ void PutTag(std::string& out, uint32_t field, uint32_t wire_type) {
 // Reads the bytes of a sequence of slices front to back.
 class SliceReader {
  public:
-  explicit SliceReader(const std::vector<grpc::Slice>& slices) : slices_(slices) { Settle(); }
+  explicit SliceReader(const std::vector<grpc::Slice>& slices) : slices_(slices) {
+    for (const grpc::Slice& s : slices_) remaining_ += s.size();
+    Settle();
+  }
 
   uint64_t remaining() const { return remaining_; }
   void set_remaining(uint64_t n) { remaining_ = n; }  // a limit: at most the bytes left
@@ -43,6 +47,28 @@ class SliceReader {
       if (shift == 63 && b > 1) return false;  // more than 64 bits
       *v |= static_cast<uint64_t>(b & 0x7f) << shift;
       if ((b & 0x80) == 0) return true;
+    }
+    return false;
+  }
+
+  // A tag of the fields we take (numbers 1..15): one byte. Longer tags are left to protobuf.
+  bool ReadTag(uint64_t* tag) {
+    uint8_t b;
+    if (!ReadByte(&b) || (b & 0x80) != 0) return false;
+    *tag = b;
+    return true;
+  }
+
+  // A length as protobuf writes it: the shortest varint (at most 5 bytes), at most 1 GiB.
+  // (Protobuf refuses lengths longer than 5 bytes; a longer or padded one is left to it.)
+  bool ReadLength(uint64_t* n) {
+    *n = 0;
+    for (int shift = 0; shift < 35; shift += 7) {
+      uint8_t b;
+      if (!ReadByte(&b)) return false;
+      if (shift > 0 && b == 0) return false;  // padded: not the shortest form
+      *n |= static_cast<uint64_t>(b & 0x7f) << shift;
+      if ((b & 0x80) == 0) return *n <= (uint64_t{1} << 30);
     }
     return false;
   }
@@ -77,7 +103,7 @@ class SliceReader {
 
   const std::vector<grpc::Slice>& slices_;
   size_t slice_ = 0, offset_ = 0;
-  uint64_t remaining_ = UINT64_MAX;
+  uint64_t remaining_ = 0;
 };
 
 void Unref(void* frame) { delete static_cast<std::shared_ptr<const std::string>*>(frame); }
@@ -87,6 +113,7 @@ void Unref(void* frame) { delete static_cast<std::shared_ptr<const std::string>*
 grpc::ByteBuffer EncodeChunk(uint64_t step, uint32_t index, uint32_t count, uint64_t frame_bytes,
                              std::shared_ptr<const std::string> frame, size_t begin,
                              size_t length) {
+  assert(begin <= frame->size() && length <= frame->size() - begin);
   std::string inner;  // FrameChunk's fields 1..4 and the tag and length of field 5
   PutTag(inner, 1, kVarint);
   PutVarint(inner, step);
@@ -119,20 +146,20 @@ std::optional<ChunkMessage> DecodeChunk(const grpc::ByteBuffer& buffer) {
   if (!buffer.Dump(&m.slices).ok()) return std::nullopt;
   SliceReader in(m.slices);
   uint64_t tag, length;
-  if (!in.ReadVarint(&tag) || tag != ((kChunkField << 3) | kLengthDelimited) ||
-      !in.ReadVarint(&length) || length > in.remaining()) {
+  if (!in.ReadTag(&tag) || tag != ((kChunkField << 3) | kLengthDelimited) ||
+      !in.ReadLength(&length) || length > in.remaining()) {
     return std::nullopt;
   }
   in.set_remaining(length);
   std::array<bool, 6> seen{};
   while (in.remaining() > 0) {
     uint64_t field_tag, v;
-    if (!in.ReadVarint(&field_tag)) return std::nullopt;
+    if (!in.ReadTag(&field_tag)) return std::nullopt;
     const uint64_t field = field_tag >> 3, wire_type = field_tag & 7;
     if (field < 1 || field > 5 || seen[field]) return std::nullopt;
     seen[field] = true;
     if (field == 5) {
-      if (wire_type != kLengthDelimited || !in.ReadVarint(&v) || !in.Take(v, &m.pieces)) {
+      if (wire_type != kLengthDelimited || !in.ReadLength(&v) || !in.Take(v, &m.pieces)) {
         return std::nullopt;
       }
       continue;

@@ -11,9 +11,10 @@
 // 16 KiB by default), which the FrameAssembler copies into the frame: one copy per chunk in
 // all, where protobuf's generated classes make four (set_data, serialize, parse, assemble).
 //
-// Both are the exact protobuf wire format of TrainRequest, TrainReply and EvaluateRequest with
-// their FrameChunk field (number 2 in each) set, so the other end may use the generated classes
-// (tests do). Anything else, including a chunk message in an unusual but valid encoding (a
+// Both are valid protobuf encodings of TrainRequest, TrainReply and EvaluateRequest with their
+// FrameChunk field (number 2 in each) set (EncodeChunk writes fields 1..5 even when they are 0
+// or empty, which proto3's own serializer leaves out), so the other end may use the generated
+// classes (tests do). Anything else, including a chunk message in an unusual but valid encoding (a
 // repeated field, an unknown field, fields of another message), is left to protobuf: the
 // decoder says "not mine" and the caller parses the bytes with the generated class.
 #pragma once
@@ -72,8 +73,9 @@ struct ChunkMessage {
 
 // The chunk in `buffer` when it holds only field kChunkField, once, in the encoding protobuf
 // (or EncodeChunk) writes: varint fields 1..4 at most once each, bytes field 5 at most once,
-// nothing else. Otherwise nullopt (the caller parses `buffer` with protobuf, which decides what
-// it is and whether it is valid). Never fails and never reads past the buffer.
+// nothing else; tags of one byte and lengths in the shortest varint of at most 5 bytes, as
+// protobuf writes them. Otherwise nullopt (the caller parses `buffer` with protobuf, which
+// decides what it is and whether it is valid). Never fails and never reads past the buffer.
 std::optional<ChunkMessage> DecodeChunk(const grpc::ByteBuffer& buffer);
 
 }  // namespace splitq::server

@@ -134,6 +134,26 @@ TEST(ChunkCodec, LeavesEveryOtherMessageToProtobuf) {
   EXPECT_FALSE(decode(unknown));
   TrainRequest check;
   EXPECT_TRUE(check.ParseFromString(unknown));
+  // Tags and lengths in longer varints than protobuf writes: declined. An outer length of 6
+  // bytes, which protobuf itself refuses (a length has at most 5), must not train.
+  const std::string padded_outer(
+      "\x12\x87\x80\x80\x80\x80\x00\x08\x04\x2a\x03"
+      "abc",
+      14);
+  EXPECT_FALSE(decode(padded_outer));
+  EXPECT_FALSE(check.ParseFromString(padded_outer));
+  const std::string padded_data(
+      "\x12\x08\x08\x04\x2a\x83\x00"
+      "abc",
+      10);  // valid protobuf
+  EXPECT_FALSE(decode(padded_data));
+  EXPECT_TRUE(check.ParseFromString(padded_data));
+  EXPECT_EQ(check.activation().data(), "abc");
+  const std::string long_tag(
+      "\x92\x00\x07\x08\x04\x2a\x03"
+      "abc",
+      10);
+  EXPECT_FALSE(decode(long_tag));
   // index above 32 bits: protobuf truncates, the decoder declines.
   std::string wide =
       "\x12\x0b\x10\xff\xff\xff\xff\x1f\x2a\x03"
