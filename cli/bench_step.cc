@@ -116,8 +116,8 @@ void RegisterBenchStep(CLI::App& bench, RunFn* run) {
   cmd->add_option("--config", opt->config_path, "The YAML run config")->required();
   cmd->add_option("--set", opt->overrides, "Override a key: key.path=value (YAML value)");
   cmd->add_option("--init", opt->init, "Base checkpoint (LoRA configs need one)");
-  cmd->add_option("--steps", opt->steps, "Measured steps per run")->check(CLI::Range(1, 1 << 30));
-  cmd->add_option("--warmup", opt->warmup, "Unmeasured steps first")->check(CLI::Range(0, 1 << 30));
+  cmd->add_option("--steps", opt->steps, "Measured steps per run")->check(IntRange(1, 1 << 30));
+  cmd->add_option("--warmup", opt->warmup, "Unmeasured steps first")->check(IntRange(0, 1 << 30));
   cmd->add_option("--json", opt->json_path, "Also write the results as JSON to this file");
   cmd->callback([opt, run] { *run = [opt] { return RunBenchStep(*opt); }; });
 }

@@ -29,14 +29,14 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
       "transport", "Frames over gRPC on loopback against a raw TCP socket, same bytes");
   cmd->add_option("--json", opt->json, "Also write the results as JSON to this file");
   cmd->add_option("--mib", opt->mib, "MiB moved per frame size and round (default 256)")
-      ->check(CLI::Range(1, 1 << 30));
+      ->check(IntRange(1, 1 << 30));
   cmd->add_option("--chunk-kib", opt->chunk_kib,
                   "FrameChunk size in KiB (default 1024, the client's)")
-      ->check(CLI::Range(1, 4096));
+      ->check(IntRange(1, 4096));
   cmd->add_option("--streams", opt->streams,
                   "Experiment: deal each frame's chunks over this many streams, one HTTP/2 "
                   "connection each (default 1, what a session does)")
-      ->check(CLI::Range(1, 16));
+      ->check(IntRange(1, 16));
   cmd->add_flag("--sync-server", opt->sync_server,
                 "Serve with gRPC's sync API instead of the callback API the worker uses "
                 "(implies --protobuf)");

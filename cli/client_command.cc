@@ -373,19 +373,19 @@ void RegisterClient(CLI::App& app, RunFn* run) {
                   "frames of 1 MiB or more 1.2-1.8x faster in `splitq bench transport` on a "
                   "16-core host, not on 2 cores, and no end-to-end gain was measured: "
                   "docs/benchmarks.md)")
-      ->check(CLI::Range(16, 4096));
+      ->check(IntRange(16, 4096));
   cmd->add_option("--micro-batches", opt->micro_batches,
                   "Run the client's layers on K slices of the batch, one at a time, and "
                   "recompute them in the backward pass: less memory, one more forward pass "
                   "(default: the config's client.micro_batches on a CPU, 1 on CUDA)")
-      ->check(CLI::Range(1, 1024));
+      ->check(IntRange(1, 1024));
   AddSecurityFlags(cmd, &opt->security, /*serving=*/false);
   cmd->add_option("--connect-timeout", opt->connect_timeout_s,
                   "Seconds to keep trying to reach the coordinator and a worker at the start")
-      ->check(CLI::Range(1, 1 << 30));
+      ->check(IntRange(1, 1 << 30));
   cmd->add_option("--reconnect-timeout", opt->reconnect_timeout_s,
                   "Seconds to keep trying after the worker stream failed")
-      ->check(CLI::Range(1, 1 << 30));
+      ->check(IntRange(1, 1 << 30));
   cmd->callback([opt, run] { *run = [opt] { return RunClient(*opt); }; });
 }
 

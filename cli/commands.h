@@ -17,6 +17,10 @@ using RunFn = std::function<int()>;
 // libblas3: CPU training is then ~10x slower than with OpenBLAS (scripts/deps.list).
 void WarnIfReferenceBlas();
 
+// An integer option's check: "Value abc is not a whole number", or "Value 9 not in range 1 to
+// 4" (CLI::Range alone calls both "not in range"). Its description is "INT in [lo - hi]".
+CLI::Validator IntRange(int64_t lo, int64_t hi);
+
 // `splitq bench kernels`: our kernels against PyTorch's ops and a copy (docs/benchmarks.md).
 void RegisterBenchKernels(CLI::App& bench, RunFn* run);
 

@@ -103,7 +103,7 @@ void RegisterCoordinator(CLI::App& app, RunFn* run) {
   AddSecurityFlags(cmd, &opt->security, /*serving=*/true);
   cmd->add_option("--tokens", opt->tokens_path, "Bearer tokens from `splitq tokens`");
   cmd->add_option("--heartbeat-ms", opt->heartbeat_ms, "Heartbeat period (dead after two)")
-      ->check(CLI::Range(10, 600000));
+      ->check(IntRange(10, 600000));
   cmd->callback([opt, run] { *run = [opt] { return RunCoordinator(*opt); }; });
 }
 

@@ -330,7 +330,7 @@ void RegisterDemo(CLI::App& app, RunFn* run) {
   CLI::App* cmd = app.add_subcommand(
       "demo", "A cluster on this machine: coordinator, worker and clients as processes (TLS)");
   cmd->add_option("--config", opt->config_path, "The YAML run config (default: the embedded one)");
-  cmd->add_option("--clients", opt->clients, "How many clients")->check(CLI::Range(1, 64));
+  cmd->add_option("--clients", opt->clients, "How many clients")->check(IntRange(1, 64));
   cmd->add_option("--out", opt->out_dir, "Output directory (default runs/demo)");
   cmd->add_option("--startup-timeout", opt->startup_timeout_s,
                   "Seconds a server may take to start listening");

@@ -26,7 +26,7 @@ void RegisterHealth(CLI::App& app, RunFn* run) {
       "--service", opt->service,
       "Service name: splitq.v1.Coordinator or splitq.v1.Worker (default: the whole server)");
   cmd->add_option("--timeout-ms", opt->timeout_ms, "Deadline in milliseconds")
-      ->check(CLI::Range(1, 1 << 30));
+      ->check(IntRange(1, 1 << 30));
   cmd->callback([opt, run] {
     *run = [opt] {
       if (auto address = ParseHostPort(opt->target); !address.ok() || address->port == 0) {

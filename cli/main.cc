@@ -3,10 +3,15 @@
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
+#include <charconv>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <string>
+
+#if SPLITQ_WITH_SERVICES
+#include <grpc/support/log.h>
+#endif
 
 #include "absl/synchronization/mutex.h"
 #include "cli/commands.h"
@@ -34,9 +39,43 @@ void SkipMutexDeadlockDetection() {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 }
 
+#if SPLITQ_WITH_SERVICES
+// gRPC logs its own view of failures that splitq reports itself, in its own format (a bind error
+// is "chttp2_server.cc:1065] UNKNOWN:No address added ..." before splitq's "cannot listen on
+// ..."). Those lines are dropped unless SPLITQ_GRPC_LOG=1, which shows them as warnings
+// prefixed "grpc:" (with GRPC_VERBOSITY=INFO or DEBUG for more than errors).
+bool ShowGrpcLog() {
+  const char* show = std::getenv("SPLITQ_GRPC_LOG");
+  return show != nullptr && show[0] == '1';
+}
+
+void ForwardGrpcLog(gpr_log_func_args* args) {
+  if (!ShowGrpcLog()) return;
+  spdlog::warn("grpc: {}:{}: {}", args->file, args->line, args->message);
+}
+#endif
+
 }  // namespace
 
 namespace splitq::cli {
+
+CLI::Validator IntRange(int64_t lo, int64_t hi) {
+  return CLI::Validator(
+      [lo, hi](std::string& text) -> std::string {
+        int64_t v = 0;
+        const char* end = text.data() + text.size();
+        const auto [at, error] = std::from_chars(text.data(), end, v);
+        if (text.empty() || error != std::errc() || at != end) {
+          return "Value " + text + " is not a whole number";
+        }
+        if (v < lo || v > hi) {
+          return "Value " + text + " not in range " + std::to_string(lo) + " to " +
+                 std::to_string(hi);
+        }
+        return std::string();
+      },
+      "INT in [" + std::to_string(lo) + " - " + std::to_string(hi) + "]");
+}
 
 void WarnIfReferenceBlas() {
   std::ifstream maps("/proc/self/maps");
@@ -59,6 +98,9 @@ void WarnIfReferenceBlas() {
 int main(int argc, char** argv) {
   KeepLargeAllocationsInTheHeap();
   SkipMutexDeadlockDetection();
+#if SPLITQ_WITH_SERVICES
+  gpr_set_log_function(&ForwardGrpcLog);
+#endif
   CLI::App app{"splitq: distributed quantization-aware training and split learning"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "splitq 0.1.0");

@@ -283,26 +283,26 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
                   "Host clients dial (default: the --listen host, or this host's name)");
   cmd->add_option("--advertise-port", opt->advertise_port,
                   "Port clients dial, when not the listening one (a proxy or NAT in between)")
-      ->check(CLI::Range(1, 65535));
+      ->check(IntRange(1, 65535));
   cmd->add_option("--init", opt->init, "Base weights checkpoint (LoRA runs)");
   cmd->add_option("--out", opt->out_dir,
                   "Keep DIR/worker.pt (the server part's state) and resume from it when present");
   cmd->add_option("--checkpoint-every", opt->checkpoint_every,
                   "Server updates between checkpoints in --out (default: the config's "
                   "checkpoint_every; 0: only when stopping)")
-      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
+      ->check(IntRange(int64_t{0}, int64_t{1} << 40));
   AddSecurityFlags(cmd, &opt->security, /*serving=*/true);
   cmd->add_option("--tokens", opt->tokens_path, "The clients' bearer tokens (`splitq tokens`)");
   cmd->add_option("--token", opt->token_path, "This worker's own token file, for the coordinator");
   cmd->add_option("--chunk-kib", opt->chunk_kib,
                   "Send gradient frames in chunks of this many KiB (default 1024; see "
                   "`splitq client --chunk-kib`)")
-      ->check(CLI::Range(16, 4096));
+      ->check(IntRange(16, 4096));
   cmd->add_option("--max-clients", opt->max_clients, "Clients served at once")
-      ->check(CLI::Range(1, 4096));
+      ->check(IntRange(1, 4096));
   cmd->add_option("--connect-timeout", opt->connect_timeout_s,
                   "Seconds to keep trying to reach the coordinator")
-      ->check(CLI::Range(1, 1 << 30));
+      ->check(IntRange(1, 1 << 30));
   cmd->callback([opt, run] { *run = [opt] { return RunWorker(*opt); }; });
 }
 

@@ -2,7 +2,8 @@
 # The real `splitq coordinator` process on loopback with an OS-picked port, fresh
 # certificates and tokens: `splitq health` gets SERVING over TLS, a plaintext probe fails
 # cleanly, a second coordinator on its port fails, `certs` and `tokens` refuse to replace
-# what --out holds (exit 2, naming --force / --keep), an unknown flag exits 2, and SIGTERM stops
+# what --out holds (exit 2, naming --force / --keep), an unknown flag exits 2, integer options
+# name a non-number or the range, gRPC's own log lines are not shown, and SIGTERM stops
 # the coordinator with exit code 0.
 set -euo pipefail
 SPLITQ=${1:?usage: coordinator_smoke.sh SPLITQ_BINARY CONFIG}
@@ -48,6 +49,16 @@ grep -q -- "--keep" "$dir/tokens.err"
 code=0
 "$SPLITQ" coordinator --no-such-flag >/dev/null 2>&1 || code=$?
 [[ $code == 2 ]] || { echo "an unknown flag exited $code"; exit 1; }
+# Integer options say what is wrong: not a number, or out of range.
+for bad in "abc|abc is not a whole number" "0|0 not in range 10 to 600000"; do
+  code=0
+  "$SPLITQ" coordinator --heartbeat-ms "${bad%%|*}" 2>"$dir/int.err" >/dev/null || code=$?
+  [[ $code == 2 ]] || { echo "--heartbeat-ms ${bad%%|*} exited $code"; exit 1; }
+  grep -q "${bad#*|}" "$dir/int.err" || { cat "$dir/int.err"; exit 1; }
+done
+# gRPC's own log lines are dropped unless SPLITQ_GRPC_LOG=1 (the second coordinator above
+# failed to bind: splitq's message only).
+if grep -q "chttp2" "$dir/second.log"; then echo "gRPC's log line leaked"; exit 1; fi
 kill -TERM "$pid"
 wait "$pid"
 grep -q "coordinator stopped" "$dir/log"
