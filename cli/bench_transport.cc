@@ -1,13 +1,15 @@
 // `splitq bench transport [--json FILE] [--mib N] [--chunk-kib K] [--streams S] [--protobuf]
-// [--sync-server]`:
+// [--sync-server] [--grpc-arg NAME=INT]...`:
 // frames over gRPC on loopback against a raw TCP socket moving the same bytes
 // (server/transport_bench.h).
 #include <cerrno>
+#include <charconv>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_format.h"
 #include "cli/commands.h"
@@ -23,6 +25,7 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
     int streams = 1;
     bool sync_server = false;
     bool protobuf = false;
+    std::vector<std::string> grpc_args;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = bench.add_subcommand(
@@ -43,6 +46,22 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
   cmd->add_flag("--protobuf", opt->protobuf,
                 "Send and read chunks through protobuf's generated classes (copies the data), "
                 "not without copies as sessions do");
+  cmd->add_option("--grpc-arg", opt->grpc_args,
+                  "A gRPC channel argument NAME=INT for both ends (repeatable), e.g. "
+                  "grpc.http2.max_frame_size=1048576")
+      ->check(CLI::Validator(
+          [](std::string& s) -> std::string {
+            const size_t eq = s.find('=');
+            int v = 0;
+            const char* end = s.data() + s.size();
+            if (eq == std::string::npos || eq == 0) return "expected NAME=INT, got " + s;
+            const auto [at, error] = std::from_chars(s.data() + eq + 1, end, v);
+            if (eq + 1 == s.size() || error != std::errc() || at != end) {
+              return "the value of " + s + " is not an integer";
+            }
+            return std::string();
+          },
+          "NAME=INT"));
   cmd->callback([opt, run] {
     *run = [opt] {
       // The file opens before the minutes of measuring, not after.
@@ -61,6 +80,10 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
       options.streams = opt->streams;
       options.callback_server = !opt->sync_server;
       options.protobuf_messages = opt->protobuf || opt->sync_server;
+      for (const std::string& a : opt->grpc_args) {
+        const size_t eq = a.find('=');
+        options.grpc_args.emplace_back(a.substr(0, eq), std::stoi(a.substr(eq + 1)));
+      }
       const char* messages = options.protobuf_messages ? "protobuf" : "zero-copy";
       std::printf(
           "gRPC: %d stream(s), %d KiB chunks, %s messages, %s server API; TCP: one "

@@ -362,6 +362,7 @@ absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOp
   int port = 0;
   builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
   builder.SetMaxReceiveMessageSize(kMaxChunkBytes + (64 << 10));
+  for (const auto& [name, value] : options.grpc_args) builder.AddChannelArgument(name, value);
   if (!options.callback_server) {
     builder.RegisterService(&sync_service);
   } else if (options.protobuf_messages) {
@@ -381,6 +382,7 @@ absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOp
     args.SetMaxSendMessageSize(kMaxChunkBytes + (64 << 10));
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     args.SetInt("splitq.bench_lane", lane);
+    for (const auto& [name, value] : options.grpc_args) args.SetInt(name, value);
     channels.push_back(grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
                                                  grpc::InsecureChannelCredentials(), args));
   }

@@ -21,6 +21,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -33,6 +35,9 @@ struct TransportOptions {
   int streams = 1;                 // 1 .. 16; > 1 stripes each frame (see above)
   bool callback_server = true;     // false: the sync server API (needs protobuf_messages)
   bool protobuf_messages = false;  // chunks through the generated classes, not chunk_codec.h
+  // gRPC channel arguments (name, integer value) for both the server and the client channels,
+  // e.g. {"grpc.http2.max_frame_size", 1 << 20}: for tuning experiments.
+  std::vector<std::pair<std::string, int>> grpc_args;
 };
 
 struct TransportResult {

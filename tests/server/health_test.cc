@@ -119,7 +119,7 @@ TEST(StatusMapping, CodesCrossTheEdgeOneToOne) {
 
 // The transport benchmark runs end to end on loopback (its speed is printed by
 // `splitq bench transport`, not asserted here): as a session streams (zero-copy chunks), striped,
-// and through the generated classes on both server APIs.
+// and through the generated classes on both server APIs; one with a gRPC argument.
 TEST(TransportBench, MovesEveryFrameSizeOverBothTransports) {
   struct Variant {
     int streams;
@@ -133,6 +133,7 @@ TEST(TransportBench, MovesEveryFrameSizeOverBothTransports) {
     options.chunk_bytes = v.streams == 1 ? (1 << 20) : (64 << 10);
     options.protobuf_messages = v.protobuf;
     options.callback_server = v.callback;
+    if (v.streams == 3) options.grpc_args = {{"grpc.http2.max_frame_size", 1 << 20}};
     auto results = RunTransportBench(options);
     ASSERT_TRUE(results.ok()) << results.status();
     const int streams = v.streams;
