@@ -3,7 +3,7 @@
 // frames over gRPC on loopback against a raw TCP socket moving the same bytes
 // (server/transport_bench.h).
 #include <cerrno>
-#include <charconv>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -52,12 +52,10 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
       ->check(CLI::Validator(
           [](std::string& s) -> std::string {
             const size_t eq = s.find('=');
-            int v = 0;
-            const char* end = s.data() + s.size();
             if (eq == std::string::npos || eq == 0) return "expected NAME=INT, got " + s;
-            const auto [at, error] = std::from_chars(s.data() + eq + 1, end, v);
-            if (eq + 1 == s.size() || error != std::errc() || at != end) {
-              return "the value of " + s + " is not an integer";
+            const std::optional<int64_t> v = ParseWholeNumber(std::string_view(s).substr(eq + 1));
+            if (!v || *v < INT32_MIN || *v > INT32_MAX) {
+              return "the value of " + s + " is not a 32-bit integer";
             }
             return std::string();
           },

@@ -5,7 +5,9 @@
 
 #include <CLI/CLI.hpp>
 #include <functional>
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include "trainer/train_loop.h"
 
@@ -16,6 +18,9 @@ using RunFn = std::function<int()>;
 // Warns (once, on stderr) when libtorch runs on the reference (netlib) BLAS, Debian's default
 // libblas3: CPU training is then ~10x slower than with OpenBLAS (scripts/deps.list).
 void WarnIfReferenceBlas();
+
+// `text` as a whole number (digits with an optional '-', nothing else), or nullopt.
+std::optional<int64_t> ParseWholeNumber(std::string_view text);
 
 // An integer option's check: "Value abc is not a whole number", or "Value 9 not in range 1 to
 // 4" (CLI::Range alone calls both "not in range"). Its description is "INT in [lo - hi]".
