@@ -1,5 +1,7 @@
 #include "server/chunk_codec.h"
 
+#include <grpcpp/impl/codegen/rpc_method.h>
+
 #include <array>
 #include <cassert>
 #include <utility>
@@ -139,6 +141,14 @@ grpc::ByteBuffer EncodeChunk(uint64_t step, uint32_t index, uint32_t count, uint
       grpc::Slice(head),
       grpc::Slice(data, length, &Unref, new std::shared_ptr<const std::string>(std::move(frame)))};
   return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+std::unique_ptr<RawStream> OpenRawStream(grpc::ChannelInterface* channel, const char* method,
+                                         grpc::ClientContext* context) {
+  const grpc::internal::RpcMethod rpc(method, grpc::internal::RpcMethod::BIDI_STREAMING);
+  return std::unique_ptr<RawStream>(
+      grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+          channel, rpc, context));
 }
 
 std::optional<ChunkMessage> DecodeChunk(const grpc::ByteBuffer& buffer) {

@@ -22,6 +22,7 @@
 #include <grpcpp/impl/codegen/proto_utils.h>  // SerializationTraits of protobuf messages
 #include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/slice.h>
+#include <grpcpp/support/sync_stream.h>
 
 #include <cstdint>
 #include <memory>
@@ -56,6 +57,16 @@ template <typename M>
 bool FromByteBuffer(grpc::ByteBuffer* buffer, M* message) {
   return grpc::SerializationTraits<M>::Deserialize(buffer, message).ok();
 }
+
+// The Worker methods' full names (worker.proto; the generated code keeps its own copies
+// private; chunk_codec_test checks these against the proto's descriptor).
+inline constexpr char kWorkerTrainMethod[] = "/splitq.v1.Worker/Train";
+inline constexpr char kWorkerEvaluateMethod[] = "/splitq.v1.Worker/Evaluate";
+
+// A sync bidirectional stream of raw messages on `method` (one of the above).
+using RawStream = grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>;
+std::unique_ptr<RawStream> OpenRawStream(grpc::ChannelInterface* channel, const char* method,
+                                         grpc::ClientContext* context);
 
 // A received chunk: `chunk` with its data as `pieces`, views into `slices`. Moving it keeps
 // the views valid (the slices' memory does not move); copying it is not allowed.

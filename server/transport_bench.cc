@@ -196,30 +196,21 @@ bool RecvAll(int fd, void* data, size_t n) {
   return true;
 }
 
-// The Worker.Train method, for raw streams.
-const grpc::internal::RpcMethod& TrainMethod() {
-  static const grpc::internal::RpcMethod method("/splitq.v1.Worker/Train",
-                                                grpc::internal::RpcMethod::BIDI_STREAMING);
-  return method;
-}
-
 // Stream `lane` of `lanes` carries chunks lane, lane + lanes, ... of each frame (numbered
 // 0..k-1 within the stream, with the stream's own byte count, so its server answers after its
 // own last one). Raw: chunks as WorkerClient sends them (chunk_codec.h, no copies); otherwise
 // through the generated classes. Seconds from the first barrier to the last frame's answer;
 // -1 if the stream broke.
-double LaneSeconds(grpc::Channel& channel, const std::shared_ptr<const std::string>& payload,
-                   int frames, int64_t chunk_bytes, bool raw, int lane, int lanes,
-                   Barrier& barrier) {
+double LaneSeconds(const std::shared_ptr<grpc::Channel>& channel,
+                   const std::shared_ptr<const std::string>& payload, int frames,
+                   int64_t chunk_bytes, bool raw, int lane, int lanes, Barrier& barrier) {
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(5));
-  std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> raw_stream;
+  std::unique_ptr<RawStream> raw_stream;
   std::unique_ptr<grpc::ClientReaderWriter<TrainRequest, TrainReply>> stream;
-  splitq::v1::Worker::Stub stub(std::shared_ptr<grpc::Channel>(&channel, [](grpc::Channel*) {}));
+  splitq::v1::Worker::Stub stub(channel);
   if (raw) {
-    raw_stream.reset(
-        grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
-            &channel, TrainMethod(), &context));
+    raw_stream = OpenRawStream(channel.get(), kWorkerTrainMethod, &context);
   } else {
     stream = stub.Train(&context);
   }
@@ -277,14 +268,14 @@ double GrpcSeconds(const std::vector<std::shared_ptr<grpc::Channel>>& channels,
   const int lanes = static_cast<int>(channels.size());
   Barrier barrier(lanes);
   if (lanes == 1) {
-    return LaneSeconds(*channels[0], payload, frames, chunk_bytes, raw, 0, 1, barrier);
+    return LaneSeconds(channels[0], payload, frames, chunk_bytes, raw, 0, 1, barrier);
   }
   std::vector<double> seconds(static_cast<size_t>(lanes));
   std::vector<std::thread> threads;
   for (int lane = 0; lane < lanes; ++lane) {
     threads.emplace_back([&, lane] {
       seconds[static_cast<size_t>(lane)] =
-          LaneSeconds(*channels[static_cast<size_t>(lane)], payload, frames, chunk_bytes, raw, lane,
+          LaneSeconds(channels[static_cast<size_t>(lane)], payload, frames, chunk_bytes, raw, lane,
                       lanes, barrier);
     });
   }

@@ -25,10 +25,6 @@ void FillHello(Request* request, const WorkerLinkOptions& o, int64_t step) {
   hello->set_run_id(o.run_id);
 }
 
-// The generated names of the Worker methods (worker.proto).
-constexpr char kTrainMethod[] = "/splitq.v1.Worker/Train";
-constexpr char kEvaluateMethod[] = "/splitq.v1.Worker/Evaluate";
-
 template <typename Message, typename Stream>
 bool Write(Stream& stream, const Message& message) {
   return stream.Write(ToByteBuffer(message));
@@ -74,10 +70,7 @@ grpc::ChannelArguments ClientChannelArguments(int keepalive_ms) {
 }
 
 WorkerClient::WorkerClient(std::shared_ptr<grpc::Channel> channel, WorkerLinkOptions options)
-    : channel_(std::move(channel)),
-      options_(std::move(options)),
-      train_method_(kTrainMethod, grpc::internal::RpcMethod::BIDI_STREAMING, channel_),
-      evaluate_method_(kEvaluateMethod, grpc::internal::RpcMethod::BIDI_STREAMING, channel_) {
+    : channel_(std::move(channel)), options_(std::move(options)) {
   options_.chunk_bytes =
       std::clamp<int64_t>(options_.chunk_bytes, 1, options_.limits.max_chunk_bytes);
 }
@@ -108,16 +101,9 @@ absl::Status WorkerClient::Fail(Open<Stream>& open, const char* what, bool cance
   return status;
 }
 
-std::unique_ptr<WorkerClient::RawStream> WorkerClient::OpenStream(
-    const grpc::internal::RpcMethod& method, grpc::ClientContext* context) {
-  return std::unique_ptr<RawStream>(
-      grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
-          channel_.get(), method, context));
-}
-
 absl::Status WorkerClient::OpenTrain(int64_t step) {
   train_.context = NewContext();
-  train_.stream = OpenStream(train_method_, train_.context.get());
+  train_.stream = OpenRawStream(channel_.get(), kWorkerTrainMethod, train_.context.get());
   splitq::v1::TrainRequest hello;
   FillHello(&hello, options_, step);
   grpc::ByteBuffer raw;
@@ -201,7 +187,7 @@ absl::StatusOr<trainer::EvalPiece> WorkerClient::Evaluate(const trainer::UpFrame
   }
   if (!eval_.stream) {
     eval_.context = NewContext();
-    eval_.stream = OpenStream(evaluate_method_, eval_.context.get());
+    eval_.stream = OpenRawStream(channel_.get(), kWorkerEvaluateMethod, eval_.context.get());
     eval_.step = up.step;
     splitq::v1::EvaluateRequest hello;
     FillHello(&hello, options_, up.step);

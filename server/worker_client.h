@@ -18,15 +18,13 @@
 
 #include <grpcpp/channel.h>
 #include <grpcpp/client_context.h>
-#include <grpcpp/impl/codegen/rpc_method.h>
-#include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/channel_arguments.h>
-#include <grpcpp/support/sync_stream.h>
 
 #include <chrono>
 #include <memory>
 #include <string>
 
+#include "server/chunk_codec.h"  // RawStream
 #include "server/frame_assembler.h"
 #include "splitq/v1/worker.grpc.pb.h"
 #include "trainer/split_link.h"
@@ -67,18 +65,14 @@ class WorkerClient : public trainer::ServerLink {
     std::unique_ptr<Stream> stream;
     int64_t step = -1;  // Evaluate: the training step in its hello
   };
-  using RawStream = grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>;
 
   std::unique_ptr<grpc::ClientContext> NewContext() const;
-  std::unique_ptr<RawStream> OpenStream(const grpc::internal::RpcMethod& method,
-                                        grpc::ClientContext* context);
   absl::Status OpenTrain(int64_t step);
   template <typename Stream>
   absl::Status Fail(Open<Stream>& open, const char* what, bool cancel = false);
 
   std::shared_ptr<grpc::Channel> channel_;
   WorkerLinkOptions options_;
-  grpc::internal::RpcMethod train_method_, evaluate_method_;
   Open<RawStream> train_;
   Open<RawStream> eval_;
   uint64_t session_id_ = 0;

@@ -39,6 +39,17 @@ std::string Data(const ChunkMessage& m) {
   return out;
 }
 
+TEST(ChunkCodec, MethodNamesAreTheProtosOwn) {
+  const google::protobuf::ServiceDescriptor* worker =
+      TrainRequest::descriptor()->file()->FindServiceByName("Worker");
+  ASSERT_NE(worker, nullptr);
+  ASSERT_EQ(worker->full_name(), splitq::v1::Worker::service_full_name());
+  EXPECT_EQ(kWorkerTrainMethod, "/" + worker->full_name() + "/" + worker->method(0)->name());
+  EXPECT_EQ(worker->method(0)->name(), "Train");
+  EXPECT_EQ(kWorkerEvaluateMethod, "/" + worker->full_name() + "/" + worker->method(1)->name());
+  EXPECT_EQ(worker->method(1)->name(), "Evaluate");
+}
+
 TEST(ChunkCodec, EncodedChunksParseWithTheGeneratedClasses) {
   auto frame = std::make_shared<const std::string>("0123456789abcdefghij");
   grpc::ByteBuffer buffer = EncodeChunk(uint64_t{1} << 40, 3, 7, 20, frame, 5, 9);

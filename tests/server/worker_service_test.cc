@@ -299,15 +299,12 @@ TEST_F(WorkerServiceTest, MalformedFramesGetACodeAndTheWorkerKeepsServing) {
 // session with INVALID_ARGUMENT, and a chunk in a valid but unusual protobuf encoding (fields in
 // another order, an unknown field) is read through the generated classes and trains.
 TEST_F(WorkerServiceTest, UnparsableMessagesAreRefusedAndUnusualEncodingsTrain) {
-  const grpc::internal::RpcMethod train("/splitq.v1.Worker/Train",
-                                        grpc::internal::RpcMethod::BIDI_STREAMING);
   auto run = [&](const std::vector<std::string>& messages) {
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
     AddBearer(context, TokenFor("alice"));
-    std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> stream(
-        grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
-            raw_channel_.get(), train, &context));
+    std::unique_ptr<RawStream> stream =
+        OpenRawStream(raw_channel_.get(), kWorkerTrainMethod, &context);
     for (const std::string& m : messages) {
       grpc::Slice slice(m);
       if (!stream->Write(grpc::ByteBuffer(&slice, 1))) break;
