@@ -1,5 +1,5 @@
 // `splitq bench transport [--json FILE] [--mib N] [--chunk-kib K] [--streams S] [--protobuf]
-// [--sync-server] [--grpc-arg NAME=INT]...`:
+// [--sync-server] [--grpc-arg NAME=INT]... [--frame-kib K]...`:
 // frames over gRPC on loopback against a raw TCP socket moving the same bytes
 // (server/transport_bench.h).
 #include <cerrno>
@@ -26,6 +26,7 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
     bool sync_server = false;
     bool protobuf = false;
     std::vector<std::string> grpc_args;
+    std::vector<int> frame_kib;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = bench.add_subcommand(
@@ -40,6 +41,10 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
                   "Experiment: deal each frame's chunks over this many streams, one HTTP/2 "
                   "connection each (default 1, what a session does)")
       ->check(IntRange(1, 16));
+  cmd->add_option("--frame-kib", opt->frame_kib,
+                  "Measure only this frame size in KiB (repeatable; default 64, 256, 1024, 4096 "
+                  "and 16384)")
+      ->check(IntRange(1, 65536));
   cmd->add_flag("--sync-server", opt->sync_server,
                 "Serve with gRPC's sync API instead of the callback API the worker uses "
                 "(implies --protobuf)");
@@ -78,6 +83,7 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
       options.streams = opt->streams;
       options.callback_server = !opt->sync_server;
       options.protobuf_messages = opt->protobuf || opt->sync_server;
+      for (const int kib : opt->frame_kib) options.frame_sizes.push_back(int64_t{kib} << 10);
       for (const std::string& a : opt->grpc_args) {
         const size_t eq = a.find('=');
         options.grpc_args.emplace_back(a.substr(0, eq), std::stoi(a.substr(eq + 1)));

@@ -28,6 +28,7 @@ using Clock = std::chrono::steady_clock;
 using splitq::v1::TrainReply;
 using splitq::v1::TrainRequest;
 constexpr int64_t kMaxChunkBytes = 4 << 20;
+constexpr int64_t kMaxFrameBytes = 64 << 20;
 
 // Reads every chunk of every frame; answers each frame's last chunk with a StepResult.
 class SinkWorker final : public splitq::v1::Worker::Service {
@@ -343,6 +344,14 @@ absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOp
     return absl::InvalidArgumentError(
         absl::StrCat("streams ", options.streams, " is outside 1 .. 16"));
   }
+  std::vector<int64_t> sizes = options.frame_sizes;
+  if (sizes.empty()) sizes = {int64_t{64} << 10, int64_t{256} << 10, 1 << 20, 4 << 20, 16 << 20};
+  for (const int64_t size : sizes) {
+    if (size < 1024 || size > kMaxFrameBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("frame size ", size, " bytes is outside 1 KiB .. 64 MiB"));
+    }
+  }
   if (!options.protobuf_messages && !options.callback_server) {
     return absl::InvalidArgumentError("the sync server reads protobuf messages only");
   }
@@ -382,8 +391,7 @@ absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOp
     return GrpcSeconds(channels, payload, frames, options.chunk_bytes, raw);
   };
   std::vector<TransportResult> results;
-  for (const int64_t size : {int64_t{64} << 10, int64_t{256} << 10, int64_t{1} << 20,
-                             int64_t{4} << 20, int64_t{16} << 20}) {
+  for (const int64_t size : sizes) {
     const auto shared = std::make_shared<const std::string>(static_cast<size_t>(size), '\x5a');
     const std::string& payload = *shared;
     const int frames =

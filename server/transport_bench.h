@@ -38,6 +38,8 @@ struct TransportOptions {
   // gRPC channel arguments (name, integer value) for both the server and the client channels,
   // e.g. {"grpc.http2.max_frame_size", 1 << 20}: for tuning experiments.
   std::vector<std::pair<std::string, int>> grpc_args;
+  // Frame sizes in bytes, each 1 KiB .. 64 MiB; empty: 64 KiB, 256 KiB, 1 MiB, 4 MiB, 16 MiB.
+  std::vector<int64_t> frame_sizes;
 };
 
 struct TransportResult {
@@ -47,7 +49,7 @@ struct TransportResult {
   double tcp_mb_s = 0;
 };
 
-// Frame sizes 64 KiB, 256 KiB, 1 MiB, 4 MiB, 16 MiB. INVALID_ARGUMENT for options out of range.
+// One result per frame size, in order. INVALID_ARGUMENT for options out of range.
 absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOptions& options);
 
 }  // namespace splitq::server

@@ -146,13 +146,30 @@ TEST(TransportBench, MovesEveryFrameSizeOverBothTransports) {
   }
 }
 
+// Only the frame sizes asked for, in their order; a frame smaller than a chunk is one chunk.
+TEST(TransportBench, MeasuresTheFrameSizesAskedFor) {
+  TransportOptions options;
+  options.mib_per_size = 1;
+  options.frame_sizes = {int64_t{3} << 20, 1024, int64_t{1} << 20};
+  auto results = RunTransportBench(options);
+  ASSERT_TRUE(results.ok()) << results.status();
+  ASSERT_EQ(results->size(), 3u);
+  EXPECT_EQ((*results)[0].frame_bytes, int64_t{3} << 20);
+  EXPECT_EQ((*results)[1].frame_bytes, 1024);
+  EXPECT_EQ((*results)[2].frame_bytes, int64_t{1} << 20);
+  for (const TransportResult& r : *results) EXPECT_GT(r.grpc_mb_s, 0.0) << r.frame_bytes;
+}
+
 TEST(TransportBench, RefusesOptionsOutOfRange) {
-  TransportOptions small_chunk, many_streams, no_mib, sync_raw;
+  TransportOptions small_chunk, many_streams, no_mib, sync_raw, tiny_frame, huge_frame;
   small_chunk.chunk_bytes = 100;
   many_streams.streams = 17;
   no_mib.mib_per_size = 0;
   sync_raw.callback_server = false;  // the sync sink reads protobuf messages only
-  for (const TransportOptions& o : {small_chunk, many_streams, no_mib, sync_raw}) {
+  tiny_frame.frame_sizes = {1 << 20, 1023};
+  huge_frame.frame_sizes = {(int64_t{64} << 20) + 1};
+  for (const TransportOptions& o :
+       {small_chunk, many_streams, no_mib, sync_raw, tiny_frame, huge_frame}) {
     EXPECT_EQ(RunTransportBench(o).status().code(), absl::StatusCode::kInvalidArgument);
   }
 }
