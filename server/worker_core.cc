@@ -57,6 +57,10 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
     return absl::InvalidArgumentError(
         absl::StrCat("client id '", hello.client_id, "': 1..64 of [A-Za-z0-9._-]"));
   }
+  if (hello.resume_step > kMaxStep) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("resume step ", hello.resume_step, " is above the largest step, 2^53"));
+  }
   if (!hello.run_id.empty() && !IsValidMemberName(hello.run_id)) {
     return absl::InvalidArgumentError(
         absl::StrCat("run id '", hello.run_id, "': 1..64 of [A-Za-z0-9._-]"));

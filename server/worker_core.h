@@ -61,10 +61,14 @@ struct WorkerOptions {
   std::string config_digest;
 };
 
+// The largest step a session may start at (2^53): far beyond any run, and small enough that
+// steps stay exact as int64 and double (a step above it is refused as INVALID_ARGUMENT).
+inline constexpr uint64_t kMaxStep = uint64_t{1} << 53;
+
 struct Hello {
   uint32_t protocol_version = 0;
   std::string client_id;
-  uint64_t resume_step = 0;  // the first step the session sends
+  uint64_t resume_step = 0;  // the first step the session sends, at most kMaxStep
   std::string config_digest;
   bool evaluate = false;  // an Evaluate stream: every frame is a validation batch
   std::string run_id;     // the client's run ("" : unknown, an older client)

@@ -76,6 +76,7 @@ class Boundary {
 }  // namespace
 
 double LearningRateAt(const RunConfig& c, int64_t step, double base) {
+  step = std::max<int64_t>(step, 0);  // a negative step would give a negative rate
   if (step < c.warmup_steps) return base * static_cast<double>(step + 1) / c.warmup_steps;
   const double span = std::max<int64_t>(1, c.steps - c.warmup_steps);
   const double t = static_cast<double>(step - c.warmup_steps) / span;

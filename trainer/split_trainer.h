@@ -84,7 +84,7 @@ struct ClientMemory {
 };
 
 // The learning rate at `step` for a base rate: linear warm-up over optim.warmup_steps, then
-// cosine decay to zero at `steps`.
+// cosine decay to zero at `steps`. A negative step counts as step 0.
 double LearningRateAt(const RunConfig& config, int64_t step, double base);
 
 // What the train driver (train_loop.h) runs: SplitTrainer (both parties in one process), or a

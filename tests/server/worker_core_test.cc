@@ -122,6 +122,23 @@ TEST(WorkerCoreCheckpoint, ProgressSurvivesARestart) {
   EXPECT_EQ(carol->next_applied, -1);
 }
 
+// A session may start at any step up to kMaxStep (2^53), and no further: above it a step would
+// not stay exact, and from 2^63 on it would be negative as int64.
+TEST(WorkerCoreOpen, ResumeStepsAboveTheLargestAreRefused) {
+  std::map<std::string, FakeServer::Saved> disk;
+  FakeServer server(&disk);
+  WorkerCore core(server);
+  auto last = core.Open(HelloFrom("alice", kMaxStep), "");
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_EQ(last->expected_step, kMaxStep);
+  for (const uint64_t step : {kMaxStep + 1, uint64_t{1} << 63, ~uint64_t{0}}) {
+    EXPECT_EQ(core.Open(HelloFrom("bob", step), "").status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << step;
+  }
+  EXPECT_EQ(core.stats().sessions, 1u);
+}
+
 // A new run under a known client id (another run id) starts afresh: all its steps are applied,
 // and the old run's sessions no longer step the server. The run ids survive a checkpoint.
 TEST(WorkerCoreCheckpoint, ANewRunUnderAnOldIdIsAppliedInFull) {

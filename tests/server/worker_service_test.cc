@@ -268,6 +268,15 @@ TEST_F(WorkerServiceTest, MalformedFramesGetACodeAndTheWorkerKeepsServing) {
                         Labels((*frames_)[0], 0), Chunk(good, 0, good.size())}),
               FAILED_PRECONDITION);
 
+  // A hello resuming at a step beyond any run: as int64 it would be negative (a negative
+  // learning rate for the shared server part), so it is refused before anything else.
+  for (const uint64_t step : {uint64_t{1} << 63, ~uint64_t{0} - 1000, (uint64_t{1} << 53) + 1}) {
+    raw = Open(TokenFor("alice"));
+    EXPECT_CODE(Run(raw, {Hello("alice", 1, step), Labels((*frames_)[0], step),
+                          Chunk(good, step, good.size())}),
+                INVALID_ARGUMENT);
+  }
+
   // Oversized: a frame announced above the limit, and a chunk above gRPC's message limit.
   raw = Open(TokenFor("alice"));
   EXPECT_CODE(Run(raw, {Hello("alice"), Labels((*frames_)[0], 0), Chunk("x", 0, 1ull << 40, 0, 2)}),

@@ -14,6 +14,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include "trainer/datasets.h"
 #include "trainer/models.h"
@@ -58,6 +59,25 @@ class FashionMnistSmoke : public ::testing::Test {
     }
   }
 };
+
+// Warm-up, then cosine decay to zero; a negative step (never from a real run) counts as 0, so no
+// step can give a negative or non-finite rate.
+TEST(LearningRate, WarmsUpDecaysAndIsNeverNegative) {
+  RunConfig c;
+  c.steps = 100;
+  c.warmup_steps = 10;
+  EXPECT_DOUBLE_EQ(LearningRateAt(c, 0, 1.0), 0.1);
+  EXPECT_DOUBLE_EQ(LearningRateAt(c, 9, 1.0), 1.0);
+  EXPECT_DOUBLE_EQ(LearningRateAt(c, 10, 1.0), 1.0);
+  EXPECT_NEAR(LearningRateAt(c, 55, 1.0), 0.5, 1e-12);
+  EXPECT_NEAR(LearningRateAt(c, 100, 1.0), 0.0, 1e-12);
+  EXPECT_NEAR(LearningRateAt(c, int64_t{1} << 53, 1.0), 0.0, 1e-12);
+  for (const int64_t step : {int64_t{-1}, int64_t{-1000}, std::numeric_limits<int64_t>::min()}) {
+    EXPECT_DOUBLE_EQ(LearningRateAt(c, step, 1.0), 0.1) << step;
+  }
+  c.warmup_steps = 0;
+  EXPECT_DOUBLE_EQ(LearningRateAt(c, -1, 1.0), 1.0);
+}
 
 TEST_F(FashionMnistSmoke, AmaqLearnsUnderAShrinkingBudget) {
   const RunConfig c = ConfigFrom(R"(
