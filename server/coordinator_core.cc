@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 
@@ -13,11 +14,31 @@ bool IsValidMemberName(const std::string& name) {
   });
 }
 
-CoordinatorCore::CoordinatorCore(const CoordinatorOptions& options) : options_(options) {}
+namespace {
+// 1..2^31-1, different for each coordinator process (with high probability).
+uint64_t RandomEpoch() {
+  std::random_device device;
+  const uint64_t bits = (uint64_t{device()} << 32 | device()) ^
+                        static_cast<uint64_t>(Clock::now().time_since_epoch().count());
+  return bits % 0x7fffffffu + 1;
+}
+}  // namespace
 
-CoordinatorCore::Member* CoordinatorCore::Find(uint64_t member_id) {
+CoordinatorCore::CoordinatorCore(const CoordinatorOptions& options)
+    : options_(options), next_member_id_(RandomEpoch() << 32 | 1) {}
+
+absl::StatusOr<CoordinatorCore::Member*> CoordinatorCore::Find(uint64_t member_id,
+                                                               const std::string& caller) {
   auto it = members_.find(member_id);
-  return it == members_.end() || !it->second.alive ? nullptr : &it->second;
+  if (it == members_.end() || !it->second.alive) {
+    return absl::NotFoundError(
+        absl::StrCat("member ", member_id, " is unknown or was marked dead: register again"));
+  }
+  if (!caller.empty() && caller != it->second.name) {
+    return absl::PermissionDeniedError(absl::StrCat("member ", member_id, " is not '", caller,
+                                                    "', whose token this call carries"));
+  }
+  return &it->second;
 }
 
 CoordinatorCore::Member* CoordinatorCore::LiveWorker(const std::string& name) {
@@ -49,7 +70,8 @@ void CoordinatorCore::MarkDead(Member& member) {
 absl::StatusOr<uint64_t> CoordinatorCore::Register(Role role, const std::string& name,
                                                    uint32_t protocol_version,
                                                    const WorkerAddress& endpoint,
-                                                   uint32_t max_sessions, Clock::time_point now) {
+                                                   uint32_t max_sessions, Clock::time_point now,
+                                                   const std::string& caller) {
   if (protocol_version != kProtocolVersion) {
     return absl::FailedPreconditionError(
         absl::StrCat("protocol version ", protocol_version, " is not supported: this coordinator ",
@@ -64,12 +86,21 @@ absl::StatusOr<uint64_t> CoordinatorCore::Register(Role role, const std::string&
     return absl::InvalidArgumentError(
         absl::StrCat("worker '", name, "' must give the host and port its clients dial"));
   }
+  if (!caller.empty() && caller != name) {
+    return absl::PermissionDeniedError(absl::StrCat("this call's token belongs to '", caller,
+                                                    "': it cannot register as '", name, "'"));
+  }
   std::lock_guard<std::mutex> lock(mutex_);
-  for (const auto& [id, m] : members_) {
-    if (m.alive && m.name == name) {
-      return absl::AlreadyExistsError(absl::StrCat(
-          "'", name, "' is registered and alive (member ", id, "); use another name, or wait ",
-          options_.heartbeat_deadline.count(), " ms after it stops"));
+  for (auto it = members_.begin(); it != members_.end();) {
+    if (it->second.name != name) {
+      ++it;
+    } else if (it->second.alive) {
+      return absl::AlreadyExistsError(absl::StrCat("'", name, "' is registered and alive (member ",
+                                                   it->first, "); use another name, or wait ",
+                                                   options_.heartbeat_deadline.count(),
+                                                   " ms after it stops"));
+    } else {
+      it = members_.erase(it);  // its dead record (a client's progress is kept apart)
     }
   }
   Member m;
@@ -84,9 +115,12 @@ absl::StatusOr<uint64_t> CoordinatorCore::Register(Role role, const std::string&
   return id;
 }
 
-absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::time_point now) {
+absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::time_point now,
+                                                   const std::string& caller) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Member* client = Find(member_id);
+  absl::StatusOr<Member*> found = Find(member_id, caller);
+  if (found.status().code() == absl::StatusCode::kPermissionDenied) return found.status();
+  Member* client = found.ok() ? *found : nullptr;
   if (client == nullptr || client->role != Role::kClient) {
     return absl::NotFoundError(
         absl::StrCat("member ", member_id, " is not a registered, live client"));
@@ -118,24 +152,23 @@ absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::ti
   return a;
 }
 
-absl::Status CoordinatorCore::Heartbeat(uint64_t member_id, uint64_t step, Clock::time_point now) {
+absl::Status CoordinatorCore::Heartbeat(uint64_t member_id, uint64_t step, Clock::time_point now,
+                                        const std::string& caller) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Member* m = Find(member_id);
-  if (m == nullptr) {
-    return absl::NotFoundError(
-        absl::StrCat("member ", member_id, " is unknown or was marked dead: register again"));
-  }
+  absl::StatusOr<Member*> found = Find(member_id, caller);
+  if (!found.ok()) return found.status();
+  Member* m = *found;
   m->last_heartbeat = now;
   m->step = step;
   if (m->role == Role::kClient) client_progress_[m->name] = step;
   return absl::OkStatus();
 }
 
-absl::Status CoordinatorCore::Leave(uint64_t member_id) {
+absl::Status CoordinatorCore::Leave(uint64_t member_id, const std::string& caller) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Member* m = Find(member_id);
-  if (m == nullptr) return absl::NotFoundError(absl::StrCat("member ", member_id, " is unknown"));
-  MarkDead(*m);
+  absl::StatusOr<Member*> found = Find(member_id, caller);
+  if (!found.ok()) return found.status();
+  MarkDead(**found);
   return absl::OkStatus();
 }
 

@@ -17,6 +17,17 @@
 //   a dead client's slot on its worker is freed.
 // - Leave: a clean goodbye (as dead, without waiting for the deadline).
 // Every method is safe to call from several threads.
+//
+// Identity: each method takes `caller`, the id of the caller's bearer token ("" when tokens are
+// off). With tokens, a member registers only under its own token's id, and only that token may
+// assign, heartbeat or leave for it (PERMISSION_DENIED otherwise). Tokens carry no role: any
+// token holder may register as a worker under its own id (with TLS its clients still check
+// the worker's certificate).
+//
+// Member ids are unique across coordinator restarts (a random 31-bit epoch in the high 32 bits,
+// a counter below), so a member that still holds an id from before a restart gets NOT_FOUND and
+// registers again instead of landing on another member's record. A name that registers again
+// replaces its dead record, so the registry holds one record per name.
 #pragma once
 
 #include <chrono>
@@ -77,10 +88,12 @@ class CoordinatorCore {
   // live duplicate name.
   absl::StatusOr<uint64_t> Register(Role role, const std::string& name, uint32_t protocol_version,
                                     const WorkerAddress& endpoint, uint32_t max_sessions,
-                                    Clock::time_point now);
-  absl::StatusOr<Assignment> Assign(uint64_t member_id, Clock::time_point now);
-  absl::Status Heartbeat(uint64_t member_id, uint64_t step, Clock::time_point now);
-  absl::Status Leave(uint64_t member_id);
+                                    Clock::time_point now, const std::string& caller = "");
+  absl::StatusOr<Assignment> Assign(uint64_t member_id, Clock::time_point now,
+                                    const std::string& caller = "");
+  absl::Status Heartbeat(uint64_t member_id, uint64_t step, Clock::time_point now,
+                         const std::string& caller = "");
+  absl::Status Leave(uint64_t member_id, const std::string& caller = "");
   // Marks the silent dead; returns their names.
   std::vector<std::string> Expire(Clock::time_point now);
   std::vector<MemberView> Status(Clock::time_point now) const;
@@ -98,7 +111,9 @@ class CoordinatorCore {
     std::string worker_name;  // clients
     uint64_t assignment_id = 0;
   };
-  Member* Find(uint64_t member_id);
+  // The live member `member_id`: NOT_FOUND when there is none, PERMISSION_DENIED when `caller`
+  // (not "") is not its name.
+  absl::StatusOr<Member*> Find(uint64_t member_id, const std::string& caller);
   Member* LiveWorker(const std::string& name);
   uint32_t ClientsOf(const std::string& worker_name) const;
   void MarkDead(Member& member);
@@ -107,7 +122,7 @@ class CoordinatorCore {
   mutable std::mutex mutex_;
   std::map<uint64_t, Member> members_;               // by member id, in registration order
   std::map<std::string, uint64_t> client_progress_;  // client name -> steps completed
-  uint64_t next_member_id_ = 1;
+  uint64_t next_member_id_;                          // epoch << 32 | counter
   uint64_t next_assignment_id_ = 1;
 };
 

@@ -26,9 +26,10 @@ CoordinatorService::~CoordinatorService() {
   expiry_.join();
 }
 
-absl::Status CoordinatorService::Authenticate(grpc::CallbackServerContext* context) const {
-  if (tokens_ == nullptr) return absl::OkStatus();
-  return tokens_->Authenticate(context->client_metadata()).status();
+absl::StatusOr<std::string> CoordinatorService::Authenticate(
+    grpc::CallbackServerContext* context) const {
+  if (tokens_ == nullptr) return std::string();
+  return tokens_->Authenticate(context->client_metadata());
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::Finish(grpc::CallbackServerContext* context,
@@ -41,7 +42,8 @@ grpc::ServerUnaryReactor* CoordinatorService::Finish(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerContext* context,
                                                        const splitq::v1::RegisterRequest* request,
                                                        splitq::v1::RegisterReply* reply) {
-  if (absl::Status auth = Authenticate(context); !auth.ok()) return Finish(context, auth);
+  absl::StatusOr<std::string> caller = Authenticate(context);
+  if (!caller.ok()) return Finish(context, caller.status());
   if (request->role() == splitq::v1::ROLE_UNSPECIFIED) {
     return Finish(context, absl::InvalidArgumentError("role: worker or client"));
   }
@@ -49,7 +51,7 @@ grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerConte
   auto id =
       core_.Register(role, request->name(), static_cast<uint32_t>(request->protocol_version()),
                      WorkerAddress{request->endpoint().host(), request->endpoint().port()},
-                     request->max_sessions(), Clock::now());
+                     request->max_sessions(), Clock::now(), *caller);
   if (!id.ok()) return Finish(context, id.status());
   reply->set_protocol_version(splitq::v1::PROTOCOL_VERSION_CURRENT);
   reply->set_member_id(*id);
@@ -63,8 +65,9 @@ grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* CoordinatorService::Assign(grpc::CallbackServerContext* context,
                                                      const splitq::v1::AssignRequest* request,
                                                      splitq::v1::AssignReply* reply) {
-  if (absl::Status auth = Authenticate(context); !auth.ok()) return Finish(context, auth);
-  auto a = core_.Assign(request->member_id(), Clock::now());
+  absl::StatusOr<std::string> caller = Authenticate(context);
+  if (!caller.ok()) return Finish(context, caller.status());
+  auto a = core_.Assign(request->member_id(), Clock::now(), *caller);
   if (!a.ok()) return Finish(context, a.status());
   reply->set_worker_name(a->worker_name);
   reply->mutable_worker()->set_host(a->worker.host);
@@ -77,8 +80,10 @@ grpc::ServerUnaryReactor* CoordinatorService::Assign(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerContext* context,
                                                         const splitq::v1::HeartbeatRequest* request,
                                                         splitq::v1::HeartbeatReply* reply) {
-  if (absl::Status auth = Authenticate(context); !auth.ok()) return Finish(context, auth);
-  const absl::Status s = core_.Heartbeat(request->member_id(), request->step(), Clock::now());
+  absl::StatusOr<std::string> caller = Authenticate(context);
+  if (!caller.ok()) return Finish(context, caller.status());
+  const absl::Status s =
+      core_.Heartbeat(request->member_id(), request->step(), Clock::now(), *caller);
   if (s.code() == absl::StatusCode::kNotFound) {
     reply->set_unknown_member(true);  // an answer, not an error: the caller registers again
     return Finish(context, absl::OkStatus());
@@ -89,7 +94,8 @@ grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* CoordinatorService::Status(grpc::CallbackServerContext* context,
                                                      const splitq::v1::StatusRequest*,
                                                      splitq::v1::StatusReply* reply) {
-  if (absl::Status auth = Authenticate(context); !auth.ok()) return Finish(context, auth);
+  absl::StatusOr<std::string> caller = Authenticate(context);
+  if (!caller.ok()) return Finish(context, caller.status());
   uint64_t global_step = 0;
   for (const MemberView& m : core_.Status(Clock::now())) {
     splitq::v1::MemberStatus* out = reply->add_members();
@@ -108,8 +114,9 @@ grpc::ServerUnaryReactor* CoordinatorService::Status(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* CoordinatorService::Leave(grpc::CallbackServerContext* context,
                                                     const splitq::v1::LeaveRequest* request,
                                                     splitq::v1::LeaveReply*) {
-  if (absl::Status auth = Authenticate(context); !auth.ok()) return Finish(context, auth);
-  return Finish(context, core_.Leave(request->member_id()));
+  absl::StatusOr<std::string> caller = Authenticate(context);
+  if (!caller.ok()) return Finish(context, caller.status());
+  return Finish(context, core_.Leave(request->member_id(), *caller));
 }
 
 }  // namespace splitq::server

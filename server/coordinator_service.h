@@ -42,7 +42,8 @@ class CoordinatorService final : public splitq::v1::Coordinator::CallbackService
 
  private:
   // OK when the caller presents a valid bearer token (or no tokens are configured).
-  absl::Status Authenticate(grpc::CallbackServerContext* context) const;
+  // The caller's token id ("" when tokens are off), or UNAUTHENTICATED.
+  absl::StatusOr<std::string> Authenticate(grpc::CallbackServerContext* context) const;
   static grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context,
                                           const absl::Status& status);
 

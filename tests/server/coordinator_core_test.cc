@@ -66,7 +66,42 @@ TEST_F(CoordinatorCoreTest, LiveDuplicateNamesAreRefusedDeadOnesMayReturn) {
   EXPECT_EQ(core_.Register(Role::kClient, "a", kProtocolVersion, {}, 0, At(10)).status().code(),
             absl::StatusCode::kAlreadyExists);
   ASSERT_TRUE(core_.Leave(a).ok());
-  EXPECT_TRUE(core_.Register(Role::kClient, "a", kProtocolVersion, {}, 0, At(20)).ok());
+  for (int i = 0; i < 3; ++i) {  // each return replaces the dead record: one record per name
+    auto again = core_.Register(Role::kClient, "a", kProtocolVersion, {}, 0, At(20 + i));
+    ASSERT_TRUE(again.ok());
+    ASSERT_TRUE(core_.Leave(*again).ok());
+  }
+  EXPECT_EQ(core_.Status(At(30)).size(), 1u);
+}
+
+// After a coordinator restart, an id handed out before it is unknown (NOT_FOUND: register
+// again), not the id of whoever registered first afterwards.
+TEST_F(CoordinatorCoreTest, IdsFromBeforeARestartAreUnknownAfterIt) {
+  Worker("w");
+  const uint64_t old_client = Client("a");
+  CoordinatorCore restarted{CoordinatorOptions{milliseconds(1000), milliseconds(2000), 64}};
+  auto fresh = restarted.Register(Role::kClient, "b", kProtocolVersion, {}, 0, At(0));
+  ASSERT_TRUE(fresh.ok());
+  EXPECT_NE(*fresh, old_client);
+  EXPECT_EQ(restarted.Heartbeat(old_client, 999, At(1)).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(restarted.Status(At(1))[0].step, 0u);
+}
+
+// With tokens, a member registers only under its token's id, and only that token speaks for it.
+TEST_F(CoordinatorCoreTest, ACallerSpeaksOnlyForItself) {
+  EXPECT_EQ(core_.Register(Role::kWorker, "w", kProtocolVersion, {"h", 1}, 0, At(0), "alice")
+                .status()
+                .code(),
+            absl::StatusCode::kPermissionDenied);
+  auto w = core_.Register(Role::kWorker, "w", kProtocolVersion, {"h", 1}, 0, At(0), "w");
+  auto alice = core_.Register(Role::kClient, "alice", kProtocolVersion, {}, 0, At(0), "alice");
+  ASSERT_TRUE(w.ok() && alice.ok());
+  EXPECT_EQ(core_.Heartbeat(*w, 5, At(1), "alice").code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(core_.Leave(*w, "alice").code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(core_.Assign(*alice, At(1), "w").status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_TRUE(core_.Assign(*alice, At(1), "alice").ok());
+  EXPECT_TRUE(core_.Heartbeat(*w, 5, At(1), "w").ok());
+  EXPECT_TRUE(core_.Leave(*w, "w").ok());
 }
 
 TEST_F(CoordinatorCoreTest, ADeadWorkersClientsMoveWithinTwoHeartbeatPeriods) {

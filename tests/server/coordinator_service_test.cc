@@ -1,7 +1,8 @@
 // server/coordinator_service.h over a real gRPC server on an OS-picked loopback port: tokens
 // are required, a worker and a client register and meet, an old protocol version is refused
 // with a clear message, and a worker that stops heartbeating is marked dead by the service's
-// own expiry thread (the heartbeat reply then asks it to register again).
+// own expiry thread (the heartbeat reply then asks it to register again), and a token speaks
+// only for its own id.
 #include "server/coordinator_service.h"
 
 #include <grpcpp/grpcpp.h>
@@ -15,12 +16,13 @@
 namespace splitq::server {
 namespace {
 
-const std::string kToken = "0123456789abcdef0123456789abcdef";
+const std::string kToken = "0123456789abcdef0123456789abcdef";        // alice's
+const std::string kWorkerToken = "fedcba9876543210fedcba9876543210";  // w's
 
 class CoordinatorServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto tokens = TokenSet::Parse("alice " + kToken + "\n", "test");
+    auto tokens = TokenSet::Parse("alice " + kToken + "\nw " + kWorkerToken + "\n", "test");
     ASSERT_TRUE(tokens.ok());
     tokens_ = std::make_unique<TokenSet>(*tokens);
     core_ = std::make_unique<CoordinatorCore>(
@@ -39,21 +41,24 @@ class CoordinatorServiceTest : public ::testing::Test {
     service_.reset();
   }
 
-  std::unique_ptr<grpc::ClientContext> Context(bool with_token = true) {
+  // A call with the token of `who` ("alice" or "w"; "" for none).
+  std::unique_ptr<grpc::ClientContext> Context(const std::string& who = "alice") {
     auto context = std::make_unique<grpc::ClientContext>();
     context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    if (with_token) AddBearer(*context, kToken);
+    if (!who.empty()) AddBearer(*context, who == "w" ? kWorkerToken : kToken);
     return context;
   }
+  // Registers `name` with its own token (or none, or `as`'s).
   grpc::Status Register(splitq::v1::Role role, const std::string& name,
-                        splitq::v1::RegisterReply* reply, int version = 1, bool token = true) {
+                        splitq::v1::RegisterReply* reply, int version = 1, bool token = true,
+                        const std::string& as = "") {
     splitq::v1::RegisterRequest request;
     request.set_protocol_version(static_cast<splitq::v1::ProtocolVersion>(version));
     request.set_role(role);
     request.set_name(name);
     request.mutable_endpoint()->set_host("127.0.0.1");
     request.mutable_endpoint()->set_port(9999);
-    return stub_->Register(Context(token).get(), request, reply);
+    return stub_->Register(Context(token ? (as.empty() ? name : as) : "").get(), request, reply);
   }
 
   int port_ = 0;
@@ -98,8 +103,46 @@ TEST_F(CoordinatorServiceTest, ASilentWorkerIsMarkedDeadByTheExpiryThread) {
   splitq::v1::HeartbeatRequest beat;
   beat.set_member_id(reply.member_id());
   splitq::v1::HeartbeatReply answer;
-  ASSERT_TRUE(stub_->Heartbeat(Context().get(), beat, &answer).ok());
+  ASSERT_TRUE(stub_->Heartbeat(Context("w").get(), beat, &answer).ok());
   EXPECT_TRUE(answer.unknown_member());
+}
+
+// A token speaks only for its own id: it cannot register under another name, nor assign,
+// heartbeat or leave for another member (PERMISSION_DENIED, and the member is untouched).
+TEST_F(CoordinatorServiceTest, ATokenSpeaksOnlyForItsOwnId) {
+  splitq::v1::RegisterReply worker, client;
+  const grpc::Status rogue = Register(splitq::v1::ROLE_WORKER, "rogue", &worker, 1, true, "alice");
+  EXPECT_EQ(rogue.error_code(), grpc::StatusCode::PERMISSION_DENIED) << rogue.error_message();
+  EXPECT_NE(rogue.error_message().find("'alice'"), std::string::npos) << rogue.error_message();
+  ASSERT_TRUE(Register(splitq::v1::ROLE_WORKER, "w", &worker).ok());
+  ASSERT_TRUE(Register(splitq::v1::ROLE_CLIENT, "alice", &client).ok());
+
+  splitq::v1::HeartbeatRequest beat;
+  beat.set_member_id(worker.member_id());
+  beat.set_step(999);
+  splitq::v1::HeartbeatReply answer;
+  EXPECT_EQ(stub_->Heartbeat(Context("alice").get(), beat, &answer).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  splitq::v1::LeaveRequest leave;
+  leave.set_member_id(worker.member_id());
+  splitq::v1::LeaveReply left;
+  EXPECT_EQ(stub_->Leave(Context("alice").get(), leave, &left).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  splitq::v1::AssignRequest assign;
+  assign.set_member_id(client.member_id());
+  splitq::v1::AssignReply assigned;
+  EXPECT_EQ(stub_->Assign(Context("w").get(), assign, &assigned).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+
+  // The worker is still alive, with its own step, and serves alice.
+  ASSERT_TRUE(stub_->Assign(Context("alice").get(), assign, &assigned).ok());
+  EXPECT_EQ(assigned.worker_name(), "w");
+  splitq::v1::StatusReply status;
+  ASSERT_TRUE(stub_->Status(Context().get(), splitq::v1::StatusRequest(), &status).ok());
+  for (const splitq::v1::MemberStatus& m : status.members()) {
+    EXPECT_TRUE(m.alive()) << m.name();
+    EXPECT_EQ(m.step(), 0u) << m.name();
+  }
 }
 
 }  // namespace
