@@ -136,6 +136,10 @@ class ReconnectingLink : public trainer::ServerLink {
   }
 
   uint64_t member_id() const { return member_id_.load(); }
+  // The heartbeat period of the coordinator's last answer to Register.
+  std::chrono::milliseconds heartbeat_period() const {
+    return std::chrono::milliseconds(heartbeat_ms_.load());
+  }
   void Close() {
     if (link_) link_->Close();
   }
@@ -150,6 +154,7 @@ class ReconnectingLink : public trainer::ServerLink {
           absl::StrCat("client id ", opt_.id, " is registered and alive (a previous run?)"));
     }
     if (!r.ok()) return r.status();
+    heartbeat_ms_.store(r->heartbeat_period.count());
     member_id_.store(r->member_id);
     return r->member_id;
   }
@@ -165,9 +170,11 @@ class ReconnectingLink : public trainer::ServerLink {
   absl::Status ConnectOnce() {
     if (g_interrupt.load()) return absl::CancelledError("interrupted");
     if (member_id_.load() == 0) SPLITQ_RETURN_IF_ERROR(Register().status());
-    auto assignment = coordinator_.Assign(member_id_.load());
+    uint64_t member = member_id_.load();
+    auto assignment = coordinator_.Assign(member, unreachable_);
     if (assignment.status().code() == absl::StatusCode::kNotFound) {  // marked dead: again
-      member_id_.store(0);
+      // Unless the heartbeat thread registered again meanwhile (its id stays).
+      member_id_.compare_exchange_strong(member, 0);
       return absl::UnavailableError("the coordinator forgot this client; registering again");
     }
     if (!assignment.ok()) return assignment.status();
@@ -176,9 +183,11 @@ class ReconnectingLink : public trainer::ServerLink {
     if (!channel.ok()) return channel.status();
     // Wait for the connection so that a dead worker shows up here, not in the middle of a step.
     if (!(*channel)->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(5))) {
+      unreachable_ = assignment->worker_name;  // the next Assign asks for another one
       return absl::UnavailableError(
           absl::StrCat("worker ", assignment->worker_name, " at ", target, " does not answer"));
     }
+    unreachable_.clear();
     link_ = std::make_unique<server::WorkerClient>(*channel, link_options_);
     worker_ = absl::StrCat(assignment->worker_name, " at ", target);
     return absl::OkStatus();
@@ -197,7 +206,9 @@ class ReconnectingLink : public trainer::ServerLink {
   server::WorkerLinkOptions link_options_;
   std::unique_ptr<server::WorkerClient> link_;
   std::atomic<uint64_t> member_id_{0};
+  std::atomic<int64_t> heartbeat_ms_{1000};
   std::string worker_;
+  std::string unreachable_;  // the worker the last connection attempt could not reach
 
  public:
   const std::string& worker() const { return worker_; }
@@ -322,9 +333,10 @@ int RunClient(const ClientCommandOptions& opt) {
     std::fflush(stderr);
   };
   absl::StatusOr<trainer::TrainSummary> summary;
+  uint64_t member_id = 0;
   {
     server::Heartbeater heartbeat(
-        coordinator, link.member_id(), std::chrono::milliseconds(1000),
+        coordinator, link.member_id(), link.heartbeat_period(),
         [&counting] {
           return server::Heartbeater::Progress{static_cast<uint64_t>(counting.steps()), 0};
         },
@@ -337,11 +349,16 @@ int RunClient(const ClientCommandOptions& opt) {
                          opt.id.c_str());
           }
           return id;
+        },
+        [&opt](const std::string& line) {
+          std::fprintf(stderr, "\nclient %s: %s\n", opt.id.c_str(), line.c_str());
         });
     summary = trainer::RunTraining(counting, train_options);
     link.Close();
-    (void)coordinator.Leave(heartbeat.member_id());
+    member_id = heartbeat.member_id();
   }
+  // After the heartbeat thread has stopped, so that no beat re-registers us after the goodbye.
+  (void)coordinator.Leave(member_id);
   if (tty) std::fprintf(stderr, "\n");
   if (!summary.ok()) {
     std::fprintf(stderr, "client %s: %s\n", opt.id.c_str(),

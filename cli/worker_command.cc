@@ -225,12 +225,14 @@ int RunWorker(const WorkerCommandOptions& opt) {
   std::printf("worker %s registered with the coordinator at %s\n", opt.name.c_str(),
               opt.coordinator.c_str());
   std::fflush(stdout);
+  uint64_t member_id = 0;
   {
     server::Heartbeater heartbeat(
         coordinator, registration.member_id, registration.heartbeat_period,
         [&core] {
           const server::WorkerStats s = core.stats();
-          return server::Heartbeater::Progress{static_cast<uint64_t>(s.steps_served), s.sessions};
+          return server::Heartbeater::Progress{static_cast<uint64_t>(s.steps_served),
+                                               s.train_sessions};
         },
         [&]() -> absl::StatusOr<uint64_t> {
           auto r =
@@ -240,6 +242,10 @@ int RunWorker(const WorkerCommandOptions& opt) {
                       opt.name.c_str());
           std::fflush(stdout);
           return r->member_id;
+        },
+        [&opt](const std::string& line) {
+          std::printf("worker %s: %s\n", opt.name.c_str(), line.c_str());
+          std::fflush(stdout);
         });
     auto last_status = std::chrono::steady_clock::now();
     while (!g_stop.load()) {
@@ -258,8 +264,10 @@ int RunWorker(const WorkerCommandOptions& opt) {
         std::fflush(stdout);
       }
     }
-    (void)coordinator.Leave(heartbeat.member_id());
+    member_id = heartbeat.member_id();
   }
+  // After the heartbeat thread has stopped, so that no beat re-registers us after the goodbye.
+  (void)coordinator.Leave(member_id);
   grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   const bool saved = checkpoint.empty() || save(true);
   const server::WorkerStats s = core.stats();

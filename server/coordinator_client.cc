@@ -2,9 +2,11 @@
 
 #include <grpcpp/client_context.h>
 
+#include <algorithm>
 #include <random>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "kernels/common.h"  // SPLITQ_ASSIGN_OR_RETURN
 #include "server/rpc_channel.h"
 #include "server/tokens.h"
@@ -47,9 +49,11 @@ absl::StatusOr<Registration> CoordinatorClient::Register(Role role, const std::s
   return r;
 }
 
-absl::StatusOr<Assignment> CoordinatorClient::Assign(uint64_t member_id) {
+absl::StatusOr<Assignment> CoordinatorClient::Assign(uint64_t member_id,
+                                                     const std::string& unreachable) {
   splitq::v1::AssignRequest request;
   request.set_member_id(member_id);
+  request.set_unreachable_worker(unreachable);
   splitq::v1::AssignReply reply;
   auto context = Context();
   SPLITQ_RETURN_IF_ERROR(FromGrpcStatus(stub_->Assign(context.get(), request, &reply)));
@@ -83,22 +87,38 @@ absl::Status CoordinatorClient::Leave(uint64_t member_id) {
 
 Heartbeater::Heartbeater(CoordinatorClient& client, uint64_t member_id,
                          std::chrono::milliseconds period, std::function<Progress()> progress,
-                         std::function<absl::StatusOr<uint64_t>()> reregister)
+                         std::function<absl::StatusOr<uint64_t>()> reregister,
+                         std::function<void(const std::string&)> log)
     : member_id_(member_id) {
-  thread_ = std::thread(
-      [this, &client, period, progress = std::move(progress), reregister = std::move(reregister)] {
-        std::unique_lock<std::mutex> lock(mutex_);
-        while (!wake_.wait_for(lock, period, [this] { return stopping_; })) {
-          lock.unlock();
-          const Progress p = progress ? progress() : Progress{};
-          auto known = client.Heartbeat(member_id_.load(), p.step, p.sessions);
-          if (known.ok() && !*known && reregister) {
-            auto id = reregister();
-            if (id.ok()) member_id_.store(*id);
-          }
-          lock.lock();
+  period = std::max(period, std::chrono::milliseconds(10));
+  thread_ = std::thread([this, &client, period, progress = std::move(progress),
+                         reregister = std::move(reregister), log = std::move(log)] {
+    bool failing = false;
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!wake_.wait_for(lock, period, [this] { return stopping_; })) {
+      lock.unlock();
+      const Progress p = progress ? progress() : Progress{};
+      absl::Status status;
+      auto known = client.Heartbeat(member_id_.load(), p.step, p.sessions);
+      if (!known.ok()) {
+        status = known.status();
+      } else if (!*known && reregister) {
+        auto id = reregister();
+        if (id.ok()) {
+          member_id_.store(*id);
+        } else {
+          status = id.status();
         }
-      });
+      }
+      if (log && status.ok() == failing) {  // the state changed
+        failing = !status.ok();
+        log(failing ? absl::StrCat("heartbeats to the coordinator fail (", status.ToString(),
+                                   "); retrying every ", period.count(), " ms")
+                    : std::string("heartbeats reach the coordinator again"));
+      }
+      lock.lock();
+    }
+  });
 }
 
 Heartbeater::~Heartbeater() {

@@ -42,7 +42,8 @@ class CoordinatorClient {
   absl::StatusOr<Registration> Register(Role role, const std::string& name,
                                         const WorkerAddress& endpoint = {},
                                         uint32_t max_sessions = 0);
-  absl::StatusOr<Assignment> Assign(uint64_t member_id);
+  // `unreachable`: a worker this client could not reach ("" for none; coordinator_core.h).
+  absl::StatusOr<Assignment> Assign(uint64_t member_id, const std::string& unreachable = "");
   // False when the coordinator does not know the member any more (register again).
   absl::StatusOr<bool> Heartbeat(uint64_t member_id, uint64_t step, uint32_t sessions = 0);
   absl::Status Leave(uint64_t member_id);
@@ -62,11 +63,14 @@ class Heartbeater {
     uint32_t sessions = 0;
   };
   // `progress` is called on the heartbeat thread; `reregister` when the member is unknown (it
-  // returns the new member id, or an error to try again next period).
+  // returns the new member id, or an error to try again next period); `log` (may be empty)
+  // with a line when heartbeats start failing (the first error of a run of failures) and when
+  // they get through again, not for every failed beat. `period` is at least 10 ms.
   Heartbeater(CoordinatorClient& client, uint64_t member_id, std::chrono::milliseconds period,
               std::function<Progress()> progress,
-              std::function<absl::StatusOr<uint64_t>()> reregister);
-  ~Heartbeater();  // stops the thread
+              std::function<absl::StatusOr<uint64_t>()> reregister,
+              std::function<void(const std::string&)> log = {});
+  ~Heartbeater();  // stops the thread (a beat in flight finishes first)
 
   uint64_t member_id() const { return member_id_.load(); }
 

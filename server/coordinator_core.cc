@@ -116,7 +116,8 @@ absl::StatusOr<uint64_t> CoordinatorCore::Register(Role role, const std::string&
 }
 
 absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::time_point now,
-                                                   const std::string& caller) {
+                                                   const std::string& caller,
+                                                   const std::string& unreachable) {
   std::lock_guard<std::mutex> lock(mutex_);
   absl::StatusOr<Member*> found = Find(member_id, caller);
   if (found.status().code() == absl::StatusCode::kPermissionDenied) return found.status();
@@ -127,20 +128,40 @@ absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::ti
   }
   client->last_heartbeat = now;
   Member* worker = client->worker_name.empty() ? nullptr : LiveWorker(client->worker_name);
-  if (worker == nullptr) {
-    uint32_t best_load = 0;
+  // The least loaded live worker with room, other than `unreachable` when another has room.
+  const auto pick = [&]() -> Member* {
+    Member* best = nullptr;
+    Member* fallback = nullptr;
+    uint32_t best_load = 0, fallback_load = 0;
     for (auto& [id, m] : members_) {
       if (!m.alive || m.role != Role::kWorker) continue;
-      const uint32_t load = ClientsOf(m.name);
+      // Its clients (as assigned here, or as it reported them), not counting this one.
+      const uint32_t clients = std::max(ClientsOf(m.name), m.reported_sessions);
+      const uint32_t self = client->worker_name == m.name ? 1 : 0;
+      const uint32_t load = clients > self ? clients - self : 0;
       if (load >= m.max_sessions) continue;
-      if (worker == nullptr || load < best_load) {
-        worker = &m;
+      if (!unreachable.empty() && m.name == unreachable) {
+        if (fallback == nullptr || load < fallback_load) {
+          fallback = &m;
+          fallback_load = load;
+        }
+      } else if (best == nullptr || load < best_load) {
+        best = &m;
         best_load = load;
       }
     }
-    if (worker == nullptr) {
-      return absl::UnavailableError("no live worker has room; retry with backoff");
-    }
+    return best != nullptr ? best : fallback;
+  };
+  Member* chosen = worker;
+  if (worker == nullptr || (!unreachable.empty() && worker->name == unreachable)) {
+    chosen = pick();  // for an unreachable worker: another, or that one again when none has room
+    if (chosen == nullptr) chosen = worker;
+  }
+  if (chosen == nullptr) {
+    return absl::UnavailableError("no live worker has room; retry with backoff");
+  }
+  if (chosen != worker) {
+    worker = chosen;
     client->worker_name = worker->name;
     client->assignment_id = next_assignment_id_++;
   }
@@ -153,13 +174,14 @@ absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::ti
 }
 
 absl::Status CoordinatorCore::Heartbeat(uint64_t member_id, uint64_t step, Clock::time_point now,
-                                        const std::string& caller) {
+                                        const std::string& caller, uint32_t sessions) {
   std::lock_guard<std::mutex> lock(mutex_);
   absl::StatusOr<Member*> found = Find(member_id, caller);
   if (!found.ok()) return found.status();
   Member* m = *found;
   m->last_heartbeat = now;
   m->step = step;
+  if (m->role == Role::kWorker) m->reported_sessions = sessions;
   if (m->role == Role::kClient) client_progress_[m->name] = step;
   return absl::OkStatus();
 }

@@ -7,8 +7,11 @@
 //   alive is ALREADY_EXISTS. A dead or departed name may come back; a client keeps its
 //   progress (resume step) across that.
 // - Assign: a client gets the live worker with the fewest clients that has room (ties: the
-//   earlier registration). UNAVAILABLE when none has room. A client assigned already gets its
-//   worker again while that worker lives.
+//   earlier registration). A worker's clients are the more of those assigned to it here and
+//   those it reported in its last heartbeat (after a coordinator restart its clients keep
+//   training on it without being assigned again). UNAVAILABLE when none has room. A client assigned
+//   already gets its worker again while that worker lives, unless it names that worker as
+//   unreachable and another live worker has room.
 // - Heartbeat: liveness, and progress (a client's steps completed; its resume step after a
 //   restart). NOT_FOUND for a member that is not registered or was marked dead: it must
 //   register again.
@@ -89,10 +92,13 @@ class CoordinatorCore {
   absl::StatusOr<uint64_t> Register(Role role, const std::string& name, uint32_t protocol_version,
                                     const WorkerAddress& endpoint, uint32_t max_sessions,
                                     Clock::time_point now, const std::string& caller = "");
+  // `unreachable`: a worker the client could not reach ("" for none).
   absl::StatusOr<Assignment> Assign(uint64_t member_id, Clock::time_point now,
-                                    const std::string& caller = "");
+                                    const std::string& caller = "",
+                                    const std::string& unreachable = "");
+  // `sessions`: a worker's Train sessions now (its clients as it sees them; 0 from clients).
   absl::Status Heartbeat(uint64_t member_id, uint64_t step, Clock::time_point now,
-                         const std::string& caller = "");
+                         const std::string& caller = "", uint32_t sessions = 0);
   absl::Status Leave(uint64_t member_id, const std::string& caller = "");
   // Marks the silent dead; returns their names.
   std::vector<std::string> Expire(Clock::time_point now);
@@ -110,6 +116,7 @@ class CoordinatorCore {
     Clock::time_point last_heartbeat;
     std::string worker_name;  // clients
     uint64_t assignment_id = 0;
+    uint32_t reported_sessions = 0;  // workers: Train sessions in the last heartbeat
   };
   // The live member `member_id`: NOT_FOUND when there is none, PERMISSION_DENIED when `caller`
   // (not "") is not its name.

@@ -67,7 +67,7 @@ grpc::ServerUnaryReactor* CoordinatorService::Assign(grpc::CallbackServerContext
                                                      splitq::v1::AssignReply* reply) {
   absl::StatusOr<std::string> caller = Authenticate(context);
   if (!caller.ok()) return Finish(context, caller.status());
-  auto a = core_.Assign(request->member_id(), Clock::now(), *caller);
+  auto a = core_.Assign(request->member_id(), Clock::now(), *caller, request->unreachable_worker());
   if (!a.ok()) return Finish(context, a.status());
   reply->set_worker_name(a->worker_name);
   reply->mutable_worker()->set_host(a->worker.host);
@@ -83,7 +83,8 @@ grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerCont
   absl::StatusOr<std::string> caller = Authenticate(context);
   if (!caller.ok()) return Finish(context, caller.status());
   const absl::Status s =
-      core_.Heartbeat(request->member_id(), request->step(), Clock::now(), *caller);
+      core_.Heartbeat(request->member_id(), request->step(), Clock::now(), *caller,
+                      request->sessions());
   if (s.code() == absl::StatusCode::kNotFound) {
     reply->set_unknown_member(true);  // an answer, not an error: the caller registers again
     return Finish(context, absl::OkStatus());

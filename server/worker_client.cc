@@ -101,6 +101,15 @@ absl::Status WorkerClient::Fail(Open<Stream>& open, const char* what, bool cance
   return status;
 }
 
+namespace {
+// A worker that is full at the hello is a passing state (a session may end, or the coordinator
+// may move this client): UNAVAILABLE, which the caller retries.
+absl::Status FullIsTransient(absl::Status status) {
+  if (status.code() != absl::StatusCode::kResourceExhausted) return status;
+  return absl::UnavailableError(absl::StrCat("the worker is full: ", status.message()));
+}
+}  // namespace
+
 absl::Status WorkerClient::OpenTrain(int64_t step) {
   train_.context = NewContext();
   train_.stream = OpenRawStream(channel_.get(), kWorkerTrainMethod, train_.context.get());
@@ -108,7 +117,7 @@ absl::Status WorkerClient::OpenTrain(int64_t step) {
   FillHello(&hello, options_, step);
   grpc::ByteBuffer raw;
   if (!Write(*train_.stream, hello) || !train_.stream->Read(&raw)) {
-    return Fail(train_, "hello");
+    return FullIsTransient(Fail(train_, "hello"));
   }
   splitq::v1::TrainReply reply;
   if (!FromByteBuffer(&raw, &reply)) {

@@ -5,7 +5,8 @@
 // (resume_step = that step), each call then writes the step's labels and its frame in chunks
 // and reads the gradient's chunks and the result. Evaluate does the same on an Evaluate
 // stream. Any failure closes the stream and returns the status (the next call opens a new
-// stream, that is a new session; see ClientPart::NewSession).
+// stream, that is a new session; see ClientPart::NewSession). A worker that is full at the
+// Train hello (RESOURCE_EXHAUSTED) comes back as UNAVAILABLE: a passing state, to be retried.
 //
 // Messages go as raw ByteBuffers in protobuf's wire format: frame chunks without copies
 // (chunk_codec.h: the activation frame is sent from the UpFrame's own bytes, a gradient is

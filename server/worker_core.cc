@@ -306,6 +306,7 @@ WorkerStats WorkerCore::stats() const {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     out.sessions = static_cast<uint32_t>(sessions_.size());
+    for (const auto& [id, session] : sessions_) out.train_sessions += session->evaluate ? 0 : 1;
     out.steps_served = steps_served_;
   }
   return out;

@@ -89,9 +89,10 @@ struct Welcome {
 };
 
 struct WorkerStats {
-  uint32_t sessions = 0;
-  int64_t steps_served = 0;  // training steps answered (replays included)
-  int64_t updates = 0;       // optimizer steps of the server part
+  uint32_t sessions = 0;        // Train and Evaluate sessions
+  uint32_t train_sessions = 0;  // Train sessions (clients attached)
+  int64_t steps_served = 0;     // training steps answered (replays included)
+  int64_t updates = 0;          // optimizer steps of the server part
 };
 
 class WorkerCore {

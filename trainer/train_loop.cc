@@ -116,8 +116,24 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
     return absl::OkStatus();
   };
 
+  // A step (or validation pass) that an interrupt cut short leaves no state worth saving: the
+  // last checkpoint holds the state, and --resume redoes the steps after it (a worker answers
+  // the ones it has applied already without applying them again).
+  const auto cut_short = [&](const absl::Status& status) {
+    if (status.ok() || options.interrupt == nullptr || !options.interrupt->load()) return status;
+    std::error_code error;
+    const bool saved = fs::exists(checkpoint, error);
+    return absl::CancelledError(absl::StrFormat(
+        "interrupted during step %d (%s); %s", trainer->step() + 1, status.message(),
+        saved ? absl::StrCat(checkpoint.string(),
+                             " holds the last checkpoint (continue with --resume; the steps "
+                             "after it are redone)")
+              : std::string("no checkpoint was written yet: a new run starts from step 0")));
+  };
   while (trainer->step() < c.steps) {
-    SPLITQ_ASSIGN_OR_RETURN(StepStats s, trainer->Step());
+    absl::StatusOr<StepStats> stepped = trainer->Step();
+    if (!stepped.ok()) return cut_short(stepped.status());
+    const StepStats& s = *stepped;
     const int64_t step = trainer->step();  // steps done
     w.loss += s.loss;
     w.act += s.act_bits;
@@ -147,7 +163,7 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
       }
       w.loss = w.act = w.grad = w.n = 0;
     }
-    if (step % c.eval_every == 0 && step < c.steps) SPLITQ_RETURN_IF_ERROR(validate());
+    if (step % c.eval_every == 0 && step < c.steps) SPLITQ_RETURN_IF_ERROR(cut_short(validate()));
     const bool interrupted = options.interrupt != nullptr && options.interrupt->load();
     const bool stop = interrupted || step == options.stop_after;
     if (stop || (c.checkpoint_every > 0 && step % c.checkpoint_every == 0 && step < c.steps)) {

@@ -74,6 +74,44 @@ TEST_F(CoordinatorCoreTest, LiveDuplicateNamesAreRefusedDeadOnesMayReturn) {
   EXPECT_EQ(core_.Status(At(30)).size(), 1u);
 }
 
+// A client that cannot reach its worker says so, and moves to another live worker with room;
+// when there is none, it keeps its worker (which may come back).
+TEST_F(CoordinatorCoreTest, AClientThatCannotReachItsWorkerMoves) {
+  Worker("w1", 1);
+  const uint64_t a = Client("a");
+  auto first = core_.Assign(a, At(0));
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(first->worker_name, "w1");
+  auto again = core_.Assign(a, At(1), "", "w1");  // no other worker: w1 again, same assignment
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->worker_name, "w1");
+  EXPECT_EQ(again->assignment_id, first->assignment_id);
+  Worker("w2", 1);
+  const uint64_t b = Client("b");
+  EXPECT_EQ(WorkerOf(b), "w2");                                    // w1 is full
+  EXPECT_EQ(core_.Assign(a, At(2), "", "w1")->worker_name, "w1");  // w2 is full too
+  Worker("w3", 1);
+  auto moved = core_.Assign(a, At(3), "", "w1");
+  ASSERT_TRUE(moved.ok());
+  EXPECT_EQ(moved->worker_name, "w3");
+  EXPECT_NE(moved->assignment_id, first->assignment_id);
+  EXPECT_EQ(WorkerOf(Client("c")), "w1");  // a's place on w1 is free again
+  EXPECT_EQ(WorkerOf(a, 4), "w3");         // and a stays where it went
+}
+
+// After a coordinator restart a worker's clients keep training on it without being assigned
+// again: the sessions it reports count towards its load, so a new client is not sent to a worker
+// that is full.
+TEST_F(CoordinatorCoreTest, AWorkersReportedSessionsCountTowardsItsLoad) {
+  const uint64_t w1 = Worker("w1", 2);
+  ASSERT_TRUE(core_.Heartbeat(w1, 10, At(1), "", 2).ok());  // two clients that we did not assign
+  EXPECT_EQ(core_.Assign(Client("a"), At(1)).status().code(), absl::StatusCode::kUnavailable);
+  Worker("w2", 2);
+  EXPECT_EQ(WorkerOf(Client("b"), 2), "w2");
+  ASSERT_TRUE(core_.Heartbeat(w1, 11, At(3), "", 0).ok());  // they left
+  EXPECT_EQ(WorkerOf(Client("c"), 3), "w1");
+}
+
 // After a coordinator restart, an id handed out before it is unknown (NOT_FOUND: register
 // again), not the id of whoever registered first afterwards.
 TEST_F(CoordinatorCoreTest, IdsFromBeforeARestartAreUnknownAfterIt) {

@@ -10,8 +10,12 @@
 
 #include <chrono>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
+
+#include "server/coordinator_client.h"
 
 namespace splitq::server {
 namespace {
@@ -143,6 +147,44 @@ TEST_F(CoordinatorServiceTest, ATokenSpeaksOnlyForItsOwnId) {
     EXPECT_TRUE(m.alive()) << m.name();
     EXPECT_EQ(m.step(), 0u) << m.name();
   }
+}
+
+// A Heartbeater whose beats fail says so once, not every period (here 10 ms: a period of 0 is
+// raised to that, not a spin), and one whose beats get through says nothing.
+TEST_F(CoordinatorServiceTest, HeartbeatFailuresAreLoggedOnceNotEveryBeat) {
+  splitq::v1::RegisterReply worker;
+  ASSERT_TRUE(Register(splitq::v1::ROLE_WORKER, "w", &worker).ok());
+  auto channel =
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port_), grpc::InsecureChannelCredentials());
+  CoordinatorClient as_alice(channel, kToken), as_w(channel, kWorkerToken);
+  std::mutex mutex;
+  std::vector<std::string> bad_lines, good_lines;
+  int beats = 0;
+  {
+    Heartbeater wrong(
+        as_alice, worker.member_id(), std::chrono::milliseconds(0),
+        [&] {
+          std::lock_guard<std::mutex> lock(mutex);
+          ++beats;
+          return Heartbeater::Progress{};
+        },
+        {},
+        [&](const std::string& line) {
+          std::lock_guard<std::mutex> lock(mutex);
+          bad_lines.push_back(line);
+        });
+    Heartbeater right(as_w, worker.member_id(), std::chrono::milliseconds(10), {}, {},
+                      [&](const std::string& line) {
+                        std::lock_guard<std::mutex> lock(mutex);
+                        good_lines.push_back(line);
+                      });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  }
+  EXPECT_GE(beats, 2);
+  EXPECT_LE(beats, 40);  // about one per 10 ms plus the call's time, not a spin
+  ASSERT_EQ(bad_lines.size(), 1u);
+  EXPECT_NE(bad_lines[0].find("PERMISSION_DENIED"), std::string::npos) << bad_lines[0];
+  EXPECT_TRUE(good_lines.empty());
 }
 
 }  // namespace

@@ -428,6 +428,44 @@ TEST_F(WorkerServiceTest, PlaintextClientAgainstTlsWorkerFailsCleanly) {
   tls_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
 }
 
+// A full worker refuses a session at its hello with RESOURCE_EXHAUSTED; WorkerClient passes
+// that on as UNAVAILABLE (a passing state: `splitq client` reconnects with backoff), and the
+// client gets in once a place is free.
+TEST_F(WorkerServiceTest, AFullWorkerIsAPassingStateForTheClient) {
+  WorkerOptions options;
+  options.max_sessions = 1;
+  WorkerCore core(*part_, options);
+  WorkerService service(core, tokens_.get());
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  auto server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  auto channel =
+      grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
+                                grpc::InsecureChannelCredentials(), ClientChannelArguments());
+  WorkerLinkOptions a, b;
+  a.client_id = "alice";
+  a.token = TokenFor("alice");
+  b.client_id = "bob";
+  b.token = TokenFor("bob");
+  WorkerClient alice(channel, a), bob(channel, b);
+  ASSERT_TRUE(alice.Train((*frames_)[0]).ok());
+  auto refused = bob.Train((*frames_)[0]);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
+  EXPECT_NE(refused.status().message().find("full"), std::string::npos) << refused.status();
+  alice.Close();
+  absl::StatusOr<trainer::DownFrame> in = refused.status();
+  for (int i = 0; i < 50 && !in.ok(); ++i) {  // alice's session closes on the worker's thread
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    in = bob.Train((*frames_)[0]);
+  }
+  EXPECT_TRUE(in.ok()) << in.status();
+  bob.Close();
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+}
+
 TEST_F(WorkerServiceTest, ThirtyTwoClientsAtOnce) {
   const auto start = std::chrono::steady_clock::now();
   std::vector<std::thread> threads;

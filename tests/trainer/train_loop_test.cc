@@ -62,6 +62,71 @@ class FashionMnistSmoke : public ::testing::Test {
 
 // Warm-up, then cosine decay to zero; a negative step (never from a real run) counts as 0, so no
 // step can give a negative or non-finite rate.
+// A StepRunner whose step `fail_at` fails (as a networked client's does when it is interrupted
+// while reconnecting), after setting the interrupt flag.
+class FailingRunner : public StepRunner {
+ public:
+  FailingRunner(RunConfig c, int64_t fail_at, std::atomic<bool>* interrupt)
+      : c_(std::move(c)), fail_at_(fail_at), interrupt_(interrupt) {}
+  absl::StatusOr<StepStats> Step() override {
+    if (step_ + 1 == fail_at_) {
+      interrupt_->store(true);
+      return absl::CancelledError("interrupted");
+    }
+    ++step_;
+    return StepStats{1.0, 4, 8, 1};
+  }
+  absl::StatusOr<EvalStats> Evaluate() override { return EvalStats{1.0, 0.5, -1}; }
+  absl::Status SaveCheckpoint(const std::string& path, const std::vector<double>&) const override {
+    saved_at_.push_back(step_);
+    std::ofstream(path) << step_;
+    return absl::OkStatus();
+  }
+  absl::Status LoadCheckpoint(const std::string&, std::vector<double>*) override {
+    return absl::UnimplementedError("not here");
+  }
+  int64_t step() const override { return step_; }
+  const RunConfig& config() const override { return c_; }
+  WireTotals wire() const override { return {}; }
+  std::string device() const override { return "cpu"; }
+  const std::vector<int64_t>& saved_at() const { return saved_at_; }
+
+ private:
+  RunConfig c_;
+  int64_t fail_at_;
+  std::atomic<bool>* interrupt_;
+  int64_t step_ = 0;
+  mutable std::vector<int64_t> saved_at_;
+};
+
+// A step that an interrupt cuts short writes no checkpoint of a half-done step: CANCELLED, naming
+// the step and the checkpoint that holds the state (or that there is none yet).
+TEST(TrainLoop, AStepCutShortByAnInterruptNamesTheCheckpointToResumeFrom) {
+  RunConfig c = ConfigFrom("task: fmnist\nsteps: 20\n");
+  c.checkpoint_every = 4;
+  c.eval_every = 100;
+  c.log_every = 1;
+  for (const int64_t fail_at : {7, 3}) {
+    std::atomic<bool> interrupt{false};
+    FailingRunner runner(c, fail_at, &interrupt);
+    TrainOptions o = Options("cut_short_" + std::to_string(fail_at));
+    std::filesystem::remove_all(o.out_dir);
+    o.interrupt = &interrupt;
+    const absl::Status s = RunTraining(runner, o).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kCancelled) << s;
+    EXPECT_NE(s.message().find("during step " + std::to_string(fail_at)), std::string::npos) << s;
+    if (fail_at == 7) {
+      EXPECT_EQ(runner.saved_at(), std::vector<int64_t>{4});
+      EXPECT_NE(s.message().find("checkpoint.pt holds the last checkpoint"), std::string::npos)
+          << s;
+    } else {
+      EXPECT_TRUE(runner.saved_at().empty());
+      EXPECT_NE(s.message().find("no checkpoint was written yet"), std::string::npos) << s;
+    }
+    std::filesystem::remove_all(o.out_dir);
+  }
+}
+
 TEST(LearningRate, WarmsUpDecaysAndIsNeverNegative) {
   RunConfig c;
   c.steps = 100;
