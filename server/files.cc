@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -23,6 +25,44 @@ absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_
   std::filesystem::rename(temp, path, ec);
   if (ec) return absl::InternalError(absl::StrCat(path.string(), ": ", ec.message()));
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReadSmallFile(const std::filesystem::path& path, const char* what,
+                                          size_t max_bytes) {
+  const std::string name = path.string();
+  const int fd = ::open(name.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int e = errno;
+    const std::string message = absl::StrCat(name, ": cannot read this ", what, ": ", strerror(e));
+    if (e == ENOENT || e == ENOTDIR) return absl::NotFoundError(message);
+    if (e == EACCES || e == EPERM) return absl::PermissionDeniedError(message);
+    return absl::InvalidArgumentError(message);
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(name, ": not a regular file (a ", what, ")"));
+  }
+  if (static_cast<size_t>(st.st_size) > max_bytes) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(name, ": ", st.st_size, " bytes, more than a ",
+                                                   what, " may hold (", max_bytes, ")"));
+  }
+  std::string text(static_cast<size_t>(st.st_size), '\0');
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::read(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += static_cast<size_t>(n);
+  }
+  const int e = errno;
+  ::close(fd);
+  if (done != text.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ": reading this ", what, " failed: ", strerror(e)));
+  }
+  return text;
 }
 
 }  // namespace splitq::server

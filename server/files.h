@@ -1,4 +1,5 @@
-// splitq server: writing the small private files of a cluster (keys, certificates, tokens).
+// splitq server: writing and reading the small private files of a cluster (keys, certificates,
+// tokens).
 #pragma once
 
 #include <sys/types.h>
@@ -7,6 +8,7 @@
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace splitq::server {
 
@@ -15,5 +17,11 @@ namespace splitq::server {
 // whatever the umask. INTERNAL naming the file on failure.
 absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_view contents,
                                  mode_t mode);
+
+// The whole of a small file (at most `max_bytes`). NOT_FOUND when it does not exist,
+// PERMISSION_DENIED when it cannot be read, INVALID_ARGUMENT for a directory or a file above
+// max_bytes; each message names the file and says `what` it is (e.g. "token file").
+absl::StatusOr<std::string> ReadSmallFile(const std::filesystem::path& path, const char* what,
+                                          size_t max_bytes = 16 << 20);
 
 }  // namespace splitq::server

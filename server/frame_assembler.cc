@@ -63,7 +63,12 @@ absl::StatusOr<std::optional<std::string>> FrameAssembler::Add(const Chunk& c,
     step_ = c.step;
     count_ = c.count;
     frame_bytes_ = c.frame_bytes;
-    buffer_.reserve(static_cast<size_t>(c.frame_bytes));  // bounded by max_frame_bytes above
+    // Memory follows the bytes that arrive: a one-chunk frame gets its exact size, a longer
+    // one room for a few chunks and then the string's doubling (a tiny first chunk announcing
+    // 256 MiB takes no more than its own size x 4).
+    buffer_.reserve(static_cast<size_t>(
+        count_ == 1 ? c.frame_bytes
+                    : std::min<uint64_t>(c.frame_bytes, static_cast<uint64_t>(4 * c.size()))));
   }
   if (c.pieces.empty()) {
     buffer_.append(c.data.data(), c.data.size());

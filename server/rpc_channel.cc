@@ -31,6 +31,9 @@ absl::Status ValidateSecurity(const TransportSecurity& s) {
                    : "no transport security: give a TLS directory (from `splitq certs`) or "
                      "--insecure for plaintext");
   }
+  if (s.insecure && s.mutual_tls) {
+    return absl::InvalidArgumentError("--mtls needs TLS: give a TLS directory, not --insecure");
+  }
   return absl::OkStatus();
 }
 

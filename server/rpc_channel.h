@@ -26,7 +26,8 @@ struct TransportSecurity {
   bool mutual_tls = false;
 };
 
-// INVALID_ARGUMENT unless exactly one of tls_dir and insecure is given.
+// INVALID_ARGUMENT unless exactly one of tls_dir and insecure is given, or for mutual_tls with
+// insecure.
 absl::Status ValidateSecurity(const TransportSecurity& security);
 
 // Credentials for a channel to a server. NOT_FOUND names a missing certificate file.

@@ -49,11 +49,15 @@ absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::str
 }
 
 absl::StatusOr<TokenSet> TokenSet::Load(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": no such token file"));
-  std::stringstream text;
-  text << in.rdbuf();
-  return Parse(text.str(), path);
+  absl::StatusOr<std::string> text = ReadSmallFile(path, "token file");
+  if (!text.ok()) return text.status();
+  absl::StatusOr<TokenSet> set = Parse(*text, path);
+  if (set.ok() && set->size() == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path,
+        ": no tokens in it, so every call would be refused (make them with `splitq tokens`)"));
+  }
+  return set;
 }
 
 absl::StatusOr<std::string> TokenSet::Authenticate(
@@ -119,11 +123,9 @@ absl::Status WriteTokens(const std::string& dir, const std::vector<std::string>&
 }
 
 absl::StatusOr<std::string> ReadToken(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": no such token file"));
-  std::stringstream text;
-  text << in.rdbuf();
-  const std::string token(absl::StripAsciiWhitespace(text.str()));
+  absl::StatusOr<std::string> text = ReadSmallFile(path, "token file", 4096);
+  if (!text.ok()) return text.status();
+  const std::string token(absl::StripAsciiWhitespace(*text));
   if (token.size() < 16) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": no token (16+ characters) in it"));
   }

@@ -25,7 +25,9 @@ namespace splitq::server {
 class TokenSet {
  public:
   // INVALID_ARGUMENT for a malformed line (naming the file and line), a duplicate id or
-  // token, or an id outside [A-Za-z0-9._-]{1,64}; NOT_FOUND for a missing file.
+  // token, or an id outside [A-Za-z0-9._-]{1,64}; Load also for a file without any token (it
+  // would refuse every call) or one that is not a regular file. NOT_FOUND for a missing file,
+  // PERMISSION_DENIED for one that cannot be read.
   static absl::StatusOr<TokenSet> Load(const std::string& path);
   static absl::StatusOr<TokenSet> Parse(const std::string& text, const std::string& origin);
 
@@ -43,7 +45,7 @@ class TokenSet {
 absl::StatusOr<std::string> MakeToken();
 // Writes DIR/tokens and DIR/<id>.token for each id (mode 0600).
 absl::Status WriteTokens(const std::string& dir, const std::vector<std::string>& client_ids);
-// Reads a client's token file (surrounding white space dropped).
+// Reads a client's token file (surrounding white space dropped); errors as TokenSet::Load.
 absl::StatusOr<std::string> ReadToken(const std::string& path);
 // Adds "authorization: Bearer TOKEN" to a client call.
 void AddBearer(grpc::ClientContext& context, const std::string& token);

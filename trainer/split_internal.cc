@@ -115,6 +115,9 @@ absl::StatusOr<at::Tensor> DecodeRawTensor(const std::string& bytes,
   at::Tensor out = at::empty(shape, at::kFloat);
   if (numel > 0) {
     std::memcpy(out.data_ptr<float>(), bytes.data() + 8 + 8 * rank, static_cast<size_t>(numel) * 4);
+    if (!at::isfinite(out).all().item<bool>()) {
+      return absl::InvalidArgumentError("raw frame: values that are NaN or infinite");
+    }
   }
   return out;
 }

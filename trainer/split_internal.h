@@ -44,7 +44,8 @@ int ScheduleBits(const quant::BitSchedule& s, const BitsRange& range, int64_t st
 // Raw float32 frames (fp32 boundaries): "SQR1", u32 rank, rank x i64 dims, then numel x f32,
 // all little-endian. DecodeRawTensor checks the rank (<= 8), the element count against
 // `limits.max_elements` and the byte count against the shape before it allocates
-// (INVALID_ARGUMENT / RESOURCE_EXHAUSTED).
+// (INVALID_ARGUMENT / RESOURCE_EXHAUSTED), and refuses NaN or infinite values
+// (INVALID_ARGUMENT), as quantized frames refuse non-finite scales.
 std::string EncodeRawTensor(const at::Tensor& x);
 absl::StatusOr<at::Tensor> DecodeRawTensor(const std::string& bytes,
                                            const quant::FrameLimits& limits = {});

@@ -55,6 +55,31 @@ TEST(FrameAssembler, TakesAChunkInPieces) {
   EXPECT_EQ(a.Add(c, 1).status().code(), absl::StatusCode::kResourceExhausted);
 }
 
+// Memory follows the bytes that arrive, not what frame_bytes announces: a 10-byte chunk of a
+// frame said to be 200 MiB reserves little; the frame still assembles, and a one-chunk frame
+// gets its exact size.
+TEST(FrameAssembler, ReservesForWhatArrivesNotWhatIsAnnounced) {
+  FrameAssembler a({1 << 20, 256 << 20});
+  const std::string ten(10, 'x');
+  auto r = a.Add(Make(0, 0, 2, 200 << 20, ten), 0);
+  ASSERT_TRUE(r.ok() && !r->has_value()) << r.status();
+  EXPECT_LE(a.reserved_bytes(), 1024);
+  FrameAssembler b({1 << 20, 256 << 20});
+  std::string whole;
+  for (uint32_t i = 0; i < 5; ++i) {
+    const std::string piece(1000, static_cast<char>('a' + i));
+    whole += piece;
+    r = b.Add(Make(0, i, 5, 5000, piece), 0);
+    ASSERT_TRUE(r.ok()) << r.status();
+  }
+  ASSERT_TRUE(r->has_value());
+  EXPECT_EQ(**r, whole);
+  FrameAssembler c;
+  r = c.Add(Make(0, 0, 2, 3000, std::string(1000, 'z')), 0);
+  ASSERT_TRUE(r.ok());
+  EXPECT_GE(c.reserved_bytes(), 3000);  // 4 x 1000 covers the 3000 announced
+}
+
 TEST(FrameAssembler, RefusesEachBrokenRuleAndRecovers) {
   FrameAssembler a(AssemblerLimits{4, 16});
   struct Case {

@@ -101,6 +101,10 @@ TEST(Health, SecurityMustBeExplicit) {
   both.insecure = true;
   both.tls_dir = "/tmp";
   EXPECT_EQ(ValidateSecurity(both).code(), absl::StatusCode::kInvalidArgument);
+  TransportSecurity mutual_plaintext;  // --mtls --insecure: the --mtls would be ignored
+  mutual_plaintext.insecure = true;
+  mutual_plaintext.mutual_tls = true;
+  EXPECT_EQ(ValidateSecurity(mutual_plaintext).code(), absl::StatusCode::kInvalidArgument);
   TransportSecurity missing;
   missing.tls_dir = "/nonexistent";
   EXPECT_EQ(MakeChannelCredentials(missing).status().code(), absl::StatusCode::kNotFound);

@@ -12,6 +12,7 @@
 #include <memory>
 #include <string>
 
+#include "server/files.h"
 #include "server/rpc_channel.h"
 #include "splitq/v1/coordinator.grpc.pb.h"
 
@@ -75,6 +76,40 @@ TEST(Tokens, WrittenFilesLoadBackAndArePrivate) {
   }
   EXPECT_EQ(WriteTokens(dir, {"a b"}).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(WriteTokens(dir, {"x", "x"}).code(), absl::StatusCode::kInvalidArgument);
+  std::filesystem::remove_all(dir);
+}
+
+// Token files that cannot serve say why: missing, a directory, unreadable, or without a token
+// (a coordinator or worker would refuse every call), each naming the file.
+TEST(Tokens, UnusableFilesSayWhy) {
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / ("splitq_badtok_" + std::to_string(getpid())))
+          .string();
+  std::filesystem::create_directories(dir);
+  const auto expect = [](const absl::Status& s, absl::StatusCode code, const std::string& path,
+                         const char* words) {
+    EXPECT_EQ(s.code(), code) << s;
+    EXPECT_NE(s.message().find(path), std::string::npos) << s;
+    EXPECT_NE(s.message().find(words), std::string::npos) << s;
+  };
+  expect(TokenSet::Load(dir + "/none").status(), absl::StatusCode::kNotFound, dir + "/none",
+         "No such file");
+  expect(ReadToken(dir + "/none").status(), absl::StatusCode::kNotFound, dir + "/none",
+         "No such file");
+  expect(TokenSet::Load(dir).status(), absl::StatusCode::kInvalidArgument, dir,
+         "not a regular file");
+  const std::string empty = dir + "/empty";
+  ASSERT_TRUE(WriteFileAtomically(empty, "# only a comment\n", 0600).ok());
+  expect(TokenSet::Load(empty).status(), absl::StatusCode::kInvalidArgument, empty, "no tokens");
+  const std::string blank = dir + "/blank";
+  ASSERT_TRUE(WriteFileAtomically(blank, "\n", 0600).ok());
+  expect(ReadToken(blank).status(), absl::StatusCode::kInvalidArgument, blank, "no token");
+  if (geteuid() != 0) {  // root reads files whatever their mode
+    const std::string locked = dir + "/locked";
+    ASSERT_TRUE(WriteFileAtomically(locked, "alice 0123456789abcdef0123\n", 0000).ok());
+    expect(TokenSet::Load(locked).status(), absl::StatusCode::kPermissionDenied, locked,
+           "Permission denied");
+  }
   std::filesystem::remove_all(dir);
 }
 

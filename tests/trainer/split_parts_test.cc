@@ -10,6 +10,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <filesystem>
+#include <limits>
 #include <memory>
 
 #include "trainer/datasets.h"
@@ -177,6 +178,24 @@ TEST_F(SplitParts, BadInputGetsACodeAndTheServerKeepsServing) {
   auto down = (*server)->Train(session, *up, true);
   ASSERT_TRUE(down.ok()) << down.status();
   EXPECT_TRUE((*client)->Backward(*down).ok());
+}
+
+// fp32 boundaries' raw frames round-trip exactly, and NaN or infinite values are refused.
+TEST(RawFrames, RoundTripAndRefuseNonFiniteValues) {
+  const at::Tensor x = at::randn({2, 3, 4});
+  using internal::DecodeRawTensor;
+  using internal::EncodeRawTensor;
+  auto back = DecodeRawTensor(EncodeRawTensor(x));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_TRUE(at::equal(*back, x));
+  for (const float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+        -std::numeric_limits<float>::infinity()}) {
+    at::Tensor y = x.clone();
+    y.view(-1)[7] = bad;
+    const absl::Status s = DecodeRawTensor(EncodeRawTensor(y)).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad << ": " << s;
+  }
 }
 
 // A client part and a server part of kAmaq, three steps into training through one link.
