@@ -123,6 +123,8 @@ class ReconnectingLink : public trainer::ServerLink {
     const auto wait =
         std::chrono::milliseconds(std::min<int64_t>(5000, 200LL << std::min(failures_, 5)));
     ++failures_;
+    // A worker that refused us as full: the coordinator is asked for another one.
+    if (link_ && link_->refused_full()) unreachable_ = assigned_;
     std::fprintf(stderr, "\nclient %s: the worker stream failed (%s); reconnecting in %lld ms\n",
                  opt_.id.c_str(), error.ToString().c_str(), static_cast<long long>(wait.count()));
     link_.reset();
@@ -189,6 +191,7 @@ class ReconnectingLink : public trainer::ServerLink {
     }
     unreachable_.clear();
     link_ = std::make_unique<server::WorkerClient>(*channel, link_options_);
+    assigned_ = assignment->worker_name;
     worker_ = absl::StrCat(assignment->worker_name, " at ", target);
     return absl::OkStatus();
   }
@@ -208,7 +211,8 @@ class ReconnectingLink : public trainer::ServerLink {
   std::atomic<uint64_t> member_id_{0};
   std::atomic<int64_t> heartbeat_ms_{1000};
   std::string worker_;
-  std::string unreachable_;  // the worker the last connection attempt could not reach
+  std::string assigned_;     // the worker's name
+  std::string unreachable_;  // a worker we could not reach, or that was full: avoid it
 
  public:
   const std::string& worker() const { return worker_; }
@@ -333,7 +337,6 @@ int RunClient(const ClientCommandOptions& opt) {
     std::fflush(stderr);
   };
   absl::StatusOr<trainer::TrainSummary> summary;
-  uint64_t member_id = 0;
   {
     server::Heartbeater heartbeat(
         coordinator, link.member_id(), link.heartbeat_period(),
@@ -341,8 +344,11 @@ int RunClient(const ClientCommandOptions& opt) {
           return server::Heartbeater::Progress{static_cast<uint64_t>(counting.steps()), 0};
         },
         [&link, &opt]() -> absl::StatusOr<uint64_t> {
+          const uint64_t before = link.member_id();
           auto id = link.Register();
-          if (!id.ok() && link.member_id() != 0) return link.member_id();  // re-registered
+          // The main thread registered meanwhile (our Register then found the name taken).
+          const uint64_t now = link.member_id();
+          if (!id.ok() && now != 0 && now != before) return now;
           if (id.ok()) {
             std::fprintf(stderr,
                          "client %s registered again with the coordinator (it had lost us)\n",
@@ -355,10 +361,10 @@ int RunClient(const ClientCommandOptions& opt) {
         });
     summary = trainer::RunTraining(counting, train_options);
     link.Close();
-    member_id = heartbeat.member_id();
   }
-  // After the heartbeat thread has stopped, so that no beat re-registers us after the goodbye.
-  (void)coordinator.Leave(member_id);
+  // After the heartbeat thread has stopped, so that no beat re-registers us after the goodbye,
+  // with the id of our last registration (the heartbeat thread registers through `link`).
+  (void)coordinator.Leave(link.member_id());
   if (tty) std::fprintf(stderr, "\n");
   if (!summary.ok()) {
     std::fprintf(stderr, "client %s: %s\n", opt.id.c_str(),

@@ -225,7 +225,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
   std::printf("worker %s registered with the coordinator at %s\n", opt.name.c_str(),
               opt.coordinator.c_str());
   std::fflush(stdout);
-  uint64_t member_id = 0;
+  std::atomic<uint64_t> member_id{registration.member_id};  // the last registration's
   {
     server::Heartbeater heartbeat(
         coordinator, registration.member_id, registration.heartbeat_period,
@@ -241,6 +241,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
           std::printf("worker %s registered again with the coordinator (it had lost us)\n",
                       opt.name.c_str());
           std::fflush(stdout);
+          member_id.store(r->member_id);
           return r->member_id;
         },
         [&opt](const std::string& line) {
@@ -264,10 +265,9 @@ int RunWorker(const WorkerCommandOptions& opt) {
         std::fflush(stdout);
       }
     }
-    member_id = heartbeat.member_id();
   }
   // After the heartbeat thread has stopped, so that no beat re-registers us after the goodbye.
-  (void)coordinator.Leave(member_id);
+  (void)coordinator.Leave(member_id.load());
   grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   const bool saved = checkpoint.empty() || save(true);
   const server::WorkerStats s = core.stats();

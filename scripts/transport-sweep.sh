@@ -26,7 +26,7 @@ bin=$1 out=$2 rounds=$3 variants=$4 mib=${5:-128}
 mkdir -p "$out"
 
 names=() envs=() argss=()
-while IFS='|' read -r name env args; do
+while IFS='|' read -r name env args || [[ -n ${name:-} ]]; do  # (a last line without a newline too)
   name=$(echo "$name" | xargs)
   [[ -z $name || $name == \#* ]] && continue
   names+=("$name") envs+=("$(echo "$env" | xargs)") argss+=("$(echo "$args" | xargs)")

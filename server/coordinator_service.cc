@@ -82,9 +82,8 @@ grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerCont
                                                         splitq::v1::HeartbeatReply* reply) {
   absl::StatusOr<std::string> caller = Authenticate(context);
   if (!caller.ok()) return Finish(context, caller.status());
-  const absl::Status s =
-      core_.Heartbeat(request->member_id(), request->step(), Clock::now(), *caller,
-                      request->sessions());
+  const absl::Status s = core_.Heartbeat(request->member_id(), request->step(), Clock::now(),
+                                         *caller, request->sessions());
   if (s.code() == absl::StatusCode::kNotFound) {
     reply->set_unknown_member(true);  // an answer, not an error: the caller registers again
     return Finish(context, absl::OkStatus());

@@ -39,29 +39,31 @@ absl::StatusOr<std::string> ReadSmallFile(const std::filesystem::path& path, con
     return absl::InvalidArgumentError(message);
   }
   struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+  if (::fstat(fd, &st) != 0 || S_ISDIR(st.st_mode)) {
     ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(name, ": not a regular file (a ", what, ")"));
+    return absl::InvalidArgumentError(absl::StrCat(name, ": a directory, not a ", what));
   }
-  if (static_cast<size_t>(st.st_size) > max_bytes) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(name, ": ", st.st_size, " bytes, more than a ",
-                                                   what, " may hold (", max_bytes, ")"));
-  }
-  std::string text(static_cast<size_t>(st.st_size), '\0');
-  size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t n = ::read(fd, text.data() + done, text.size() - done);
+  // A regular file, or a pipe (`--token <(...)`): read to the end, at most max_bytes.
+  std::string text;
+  char buffer[4096];
+  for (;;) {
+    const ssize_t n = ::read(fd, buffer, sizeof(buffer));
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    done += static_cast<size_t>(n);
+    if (n < 0) {
+      const int e = errno;
+      ::close(fd);
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, ": reading this ", what, " failed: ", strerror(e)));
+    }
+    if (n == 0) break;
+    text.append(buffer, static_cast<size_t>(n));
+    if (text.size() > max_bytes) {
+      ::close(fd);
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, ": more than the ", max_bytes, " bytes a ", what, " may hold"));
+    }
   }
-  const int e = errno;
   ::close(fd);
-  if (done != text.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(name, ": reading this ", what, " failed: ", strerror(e)));
-  }
   return text;
 }
 

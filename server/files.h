@@ -18,9 +18,10 @@ namespace splitq::server {
 absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_view contents,
                                  mode_t mode);
 
-// The whole of a small file (at most `max_bytes`). NOT_FOUND when it does not exist,
-// PERMISSION_DENIED when it cannot be read, INVALID_ARGUMENT for a directory or a file above
-// max_bytes; each message names the file and says `what` it is (e.g. "token file").
+// The whole of a small file or pipe (at most `max_bytes`). NOT_FOUND when it does not exist,
+// PERMISSION_DENIED when it cannot be read, INVALID_ARGUMENT for a directory or more than
+// max_bytes; each message names the file and says `what` it is (e.g. "token file"). A FIFO
+// without a writer blocks, as for any reader.
 absl::StatusOr<std::string> ReadSmallFile(const std::filesystem::path& path, const char* what,
                                           size_t max_bytes = 16 << 20);
 

@@ -63,12 +63,19 @@ absl::StatusOr<std::optional<std::string>> FrameAssembler::Add(const Chunk& c,
     step_ = c.step;
     count_ = c.count;
     frame_bytes_ = c.frame_bytes;
-    // Memory follows the bytes that arrive: a one-chunk frame gets its exact size, a longer
-    // one room for a few chunks and then the string's doubling (a tiny first chunk announcing
-    // 256 MiB takes no more than its own size x 4).
-    buffer_.reserve(static_cast<size_t>(
-        count_ == 1 ? c.frame_bytes
-                    : std::min<uint64_t>(c.frame_bytes, static_cast<uint64_t>(4 * c.size()))));
+  }
+  // Memory follows the bytes that arrive, never above frame_bytes: a one-chunk frame gets its
+  // exact size; a longer one room for 4 chunks, then 4 times more at each step, so a tiny first
+  // chunk announcing 256 MiB takes 4 x its own size, and a real frame is copied at most a
+  // third of its size over while it grows.
+  const size_t needed = buffer_.size() + static_cast<size_t>(size);
+  if (needed > buffer_.capacity()) {
+    const size_t cap = next_index_ == 0 ? (count_ == 1 ? needed : 4 * needed)
+                                        : std::max(needed, 4 * buffer_.capacity());
+    std::string bigger;
+    bigger.reserve(std::min<size_t>(cap, frame_bytes_));  // a fresh string: exactly that much
+    bigger.append(buffer_);
+    buffer_.swap(bigger);
   }
   if (c.pieces.empty()) {
     buffer_.append(c.data.data(), c.data.size());

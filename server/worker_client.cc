@@ -117,8 +117,11 @@ absl::Status WorkerClient::OpenTrain(int64_t step) {
   FillHello(&hello, options_, step);
   grpc::ByteBuffer raw;
   if (!Write(*train_.stream, hello) || !train_.stream->Read(&raw)) {
-    return FullIsTransient(Fail(train_, "hello"));
+    const absl::Status status = Fail(train_, "hello");
+    refused_full_ = status.code() == absl::StatusCode::kResourceExhausted;
+    return FullIsTransient(status);
   }
+  refused_full_ = false;
   splitq::v1::TrainReply reply;
   if (!FromByteBuffer(&raw, &reply)) {
     (void)Fail(train_, "welcome", true);

@@ -58,6 +58,8 @@ class WorkerClient : public trainer::ServerLink {
   void Close();
 
   uint64_t session_id() const { return session_id_; }
+  // The last Train hello was refused because the worker was full.
+  bool refused_full() const { return refused_full_; }
 
  private:
   template <typename Stream>
@@ -77,6 +79,7 @@ class WorkerClient : public trainer::ServerLink {
   Open<RawStream> train_;
   Open<RawStream> eval_;
   uint64_t session_id_ = 0;
+  bool refused_full_ = false;
 };
 
 }  // namespace splitq::server

@@ -85,7 +85,7 @@ std::string EncodeRawTensor(const at::Tensor& x) {
 }
 
 absl::StatusOr<at::Tensor> DecodeRawTensor(const std::string& bytes,
-                                           const quant::FrameLimits& limits) {
+                                           const quant::FrameLimits& limits, bool require_finite) {
   uint32_t magic = 0, rank = 0;
   if (bytes.size() < 8) return absl::InvalidArgumentError("raw frame: shorter than its header");
   std::memcpy(&magic, bytes.data(), 4);
@@ -115,7 +115,7 @@ absl::StatusOr<at::Tensor> DecodeRawTensor(const std::string& bytes,
   at::Tensor out = at::empty(shape, at::kFloat);
   if (numel > 0) {
     std::memcpy(out.data_ptr<float>(), bytes.data() + 8 + 8 * rank, static_cast<size_t>(numel) * 4);
-    if (!at::isfinite(out).all().item<bool>()) {
+    if (require_finite && !at::isfinite(out).all().item<bool>()) {
       return absl::InvalidArgumentError("raw frame: values that are NaN or infinite");
     }
   }
@@ -383,10 +383,11 @@ void BoundarySender::Calibrate(const at::Tensor& h) {
 }
 
 BoundaryReceiver::BoundaryReceiver(const RunConfig& c, int index, int axis,
-                                   const quant::FrameLimits& limits)
+                                   const quant::FrameLimits& limits, bool require_finite)
     : c_(c),
       axis_(axis),
       limits_(limits),
+      require_finite_(require_finite),
       act_(limits),
       eval_(limits),
       grad_(1, quant::FrameKind::kGradient,
@@ -399,7 +400,7 @@ absl::StatusOr<at::Tensor> BoundaryReceiver::Receive(const std::string& bytes, i
                                                      const at::Device& device,
                                                      at::ScalarType dtype) {
   if (c_.activations.mode == WireMode::kFloat32) {
-    SPLITQ_ASSIGN_OR_RETURN(at::Tensor h, DecodeRawTensor(bytes, limits_));
+    SPLITQ_ASSIGN_OR_RETURN(at::Tensor h, DecodeRawTensor(bytes, limits_, require_finite_));
     return h.to(device).to(dtype);
   }
   SPLITQ_ASSIGN_OR_RETURN(quant::Frame frame, ParseBytes(bytes));

@@ -44,11 +44,14 @@ int ScheduleBits(const quant::BitSchedule& s, const BitsRange& range, int64_t st
 // Raw float32 frames (fp32 boundaries): "SQR1", u32 rank, rank x i64 dims, then numel x f32,
 // all little-endian. DecodeRawTensor checks the rank (<= 8), the element count against
 // `limits.max_elements` and the byte count against the shape before it allocates
-// (INVALID_ARGUMENT / RESOURCE_EXHAUSTED), and refuses NaN or infinite values
-// (INVALID_ARGUMENT), as quantized frames refuse non-finite scales.
+// (INVALID_ARGUMENT / RESOURCE_EXHAUSTED). With `require_finite` (a worker's input from the
+// network) it also refuses NaN or infinite values (INVALID_ARGUMENT), as quantized frames
+// refuse non-finite scales; in one process a diverging run is caught by its loss instead, with
+// a hint about the learning rate.
 std::string EncodeRawTensor(const at::Tensor& x);
 absl::StatusOr<at::Tensor> DecodeRawTensor(const std::string& bytes,
-                                           const quant::FrameLimits& limits = {});
+                                           const quant::FrameLimits& limits = {},
+                                           bool require_finite = false);
 
 // AQ-SGD's per-sample cache m_i on one side of the wire (float16, on the tensors' device).
 class DeltaCache {
@@ -161,7 +164,10 @@ class BoundarySender {
 // The receiving half of a boundary.
 class BoundaryReceiver {
  public:
-  BoundaryReceiver(const RunConfig& c, int index, int axis, const quant::FrameLimits& limits = {});
+  // `require_finite`: fp32 frames with NaN or infinite values are INVALID_ARGUMENT (a worker's
+  // input from the network; in one process a diverging run reaches the loss check instead).
+  BoundaryReceiver(const RunConfig& c, int index, int axis, const quant::FrameLimits& limits = {},
+                   bool require_finite = false);
 
   // Parses, validates and decodes an activation frame to `dtype` on `device`. AQ-SGD
   // (`train`): adds the receiver's cache entries for `ids` and updates them. Errors as
@@ -181,6 +187,7 @@ class BoundaryReceiver {
   const RunConfig& c_;
   int axis_;
   quant::FrameLimits limits_;
+  bool require_finite_;
   quant::WireDecoder act_, eval_;
   quant::WireEncoder grad_;
   DeltaCache cache_;

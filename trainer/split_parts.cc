@@ -472,7 +472,8 @@ uint64_t ServerPart::OpenSession() {
   Impl& s = *impl_;
   const uint64_t id = s.next_session++;
   s.sessions[id] =
-      std::make_unique<BoundaryReceiver>(s.c, 0, s.model.boundary_channel_axis, s.limits);
+      std::make_unique<BoundaryReceiver>(s.c, 0, s.model.boundary_channel_axis, s.limits,
+                                         /*require_finite=*/true);
   return id;
 }
 

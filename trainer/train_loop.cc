@@ -116,11 +116,19 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
     return absl::OkStatus();
   };
 
-  // A step (or validation pass) that an interrupt cut short leaves no state worth saving: the
-  // last checkpoint holds the state, and --resume redoes the steps after it (a worker answers
-  // the ones it has applied already without applying them again).
-  const auto cut_short = [&](const absl::Status& status) {
+  // A step that an interrupt cut short leaves no state worth saving: the last checkpoint holds
+  // the state, and --resume redoes the steps after it (a worker answers the ones it has applied
+  // already without applying them again). A validation pass cut short leaves the state of the
+  // step before it, which is saved.
+  const auto cut_short = [&](const absl::Status& status, bool validating) -> absl::Status {
     if (status.ok() || options.interrupt == nullptr || !options.interrupt->load()) return status;
+    if (validating) {
+      SPLITQ_RETURN_IF_ERROR(save());
+      return absl::CancelledError(absl::StrFormat(
+          "interrupted during the validation after step %d (%s); %s holds the state (continue "
+          "with --resume)",
+          trainer->step(), status.message(), checkpoint.string()));
+    }
     std::error_code error;
     const bool saved = fs::exists(checkpoint, error);
     return absl::CancelledError(absl::StrFormat(
@@ -132,7 +140,7 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
   };
   while (trainer->step() < c.steps) {
     absl::StatusOr<StepStats> stepped = trainer->Step();
-    if (!stepped.ok()) return cut_short(stepped.status());
+    if (!stepped.ok()) return cut_short(stepped.status(), false);
     const StepStats& s = *stepped;
     const int64_t step = trainer->step();  // steps done
     w.loss += s.loss;
@@ -163,7 +171,9 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
       }
       w.loss = w.act = w.grad = w.n = 0;
     }
-    if (step % c.eval_every == 0 && step < c.steps) SPLITQ_RETURN_IF_ERROR(cut_short(validate()));
+    if (step % c.eval_every == 0 && step < c.steps) {
+      SPLITQ_RETURN_IF_ERROR(cut_short(validate(), true));
+    }
     const bool interrupted = options.interrupt != nullptr && options.interrupt->load();
     const bool stop = interrupted || step == options.stop_after;
     if (stop || (c.checkpoint_every > 0 && step % c.checkpoint_every == 0 && step < c.steps)) {

@@ -51,9 +51,10 @@ struct TrainOptions {
   // Stop after this step (with a checkpoint), as if interrupted; -1: run to the end.
   int64_t stop_after = -1;
   // Set (e.g. by a SIGINT handler) to stop at the end of the current step with a checkpoint;
-  // Train then returns CANCELLED. A step or validation pass that fails while it is set (a
-  // networked client interrupted while reconnecting) also returns CANCELLED, without a new
-  // checkpoint: the message says which checkpoint holds the state. May be null.
+  // Train then returns CANCELLED. A step that fails while it is set (a networked client
+  // interrupted while reconnecting) also returns CANCELLED, without a new checkpoint (the
+  // message says which checkpoint holds the state); a validation pass that fails while it is
+  // set saves the state of the step before it. May be null.
   const std::atomic<bool>* interrupt = nullptr;
   // Called after every logged step with a one-line summary (progress); may be empty.
   std::function<void(const std::string&)> progress;

@@ -71,9 +71,24 @@ TEST(FrameAssembler, ReservesForWhatArrivesNotWhatIsAnnounced) {
     whole += piece;
     r = b.Add(Make(0, i, 5, 5000, piece), 0);
     ASSERT_TRUE(r.ok()) << r.status();
+    if (i < 4) EXPECT_LE(b.reserved_bytes(), 5000) << i;  // never above the frame
   }
   ASSERT_TRUE(r->has_value());
   EXPECT_EQ(**r, whole);
+  // A large frame in many chunks (48 MiB in 3 MiB chunks): never above its size either.
+  FrameAssembler large({4 << 20, 256 << 20});
+  const std::string chunk(3 << 20, 'q');
+  for (uint32_t i = 0; i < 16; ++i) {
+    r = large.Add(Make(0, i, 16, 48 << 20, chunk), 0);
+    ASSERT_TRUE(r.ok()) << r.status();
+    if (i < 15) {
+      EXPECT_LE(large.reserved_bytes(), 48 << 20) << i;
+      EXPECT_GE(large.reserved_bytes(), large.buffered_bytes()) << i;
+    }
+  }
+  ASSERT_TRUE(r->has_value());
+  EXPECT_EQ((*r)->size(), size_t{48} << 20);
+  EXPECT_LE((*r)->capacity(), size_t{48} << 20);
   FrameAssembler c;
   r = c.Add(Make(0, 0, 2, 3000, std::string(1000, 'z')), 0);
   ASSERT_TRUE(r.ok());

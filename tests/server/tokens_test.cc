@@ -79,8 +79,8 @@ TEST(Tokens, WrittenFilesLoadBackAndArePrivate) {
   std::filesystem::remove_all(dir);
 }
 
-// Token files that cannot serve say why: missing, a directory, unreadable, or without a token
-// (a coordinator or worker would refuse every call), each naming the file.
+// Token files that cannot serve say why: missing, a directory, too large, unreadable, or without
+// a token (a coordinator or worker would refuse every call), each naming the file. A pipe works.
 TEST(Tokens, UnusableFilesSayWhy) {
   const std::string dir =
       (std::filesystem::temp_directory_path() / ("splitq_badtok_" + std::to_string(getpid())))
@@ -96,14 +96,27 @@ TEST(Tokens, UnusableFilesSayWhy) {
          "No such file");
   expect(ReadToken(dir + "/none").status(), absl::StatusCode::kNotFound, dir + "/none",
          "No such file");
-  expect(TokenSet::Load(dir).status(), absl::StatusCode::kInvalidArgument, dir,
-         "not a regular file");
+  expect(TokenSet::Load(dir).status(), absl::StatusCode::kInvalidArgument, dir, "a directory");
   const std::string empty = dir + "/empty";
   ASSERT_TRUE(WriteFileAtomically(empty, "# only a comment\n", 0600).ok());
   expect(TokenSet::Load(empty).status(), absl::StatusCode::kInvalidArgument, empty, "no tokens");
   const std::string blank = dir + "/blank";
   ASSERT_TRUE(WriteFileAtomically(blank, "\n", 0600).ok());
   expect(ReadToken(blank).status(), absl::StatusCode::kInvalidArgument, blank, "no token");
+  // A pipe works, as `--token <(...)` gives one.
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  const std::string token = "0123456789abcdef0123456789abcdef";
+  ASSERT_EQ(write(fds[1], token.data(), token.size()), static_cast<ssize_t>(token.size()));
+  close(fds[1]);
+  auto piped = ReadToken("/dev/fd/" + std::to_string(fds[0]));
+  close(fds[0]);
+  ASSERT_TRUE(piped.ok()) << piped.status();
+  EXPECT_EQ(*piped, token);
+  // Too large.
+  const std::string huge = dir + "/huge";
+  ASSERT_TRUE(WriteFileAtomically(huge, std::string(5000, 'a'), 0600).ok());
+  expect(ReadToken(huge).status(), absl::StatusCode::kInvalidArgument, huge, "more than");
   if (geteuid() != 0) {  // root reads files whatever their mode
     const std::string locked = dir + "/locked";
     ASSERT_TRUE(WriteFileAtomically(locked, "alice 0123456789abcdef0123\n", 0000).ok());

@@ -455,6 +455,7 @@ TEST_F(WorkerServiceTest, AFullWorkerIsAPassingStateForTheClient) {
   auto refused = bob.Train((*frames_)[0]);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
   EXPECT_NE(refused.status().message().find("full"), std::string::npos) << refused.status();
+  EXPECT_TRUE(bob.refused_full());  // `splitq client` then asks the coordinator for another
   alice.Close();
   absl::StatusOr<trainer::DownFrame> in = refused.status();
   for (int i = 0; i < 50 && !in.ok(); ++i) {  // alice's session closes on the worker's thread
@@ -462,6 +463,7 @@ TEST_F(WorkerServiceTest, AFullWorkerIsAPassingStateForTheClient) {
     in = bob.Train((*frames_)[0]);
   }
   EXPECT_TRUE(in.ok()) << in.status();
+  EXPECT_FALSE(bob.refused_full());
   bob.Close();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
 }
