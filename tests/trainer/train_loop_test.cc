@@ -5,6 +5,7 @@
 // same curve bit for bit; --init and LoRA; and the errors a user can run into.
 #include "trainer/train_loop.h"
 
+#include <ftw.h>
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <torch/cuda.h>
@@ -12,6 +13,7 @@
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -37,6 +39,16 @@ const int kMallopt = [] {
 
 std::string OutDir(const std::string& name) {
   return (std::filesystem::temp_directory_path() / ("splitq_train_" + name)).string();
+}
+
+// Removes a directory tree with POSIX calls. (Not std::filesystem::remove_all: on the GPU host
+// it binds to the copy of std::filesystem inside PyTorch's libtorch.so, built against another
+// libstdc++, and crashes on a directory that holds files.)
+void RemoveTree(const std::string& dir) {
+  nftw(
+      dir.c_str(),
+      [](const char* path, const struct stat*, int, struct FTW*) { return std::remove(path); }, 16,
+      FTW_DEPTH | FTW_PHYS);
 }
 
 TrainOptions Options(const std::string& name) {
@@ -120,9 +132,7 @@ TEST(TrainLoop, AStepCutShortByAnInterruptNamesTheCheckpointToResumeFrom) {
     std::atomic<bool> interrupt{false};
     FailingRunner runner(c, fail_at, &interrupt);
     TrainOptions o = Options("cut_short_" + std::to_string(fail_at));
-    // (Not remove_all on a path that may not exist: on the GPU host it binds to the copy of
-    // std::filesystem inside PyTorch's libtorch.so, which crashes there.)
-    if (std::filesystem::exists(o.out_dir)) std::filesystem::remove_all(o.out_dir);
+    RemoveTree(o.out_dir);
     o.interrupt = &interrupt;
     const absl::Status s = RunTraining(runner, o).status();
     EXPECT_EQ(s.code(), absl::StatusCode::kCancelled) << s;
@@ -135,20 +145,20 @@ TEST(TrainLoop, AStepCutShortByAnInterruptNamesTheCheckpointToResumeFrom) {
       EXPECT_TRUE(runner.saved_at().empty());
       EXPECT_NE(s.message().find("no checkpoint was written yet"), std::string::npos) << s;
     }
-    std::filesystem::remove_all(o.out_dir);
+    RemoveTree(o.out_dir);
   }
   // A validation pass cut short: the step before it is complete, and its state is saved.
   c.eval_every = 5;
   std::atomic<bool> interrupt{false};
   FailingRunner runner(c, 0, &interrupt, /*fail_validation=*/true);
   TrainOptions o = Options("cut_short_validation");
-  if (std::filesystem::exists(o.out_dir)) std::filesystem::remove_all(o.out_dir);
+  RemoveTree(o.out_dir);
   o.interrupt = &interrupt;
   const absl::Status s = RunTraining(runner, o).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kCancelled) << s;
   EXPECT_NE(s.message().find("validation after step 5"), std::string::npos) << s;
   EXPECT_EQ(runner.saved_at(), (std::vector<int64_t>{4, 5}));
-  std::filesystem::remove_all(o.out_dir);
+  RemoveTree(o.out_dir);
 }
 
 // Warm-up, then cosine decay to zero; a negative step (never from a real run) counts as 0, so no
@@ -423,7 +433,7 @@ TEST(TrainLoop, ErrorsNameTheProblem) {
   const RunConfig c = SmallLm();
   // Resume with nothing to resume from.
   TrainOptions o = Options("no_checkpoint");
-  std::filesystem::remove_all(o.out_dir);
+  RemoveTree(o.out_dir);
   o.resume = true;
   auto r = Train(c, o);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound);
