@@ -64,14 +64,16 @@ absl::StatusOr<std::optional<std::string>> FrameAssembler::Add(const Chunk& c,
     count_ = c.count;
     frame_bytes_ = c.frame_bytes;
   }
-  // Memory follows the bytes that arrive, never above frame_bytes: a one-chunk frame gets its
-  // exact size; a longer one room for 4 chunks, then 4 times more at each step, so a tiny first
-  // chunk announcing 256 MiB takes 4 x its own size, and a real frame is copied at most a
-  // third of its size over while it grows.
+  // Memory follows the bytes that arrive, never above frame_bytes: the whole frame once 1/16 of
+  // it is here (at once for a frame of up to 16 chunks), before that 4 times more at each step.
+  // So a chunk never makes the buffer more than 16 x the bytes received (a tiny first chunk
+  // announcing 256 MiB takes 16 x its own size), and a long frame is copied over at most once,
+  // when 1/16 of it is in.
   const size_t needed = buffer_.size() + static_cast<size_t>(size);
   if (needed > buffer_.capacity()) {
-    const size_t cap = next_index_ == 0 ? (count_ == 1 ? needed : 4 * needed)
-                                        : std::max(needed, 4 * buffer_.capacity());
+    const size_t cap = needed * 16 >= frame_bytes_
+                           ? frame_bytes_
+                           : std::max(needed, 4 * std::max(buffer_.capacity(), needed / 4));
     std::string bigger;
     bigger.reserve(std::min<size_t>(cap, frame_bytes_));  // a fresh string: exactly that much
     bigger.append(buffer_);

@@ -57,10 +57,9 @@ class FrameAssembler {
 
   bool in_progress() const { return next_index_ > 0; }
   int64_t buffered_bytes() const { return static_cast<int64_t>(buffer_.size()); }
-  // Memory the partial frame holds: at least buffered_bytes, never more than the frame's
-  // frame_bytes (or 30 bytes; while it grows, 4x at a time, the old buffer is held too for the
-  // copy). The first chunk of a frame of several takes at most 4 x its own size, however large
-  // frame_bytes claims to be.
+  // Memory the partial frame holds: at least buffered_bytes, at most 16 x buffered_bytes and
+  // at most the frame's frame_bytes (or 30 bytes), however large frame_bytes claims to be.
+  // While it grows the old buffer is held too, for the copy.
   int64_t reserved_bytes() const { return static_cast<int64_t>(buffer_.capacity()); }
 
  private:

@@ -56,8 +56,8 @@ TEST(FrameAssembler, TakesAChunkInPieces) {
 }
 
 // Memory follows the bytes that arrive, not what frame_bytes announces: a 10-byte chunk of a
-// frame said to be 200 MiB reserves little; the frame still assembles, and a one-chunk frame
-// gets its exact size.
+// frame said to be 200 MiB reserves little; frames still assemble, and a frame of up to 16
+// chunks gets its whole size at once.
 TEST(FrameAssembler, ReservesForWhatArrivesNotWhatIsAnnounced) {
   FrameAssembler a({1 << 20, 256 << 20});
   const std::string ten(10, 'x');
@@ -71,7 +71,9 @@ TEST(FrameAssembler, ReservesForWhatArrivesNotWhatIsAnnounced) {
     whole += piece;
     r = b.Add(Make(0, i, 5, 5000, piece), 0);
     ASSERT_TRUE(r.ok()) << r.status();
-    if (i < 4) EXPECT_LE(b.reserved_bytes(), 5000) << i;  // never above the frame
+    if (i < 4) {
+      EXPECT_LE(b.reserved_bytes(), 5000) << i;  // never above the frame
+    }
   }
   ASSERT_TRUE(r->has_value());
   EXPECT_EQ(**r, whole);
@@ -89,6 +91,24 @@ TEST(FrameAssembler, ReservesForWhatArrivesNotWhatIsAnnounced) {
   ASSERT_TRUE(r->has_value());
   EXPECT_EQ((*r)->size(), size_t{48} << 20);
   EXPECT_LE((*r)->capacity(), size_t{48} << 20);
+  // A frame of many small chunks (4 MiB in 256 chunks of 16 KiB): the buffer stays within 16 x
+  // what arrived and within the frame, and grows a few times only (each growth is a copy).
+  FrameAssembler many({1 << 20, 256 << 20});
+  const std::string small(16 << 10, 's');
+  int growths = 0;
+  int64_t last_capacity = 0;
+  for (uint32_t i = 0; i < 256; ++i) {
+    r = many.Add(Make(0, i, 256, 4 << 20, small), 0);
+    ASSERT_TRUE(r.ok()) << r.status();
+    if (i == 255) break;
+    EXPECT_LE(many.reserved_bytes(), 16 * many.buffered_bytes()) << i;
+    EXPECT_LE(many.reserved_bytes(), 4 << 20) << i;
+    growths += many.reserved_bytes() != last_capacity;
+    last_capacity = many.reserved_bytes();
+  }
+  ASSERT_TRUE(r->has_value());
+  EXPECT_EQ((*r)->size(), size_t{4} << 20);
+  EXPECT_LE(growths, 4);  // 16 KiB, 64 KiB, 256 KiB, then the whole 4 MiB
   FrameAssembler c;
   r = c.Add(Make(0, 0, 2, 3000, std::string(1000, 'z')), 0);
   ASSERT_TRUE(r.ok());
