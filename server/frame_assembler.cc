@@ -71,9 +71,8 @@ absl::StatusOr<std::optional<std::string>> FrameAssembler::Add(const Chunk& c,
   // when 1/16 of it is in.
   const size_t needed = buffer_.size() + static_cast<size_t>(size);
   if (needed > buffer_.capacity()) {
-    const size_t cap = needed * 16 >= frame_bytes_
-                           ? frame_bytes_
-                           : std::max(needed, 4 * std::max(buffer_.capacity(), needed / 4));
+    const size_t cap =
+        needed * 16 >= frame_bytes_ ? frame_bytes_ : std::max(needed, 4 * buffer_.capacity());
     std::string bigger;
     bigger.reserve(std::min<size_t>(cap, frame_bytes_));  // a fresh string: exactly that much
     bigger.append(buffer_);

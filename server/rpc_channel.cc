@@ -2,24 +2,20 @@
 
 #include <grpcpp/security/tls_credentials_options.h>
 
-#include <fstream>
-#include <sstream>
-
 #include "absl/strings/str_cat.h"
+#include "server/files.h"
 
 namespace splitq::server {
 namespace {
 
 absl::StatusOr<std::string> ReadPem(const std::string& dir, const std::string& name) {
   const std::string path = dir + "/" + name;
-  std::ifstream in(path);
-  if (!in) {
+  absl::StatusOr<std::string> text = ReadSmallFile(path, "certificate file");
+  if (text.status().code() == absl::StatusCode::kNotFound) {
     return absl::NotFoundError(
         absl::StrCat(path, " is missing (make the folder with `splitq certs --out ", dir, "`)"));
   }
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
+  return text;
 }
 
 }  // namespace
