@@ -6,8 +6,9 @@
 //   2. the same topology runs as processes, one network namespace per service joined by a
 //      bridge, with the compose file's own commands (container paths mapped to folders here,
 //      host names through /etc/netns/<ns>/hosts, and `--set steps=30` for the worker and the
-//      clients so that it finishes quickly). Skipped with a reason where `ip netns` is not
-//      allowed (not root, or no CAP_NET_ADMIN).
+//      clients so that it finishes quickly). The bridge lives in a namespace of its own, so
+//      the host's firewall does not matter. Skipped with a reason where a probe of the same
+//      steps fails (not root, no CAP_NET_ADMIN, or a root where `ip netns exec` cannot mount).
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -166,25 +167,38 @@ TEST_F(Compose, EveryCommandParsesAndEveryConfigLoads) {
   EXPECT_EQ(shards, want) << "the clients' shards should cover the data once";
 }
 
-// One network namespace per service, a bridge between them.
+// One network namespace per service, joined by a bridge that lives in a namespace of its own
+// (sqc-net), so nothing is added to the host's network: the host's firewall (a FORWARD policy
+// of DROP, as once dockerd runs) never sees the bridged traffic, since iptables rules belong
+// to a namespace and a new one has none.
 class Namespaces {
  public:
+  // Runs `command` through the shell; on failure remembers it with its output (Error()).
+  bool Sh(const std::string& command) {
+    if (!error_.empty()) return false;
+    std::string output;
+    FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+    if (pipe == nullptr) return Fail(command, "popen failed");
+    char buffer[512];
+    while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) output += buffer;
+    return pclose(pipe) == 0 || Fail(command, output);
+  }
+  bool Bridge() {
+    Remember("sqc-net");
+    return Sh("ip netns add sqc-net") && Sh("ip -n sqc-net link set lo up") &&
+           Sh("ip -n sqc-net link add sqcbr0 type bridge") &&
+           Sh("ip -n sqc-net link set sqcbr0 up");
+  }
   bool Add(const std::string& service, int index) {
     const std::string ns = "sqc-" + service, veth = "sqv" + std::to_string(index);
     const std::string ip = "10.231.0." + std::to_string(10 + index);
-    bool ok = Sh("ip netns add " + ns) &&
-              Sh("ip link add " + veth + " type veth peer name eth0 netns " + ns) &&
-              Sh("ip link set " + veth + " master sqcbr0 up") &&
-              Sh("ip -n " + ns + " addr add " + ip + "/24 dev eth0") &&
-              Sh("ip -n " + ns + " link set eth0 up") && Sh("ip -n " + ns + " link set lo up");
-    namespaces_.push_back(ns);
+    Remember(ns);
     hosts_ += ip + " " + service + "\n";
-    return ok;
-  }
-  bool Bridge() {
-    bridge_ = Sh("ip link add sqcbr0 type bridge") && Sh("ip addr add 10.231.0.1/24 dev sqcbr0") &&
-              Sh("ip link set sqcbr0 up");
-    return bridge_;
+    return Sh("ip netns add " + ns) &&
+           Sh("ip -n sqc-net link add " + veth + " type veth peer name eth0 netns " + ns) &&
+           Sh("ip -n sqc-net link set " + veth + " master sqcbr0 up") &&
+           Sh("ip -n " + ns + " addr add " + ip + "/24 dev eth0") &&
+           Sh("ip -n " + ns + " link set eth0 up") && Sh("ip -n " + ns + " link set lo up");
   }
   // /etc/netns/<ns>/hosts: `ip netns exec` shows it as /etc/hosts inside.
   void WriteHosts() {
@@ -193,39 +207,61 @@ class Namespaces {
       std::ofstream("/etc/netns/" + ns + "/hosts") << "127.0.0.1 localhost\n" << hosts_;
     }
   }
+  // The first command that failed and what it printed; empty while all went well.
+  const std::string& Error() const { return error_; }
   ~Namespaces() {
     for (const std::string& ns : namespaces_) {
-      Sh("ip netns del " + ns + " 2>/dev/null");
+      std::system(("ip netns del " + ns + " 2>/dev/null").c_str());
       std::error_code ec;
       fs::remove_all("/etc/netns/" + ns, ec);
     }
-    Sh("ip link del sqcbr0 2>/dev/null");
   }
-  static bool Sh(const std::string& command) { return std::system(command.c_str()) == 0; }
+  // Namespaces left by an interrupted run (their names start with sqc-).
+  static void RemoveLeftovers() {
+    std::system("ip netns list 2>/dev/null | awk '/^sqc-/ {print $1}' | "
+                "xargs -r -n1 ip netns del 2>/dev/null");
+  }
 
  private:
+  void Remember(const std::string& ns) { namespaces_.push_back(ns); }
+  bool Fail(const std::string& command, const std::string& output) {
+    error_ = "`" + command + "` failed: " + output;
+    return false;
+  }
   std::vector<std::string> namespaces_;
   std::string hosts_;
-  bool bridge_ = false;
+  std::string error_;
 };
 
+// Whether this machine lets the test do exactly what it does below: a namespace with a
+// bridge, a service namespace joined to it by a veth pair, addresses and links set with
+// `ip -n`, and a process started with `ip netns exec`. Empty when it does; else the reason.
+std::string NamespacesUnusable() {
+  if (geteuid() != 0) return "needs root for ip netns";
+  Namespaces::RemoveLeftovers();
+  Namespaces probe;
+  if (!probe.Bridge() || !probe.Add("probe", 0)) return probe.Error();
+  probe.WriteHosts();
+  probe.Sh("ip netns exec sqc-probe sh -c 'grep -q probe /etc/hosts'");
+  probe.Sh("ip netns exec sqc-net ip link show sqv0 | grep -q 'master sqcbr0'");
+  return probe.Error();
+}
+
 TEST_F(Compose, TopologyRunsInNetworkNamespaces) {
-  if (geteuid() != 0) GTEST_SKIP() << "needs root for ip netns";
-  if (!Namespaces::Sh("ip netns add sqc-probe 2>/dev/null && ip netns del sqc-probe")) {
-    GTEST_SKIP() << "ip netns is not allowed here";
+  if (const std::string why = NamespacesUnusable(); !why.empty()) {
+    GTEST_SKIP() << "network namespaces are not usable here: " << why;
   }
-  Namespaces::Sh("ip link del sqcbr0 2>/dev/null");  // a leftover from an interrupted run
   const fs::path dir = fs::path(testing::TempDir()) / "compose_netns";
   fs::remove_all(dir);
   fs::create_directories(dir / "logs");
   Namespaces net;
-  ASSERT_TRUE(net.Bridge());
+  ASSERT_TRUE(net.Bridge()) << net.Error();
   const YAML::Node services = root_["services"];
   std::vector<std::string> order;
   int index = 0;
   for (const auto& entry : services) {
     order.push_back(entry.first.as<std::string>());
-    ASSERT_TRUE(net.Add(order.back(), index++)) << "namespace for " << order.back();
+    ASSERT_TRUE(net.Add(order.back(), index++)) << order.back() << ": " << net.Error();
   }
   net.WriteHosts();
   // The command of a service, as a process in its namespace, with container paths mapped.
