@@ -3,6 +3,9 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <set>
 #include <sstream>
@@ -124,6 +127,60 @@ std::string Show(const YAML::Node& node) {
   return s;
 }
 
+// Levenshtein distance, ignoring case.
+size_t EditDistance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t above = row[j];
+      const bool same = std::tolower(static_cast<unsigned char>(a[i - 1])) ==
+                        std::tolower(static_cast<unsigned char>(b[j - 1]));
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (same ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+std::string LastPart(const std::string& path) { return path.substr(path.rfind('.') + 1); }
+std::string ParentOf(const std::string& path) {
+  const size_t dot = path.rfind('.');
+  return dot == std::string::npos ? "" : path.substr(0, dot);
+}
+
+// The known key or map nearest to an unknown `path`: a typo ("stepz" -> "steps"), a key under
+// the wrong map ("lr" -> "optim.lr"), or a shortened name ("optim.warmup" ->
+// "optim.warmup_steps"). Empty when nothing is close.
+std::string NearestKey(const std::string& path) {
+  std::set<std::string> known;
+  for (const KeyDoc& k : kKeys) {
+    std::string p = k.path;
+    known.insert(p);
+    for (size_t dot = p.rfind('.'); dot != std::string::npos; dot = p.rfind('.')) {
+      p.resize(dot);
+      known.insert(p);  // the maps above the key
+    }
+  }
+  const std::string leaf = LastPart(path);
+  const std::string parent = ParentOf(path);
+  std::string best;
+  size_t best_distance = std::max<size_t>(2, path.size() / 4) + 1;
+  for (const std::string& candidate : known) {
+    size_t d = EditDistance(path, candidate);
+    const std::string candidate_leaf = LastPart(candidate);
+    if (EditDistance(leaf, candidate_leaf) == 0) d = std::min<size_t>(d, 1);  // misplaced
+    if (ParentOf(candidate) == parent && leaf.size() >= 3 &&
+        (candidate_leaf.rfind(leaf, 0) == 0 || leaf.rfind(candidate_leaf, 0) == 0)) {
+      d = std::min<size_t>(d, 2);  // shortened or lengthened
+    }
+    if (d < best_distance) best_distance = d, best = candidate;
+  }
+  return best;
+}
+
 absl::Status CheckKeys(const YAML::Node& node, const std::string& prefix) {
   if (!node.IsMap()) {
     return absl::InvalidArgumentError(
@@ -136,9 +193,11 @@ absl::Status CheckKeys(const YAML::Node& node, const std::string& prefix) {
     if (IsKey(path)) continue;
     const std::vector<std::string> children = ChildrenOf(path);
     if (children.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ": unknown key (value '", Show(entry.second),
-                       "'; expected one of: ", absl::StrJoin(ChildrenOf(prefix), ", "), ")"));
+      const std::string nearest = NearestKey(path);
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": unknown key (value '", Show(entry.second), "'",
+          nearest.empty() ? "" : absl::StrCat("; did you mean '", nearest, "'?"),
+          " expected one of: ", absl::StrJoin(ChildrenOf(prefix), ", "), ")"));
     }
     SPLITQ_RETURN_IF_ERROR(CheckKeys(entry.second, path));
   }
@@ -393,25 +452,55 @@ absl::Status ApplyOverride(YAML::Node& root, const std::string& assignment) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// The --set assignment whose key is, contains or lies inside the key an error message starts
+// with ("quant.activations.target[1].step: ..."); empty when the error is the file's.
+std::string OverrideBehind(const std::string& message, const std::vector<std::string>& overrides) {
+  std::string key = message.substr(0, message.find(':'));
+  key = key.substr(0, key.find('['));
+  auto within = [](const std::string& outer, const std::string& inner) {
+    return inner == outer || inner.rfind(outer + ".", 0) == 0;
+  };
+  // The last --set of a key wins, so it is the one to blame.
+  for (auto it = overrides.rbegin(); it != overrides.rend(); ++it) {
+    const std::string path = it->substr(0, it->find('='));
+    if (!key.empty() && (within(path, key) || within(key, path))) return *it;
+  }
+  return "";
+}
+
+}  // namespace
+
 absl::StatusOr<RunConfig> LoadRunConfig(const std::string& path,
                                         const std::vector<std::string>& overrides) {
   YAML::Node root;
   std::error_code kind_error;
-  if (std::filesystem::is_directory(path, kind_error)) {
+  const auto kind = std::filesystem::status(path, kind_error).type();
+  if (kind == std::filesystem::file_type::not_found) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": no such file"));
+  }
+  if (kind == std::filesystem::file_type::directory) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": a folder, not a config file"));
   }
+  errno = 0;
   try {
     root = YAML::LoadFile(path);
   } catch (const YAML::BadFile&) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": cannot read the config file"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": cannot read the config file (", std::strerror(errno == 0 ? EACCES : errno), ")"));
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not valid YAML: ", e.what()));
   }
   for (const std::string& o : overrides) SPLITQ_RETURN_IF_ERROR(ApplyOverride(root, o));
   auto config = ParseRunConfig(root);
   if (!config.ok()) {
+    const std::string message(config.status().message());
+    const std::string assignment = OverrideBehind(message, overrides);
     return absl::Status(config.status().code(),
-                        absl::StrCat(path, ": ", config.status().message()));
+                        assignment.empty()
+                            ? absl::StrCat(path, ": ", message)
+                            : absl::StrCat("--set ", assignment, ": ", message));
   }
   return config;
 }

@@ -6,6 +6,9 @@
 #include <yaml-cpp/yaml.h>
 
 #include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
 
 namespace splitq::trainer {
 namespace {
@@ -104,10 +107,64 @@ TEST(RunConfig, OverridesReplaceAndAddKeys) {
   EXPECT_FALSE(ApplyOverride(root, "steps.inner=3").ok());  // steps is not a map
 }
 
+TEST(RunConfig, UnknownKeysSuggestTheNearestKnownOne) {
+  ExpectError("stepz: 10", "stepz: unknown key (value '10'; did you mean 'steps'?");
+  ExpectError("lr: 0.1", "lr: unknown key (value '0.1'; did you mean 'optim.lr'?");
+  ExpectError("optim: {warmup: 10}", "did you mean 'optim.warmup_steps'?");
+  ExpectError("quant: {activation: {mode: amaq}}", "did you mean 'quant.activations'?");
+  ExpectError("quant: {activations: {gatee: {alpha: 2}}}",
+              "did you mean 'quant.activations.gate'?");
+  auto far = Parse("qwertyuiop: 1");
+  ASSERT_FALSE(far.ok());
+  EXPECT_EQ(far.status().message().find("did you mean"), std::string::npos)
+      << far.status().message();
+}
+
+class ConfigFile : public testing::Test {
+ protected:
+  void SetUp() override {
+    path_ = (std::filesystem::path(testing::TempDir()) / "config_file_test.yaml").string();
+  }
+  void TearDown() override { std::filesystem::remove(path_); }
+  void Write(const std::string& yaml) {
+    std::ofstream out(path_);
+    out << yaml;
+  }
+  std::string Error(const std::vector<std::string>& overrides) {
+    auto c = LoadRunConfig(path_, overrides);
+    return c.ok() ? "(ok)" : std::string(c.status().message());
+  }
+  std::string path_;
+};
+
+TEST_F(ConfigFile, AnErrorFromSetNamesSetNotTheFile) {
+  Write("steps: 100\nquant: {activations: {target: 4}}\n");
+  EXPECT_EQ(Error({"steps=0"}), "--set steps=0: steps: 0 is outside >= 1");
+  EXPECT_EQ(Error({"stepz=3"}).rfind("--set stepz=3: stepz: unknown key", 0), 0u)
+      << Error({"stepz=3"});
+  EXPECT_EQ(Error({"quant.activations.target=1"})
+                .rfind("--set quant.activations.target=1: quant.activations.target[0].bits", 0),
+            0u);
+  // A --set of a map blames the assignment for a bad key inside it.
+  EXPECT_EQ(Error({"optim={lr: -1}"}).rfind("--set optim={lr: -1}: optim.lr:", 0), 0u);
+  // Of two --set of one key the last one counts, and is named.
+  EXPECT_EQ(Error({"steps=5", "steps=-1"}).rfind("--set steps=-1:", 0), 0u);
+}
+
+TEST_F(ConfigFile, AnErrorInTheFileNamesTheFile) {
+  Write("steps: 0\n");
+  EXPECT_EQ(Error({"optim.lr=0.01"}), path_ + ": steps: 0 is outside >= 1");
+  Write("steps: 10\n");
+  EXPECT_EQ(Error({"optim.lr=0.01"}), "(ok)");
+}
+
 TEST(RunConfig, MissingFileAndBadYamlNameTheFile) {
   auto missing = LoadRunConfig("/nonexistent/run.yaml");
   ASSERT_FALSE(missing.ok());
-  EXPECT_NE(missing.status().message().find("/nonexistent/run.yaml"), std::string::npos);
+  EXPECT_EQ(missing.status().message(), "/nonexistent/run.yaml: no such file");
+  auto folder = LoadRunConfig(testing::TempDir());
+  ASSERT_FALSE(folder.ok());
+  EXPECT_NE(folder.status().message().find("a folder, not a config file"), std::string::npos);
 }
 
 TEST(RunConfig, ReferenceListsEveryKey) {
