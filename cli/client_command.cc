@@ -336,6 +336,9 @@ int RunClient(const ClientCommandOptions& opt) {
     std::fprintf(stderr, tty ? "\r\033[K%s: %s" : "%s: %s\n", opt.id.c_str(), line.c_str());
     std::fflush(stderr);
   };
+  train_options.note = [tty, &opt](const std::string& line) {
+    std::fprintf(stderr, tty ? "\r\033[K%s: %s\n" : "%s: %s\n", opt.id.c_str(), line.c_str());
+  };
   absl::StatusOr<trainer::TrainSummary> summary;
   {
     server::Heartbeater heartbeat(

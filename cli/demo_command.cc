@@ -153,6 +153,9 @@ trainer::TrainSummary Combine(const std::vector<trainer::TrainSummary>& parts) {
   all.task = parts.front().task;
   all.device = parts.front().device;
   all.max_budget_excess = -1e9;
+  all.clients = static_cast<int64_t>(parts.size());
+  all.act_budget = parts.front().act_budget;  // one config, one schedule
+  all.grad_budget = parts.front().grad_budget;
   all.val_accuracy = parts.front().val_accuracy < 0 ? -1 : 0;  // -1: not this task (null)
   all.val_bits_per_byte = parts.front().val_bits_per_byte < 0 ? -1 : 0;
   for (const trainer::TrainSummary& s : parts) {
@@ -180,6 +183,15 @@ int RunDemo(const DemoOptions& opt) {
   if (ec) {
     std::fprintf(stderr, "demo: %s: %s\n", opt.out_dir.c_str(), ec.message().c_str());
     return 2;
+  }
+  if (fs::exists(dir / "summary.json", ec)) {
+    std::fprintf(stderr,
+                 "demo: %s holds a finished run: its clients resume from their checkpoints, with "
+                 "nothing left to train (--out DIR starts a new run elsewhere)\n",
+                 opt.out_dir.c_str());
+  } else if (fs::exists(dir / "client0" / "checkpoint.pt", ec)) {
+    std::fprintf(stderr, "demo: %s holds a stopped run: resuming it (--out DIR starts a new one)\n",
+                 opt.out_dir.c_str());
   }
   // The config every process loads (one file, so one digest).
   const std::string config = (dir / "config.yaml").string();

@@ -26,6 +26,7 @@ struct TrainCommandOptions {
   std::string out_dir;
   std::string init;
   bool resume = false;
+  bool force = false;
 };
 
 std::atomic<bool> g_interrupt{false};
@@ -50,6 +51,7 @@ int RunTrain(const TrainCommandOptions& opt) {
           : opt.out_dir;
   train_options.init_checkpoint = opt.init;
   train_options.resume = opt.resume;
+  train_options.overwrite = opt.force;
   train_options.interrupt = &g_interrupt;
   std::signal(SIGINT, OnInterrupt);
   std::signal(SIGTERM, OnInterrupt);
@@ -57,6 +59,9 @@ int RunTrain(const TrainCommandOptions& opt) {
   train_options.progress = [tty](const std::string& line) {
     std::fprintf(stderr, tty ? "\r\033[K%s" : "%s\n", line.c_str());
     std::fflush(stderr);
+  };
+  train_options.note = [tty](const std::string& line) {
+    std::fprintf(stderr, tty ? "\r\033[K%s\n" : "%s\n", line.c_str());
   };
   auto summary = trainer::Train(*config, train_options);
   if (tty) std::fprintf(stderr, "\n");
@@ -70,18 +75,8 @@ int RunTrain(const TrainCommandOptions& opt) {
 
 }  // namespace
 
-void PrintTrainSummary(const trainer::TrainSummary& s, const std::string& out_dir) {
-  const trainer::TrainSummary* summary = &s;
-  std::printf("%s: %lld steps in %.1f s on %s; val loss %.4f", summary->task.c_str(),
-              static_cast<long long>(summary->steps), summary->wall_seconds,
-              summary->device.c_str(), summary->val_loss);
-  if (summary->val_accuracy >= 0) std::printf(", val accuracy %.4f", summary->val_accuracy);
-  if (summary->val_bits_per_byte >= 0)
-    std::printf(", val bits/byte %.4f", summary->val_bits_per_byte);
-  std::printf(
-      "; wire %.2f MB up, %.2f MB down (fp32 would be %.2f MB); act bits %.2f, grad bits %.2f\n",
-      summary->bytes_up / 1e6, summary->bytes_down / 1e6, summary->bytes_fp32_equivalent / 1e6,
-      summary->avg_act_bits, summary->avg_grad_bits);
+void PrintTrainSummary(const trainer::TrainSummary& summary, const std::string& out_dir) {
+  std::printf("%s", trainer::FormatSummary(summary).c_str());
   if (!out_dir.empty()) {
     std::printf("wrote %s/{metrics.jsonl, validation.jsonl, checkpoint.pt, summary.json}\n",
                 out_dir.c_str());
@@ -97,7 +92,11 @@ void RegisterTrain(CLI::App& app, RunFn* run) {
   cmd->add_option("--out", opt->out_dir, "Output directory (default runs/<config name>)");
   cmd->add_option("--init", opt->init,
                   "Checkpoint whose model weights are the base (LoRA runs need one)");
-  cmd->add_flag("--resume", opt->resume, "Continue from the output directory's checkpoint.pt");
+  auto* resume =
+      cmd->add_flag("--resume", opt->resume, "Continue from the output directory's checkpoint.pt");
+  cmd->add_flag("--force", opt->force,
+                "Start over in an output directory that holds a run (its files are replaced)")
+      ->excludes(resume);
   cmd->callback([opt, run] { *run = [opt] { return RunTrain(*opt); }; });
 }
 

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "kernels/common.h"
+#include "trainer/split_internal.h"
 #include "trainer/split_trainer.h"
 
 namespace splitq::trainer {
@@ -63,7 +64,69 @@ struct Window {
   }
 };
 
+// The mean budget over the logged window that ends with `steps_done` (the steps since the
+// previous multiple of log_every): what that window's mean bits are compared with while the
+// schedule moves.
+double WindowBudget(double (*budget_at)(const RunConfig&, int64_t), const RunConfig& c,
+                    int64_t steps_done) {
+  const int64_t first = steps_done < 1 ? 0 : (steps_done - 1) / c.log_every * c.log_every;
+  double sum = 0;
+  for (int64_t k = first; k < steps_done; ++k) {
+    const double b = budget_at(c, k);
+    if (b < 0) return -1;
+    sum += b;
+  }
+  return steps_done > first ? sum / static_cast<double>(steps_done - first) : budget_at(c, 0);
+}
+
 }  // namespace
+
+double ActivationBudgetAt(const RunConfig& c, int64_t step) {
+  switch (c.activations.mode) {
+    case WireMode::kFloat32: return -1;
+    case WireMode::kAmaq: return c.activations.target.TargetAt(step);
+    default: return internal::ScheduleBits(c.activations.target, c.activations.bits, step);
+  }
+}
+
+double GradientBudgetAt(const RunConfig& c, int64_t step) {
+  if (c.gradients.mode == WireMode::kFloat32) return -1;
+  return internal::ScheduleBits(c.gradients.target, c.gradients.bits, step);
+}
+
+std::string FormatSummary(const TrainSummary& s) {
+  std::string out = s.task + ": ";
+  if (s.clients > 1) {
+    absl::StrAppendFormat(&out, "%d clients x %d steps (%d client steps)", s.clients,
+                          s.steps / s.clients, s.steps);
+  } else {
+    absl::StrAppendFormat(&out, "%d steps", s.steps);
+  }
+  absl::StrAppendFormat(&out, " in %.1f s on %s; ", s.wall_seconds, s.device);
+  const char* mean = s.clients > 1 ? " (mean over clients)" : "";
+  if (s.val_accuracy >= 0) absl::StrAppendFormat(&out, "val accuracy %.4f%s, ", s.val_accuracy, mean);
+  if (s.val_bits_per_byte >= 0) {
+    absl::StrAppendFormat(&out, "val bits/byte %.4f%s, ", s.val_bits_per_byte, mean);
+  }
+  absl::StrAppendFormat(&out, "val loss %.4f\n", s.val_loss);
+  const double wire_mb = (s.bytes_up + s.bytes_down) / 1e6;
+  const double fp32_mb = s.bytes_fp32_equivalent / 1e6;
+  absl::StrAppendFormat(&out, "wire %.1f MB up+down vs %.1f MB at fp32", wire_mb, fp32_mb);
+  if (s.bytes_up + s.bytes_down > 0 && s.bytes_fp32_equivalent > 0) {
+    absl::StrAppendFormat(&out, ": %.1fx less",
+                          static_cast<double>(s.bytes_fp32_equivalent) /
+                              static_cast<double>(s.bytes_up + s.bytes_down));
+  }
+  absl::StrAppendFormat(&out, " (%.1f MB up, %.1f MB down)\n", s.bytes_up / 1e6,
+                        s.bytes_down / 1e6);
+  auto bits = [](double used, double budget) {
+    if (budget < 0) return std::string("fp32");
+    return absl::StrFormat("%.2f (budget %.2f)", used, budget);
+  };
+  absl::StrAppendFormat(&out, "bits per value at the end: activations %s, gradients %s\n",
+                        bits(s.avg_act_bits, s.act_budget), bits(s.avg_grad_bits, s.grad_budget));
+  return out;
+}
 
 absl::StatusOr<TrainSummary> Train(const RunConfig& c, const TrainOptions& options) {
   SPLITQ_ASSIGN_OR_RETURN(auto trainer,
@@ -80,7 +143,24 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
   if (ec) return absl::InvalidArgumentError(absl::StrCat(options.out_dir, ": ", ec.message()));
   const fs::path dir(options.out_dir);
   const fs::path checkpoint = dir / "checkpoint.pt";
+  if (!options.resume && !options.overwrite) {
+    std::error_code exists_error;
+    const bool finished = fs::exists(dir / "summary.json", exists_error);
+    if (finished || fs::exists(checkpoint, exists_error)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          options.out_dir, " already holds ", finished ? "a finished run" : "a stopped run",
+          " (", finished ? "summary.json" : "checkpoint.pt",
+          "); nothing was changed. --resume continues it, --force starts over there, --out "
+          "DIR picks another folder"));
+    }
+  }
+  if (!options.resume) {  // a new run: no summary of an older one may stay behind
+    std::error_code remove_error;
+    fs::remove(dir / "summary.json", remove_error);
+  }
 
+  const std::function<void(const std::string&)>& note =
+      options.note ? options.note : options.progress;
   Window w;
   if (options.resume) {
     std::vector<double> driver;
@@ -88,10 +168,16 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
     w.Unpack(driver);
     SPLITQ_RETURN_IF_ERROR(TruncateJsonl(dir / "metrics.jsonl", trainer->step()));
     SPLITQ_RETURN_IF_ERROR(TruncateJsonl(dir / "validation.jsonl", trainer->step()));
-    if (options.progress) {
-      options.progress(
-          absl::StrFormat("resumed %s at step %d", checkpoint.string(), trainer->step()));
+    if (note) {
+      note(absl::StrFormat("resumed %s at step %d of %d%s", checkpoint.string(), trainer->step(),
+                           c.steps, trainer->step() >= c.steps ? " (nothing left to train)" : ""));
     }
+  }
+  if (note && !options.resume && c.activations.mode == WireMode::kAmaq) {
+    note(absl::StrFormat(
+        "AMAQ: each channel learns its bits; the budget B*(t) goes %.2f -> %.2f bits per value "
+        "over the run and is a ceiling (bits sit below it where the loss allows)",
+        ActivationBudgetAt(c, 0), ActivationBudgetAt(c, c.steps - 1)));
   }
   const auto mode = options.resume ? std::ios::app : std::ios::trunc;
   std::ofstream metrics(dir / "metrics.jsonl", mode), validation(dir / "validation.jsonl", mode);
@@ -164,10 +250,13 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
       if (options.progress) {
         const double elapsed = wall();
         const double eta = elapsed / std::max<double>(1, step) * (c.steps - step);
+        const double act_budget = WindowBudget(ActivationBudgetAt, c, step);
         options.progress(absl::StrFormat(
-            "step %d/%d  loss %.4f  act bits %.2f  grad bits %.1f  up %.1f MB  %.0f ms/step  "
-            "eta %.0f s",
-            step, c.steps, mean_loss, w.avg_act, w.avg_grad, wire.bytes_up / 1e6, s.step_ms, eta));
+            "step %d/%d  loss %.4f  act bits %s  grad bits %s  up %.1f MB  %.0f ms/step  eta %.0f s",
+            step, c.steps, mean_loss,
+            act_budget < 0 ? "fp32" : absl::StrFormat("%.2f (budget %.2f)", w.avg_act, act_budget),
+            c.gradients.mode == WireMode::kFloat32 ? "fp32" : absl::StrFormat("%.1f", w.avg_grad),
+            wire.bytes_up / 1e6, s.step_ms, eta));
       }
       w.loss = w.act = w.grad = w.n = 0;
     }
@@ -198,6 +287,8 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
   summary.last_loss = w.last_loss;
   summary.avg_act_bits = w.avg_act;
   summary.avg_grad_bits = w.avg_grad;
+  summary.act_budget = WindowBudget(ActivationBudgetAt, c, summary.steps);
+  summary.grad_budget = WindowBudget(GradientBudgetAt, c, summary.steps);
   const WireTotals wire = trainer->wire();
   summary.bytes_up = wire.bytes_up;
   summary.bytes_down = wire.bytes_down;
@@ -215,12 +306,15 @@ absl::Status WriteSummary(const TrainSummary& summary, const std::string& path) 
   out << absl::StrFormat(
       "{\n  \"task\": \"%s\",\n  \"steps\": %d,\n  \"val_loss\": %.6f,\n  \"val_accuracy\": %s,\n"
       "  \"val_bits_per_byte\": %s,\n  \"avg_act_bits\": %.4f,\n  \"avg_grad_bits\": %.4f,\n"
+      "  \"act_budget\": %s,\n  \"grad_budget\": %s,\n"
       "  \"bytes_up\": %d,\n  \"bytes_down\": %d,\n  \"bytes_fp32_equivalent\": %d,\n"
-      "  \"wall_seconds\": %.3f,\n  \"max_budget_excess\": %.6f,\n  \"device\": \"%s\"\n}\n",
+      "  \"wall_seconds\": %.3f,\n  \"max_budget_excess\": %.6f,\n  \"device\": \"%s\",\n"
+      "  \"clients\": %d\n}\n",
       summary.task, summary.steps, summary.val_loss, NumberOrNull(summary.val_accuracy),
       NumberOrNull(summary.val_bits_per_byte), summary.avg_act_bits, summary.avg_grad_bits,
-      summary.bytes_up, summary.bytes_down, summary.bytes_fp32_equivalent, summary.wall_seconds,
-      summary.max_budget_excess, summary.device);
+      NumberOrNull(summary.act_budget), NumberOrNull(summary.grad_budget), summary.bytes_up,
+      summary.bytes_down, summary.bytes_fp32_equivalent, summary.wall_seconds,
+      summary.max_budget_excess, summary.device, summary.clients);
   out.close();
   if (!out) return absl::InternalError(absl::StrCat(path, ": cannot write"));
   return absl::OkStatus();
@@ -241,6 +335,9 @@ absl::StatusOr<TrainSummary> ReadSummary(const std::string& path) {
     s.val_bits_per_byte = number("val_bits_per_byte");
     s.avg_act_bits = number("avg_act_bits");
     s.avg_grad_bits = number("avg_grad_bits");
+    s.act_budget = number("act_budget");
+    s.grad_budget = number("grad_budget");
+    if (const YAML::Node clients = n["clients"]) s.clients = clients.as<int64_t>();
     s.bytes_up = n["bytes_up"].as<int64_t>();
     s.bytes_down = n["bytes_down"].as<int64_t>();
     s.bytes_fp32_equivalent = n["bytes_fp32_equivalent"].as<int64_t>();

@@ -10,9 +10,12 @@
 //   checkpoint.pt     the whole training state, every checkpoint_every steps, on an interrupt
 //                     and at the end (replaced atomically).
 //   summary.json      task, steps, val_loss, val_accuracy, val_bits_per_byte, avg_act_bits,
-//                     avg_grad_bits (means over the last logged window), bytes_up, bytes_down,
-//                     bytes_fp32_equivalent, wall_seconds, max_budget_excess (max over frames
-//                     of mean bits - budget: never above 0), device.
+//                     avg_grad_bits (means over the last logged window), act_budget and
+//                     grad_budget (the schedules' targets at the last step; null for fp32),
+//                     bytes_up, bytes_down, bytes_fp32_equivalent, wall_seconds,
+//                     max_budget_excess (max over frames of mean bits - budget: never above
+//                     0), device, clients (1; the demo's sum over N clients says N).
+// A run is never overwritten by accident: see TrainOptions::overwrite.
 // Resume (`resume`): restores out_dir/checkpoint.pt, drops the metric and validation lines
 // after its step, and continues; on the CPU the curve is bit-identical to an uninterrupted
 // run (step_ms and the byte counters excepted: see split_trainer.h).
@@ -38,6 +41,11 @@ struct TrainSummary {
   double last_loss = 0;           // ... and the last one
   double avg_act_bits = 0;        // mean over the last logged window
   double avg_grad_bits = 0;
+  // The schedules' targets B*(t) at the last step (bits per value); -1: fp32 (no budget).
+  // Learned bits may sit below the activation budget: it is a ceiling, and the gate penalty
+  // (quant.activations.gate.beta) lowers a channel's bits wherever the task loss allows.
+  double act_budget = -1, grad_budget = -1;
+  int64_t clients = 1;            // runs summed into this one (`splitq demo`); steps are summed
   int64_t bytes_up = 0, bytes_down = 0, bytes_fp32_equivalent = 0;
   double wall_seconds = 0;       // over all sessions of a resumed run
   double max_budget_excess = 0;  // max over frames of (mean bits sent - budget); <= 0 always
@@ -48,6 +56,9 @@ struct TrainOptions {
   std::string out_dir;          // created if missing
   std::string init_checkpoint;  // --init: base weights (required by LoRA runs)
   bool resume = false;          // --resume: continue from out_dir/checkpoint.pt
+  // Without `resume`, an out_dir that holds a run (checkpoint.pt or summary.json) is refused
+  // with FAILED_PRECONDITION, unless `overwrite` (--force): then that run's files are replaced.
+  bool overwrite = false;
   // Stop after this step (with a checkpoint), as if interrupted; -1: run to the end.
   int64_t stop_after = -1;
   // Set (e.g. by a SIGINT handler) to stop at the end of the current step with a checkpoint;
@@ -58,6 +69,9 @@ struct TrainOptions {
   const std::atomic<bool>* interrupt = nullptr;
   // Called after every logged step with a one-line summary (progress); may be empty.
   std::function<void(const std::string&)> progress;
+  // Called with one-off lines a person should keep seeing (where a resume starts, what the
+  // bit budget means); may be empty (then `progress` gets them).
+  std::function<void(const std::string&)> note;
 };
 
 // Runs the configured training. CANCELLED after an interrupt or stop_after (the checkpoint
@@ -69,9 +83,20 @@ absl::StatusOr<TrainSummary> Train(const RunConfig& config, const TrainOptions& 
 // out_dir/checkpoint.pt into it.
 absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions& options);
 
-// summary.json (the keys listed at the top of this file; first_loss and last_loss are not
-// written). ReadSummary parses one back (INVALID_ARGUMENT naming the file).
+// summary.json (the keys listed at the top of this file, plus act_budget, grad_budget (null
+// for fp32) and clients; first_loss and last_loss are not written). ReadSummary parses one
+// back (INVALID_ARGUMENT naming the file); keys missing from an older file keep their defaults.
 absl::Status WriteSummary(const TrainSummary& summary, const std::string& path);
 absl::StatusOr<TrainSummary> ReadSummary(const std::string& path);
+
+// The budget B*(t) of the activation (or gradient) schedule at step index `step` (0-based), as
+// the boundary applies it: -1 for an fp32 wire; for uniform frames the whole bits sent.
+double ActivationBudgetAt(const RunConfig& config, int64_t step);
+double GradientBudgetAt(const RunConfig& config, int64_t step);
+
+// The end of a run for a person, three lines: what was trained and how well; the bytes on the
+// wire against fp32 ("wire 21.9 MB up+down vs 128.4 MB at fp32: 5.9x less"); the bits used
+// next to their budgets. With summary.clients > 1 the steps read "N clients x S steps".
+std::string FormatSummary(const TrainSummary& summary);
 
 }  // namespace splitq::trainer

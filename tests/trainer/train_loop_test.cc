@@ -15,6 +15,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <sstream>
 #include <fstream>
 #include <limits>
 
@@ -51,9 +52,12 @@ void RemoveTree(const std::string& dir) {
       FTW_DEPTH | FTW_PHYS);
 }
 
+// Runs of a test start over in their folder, whatever an earlier run of the test left there
+// (AFolderThatHoldsARunIsKept tests the refusal itself).
 TrainOptions Options(const std::string& name) {
   TrainOptions o;
   o.out_dir = OutDir(name);
+  o.overwrite = true;
   return o;
 }
 
@@ -427,6 +431,122 @@ TEST(TrainLoop, LoraFineTuneStartsFromTheInitCheckpointAndTrainsOnlyAdapters) {
   }
   EXPECT_GT(compared, 10);
   EXPECT_EQ(adapters_moved, 4);  // qkv and fc1 in each of the 2 layers
+}
+
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream all;
+  all << in.rdbuf();
+  return all.str();
+}
+
+// A folder that holds a run is refused, untouched, unless the caller resumes it or says to
+// start over; the progress lines show the budget next to the bits.
+TEST(TrainLoop, AFolderThatHoldsARunIsKept) {
+  const RunConfig c = SmallLm({"steps=4", "log_every=2", "eval_every=4",
+                               "quant.activations.target=[{step: 0, bits: 8}, {step: 4, bits: 4}]"});
+  TrainOptions first = Options("kept");
+  RemoveTree(first.out_dir);
+  first.overwrite = false;
+  std::vector<std::string> lines;
+  first.progress = [&lines](const std::string& line) { lines.push_back(line); };
+  ASSERT_TRUE(Train(c, first).ok());
+  ASSERT_EQ(lines.size(), 3u);  // the budget note, then steps 2 and 4
+  EXPECT_NE(lines[0].find("budget B*(t) goes 8.00 -> 5.00"), std::string::npos) << lines[0];
+  // Steps 1-2 have the budgets 8 and 7; steps 3-4 have 6 and 5.
+  EXPECT_NE(lines[1].find("(budget 7.50)"), std::string::npos) << lines[1];
+  EXPECT_NE(lines[2].find("(budget 5.50)"), std::string::npos) << lines[2];
+  const std::string metrics = Slurp(first.out_dir + "/metrics.jsonl");
+  const std::string summary = Slurp(first.out_dir + "/summary.json");
+  EXPECT_NE(summary.find("\"act_budget\": 5.500000"), std::string::npos) << summary;
+
+  TrainOptions again = Options("kept");
+  again.overwrite = false;
+  auto refused = Train(c, again);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.status().message().find("already holds a finished run (summary.json); "
+                                            "nothing was changed. --resume continues it, --force"),
+            std::string::npos)
+      << refused.status();
+  EXPECT_EQ(Slurp(first.out_dir + "/metrics.jsonl"), metrics);
+  EXPECT_EQ(Slurp(first.out_dir + "/summary.json"), summary);
+
+  // A stopped run says so; --resume finishes it.
+  TrainOptions stopped = Options("kept_stopped");
+  RemoveTree(stopped.out_dir);
+  stopped.stop_after = 2;
+  EXPECT_EQ(Train(c, stopped).status().code(), absl::StatusCode::kCancelled);
+  stopped.stop_after = -1;
+  stopped.overwrite = false;
+  refused = Train(c, stopped);
+  EXPECT_NE(refused.status().message().find("already holds a stopped run (checkpoint.pt)"),
+            std::string::npos)
+      << refused.status();
+  stopped.resume = true;
+  EXPECT_TRUE(Train(c, stopped).ok());
+
+  // --force starts over: the old summary goes at once, a new one comes at the end.
+  again.overwrite = true;
+  again.stop_after = 2;
+  EXPECT_EQ(Train(c, again).status().code(), absl::StatusCode::kCancelled);
+  EXPECT_FALSE(std::filesystem::exists(first.out_dir + "/summary.json"));
+  RemoveTree(first.out_dir);
+  RemoveTree(stopped.out_dir);
+}
+
+TEST(TrainSummary, SaysTheSavingAgainstFp32AndTheBudgets) {
+  TrainSummary s;
+  s.task = "fmnist";
+  s.steps = 800;
+  s.clients = 2;
+  s.wall_seconds = 36;
+  s.device = "cpu";
+  s.val_accuracy = 0.8647;
+  s.val_loss = 0.3782;
+  s.bytes_up = 90'000'000;
+  s.bytes_down = 110'000'000;
+  s.bytes_fp32_equivalent = 1'200'000'000;
+  s.avg_act_bits = 3.12;
+  s.act_budget = 4;
+  s.avg_grad_bits = 6;
+  s.grad_budget = 6;
+  const std::string text = FormatSummary(s);
+  EXPECT_NE(text.find("fmnist: 2 clients x 400 steps (800 client steps) in 36.0 s on cpu; "
+                      "val accuracy 0.8647 (mean over clients), val loss 0.3782\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("wire 200.0 MB up+down vs 1200.0 MB at fp32: 6.0x less (90.0 MB up, "
+                      "110.0 MB down)\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("activations 3.12 (budget 4.00), gradients 6.00 (budget 6.00)"),
+            std::string::npos)
+      << text;
+  s.clients = 1;
+  s.steps = 400;
+  s.act_budget = s.grad_budget = -1;
+  s.avg_act_bits = s.avg_grad_bits = 32;
+  s.bytes_up = 600'000'000;
+  s.bytes_down = 600'000'000;
+  const std::string fp32 = FormatSummary(s);
+  EXPECT_EQ(fp32.rfind("fmnist: 400 steps in", 0), 0u) << fp32;
+  EXPECT_NE(fp32.find("1.0x less"), std::string::npos) << fp32;
+  EXPECT_NE(fp32.find("activations fp32, gradients fp32"), std::string::npos) << fp32;
+}
+
+TEST(TrainSummary, BudgetsFollowTheSchedulesAsTheBoundarySendsThem) {
+  RunConfig c = ConfigFrom(
+      "quant: {activations: {mode: amaq, target: [{step: 0, bits: 8}, {step: 100, bits: 4}]}, "
+      "gradients: {mode: uniform, target: 6.5}}");
+  EXPECT_DOUBLE_EQ(ActivationBudgetAt(c, 50), 6.0);
+  EXPECT_DOUBLE_EQ(GradientBudgetAt(c, 50), 6.0);  // whole bits: 6.5 sends 6
+  c.activations.mode = WireMode::kUniform;
+  EXPECT_DOUBLE_EQ(ActivationBudgetAt(c, 50), 6.0);
+  EXPECT_DOUBLE_EQ(ActivationBudgetAt(c, 60), 5.0);  // 5.6 sends 5
+  c.activations.mode = WireMode::kFloat32;
+  c.gradients.mode = WireMode::kFloat32;
+  EXPECT_EQ(ActivationBudgetAt(c, 50), -1);
+  EXPECT_EQ(GradientBudgetAt(c, 50), -1);
 }
 
 TEST(TrainLoop, ErrorsNameTheProblem) {
