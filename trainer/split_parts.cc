@@ -455,6 +455,8 @@ absl::StatusOr<std::unique_ptr<ServerPart>> ServerPart::Create(const RunConfig& 
   m.head = torch::nn::Sequential();
   impl->max_batch = max_batch > 0
                         ? max_batch
+                        // Fashion-MNIST validation batches are 100 examples; clients before
+                        // 2026-12 sent 500, which a worker still takes.
                         : std::max<int64_t>(c.batch_size, c.task == Task::kFashionMnist ? 500 : 0);
   int64_t per_example = 1;
   for (int64_t d : impl->sample_shape) per_example *= d;

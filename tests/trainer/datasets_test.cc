@@ -63,6 +63,30 @@ TEST(Idx, RejectsTruncatedAndWrongTypeFiles) {
     f.write(reinterpret_cast<const char*>(header), sizeof(header));
   }
   EXPECT_EQ(ReadIdxU8(path).status().code(), absl::StatusCode::kInvalidArgument);
+  {
+    std::ofstream f(path, std::ios::binary);
+    const unsigned char header[] = {0, 0, 8, 1, 0, 0, 0, 3, 1, 2, 3, 4};  // claims 3, has 4
+    f.write(reinterpret_cast<const char*>(header), sizeof(header));
+  }
+  auto longer = ReadIdxU8(path);
+  EXPECT_EQ(longer.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(longer.status().message().find("claims 3 bytes of data, file has more than 3"),
+            std::string::npos)
+      << longer.status();
+  std::remove(path.c_str());
+}
+
+TEST(Idx, ReadsTheDimensionsAndTheBytes) {
+  const std::string path = TempPath("splitq_good.idx");
+  {
+    std::ofstream f(path, std::ios::binary);
+    const unsigned char file[] = {0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6};
+    f.write(reinterpret_cast<const char*>(file), sizeof(file));
+  }
+  auto idx = ReadIdxU8(path);
+  ASSERT_TRUE(idx.ok()) << idx.status();
+  EXPECT_EQ(idx->dims, (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(idx->data, (std::vector<uint8_t>{1, 2, 3, 4, 5, 6}));
   std::remove(path.c_str());
 }
 
@@ -108,6 +132,10 @@ TEST(TextCorpus, SplitIsDeterministicAndCutsAtANewline) {
   EXPECT_EQ(a.train + a.validation, text);
   EXPECT_EQ(a.train.back(), '\n');
   EXPECT_NEAR(static_cast<double>(a.validation.size()) / text.size(), 0.1, 0.01);
+  std::string taken = text;
+  const TextSplit c = SplitText(std::move(taken), 0.1);  // takes the text over: the same split
+  EXPECT_EQ(c.train, a.train);
+  EXPECT_EQ(c.validation, a.validation);
 }
 
 TEST(TextCorpus, ByteWindowsAreReproducibleAndInRange) {

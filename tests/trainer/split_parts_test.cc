@@ -361,8 +361,8 @@ TEST_F(SplitParts, AShardKeepsOnlyItsSamplesAndServesTheRightOnes) {
     }
   }
   // Validation is the whole test set whatever the shard, made batch by batch.
-  EXPECT_EQ(data->ValidationBatches(), 20);
-  EXPECT_EQ(data->ValidationBatch(19).inputs.size(0), 500);
+  EXPECT_EQ(data->ValidationBatches(), 100);
+  EXPECT_EQ(data->ValidationBatch(99).inputs.size(0), 100);
 }
 
 TEST_F(SplitParts, ShardsAreDisjoint) {
