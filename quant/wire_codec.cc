@@ -161,9 +161,13 @@ absl::StatusOr<at::Tensor> WireDecoder::Decode(const Frame& frame, const at::Dev
       out = UnpackDequantize(packed, frame.shape, ToScalarType(frame.dtype),
                              GroupingFor(frame.group_axis), q, bits);
     }
-    has_bits_ = true;
-    version_ = frame.bitmap_version;
-    bits_ = std::move(bits);
+    // Only a frame that carried a map replaces the kept one; a frame without one (kept map,
+    // or zero groups: an empty tensor) leaves it as it was.
+    if (!frame.bits.empty()) {
+      has_bits_ = true;
+      version_ = frame.bitmap_version;
+      bits_ = std::move(bits);
+    }
     return out;
   } catch (const c10::Error& e) {
     return absl::InternalError(e.what_without_backtrace());

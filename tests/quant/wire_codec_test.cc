@@ -44,6 +44,30 @@ TEST(WireCodec, RoundTripWithinHalfAStepAndBitMapSentOnlyOnChange) {
   EXPECT_EQ(fresh.Decode(*f2).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// An empty tensor (zero groups, no map) between two frames does not replace the kept map.
+TEST(WireCodec, AFrameWithZeroGroupsKeepsTheKeptMap) {
+  const at::Tensor x = at::randn({16, 4});
+  std::vector<uint8_t> bits(4, 3);
+  WireEncoder enc(1, FrameKind::kActivation, {});
+  WireDecoder dec;
+  const WireRange range = MinMaxRange(x, 1, bits);
+  auto with_map = enc.Encode(x, 0, bits, range.scales, range.offsets);
+  ASSERT_TRUE(with_map.ok());
+  ASSERT_TRUE(dec.Decode(*with_map).ok());
+  auto empty = EncodeFrame(nullptr, kernels::DType::kFloat32, {4, 0}, 1, {}, {}, {}, {});
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  empty->bitmap_version = with_map->bitmap_version + 5;
+  SealFrame(&*empty);
+  auto decoded_empty = dec.Decode(*empty);
+  ASSERT_TRUE(decoded_empty.ok()) << decoded_empty.status();
+  EXPECT_EQ(decoded_empty->numel(), 0);
+  auto without_map = enc.Encode(x, 1, bits, range.scales, range.offsets);
+  ASSERT_TRUE(without_map.ok());
+  ASSERT_TRUE(without_map->bits.empty());
+  auto y = dec.Decode(*without_map);
+  EXPECT_TRUE(y.ok()) << y.status();
+}
+
 TEST(WireCodec, RejectedFrameLeavesTheDecoderUsable) {
   const at::Tensor x = at::randn({16, 4});
   std::vector<uint8_t> bits(4, 3);

@@ -501,6 +501,55 @@ TEST(WireFormatTest, ScalarAndEmptyTensors) {
   EXPECT_TRUE(bits->empty());
 }
 
+// The sizes docs/wire-format.md gives: the 52-byte frame (rank 0, no groups) never validates,
+// since a rank-0 tensor has one group; the smallest valid frame is an empty tensor whose group
+// axis has length 0 (60 bytes); one value takes 61 bytes (kept map) or 62 (with its map).
+TEST(WireFormatTest, SmallestFrames) {
+  Frame f52;
+  f52.group_axis = -1;
+  SealFrame(&f52);
+  EXPECT_EQ(SerializeFrame(f52).size(), 52u);
+  EXPECT_EQ(ValidateFrame(f52, nullptr, 0, FrameLimits{}).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  const std::vector<uint8_t> one_group = {4};
+  EXPECT_EQ(ValidateFrame(f52, &one_group, 0, FrameLimits{}).status().code(),
+            absl::StatusCode::kInvalidArgument);  // 0 scales for 1 group
+
+  auto f60 = EncodeFrame(nullptr, DType::kFloat32, {0}, 0, {}, {}, {}, {});
+  ASSERT_TRUE(f60.ok()) << f60.status();
+  SealFrame(&*f60);
+  EXPECT_EQ(SerializeFrame(*f60).size(), 60u);
+  EXPECT_TRUE(ValidateFrame(*f60, nullptr, 0, FrameLimits{}).ok());
+
+  const float value = 1.0f, scale[] = {1.0f}, offset[] = {0.0f};
+  const uint8_t bit[] = {1};
+  auto f62 = EncodeFrame(&value, DType::kFloat32, {}, -1, bit, scale, offset, {});
+  ASSERT_TRUE(f62.ok()) << f62.status();
+  SealFrame(&*f62);
+  EXPECT_EQ(SerializeFrame(*f62).size(), 62u);
+  EXPECT_TRUE(ValidateFrame(*f62, nullptr, 0, FrameLimits{}).ok());
+  Frame f61 = *f62;
+  f61.bits.clear();
+  SealFrame(&f61);
+  EXPECT_EQ(SerializeFrame(f61).size(), 61u);
+  const std::vector<uint8_t> kept = {1};
+  EXPECT_TRUE(ValidateFrame(f61, &kept, f61.bitmap_version, FrameLimits{}).ok());
+}
+
+// Zero groups hold no codes, yet M (codes per group) comes from the other dimensions; M * 8
+// must fit in int64 (V6), whatever G.
+TEST(WireFormatMalformedTest, CodesPerGroupTimesEightMustFitInt64) {
+  Frame f;
+  f.shape = {std::numeric_limits<int64_t>::max() / 8, 0};
+  f.group_axis = 1;
+  SealFrame(&f);
+  EXPECT_TRUE(ValidateFrame(f, nullptr, 0, FrameLimits{}).ok());
+  f.shape[0] += 1;
+  SealFrame(&f);
+  ExpectError(ValidateFrame(f, nullptr, 0, FrameLimits{}).status(),
+              absl::StatusCode::kInvalidArgument, {"payload", "code count overflows"});
+}
+
 // ---- bit map omitted -------------------------------------------------------------------------
 
 TEST(WireFormatTest, OmittedBitMapDecodesWithTheKnownMap) {
