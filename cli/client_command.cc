@@ -29,13 +29,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
+#include "base/files.h"
+#include "base/status_macros.h"
 #include "cli/commands.h"
 #include "cli/net_common.h"
 #include "cli/security_flags.h"
-#include "kernels/common.h"  // SPLITQ_RETURN_IF_ERROR, SPLITQ_ASSIGN_OR_RETURN
 #include "server/coordinator_client.h"
 #include "server/coordinator_core.h"  // IsValidMemberName
-#include "server/files.h"
 #include "server/tokens.h"
 #include "server/worker_client.h"
 #include "trainer/config.h"
@@ -73,7 +73,7 @@ absl::StatusOr<std::string> RunId(const std::string& dir) {
   }
   SPLITQ_ASSIGN_OR_RETURN(const std::string token, server::MakeToken());  // random hex
   const std::string id = token.substr(0, 16);
-  SPLITQ_RETURN_IF_ERROR(server::WriteFileAtomically(path, id + "\n", 0644));
+  SPLITQ_RETURN_IF_ERROR(base::WriteFileAtomically(path, id + "\n", 0644));
   return id;
 }
 

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "base/files.h"
 #include "cli/commands.h"
 #include "server/tls_certs.h"
 #include "server/tokens.h"
@@ -196,7 +197,10 @@ int RunDemo(const DemoOptions& opt) {
   // The config every process loads (one file, so one digest).
   const std::string config = (dir / "config.yaml").string();
   if (opt.config_path.empty()) {
-    std::ofstream(config) << kDefaultConfig;
+    if (absl::Status s = base::WriteFileAtomically(config, kDefaultConfig); !s.ok()) {
+      std::fprintf(stderr, "demo: %s\n", s.ToString().c_str());
+      return 2;
+    }
   } else if (fs::absolute(opt.config_path) != fs::absolute(config)) {
     fs::copy_file(opt.config_path, config, fs::copy_options::overwrite_existing, ec);
     if (ec) {

@@ -10,7 +10,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "kernels/common.h"
+#include "base/status_macros.h"
 #include "server/tokens.h"
 #include "server/worker_client.h"
 

@@ -29,11 +29,11 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "base/files.h"
 #include "cli/commands.h"
 #include "cli/net_common.h"
 #include "cli/security_flags.h"
 #include "server/coordinator_client.h"
-#include "server/files.h"
 #include "server/worker_core.h"
 #include "server/worker_service.h"
 #include "trainer/config.h"
@@ -95,8 +95,8 @@ int RunWorker(const WorkerCommandOptions& opt) {
       return Fail("--out", absl::InternalError(opt.out_dir + ": " + error.message()));
     }
     checkpoint = (std::filesystem::path(opt.out_dir) / "worker.pt").string();
-    if (absl::Status s = server::WriteFileAtomically(
-            std::filesystem::path(opt.out_dir) / ".write-test", "", 0600);
+    if (absl::Status s =
+            base::WriteFileAtomically(std::filesystem::path(opt.out_dir) / ".write-test", "", 0600);
         !s.ok()) {
       return Fail("--out", absl::FailedPreconditionError(
                                absl::StrCat(opt.out_dir, " is not writable: ", s.message())));

@@ -34,25 +34,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
-
-// Propagates a non-OK absl::Status out of the current function. Abseil 20220623 has no
-// RETURN_IF_ERROR, so the project defines it once, here, at the bottom of the dependency
-// graph.
-#define SPLITQ_RETURN_IF_ERROR(expr)                 \
-  do {                                               \
-    const ::absl::Status splitq_status_ = (expr);    \
-    if (!splitq_status_.ok()) return splitq_status_; \
-  } while (false)
-
-#define SPLITQ_CONCAT_INNER_(a, b) a##b
-#define SPLITQ_CONCAT_(a, b) SPLITQ_CONCAT_INNER_(a, b)
-// `SPLITQ_ASSIGN_OR_RETURN(auto x, StatusOrExpr());` assigns the value or returns the error.
-#define SPLITQ_ASSIGN_OR_RETURN(lhs, expr) \
-  SPLITQ_ASSIGN_OR_RETURN_IMPL_(SPLITQ_CONCAT_(splitq_statusor_, __LINE__), lhs, expr)
-#define SPLITQ_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \
-  auto tmp = (expr);                                  \
-  if (!tmp.ok()) return tmp.status();                 \
-  lhs = std::move(tmp).value()
+#include "base/status_macros.h"
 
 #if defined(__CUDACC__)
 #define SPLITQ_HOST_DEVICE __host__ __device__ __forceinline__

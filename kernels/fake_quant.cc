@@ -1,6 +1,7 @@
 // CPU path of fake_quant.h, and the device dispatch.
 #include "kernels/fake_quant.h"
 
+#include "base/status_macros.h"
 #include "kernels/detail/cpu_dispatch.h"
 #include "kernels/detail/cuda_launchers.h"
 

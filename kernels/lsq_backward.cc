@@ -7,6 +7,7 @@
 
 #include <algorithm>
 
+#include "base/status_macros.h"
 #include "kernels/detail/cpu_dispatch.h"
 #include "kernels/detail/cuda_launchers.h"
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "kernels/detail/cpu_dispatch.h"
 #include "kernels/detail/cuda_launchers.h"
 

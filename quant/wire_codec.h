@@ -4,11 +4,11 @@
 // One encoder and one decoder per session and direction. The encoder bumps the bit-map
 // version and ships the map only when it changes; the decoder keeps the map of the last frame
 // that carried one and decoded (of any version, older ones included: the sender's order is
-// the session's order); a frame without a map, or with zero groups, leaves it. Decoding validates the whole frame (ValidateFrame) before it allocates the
-// output, and a rejected frame leaves the decoder's state as it was, so the session goes
-// on. If a frame that carried a new map was lost or rejected, the receiver answers the next
-// frames with FAILED_PRECONDITION; the sender then calls ResendBitMap() and the next frame
-// carries the map again.
+// the session's order); a frame without a map, or with zero groups, leaves it. Decoding validates
+// the whole frame (ValidateFrame) before it allocates the output, and a rejected frame leaves the
+// decoder's state as it was, so the session goes on. If a frame that carried a new map was lost or
+// rejected, the receiver answers the next frames with FAILED_PRECONDITION; the sender then calls
+// ResendBitMap() and the next frame carries the map again.
 //
 // Memory: a valid frame decodes to numel * dtype-size bytes, up to 32x its payload (1-bit
 // codes to float32); FrameLimits::max_elements bounds that before anything is allocated. CPU

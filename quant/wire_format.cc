@@ -32,6 +32,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "quant/crc32c.h"
 
 namespace splitq::quant {

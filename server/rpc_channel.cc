@@ -3,14 +3,14 @@
 #include <grpcpp/security/tls_credentials_options.h>
 
 #include "absl/strings/str_cat.h"
-#include "server/files.h"
+#include "base/files.h"
 
 namespace splitq::server {
 namespace {
 
 absl::StatusOr<std::string> ReadPem(const std::string& dir, const std::string& name) {
   const std::string path = dir + "/" + name;
-  absl::StatusOr<std::string> text = ReadSmallFile(path, "certificate file");
+  absl::StatusOr<std::string> text = base::ReadSmallFile(path, "certificate file");
   if (text.status().code() == absl::StatusCode::kNotFound) {
     return absl::NotFoundError(
         absl::StrCat(path, " is missing (make the folder with `splitq certs --out ", dir, "`)"));

@@ -16,7 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "server/files.h"
+#include "base/files.h"
 
 namespace splitq::server {
 namespace {
@@ -126,10 +126,10 @@ absl::Status Save(const std::filesystem::path& dir, const std::string& stem, con
       Pem([cert](BIO* b) { return PEM_write_bio_X509(b, cert); });
   if (!key_pem.ok()) return key_pem.status();
   if (!cert_pem.ok()) return cert_pem.status();
-  if (absl::Status s = WriteFileAtomically(dir / (stem + ".key"), *key_pem, 0600); !s.ok()) {
+  if (absl::Status s = base::WriteFileAtomically(dir / (stem + ".key"), *key_pem, 0600); !s.ok()) {
     return s;
   }
-  return WriteFileAtomically(dir / (stem + ".crt"), *cert_pem, 0644);
+  return base::WriteFileAtomically(dir / (stem + ".crt"), *cert_pem, 0644);
 }
 
 }  // namespace

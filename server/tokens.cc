@@ -9,8 +9,8 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "base/files.h"
 #include "server/coordinator_core.h"
-#include "server/files.h"
 
 namespace splitq::server {
 
@@ -47,7 +47,7 @@ absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::str
 }
 
 absl::StatusOr<TokenSet> TokenSet::Load(const std::string& path) {
-  absl::StatusOr<std::string> text = ReadSmallFile(path, "token file");
+  absl::StatusOr<std::string> text = base::ReadSmallFile(path, "token file");
   if (!text.ok()) return text.status();
   absl::StatusOr<TokenSet> set = Parse(*text, path);
   if (set.ok() && set->size() == 0) {
@@ -111,17 +111,17 @@ absl::Status WriteTokens(const std::string& dir, const std::vector<std::string>&
     absl::StatusOr<std::string> token = MakeToken();
     if (!token.ok()) return token.status();
     absl::StrAppend(&all, id, " ", *token, "\n");
-    if (absl::Status s =
-            WriteFileAtomically(std::filesystem::path(dir) / (id + ".token"), *token + "\n", 0600);
+    if (absl::Status s = base::WriteFileAtomically(std::filesystem::path(dir) / (id + ".token"),
+                                                   *token + "\n", 0600);
         !s.ok()) {
       return s;
     }
   }
-  return WriteFileAtomically(std::filesystem::path(dir) / "tokens", all, 0600);
+  return base::WriteFileAtomically(std::filesystem::path(dir) / "tokens", all, 0600);
 }
 
 absl::StatusOr<std::string> ReadToken(const std::string& path) {
-  absl::StatusOr<std::string> text = ReadSmallFile(path, "token file", 4096);
+  absl::StatusOr<std::string> text = base::ReadSmallFile(path, "token file", 4096);
   if (!text.ok()) return text.status();
   const std::string token(absl::StripAsciiWhitespace(*text));
   if (token.size() < 16) {

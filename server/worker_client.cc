@@ -6,7 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/common.h"  // SPLITQ_ASSIGN_OR_RETURN
+#include "base/status_macros.h"
 #include "server/chunk_codec.h"
 #include "server/coordinator_core.h"
 #include "server/rpc_channel.h"

@@ -6,7 +6,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "kernels/common.h"  // SPLITQ_ASSIGN_OR_RETURN
+#include "base/status_macros.h"
 #include "server/coordinator_core.h"
 
 namespace splitq::server {

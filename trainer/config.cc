@@ -14,6 +14,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "base/status_macros.h"
 
 namespace splitq::trainer {
 namespace {
@@ -194,10 +195,10 @@ absl::Status CheckKeys(const YAML::Node& node, const std::string& prefix) {
     const std::vector<std::string> children = ChildrenOf(path);
     if (children.empty()) {
       const std::string nearest = NearestKey(path);
-      return absl::InvalidArgumentError(absl::StrCat(
-          path, ": unknown key (value '", Show(entry.second), "'",
-          nearest.empty() ? "" : absl::StrCat("; did you mean '", nearest, "'?"),
-          " expected one of: ", absl::StrJoin(ChildrenOf(prefix), ", "), ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": unknown key (value '", Show(entry.second), "'",
+                       nearest.empty() ? "" : absl::StrCat("; did you mean '", nearest, "'?"),
+                       " expected one of: ", absl::StrJoin(ChildrenOf(prefix), ", "), ")"));
     }
     SPLITQ_RETURN_IF_ERROR(CheckKeys(entry.second, path));
   }
@@ -498,9 +499,8 @@ absl::StatusOr<RunConfig> LoadRunConfig(const std::string& path,
     const std::string message(config.status().message());
     const std::string assignment = OverrideBehind(message, overrides);
     return absl::Status(config.status().code(),
-                        assignment.empty()
-                            ? absl::StrCat(path, ": ", message)
-                            : absl::StrCat("--set ", assignment, ": ", message));
+                        assignment.empty() ? absl::StrCat(path, ": ", message)
+                                           : absl::StrCat("--set ", assignment, ": ", message));
   }
   return config;
 }

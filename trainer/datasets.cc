@@ -11,7 +11,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/common.h"
+#include "base/status_macros.h"
 #include "kernels/philox.h"
 
 namespace splitq::trainer {

@@ -1,11 +1,9 @@
 #include "trainer/split_internal.h"
 
 #include <ATen/autocast_mode.h>
-#include <fcntl.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -15,6 +13,8 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "base/files.h"
+#include "base/status_macros.h"
 #include "kernels/philox.h"
 #include "trainer/split_trainer.h"
 
@@ -583,24 +583,7 @@ absl::Status SaveArchive(torch::serialize::OutputArchive& archive, const std::st
     return absl::InternalError(
         absl::StrCat(path, ": cannot write the checkpoint: ", e.what_without_backtrace()));
   }
-  // On disk before the rename, and the rename on disk before we return, so that a power
-  // failure leaves the old checkpoint or the new one, not an empty file.
-  auto sync = [](const std::string& name, int flags) {
-    const int fd = ::open(name.c_str(), flags);
-    if (fd < 0) return false;
-    const bool ok = ::fsync(fd) == 0;
-    ::close(fd);
-    return ok;
-  };
-  if (!sync(temp, O_RDONLY)) {
-    return absl::InternalError(absl::StrCat(temp, ": cannot sync it to disk"));
-  }
-  std::error_code ec;
-  std::filesystem::rename(temp, path, ec);
-  if (ec) return absl::InternalError(absl::StrCat(path, ": ", ec.message()));
-  const std::filesystem::path parent = std::filesystem::path(path).parent_path();
-  (void)sync(parent.empty() ? "." : parent.string(), O_RDONLY | O_DIRECTORY);
-  return absl::OkStatus();
+  return base::CommitFile(temp, path);
 }
 
 void SaveBlocks(torch::serialize::OutputArchive& archive,

@@ -12,7 +12,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "kernels/common.h"
+#include "base/files.h"
+#include "base/status_macros.h"
 #include "trainer/split_internal.h"
 #include "trainer/split_trainer.h"
 
@@ -34,16 +35,7 @@ absl::Status TruncateJsonl(const fs::path& path, int64_t last_step) {
     }
   }
   in.close();
-  const fs::path temp = path.string() + ".tmp";
-  {
-    std::ofstream out(temp, std::ios::trunc);
-    out << kept;
-    if (!out) return absl::InternalError(absl::StrCat(temp.string(), ": cannot write"));
-  }
-  std::error_code ec;
-  fs::rename(temp, path, ec);  // a crash here leaves the old file whole
-  if (ec) return absl::InternalError(absl::StrCat(path.string(), ": ", ec.message()));
-  return absl::OkStatus();
+  return base::WriteFileAtomically(path, kept);  // a crash leaves the old file whole
 }
 
 std::string NumberOrNull(double v) { return v < 0 ? "null" : absl::StrFormat("%.6f", v); }
@@ -83,9 +75,12 @@ double WindowBudget(double (*budget_at)(const RunConfig&, int64_t), const RunCon
 
 double ActivationBudgetAt(const RunConfig& c, int64_t step) {
   switch (c.activations.mode) {
-    case WireMode::kFloat32: return -1;
-    case WireMode::kAmaq: return c.activations.target.TargetAt(step);
-    default: return internal::ScheduleBits(c.activations.target, c.activations.bits, step);
+    case WireMode::kFloat32:
+      return -1;
+    case WireMode::kAmaq:
+      return c.activations.target.TargetAt(step);
+    default:
+      return internal::ScheduleBits(c.activations.target, c.activations.bits, step);
   }
 }
 
@@ -104,7 +99,8 @@ std::string FormatSummary(const TrainSummary& s) {
   }
   absl::StrAppendFormat(&out, " in %.1f s on %s; ", s.wall_seconds, s.device);
   const char* mean = s.clients > 1 ? " (mean over clients)" : "";
-  if (s.val_accuracy >= 0) absl::StrAppendFormat(&out, "val accuracy %.4f%s, ", s.val_accuracy, mean);
+  if (s.val_accuracy >= 0)
+    absl::StrAppendFormat(&out, "val accuracy %.4f%s, ", s.val_accuracy, mean);
   if (s.val_bits_per_byte >= 0) {
     absl::StrAppendFormat(&out, "val bits/byte %.4f%s, ", s.val_bits_per_byte, mean);
   }
@@ -148,8 +144,8 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
     const bool finished = fs::exists(dir / "summary.json", exists_error);
     if (finished || fs::exists(checkpoint, exists_error)) {
       return absl::FailedPreconditionError(absl::StrCat(
-          options.out_dir, " already holds ", finished ? "a finished run" : "a stopped run",
-          " (", finished ? "summary.json" : "checkpoint.pt",
+          options.out_dir, " already holds ", finished ? "a finished run" : "a stopped run", " (",
+          finished ? "summary.json" : "checkpoint.pt",
           "); nothing was changed. --resume continues it, --force starts over there, --out "
           "DIR picks another folder"));
     }
@@ -252,7 +248,8 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
         const double eta = elapsed / std::max<double>(1, step) * (c.steps - step);
         const double act_budget = WindowBudget(ActivationBudgetAt, c, step);
         options.progress(absl::StrFormat(
-            "step %d/%d  loss %.4f  act bits %s  grad bits %s  up %.1f MB  %.0f ms/step  eta %.0f s",
+            "step %d/%d  loss %.4f  act bits %s  grad bits %s  up %.1f MB  %.0f ms/step  "
+            "eta %.0f s",
             step, c.steps, mean_loss,
             act_budget < 0 ? "fp32" : absl::StrFormat("%.2f (budget %.2f)", w.avg_act, act_budget),
             c.gradients.mode == WireMode::kFloat32 ? "fp32" : absl::StrFormat("%.1f", w.avg_grad),
@@ -302,22 +299,21 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
 }
 
 absl::Status WriteSummary(const TrainSummary& summary, const std::string& path) {
-  std::ofstream out(path);
-  out << absl::StrFormat(
-      "{\n  \"task\": \"%s\",\n  \"steps\": %d,\n  \"val_loss\": %.6f,\n  \"val_accuracy\": %s,\n"
-      "  \"val_bits_per_byte\": %s,\n  \"avg_act_bits\": %.4f,\n  \"avg_grad_bits\": %.4f,\n"
-      "  \"act_budget\": %s,\n  \"grad_budget\": %s,\n"
-      "  \"bytes_up\": %d,\n  \"bytes_down\": %d,\n  \"bytes_fp32_equivalent\": %d,\n"
-      "  \"wall_seconds\": %.3f,\n  \"max_budget_excess\": %.6f,\n  \"device\": \"%s\",\n"
-      "  \"clients\": %d\n}\n",
-      summary.task, summary.steps, summary.val_loss, NumberOrNull(summary.val_accuracy),
-      NumberOrNull(summary.val_bits_per_byte), summary.avg_act_bits, summary.avg_grad_bits,
-      NumberOrNull(summary.act_budget), NumberOrNull(summary.grad_budget), summary.bytes_up,
-      summary.bytes_down, summary.bytes_fp32_equivalent, summary.wall_seconds,
-      summary.max_budget_excess, summary.device, summary.clients);
-  out.close();
-  if (!out) return absl::InternalError(absl::StrCat(path, ": cannot write"));
-  return absl::OkStatus();
+  return base::WriteFileAtomically(
+      path,
+      absl::StrFormat(
+          "{\n  \"task\": \"%s\",\n  \"steps\": %d,\n  \"val_loss\": %.6f,\n  \"val_accuracy\": "
+          "%s,\n"
+          "  \"val_bits_per_byte\": %s,\n  \"avg_act_bits\": %.4f,\n  \"avg_grad_bits\": %.4f,\n"
+          "  \"act_budget\": %s,\n  \"grad_budget\": %s,\n"
+          "  \"bytes_up\": %d,\n  \"bytes_down\": %d,\n  \"bytes_fp32_equivalent\": %d,\n"
+          "  \"wall_seconds\": %.3f,\n  \"max_budget_excess\": %.6f,\n  \"device\": \"%s\",\n"
+          "  \"clients\": %d\n}\n",
+          summary.task, summary.steps, summary.val_loss, NumberOrNull(summary.val_accuracy),
+          NumberOrNull(summary.val_bits_per_byte), summary.avg_act_bits, summary.avg_grad_bits,
+          NumberOrNull(summary.act_budget), NumberOrNull(summary.grad_budget), summary.bytes_up,
+          summary.bytes_down, summary.bytes_fp32_equivalent, summary.wall_seconds,
+          summary.max_budget_excess, summary.device, summary.clients));
 }
 
 absl::StatusOr<TrainSummary> ReadSummary(const std::string& path) {

@@ -45,7 +45,7 @@ struct TrainSummary {
   // Learned bits may sit below the activation budget: it is a ceiling, and the gate penalty
   // (quant.activations.gate.beta) lowers a channel's bits wherever the task loss allows.
   double act_budget = -1, grad_budget = -1;
-  int64_t clients = 1;            // runs summed into this one (`splitq demo`); steps are summed
+  int64_t clients = 1;  // runs summed into this one (`splitq demo`); steps are summed
   int64_t bytes_up = 0, bytes_down = 0, bytes_fp32_equivalent = 0;
   double wall_seconds = 0;       // over all sessions of a resumed run
   double max_budget_excess = 0;  // max over frames of (mean bits sent - budget); <= 0 always

@@ -218,8 +218,9 @@ class Namespaces {
   }
   // Namespaces left by an interrupted run (their names start with sqc-).
   static void RemoveLeftovers() {
-    std::system("ip netns list 2>/dev/null | awk '/^sqc-/ {print $1}' | "
-                "xargs -r -n1 ip netns del 2>/dev/null");
+    std::system(
+        "ip netns list 2>/dev/null | awk '/^sqc-/ {print $1}' | "
+        "xargs -r -n1 ip netns del 2>/dev/null");
   }
 
  private:

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "base/status_macros.h"
 #include "quant/crc32c.h"
 
 // ---- allocation tracking ----------------------------------------------------------------

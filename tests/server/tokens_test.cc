@@ -12,7 +12,7 @@
 #include <memory>
 #include <string>
 
-#include "server/files.h"
+#include "base/files.h"
 #include "server/rpc_channel.h"
 #include "splitq/v1/coordinator.grpc.pb.h"
 
@@ -98,10 +98,10 @@ TEST(Tokens, UnusableFilesSayWhy) {
          "No such file");
   expect(TokenSet::Load(dir).status(), absl::StatusCode::kInvalidArgument, dir, "a directory");
   const std::string empty = dir + "/empty";
-  ASSERT_TRUE(WriteFileAtomically(empty, "# only a comment\n", 0600).ok());
+  ASSERT_TRUE(base::WriteFileAtomically(empty, "# only a comment\n", 0600).ok());
   expect(TokenSet::Load(empty).status(), absl::StatusCode::kInvalidArgument, empty, "no tokens");
   const std::string blank = dir + "/blank";
-  ASSERT_TRUE(WriteFileAtomically(blank, "\n", 0600).ok());
+  ASSERT_TRUE(base::WriteFileAtomically(blank, "\n", 0600).ok());
   expect(ReadToken(blank).status(), absl::StatusCode::kInvalidArgument, blank, "no token");
   // A pipe works, as `--token <(...)` gives one.
   int fds[2];
@@ -115,11 +115,11 @@ TEST(Tokens, UnusableFilesSayWhy) {
   EXPECT_EQ(*piped, token);
   // Too large.
   const std::string huge = dir + "/huge";
-  ASSERT_TRUE(WriteFileAtomically(huge, std::string(5000, 'a'), 0600).ok());
+  ASSERT_TRUE(base::WriteFileAtomically(huge, std::string(5000, 'a'), 0600).ok());
   expect(ReadToken(huge).status(), absl::StatusCode::kInvalidArgument, huge, "more than");
   if (geteuid() != 0) {  // root reads files whatever their mode
     const std::string locked = dir + "/locked";
-    ASSERT_TRUE(WriteFileAtomically(locked, "alice 0123456789abcdef0123\n", 0000).ok());
+    ASSERT_TRUE(base::WriteFileAtomically(locked, "alice 0123456789abcdef0123\n", 0000).ok());
     expect(TokenSet::Load(locked).status(), absl::StatusCode::kPermissionDenied, locked,
            "Permission denied");
   }

@@ -15,9 +15,9 @@
 
 #include <cstdio>
 #include <filesystem>
-#include <sstream>
 #include <fstream>
 #include <limits>
+#include <sstream>
 
 #include "trainer/datasets.h"
 #include "trainer/models.h"
@@ -443,8 +443,9 @@ std::string Slurp(const std::string& path) {
 // A folder that holds a run is refused, untouched, unless the caller resumes it or says to
 // start over; the progress lines show the budget next to the bits.
 TEST(TrainLoop, AFolderThatHoldsARunIsKept) {
-  const RunConfig c = SmallLm({"steps=4", "log_every=2", "eval_every=4",
-                               "quant.activations.target=[{step: 0, bits: 8}, {step: 4, bits: 4}]"});
+  const RunConfig c =
+      SmallLm({"steps=4", "log_every=2", "eval_every=4",
+               "quant.activations.target=[{step: 0, bits: 8}, {step: 4, bits: 4}]"});
   TrainOptions first = Options("kept");
   RemoveTree(first.out_dir);
   first.overwrite = false;

@@ -1,0 +1,113 @@
+#include "base/files.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+
+namespace splitq::base {
+namespace {
+
+// fsync of a file or a folder; false (errno set) when it cannot be opened or synced.
+bool Sync(const std::string& name, int flags) {
+  const int fd = ::open(name.c_str(), flags | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool ok = ::fsync(fd) == 0;
+  const int saved = errno;
+  ::close(fd);
+  errno = saved;
+  return ok;
+}
+
+absl::Status Failed(const std::string& name, const char* doing, int error) {
+  return absl::InternalError(absl::StrCat(name, ": cannot ", doing, ": ", strerror(error)));
+}
+
+}  // namespace
+
+absl::Status CommitFile(const std::filesystem::path& temp, const std::filesystem::path& path) {
+  if (!Sync(temp.string(), O_RDONLY)) return Failed(temp.string(), "sync it to disk", errno);
+  if (::rename(temp.c_str(), path.c_str()) != 0) {
+    const int error = errno;
+    ::unlink(temp.c_str());
+    return Failed(path.string(), "replace it", error);
+  }
+  // The rename itself on disk too. A folder that cannot be opened for reading (unusual
+  // permissions) still has the new file; only the power-failure guarantee is weaker there.
+  const std::filesystem::path parent = path.parent_path();
+  (void)Sync(parent.empty() ? "." : parent.string(), O_RDONLY | O_DIRECTORY);
+  return absl::OkStatus();
+}
+
+absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_view contents,
+                                 mode_t mode) {
+  const std::string temp = path.string() + ".tmp";
+  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  if (fd < 0) return Failed(temp, "create it", errno);
+  ::fchmod(fd, mode);  // the umask may have narrowed it; an old file may have been wider
+  size_t done = 0;
+  while (done < contents.size()) {
+    const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int error = n < 0 ? errno : EIO;
+      ::close(fd);
+      ::unlink(temp.c_str());
+      return Failed(temp, "write it", error);
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::close(fd) != 0) {
+    const int error = errno;
+    ::unlink(temp.c_str());
+    return Failed(temp, "write it", error);
+  }
+  return CommitFile(temp, path);
+}
+
+absl::StatusOr<std::string> ReadSmallFile(const std::filesystem::path& path, const char* what,
+                                          size_t max_bytes) {
+  const std::string name = path.string();
+  const int fd = ::open(name.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int e = errno;
+    const std::string message = absl::StrCat(name, ": cannot read this ", what, ": ", strerror(e));
+    if (e == ENOENT || e == ENOTDIR) return absl::NotFoundError(message);
+    if (e == EACCES || e == EPERM) return absl::PermissionDeniedError(message);
+    return absl::InvalidArgumentError(message);
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(name, ": a directory, not a ", what));
+  }
+  // A regular file, or a pipe (`--token <(...)`): read to the end, at most max_bytes.
+  std::string text;
+  char buffer[4096];
+  for (;;) {
+    const ssize_t n = ::read(fd, buffer, sizeof(buffer));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int e = errno;
+      ::close(fd);
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, ": reading this ", what, " failed: ", strerror(e)));
+    }
+    if (n == 0) break;
+    text.append(buffer, static_cast<size_t>(n));
+    if (text.size() > max_bytes) {
+      ::close(fd);
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, ": more than the ", max_bytes, " bytes a ", what, " may hold"));
+    }
+  }
+  ::close(fd);
+  return text;
+}
+
+}  // namespace splitq::base

@@ -1,0 +1,38 @@
+// splitq base: the one way the product writes a file that must never be seen half-written
+// (checkpoints, summaries, keys, certificates, tokens, run ids), and how it reads small files
+// (tokens, certificates).
+//
+// Every such write goes through a temporary file beside the target (`path`.tmp), fsync, a
+// rename over the target and an fsync of the folder: a reader sees the old file or the new
+// one, and neither a crash nor a power failure leaves an empty or partial file.
+#pragma once
+
+#include <sys/types.h>
+
+#include <filesystem>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace splitq::base {
+
+// Writes `contents` to `path` atomically and durably (above). The file gets exactly `mode`
+// (e.g. 0600 for keys and tokens), whatever the umask. INTERNAL naming the file and the
+// reason on failure; the target is then untouched.
+absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_view contents,
+                                 mode_t mode = 0644);
+
+// The second half of WriteFileAtomically, for a writer that fills `temp` itself (a torch
+// archive): fsyncs `temp`, renames it over `path`, fsyncs the folder. INTERNAL on failure.
+absl::Status CommitFile(const std::filesystem::path& temp, const std::filesystem::path& path);
+
+// The whole of a small file or pipe (at most `max_bytes`). NOT_FOUND when it does not exist,
+// PERMISSION_DENIED when it cannot be read, INVALID_ARGUMENT for a directory or more than
+// max_bytes; each message names the file and says `what` it is (e.g. "token file"). A FIFO
+// without a writer blocks, as for any reader.
+absl::StatusOr<std::string> ReadSmallFile(const std::filesystem::path& path, const char* what,
+                                          size_t max_bytes = 16 << 20);
+
+}  // namespace splitq::base

@@ -1,0 +1,97 @@
+// Tests for base/files.h: atomic writes (contents, mode whatever the umask, replacing a file,
+// no temporary left behind, a failure that leaves the target as it was) and small reads.
+#include "base/files.h"
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace splitq::base {
+namespace {
+
+namespace fs = std::filesystem;
+
+class Files : public testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::path(testing::TempDir()) / ("splitq_files_test_" + std::to_string(getpid()));
+    fs::create_directories(dir_);
+  }
+  void TearDown() override {
+    std::error_code ec;
+    for (const char* name : {"a", "a.tmp", "folder/x", "folder"}) fs::remove(dir_ / name, ec);
+    fs::remove(dir_, ec);
+  }
+  static std::string Slurp(const fs::path& path) {
+    std::ifstream in(path);
+    std::stringstream all;
+    all << in.rdbuf();
+    return all.str();
+  }
+  static mode_t ModeOf(const fs::path& path) {
+    struct stat st {};
+    EXPECT_EQ(::stat(path.c_str(), &st), 0) << path;
+    return st.st_mode & 07777;
+  }
+  fs::path dir_;
+};
+
+TEST_F(Files, WritesReplacesAndSetsTheMode) {
+  const mode_t old_umask = ::umask(077);
+  ASSERT_TRUE(WriteFileAtomically(dir_ / "a", "first\n").ok());
+  EXPECT_EQ(Slurp(dir_ / "a"), "first\n");
+  EXPECT_EQ(ModeOf(dir_ / "a"), 0644u);  // the umask of 077 would have made it 0600
+  ASSERT_TRUE(WriteFileAtomically(dir_ / "a", std::string(1 << 20, 'x'), 0600).ok());
+  EXPECT_EQ(Slurp(dir_ / "a"), std::string(1 << 20, 'x'));
+  EXPECT_EQ(ModeOf(dir_ / "a"), 0600u);
+  EXPECT_FALSE(fs::exists(dir_ / "a.tmp"));
+  ::umask(old_umask);
+}
+
+TEST_F(Files, AFailedWriteLeavesTheTargetAsItWas) {
+  ASSERT_TRUE(WriteFileAtomically(dir_ / "a", "kept\n").ok());
+  // The target is a non-empty folder: the rename fails, the temporary goes.
+  fs::create_directories(dir_ / "folder");
+  std::ofstream(dir_ / "folder" / "x") << "x";
+  const absl::Status s = WriteFileAtomically(dir_ / "folder", "new\n");
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << s;
+  EXPECT_NE(s.message().find("folder: cannot replace it"), std::string::npos) << s;
+  EXPECT_FALSE(fs::exists(dir_ / "folder.tmp"));
+  // A missing folder: the temporary cannot be created.
+  const absl::Status missing = WriteFileAtomically(dir_ / "nowhere" / "a", "x");
+  EXPECT_EQ(missing.code(), absl::StatusCode::kInternal);
+  EXPECT_NE(missing.message().find("cannot create it: No such file or directory"),
+            std::string::npos)
+      << missing;
+  EXPECT_EQ(Slurp(dir_ / "a"), "kept\n");
+}
+
+TEST_F(Files, CommitFileReplacesTheTargetWithTheTemporary) {
+  std::ofstream(dir_ / "a.tmp") << "from a writer of its own";
+  ASSERT_TRUE(CommitFile(dir_ / "a.tmp", dir_ / "a").ok());
+  EXPECT_EQ(Slurp(dir_ / "a"), "from a writer of its own");
+  EXPECT_FALSE(fs::exists(dir_ / "a.tmp"));
+  EXPECT_EQ(CommitFile(dir_ / "a.tmp", dir_ / "a").code(), absl::StatusCode::kInternal);
+}
+
+TEST_F(Files, ReadSmallFileNamesWhatIsWrong) {
+  ASSERT_TRUE(WriteFileAtomically(dir_ / "a", "token\n").ok());
+  EXPECT_EQ(*ReadSmallFile(dir_ / "a", "token file"), "token\n");
+  EXPECT_EQ(ReadSmallFile(dir_ / "missing", "token file").status().code(),
+            absl::StatusCode::kNotFound);
+  auto folder = ReadSmallFile(dir_, "token file");
+  EXPECT_EQ(folder.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(folder.status().message().find("a directory, not a token file"), std::string::npos);
+  auto big = ReadSmallFile(dir_ / "a", "token file", 3);
+  EXPECT_NE(big.status().message().find("more than the 3 bytes a token file may hold"),
+            std::string::npos)
+      << big.status();
+}
+
+}  // namespace
+}  // namespace splitq::base
