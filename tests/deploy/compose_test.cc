@@ -211,19 +211,24 @@ class Namespaces {
   const std::string& Error() const { return error_; }
   ~Namespaces() {
     for (const std::string& ns : namespaces_) {
-      std::system(("ip netns del " + ns + " 2>/dev/null").c_str());
+      Quietly("ip netns del " + ns + " 2>/dev/null");
       std::error_code ec;
       fs::remove_all("/etc/netns/" + ns, ec);
     }
   }
   // Namespaces left by an interrupted run (their names start with sqc-).
   static void RemoveLeftovers() {
-    std::system(
+    Quietly(
         "ip netns list 2>/dev/null | awk '/^sqc-/ {print $1}' | "
         "xargs -r -n1 ip netns del 2>/dev/null");
   }
 
  private:
+  // Clean-up whose failure changes nothing (what it removes may not exist).
+  static void Quietly(const std::string& command) {
+    const int status = std::system(command.c_str());
+    (void)status;
+  }
   void Remember(const std::string& ns) { namespaces_.push_back(ns); }
   bool Fail(const std::string& command, const std::string& output) {
     error_ = "`" + command + "` failed: " + output;
