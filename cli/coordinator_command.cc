@@ -1,7 +1,8 @@
 // `splitq coordinator --config F --listen HOST:PORT (--tls-dir DIR [--mtls] | --insecure)
-// [--tokens FILE] [--heartbeat-ms N]`: the control plane of a cluster
+// [--tokens FILE] [--heartbeat-ms N] [--ready-file FILE]`: the control plane of a cluster
 // (server/coordinator_service.h), with the standard gRPC health service. Listening on port 0
-// picks a free port; the address is printed. SIGINT or SIGTERM stops it cleanly.
+// picks a free port; the address is printed, and written to --ready-file (cli/net_common.h,
+// ReadyFile). SIGINT or SIGTERM stops it cleanly.
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/server.h>
 #include <grpcpp/server_builder.h>
@@ -16,7 +17,9 @@
 #include <string>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "cli/commands.h"
+#include "cli/net_common.h"
 #include "cli/security_flags.h"
 #include "server/coordinator_service.h"
 #include "server/rpc_channel.h"
@@ -32,6 +35,7 @@ struct CoordinatorOptions {
   std::string config_path, listen = "127.0.0.1:0", tokens_path;
   server::TransportSecurity security;
   int heartbeat_ms = 1000;
+  std::string ready_file;
 };
 
 int RunCoordinator(const CoordinatorOptions& opt) {
@@ -85,6 +89,11 @@ int RunCoordinator(const CoordinatorOptions& opt) {
   std::printf("coordinator listening on %s:%d (%s)\n", host.c_str(), port,
               opt.security.insecure ? "plaintext" : "TLS");
   std::fflush(stdout);
+  ReadyFile ready(opt.ready_file);
+  if (absl::Status s = ready.Announce(absl::StrCat(host, ":", port)); !s.ok()) {
+    std::fprintf(stderr, "coordinator: --ready-file: %s\n", s.ToString().c_str());
+    return 1;
+  }
   std::signal(SIGINT, OnStop);
   std::signal(SIGTERM, OnStop);
   while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -104,6 +113,8 @@ void RegisterCoordinator(CLI::App& app, RunFn* run) {
   cmd->add_option("--tokens", opt->tokens_path, "Bearer tokens from `splitq tokens`");
   cmd->add_option("--heartbeat-ms", opt->heartbeat_ms, "Heartbeat period (dead after two)")
       ->check(IntRange(10, 600000));
+  cmd->add_option("--ready-file", opt->ready_file,
+                  "Once listening, write HOST:PORT here (removed when it stops)");
   cmd->callback([opt, run] { *run = [opt] { return RunCoordinator(*opt); }; });
 }
 

@@ -110,27 +110,24 @@ absl::StatusOr<Child> Spawn(const std::string& name, const std::vector<std::stri
   return Child{pid, name, log};
 }
 
-// Watches the child's log until a line containing "listening on "; returns the HOST:PORT.
-absl::StatusOr<std::string> WaitListening(Child& child, int timeout_s) {
+// Waits for the child's --ready-file (cli/net_common.h, ReadyFile); returns the HOST:PORT in
+// it. An error names the log when the child exits first or the time runs out.
+absl::StatusOr<std::string> WaitReady(Child& child, const std::string& ready_file,
+                                      int timeout_s) {
   const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
   while (std::chrono::steady_clock::now() < end && !g_interrupt.load()) {
-    std::ifstream in(child.log);
-    std::string line;
-    while (std::getline(in, line)) {
-      const size_t at = line.find("listening on ");
-      if (at == std::string::npos) continue;
-      const size_t begin = at + std::strlen("listening on ");
-      return line.substr(begin, line.find(' ', begin) - begin);
-    }
+    std::ifstream in(ready_file);
+    std::string address;
+    if (std::getline(in, address) && !address.empty()) return address;
     int status = 0;
     if (waitpid(child.pid, &status, WNOHANG) == child.pid) {
       child.pid = -1;
       return absl::InternalError(
-          absl::StrCat(child.name, " exited before listening; see ", child.log));
+          absl::StrCat(child.name, " exited before it was ready; see ", child.log));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  return absl::DeadlineExceededError(absl::StrCat(child.name, " did not start listening within ",
+  return absl::DeadlineExceededError(absl::StrCat(child.name, " was not ready within ",
                                                   timeout_s, " s; see ", child.log));
 }
 
@@ -242,11 +239,14 @@ int RunDemo(const DemoOptions& opt) {
                           std::vector<std::string> args) -> absl::StatusOr<std::string> {
     args.insert(args.end(), tls.begin(), tls.end());
     const std::string log = (dir / "logs" / (name + ".log")).string();
+    const std::string ready = (dir / "logs" / (name + ".address")).string();
     std::filesystem::remove(log);
+    std::filesystem::remove(ready);  // a stale one from a run that was killed
+    args.insert(args.end(), {"--ready-file", ready});
     auto child = Spawn(name, args, log);
     if (!child.ok()) return child.status();
     servers.push_back(*child);
-    auto address = WaitListening(servers.back(), opt.startup_timeout_s);
+    auto address = WaitReady(servers.back(), ready, opt.startup_timeout_s);
     if (address.ok())
       std::fprintf(stderr, "demo: %s listening on %s\n", name.c_str(), address->c_str());
     return address;
@@ -349,7 +349,7 @@ void RegisterDemo(CLI::App& app, RunFn* run) {
   cmd->add_option("--clients", opt->clients, "How many clients")->check(IntRange(1, 64));
   cmd->add_option("--out", opt->out_dir, "Output directory (default runs/demo)");
   cmd->add_option("--startup-timeout", opt->startup_timeout_s,
-                  "Seconds a server may take to start listening");
+                  "Seconds a server may take to be ready (listening; a worker also registered)");
   cmd->callback([opt, run] { *run = [opt] { return RunDemo(*opt); }; });
 }
 

@@ -10,6 +10,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "base/files.h"
 #include "base/status_macros.h"
 #include "server/tokens.h"
 #include "server/worker_client.h"
@@ -72,6 +73,17 @@ double StatusMiB(const std::string& key) {
   return -1;
 }
 }  // namespace
+
+ReadyFile::~ReadyFile() {
+  if (written_) std::remove(path_.c_str());
+}
+
+absl::Status ReadyFile::Announce(const std::string& address) {
+  if (path_.empty()) return absl::OkStatus();
+  SPLITQ_RETURN_IF_ERROR(base::WriteFileAtomically(path_, address + "\n"));
+  written_ = true;
+  return absl::OkStatus();
+}
 
 double PeakRssMiB() { return StatusMiB("VmHWM:"); }
 double RssMiB() { return StatusMiB("VmRSS:"); }

@@ -35,6 +35,25 @@ double PeakRssMiB();
 // ... and its resident set now (VmRSS).
 double RssMiB();
 
+// --ready-file PATH of the servers: once a server listens, the address its peers dial,
+// "HOST:PORT\n" (the coordinator: --listen's host with the port bound; a worker: the address it
+// advertises), written atomically, so that a script or `splitq demo` waits for the file instead
+// of reading log text. The file is removed when the object goes (the server stops), so it
+// exists exactly while the server serves. An empty path writes nothing.
+class ReadyFile {
+ public:
+  explicit ReadyFile(std::string path) : path_(std::move(path)) {}
+  ReadyFile(const ReadyFile&) = delete;
+  ReadyFile& operator=(const ReadyFile&) = delete;
+  ~ReadyFile();
+  // INTERNAL naming the file when it cannot be written.
+  absl::Status Announce(const std::string& address);
+
+ private:
+  std::string path_;
+  bool written_ = false;
+};
+
 // The token in `path`, or "" for an empty path.
 absl::StatusOr<std::string> TokenFromFile(const std::string& path);
 

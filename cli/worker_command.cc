@@ -1,9 +1,10 @@
 // `splitq worker --config F --coordinator HOST:PORT --listen HOST:PORT [--name NAME]
 // [--advertise HOST] (--tls-dir DIR [--mtls] | --insecure) [--tokens FILE] [--token FILE]
-// [--out DIR [--checkpoint-every N]] [--chunk-kib K]`:
+// [--out DIR [--checkpoint-every N]] [--chunk-kib K] [--ready-file FILE]`:
 // the server part of the model behind the Worker service (server/worker_service.h), with the
 // standard health service. It registers with the coordinator (retrying with backoff until
-// --connect-timeout), heartbeats with its steps served, prints its address and a status line
+// --connect-timeout), heartbeats with its steps served, prints its address (and writes it to
+// --ready-file: cli/net_common.h, ReadyFile once it is registered) and a status line
 // every 10 s, and stops cleanly on SIGINT/SIGTERM (leaving the coordinator).
 //
 // With --out DIR the worker keeps DIR/worker.pt (the server part's weights and optimizer, and
@@ -55,6 +56,7 @@ struct WorkerCommandOptions {
   uint32_t max_clients = 64;
   uint32_t advertise_port = 0;
   int connect_timeout_s = 120;
+  std::string ready_file;
 };
 
 int Fail(const char* what, const absl::Status& status, int code = 2) {
@@ -225,6 +227,11 @@ int RunWorker(const WorkerCommandOptions& opt) {
   std::printf("worker %s registered with the coordinator at %s\n", opt.name.c_str(),
               opt.coordinator.c_str());
   std::fflush(stdout);
+  ReadyFile ready(opt.ready_file);  // listening and registered: clients can be sent here
+  if (absl::Status s = ready.Announce(JoinHostPort(advertised)); !s.ok()) {
+    grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    return Fail("--ready-file", s, 1);
+  }
   std::atomic<uint64_t> member_id{registration.member_id};  // the last registration's
   {
     server::Heartbeater heartbeat(
@@ -306,6 +313,9 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
                   "Send gradient frames in chunks of this many KiB (default 1024; see "
                   "`splitq client --chunk-kib`)")
       ->check(IntRange(16, 4096));
+  cmd->add_option("--ready-file", opt->ready_file,
+                  "Once listening and registered, write the advertised HOST:PORT here (removed "
+                  "when it stops)");
   cmd->add_option("--max-clients", opt->max_clients, "Clients served at once")
       ->check(IntRange(1, 4096));
   cmd->add_option("--connect-timeout", opt->connect_timeout_s,

@@ -23,17 +23,19 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-# The port a server wrote to its log ("listening on HOST:PORT").
-wait_listening() {
-  local log=$1 i
+# The address a server (process PID) wrote to its --ready-file, once it is ready; fails when
+# the process exits first or after 60 s.
+wait_ready() {
+  local file=$1 log=$2 pid=$3 i
   for i in $(seq 1 600); do
-    if grep -q "listening on " "$log" 2>/dev/null; then
-      sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$log" | head -n1
+    if [[ -s $file ]]; then
+      head -n1 "$file"
       return 0
     fi
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
-  echo "client-memory: no 'listening on' in $log" >&2
+  echo "client-memory: $file never appeared; see $log" >&2
   return 1
 }
 
@@ -55,15 +57,16 @@ for config in "$ROOT"/configs/*.yaml; do
     init_args=(--init "$init")
   fi
   "$SPLITQ" coordinator --config "$config" --listen 127.0.0.1:0 --insecure \
-    >"$dir/coordinator.log" 2>&1 &
+    --ready-file "$dir/coordinator.address" >"$dir/coordinator.log" 2>&1 &
   coordinator_pid=$!
   pids+=("$coordinator_pid")
-  coordinator=$(wait_listening "$dir/coordinator.log")
+  coordinator=$(wait_ready "$dir/coordinator.address" "$dir/coordinator.log" "$coordinator_pid")
   "$SPLITQ" worker --config "$config" "${sets[@]}" "${init_args[@]}" --coordinator "$coordinator" \
-    --listen 127.0.0.1:0 --insecure --name worker0 >"$dir/worker.log" 2>&1 &
+    --listen 127.0.0.1:0 --insecure --name worker0 --ready-file "$dir/worker.address" \
+    >"$dir/worker.log" 2>&1 &
   worker_pid=$!
   pids+=("$worker_pid")
-  if ! wait_listening "$dir/worker.log" >/dev/null; then
+  if ! wait_ready "$dir/worker.address" "$dir/worker.log" "$worker_pid" >/dev/null; then
     if grep -q UNIMPLEMENTED "$dir/worker.log"; then  # e.g. AQ-SGD over the network
       printf '%-22s not over the network yet: %s\n' "$name" "$(head -c 120 "$dir/worker.log")"
       kill "$worker_pid" "$coordinator_pid" 2>/dev/null || true

@@ -3,8 +3,8 @@
 # certificates and tokens: `splitq health` gets SERVING over TLS, a plaintext probe fails
 # cleanly, a second coordinator on its port fails, `certs` and `tokens` refuse to replace
 # what --out holds (exit 2, naming --force / --keep), an unknown flag exits 2, integer options
-# name a non-number or the range, gRPC's own log lines are not shown, and SIGTERM stops
-# the coordinator with exit code 0.
+# name a non-number or the range, gRPC's own log lines are not shown, --ready-file holds the
+# address while it serves, and SIGTERM stops the coordinator with exit code 0 and removes it.
 set -euo pipefail
 SPLITQ=${1:?usage: coordinator_smoke.sh SPLITQ_BINARY CONFIG}
 CONFIG=${2:?usage: coordinator_smoke.sh SPLITQ_BINARY CONFIG}
@@ -13,7 +13,7 @@ trap 'kill "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
 "$SPLITQ" certs --out "$dir" >/dev/null
 "$SPLITQ" tokens --out "$dir" alice >/dev/null
 "$SPLITQ" coordinator --config "$CONFIG" --listen 127.0.0.1:0 --tls-dir "$dir" \
-  --tokens "$dir/tokens" >"$dir/log" 2>&1 &
+  --tokens "$dir/tokens" --ready-file "$dir/ready" >"$dir/log" 2>&1 &
 pid=$!
 for _ in $(seq 50); do
   grep -q "listening on" "$dir/log" && break
@@ -21,6 +21,8 @@ for _ in $(seq 50); do
 done
 port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$dir/log")
 [[ -n $port ]] || { echo "no port in: $(cat "$dir/log")"; exit 1; }
+for _ in $(seq 50); do [[ -s $dir/ready ]] && break; sleep 0.1; done
+[[ $(cat "$dir/ready") == "127.0.0.1:$port" ]] || { echo "ready file: '$(cat "$dir/ready")'"; exit 1; }
 [[ $("$SPLITQ" health "127.0.0.1:$port" --tls-dir "$dir") == SERVING ]]
 [[ $("$SPLITQ" health "127.0.0.1:$port" --tls-dir "$dir" --service splitq.v1.Coordinator) == SERVING ]]
 if "$SPLITQ" health "127.0.0.1:$port" --insecure --timeout-ms 1000 2>/dev/null; then
@@ -62,4 +64,5 @@ if grep -q "chttp2" "$dir/second.log"; then echo "gRPC's log line leaked"; exit 
 kill -TERM "$pid"
 wait "$pid"
 grep -q "coordinator stopped" "$dir/log"
+[[ ! -e $dir/ready ]] || { echo "the ready file outlived the coordinator"; exit 1; }
 echo "coordinator smoke: ok (port $port)"
