@@ -1,7 +1,7 @@
 // `splitq bench transport [--json FILE] [--mib N] [--chunk-kib K] [--streams S] [--protobuf]
 // [--sync-server] [--grpc-arg NAME=INT]... [--frame-kib K]...`:
 // frames over gRPC on loopback against a raw TCP socket moving the same bytes
-// (server/transport_bench.h).
+// (tools/transport_bench.h).
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -13,7 +13,7 @@
 
 #include "absl/strings/str_format.h"
 #include "cli/commands.h"
-#include "server/transport_bench.h"
+#include "tools/transport_bench.h"
 
 namespace splitq::cli {
 
@@ -77,7 +77,7 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
           return 1;
         }
       }
-      server::TransportOptions options;
+      tools::TransportOptions options;
       options.mib_per_size = opt->mib;
       options.chunk_bytes = int64_t{opt->chunk_kib} << 10;
       options.streams = opt->streams;
@@ -93,7 +93,7 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
           "gRPC: %d stream(s), %d KiB chunks, %s messages, %s server API; TCP: one "
           "connection\n",
           options.streams, opt->chunk_kib, messages, options.callback_server ? "callback" : "sync");
-      auto results = server::RunTransportBench(options);
+      auto results = tools::RunTransportBench(options);
       if (!results.ok()) {
         std::fprintf(stderr, "bench transport: %s\n", results.status().ToString().c_str());
         return 1;
@@ -104,7 +104,7 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
           "\"%s\", \"results\": [",
           options.chunk_bytes, options.streams, messages,
           options.callback_server ? "callback" : "sync");
-      for (const server::TransportResult& r : *results) {
+      for (const tools::TransportResult& r : *results) {
         const double ratio = r.grpc_mb_s / r.tcp_mb_s;
         std::printf("%-10s %8d %12.0f %12.0f %8.3f\n",
                     absl::StrFormat("%d KiB", r.frame_bytes >> 10).c_str(), r.frames, r.grpc_mb_s,

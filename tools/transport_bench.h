@@ -1,4 +1,4 @@
-// splitq server: the transport benchmark behind `splitq bench transport`: frame streaming
+// splitq tools: the transport benchmark behind `splitq bench transport`: frame streaming
 // over gRPC on loopback against a raw TCP socket moving the same bytes, in the same run.
 //
 // Both sides follow the worker protocol's rule of one frame in flight: the client sends a
@@ -27,7 +27,7 @@
 
 #include "absl/status/statusor.h"
 
-namespace splitq::server {
+namespace splitq::tools {
 
 struct TransportOptions {
   int mib_per_size = 256;          // about this many MiB per frame size and round (>= 4 frames)
@@ -52,4 +52,4 @@ struct TransportResult {
 // One result per frame size, in order. INVALID_ARGUMENT for options out of range.
 absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOptions& options);
 
-}  // namespace splitq::server
+}  // namespace splitq::tools

@@ -1,4 +1,4 @@
-#include "server/transport_bench.h"
+#include "tools/transport_bench.h"
 
 #include <arpa/inet.h>
 #include <grpcpp/grpcpp.h>
@@ -21,7 +21,11 @@
 #include "server/chunk_codec.h"
 #include "splitq/v1/worker.grpc.pb.h"
 
-namespace splitq::server {
+namespace splitq::tools {
+
+// The worker protocol's chunk codec and frame assembler, as a session uses them.
+using namespace ::splitq::server;  // NOLINT(build/namespaces)
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -413,4 +417,4 @@ absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOp
   return results;
 }
 
-}  // namespace splitq::server
+}  // namespace splitq::tools
