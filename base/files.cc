@@ -31,7 +31,11 @@ absl::Status Failed(const std::string& name, const char* doing, int error) {
 }  // namespace
 
 absl::Status CommitFile(const std::filesystem::path& temp, const std::filesystem::path& path) {
-  if (!Sync(temp.string(), O_RDONLY)) return Failed(temp.string(), "sync it to disk", errno);
+  if (!Sync(temp.string(), O_RDONLY)) {
+    const int error = errno;
+    ::unlink(temp.c_str());
+    return Failed(temp.string(), "sync it to disk", error);
+  }
   if (::rename(temp.c_str(), path.c_str()) != 0) {
     const int error = errno;
     ::unlink(temp.c_str());
@@ -46,10 +50,13 @@ absl::Status CommitFile(const std::filesystem::path& temp, const std::filesystem
 
 absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_view contents,
                                  mode_t mode) {
-  const std::string temp = path.string() + ".tmp";
-  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-  if (fd < 0) return Failed(temp, "create it", errno);
-  ::fchmod(fd, mode);  // the umask may have narrowed it; an old file may have been wider
+  // A name of its own (mkstemp: created new, 0600, never through a symlink), so that two
+  // writers of one target cannot write into each other's temporary file.
+  std::string temp = path.string() + ".tmp.XXXXXX";
+  const int fd = ::mkstemp(temp.data());
+  if (fd < 0) return Failed(path.string() + ".tmp", "create it", errno);
+  ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+  ::fchmod(fd, mode);  // exactly `mode`, whatever the umask
   size_t done = 0;
   while (done < contents.size()) {
     const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);

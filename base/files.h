@@ -2,9 +2,10 @@
 // (checkpoints, summaries, keys, certificates, tokens, run ids), and how it reads small files
 // (tokens, certificates).
 //
-// Every such write goes through a temporary file beside the target (`path`.tmp), fsync, a
-// rename over the target and an fsync of the folder: a reader sees the old file or the new
-// one, and neither a crash nor a power failure leaves an empty or partial file.
+// Every such write goes through a temporary file beside the target (`path`.tmp.XXXXXX, a new
+// name each time), fsync, a rename over the target and an fsync of the folder: a reader sees
+// the old file or the new one, and neither a crash nor a power failure leaves an empty or
+// partial file (a crash may leave the temporary beside it).
 #pragma once
 
 #include <sys/types.h>
@@ -25,7 +26,8 @@ absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_
                                  mode_t mode = 0644);
 
 // The second half of WriteFileAtomically, for a writer that fills `temp` itself (a torch
-// archive): fsyncs `temp`, renames it over `path`, fsyncs the folder. INTERNAL on failure.
+// archive): fsyncs `temp`, renames it over `path`, fsyncs the folder. INTERNAL on failure,
+// and `temp` is removed.
 absl::Status CommitFile(const std::filesystem::path& temp, const std::filesystem::path& path);
 
 // The whole of a small file or pipe (at most `max_bytes`). NOT_FOUND when it does not exist,

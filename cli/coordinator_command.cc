@@ -89,13 +89,14 @@ int RunCoordinator(const CoordinatorOptions& opt) {
   std::printf("coordinator listening on %s:%d (%s)\n", host.c_str(), port,
               opt.security.insecure ? "plaintext" : "TLS");
   std::fflush(stdout);
+  // Before the ready file, so that a SIGTERM cannot end us with the file left behind.
+  std::signal(SIGINT, OnStop);
+  std::signal(SIGTERM, OnStop);
   ReadyFile ready(opt.ready_file);
   if (absl::Status s = ready.Announce(absl::StrCat(host, ":", port)); !s.ok()) {
     std::fprintf(stderr, "coordinator: --ready-file: %s\n", s.ToString().c_str());
     return 1;
   }
-  std::signal(SIGINT, OnStop);
-  std::signal(SIGTERM, OnStop);
   while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   std::printf("coordinator stopped\n");

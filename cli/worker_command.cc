@@ -229,6 +229,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
   std::fflush(stdout);
   ReadyFile ready(opt.ready_file);  // listening and registered: clients can be sent here
   if (absl::Status s = ready.Announce(JoinHostPort(advertised)); !s.ok()) {
+    (void)coordinator.Leave(registration.member_id);  // no client is sent to a worker that quit
     grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
     return Fail("--ready-file", s, 1);
   }

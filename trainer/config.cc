@@ -197,7 +197,7 @@ absl::Status CheckKeys(const YAML::Node& node, const std::string& prefix) {
       const std::string nearest = NearestKey(path);
       return absl::InvalidArgumentError(
           absl::StrCat(path, ": unknown key (value '", Show(entry.second), "'",
-                       nearest.empty() ? "" : absl::StrCat("; did you mean '", nearest, "'?"),
+                       nearest.empty() ? ";" : absl::StrCat("; did you mean '", nearest, "'?"),
                        " expected one of: ", absl::StrJoin(ChildrenOf(prefix), ", "), ")"));
     }
     SPLITQ_RETURN_IF_ERROR(CheckKeys(entry.second, path));
@@ -465,7 +465,8 @@ std::string OverrideBehind(const std::string& message, const std::vector<std::st
   };
   // The last --set of a key wins, so it is the one to blame.
   for (auto it = overrides.rbegin(); it != overrides.rend(); ++it) {
-    const std::string path = it->substr(0, it->find('='));
+    std::string path = it->substr(0, it->find('='));
+    path = path.substr(0, path.find('['));  // a --set of "target[0].bits" is one of "target"
     if (!key.empty() && (within(path, key) || within(key, path))) return *it;
   }
   return "";

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <memory>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
@@ -41,7 +42,10 @@ size_t InflatedSizeHint(const std::string& path) {
   }
   const uint64_t inflated = trailer[0] | (trailer[1] << 8) | (trailer[2] << 16) |
                             (static_cast<uint64_t>(trailer[3]) << 24);
-  return static_cast<size_t>(std::min<uint64_t>(inflated, static_cast<uint64_t>(size) * 1032));
+  // A truncated file's last bytes are not a trailer: keep the hint modest (text inflates 3-5x)
+  // so that a wrong one costs little; the string still grows past it when it must.
+  return static_cast<size_t>(std::min<uint64_t>(
+      {inflated, static_cast<uint64_t>(size) * 16, uint64_t{1} << 30}));
 }
 
 // Whole file through zlib, which reads plain files unchanged and gzip files inflated.
@@ -50,7 +54,10 @@ absl::StatusOr<std::string> ReadMaybeGzip(const std::string& path) {
   std::unique_ptr<gzFile_s, int (*)(gzFile)> file(gzopen(path.c_str(), "rb"), gzclose);
   if (!file) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
   std::string out;
-  out.reserve(InflatedSizeHint(path));
+  try {
+    out.reserve(InflatedSizeHint(path));
+  } catch (const std::bad_alloc&) {  // only a hint: grow as the bytes come
+  }
   std::vector<char> buffer(1 << 20);
   while (true) {
     const int n = gzread(file.get(), buffer.data(), static_cast<unsigned>(buffer.size()));
@@ -159,12 +166,14 @@ absl::StatusOr<IdxArray> ReadIdxU8(const std::string& path) {
   }
   IdxArray out;
   int64_t count = 1;
+  constexpr int64_t kMaxBytes = int64_t{1} << 40;
   for (size_t d = 0; d < rank; ++d) {
-    out.dims.push_back(BigEndian32(dims, 4 * d));
-    count *= out.dims.back();
-    if (count > (int64_t{1} << 40)) {
+    const int64_t dim = BigEndian32(dims, 4 * d);
+    out.dims.push_back(dim);
+    if (dim != 0 && count > kMaxBytes / dim) {  // checked before it could overflow
       return absl::InvalidArgumentError(absl::StrCat(path, ": header claims over 2^40 bytes"));
     }
+    count *= dim;
   }
   // Read in steps of at most 64 MiB, so a header that claims more than the file holds
   // allocates no more than the file has (plus one step).
@@ -215,9 +224,11 @@ absl::StatusOr<ImageDataset> LoadFashionMnist(bool train, const std::string& def
   const int64_t n = images->dims[0];
   ImageDataset out;
   // The tensor takes the bytes over (no copy).
-  auto* owned = new std::vector<uint8_t>(std::move(images->data));
+  auto owned = std::make_unique<std::vector<uint8_t>>(std::move(images->data));
+  std::vector<uint8_t>* bytes = owned.get();
   out.pixels = at::from_blob(
-      owned->data(), {n, 1, 28, 28}, [owned](void*) { delete owned; }, at::kByte);
+      bytes->data(), {n, 1, 28, 28}, [bytes](void*) { delete bytes; }, at::kByte);
+  owned.release();  // the tensor's deleter owns it now
   out.labels = at::from_blob(labels->data.data(), {n}, at::kByte).to(at::kLong);
   if (out.labels.max().item<int64_t>() > 9) {
     return absl::InvalidArgumentError(labels_path + ": a label is above 9");

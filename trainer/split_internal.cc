@@ -580,6 +580,8 @@ absl::Status SaveArchive(torch::serialize::OutputArchive& archive, const std::st
   try {
     archive.save_to(temp);
   } catch (const c10::Error& e) {
+    std::error_code ignored;
+    std::filesystem::remove(temp, ignored);
     return absl::InternalError(
         absl::StrCat(path, ": cannot write the checkpoint: ", e.what_without_backtrace()));
   }

@@ -150,9 +150,11 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
           "DIR picks another folder"));
     }
   }
-  if (!options.resume) {  // a new run: no summary of an older one may stay behind
+  if (!options.resume) {  // a new run: nothing of an older one may stay behind to resume
     std::error_code remove_error;
-    fs::remove(dir / "summary.json", remove_error);
+    for (const char* name : {"summary.json", "checkpoint.pt", "checkpoint.pt.tmp"}) {
+      fs::remove(dir / name, remove_error);
+    }
   }
 
   const std::function<void(const std::string&)>& note =

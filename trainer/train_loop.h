@@ -11,7 +11,8 @@
 //                     and at the end (replaced atomically).
 //   summary.json      task, steps, val_loss, val_accuracy, val_bits_per_byte, avg_act_bits,
 //                     avg_grad_bits (means over the last logged window), act_budget and
-//                     grad_budget (the schedules' targets at the last step; null for fp32),
+//                     grad_budget (the schedules' targets, means over the same window; null
+//                     for fp32),
 //                     bytes_up, bytes_down, bytes_fp32_equivalent, wall_seconds,
 //                     max_budget_excess (max over frames of mean bits - budget: never above
 //                     0), device, clients (1; the demo's sum over N clients says N).
@@ -41,7 +42,8 @@ struct TrainSummary {
   double last_loss = 0;           // ... and the last one
   double avg_act_bits = 0;        // mean over the last logged window
   double avg_grad_bits = 0;
-  // The schedules' targets B*(t) at the last step (bits per value); -1: fp32 (no budget).
+  // The schedules' targets B*(t) (bits per value), averaged over the last logged window, as
+  // avg_act_bits and avg_grad_bits are; -1: fp32 (no budget), or a summary.json without them.
   // Learned bits may sit below the activation budget: it is a ceiling, and the gate penalty
   // (quant.activations.gate.beta) lowers a channel's bits wherever the task loss allows.
   double act_budget = -1, grad_budget = -1;
@@ -57,7 +59,8 @@ struct TrainOptions {
   std::string init_checkpoint;  // --init: base weights (required by LoRA runs)
   bool resume = false;          // --resume: continue from out_dir/checkpoint.pt
   // Without `resume`, an out_dir that holds a run (checkpoint.pt or summary.json) is refused
-  // with FAILED_PRECONDITION, unless `overwrite` (--force): then that run's files are replaced.
+  // with FAILED_PRECONDITION, unless `overwrite` (--force): then that run's checkpoint and
+  // summary are removed at once and its metric files are started anew.
   bool overwrite = false;
   // Stop after this step (with a checkpoint), as if interrupted; -1: run to the end.
   int64_t stop_after = -1;

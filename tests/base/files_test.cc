@@ -6,10 +6,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace splitq::base {
 namespace {
@@ -24,8 +26,16 @@ class Files : public testing::Test {
   }
   void TearDown() override {
     std::error_code ec;
-    for (const char* name : {"a", "a.tmp", "folder/x", "folder"}) fs::remove(dir_ / name, ec);
-    fs::remove(dir_, ec);
+    fs::remove_all(dir_, ec);
+  }
+  // The files in the test's folder other than `keep`: temporaries left behind.
+  std::vector<std::string> Others(const std::vector<std::string>& keep) const {
+    std::vector<std::string> others;
+    for (const auto& entry : fs::directory_iterator(dir_)) {
+      const std::string name = entry.path().filename().string();
+      if (std::find(keep.begin(), keep.end(), name) == keep.end()) others.push_back(name);
+    }
+    return others;
   }
   static std::string Slurp(const fs::path& path) {
     std::ifstream in(path);
@@ -49,7 +59,7 @@ TEST_F(Files, WritesReplacesAndSetsTheMode) {
   ASSERT_TRUE(WriteFileAtomically(dir_ / "a", std::string(1 << 20, 'x'), 0600).ok());
   EXPECT_EQ(Slurp(dir_ / "a"), std::string(1 << 20, 'x'));
   EXPECT_EQ(ModeOf(dir_ / "a"), 0600u);
-  EXPECT_FALSE(fs::exists(dir_ / "a.tmp"));
+  EXPECT_TRUE(Others({"a"}).empty());
   ::umask(old_umask);
 }
 
@@ -61,7 +71,18 @@ TEST_F(Files, AFailedWriteLeavesTheTargetAsItWas) {
   const absl::Status s = WriteFileAtomically(dir_ / "folder", "new\n");
   EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << s;
   EXPECT_NE(s.message().find("folder: cannot replace it"), std::string::npos) << s;
-  EXPECT_FALSE(fs::exists(dir_ / "folder.tmp"));
+  EXPECT_TRUE(Others({"a", "folder"}).empty());
+  // A file planted where a fixed temporary name would be (a symlink to another file) is
+  // neither written through nor renamed into place.
+  std::ofstream(dir_ / "victim") << "victim\n";
+  fs::permissions(dir_ / "victim", static_cast<fs::perms>(0644));
+  fs::create_symlink(dir_ / "victim", dir_ / "a.tmp");
+  ASSERT_TRUE(WriteFileAtomically(dir_ / "a", "kept\n", 0600).ok());
+  EXPECT_EQ(Slurp(dir_ / "victim"), "victim\n");
+  EXPECT_EQ(ModeOf(dir_ / "victim"), 0644u);
+  EXPECT_FALSE(fs::is_symlink(dir_ / "a"));
+  fs::remove(dir_ / "a.tmp");
+  fs::remove(dir_ / "victim");
   // A missing folder: the temporary cannot be created.
   const absl::Status missing = WriteFileAtomically(dir_ / "nowhere" / "a", "x");
   EXPECT_EQ(missing.code(), absl::StatusCode::kInternal);

@@ -495,6 +495,26 @@ TEST(TrainLoop, AFolderThatHoldsARunIsKept) {
   RemoveTree(stopped.out_dir);
 }
 
+// --force removes the old run's checkpoint and summary at once: a new run cut short before its
+// first checkpoint leaves nothing of the old one to resume by mistake.
+TEST(TrainLoop, ForceLeavesNothingOfTheOldRunToResume) {
+  RunConfig c = ConfigFrom("task: fmnist\nsteps: 20\n");
+  c.checkpoint_every = 10;
+  TrainOptions o = Options("force_old_run");
+  RemoveTree(o.out_dir);
+  std::filesystem::create_directories(o.out_dir);
+  std::ofstream(o.out_dir + "/checkpoint.pt") << "the old run's";
+  std::ofstream(o.out_dir + "/summary.json") << "{}";
+  std::atomic<bool> interrupt{false};
+  FailingRunner runner(c, 3, &interrupt);  // cut short at step 3, before any checkpoint
+  o.interrupt = &interrupt;
+  const absl::Status s = RunTraining(runner, o).status();
+  EXPECT_NE(s.message().find("no checkpoint was written yet"), std::string::npos) << s;
+  EXPECT_FALSE(std::filesystem::exists(o.out_dir + "/checkpoint.pt"));
+  EXPECT_FALSE(std::filesystem::exists(o.out_dir + "/summary.json"));
+  RemoveTree(o.out_dir);
+}
+
 TEST(TrainSummary, SaysTheSavingAgainstFp32AndTheBudgets) {
   TrainSummary s;
   s.task = "fmnist";
