@@ -112,8 +112,7 @@ absl::StatusOr<Child> Spawn(const std::string& name, const std::vector<std::stri
 
 // Waits for the child's --ready-file (cli/net_common.h, ReadyFile); returns the HOST:PORT in
 // it. An error names the log when the child exits first or the time runs out.
-absl::StatusOr<std::string> WaitReady(Child& child, const std::string& ready_file,
-                                      int timeout_s) {
+absl::StatusOr<std::string> WaitReady(Child& child, const std::string& ready_file, int timeout_s) {
   const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
   while (std::chrono::steady_clock::now() < end && !g_interrupt.load()) {
     std::ifstream in(ready_file);
@@ -127,8 +126,8 @@ absl::StatusOr<std::string> WaitReady(Child& child, const std::string& ready_fil
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  return absl::DeadlineExceededError(absl::StrCat(child.name, " was not ready within ",
-                                                  timeout_s, " s; see ", child.log));
+  return absl::DeadlineExceededError(
+      absl::StrCat(child.name, " was not ready within ", timeout_s, " s; see ", child.log));
 }
 
 void Stop(Child& child, int signal) {

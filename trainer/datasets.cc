@@ -44,8 +44,8 @@ size_t InflatedSizeHint(const std::string& path) {
                             (static_cast<uint64_t>(trailer[3]) << 24);
   // A truncated file's last bytes are not a trailer: keep the hint modest (text inflates 3-5x)
   // so that a wrong one costs little; the string still grows past it when it must.
-  return static_cast<size_t>(std::min<uint64_t>(
-      {inflated, static_cast<uint64_t>(size) * 16, uint64_t{1} << 30}));
+  return static_cast<size_t>(
+      std::min<uint64_t>({inflated, static_cast<uint64_t>(size) * 16, uint64_t{1} << 30}));
 }
 
 // Whole file through zlib, which reads plain files unchanged and gzip files inflated.

@@ -116,9 +116,8 @@ TEST(RunConfig, UnknownKeysSuggestTheNearestKnownOne) {
               "did you mean 'quant.activations.gate'?");
   auto far = Parse("qwertyuiop: 1");
   ASSERT_FALSE(far.ok());
-  EXPECT_EQ(far.status().message().rfind("qwertyuiop: unknown key (value '1'; expected one of: ",
-                                         0),
-            0u)
+  EXPECT_EQ(
+      far.status().message().rfind("qwertyuiop: unknown key (value '1'; expected one of: ", 0), 0u)
       << far.status().message();
 }
 
