@@ -489,8 +489,9 @@ absl::StatusOr<RunConfig> LoadRunConfig(const std::string& path,
   try {
     root = YAML::LoadFile(path);
   } catch (const YAML::BadFile&) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": cannot read the config file (", std::strerror(errno == 0 ? EACCES : errno), ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": cannot read the config file",
+                     errno == 0 ? std::string() : absl::StrCat(" (", std::strerror(errno), ")")));
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not valid YAML: ", e.what()));
   }

@@ -26,8 +26,8 @@ bool FileExists(const std::string& path) {
 }
 
 // The size a file will have once read: a gzip file's trailer holds its inflated size (mod
-// 2^32, and at most 1032 times the compressed size, deflate's limit); a plain file its own.
-// A hint only, so that reading 55 MB of text holds 55 MB, not a doubling string's 64 + 32.
+// 2^32), capped below; a plain file its own size. A hint only, so that reading 55 MB of text
+// holds 55 MB, not a doubling string's 64 + 32.
 size_t InflatedSizeHint(const std::string& path) {
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> f(std::fopen(path.c_str(), "rb"), std::fclose);
   if (!f || std::fseek(f.get(), 0, SEEK_END) != 0) return 0;

@@ -71,6 +71,11 @@ double WindowBudget(double (*budget_at)(const RunConfig&, int64_t), const RunCon
   return steps_done > first ? sum / static_cast<double>(steps_done - first) : budget_at(c, 0);
 }
 
+// "3.11 (budget 4.00)", or "fp32" where there is no budget (budget < 0).
+std::string BitsAndBudget(double used, double budget) {
+  return budget < 0 ? std::string("fp32") : absl::StrFormat("%.2f (budget %.2f)", used, budget);
+}
+
 }  // namespace
 
 double ActivationBudgetAt(const RunConfig& c, int64_t step) {
@@ -115,12 +120,9 @@ std::string FormatSummary(const TrainSummary& s) {
   }
   absl::StrAppendFormat(&out, " (%.1f MB up, %.1f MB down)\n", s.bytes_up / 1e6,
                         s.bytes_down / 1e6);
-  auto bits = [](double used, double budget) {
-    if (budget < 0) return std::string("fp32");
-    return absl::StrFormat("%.2f (budget %.2f)", used, budget);
-  };
   absl::StrAppendFormat(&out, "bits per value at the end: activations %s, gradients %s\n",
-                        bits(s.avg_act_bits, s.act_budget), bits(s.avg_grad_bits, s.grad_budget));
+                        BitsAndBudget(s.avg_act_bits, s.act_budget),
+                        BitsAndBudget(s.avg_grad_bits, s.grad_budget));
   return out;
 }
 
@@ -248,12 +250,11 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
       if (options.progress) {
         const double elapsed = wall();
         const double eta = elapsed / std::max<double>(1, step) * (c.steps - step);
-        const double act_budget = WindowBudget(ActivationBudgetAt, c, step);
         options.progress(absl::StrFormat(
             "step %d/%d  loss %.4f  act bits %s  grad bits %s  up %.1f MB  %.0f ms/step  "
             "eta %.0f s",
             step, c.steps, mean_loss,
-            act_budget < 0 ? "fp32" : absl::StrFormat("%.2f (budget %.2f)", w.avg_act, act_budget),
+            BitsAndBudget(w.avg_act, WindowBudget(ActivationBudgetAt, c, step)),
             c.gradients.mode == WireMode::kFloat32 ? "fp32" : absl::StrFormat("%.1f", w.avg_grad),
             wire.bytes_up / 1e6, s.step_ms, eta));
       }
