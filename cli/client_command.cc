@@ -1,6 +1,6 @@
 // `splitq client --config F --coordinator HOST:PORT --id NAME [--token FILE] [--shard K/N]
 // [--out DIR] (--tls-dir DIR [--mtls] | --insecure)`: one client of a cluster. It runs the
-// client part of the model on its own shard of the data (trainer/split_parts.h), gets a worker
+// client part of the model on its own shard of the data (trainer/client_part.h), gets a worker
 // from the coordinator, and trains through it with the same driver as `splitq train`
 // (progress, metrics.jsonl, validation.jsonl, checkpoint.pt, summary.json in --out).
 //
@@ -38,8 +38,8 @@
 #include "server/coordinator_core.h"  // IsValidMemberName
 #include "server/tokens.h"
 #include "server/worker_client.h"
+#include "trainer/client_part.h"
 #include "trainer/config.h"
-#include "trainer/split_parts.h"
 #include "trainer/train_loop.h"
 
 namespace splitq::cli {
@@ -106,6 +106,9 @@ class ReconnectingLink : public trainer::ServerLink {
 
   absl::StatusOr<trainer::DownFrame> Train(const trainer::UpFrame& up) override {
     return Succeeded(link_->Train(up));
+  }
+  absl::StatusOr<trainer::DownFrame> TrainHead(const trainer::HeadGradient& head) override {
+    return Succeeded(link_->TrainHead(head));
   }
   absl::StatusOr<trainer::EvalPiece> Evaluate(const trainer::UpFrame& up) override {
     return Succeeded(link_->Evaluate(up));

@@ -38,7 +38,7 @@
 #include "server/worker_core.h"
 #include "server/worker_service.h"
 #include "trainer/config.h"
-#include "trainer/split_parts.h"
+#include "trainer/server_part.h"
 
 namespace splitq::cli {
 namespace {

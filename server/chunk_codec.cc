@@ -113,8 +113,8 @@ void Unref(void* frame) { delete static_cast<std::shared_ptr<const std::string>*
 }  // namespace
 
 grpc::ByteBuffer EncodeChunk(uint64_t step, uint32_t index, uint32_t count, uint64_t frame_bytes,
-                             std::shared_ptr<const std::string> frame, size_t begin,
-                             size_t length) {
+                             std::shared_ptr<const std::string> frame, size_t begin, size_t length,
+                             int field) {
   assert(begin <= frame->size() && length <= frame->size() - begin);
   std::string inner;  // FrameChunk's fields 1..4 and the tag and length of field 5
   PutTag(inner, 1, kVarint);
@@ -129,7 +129,7 @@ grpc::ByteBuffer EncodeChunk(uint64_t step, uint32_t index, uint32_t count, uint
   PutVarint(inner, length);
   std::string head;
   head.reserve(inner.size() + 12);
-  PutTag(head, kChunkField, kLengthDelimited);
+  PutTag(head, static_cast<uint32_t>(field), kLengthDelimited);
   PutVarint(head, inner.size() + length);
   head += inner;
   if (length == 0) {
@@ -156,10 +156,12 @@ std::optional<ChunkMessage> DecodeChunk(const grpc::ByteBuffer& buffer) {
   if (!buffer.Dump(&m.slices).ok()) return std::nullopt;
   SliceReader in(m.slices);
   uint64_t tag, length;
-  if (!in.ReadTag(&tag) || tag != ((kChunkField << 3) | kLengthDelimited) ||
-      !in.ReadLength(&length) || length > in.remaining()) {
+  if (!in.ReadTag(&tag) || (tag & 7) != kLengthDelimited ||
+      ((tag >> 3) != kChunkField && (tag >> 3) != kSecondChunkField) || !in.ReadLength(&length) ||
+      length > in.remaining()) {
     return std::nullopt;
   }
+  m.field = static_cast<int>(tag >> 3);
   in.set_remaining(length);
   std::array<bool, 6> seen{};
   while (in.remaining() > 0) {

@@ -38,12 +38,15 @@ namespace splitq::server {
 // The field number of the FrameChunk in TrainRequest (activation), TrainReply (gradient) and
 // EvaluateRequest (activation).
 inline constexpr int kChunkField = 2;
+// The second frame of a U-shaped step: TrainRequest.head_gradient, TrainReply.output.
+inline constexpr int kSecondChunkField = 4;
 
-// Bytes [begin, begin + length) of `frame` as a message whose field kChunkField is the
-// FrameChunk {step, index, count, frame_bytes, data}. The data is not copied: the buffer keeps
-// `frame` alive. begin + length must not exceed frame->size().
+// Bytes [begin, begin + length) of `frame` as a message whose field `field` (kChunkField or
+// kSecondChunkField) is the FrameChunk {step, index, count, frame_bytes, data}. The data is not
+// copied: the buffer keeps `frame` alive. begin + length must not exceed frame->size().
 grpc::ByteBuffer EncodeChunk(uint64_t step, uint32_t index, uint32_t count, uint64_t frame_bytes,
-                             std::shared_ptr<const std::string> frame, size_t begin, size_t length);
+                             std::shared_ptr<const std::string> frame, size_t begin, size_t length,
+                             int field = kChunkField);
 
 // A protobuf message as a ByteBuffer, and back (false: the bytes do not parse as M).
 template <typename M>
@@ -72,6 +75,7 @@ std::unique_ptr<RawStream> OpenRawStream(grpc::ChannelInterface* channel, const 
 // the views valid (the slices' memory does not move); copying it is not allowed.
 struct ChunkMessage {
   Chunk chunk;
+  int field = kChunkField;  // or kSecondChunkField
   std::vector<grpc::Slice> slices;
   std::vector<absl::string_view> pieces;
 
@@ -82,7 +86,8 @@ struct ChunkMessage {
   ChunkMessage& operator=(const ChunkMessage&) = delete;
 };
 
-// The chunk in `buffer` when it holds only field kChunkField, once, in the encoding protobuf
+// The chunk in `buffer` when it holds only field kChunkField or kSecondChunkField (which one:
+// ChunkMessage::field), once, in the encoding protobuf
 // (or EncodeChunk) writes: varint fields 1..4 at most once each, bytes field 5 at most once,
 // nothing else; tags of one byte and lengths in the shortest varint of at most 5 bytes, as
 // protobuf writes them. Otherwise nullopt (the caller parses `buffer` with protobuf, which

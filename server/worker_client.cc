@@ -30,6 +30,25 @@ bool Write(Stream& stream, const Message& message) {
   return stream.Write(ToByteBuffer(message));
 }
 
+// Writes `frame` as chunks of field `field` (the bytes are not copied). False when the stream
+// broke.
+template <typename Stream>
+bool WriteChunks(Stream& stream, int64_t step, const std::shared_ptr<const std::string>& frame,
+                 int64_t chunk_bytes, int field) {
+  const int64_t size = static_cast<int64_t>(frame->size());
+  const uint32_t count =
+      static_cast<uint32_t>(std::max<int64_t>(1, (size + chunk_bytes - 1) / chunk_bytes));
+  for (uint32_t i = 0; i < count; ++i) {
+    const int64_t begin = i * chunk_bytes;
+    const grpc::ByteBuffer chunk =
+        EncodeChunk(static_cast<uint64_t>(step), i, count, static_cast<uint64_t>(size), frame,
+                    static_cast<size_t>(begin),
+                    static_cast<size_t>(std::min(chunk_bytes, size - begin)), field);
+    if (!stream.Write(chunk)) return false;
+  }
+  return true;
+}
+
 // Writes a step's labels, then its frame in chunks (the frame's bytes are not copied). False
 // when the stream broke.
 template <typename Request, typename Stream>
@@ -40,17 +59,7 @@ bool WriteStep(Stream& stream, const trainer::UpFrame& up, int64_t chunk_bytes) 
   l->mutable_values()->Add(up.labels.begin(), up.labels.end());
   l->mutable_sample_ids()->Add(up.sample_ids.begin(), up.sample_ids.end());
   if (!Write(stream, labels)) return false;
-  const int64_t size = static_cast<int64_t>(up.frame->size());
-  const uint32_t count =
-      static_cast<uint32_t>(std::max<int64_t>(1, (size + chunk_bytes - 1) / chunk_bytes));
-  for (uint32_t i = 0; i < count; ++i) {
-    const int64_t begin = i * chunk_bytes;
-    const grpc::ByteBuffer chunk = EncodeChunk(
-        static_cast<uint64_t>(up.step), i, count, static_cast<uint64_t>(size), up.frame,
-        static_cast<size_t>(begin), static_cast<size_t>(std::min(chunk_bytes, size - begin)));
-    if (!stream.Write(chunk)) return false;
-  }
-  return true;
+  return WriteChunks(stream, up.step, up.frame, chunk_bytes, kChunkField);
 }
 
 }  // namespace
@@ -145,43 +154,61 @@ absl::StatusOr<trainer::DownFrame> WorkerClient::Train(const trainer::UpFrame& u
   if (!WriteStep<splitq::v1::TrainRequest>(*train_.stream, up, options_.chunk_bytes)) {
     return Fail(train_, "sending a frame");
   }
+  return ReadAnswer(up.step);
+}
+
+absl::StatusOr<trainer::DownFrame> WorkerClient::TrainHead(const trainer::HeadGradient& head) {
+  if (!train_.stream) return absl::UnavailableError("the worker stream broke before the head");
+  splitq::v1::TrainRequest loss;
+  loss.mutable_head_loss()->set_step(static_cast<uint64_t>(head.step));
+  loss.mutable_head_loss()->set_loss(head.loss);
+  if (!Write(*train_.stream, loss)) return Fail(train_, "sending a head loss");
+  const auto frame = std::make_shared<const std::string>(head.frame);
+  if (!WriteChunks(*train_.stream, head.step, frame, options_.chunk_bytes, kSecondChunkField)) {
+    return Fail(train_, "sending a head gradient");
+  }
+  return ReadAnswer(head.step);
+}
+
+absl::StatusOr<trainer::DownFrame> WorkerClient::ReadAnswer(int64_t step) {
   FrameAssembler assembler(options_.limits);
   trainer::DownFrame down;
-  down.step = up.step;
+  down.step = step;
   bool have_frame = false;
   grpc::ByteBuffer raw;
   splitq::v1::TrainReply reply;
   while (train_.stream->Read(&raw)) {
-    std::optional<ChunkMessage> fast = DecodeChunk(raw);  // a gradient chunk, as we send them
+    std::optional<ChunkMessage> fast = DecodeChunk(raw);  // a frame chunk, as we send them
     if (!fast && !FromByteBuffer(&raw, &reply)) {
       (void)Fail(train_, "reply", true);
       return absl::InternalError("a reply from the worker does not parse");
     }
-    if (fast || reply.has_gradient()) {
+    if (fast || reply.has_gradient() || reply.has_output()) {
       Chunk chunk;
       if (fast) {
         chunk = fast->chunk;
       } else {
-        const auto& g = reply.gradient();
+        const auto& g = reply.has_gradient() ? reply.gradient() : reply.output();
         chunk = Chunk{g.step(), g.index(), g.count(), g.frame_bytes(), g.data(), {}};
       }
-      auto frame = assembler.Add(chunk, static_cast<uint64_t>(up.step));
+      auto frame = assembler.Add(chunk, static_cast<uint64_t>(step));
       if (!frame.ok()) {
         (void)Fail(train_, "gradient", true);
-        return absl::InternalError(
-            absl::StrCat("the worker's gradient: ", frame.status().message()));
+        return absl::InternalError(absl::StrCat("the worker's frame: ", frame.status().message()));
       }
       if (*frame) {
         down.frame = std::move(**frame);
         have_frame = true;
       }
     } else if (reply.has_result()) {
-      if (!have_frame || reply.result().step() != static_cast<uint64_t>(up.step)) {
+      if (!have_frame || reply.result().step() != static_cast<uint64_t>(step)) {
         (void)Fail(train_, "result", true);
-        return absl::InternalError("the worker's result came before its gradient");
+        return absl::InternalError("the worker's result came before its frame");
       }
       down.loss = reply.result().loss();
       down.grad_bits = reply.result().grad_bits();
+      down.activation = reply.result().activation();
+      down.act_bits = reply.result().act_bits();
       return down;
     } else {
       (void)Fail(train_, "reply", true);
@@ -219,6 +246,7 @@ absl::StatusOr<trainer::EvalPiece> WorkerClient::Evaluate(const trainer::UpFrame
   piece.loss_sum = reply.loss_sum();
   piece.correct = static_cast<int64_t>(reply.correct());
   piece.count = static_cast<int64_t>(reply.count());
+  piece.frame = std::move(*reply.mutable_output());
   return piece;
 }
 

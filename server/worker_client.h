@@ -53,6 +53,8 @@ class WorkerClient : public trainer::ServerLink {
   ~WorkerClient() override;
 
   absl::StatusOr<trainer::DownFrame> Train(const trainer::UpFrame& up) override;
+  // U-shaped: the head loss and gradient of the step Train opened, on the same stream.
+  absl::StatusOr<trainer::DownFrame> TrainHead(const trainer::HeadGradient& head) override;
   absl::StatusOr<trainer::EvalPiece> Evaluate(const trainer::UpFrame& up) override;
   // Ends both streams cleanly (WritesDone, Finish).
   void Close();
@@ -73,6 +75,8 @@ class WorkerClient : public trainer::ServerLink {
   absl::Status OpenTrain(int64_t step);
   template <typename Stream>
   absl::Status Fail(Open<Stream>& open, const char* what, bool cancel = false);
+  // Reads one frame of `step` (gradient, or U-shaped output) and its StepResult.
+  absl::StatusOr<trainer::DownFrame> ReadAnswer(int64_t step);
 
   std::shared_ptr<grpc::Channel> channel_;
   WorkerLinkOptions options_;

@@ -29,6 +29,12 @@ struct WorkerCore::Session {
   std::vector<int32_t> labels;
   std::vector<int64_t> sample_ids;
   std::optional<trainer::UpFrame> ready;
+  // U-shaped: the open step (-1: none), whether it updates, and its head loss and gradient.
+  int64_t open_step = -1;
+  bool open_update = false;
+  bool has_head_loss = false;
+  double head_loss = 0;
+  std::optional<trainer::HeadGradient> head_ready;
 
   explicit Session(const AssemblerLimits& limits) : assembler(limits) {}
   int64_t bytes() const {
@@ -159,6 +165,10 @@ absl::StatusOr<bool> WorkerCore::AddChunk(uint64_t session, const Chunk& chunk) 
   std::lock_guard<std::mutex> lock(mutex_);
   SPLITQ_ASSIGN_OR_RETURN(Session * s, Find(session));
   if (s->ready) return absl::FailedPreconditionError("one step in flight per session");
+  if (s->open_step >= 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("an activation while the head gradient of step ", s->open_step, " is due"));
+  }
   SPLITQ_ASSIGN_OR_RETURN(std::optional<std::string> frame,
                           s->assembler.Add(chunk, s->expected_step));
   if (!frame) return false;
@@ -202,6 +212,10 @@ absl::StatusOr<trainer::DownFrame> WorkerCore::RunStep(uint64_t session) {
   // compute_, so two sessions of one client id cannot interleave them (lock order: compute_,
   // then mutex_, everywhere).
   std::lock_guard<std::mutex> compute(compute_);
+  if (const uint64_t holder = turn(); holder != 0 && holder != session) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("session ", holder, " holds a U-shaped step open"));
+  }
   uint64_t handler_id = 0;
   std::string client_id, run_id;
   SPLITQ_ASSIGN_OR_RETURN(trainer::UpFrame up,
@@ -219,25 +233,115 @@ absl::StatusOr<trainer::DownFrame> WorkerCore::RunStep(uint64_t session) {
     }
   }
   absl::StatusOr<trainer::DownFrame> down = handler_.Train(handler_id, up, update);
-  std::lock_guard<std::mutex> lock(mutex_);
   if (!down.ok()) return down.status();
+  if (down->activation) {  // U-shaped: the step stays open until RunHead
+    std::lock_guard<std::mutex> lock(mutex_);
+    SPLITQ_ASSIGN_OR_RETURN(Session * s, Find(session));
+    s->open_step = up.step;
+    s->open_update = update;
+    turn_ = session;
+    return down;
+  }
+  Settle(client_id, run_id, up.step, update);
+  return down;
+}
+
+void WorkerCore::Settle(const std::string& client_id, const std::string& run_id, int64_t step,
+                        bool update) {
+  std::lock_guard<std::mutex> lock(mutex_);
   // A new run of this client id cannot have opened meanwhile (Open holds compute_ until its
   // record is in place); checked all the same, so that its fresh record would stay.
   auto known = next_applied_.find(client_id);
   if (update && (known == next_applied_.end() || SameRun(known->second.run_id, run_id))) {
     Progress& p = next_applied_[client_id];
-    p.next = static_cast<uint64_t>(up.step) + 1;
+    p.next = static_cast<uint64_t>(step) + 1;
     if (!run_id.empty()) p.run_id = run_id;
   }
   ++steps_served_;
   updates_.store(handler_.updates());
+}
+
+absl::Status WorkerCore::AddHeadLoss(uint64_t session, uint64_t step, double loss) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  SPLITQ_ASSIGN_OR_RETURN(Session * s, Find(session));
+  if (s->open_step < 0 || step != static_cast<uint64_t>(s->open_step)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("a head loss of step ", step, ", but that step is not open"));
+  }
+  if (s->has_head_loss) return absl::FailedPreconditionError("a head loss sent twice");
+  s->has_head_loss = true;
+  s->head_loss = loss;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> WorkerCore::AddHeadChunk(uint64_t session, const Chunk& chunk) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  SPLITQ_ASSIGN_OR_RETURN(Session * s, Find(session));
+  if (s->open_step < 0 || s->head_ready) {
+    return absl::FailedPreconditionError("a head gradient without an open U-shaped step");
+  }
+  SPLITQ_ASSIGN_OR_RETURN(std::optional<std::string> frame,
+                          s->assembler.Add(chunk, static_cast<uint64_t>(s->open_step)));
+  if (!frame) return false;
+  if (!s->has_head_loss) {
+    return absl::FailedPreconditionError(absl::StrCat("the head gradient of step ", chunk.step,
+                                                      " ended before its loss (send it first)"));
+  }
+  s->head_ready = trainer::HeadGradient{s->open_step, std::move(*frame), s->head_loss};
+  s->has_head_loss = false;
+  return true;
+}
+
+absl::StatusOr<trainer::DownFrame> WorkerCore::RunHead(uint64_t session) {
+  std::lock_guard<std::mutex> compute(compute_);
+  trainer::HeadGradient head;
+  uint64_t handler_id;
+  bool update;
+  std::string client_id, run_id;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    SPLITQ_ASSIGN_OR_RETURN(Session * s, Find(session));
+    if (!s->head_ready) return absl::FailedPreconditionError("no complete head gradient");
+    head = std::move(*s->head_ready);
+    s->head_ready.reset();
+    s->open_step = -1;
+    update = s->open_update;
+    handler_id = s->handler_id;
+    client_id = s->client_id;
+    run_id = s->run_id;
+  }
+  absl::StatusOr<trainer::DownFrame> down = handler_.TrainHead(handler_id, head);
+  FreeTurn(session);  // whatever TrainHead said, the step is closed
+  if (!down.ok()) return down.status();
+  Settle(client_id, run_id, head.step, update);
   return down;
+}
+
+void WorkerCore::FreeTurn(uint64_t session) {
+  bool freed = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (turn_ == session && session != 0) {
+      turn_ = 0;
+      freed = true;
+    }
+  }
+  if (freed && turn_listener_) turn_listener_();
+}
+
+uint64_t WorkerCore::turn() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return turn_;
 }
 
 absl::StatusOr<trainer::EvalPiece> WorkerCore::RunEvaluate(uint64_t session) {
   uint64_t handler_id = 0;
   std::string client_id, run_id;
   std::lock_guard<std::mutex> compute(compute_);
+  if (const uint64_t holder = turn(); holder != 0 && holder != session) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("session ", holder, " holds a U-shaped step open"));
+  }
   SPLITQ_ASSIGN_OR_RETURN(trainer::UpFrame up,
                           TakeReady(session, true, &handler_id, &client_id, &run_id));
   return handler_.Evaluate(handler_id, up);
@@ -252,8 +356,11 @@ void WorkerCore::Close(uint64_t session) {
     handler_id = it->second->handler_id;
     sessions_.erase(it);
   }
-  std::lock_guard<std::mutex> compute(compute_);
-  handler_.CloseSession(handler_id);
+  {
+    std::lock_guard<std::mutex> compute(compute_);
+    handler_.CloseSession(handler_id);
+  }
+  FreeTurn(session);  // after the server part has let the step go
 }
 
 absl::StatusOr<int64_t> WorkerCore::SaveCheckpoint(const std::string& path) {

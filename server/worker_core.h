@@ -25,6 +25,16 @@
 // step is counted twice. A hello from a client id that has a session already replaces it
 // (the old one is a dead connection that has not been noticed yet).
 //
+// U-shaped models (handler.u_shaped()): RunStep answers with the server's output activation and
+// leaves the step open; the session then takes the client's head loss (AddHeadLoss) and head
+// gradient (AddHeadChunk), and RunHead finishes the step. While a step is open its session holds
+// the turn (turn()): the server part computes no other session's step or validation batch until
+// RunHead or Close (a validation forward would change boundary 2's module state that the open
+// step's regulariser reads), so the caller must not run another session's RunStep or
+// RunEvaluate meanwhile (FAILED_PRECONDITION; the gRPC service parks those jobs). A client that
+// stops between the two holds the turn until its stream ends (keepalive finds a dead one within ~2
+// x its period).
+//
 // Status codes (each with a message): FAILED_PRECONDITION for another protocol version or
 // config, a chunk or labels before the hello or of another step, a frame without labels;
 // INVALID_ARGUMENT for a bad client id or byte counts that lie; RESOURCE_EXHAUSTED for an
@@ -39,6 +49,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -108,8 +119,18 @@ class WorkerCore {
   // One chunk of the step's activation frame. True when it completed the frame: call RunStep
   // (or RunEvaluate) next.
   absl::StatusOr<bool> AddChunk(uint64_t session, const Chunk& chunk);
-  // Computes the completed step and advances the session to the next one.
+  // Computes the completed step and advances the session to the next one (U-shaped: opens it).
   absl::StatusOr<trainer::DownFrame> RunStep(uint64_t session);
+  // U-shaped: the head loss, then the chunks of the head gradient of the open step; true when
+  // the frame is complete: call RunHead next, which finishes the step.
+  absl::Status AddHeadLoss(uint64_t session, uint64_t step, double loss);
+  absl::StatusOr<bool> AddHeadChunk(uint64_t session, const Chunk& chunk);
+  absl::StatusOr<trainer::DownFrame> RunHead(uint64_t session);
+  // The session whose U-shaped step is open (0: none).
+  uint64_t turn() const;
+  // Called (outside the core's locks, from the thread that freed it) each time the turn is
+  // freed. Set before serving.
+  void set_turn_listener(std::function<void()> listener) { turn_listener_ = std::move(listener); }
   absl::StatusOr<trainer::EvalPiece> RunEvaluate(uint64_t session);
   // Frees the session (a no-op for an unknown one).
   void Close(uint64_t session);
@@ -132,12 +153,17 @@ class WorkerCore {
   absl::StatusOr<Session*> Find(uint64_t session);
   absl::StatusOr<trainer::UpFrame> TakeReady(uint64_t session, bool evaluate, uint64_t* handler_id,
                                              std::string* client_id, std::string* run_id);
+  // Records that `client_id`'s step `step` is done (applied when `update`); under compute_.
+  void Settle(const std::string& client_id, const std::string& run_id, int64_t step, bool update);
 
   trainer::ServerHandler& handler_;
   WorkerOptions options_;
   mutable std::mutex mutex_;    // sessions_, next_applied_, counters
   mutable std::mutex compute_;  // handler_ (one step at a time)
   std::map<uint64_t, std::unique_ptr<Session>> sessions_;
+  uint64_t turn_ = 0;  // under mutex_
+  std::function<void()> turn_listener_;
+  void FreeTurn(uint64_t session);
   struct Progress {
     uint64_t next = 0;   // the first step not yet applied
     std::string run_id;  // the run that applied them ("" : unknown)

@@ -133,6 +133,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   absl::Status Handle(bool* compute) {
     // A chunk as clients send them is taken from gRPC's slices without a copy.
     if (std::optional<ChunkMessage> chunk = DecodeChunk(raw_)) {
+      if (chunk->field == kSecondChunkField) return HandleHeadChunk(chunk->chunk, compute);
       return HandleChunk(chunk->chunk, compute);
     }
     Request request;
@@ -201,15 +202,64 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
                            compute);
       }
       default:
+        if constexpr (!kEvaluate) {
+          if (request.payload_case() == Request::kHeadLoss) {
+            if (session_ == 0) return absl::FailedPreconditionError("a head loss before the hello");
+            return service_.core_.AddHeadLoss(session_, request.head_loss().step(),
+                                              request.head_loss().loss());
+          }
+          if (request.payload_case() == Request::kHeadGradient) {
+            const auto& c = request.head_gradient();
+            return HandleHeadChunk(
+                Chunk{c.step(), c.index(), c.count(), c.frame_bytes(), c.data(), {}}, compute);
+          }
+        }
         return absl::InvalidArgumentError("an empty request");
+    }
+  }
+
+  absl::Status HandleHeadChunk(const Chunk& chunk, bool* compute) {
+    if constexpr (kEvaluate) {
+      return absl::InvalidArgumentError("a head gradient on an Evaluate stream");
+    } else {
+      if (session_ == 0) return absl::FailedPreconditionError("a frame before the hello");
+      SPLITQ_ASSIGN_OR_RETURN(*compute, service_.core_.AddHeadChunk(session_, chunk));
+      head_ = *compute;
+      return absl::OkStatus();
     }
   }
 
   absl::Status HandleChunk(const Chunk& chunk, bool* compute) {
     if (session_ == 0) return absl::FailedPreconditionError("a frame before the hello");
+    head_ = false;
     SPLITQ_ASSIGN_OR_RETURN(*compute, service_.core_.AddChunk(session_, chunk));
     frame_step_ = chunk.step;
     return absl::OkStatus();
+  }
+
+  // Chunks of `frame` in `field`, then the step's result.
+  void AppendFrame(const trainer::DownFrame& down, std::deque<grpc::ByteBuffer>* replies) {
+    // The chunks refer to the frame; the last one written lets it go.
+    const auto frame = std::make_shared<const std::string>(down.frame);
+    const int64_t chunk = service_.options_.reply_chunk_bytes;
+    const int64_t size = static_cast<int64_t>(frame->size());
+    const uint32_t count = static_cast<uint32_t>(std::max<int64_t>(1, (size + chunk - 1) / chunk));
+    for (uint32_t i = 0; i < count; ++i) {
+      const int64_t begin = i * chunk;
+      replies->push_back(EncodeChunk(static_cast<uint64_t>(down.step), i, count,
+                                     static_cast<uint64_t>(size), frame, static_cast<size_t>(begin),
+                                     static_cast<size_t>(std::min(chunk, size - begin)),
+                                     down.activation ? kSecondChunkField : kChunkField));
+    }
+    Reply result;
+    auto* res = result.mutable_result();
+    res->set_step(static_cast<uint64_t>(down.step));
+    res->set_loss(down.loss);
+    res->set_grad_bits(down.grad_bits);
+    res->set_bytes_down(static_cast<uint64_t>(size));
+    res->set_activation(down.activation);
+    res->set_act_bits(down.act_bits);
+    replies->push_back(ToByteBuffer(result));
   }
 
   // On the compute thread.
@@ -217,6 +267,9 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
     std::deque<grpc::ByteBuffer> replies;
     absl::Status status;
     if constexpr (kEvaluate) {
+      // Validation waits for an open U-shaped step too: its forward would change the state of
+      // boundary 2's module that the open step's regulariser reads.
+      if (service_.ParkIfNotTurn(session_, [this] { Compute(); })) return;
       auto piece = service_.core_.RunEvaluate(session_);
       status = piece.status();
       if (piece.ok()) {
@@ -225,32 +278,15 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
         r.set_loss_sum(piece->loss_sum);
         r.set_correct(static_cast<uint64_t>(piece->correct));
         r.set_count(static_cast<uint64_t>(piece->count));
+        r.set_output(piece->frame);
         replies.push_back(ToByteBuffer(r));
       }
     } else {
-      auto down = service_.core_.RunStep(session_);
+      // Another session's U-shaped step is open: this step waits for its turn.
+      if (!head_ && service_.ParkIfNotTurn(session_, [this] { Compute(); })) return;
+      auto down = head_ ? service_.core_.RunHead(session_) : service_.core_.RunStep(session_);
       status = down.status();
-      if (down.ok()) {
-        // The chunks refer to the frame; the last one written lets it go.
-        const auto frame = std::make_shared<const std::string>(std::move(down->frame));
-        const int64_t chunk = service_.options_.reply_chunk_bytes;
-        const int64_t size = static_cast<int64_t>(frame->size());
-        const uint32_t count =
-            static_cast<uint32_t>(std::max<int64_t>(1, (size + chunk - 1) / chunk));
-        for (uint32_t i = 0; i < count; ++i) {
-          const int64_t begin = i * chunk;
-          replies.push_back(EncodeChunk(
-              static_cast<uint64_t>(down->step), i, count, static_cast<uint64_t>(size), frame,
-              static_cast<size_t>(begin), static_cast<size_t>(std::min(chunk, size - begin))));
-        }
-        Reply result;
-        auto* res = result.mutable_result();
-        res->set_step(static_cast<uint64_t>(down->step));
-        res->set_loss(down->loss);
-        res->set_grad_bits(down->grad_bits);
-        res->set_bytes_down(static_cast<uint64_t>(size));
-        replies.push_back(ToByteBuffer(result));
-      }
+      if (down.ok()) AppendFrame(*down, &replies);
     }
     bool destroy;
     {
@@ -321,6 +357,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   absl::Status end_status_;
   grpc::ByteBuffer raw_;     // the message being read
   uint64_t frame_step_ = 0;  // the step of the last chunk taken
+  bool head_ = false;        // the frame completed is a head gradient (U-shaped)
   uint64_t session_ = 0;
   std::mutex mutex_;
   std::deque<grpc::ByteBuffer> writes_;  // front: being written while writing_
@@ -338,9 +375,34 @@ WorkerService::WorkerService(WorkerCore& core, const TokenSet* tokens,
                              const WorkerServiceOptions& options)
     : core_(core), tokens_(tokens), options_(options) {
   options_.reply_chunk_bytes = std::clamp<int64_t>(options_.reply_chunk_bytes, 1 << 10, 4 << 20);
+  core_.set_turn_listener([this] { Unpark(); });
 }
 
-WorkerService::~WorkerService() = default;
+bool WorkerService::ParkIfNotTurn(uint64_t session, std::function<void()> job) {
+  // Under parked_mutex_, so a turn freed right after the check finds the job parked (Unpark
+  // takes the same mutex after the core has freed the turn).
+  std::lock_guard<std::mutex> lock(parked_mutex_);
+  const uint64_t holder = core_.turn();
+  if (holder == 0 || holder == session) return false;
+  parked_.push_back(std::move(job));
+  return true;
+}
+
+void WorkerService::Unpark() {
+  std::deque<std::function<void()>> jobs;
+  {
+    std::lock_guard<std::mutex> lock(parked_mutex_);
+    jobs.swap(parked_);
+  }
+  for (auto& job : jobs) compute_.Post(std::move(job));
+}
+
+WorkerService::~WorkerService() {
+  core_.set_turn_listener(nullptr);
+  // Parked jobs belong to reactors that gRPC ends before the service goes; run none of them.
+  std::lock_guard<std::mutex> lock(parked_mutex_);
+  parked_.clear();
+}
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* WorkerService::Train(
     grpc::CallbackServerContext* context) {

@@ -4,7 +4,9 @@
 //
 // Threads: gRPC's callback threads only read, reassemble and write; they never compute. When a
 // frame is complete the step goes to one compute thread (the steps of all sessions, one at a
-// time: WorkerCore's sequential ordering). A session reads nothing more until its step's reply
+// time: WorkerCore's sequential ordering). U-shaped: while one session's step is open (its
+// turn, worker_core.h), other sessions' steps are parked and posted again when the turn is
+// freed. A session reads nothing more until its step's reply
 // is written, so one frame is in flight per session and HTTP/2 flow control holds the client
 // back; the compute queue holds at most one job per session.
 //
@@ -68,9 +70,16 @@ class WorkerService final
   template <typename Request, typename Reply, bool kEvaluate>
   friend class SessionReactor;
 
+  // Runs `job` on the compute thread now, or parks it while another session holds the turn.
+  // True when it was parked.
+  bool ParkIfNotTurn(uint64_t session, std::function<void()> job);
+  void Unpark();
+
   WorkerCore& core_;
   const TokenSet* tokens_;
   WorkerServiceOptions options_;
+  std::mutex parked_mutex_;
+  std::deque<std::function<void()>> parked_;
   SerialExecutor compute_;
 };
 

@@ -1,13 +1,21 @@
 // splitq trainer: what crosses between a client part and a server part in one step, and the
-// two plain interfaces the networked processes are built on. No torch here: the gRPC code
-// (server/) includes this header, never torch's.
+// two plain interfaces that join them. No torch here: the gRPC code (server/, client/) includes
+// this header, never torch's.
 //
 //   ServerLink     what a client part needs from "the server": one training step's gradient,
-//                  one validation batch's loss. In one process (tests) a ServerPart answers
-//                  it directly; over the network, server/worker_client.h does.
+//                  one validation batch's loss. In one process (`splitq train`) a ServerPart
+//                  answers it through LocalServerLink; over the network, client/worker_client.h
+//                  does.
 //   ServerHandler  what a worker needs from its server part: sessions, one step, one
-//                  validation batch. ServerPart (split_parts.h) implements it; the worker's
+//                  validation batch. ServerPart (server_part.h) implements it; the worker's
 //                  gRPC service (server/worker_service.h) only adapts it.
+//
+// One step, plain layout:  UpFrame (activation, labels) -> Train -> DownFrame (gradient).
+// One step, U-shaped:      UpFrame (activation, no labels) -> Train -> DownFrame (the server's
+//                          output activation, `activation` true); the client's head computes
+//                          the loss -> HeadGradient -> TrainHead -> DownFrame (gradient).
+// Between Train and TrainHead the server part holds the step open (its autograd graph): the
+// caller must send that session's TrainHead before any other session's Train.
 #pragma once
 
 #include <cstdint>
@@ -26,23 +34,38 @@ struct UpFrame {
   // boundary); never null. Shared and immutable: a resend or a network link (which sends it
   // without copying, server/chunk_codec.h) holds it without a copy.
   std::shared_ptr<const std::string> frame = std::make_shared<const std::string>();
-  std::vector<int32_t> labels;      // targets, flattened (class per image / next byte per position)
+  // Targets, flattened (class per image / next byte per position). U-shaped: empty (the labels
+  // stay with the client, whose head computes the loss).
+  std::vector<int32_t> labels;
   std::vector<int64_t> sample_ids;  // the batch's training-sample ids (for AQ-SGD; may be empty)
 };
 
-// Server -> client, one step.
+// Server -> client, one step: the gradient of the step's activation, or (U-shaped, the first
+// answer) the server's output activation for the client's head.
 struct DownFrame {
   int64_t step = 0;
-  std::string frame;     // the serialized gradient frame
-  double loss = 0;       // the server's loss on the step's batch (nats)
-  double grad_bits = 0;  // mean bits per element of the gradient frame (32: fp32)
+  std::string frame;        // the serialized gradient frame (or activation frame)
+  bool activation = false;  // U-shaped first answer: `frame` is boundary 2's activation
+  double loss = 0;          // the step's loss (nats): the server's, or the client's echoed back
+  double grad_bits = 0;     // mean bits per element of the gradient frame (32: fp32)
+  double act_bits = 0;      // U-shaped first answer: mean bits of the activation frame
 };
 
-// One validation batch's result.
+// Client -> server, U-shaped only: the gradient of the server's output activation of a step
+// (boundary 2, coming back), with the loss the client's head computed.
+struct HeadGradient {
+  int64_t step = 0;
+  std::string frame;  // the serialized gradient frame
+  double loss = 0;
+};
+
+// One validation batch's result. U-shaped: the server answers with its output activation
+// (`frame`, the counts zero) and the client's head computes the loss.
 struct EvalPiece {
   double loss_sum = 0;  // summed cross-entropy over the batch's targets (nats)
   int64_t correct = 0;  // targets whose argmax prediction was right
   int64_t count = 0;    // targets in the batch
+  std::string frame;    // U-shaped: boundary 2's activation frame of the batch
 };
 
 // Which training samples a client draws: ids congruent to `index` modulo `count` (its own
@@ -57,6 +80,11 @@ class ServerLink {
   virtual ~ServerLink() = default;
   // The gradient for `up` (step up.step). Errors: whatever the server or the network says.
   virtual absl::StatusOr<DownFrame> Train(const UpFrame& up) = 0;
+  // U-shaped: the second half of the step Train opened. The default: UNIMPLEMENTED.
+  virtual absl::StatusOr<DownFrame> TrainHead(const HeadGradient& head) {
+    (void)head;
+    return absl::UnimplementedError("this link carries the plain layout only");
+  }
   virtual absl::StatusOr<EvalPiece> Evaluate(const UpFrame& up) = 0;
   // Called after Train or Evaluate failed with `error`. OK: the link has a new session (after
   // a reconnect, perhaps to another worker) and the call may be retried; the caller resends the
@@ -77,7 +105,16 @@ class ServerHandler {
   // INVALID_ARGUMENT: a malformed frame, labels or activation that does not fit the model;
   // FAILED_PRECONDITION: a bit map the session never got; RESOURCE_EXHAUSTED: a frame over
   // the limits; NOT_FOUND: an unknown session; INTERNAL: a non-finite loss.
+  // U-shaped: Train answers with the server's output activation and holds the step open;
+  // TrainHead finishes it (FAILED_PRECONDITION without an open step of that session and step).
+  // Train of another session while one is open: FAILED_PRECONDITION.
   virtual absl::StatusOr<DownFrame> Train(uint64_t session, const UpFrame& up, bool update) = 0;
+  virtual absl::StatusOr<DownFrame> TrainHead(uint64_t session, const HeadGradient& head) {
+    (void)session, (void)head;
+    return absl::UnimplementedError("this server part serves the plain layout only");
+  }
+  // Whether Train leaves the step open for TrainHead (a U-shaped model).
+  virtual bool u_shaped() const { return false; }
   virtual absl::StatusOr<EvalPiece> Evaluate(uint64_t session, const UpFrame& up) = 0;
   // Optimizer steps taken so far, over all sessions.
   virtual int64_t updates() const = 0;
@@ -95,6 +132,29 @@ class ServerHandler {
     (void)path, (void)extra;
     return absl::UnimplementedError("this server part cannot load checkpoints");
   }
+};
+
+// A ServerLink to a ServerHandler in this process, through one session (`splitq train`,
+// tests, benchmarks).
+class LocalServerLink : public ServerLink {
+ public:
+  explicit LocalServerLink(ServerHandler& server)
+      : server_(server), session_(server.OpenSession()) {}
+  ~LocalServerLink() override { server_.CloseSession(session_); }
+  absl::StatusOr<DownFrame> Train(const UpFrame& up) override {
+    return server_.Train(session_, up, true);
+  }
+  absl::StatusOr<DownFrame> TrainHead(const HeadGradient& head) override {
+    return server_.TrainHead(session_, head);
+  }
+  absl::StatusOr<EvalPiece> Evaluate(const UpFrame& up) override {
+    return server_.Evaluate(session_, up);
+  }
+  uint64_t session() const { return session_; }
+
+ private:
+  ServerHandler& server_;
+  uint64_t session_;
 };
 
 }  // namespace splitq::trainer

@@ -14,7 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "base/files.h"
 #include "base/status_macros.h"
-#include "trainer/split_internal.h"
+#include "trainer/boundary.h"
 #include "trainer/split_trainer.h"
 
 namespace splitq::trainer {

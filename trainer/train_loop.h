@@ -81,7 +81,7 @@ struct TrainOptions {
 // is written; resume with `resume`). Other errors: see SplitTrainer::Create and Step.
 absl::StatusOr<TrainSummary> Train(const RunConfig& config, const TrainOptions& options);
 
-// The same driver around any StepRunner (a networked client: split_parts.h). The runner is
+// The same driver around any StepRunner (a networked client: step.h, ClientRunner). The runner is
 // created by the caller (options.init_checkpoint is not used here); `options.resume` loads
 // out_dir/checkpoint.pt into it.
 absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions& options);

@@ -11,6 +11,8 @@
 #                seed: on the CPU with one thread per process every logged loss is equal to
 #                1e-6 relative (bit-identical in practice); with the default threads and device
 #                (CUDA on a GPU host) within 2% (float reductions differ between processes).
+#   equivalence-layouts  the same, exact (one thread, CPU), for a U-shaped model (AMAQ at both
+#                boundaries, two round trips a step) and for AQ-SGD (plain layout).
 #   client-kill  a client killed with SIGKILL mid-run: the worker frees its session within two
 #                heartbeat periods (2 s); the restarted client resumes from its last checkpoint
 #                and finishes; its metrics have every logged step exactly once and the worker
@@ -57,6 +59,12 @@ quant:
   gradients: {mode: uniform, target: 6}
 EOF
 config=$dir/config.yaml
+# LAYOUT=u_shaped or aqsgd (or both, comma-separated) runs any case on that layout.
+layout() {
+  case ,${LAYOUT:-}, in *,u_shaped,*) printf 'model: {split_after: 1, u_shaped: true}\n' >>"$config" ;; esac
+  case ,${LAYOUT:-}, in *,aqsgd,*) sed -i 's/mode: amaq, target: \[.*\], calibration_steps: 10/mode: aqsgd, target: 4/' "$config" ;; esac
+}
+layout
 
 # wait_for FILE PATTERN [TENTHS]: until FILE has a line matching PATTERN.
 wait_for() {
@@ -171,6 +179,30 @@ equivalence)
   compare_losses "$dir/net2/metrics.jsonl" "$dir/train2/metrics.jsonl" 0.02 ||
     fail "default threads: the curves differ by more than 2%"
   echo "equivalence: ok"
+  ;;
+equivalence-layouts)
+  export OMP_NUM_THREADS=1 DEVICE=cpu
+  base=$(cat "$config")
+  for layout in u_shaped aqsgd; do
+    if [[ $layout == u_shaped ]]; then
+      printf '%s\nmodel: {split_after: 1, u_shaped: true}\n' "$base" >"$config"
+    else
+      printf '%s\n' "$base" | sed 's/mode: amaq, target: \[.*\], calibration_steps: 10/mode: aqsgd, target: 4/' >"$config"
+      grep -q "mode: aqsgd" "$config" || fail "could not make the aqsgd config"
+    fi
+    start_cluster 1
+    client client0 "$dir/net-$layout" >"$dir/client-$layout.log" 2>&1 || fail "$layout: client failed"
+    stop_cluster
+    "$SPLITQ" train --config "$config" --out "$dir/train-$layout" >/dev/null 2>&1 ||
+      fail "$layout: train failed"
+    echo -n "$layout: "
+    compare_losses "$dir/net-$layout/metrics.jsonl" "$dir/train-$layout/metrics.jsonl" 1e-6 ||
+      fail "$layout: the curves differ"
+    cmp <(sed -n 's/.*"val_loss": \([0-9.e+-]*\).*/\1/p' "$dir/net-$layout/validation.jsonl") \
+      <(sed -n 's/.*"val_loss": \([0-9.e+-]*\).*/\1/p' "$dir/train-$layout/validation.jsonl") ||
+      fail "$layout: the validation losses differ"
+  done
+  echo "equivalence-layouts: ok"
   ;;
 client-kill)
   start_long_run 1

@@ -210,8 +210,10 @@ TEST(ChunkCodec, AgreesWithProtobufOnMutatedBytes) {
     ++accepted;
     TrainRequest parsed;
     ASSERT_TRUE(parsed.ParseFromString(bytes)) << "trial " << trial;
-    ASSERT_TRUE(parsed.has_activation()) << "trial " << trial;
-    const auto& p = parsed.activation();
+    // A mutated tag may make it the U-shaped head gradient (field 4): the same FrameChunk.
+    ASSERT_TRUE(m->field == kChunkField ? parsed.has_activation() : parsed.has_head_gradient())
+        << "trial " << trial << ", field " << m->field;
+    const auto& p = m->field == kChunkField ? parsed.activation() : parsed.head_gradient();
     EXPECT_EQ(m->chunk.step, p.step());
     EXPECT_EQ(m->chunk.index, p.index());
     EXPECT_EQ(m->chunk.count, p.count());
@@ -219,6 +221,29 @@ TEST(ChunkCodec, AgreesWithProtobufOnMutatedBytes) {
     EXPECT_EQ(Data(*m), p.data());
   }
   EXPECT_GT(accepted, 100);  // the mutations leave many valid chunks: the check did run
+}
+
+// The second frame of a U-shaped step (field 4 in TrainRequest and TrainReply) goes through the
+// same codec, and protobuf reads it as head_gradient / output.
+TEST(ChunkCodec, SecondFieldIsTheHeadGradientAndTheOutput) {
+  auto frame = std::make_shared<const std::string>("0123456789abcdef");
+  const grpc::ByteBuffer buffer = EncodeChunk(7, 0, 1, 16, frame, 0, 16, kSecondChunkField);
+  std::optional<ChunkMessage> m = DecodeChunk(buffer);
+  ASSERT_TRUE(m.has_value());
+  EXPECT_EQ(m->field, kSecondChunkField);
+  EXPECT_EQ(m->chunk.step, 7u);
+  grpc::ByteBuffer copy = buffer;
+  TrainRequest request;
+  ASSERT_TRUE(FromByteBuffer(&copy, &request));
+  EXPECT_EQ(request.head_gradient().data(), *frame);
+  copy = buffer;
+  splitq::v1::TrainReply reply;
+  ASSERT_TRUE(FromByteBuffer(&copy, &reply));
+  EXPECT_EQ(reply.output().data(), *frame);
+  // Field 2 stays the first frame.
+  m = DecodeChunk(EncodeChunk(7, 0, 1, 16, frame, 0, 16));
+  ASSERT_TRUE(m.has_value());
+  EXPECT_EQ(m->field, kChunkField);
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // server/worker_service.h over a real gRPC server on an OS-picked loopback port, with a real
-// server part (trainer/split_parts.h, Fashion-MNIST) behind it and real frames from a client
+// server part (trainer/server_part.h, Fashion-MNIST) behind it and real frames from a client
 // part. Malformed input over the real stream gets INVALID_ARGUMENT, FAILED_PRECONDITION or
 // RESOURCE_EXHAUSTED with a message, only that stream ends, the worker keeps serving a good
 // client, and its memory stays bounded; tokens, protocol versions and TLS are enforced; 32
@@ -23,13 +23,16 @@
 #include <string>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "quant/wire_format.h"
 #include "server/rpc_channel.h"
 #include "server/tls_certs.h"
 #include "server/tokens.h"
 #include "server/worker_client.h"
+#include "trainer/client_part.h"
 #include "trainer/datasets.h"
-#include "trainer/split_parts.h"
+#include "trainer/server_part.h"
+#include "trainer/step.h"
 
 namespace splitq::server {
 namespace {
@@ -494,6 +497,78 @@ TEST_F(WorkerServiceTest, ThirtyTwoClientsAtOnce) {
       "32 clients x 3 steps in %.2f s; process peak RSS %.1f MiB (worker, 32 client "
       "stubs and the test's data together)\n",
       seconds, StatusKb("VmHWM") / 1024.0);
+}
+
+// U-shaped over gRPC: two clients train at once on one worker. Each step takes two round trips
+// and holds the server part open in between (the turn); the other client's steps are parked
+// meanwhile and run after, so every step is applied once and validation goes through the
+// clients' heads. An AQ-SGD U-shaped run (caches on both boundaries) does the same.
+TEST(WorkerServiceUShaped, TwoClientsTakeTurns) {
+  if (access(trainer::kFashionMnistDir, R_OK) != 0) GTEST_SKIP() << "no Fashion-MNIST";
+  for (const char* mode : {"amaq, target: 4, calibration_steps: 2", "aqsgd, target: 4"}) {
+    auto config = trainer::ParseRunConfig(YAML::Load(absl::StrCat(R"(
+task: fmnist
+steps: 100
+batch_size: 16
+model: {split_after: 1, u_shaped: true}
+quant:
+  activations: {mode: )",
+                                                                  mode, R"(}
+  gradients: {mode: uniform, target: 6}
+)")));
+    ASSERT_TRUE(config.ok()) << config.status();
+    auto part = trainer::ServerPart::Create(*config, "");
+    ASSERT_TRUE(part.ok()) << part.status();
+    WorkerCore core(**part);
+    WorkerService service(core, nullptr);
+    int port = 0;
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&service);
+    auto server = builder.BuildAndStart();
+    ASSERT_NE(server, nullptr);
+    std::atomic<int> failures{0};
+    std::vector<std::thread> clients;
+    for (int k = 0; k < 2; ++k) {
+      clients.emplace_back([&, k] {
+        auto client = trainer::ClientPart::Create(*config, "", false, trainer::DataShard{k, 2});
+        if (!client.ok()) {
+          ++failures;
+          return;
+        }
+        WorkerLinkOptions o;
+        o.client_id = absl::StrCat("u", k);
+        WorkerClient link(
+            grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
+                                      grpc::InsecureChannelCredentials(), ClientChannelArguments()),
+            o);
+        trainer::ClientRunner runner(**client, link);
+        for (int i = 0; i < 6; ++i) {
+          auto step = runner.Step();
+          if (!step.ok() || !std::isfinite(step->loss)) {
+            ADD_FAILURE() << "client " << k << " step " << i << ": " << step.status();
+            ++failures;
+            return;
+          }
+        }
+        if (mode[1] == 'q') {  // aqsgd: validation once (amaq) is enough, 100 batches a client
+          link.Close();
+          return;
+        }
+        auto eval = runner.Evaluate();
+        if (!eval.ok() || eval->accuracy < 0 || eval->accuracy > 1) {
+          ADD_FAILURE() << "client " << k << " validation: " << eval.status();
+          ++failures;
+        }
+        link.Close();
+      });
+    }
+    for (auto& t : clients) t.join();
+    EXPECT_EQ(failures.load(), 0) << mode;
+    EXPECT_EQ((*part)->updates(), 12) << mode;
+    EXPECT_EQ(core.turn(), 0u) << mode;
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  }
 }
 
 }  // namespace

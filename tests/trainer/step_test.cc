@@ -1,20 +1,26 @@
-// trainer/split_parts.h: a ClientPart and a ServerPart that talk only in frames give the same
-// curve as SplitTrainer (both parties in one process), bit for bit on the CPU; a new session
-// mid-run carries on; a replayed step does not step the server twice; bad input gets the
-// documented status codes and leaves the server serving.
-#include "trainer/split_parts.h"
+// trainer/step.h, client_part.h, server_part.h: a ClientPart and a ServerPart that talk only in
+// frames, driven by ClientRunner, give SplitTrainer's curve bit for bit on the CPU in every
+// layout (plain, U-shaped, AQ-SGD); a new session mid-run carries on (AQ-SGD with both caches
+// started again); a replayed step does not step the server twice; bad input gets the documented
+// status codes and leaves the server serving.
+#include "trainer/step.h"
 
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
+#include <cmath>
 #include <filesystem>
 #include <limits>
 #include <memory>
 
+#include "trainer/batches.h"
+#include "trainer/boundary.h"
+#include "trainer/client_part.h"
 #include "trainer/datasets.h"
-#include "trainer/split_internal.h"
+#include "trainer/server_part.h"
+#include "trainer/split_trainer.h"
 
 namespace splitq::trainer {
 namespace {
@@ -86,6 +92,104 @@ TEST_F(SplitParts, Fp32CurveIsSplitTrainersBitForBit) {
   c.activations.mode = WireMode::kFloat32;
   c.gradients.mode = WireMode::kFloat32;
   ExpectSameCurve(c, 10);
+}
+
+TEST_F(SplitParts, UShapedCurveIsSplitTrainersBitForBit) {
+  RunConfig c = ConfigFrom(kAmaq);
+  c.u_shaped = true;
+  c.split_after = 1;
+  ExpectSameCurve(c, 12);
+}
+
+constexpr char kAqSgd[] = R"(
+task: fmnist
+steps: 40
+batch_size: 32
+optim: {warmup_steps: 5}
+quant:
+  activations: {mode: aqsgd, target: 3}
+  gradients: {mode: uniform, target: 6}
+)";
+
+TEST_F(SplitParts, AqSgdCurveIsSplitTrainersBitForBit) {
+  ExpectSameCurve(ConfigFrom(kAqSgd), 12);
+  RunConfig u = ConfigFrom(kAqSgd);
+  u.u_shaped = true;
+  u.split_after = 1;
+  ExpectSameCurve(u, 8);
+}
+
+// AQ-SGD over a new session: both caches start again at zero, the pending step's frame is
+// recomputed against the empty cache, and training carries on (U-shaped: both boundaries).
+TEST_F(SplitParts, AqSgdNewSessionStartsBothCachesAgain) {
+  for (bool u_shaped : {false, true}) {
+    RunConfig c = ConfigFrom(kAqSgd);
+    c.u_shaped = u_shaped;
+    c.split_after = 1;
+    auto client = ClientPart::Create(c, "", false);
+    auto server = ServerPart::Create(c, "");
+    ASSERT_TRUE(client.ok() && server.ok());
+    auto link = std::make_unique<LocalServerLink>(**server);
+    ClientRunner runner(**client, *link);
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(runner.Step().ok());
+    EXPECT_GT((*client)->memory().aqsgd_cache, 0);
+    auto pending = (*client)->Forward();
+    ASSERT_TRUE(pending.ok());
+    link = std::make_unique<LocalServerLink>(**server);  // the old session is gone
+    (*client)->NewSession();
+    EXPECT_EQ((*client)->memory().aqsgd_cache, 0) << "u_shaped " << u_shaped;
+    ClientRunner again(**client, *link);
+    for (int i = 0; i < 3; ++i) {
+      auto s = again.Step();
+      ASSERT_TRUE(s.ok()) << s.status();
+      EXPECT_TRUE(std::isfinite(s->loss));
+    }
+    EXPECT_EQ((*client)->step(), 6);
+    EXPECT_EQ((*server)->updates(), 6);
+  }
+}
+
+// U-shaped: between Train and TrainHead the server part holds the step; another session's step
+// waits (FAILED_PRECONDITION), labels are refused (they stay with the client), and a head
+// gradient without an open step is refused.
+TEST_F(SplitParts, UShapedStepIsHeldOpenUntilItsHead) {
+  RunConfig c = ConfigFrom(kAmaq);
+  c.u_shaped = true;
+  c.split_after = 1;
+  auto client = ClientPart::Create(c, "", false);
+  auto server = ServerPart::Create(c, "");
+  ASSERT_TRUE(client.ok() && server.ok());
+  const uint64_t a = (*server)->OpenSession(), b = (*server)->OpenSession();
+  auto up = (*client)->Forward();
+  ASSERT_TRUE(up.ok());
+  EXPECT_TRUE(up->labels.empty());
+  UpFrame labelled = *up;
+  labelled.labels.assign(static_cast<size_t>(c.batch_size), 1);
+  EXPECT_EQ((*server)->Train(a, labelled, true).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto act = (*server)->Train(a, *up, true);
+  ASSERT_TRUE(act.ok()) << act.status();
+  EXPECT_TRUE(act->activation);
+  EXPECT_EQ((*server)->Train(b, *up, true).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*server)->TrainHead(b, HeadGradient{up->step, "", 0}).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*client)->Backward(*act).status().code(), absl::StatusCode::kFailedPrecondition);
+  auto head = (*client)->Head(*act);
+  ASSERT_TRUE(head.ok()) << head.status();
+  auto down = (*server)->TrainHead(a, *head);
+  ASSERT_TRUE(down.ok()) << down.status();
+  EXPECT_FALSE(down->activation);
+  auto stats = (*client)->Backward(*down);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->loss, head->loss);
+  EXPECT_EQ((*server)->updates(), 1);
+  // The step is closed: the other session may train now.
+  auto next = (*client)->Forward();
+  ASSERT_TRUE(next.ok());
+  (*client)->NewSession();
+  next = (*client)->Forward();
+  ASSERT_TRUE(next.ok());
+  EXPECT_TRUE((*server)->Train(b, *next, true).ok());
 }
 
 TEST_F(SplitParts, NewSessionMidRunResendsTheBitMapAndCarriesOn) {
@@ -335,13 +439,17 @@ quant:
   }
 }
 
-TEST(SplitPartsConfig, UnsupportedLayoutsAreRefusedByName) {
+TEST(SplitPartsConfig, UnsupportedSettingsAreRefusedByName) {
   RunConfig c = ConfigFrom(kAmaq);
   c.u_shaped = true;
-  EXPECT_EQ(CheckNetworkable(c).code(), absl::StatusCode::kUnimplemented);
-  c = ConfigFrom(kAmaq);
+  EXPECT_TRUE(CheckSupported(c).ok());
   c.activations.mode = WireMode::kAqSgd;
-  EXPECT_EQ(CheckNetworkable(c).code(), absl::StatusCode::kUnimplemented);
+  EXPECT_TRUE(CheckSupported(c).ok());
+  c = ConfigFrom(kAmaq);
+  c.activations.learned_scale = false;
+  const absl::Status s = CheckSupported(c);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(s.message().find("quant.activations.scale"), std::string::npos) << s;
 }
 
 TEST_F(SplitParts, AShardKeepsOnlyItsSamplesAndServesTheRightOnes) {

@@ -1,0 +1,303 @@
+#include "trainer/boundary.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+
+namespace splitq::trainer::internal {
+namespace {
+
+constexpr uint32_t kRawMagic = 0x31525153;  // "SQR1" read as little-endian u32
+
+absl::StatusOr<quant::Frame> ParseBytes(const std::string& bytes) {
+  return quant::ParseFrame(
+      absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+}
+
+quant::AmaqOptions AmaqOptionsOf(const RunConfig& c, int axis) {
+  quant::AmaqOptions o;
+  o.bmin = c.activations.bits.min;
+  o.bmax = c.activations.bits.max;
+  o.alpha = c.activations.gate_alpha;
+  o.channel_axis = axis;
+  return o;
+}
+
+}  // namespace
+
+int ScheduleBits(const quant::BitSchedule& s, const BitsRange& range, int64_t step) {
+  // The largest integer width within the budget (a uniform frame never exceeds it either).
+  const int bits = static_cast<int>(std::floor(s.TargetAt(step) + 1e-9));
+  return std::clamp(bits, range.min, range.max);
+}
+
+std::string EncodeRawTensor(const at::Tensor& x) {
+  const at::Tensor c = x.detach().to(at::kFloat).contiguous().cpu();
+  const uint32_t rank = static_cast<uint32_t>(c.dim());
+  std::string out(8 + 8 * rank + static_cast<size_t>(c.numel()) * 4, '\0');
+  std::memcpy(out.data(), &kRawMagic, 4);
+  std::memcpy(out.data() + 4, &rank, 4);
+  for (uint32_t d = 0; d < rank; ++d) {
+    const int64_t n = c.size(d);
+    std::memcpy(out.data() + 8 + 8 * d, &n, 8);
+  }
+  if (c.numel() > 0) {
+    std::memcpy(out.data() + 8 + 8 * rank, c.data_ptr<float>(), static_cast<size_t>(c.numel()) * 4);
+  }
+  return out;
+}
+
+absl::StatusOr<at::Tensor> DecodeRawTensor(const std::string& bytes,
+                                           const quant::FrameLimits& limits, bool require_finite) {
+  uint32_t magic = 0, rank = 0;
+  if (bytes.size() < 8) return absl::InvalidArgumentError("raw frame: shorter than its header");
+  std::memcpy(&magic, bytes.data(), 4);
+  std::memcpy(&rank, bytes.data() + 4, 4);
+  if (magic != kRawMagic) return absl::InvalidArgumentError("raw frame: bad magic");
+  if (rank > static_cast<uint32_t>(quant::kMaxFrameRank) || bytes.size() < 8 + 8 * rank) {
+    return absl::InvalidArgumentError(absl::StrCat("raw frame: bad rank ", rank));
+  }
+  std::vector<int64_t> shape(rank);
+  int64_t numel = 1;
+  for (uint32_t d = 0; d < rank; ++d) {
+    std::memcpy(&shape[d], bytes.data() + 8 + 8 * d, 8);
+    if (shape[d] < 0 || (shape[d] > 0 && numel > limits.max_elements / shape[d])) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("raw frame: more than ", limits.max_elements, " elements"));
+    }
+    numel *= shape[d];
+  }
+  if (numel > limits.max_elements) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("raw frame: ", numel, " elements, more than ", limits.max_elements));
+  }
+  if (bytes.size() != 8 + 8 * rank + static_cast<size_t>(numel) * 4) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("raw frame: ", bytes.size(), " bytes for a shape of ", numel, " elements"));
+  }
+  at::Tensor out = at::empty(shape, at::kFloat);
+  if (numel > 0) {
+    std::memcpy(out.data_ptr<float>(), bytes.data() + 8 + 8 * rank, static_cast<size_t>(numel) * 4);
+    if (require_finite && !at::isfinite(out).all().item<bool>()) {
+      return absl::InvalidArgumentError("raw frame: values that are NaN or infinite");
+    }
+  }
+  return out;
+}
+
+at::Tensor DeltaCache::Gather(const at::Tensor& ids, const at::Tensor& like) const {
+  at::Tensor out = at::zeros_like(like, like.options().dtype(at::kFloat));
+  const at::Tensor id = ids.cpu();
+  for (int64_t b = 0; b < id.numel(); ++b) {
+    auto it = m_.find(id.data_ptr<int64_t>()[b]);
+    if (it != m_.end()) out[b].copy_(it->second);
+  }
+  return out;
+}
+
+void DeltaCache::Update(const at::Tensor& ids, const at::Tensor& values) {
+  const at::Tensor id = ids.cpu();
+  const at::Tensor half = values.detach().to(at::kHalf);
+  for (int64_t b = 0; b < id.numel(); ++b) m_[id.data_ptr<int64_t>()[b]] = half[b].clone();
+}
+
+int64_t DeltaCache::bytes() const {
+  int64_t n = 0;
+  for (const auto& [id, t] : m_) n += t.numel() * 2;
+  return n;
+}
+
+void DeltaCache::Save(torch::serialize::OutputArchive& archive, const std::string& key) const {
+  std::vector<int64_t> ids;
+  std::vector<at::Tensor> values;
+  for (const auto& [id, t] : m_) {
+    ids.push_back(id);
+    values.push_back(t.cpu());  // one entry at a time: no second copy of the cache on a GPU
+  }
+  archive.write(key + ".ids", at::tensor(ids, at::kLong));
+  if (!values.empty()) archive.write(key + ".values", at::stack(values));
+}
+
+void DeltaCache::Load(torch::serialize::InputArchive& archive, const std::string& key,
+                      const at::Device& device) {
+  m_.clear();
+  at::Tensor ids, values;
+  archive.read(key + ".ids", ids);
+  ids = ids.cpu();  // the archive was loaded onto the run's device
+  if (ids.numel() == 0) return;
+  archive.read(key + ".values", values);
+  values = values.to(device);
+  for (int64_t b = 0; b < ids.numel(); ++b) m_[ids.data_ptr<int64_t>()[b]] = values[b].clone();
+}
+
+BoundarySender::BoundarySender(const RunConfig& c, int index, int axis, int64_t channels,
+                               quant::AmaqBoundary shared)
+    : c_(c),
+      axis_(axis),
+      amaq_(shared ? std::move(shared) : quant::AmaqBoundary(AmaqOptionsOf(c, axis), channels)),
+      act_(1, quant::FrameKind::kActivation,
+           quant::WireEncoderOptions{axis, kernels::Rounding::kNearest,
+                                     c.seed + static_cast<uint64_t>(index)}),
+      eval_(1, quant::FrameKind::kActivation,
+            quant::WireEncoderOptions{axis, kernels::Rounding::kNearest, c.seed}) {}
+
+absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& h, int64_t step,
+                                                          const at::Tensor& ids, bool train) {
+  if (c_.activations.mode == WireMode::kFloat32) return Sent{h, EncodeRawTensor(h), 32.0, {}};
+  const double budget = c_.activations.target.TargetAt(step);
+  Sent out;
+  std::vector<uint8_t> bits;
+  at::Tensor scales, offsets, payload = h.detach();
+  at::Tensor base;  // AQ-SGD: this side's m_i
+  if (c_.activations.mode == WireMode::kAmaq) {
+    if (train && step < c_.activations.calibration_steps) Calibrate(h);
+    out.sender_side = train ? amaq_->forward(h, budget) : amaq_->forward(h.detach(), budget);
+    bits = amaq_->last_bits();
+    scales = amaq_->wire_scales();
+    offsets = amaq_->wire_offsets();
+  } else {
+    bits.assign(
+        static_cast<size_t>(h.size(axis_)),
+        static_cast<uint8_t>(ScheduleBits(c_.activations.target, c_.activations.bits, step)));
+    out.sender_side = h;  // straight-through: min-max ranges clip nothing
+    if (c_.activations.mode == WireMode::kAqSgd && train) {
+      base = cache_.Gather(ids, payload);
+      payload = payload.to(at::kFloat) - base;
+    }
+    const quant::WireRange range = quant::MinMaxRange(payload, axis_, bits);
+    scales = range.scales;
+    offsets = range.offsets;
+  }
+  out.bits = std::accumulate(bits.begin(), bits.end(), 0.0) / static_cast<double>(bits.size());
+  if (out.bits > budget + 1e-9) {
+    return absl::InternalError(
+        absl::StrCat("a frame of ", out.bits, " bits exceeds the budget ", budget));
+  }
+  if (train) max_excess_ = std::max(max_excess_, out.bits - budget);
+  // Validation frames all carry their bit map: a receiver may see any one of them first.
+  if (!train) eval_.ResendBitMap();
+  quant::WireEncoder& encoder = train ? act_ : eval_;
+  SPLITQ_ASSIGN_OR_RETURN(quant::Frame frame, encoder.Encode(payload, static_cast<uint64_t>(step),
+                                                             bits, scales, offsets));
+  out.bytes = quant::SerializeFrame(frame);
+  out.bit_map = std::move(bits);
+  if (base.defined()) {
+    // The sender applies its own frame to its cache, decoded as the receiver decodes it.
+    SPLITQ_ASSIGN_OR_RETURN(at::Tensor delta, self_decoder_.Decode(frame, h.device()));
+    cache_.Update(ids, base + delta);
+  }
+  return out;
+}
+
+at::Tensor BoundarySender::SenderSide(const at::Tensor& h, int64_t step) {
+  if (c_.activations.mode != WireMode::kAmaq) return h;
+  return amaq_->forward(h, c_.activations.target.TargetAt(step));
+}
+
+absl::StatusOr<at::Tensor> BoundarySender::ReceiveGradient(const std::string& bytes,
+                                                           const at::Device& device,
+                                                           at::ScalarType dtype) {
+  if (c_.gradients.mode == WireMode::kFloat32) {
+    SPLITQ_ASSIGN_OR_RETURN(at::Tensor g, DecodeRawTensor(bytes));
+    return g.to(device).to(dtype);
+  }
+  SPLITQ_ASSIGN_OR_RETURN(quant::Frame frame, ParseBytes(bytes));
+  if (frame.kind != quant::FrameKind::kGradient) {
+    return absl::InvalidArgumentError("expected a gradient frame");
+  }
+  return grad_decoder_.Decode(frame, device);
+}
+
+absl::StatusOr<std::string> BoundarySender::WithBitMap(const std::string& bytes,
+                                                       const std::vector<uint8_t>& bit_map) {
+  if (bit_map.empty()) return bytes;  // a raw frame
+  SPLITQ_ASSIGN_OR_RETURN(quant::Frame frame, ParseBytes(bytes));
+  if (!frame.bits.empty()) return bytes;
+  frame.bits = bit_map;
+  quant::SealFrame(&frame);
+  return quant::SerializeFrame(frame);
+}
+
+void BoundarySender::ResendBitMap() { act_.ResendBitMap(); }  // eval_ always sends it
+
+at::Tensor BoundarySender::Regularizer(int64_t step) {
+  if (c_.activations.mode != WireMode::kAmaq) return {};
+  return quant::BitRegularization({amaq_}, c_.activations.gate_beta, c_.activations.gate_lambda,
+                                  c_.activations.target.TargetAt(step));
+}
+
+// The calibration phase: each channel's range grows to cover this batch's min and max, before
+// the forward pass.
+void BoundarySender::Calibrate(const at::Tensor& h) {
+  if (!amaq_->is_initialized()) return;  // the first forward sets the range itself
+  at::NoGradGuard no_grad;
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < h.dim(); ++d) {
+    if (d != axis_) dims.push_back(d);
+  }
+  const at::Tensor x = h.detach().to(at::kFloat);
+  at::Tensor range = amaq_->range(), center = amaq_->center();
+  const at::Tensor lo = at::minimum(center - range, x.amin(dims));
+  const at::Tensor hi = at::maximum(center + range, x.amax(dims));
+  center.copy_((hi + lo) * 0.5);
+  range.copy_((hi - lo) * 0.5);
+}
+
+BoundaryReceiver::BoundaryReceiver(const RunConfig& c, int index, int axis,
+                                   const quant::FrameLimits& limits, bool require_finite)
+    : c_(c),
+      axis_(axis),
+      limits_(limits),
+      require_finite_(require_finite),
+      act_(limits),
+      eval_(limits),
+      grad_(1, quant::FrameKind::kGradient,
+            quant::WireEncoderOptions{
+                axis, c.gradients.rounding,
+                (c.seed ^ 0x9e3779b97f4a7c15ull) + static_cast<uint64_t>(index)}) {}
+
+absl::StatusOr<at::Tensor> BoundaryReceiver::Receive(const std::string& bytes, int64_t step,
+                                                     const at::Tensor& ids, bool train,
+                                                     const at::Device& device,
+                                                     at::ScalarType dtype) {
+  if (c_.activations.mode == WireMode::kFloat32) {
+    SPLITQ_ASSIGN_OR_RETURN(at::Tensor h, DecodeRawTensor(bytes, limits_, require_finite_));
+    return h.to(device).to(dtype);
+  }
+  SPLITQ_ASSIGN_OR_RETURN(quant::Frame frame, ParseBytes(bytes));
+  if (frame.kind != quant::FrameKind::kActivation) {
+    return absl::InvalidArgumentError("expected an activation frame");
+  }
+  if (frame.step != static_cast<uint64_t>(step)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the frame says step ", frame.step, ", it was sent as step ", step));
+  }
+  SPLITQ_ASSIGN_OR_RETURN(at::Tensor received, (train ? act_ : eval_).Decode(frame, device));
+  if (c_.activations.mode == WireMode::kAqSgd && train) {
+    if (ids.numel() != received.size(0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(ids.numel(), " sample ids for a batch of ", received.size(0)));
+    }
+    received = cache_.Gather(ids, received) + received;
+    cache_.Update(ids, received);
+  }
+  return received.to(dtype);
+}
+
+absl::StatusOr<std::pair<std::string, double>> BoundaryReceiver::SendGradient(
+    const at::Tensor& grad, int64_t step) {
+  if (c_.gradients.mode == WireMode::kFloat32) return std::make_pair(EncodeRawTensor(grad), 32.0);
+  const int bits = ScheduleBits(c_.gradients.target, c_.gradients.bits, step);
+  const std::vector<uint8_t> gbits(static_cast<size_t>(grad.size(axis_)),
+                                   static_cast<uint8_t>(bits));
+  const quant::WireRange range = quant::MaxAbsRange(grad, axis_, gbits);
+  SPLITQ_ASSIGN_OR_RETURN(quant::Frame frame, grad_.Encode(grad, static_cast<uint64_t>(step), gbits,
+                                                           range.scales, range.offsets));
+  return std::make_pair(quant::SerializeFrame(frame), static_cast<double>(bits));
+}
+
+}  // namespace splitq::trainer::internal

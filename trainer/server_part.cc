@@ -1,0 +1,373 @@
+#include "trainer/server_part.h"
+
+// clang-format off
+// clip_grad.h uses torch::Tensor without including its definition: types.h goes first.
+#include <torch/types.h>
+#include <torch/nn/utils/clip_grad.h>
+// clang-format on
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "base/status_macros.h"
+#include "trainer/boundary.h"
+#include "trainer/checkpoint_io.h"
+#include "trainer/client_part.h"
+#include "trainer/setup.h"
+
+namespace splitq::trainer {
+namespace {
+using namespace internal;  // NOLINT(build/namespaces)
+constexpr int64_t kServerCheckpointVersion = 1;
+}  // namespace
+
+struct ServerPart::Impl {
+  RunConfig c;
+  ServerPartOptions options;
+  at::Device device{at::kCPU};
+  SplitModel model;        // server kept; client and head dropped
+  size_t first_block = 0;  // the index of the server's first block in the whole model
+  std::unique_ptr<torch::optim::AdamW> opt;
+  quant::AmaqBoundary amaq2{nullptr};  // U-shaped: boundary 2's module, shared by the sessions
+  double excess2 = -1e9;
+  std::vector<int64_t> sample_shape;  // one example's boundary activation
+  int64_t classes = 0;                // logits' last dimension (plain layout)
+  quant::FrameLimits limits;
+
+  // A U-shaped step between Train and TrainHead.
+  struct Open {
+    int64_t step = 0;
+    bool update = false;
+    at::Tensor server_in, sender_side;
+  };
+  struct Session {
+    std::unique_ptr<BoundaryReceiver> receiver;  // boundary 1
+    std::unique_ptr<BoundarySender> sender;      // boundary 2 (U-shaped)
+    std::optional<Open> open;
+  };
+  std::map<uint64_t, Session> sessions;
+  uint64_t open_session = 0;  // the session whose U-shaped step is open (0: none)
+  uint64_t next_session = 1;
+  int64_t updates = 0;
+
+  absl::StatusOr<Session*> Find(uint64_t id) {
+    auto it = sessions.find(id);
+    if (it == sessions.end()) return absl::NotFoundError(absl::StrCat("no session ", id));
+    return &it->second;
+  }
+
+  // The decoded activation, checked against the model: [B, sample_shape...] with
+  // 1 <= B <= max_batch, and labels that match its targets (U-shaped: none).
+  absl::Status CheckInput(const at::Tensor& h, const UpFrame& up) const {
+    std::vector<int64_t> want{-1};
+    want.insert(want.end(), sample_shape.begin(), sample_shape.end());
+    bool ok = h.dim() == static_cast<int64_t>(want.size()) && h.size(0) >= 1 &&
+              h.size(0) <= options.max_batch;
+    for (size_t d = 1; ok && d < want.size(); ++d) ok = h.size(static_cast<int64_t>(d)) == want[d];
+    if (!ok) {
+      std::vector<int64_t> got = h.sizes().vec();
+      return absl::InvalidArgumentError(absl::StrCat(
+          "an activation of shape [", absl::StrJoin(got, ", "), "]; the server part takes [B, ",
+          absl::StrJoin(sample_shape, ", "), "] with 1 <= B <= ", options.max_batch));
+    }
+    if (c.u_shaped) {
+      if (!up.labels.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            up.labels.size(), " labels for a U-shaped model (its labels stay with the client)"));
+      }
+      return absl::OkStatus();
+    }
+    const int64_t targets = c.task == Task::kLanguageModel ? h.size(0) * h.size(1) : h.size(0);
+    if (static_cast<int64_t>(up.labels.size()) != targets) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(up.labels.size(), " labels for ", targets, " targets"));
+    }
+    for (int32_t label : up.labels) {
+      if (label < 0 || label >= classes) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("label ", label, " outside 0..", classes - 1));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<at::Tensor> Input(Session& session, const UpFrame& up, bool train) {
+    const at::Tensor ids = at::tensor(up.sample_ids, at::kLong);
+    SPLITQ_ASSIGN_OR_RETURN(
+        at::Tensor h, session.receiver->Receive(*up.frame, up.step, ids, train, device,
+                                                c.bf16_autocast ? at::kBFloat16 : at::kFloat));
+    SPLITQ_RETURN_IF_ERROR(CheckInput(h, up));
+    return h;
+  }
+  at::Tensor Targets(const UpFrame& up) const {
+    return at::tensor(up.labels, at::kInt).to(at::kLong).to(device);
+  }
+  // The server's output of `server_in` (U-shaped: boundary 2's activation).
+  at::Tensor Forward(const at::Tensor& server_in) {
+    AutocastScope scope(c.bf16_autocast);
+    return model.server->forward(server_in);
+  }
+  void ClipAndStep(bool update) {
+    if (!update) return;
+    if (c.grad_clip > 0) torch::nn::utils::clip_grad_norm_(model.server->parameters(), c.grad_clip);
+    opt->step();
+    ++updates;
+  }
+};
+
+ServerPart::ServerPart(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ServerPart::~ServerPart() = default;
+
+absl::StatusOr<std::unique_ptr<ServerPart>> ServerPart::Create(const RunConfig& c,
+                                                               const std::string& init,
+                                                               const ServerPartOptions& options) {
+  SPLITQ_RETURN_IF_ERROR(CheckSupported(c));
+  auto impl = std::make_unique<Impl>();
+  impl->c = c;
+  impl->options = options;
+  SPLITQ_ASSIGN_OR_RETURN(impl->device, ResolveDevice(c));
+  SPLITQ_ASSIGN_OR_RETURN(impl->model, BuildModel(c, init, options.for_resume, impl->device));
+  SplitModel& m = impl->model;
+  Impl& s = *impl;
+  SPLITQ_RETURN_IF_ERROR(TorchCall("server part", [&]() -> absl::Status {
+    at::NoGradGuard no_grad;
+    // One example through the client layers gives the boundary's shape; one through the
+    // server gives the classes.
+    const at::Tensor x = c.task == Task::kFashionMnist ? at::zeros({1, 1, 28, 28}, at::kFloat)
+                                                       : at::zeros({1, c.context}, at::kLong);
+    const at::Tensor h = m.client->forward(x.to(s.device));
+    s.sample_shape.assign(h.sizes().begin() + 1, h.sizes().end());
+    s.classes = m.server->forward(h).size(-1);
+    return absl::OkStatus();
+  }));
+  s.first_block = m.client->children().size();
+  m.client = torch::nn::Sequential();  // the clients'
+  m.head = torch::nn::Sequential();
+  if (s.options.max_batch <= 0) {
+    // Fashion-MNIST validation batches are 100 examples; clients before 2026-12 sent 500, which
+    // a worker still takes.
+    s.options.max_batch = std::max<int64_t>(c.batch_size, c.task == Task::kFashionMnist ? 500 : 0);
+  }
+  int64_t per_example = 1;
+  for (int64_t d : s.sample_shape) per_example *= d;
+  s.limits.max_elements = s.options.max_batch * per_example;
+  s.limits.max_payload_bytes = s.limits.max_elements;  // 8 bits at most per element
+  SPLITQ_RETURN_IF_ERROR(TorchCall("server part", [&]() -> absl::Status {
+    std::vector<at::Tensor> gates;
+    if (c.u_shaped) {
+      // The module's options as a boundary-2 sender makes them; each session's sender shares it.
+      BoundarySender probe(s.c, 1, m.boundary_channel_axis, BoundaryChannels(c, 1));
+      s.amaq2 = probe.amaq();
+      s.amaq2->to(s.device);
+      gates = s.amaq2->parameters();
+    }
+    s.opt = MakeOptimizer(c, m.server->parameters(), gates);
+    return absl::OkStatus();
+  }));
+  return std::unique_ptr<ServerPart>(new ServerPart(std::move(impl)));
+}
+
+uint64_t ServerPart::OpenSession() {
+  Impl& s = *impl_;
+  const uint64_t id = s.next_session++;
+  Impl::Session& session = s.sessions[id];
+  const int axis = s.model.boundary_channel_axis;
+  session.receiver =
+      std::make_unique<BoundaryReceiver>(s.c, 0, axis, s.limits, s.options.network_input);
+  if (s.c.u_shaped) {
+    session.sender =
+        std::make_unique<BoundarySender>(s.c, 1, axis, BoundaryChannels(s.c, 1), s.amaq2);
+  }
+  return id;
+}
+
+void ServerPart::CloseSession(uint64_t session) {
+  if (impl_->open_session == session) impl_->open_session = 0;
+  impl_->sessions.erase(session);
+}
+
+bool ServerPart::u_shaped() const { return impl_->c.u_shaped; }
+
+absl::StatusOr<DownFrame> ServerPart::Train(uint64_t id, const UpFrame& up, bool update) {
+  Impl& s = *impl_;
+  SPLITQ_ASSIGN_OR_RETURN(Impl::Session * session, s.Find(id));
+  if (s.open_session != 0 && s.open_session != id) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "session ", s.open_session, " has a U-shaped step open; finish it before another"));
+  }
+  session->open.reset();  // a step sent again on its session starts over
+  s.open_session = 0;
+  DownFrame down;
+  down.step = up.step;
+  SPLITQ_RETURN_IF_ERROR(TorchCall(absl::StrCat("step ", up.step), [&]() -> absl::Status {
+    if (update) {
+      PrepareOptimizer(s.c, *s.opt, up.step);
+    } else {
+      s.opt->zero_grad();
+    }
+    SPLITQ_ASSIGN_OR_RETURN(at::Tensor received, s.Input(*session, up, true));
+    const at::Tensor server_in = received.detach().requires_grad_(true);
+    if (s.c.u_shaped) {
+      const at::Tensor h2 = s.Forward(server_in);
+      const at::Tensor ids = at::tensor(up.sample_ids, at::kLong);
+      SPLITQ_ASSIGN_OR_RETURN(BoundarySender::Sent sent,
+                              session->sender->Send(h2, up.step, ids, true));
+      s.excess2 = std::max(s.excess2, session->sender->max_budget_excess());
+      down.frame = std::move(sent.bytes);
+      down.activation = true;
+      down.act_bits = sent.bits;
+      session->open = Impl::Open{up.step, update, server_in, sent.sender_side};
+      s.open_session = id;
+      return absl::OkStatus();
+    }
+    at::Tensor loss;
+    {
+      AutocastScope scope(s.c.bf16_autocast);
+      loss = TaskLoss(s.model.server->forward(server_in), s.Targets(up));
+    }
+    SPLITQ_RETURN_IF_ERROR(CheckLoss(loss, up.step, &down.loss));
+    loss.backward();
+    SPLITQ_ASSIGN_OR_RETURN(auto grad, session->receiver->SendGradient(server_in.grad(), up.step));
+    down.frame = std::move(grad.first);
+    down.grad_bits = grad.second;
+    s.ClipAndStep(update);
+    return absl::OkStatus();
+  }));
+  return down;
+}
+
+absl::StatusOr<DownFrame> ServerPart::TrainHead(uint64_t id, const HeadGradient& head) {
+  Impl& s = *impl_;
+  SPLITQ_ASSIGN_OR_RETURN(Impl::Session * session, s.Find(id));
+  if (!session->open || session->open->step != head.step) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("a head gradient of step ", head.step, ", but that step is not open"));
+  }
+  const Impl::Open open = std::move(*session->open);
+  session->open.reset();  // whatever happens below, the step is closed
+  s.open_session = 0;
+  DownFrame down;
+  down.step = head.step;
+  down.loss = head.loss;
+  SPLITQ_RETURN_IF_ERROR(TorchCall(absl::StrCat("step ", head.step), [&]() -> absl::Status {
+    const at::Tensor& side = open.sender_side;
+    SPLITQ_ASSIGN_OR_RETURN(at::Tensor g2, session->sender->ReceiveGradient(
+                                               head.frame, side.device(), side.scalar_type()));
+    if (g2.sizes() != side.sizes()) {
+      return absl::InvalidArgumentError("the head gradient's shape is not the activation's");
+    }
+    BackwardWithRegularizer(side, g2, session->sender->Regularizer(head.step));
+    SPLITQ_ASSIGN_OR_RETURN(auto grad,
+                            session->receiver->SendGradient(open.server_in.grad(), head.step));
+    down.frame = std::move(grad.first);
+    down.grad_bits = grad.second;
+    s.ClipAndStep(open.update);
+    return absl::OkStatus();
+  }));
+  return down;
+}
+
+absl::StatusOr<EvalPiece> ServerPart::Evaluate(uint64_t id, const UpFrame& up) {
+  Impl& s = *impl_;
+  SPLITQ_ASSIGN_OR_RETURN(Impl::Session * session, s.Find(id));
+  EvalPiece out;
+  SPLITQ_RETURN_IF_ERROR(TorchCall("validation", [&]() -> absl::Status {
+    at::NoGradGuard no_grad;
+    SPLITQ_ASSIGN_OR_RETURN(at::Tensor received, s.Input(*session, up, false));
+    const at::Tensor output = s.Forward(received);
+    if (s.c.u_shaped) {
+      SPLITQ_ASSIGN_OR_RETURN(BoundarySender::Sent sent,
+                              session->sender->Send(output, up.step, {}, false));
+      out.frame = std::move(sent.bytes);
+      return absl::OkStatus();
+    }
+    out = ScoreBatch(output, s.Targets(up));
+    return absl::OkStatus();
+  }));
+  return out;
+}
+
+int64_t ServerPart::updates() const { return impl_->updates; }
+
+void ServerPart::SaveParts(torch::serialize::OutputArchive& archive, uint64_t session) const {
+  const Impl& s = *impl_;
+  SaveBlocks(archive, s.model.server->children(), s.first_block);
+  if (s.c.u_shaped) {
+    torch::serialize::OutputArchive boundary;
+    s.amaq2->save(boundary);
+    archive.write("boundary.1", boundary);
+    archive.write("boundary.1.excess", at::tensor({s.excess2}, at::kDouble));
+  }
+  if (auto it = s.sessions.find(session); it != s.sessions.end()) {
+    it->second.receiver->cache().Save(archive, "aqsgd.0.receiver");
+    if (it->second.sender) it->second.sender->cache().Save(archive, "aqsgd.1.sender");
+  }
+  torch::serialize::OutputArchive opt;
+  s.opt->save(opt);
+  archive.write("server_opt", opt);
+}
+
+absl::Status ServerPart::LoadParts(torch::serialize::InputArchive& archive, const std::string& path,
+                                   uint64_t session, int64_t updates) {
+  Impl& s = *impl_;
+  SPLITQ_RETURN_IF_ERROR(LoadBlocks(archive, path, s.model.server->children(), s.first_block));
+  if (s.c.u_shaped) {
+    torch::serialize::InputArchive boundary;
+    archive.read("boundary.1", boundary);
+    s.amaq2->load(boundary);
+    at::Tensor excess;
+    if (archive.try_read("boundary.1.excess", excess)) s.excess2 = excess.cpu().item<double>();
+  }
+  if (auto it = s.sessions.find(session); it != s.sessions.end()) {
+    it->second.receiver->cache().Load(archive, "aqsgd.0.receiver", s.device);
+    if (it->second.sender) it->second.sender->cache().Load(archive, "aqsgd.1.sender", s.device);
+  }
+  torch::serialize::InputArchive opt;
+  archive.read("server_opt", opt);
+  s.opt->load(opt);
+  s.updates = updates;
+  return absl::OkStatus();
+}
+
+absl::Status ServerPart::SaveCheckpoint(const std::string& path, const std::string& extra) const {
+  const Impl& s = *impl_;
+  return SaveCheckpointFile(path, "server_version", kServerCheckpointVersion, s.c,
+                            CheckpointCounters{s.updates}, {},
+                            [&](torch::serialize::OutputArchive& archive) {
+                              SaveParts(archive, /*session=*/0);  // sessions are not saved
+                              at::Tensor bytes =
+                                  at::empty({static_cast<int64_t>(extra.size())}, at::kByte);
+                              if (!extra.empty()) {
+                                std::memcpy(bytes.data_ptr(), extra.data(), extra.size());
+                              }
+                              archive.write("server_extra", bytes);
+                            });
+}
+
+absl::Status ServerPart::LoadCheckpoint(const std::string& path, std::string* extra) {
+  Impl& s = *impl_;
+  std::vector<double> driver;
+  return LoadCheckpointFile(
+      path, s.device, "server_version", kServerCheckpointVersion, "splitq worker", s.c, &driver,
+      [&](torch::serialize::InputArchive& archive, const CheckpointCounters& n) -> absl::Status {
+        SPLITQ_RETURN_IF_ERROR(LoadParts(archive, path, /*session=*/0, n.step));
+        at::Tensor bytes;
+        archive.read("server_extra", bytes);
+        bytes = bytes.to(at::kCPU).contiguous();
+        extra->assign(static_cast<const char*>(bytes.data_ptr()),
+                      static_cast<size_t>(bytes.numel()));
+        return absl::OkStatus();
+      });
+}
+
+size_t ServerPart::sessions() const { return impl_->sessions.size(); }
+std::string ServerPart::device() const { return impl_->device.is_cuda() ? "cuda" : "cpu"; }
+double ServerPart::max_budget_excess() const { return impl_->excess2; }
+
+}  // namespace splitq::trainer

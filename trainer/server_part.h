@@ -1,0 +1,81 @@
+// splitq trainer: the server's party of a split run, shared by every client session of a worker
+// (and by the one session of `splitq train`). It talks to client parts only in frames
+// (split_link.h); step.h shows where each call sits in a step.
+//
+// A ServerPart holds the server's layers and one optimizer over them, and for a U-shaped model
+// boundary 2's AMAQ module (the server sends that boundary, so its gates and ranges are the
+// server's, trained by every session). Each session holds its own wire state: the receiving half
+// of boundary 1 (decoders, AQ-SGD receiver cache, gradient encoder) and, U-shaped, the sending
+// half of boundary 2 (encoders, AQ-SGD sender cache). Sessions' AQ-SGD caches die with them
+// (client_part.h says why).
+//
+// Not thread-safe: the worker calls it from one thread, one step at a time (server/worker_core.h).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "trainer/config.h"
+#include "trainer/split_link.h"
+
+namespace torch::serialize {
+class InputArchive;
+class OutputArchive;
+}  // namespace torch::serialize
+
+namespace splitq::trainer {
+
+struct ServerPartOptions {
+  // The most examples a frame may carry (0: the larger of the training batch and the
+  // validation batch); the decoders' element limit follows from it, so a session never
+  // allocates more than one such activation.
+  int64_t max_batch = 0;
+  // Frames come from the network: fp32 frames with NaN or infinite values are INVALID_ARGUMENT.
+  // In one process (false) a diverging run reaches the loss check instead, with its hint.
+  bool network_input = true;
+  // LoadCheckpoint or LoadParts follows (a LoRA run then needs no --init).
+  bool for_resume = false;
+};
+
+class ServerPart : public ServerHandler {
+ public:
+  // Errors as ClientPart::Create.
+  static absl::StatusOr<std::unique_ptr<ServerPart>> Create(const RunConfig& config,
+                                                            const std::string& init_checkpoint,
+                                                            const ServerPartOptions& options = {});
+  ~ServerPart() override;
+
+  uint64_t OpenSession() override;
+  void CloseSession(uint64_t session) override;
+  absl::StatusOr<DownFrame> Train(uint64_t session, const UpFrame& up, bool update) override;
+  absl::StatusOr<DownFrame> TrainHead(uint64_t session, const HeadGradient& head) override;
+  bool u_shaped() const override;
+  absl::StatusOr<EvalPiece> Evaluate(uint64_t session, const UpFrame& up) override;
+  int64_t updates() const override;
+  // The server's blocks (under their indices in the whole model, as in a `splitq train`
+  // checkpoint), boundary 2's module, its optimizer and updates(); "server_version" 1. Loading
+  // checks the shape and state fields of the run config first (a mismatch changes nothing); an
+  // error after that (a damaged file) may leave the part half loaded, so the caller must not
+  // serve with it.
+  absl::Status SaveCheckpoint(const std::string& path, const std::string& extra) const override;
+  absl::Status LoadCheckpoint(const std::string& path, std::string* extra) override;
+  // The same state as tensors of an archive whose header the caller writes (SplitTrainer's
+  // one-process checkpoint), with `session`'s AQ-SGD caches. Save may throw c10::Error.
+  void SaveParts(torch::serialize::OutputArchive& archive, uint64_t session) const;
+  absl::Status LoadParts(torch::serialize::InputArchive& archive, const std::string& path,
+                         uint64_t session, int64_t updates);
+
+  size_t sessions() const;
+  std::string device() const;
+  // The largest (mean bits - budget) over boundary 2's training frames (U-shaped), or -1e9.
+  double max_budget_excess() const;
+
+ private:
+  struct Impl;
+  explicit ServerPart(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace splitq::trainer
