@@ -110,7 +110,7 @@ absl::StatusOr<Child> Spawn(const std::string& name, const std::vector<std::stri
   return Child{pid, name, log};
 }
 
-// Waits for the child's --ready-file (cli/net_common.h, ReadyFile); returns the HOST:PORT in
+// Waits for the child's --ready-file (server/process.h, ReadyFile); returns the HOST:PORT in
 // it. An error names the log when the child exits first or the time runs out.
 absl::StatusOr<std::string> WaitReady(Child& child, const std::string& ready_file, int timeout_s) {
   const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);

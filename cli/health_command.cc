@@ -15,7 +15,7 @@ namespace splitq::cli {
 void RegisterHealth(CLI::App& app, RunFn* run) {
   struct Options {
     std::string target, service;
-    server::TransportSecurity security;
+    rpc::TransportSecurity security;
     int timeout_ms = 2000;
   };
   auto opt = std::make_shared<Options>();

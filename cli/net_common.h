@@ -9,8 +9,11 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "server/coordinator_core.h"
-#include "server/rpc_channel.h"
+#include "base/memory.h"
+#include "client/worker_client.h"
+#include "proto/protocol.h"
+#include "proto/rpc_channel.h"
+#include "server/process.h"
 
 namespace splitq::cli {
 
@@ -20,39 +23,13 @@ namespace splitq::cli {
 absl::StatusOr<std::string> ConfigDigest(const std::string& path,
                                          const std::vector<std::string>& overrides);
 
-// A channel to `target` (HOST:PORT) with keepalive and 4 MiB chunk sizes
-// (server/worker_client.h, ClientChannelArguments).
-absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(
-    const std::string& target, const server::TransportSecurity& security);
+using client::MakeChannel;
+using rpc::JoinHostPort;
+using rpc::ParseHostPort;
 
-// "HOST:PORT" (IPv6 as "[::1]:PORT") -> {host, port}; INVALID_ARGUMENT otherwise.
-absl::StatusOr<server::WorkerAddress> ParseHostPort(const std::string& text);
-// {host, port} -> "HOST:PORT" (brackets around IPv6 literals).
-std::string JoinHostPort(const server::WorkerAddress& address);
-
-// This process's peak resident set (VmHWM) in MiB, or -1 when /proc is not readable.
-double PeakRssMiB();
-// ... and its resident set now (VmRSS).
-double RssMiB();
-
-// --ready-file PATH of the servers: once a server listens, the address its peers dial,
-// "HOST:PORT\n" (the coordinator: --listen's host with the port bound; a worker: the address it
-// advertises), written atomically, so that a script or `splitq demo` waits for the file instead
-// of reading log text. The file is removed when the object goes (the server stops), so it
-// exists exactly while the server serves. An empty path writes nothing.
-class ReadyFile {
- public:
-  explicit ReadyFile(std::string path) : path_(std::move(path)) {}
-  ReadyFile(const ReadyFile&) = delete;
-  ReadyFile& operator=(const ReadyFile&) = delete;
-  ~ReadyFile();
-  // INTERNAL naming the file when it cannot be written.
-  absl::Status Announce(const std::string& address);
-
- private:
-  std::string path_;
-  bool written_ = false;
-};
+using base::PeakRssMiB;
+using base::RssMiB;
+using server::ReadyFile;
 
 // The token in `path`, or "" for an empty path.
 absl::StatusOr<std::string> TokenFromFile(const std::string& path);

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "quant/torch_status.h"
 
 namespace splitq::quant {
 namespace {
@@ -83,7 +84,8 @@ absl::StatusOr<Frame> WireEncoder::Encode(const at::Tensor& x_in, uint64_t step,
                                           const std::vector<uint8_t>& bits,
                                           const at::Tensor& scales, const at::Tensor& offsets) {
   Frame frame;
-  try {
+  // Arguments are checked inside: what torch can still throw is a device or allocation failure.
+  SPLITQ_RETURN_IF_ERROR(TorchCall("", [&]() -> absl::Status {
     const at::Tensor x = x_in.detach().contiguous();
     const std::vector<float> host_scales = HostFloats(scales);
     const std::vector<float> host_offsets = HostFloats(offsets);
@@ -114,10 +116,8 @@ absl::StatusOr<Frame> WireEncoder::Encode(const at::Tensor& x_in, uint64_t step,
       frame.offsets = host_offsets;
       frame.payload.assign(packed.data_ptr<uint8_t>(), packed.data_ptr<uint8_t>() + packed.numel());
     }
-  } catch (const c10::Error& e) {
-    // Arguments were checked above: what is left is a device or allocation failure.
-    return absl::InternalError(e.what_without_backtrace());
-  }
+    return absl::OkStatus();
+  }));
   // Only a frame that was built moves the bit-map state on.
   if (bits != last_bits_ || version_ == 0) {
     ++version_;
@@ -143,7 +143,7 @@ WireDecoder::WireDecoder(const FrameLimits& limits) : limits_(limits) {}
 absl::StatusOr<at::Tensor> WireDecoder::Decode(const Frame& frame, const at::Device& device) {
   SPLITQ_ASSIGN_OR_RETURN(std::vector<uint8_t> bits,
                           ValidateFrame(frame, has_bits_ ? &bits_ : nullptr, version_, limits_));
-  try {
+  return TorchCall("", [&]() -> absl::StatusOr<at::Tensor> {
     at::Tensor out;
     if (device.is_cpu()) {
       out = at::empty(frame.shape, at::TensorOptions().dtype(ToScalarType(frame.dtype)));
@@ -170,9 +170,7 @@ absl::StatusOr<at::Tensor> WireDecoder::Decode(const Frame& frame, const at::Dev
       bits_ = std::move(bits);
     }
     return out;
-  } catch (const c10::Error& e) {
-    return absl::InternalError(e.what_without_backtrace());
-  }
+  });
 }
 
 WireRange MinMaxRange(const at::Tensor& x, int32_t group_axis, const std::vector<uint8_t>& bits) {

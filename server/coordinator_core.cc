@@ -7,13 +7,6 @@
 #include "absl/strings/str_cat.h"
 
 namespace splitq::server {
-bool IsValidMemberName(const std::string& name) {
-  if (name.empty() || name.size() > 64) return false;
-  return std::all_of(name.begin(), name.end(), [](char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-';
-  });
-}
-
 namespace {
 // 1..2^31-1, different for each coordinator process (with high probability).
 uint64_t RandomEpoch() {

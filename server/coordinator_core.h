@@ -41,35 +41,23 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "proto/protocol.h"
 
 namespace splitq::server {
 
 using Clock = std::chrono::steady_clock;
 
-inline constexpr uint32_t kProtocolVersion = 1;  // splitq.v1 PROTOCOL_VERSION_CURRENT
-
-enum class Role : uint8_t { kWorker, kClient };
-
-// Worker names and client ids (also the ids of `splitq tokens`): 1..64 of [A-Za-z0-9._-].
-bool IsValidMemberName(const std::string& name);
+using rpc::Assignment;
+using rpc::IsValidMemberName;
+using rpc::kProtocolVersion;
+using rpc::Role;
+using rpc::WorkerAddress;
 
 struct CoordinatorOptions {
   std::chrono::milliseconds heartbeat_period{1000};
   // Silent longer than this: dead. Two periods by default, so one lost heartbeat is tolerated.
   std::chrono::milliseconds heartbeat_deadline{2000};
   uint32_t default_max_sessions = 64;  // a worker's clients when it names no limit
-};
-
-struct WorkerAddress {
-  std::string host;
-  uint32_t port = 0;
-};
-
-struct Assignment {
-  std::string worker_name;
-  WorkerAddress worker;
-  uint64_t assignment_id = 0;  // new for every (re)assignment
-  uint64_t resume_step = 0;    // the client's steps completed, as last reported
 };
 
 struct MemberView {

@@ -2,7 +2,7 @@
 
 #include <utility>
 
-#include "server/rpc_channel.h"
+#include "proto/rpc_channel.h"
 
 namespace splitq::server {
 
@@ -35,7 +35,7 @@ absl::StatusOr<std::string> CoordinatorService::Authenticate(
 grpc::ServerUnaryReactor* CoordinatorService::Finish(grpc::CallbackServerContext* context,
                                                      const absl::Status& status) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
+  reactor->Finish(rpc::ToGrpcStatus(status));
   return reactor;
 }
 

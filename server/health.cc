@@ -11,9 +11,9 @@
 namespace splitq::server {
 
 absl::StatusOr<std::string> CheckHealth(const std::string& target,
-                                        const TransportSecurity& security,
+                                        const rpc::TransportSecurity& security,
                                         const std::string& service, int timeout_ms) {
-  auto credentials = MakeChannelCredentials(security);
+  auto credentials = rpc::MakeChannelCredentials(security);
   if (!credentials.ok()) return credentials.status();
   auto stub = grpc::health::v1::Health::NewStub(grpc::CreateChannel(target, *credentials));
   grpc::ClientContext context;
@@ -22,7 +22,7 @@ absl::StatusOr<std::string> CheckHealth(const std::string& target,
   request.set_service(service);
   grpc::health::v1::HealthCheckResponse response;
   const grpc::Status status = stub->Check(&context, request, &response);
-  if (!status.ok()) return FromGrpcStatus(status);
+  if (!status.ok()) return rpc::FromGrpcStatus(status);
   return grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
 }
 

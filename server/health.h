@@ -6,7 +6,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "server/rpc_channel.h"
+#include "proto/rpc_channel.h"
 
 namespace splitq::server {
 
@@ -16,7 +16,7 @@ namespace splitq::server {
 // DEADLINE_EXCEEDED, NOT_FOUND (the server does not know `service`), INVALID_ARGUMENT (bad
 // security options).
 absl::StatusOr<std::string> CheckHealth(const std::string& target,
-                                        const TransportSecurity& security,
+                                        const rpc::TransportSecurity& security,
                                         const std::string& service = "", int timeout_ms = 2000);
 
 }  // namespace splitq::server

@@ -130,8 +130,4 @@ absl::StatusOr<std::string> ReadToken(const std::string& path) {
   return token;
 }
 
-void AddBearer(grpc::ClientContext& context, const std::string& token) {
-  context.AddMetadata("authorization", "Bearer " + token);
-}
-
 }  // namespace splitq::server

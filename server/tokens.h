@@ -47,7 +47,5 @@ absl::StatusOr<std::string> MakeToken();
 absl::Status WriteTokens(const std::string& dir, const std::vector<std::string>& client_ids);
 // Reads a client's token file (surrounding white space dropped); errors as TokenSet::Load.
 absl::StatusOr<std::string> ReadToken(const std::string& path);
-// Adds "authorization: Bearer TOKEN" to a client call.
-void AddBearer(grpc::ClientContext& context, const std::string& token);
 
 }  // namespace splitq::server

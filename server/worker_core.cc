@@ -24,7 +24,7 @@ struct WorkerCore::Session {
   bool evaluate = false;
   uint64_t handler_id = 0;
   uint64_t expected_step = 0;
-  FrameAssembler assembler;
+  rpc::FrameAssembler assembler;
   bool has_labels = false;
   std::vector<int32_t> labels;
   std::vector<int64_t> sample_ids;
@@ -36,7 +36,7 @@ struct WorkerCore::Session {
   double head_loss = 0;
   std::optional<trainer::HeadGradient> head_ready;
 
-  explicit Session(const AssemblerLimits& limits) : assembler(limits) {}
+  explicit Session(const rpc::AssemblerLimits& limits) : assembler(limits) {}
   int64_t bytes() const {
     int64_t n = assembler.buffered_bytes();
     n += static_cast<int64_t>(labels.size() * sizeof(int32_t) + sample_ids.size() * 8);
@@ -161,7 +161,7 @@ absl::Status WorkerCore::AddLabels(uint64_t session, uint64_t step, std::vector<
   return absl::OkStatus();
 }
 
-absl::StatusOr<bool> WorkerCore::AddChunk(uint64_t session, const Chunk& chunk) {
+absl::StatusOr<bool> WorkerCore::AddChunk(uint64_t session, const rpc::Chunk& chunk) {
   std::lock_guard<std::mutex> lock(mutex_);
   SPLITQ_ASSIGN_OR_RETURN(Session * s, Find(session));
   if (s->ready) return absl::FailedPreconditionError("one step in flight per session");
@@ -274,7 +274,7 @@ absl::Status WorkerCore::AddHeadLoss(uint64_t session, uint64_t step, double los
   return absl::OkStatus();
 }
 
-absl::StatusOr<bool> WorkerCore::AddHeadChunk(uint64_t session, const Chunk& chunk) {
+absl::StatusOr<bool> WorkerCore::AddHeadChunk(uint64_t session, const rpc::Chunk& chunk) {
   std::lock_guard<std::mutex> lock(mutex_);
   SPLITQ_ASSIGN_OR_RETURN(Session * s, Find(session));
   if (s->open_step < 0 || s->head_ready) {

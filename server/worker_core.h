@@ -57,7 +57,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "server/frame_assembler.h"
+#include "proto/frame_assembler.h"
 #include "trainer/split_link.h"
 
 namespace splitq::server {
@@ -66,7 +66,7 @@ struct WorkerOptions {
   // Train sessions at once (clients); Evaluate sessions are limited to one per client id apart
   // from that, so a worker holds at most 2 x max_sessions sessions.
   uint32_t max_sessions = 64;
-  AssemblerLimits assembler;              // per session
+  rpc::AssemblerLimits assembler;         // per session
   int64_t max_labels = int64_t{1} << 22;  // labels (and sample ids) per step
   // Hellos must carry this digest of the run config ("" here or in the hello: not checked).
   std::string config_digest;
@@ -118,13 +118,13 @@ class WorkerCore {
                          std::vector<int64_t> sample_ids);
   // One chunk of the step's activation frame. True when it completed the frame: call RunStep
   // (or RunEvaluate) next.
-  absl::StatusOr<bool> AddChunk(uint64_t session, const Chunk& chunk);
+  absl::StatusOr<bool> AddChunk(uint64_t session, const rpc::Chunk& chunk);
   // Computes the completed step and advances the session to the next one (U-shaped: opens it).
   absl::StatusOr<trainer::DownFrame> RunStep(uint64_t session);
   // U-shaped: the head loss, then the chunks of the head gradient of the open step; true when
   // the frame is complete: call RunHead next, which finishes the step.
   absl::Status AddHeadLoss(uint64_t session, uint64_t step, double loss);
-  absl::StatusOr<bool> AddHeadChunk(uint64_t session, const Chunk& chunk);
+  absl::StatusOr<bool> AddHeadChunk(uint64_t session, const rpc::Chunk& chunk);
   absl::StatusOr<trainer::DownFrame> RunHead(uint64_t session);
   // The session whose U-shaped step is open (0: none).
   uint64_t turn() const;

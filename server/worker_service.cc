@@ -7,8 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
-#include "server/chunk_codec.h"
-#include "server/rpc_channel.h"
+#include "proto/chunk_codec.h"
+#include "proto/rpc_channel.h"
 
 namespace splitq::server {
 
@@ -54,7 +54,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
       auto id = service_.tokens_->Authenticate(context->client_metadata());
       if (!id.ok()) {
         finished_ = true;
-        this->Finish(ToGrpcStatus(id.status()));
+        this->Finish(rpc::ToGrpcStatus(id.status()));
         return;
       }
       auth_id_ = *id;
@@ -132,12 +132,12 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   // Handles raw_; sets *compute when a frame is complete.
   absl::Status Handle(bool* compute) {
     // A chunk as clients send them is taken from gRPC's slices without a copy.
-    if (std::optional<ChunkMessage> chunk = DecodeChunk(raw_)) {
-      if (chunk->field == kSecondChunkField) return HandleHeadChunk(chunk->chunk, compute);
+    if (std::optional<rpc::ChunkMessage> chunk = rpc::DecodeChunk(raw_)) {
+      if (chunk->field == rpc::kSecondChunkField) return HandleHeadChunk(chunk->chunk, compute);
       return HandleChunk(chunk->chunk, compute);
     }
     Request request;
-    if (!FromByteBuffer(&raw_, &request)) {
+    if (!rpc::FromByteBuffer(&raw_, &request)) {
       return absl::InvalidArgumentError(
           absl::StrCat("a message that is not a ", Request::descriptor()->full_name()));
     }
@@ -183,7 +183,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
           w->set_session_id(welcome.session_id);
           w->set_expected_step(welcome.expected_step);
           std::lock_guard<std::mutex> lock(mutex_);
-          writes_.push_back(ToByteBuffer(reply));
+          writes_.push_back(rpc::ToByteBuffer(reply));
           WriteNextLocked();
         }
         return absl::OkStatus();
@@ -198,8 +198,8 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
       }
       case Request::kActivation: {
         const auto& c = request.activation();
-        return HandleChunk(Chunk{c.step(), c.index(), c.count(), c.frame_bytes(), c.data(), {}},
-                           compute);
+        return HandleChunk(
+            rpc::Chunk{c.step(), c.index(), c.count(), c.frame_bytes(), c.data(), {}}, compute);
       }
       default:
         if constexpr (!kEvaluate) {
@@ -211,14 +211,14 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
           if (request.payload_case() == Request::kHeadGradient) {
             const auto& c = request.head_gradient();
             return HandleHeadChunk(
-                Chunk{c.step(), c.index(), c.count(), c.frame_bytes(), c.data(), {}}, compute);
+                rpc::Chunk{c.step(), c.index(), c.count(), c.frame_bytes(), c.data(), {}}, compute);
           }
         }
         return absl::InvalidArgumentError("an empty request");
     }
   }
 
-  absl::Status HandleHeadChunk(const Chunk& chunk, bool* compute) {
+  absl::Status HandleHeadChunk(const rpc::Chunk& chunk, bool* compute) {
     if constexpr (kEvaluate) {
       return absl::InvalidArgumentError("a head gradient on an Evaluate stream");
     } else {
@@ -229,7 +229,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
     }
   }
 
-  absl::Status HandleChunk(const Chunk& chunk, bool* compute) {
+  absl::Status HandleChunk(const rpc::Chunk& chunk, bool* compute) {
     if (session_ == 0) return absl::FailedPreconditionError("a frame before the hello");
     head_ = false;
     SPLITQ_ASSIGN_OR_RETURN(*compute, service_.core_.AddChunk(session_, chunk));
@@ -246,10 +246,10 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
     const uint32_t count = static_cast<uint32_t>(std::max<int64_t>(1, (size + chunk - 1) / chunk));
     for (uint32_t i = 0; i < count; ++i) {
       const int64_t begin = i * chunk;
-      replies->push_back(EncodeChunk(static_cast<uint64_t>(down.step), i, count,
-                                     static_cast<uint64_t>(size), frame, static_cast<size_t>(begin),
-                                     static_cast<size_t>(std::min(chunk, size - begin)),
-                                     down.activation ? kSecondChunkField : kChunkField));
+      replies->push_back(rpc::EncodeChunk(
+          static_cast<uint64_t>(down.step), i, count, static_cast<uint64_t>(size), frame,
+          static_cast<size_t>(begin), static_cast<size_t>(std::min(chunk, size - begin)),
+          down.activation ? rpc::kSecondChunkField : rpc::kChunkField));
     }
     Reply result;
     auto* res = result.mutable_result();
@@ -259,7 +259,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
     res->set_bytes_down(static_cast<uint64_t>(size));
     res->set_activation(down.activation);
     res->set_act_bits(down.act_bits);
-    replies->push_back(ToByteBuffer(result));
+    replies->push_back(rpc::ToByteBuffer(result));
   }
 
   // On the compute thread.
@@ -279,7 +279,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
         r.set_correct(static_cast<uint64_t>(piece->correct));
         r.set_count(static_cast<uint64_t>(piece->count));
         r.set_output(piece->frame);
-        replies.push_back(ToByteBuffer(r));
+        replies.push_back(rpc::ToByteBuffer(r));
       }
     } else {
       // Another session's U-shaped step is open: this step waits for its turn.
@@ -316,7 +316,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
     if (finish_pending_) {
       finished_ = true;
       end_status_ = finish_status_;
-      this->Finish(ToGrpcStatus(finish_status_));
+      this->Finish(rpc::ToGrpcStatus(finish_status_));
       return;
     }
     if (read_after_writes_ && !read_closed_) {
@@ -342,7 +342,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
       writes_.clear();
       finished_ = true;
       end_status_ = status;
-      this->Finish(ToGrpcStatus(status));
+      this->Finish(rpc::ToGrpcStatus(status));
       return;
     }
     // The client is done: finish when nothing is computing or being written.

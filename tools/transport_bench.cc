@@ -18,13 +18,13 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "server/chunk_codec.h"
+#include "proto/chunk_codec.h"
 #include "splitq/v1/worker.grpc.pb.h"
 
 namespace splitq::tools {
 
 // The worker protocol's chunk codec and frame assembler, as a session uses them.
-using namespace ::splitq::server;  // NOLINT(build/namespaces)
+using namespace ::splitq::rpc;  // NOLINT(build/namespaces)
 
 namespace {
 
@@ -106,7 +106,7 @@ class SinkReactor final : public grpc::ServerBidiReactor<Message, Reply> {
       if (request_.has_activation() && c.index() + 1 == c.count()) return c.step();
       return std::nullopt;
     } else {
-      std::optional<ChunkMessage> m = DecodeChunk(request_);
+      std::optional<rpc::ChunkMessage> m = rpc::DecodeChunk(request_);
       if (!m) return absl::InvalidArgumentError("not a chunk");
       auto frame = assembler_.Add(m->chunk, m->chunk.index == 0 ? m->chunk.step : step_);
       if (!frame.ok()) return frame.status();
@@ -121,7 +121,7 @@ class SinkReactor final : public grpc::ServerBidiReactor<Message, Reply> {
     TrainReply reply;
     reply.mutable_result()->set_step(step);
     if constexpr (std::is_same_v<Reply, grpc::ByteBuffer>) {
-      reply_ = ToByteBuffer(reply);
+      reply_ = rpc::ToByteBuffer(reply);
     } else {
       reply_ = reply;
     }
@@ -129,7 +129,7 @@ class SinkReactor final : public grpc::ServerBidiReactor<Message, Reply> {
   }
 
   Message request_;
-  FrameAssembler assembler_;  // ByteBuffer only
+  rpc::FrameAssembler assembler_;  // ByteBuffer only
   uint64_t step_ = 0;
   std::mutex mutex_;
   Reply reply_;  // being written while writing_
@@ -211,11 +211,11 @@ double LaneSeconds(const std::shared_ptr<grpc::Channel>& channel,
                    int64_t chunk_bytes, bool raw, int lane, int lanes, Barrier& barrier) {
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(5));
-  std::unique_ptr<RawStream> raw_stream;
+  std::unique_ptr<rpc::RawStream> raw_stream;
   std::unique_ptr<grpc::ClientReaderWriter<TrainRequest, TrainReply>> stream;
   splitq::v1::Worker::Stub stub(channel);
   if (raw) {
-    raw_stream = OpenRawStream(channel.get(), kWorkerTrainMethod, &context);
+    raw_stream = rpc::OpenRawStream(channel.get(), rpc::kWorkerTrainMethod, &context);
   } else {
     stream = stub.Train(&context);
   }
@@ -239,9 +239,9 @@ double LaneSeconds(const std::shared_ptr<grpc::Channel>& channel,
       const int64_t begin = mine[k] * chunk_bytes;
       const auto length = static_cast<size_t>(std::min(chunk_bytes, bytes - begin));
       if (raw) {
-        ok = raw_stream->Write(EncodeChunk(static_cast<uint64_t>(f), k, n,
-                                           static_cast<uint64_t>(my_bytes), payload,
-                                           static_cast<size_t>(begin), length));
+        ok = raw_stream->Write(rpc::EncodeChunk(static_cast<uint64_t>(f), k, n,
+                                                static_cast<uint64_t>(my_bytes), payload,
+                                                static_cast<size_t>(begin), length));
       } else {
         splitq::v1::FrameChunk* chunk = request.mutable_activation();
         chunk->set_step(static_cast<uint64_t>(f));

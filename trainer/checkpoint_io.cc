@@ -114,24 +114,25 @@ absl::Status OpenArchive(const std::string& path, const at::Device& device,
   if (!std::filesystem::exists(path)) {
     return absl::NotFoundError(absl::StrCat(path, ": no checkpoint to resume from"));
   }
-  try {
-    archive->load_from(path, device);
-  } catch (const c10::Error& e) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(path, ": cannot read the checkpoint: ", e.what_without_backtrace()));
-  }
-  return absl::OkStatus();
+  return TorchCall(
+      path + ": cannot read the checkpoint",
+      [&] {
+        archive->load_from(path, device);
+        return absl::OkStatus();
+      },
+      absl::StatusCode::kFailedPrecondition);
 }
 
 absl::Status SaveArchive(torch::serialize::OutputArchive& archive, const std::string& path) {
   const std::string temp = path + ".tmp";
-  try {
+  const absl::Status written = TorchCall(path + ": cannot write the checkpoint", [&] {
     archive.save_to(temp);
-  } catch (const c10::Error& e) {
+    return absl::OkStatus();
+  });
+  if (!written.ok()) {
     std::error_code ignored;
     std::filesystem::remove(temp, ignored);
-    return absl::InternalError(
-        absl::StrCat(path, ": cannot write the checkpoint: ", e.what_without_backtrace()));
+    return written;
   }
   return base::CommitFile(temp, path);
 }

@@ -1,7 +1,8 @@
 // splitq trainer: the run configuration, parsed once at start-up into typed structs.
 //
-// Every key, with its type, default and one line of doc, is in one table (config.cc,
-// kKeys); ConfigReference() prints it, and docs/configuration.md is that output. The YAML
+// Every key, with its type, range, default and one line of doc, is in one table (config.cc,
+// Keys()), which drives the parser too; ConfigReference() prints it, and docs/configuration.md
+// is that output (a test checks they agree). The YAML
 // schema follows design.md ("Schedules"). An unknown key, a value of the wrong type or out
 // of range, and a split point outside the model are INVALID_ARGUMENT errors that name the
 // key path, the value and what was expected, before anything trains.

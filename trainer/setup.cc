@@ -148,49 +148,53 @@ absl::StatusOr<SplitModel> BuildModel(const RunConfig& c, const std::string& ini
   at::manual_seed(c.seed);
   const QuantLayerOptions quant_layers{c.weight_bits, c.input_bits, true};
   SplitModel model;
-  try {
-    if (c.task == Task::kFashionMnist) {
-      model = FashionMnistCnn(CnnOptions{c.split_after, c.u_shaped, quant_layers});
-    } else {
-      TransformerOptions t;
-      t.layers = c.layers;
-      t.width = c.width;
-      t.heads = c.heads;
-      t.context = c.context;
-      t.split_after = c.split_after;
-      t.u_shaped = c.u_shaped;
-      t.quant = quant_layers;
-      model = ByteTransformer(t);
-    }
-    if (!init.empty()) {
-      torch::serialize::InputArchive archive;
-      try {
-        archive.load_from(init, at::kCPU);  // the model moves to its device below
-      } catch (const c10::Error& e) {
-        return absl::NotFoundError(absl::StrCat(
-            "--init ", init, ": cannot read a checkpoint: ", e.what_without_backtrace()));
-      }
-      at::Tensor shape;
-      if (!archive.try_read("shape", shape)) {
-        return absl::FailedPreconditionError(absl::StrCat(init, ": not a splitq checkpoint"));
-      }
-      SPLITQ_RETURN_IF_ERROR(CheckFields(init, ShapeFields(c), shape));
-      at::Tensor state;
-      if (archive.try_read("state", state) && state.numel() > kStateLoraRank &&
-          state.data_ptr<int64_t>()[kStateLoraRank] > 0) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            init,
-            ": a LoRA run's checkpoint; --init takes a base model (its adapters would be lost)"));
-      }
-      SPLITQ_RETURN_IF_ERROR(LoadBlocks(archive, init, Blocks(model)));
-    }
-    if (c.lora_rank > 0) {
-      ApplyLora(model, c.lora_targets, LoraOptions{c.lora_rank, c.lora_alpha});
-    }
-    for (auto* part : {&model.client, &model.server, &model.head}) (*part)->to(device);
-  } catch (const c10::Error& e) {
-    return absl::InvalidArgumentError(e.what_without_backtrace());
-  }
+  SPLITQ_RETURN_IF_ERROR(TorchCall(
+      "",
+      [&]() -> absl::Status {
+        if (c.task == Task::kFashionMnist) {
+          model = FashionMnistCnn(CnnOptions{c.split_after, c.u_shaped, quant_layers});
+        } else {
+          TransformerOptions t;
+          t.layers = c.layers;
+          t.width = c.width;
+          t.heads = c.heads;
+          t.context = c.context;
+          t.split_after = c.split_after;
+          t.u_shaped = c.u_shaped;
+          t.quant = quant_layers;
+          model = ByteTransformer(t);
+        }
+        if (!init.empty()) {
+          torch::serialize::InputArchive archive;
+          SPLITQ_RETURN_IF_ERROR(TorchCall(
+              absl::StrCat("--init ", init, ": cannot read a checkpoint"),
+              [&] {
+                archive.load_from(init, at::kCPU);  // the model moves to its device below
+                return absl::OkStatus();
+              },
+              absl::StatusCode::kNotFound));
+          at::Tensor shape;
+          if (!archive.try_read("shape", shape)) {
+            return absl::FailedPreconditionError(absl::StrCat(init, ": not a splitq checkpoint"));
+          }
+          SPLITQ_RETURN_IF_ERROR(CheckFields(init, ShapeFields(c), shape));
+          at::Tensor state;
+          if (archive.try_read("state", state) && state.numel() > kStateLoraRank &&
+              state.data_ptr<int64_t>()[kStateLoraRank] > 0) {
+            return absl::FailedPreconditionError(
+                absl::StrCat(init,
+                             ": a LoRA run's checkpoint; --init takes a base model (its adapters "
+                             "would be lost)"));
+          }
+          SPLITQ_RETURN_IF_ERROR(LoadBlocks(archive, init, Blocks(model)));
+        }
+        if (c.lora_rank > 0) {
+          ApplyLora(model, c.lora_targets, LoraOptions{c.lora_rank, c.lora_alpha});
+        }
+        for (auto* part : {&model.client, &model.server, &model.head}) (*part)->to(device);
+        return absl::OkStatus();
+      },
+      absl::StatusCode::kInvalidArgument));
   return model;
 }
 

@@ -1,7 +1,7 @@
 // splitq trainer, internal: what both parties set up the same way (device, model, optimizer)
 // and the small pieces of a step they share (loss, autocast, the loss check, backward with the
 // bit regulariser), so that a client part and a server part compute exactly what one process
-// would. Torch errors become statuses in one place (TorchCall).
+// would.
 //
 // Not a public API: include it only from trainer/*.cc.
 #pragma once
@@ -18,24 +18,14 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "quant/torch_status.h"
 #include "trainer/config.h"
 #include "trainer/models.h"
 #include "trainer/step.h"
 
 namespace splitq::trainer::internal {
 
-// Runs `body` (returning absl::Status or absl::StatusOr<T>) and turns a c10::Error it throws
-// into `code` with "`what`: <torch's message>": the one place the trainer catches torch's
-// exceptions.
-template <typename F>
-auto TorchCall(const std::string& what, F&& body,
-               absl::StatusCode code = absl::StatusCode::kInternal) -> decltype(body()) {
-  try {
-    return body();
-  } catch (const c10::Error& e) {
-    return absl::Status(code, absl::StrCat(what, ": ", e.what_without_backtrace()));
-  }
-}
+using quant::TorchCall;  // quant/torch_status.h: the one place torch's exceptions are caught
 
 at::Tensor TaskLoss(const at::Tensor& logits, const at::Tensor& targets);
 // A validation batch's summed loss, correct predictions and count (no autograd needed).

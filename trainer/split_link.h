@@ -32,7 +32,7 @@ struct UpFrame {
   int64_t step = 0;  // training step (validation: the batch index)
   // The serialized activation frame (quant/wire_format.h, or a raw fp32 frame for an fp32
   // boundary); never null. Shared and immutable: a resend or a network link (which sends it
-  // without copying, server/chunk_codec.h) holds it without a copy.
+  // without copying, proto/chunk_codec.h) holds it without a copy.
   std::shared_ptr<const std::string> frame = std::make_shared<const std::string>();
   // Targets, flattened (class per image / next byte per position). U-shaped: empty (the labels
   // stay with the client, whose head computes the loss).

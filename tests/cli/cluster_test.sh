@@ -253,7 +253,7 @@ coordinator-restart)
   grep -q '"steps": 600,' "$dir/run/summary.json" || fail "the run did not finish"
   # Its next heartbeat after gRPC has reconnected (reconnect backoff at most 5 s).
   wait_for "$dir/worker0.log" "worker0 registered again with the coordinator" 300
-  grep -q "client client0 registered again with the coordinator" "$dir/client.log" ||
+  grep -q "client client0: registered again with the coordinator" "$dir/client.log" ||
     fail "the client did not register again"
   echo "coordinator-restart: ok"
   ;;

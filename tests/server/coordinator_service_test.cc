@@ -15,7 +15,8 @@
 #include <thread>
 #include <vector>
 
-#include "server/coordinator_client.h"
+#include "client/coordinator_client.h"
+#include "proto/rpc_channel.h"
 
 namespace splitq::server {
 namespace {
@@ -52,7 +53,7 @@ class CoordinatorServiceTest : public ::testing::Test {
   std::unique_ptr<grpc::ClientContext> Context(const std::string& who = "alice") {
     auto context = std::make_unique<grpc::ClientContext>();
     context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    if (!who.empty()) AddBearer(*context, who == "w" ? kWorkerToken : kToken);
+    if (!who.empty()) rpc::AddBearer(*context, who == "w" ? kWorkerToken : kToken);
     return context;
   }
   // Registers `name` with its own token (or none, or `as`'s).
@@ -168,28 +169,28 @@ TEST_F(CoordinatorServiceSlowExpiryTest, HeartbeatFailuresAreLoggedOnceNotEveryB
   ASSERT_TRUE(Register(splitq::v1::ROLE_WORKER, "w", &worker).ok());
   auto channel =
       grpc::CreateChannel("127.0.0.1:" + std::to_string(port_), grpc::InsecureChannelCredentials());
-  CoordinatorClient as_alice(channel, kToken), as_w(channel, kWorkerToken);
+  client::CoordinatorClient as_alice(channel, kToken), as_w(channel, kWorkerToken);
   std::mutex mutex;
   std::vector<std::string> bad_lines, good_lines;
   int beats = 0;
   {
-    Heartbeater wrong(
+    client::Heartbeater wrong(
         as_alice, worker.member_id(), std::chrono::milliseconds(0),
         [&] {
           std::lock_guard<std::mutex> lock(mutex);
           ++beats;
-          return Heartbeater::Progress{};
+          return client::Heartbeater::Progress{};
         },
         {},
         [&](const std::string& line) {
           std::lock_guard<std::mutex> lock(mutex);
           bad_lines.push_back(line);
         });
-    Heartbeater right(as_w, worker.member_id(), std::chrono::milliseconds(10), {}, {},
-                      [&](const std::string& line) {
-                        std::lock_guard<std::mutex> lock(mutex);
-                        good_lines.push_back(line);
-                      });
+    client::Heartbeater right(as_w, worker.member_id(), std::chrono::milliseconds(10), {}, {},
+                              [&](const std::string& line) {
+                                std::lock_guard<std::mutex> lock(mutex);
+                                good_lines.push_back(line);
+                              });
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
   }
   EXPECT_GE(beats, 2);

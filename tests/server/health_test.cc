@@ -1,4 +1,4 @@
-// server/health.h and server/rpc_channel.h against a real gRPC server on a port the OS picks,
+// server/health.h and proto/rpc_channel.h against a real gRPC server on a port the OS picks,
 // on loopback: the health check answers SERVING over plaintext, TLS and mutual TLS; a
 // plaintext client against a TLS server fails cleanly; an unknown service is NOT_FOUND;
 // security options must be explicit.
@@ -25,9 +25,9 @@ namespace {
 // OS-picked port.
 class HealthServer {
  public:
-  explicit HealthServer(const TransportSecurity& security) {
+  explicit HealthServer(const rpc::TransportSecurity& security) {
     grpc::EnableDefaultHealthCheckService(true);
-    auto credentials = MakeServerCredentials(security);
+    auto credentials = rpc::MakeServerCredentials(security);
     EXPECT_TRUE(credentials.ok()) << credentials.status();
     grpc::ServerBuilder builder;
     builder.AddListeningPort("127.0.0.1:0", *credentials, &port_);
@@ -46,8 +46,8 @@ class HealthServer {
   std::unique_ptr<grpc::Server> server_;
 };
 
-TransportSecurity Insecure() {
-  TransportSecurity s;
+rpc::TransportSecurity Insecure() {
+  rpc::TransportSecurity s;
   s.insecure = true;
   return s;
 }
@@ -73,7 +73,7 @@ TEST(Health, TlsAndMutualTlsAndAPlaintextClientFailsCleanly) {
           .string();
   ASSERT_TRUE(MakeCertificates(dir).ok());
   for (const bool mutual : {false, true}) {
-    TransportSecurity tls;
+    rpc::TransportSecurity tls;
     tls.tls_dir = dir;
     tls.mutual_tls = mutual;
     HealthServer server(tls);
@@ -84,7 +84,7 @@ TEST(Health, TlsAndMutualTlsAndAPlaintextClientFailsCleanly) {
     EXPECT_EQ(CheckHealth(server.target(), Insecure(), "", 1000).status().code(),
               absl::StatusCode::kUnavailable);
     if (mutual) {  // TLS without a client certificate is refused by a mutual-TLS server.
-      TransportSecurity no_cert;
+      rpc::TransportSecurity no_cert;
       no_cert.tls_dir = dir;
       EXPECT_EQ(CheckHealth(server.target(), no_cert, "", 1000).status().code(),
                 absl::StatusCode::kUnavailable);
@@ -94,19 +94,19 @@ TEST(Health, TlsAndMutualTlsAndAPlaintextClientFailsCleanly) {
 }
 
 TEST(Health, SecurityMustBeExplicit) {
-  EXPECT_EQ(CheckHealth("127.0.0.1:1", TransportSecurity{}).status().code(),
+  EXPECT_EQ(CheckHealth("127.0.0.1:1", rpc::TransportSecurity{}).status().code(),
             absl::StatusCode::kInvalidArgument);
-  TransportSecurity both;
+  rpc::TransportSecurity both;
   both.insecure = true;
   both.tls_dir = "/tmp";
-  EXPECT_EQ(ValidateSecurity(both).code(), absl::StatusCode::kInvalidArgument);
-  TransportSecurity mutual_plaintext;  // --mtls --insecure: the --mtls would be ignored
+  EXPECT_EQ(rpc::ValidateSecurity(both).code(), absl::StatusCode::kInvalidArgument);
+  rpc::TransportSecurity mutual_plaintext;  // --mtls --insecure: the --mtls would be ignored
   mutual_plaintext.insecure = true;
   mutual_plaintext.mutual_tls = true;
-  EXPECT_EQ(ValidateSecurity(mutual_plaintext).code(), absl::StatusCode::kInvalidArgument);
-  TransportSecurity missing;
+  EXPECT_EQ(rpc::ValidateSecurity(mutual_plaintext).code(), absl::StatusCode::kInvalidArgument);
+  rpc::TransportSecurity missing;
   missing.tls_dir = "/nonexistent";
-  EXPECT_EQ(MakeChannelCredentials(missing).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(rpc::MakeChannelCredentials(missing).status().code(), absl::StatusCode::kNotFound);
 }
 
 TEST(StatusMapping, CodesCrossTheEdgeOneToOne) {
@@ -114,7 +114,7 @@ TEST(StatusMapping, CodesCrossTheEdgeOneToOne) {
        {absl::StatusCode::kInvalidArgument, absl::StatusCode::kFailedPrecondition,
         absl::StatusCode::kResourceExhausted, absl::StatusCode::kUnauthenticated,
         absl::StatusCode::kNotFound}) {
-    const absl::Status back = FromGrpcStatus(ToGrpcStatus(absl::Status(code, "m")));
+    const absl::Status back = rpc::FromGrpcStatus(rpc::ToGrpcStatus(absl::Status(code, "m")));
     EXPECT_EQ(back.code(), code);
     EXPECT_EQ(back.message(), "m");
   }

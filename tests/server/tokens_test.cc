@@ -13,7 +13,7 @@
 #include <string>
 
 #include "base/files.h"
-#include "server/rpc_channel.h"
+#include "proto/rpc_channel.h"
 #include "splitq/v1/coordinator.grpc.pb.h"
 
 namespace splitq::server {
@@ -133,7 +133,7 @@ class CheckingCoordinator final : public splitq::v1::Coordinator::Service {
   grpc::Status Status(grpc::ServerContext* context, const splitq::v1::StatusRequest*,
                       splitq::v1::StatusReply* reply) override {
     auto client = tokens_.Authenticate(context->client_metadata());
-    if (!client.ok()) return ToGrpcStatus(client.status());
+    if (!client.ok()) return rpc::ToGrpcStatus(client.status());
     reply->set_global_step(7);
     return grpc::Status::OK;
   }
@@ -157,7 +157,7 @@ TEST(Tokens, ARealServiceRefusesMissingAndWrongTokens) {
   auto call = [&](const std::string* token) {
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    if (token != nullptr) AddBearer(context, *token);
+    if (token != nullptr) rpc::AddBearer(context, *token);
     splitq::v1::StatusRequest request;
     splitq::v1::StatusReply reply;
     const grpc::Status status = stub->Status(&context, request, &reply);

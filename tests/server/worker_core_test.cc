@@ -76,7 +76,7 @@ void RunSteps(WorkerCore& core, uint64_t session, uint64_t from, uint64_t to) {
   const std::string frame = "frame";
   for (uint64_t step = from; step < to; ++step) {
     ASSERT_TRUE(core.AddLabels(session, step, {1}, {}).ok());
-    auto done = core.AddChunk(session, Chunk{step, 0, 1, frame.size(), frame, {}});
+    auto done = core.AddChunk(session, rpc::Chunk{step, 0, 1, frame.size(), frame, {}});
     ASSERT_TRUE(done.ok()) << done.status();
     ASSERT_TRUE(*done);
     auto down = core.RunStep(session);

@@ -24,11 +24,11 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "client/worker_client.h"
+#include "proto/rpc_channel.h"
 #include "quant/wire_format.h"
-#include "server/rpc_channel.h"
 #include "server/tls_certs.h"
 #include "server/tokens.h"
-#include "server/worker_client.h"
 #include "trainer/client_part.h"
 #include "trainer/datasets.h"
 #include "trainer/server_part.h"
@@ -115,12 +115,12 @@ class WorkerServiceTest : public ::testing::Test {
     grpc::ServerBuilder builder;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
     builder.RegisterService(service_.get());
-    builder.SetMaxReceiveMessageSize(MaxMessageBytes(options.assembler));
+    builder.SetMaxReceiveMessageSize(rpc::MaxMessageBytes(options.assembler));
     server_ = builder.BuildAndStart();
     ASSERT_NE(server_, nullptr);
-    channel_ =
-        grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port_),
-                                  grpc::InsecureChannelCredentials(), ClientChannelArguments());
+    channel_ = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port_),
+                                         grpc::InsecureChannelCredentials(),
+                                         client::ClientChannelArguments());
     // Raw streams send what the test wants, however large.
     grpc::ChannelArguments raw_args;
     raw_args.SetMaxSendMessageSize(-1);
@@ -142,7 +142,7 @@ class WorkerServiceTest : public ::testing::Test {
     Raw raw;
     raw.context = std::make_unique<grpc::ClientContext>();
     raw.context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
-    if (!token.empty()) AddBearer(*raw.context, token);
+    if (!token.empty()) rpc::AddBearer(*raw.context, token);
     raw.stream = stub_->Train(raw.context.get());
     return raw;
   }
@@ -200,10 +200,10 @@ class WorkerServiceTest : public ::testing::Test {
 
   // A good client (a WorkerClient, as `splitq client` uses) trains `steps` of the frames.
   void ExpectGoodClientTrains(const std::string& id, int steps = 3) {
-    WorkerLinkOptions o;
+    client::WorkerLinkOptions o;
     o.client_id = id;
     o.token = TokenFor(id);
-    WorkerClient client(channel_, o);
+    client::WorkerClient client(channel_, o);
     for (int i = 0; i < steps; ++i) {
       auto down = client.Train((*frames_)[static_cast<size_t>(i)]);
       ASSERT_TRUE(down.ok()) << id << " step " << i << ": " << down.status();
@@ -314,9 +314,9 @@ TEST_F(WorkerServiceTest, UnparsableMessagesAreRefusedAndUnusualEncodingsTrain) 
   auto run = [&](const std::vector<std::string>& messages) {
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
-    AddBearer(context, TokenFor("alice"));
-    std::unique_ptr<RawStream> stream =
-        OpenRawStream(raw_channel_.get(), kWorkerTrainMethod, &context);
+    rpc::AddBearer(context, TokenFor("alice"));
+    std::unique_ptr<rpc::RawStream> stream =
+        rpc::OpenRawStream(raw_channel_.get(), rpc::kWorkerTrainMethod, &context);
     for (const std::string& m : messages) {
       grpc::Slice slice(m);
       if (!stream->Write(grpc::ByteBuffer(&slice, 1))) break;
@@ -403,7 +403,7 @@ TEST_F(WorkerServiceTest, TokensAndProtocolVersionsAreEnforced) {
 TEST_F(WorkerServiceTest, PlaintextClientAgainstTlsWorkerFailsCleanly) {
   const std::string dir = testing::TempDir() + "worker_tls";
   ASSERT_TRUE(MakeCertificates(dir).ok());
-  auto credentials = MakeServerCredentials(TransportSecurity{dir, false, false});
+  auto credentials = rpc::MakeServerCredentials(rpc::TransportSecurity{dir, false, false});
   ASSERT_TRUE(credentials.ok());
   int port = 0;
   WorkerService tls_service(*core_, tokens_.get());
@@ -414,16 +414,16 @@ TEST_F(WorkerServiceTest, PlaintextClientAgainstTlsWorkerFailsCleanly) {
   ASSERT_NE(tls_server, nullptr);
   auto plain =
       grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials());
-  WorkerLinkOptions o;
+  client::WorkerLinkOptions o;
   o.client_id = "alice";
   o.token = TokenFor("alice");
-  WorkerClient client(plain, o);
+  client::WorkerClient client(plain, o);
   auto down = client.Train((*frames_)[0]);
   EXPECT_EQ(down.status().code(), absl::StatusCode::kUnavailable) << down.status();
   // The same server over TLS works.
-  auto tls_credentials = MakeChannelCredentials(TransportSecurity{dir, false, false});
+  auto tls_credentials = rpc::MakeChannelCredentials(rpc::TransportSecurity{dir, false, false});
   ASSERT_TRUE(tls_credentials.ok());
-  WorkerClient tls_client(
+  client::WorkerClient tls_client(
       grpc::CreateChannel("localhost:" + std::to_string(port), *tls_credentials), o);
   auto ok = tls_client.Train((*frames_)[0]);
   EXPECT_TRUE(ok.ok()) << ok.status();
@@ -445,15 +445,15 @@ TEST_F(WorkerServiceTest, AFullWorkerIsAPassingStateForTheClient) {
   builder.RegisterService(&service);
   auto server = builder.BuildAndStart();
   ASSERT_NE(server, nullptr);
-  auto channel =
-      grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
-                                grpc::InsecureChannelCredentials(), ClientChannelArguments());
-  WorkerLinkOptions a, b;
+  auto channel = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
+                                           grpc::InsecureChannelCredentials(),
+                                           client::ClientChannelArguments());
+  client::WorkerLinkOptions a, b;
   a.client_id = "alice";
   a.token = TokenFor("alice");
   b.client_id = "bob";
   b.token = TokenFor("bob");
-  WorkerClient alice(channel, a), bob(channel, b);
+  client::WorkerClient alice(channel, a), bob(channel, b);
   ASSERT_TRUE(alice.Train((*frames_)[0]).ok());
   auto refused = bob.Train((*frames_)[0]);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
@@ -478,10 +478,10 @@ TEST_F(WorkerServiceTest, ThirtyTwoClientsAtOnce) {
   for (int i = 0; i < 32; ++i) {
     threads.emplace_back([&, i] {
       const std::string id = "c" + std::to_string(i);
-      WorkerLinkOptions o;
+      client::WorkerLinkOptions o;
       o.client_id = id;
       o.token = TokenFor(id);
-      WorkerClient client(channel_, o);
+      client::WorkerClient client(channel_, o);
       for (int s = 0; s < 3; ++s) {
         if (!client.Train((*frames_)[static_cast<size_t>(s)]).ok()) ++failures;
       }
@@ -536,12 +536,12 @@ quant:
           ++failures;
           return;
         }
-        WorkerLinkOptions o;
+        client::WorkerLinkOptions o;
         o.client_id = absl::StrCat("u", k);
-        WorkerClient link(
-            grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
-                                      grpc::InsecureChannelCredentials(), ClientChannelArguments()),
-            o);
+        client::WorkerClient link(grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
+                                                            grpc::InsecureChannelCredentials(),
+                                                            client::ClientChannelArguments()),
+                                  o);
         trainer::ClientRunner runner(**client, link);
         for (int i = 0; i < 6; ++i) {
           auto step = runner.Step();

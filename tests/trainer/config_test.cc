@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -179,6 +180,23 @@ TEST(RunConfig, ReferenceListsEveryKey) {
                           "quant.gradients.rounding", "lora.targets", "quant.weights.input_bits"}) {
     EXPECT_NE(ref.find(std::string("`") + key + "`"), std::string::npos) << key;
   }
+}
+
+// docs/configuration.md shows the table the parser uses (regenerate it with `splitq config
+// reference` when a key changes).
+TEST(RunConfig, TheDocumentedTableIsTheParsersTable) {
+  std::ifstream in(std::filesystem::path(SPLITQ_SOURCE_DIR) / "docs" / "configuration.md");
+  std::stringstream text;
+  text << in.rdbuf();
+  EXPECT_NE(text.str().find(ConfigReference()), std::string::npos)
+      << "docs/configuration.md is not the output of `splitq config reference`";
+  // The ranges in the table are the ones the parser enforces.
+  EXPECT_NE(ConfigReference().find("| `batch_size` | integer 1..1048576 |"), std::string::npos);
+  ExpectError("batch_size: 1048577", "batch_size: 1048577 is outside 1..1048576");
+  ExpectError("model: {width: 8193}", "model.width: 8193 is outside 8..8192");
+  ExpectError("optim: {lr: 0}", "optim.lr: 0 is outside (0, 10]");
+  ExpectError("quant: {activations: {bits: {min: 5, max: 4}}}",
+              "quant.activations.bits.max: 4 is below quant.activations.bits.min 5");
 }
 
 TEST(RunConfig, EveryShippedConfigParses) {

@@ -1,5 +1,6 @@
-#include "server/worker_client.h"
+#include "client/worker_client.h"
 
+#include <grpcpp/create_channel.h>
 #include <grpcpp/support/channel_arguments.h>
 
 #include <algorithm>
@@ -7,12 +8,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
-#include "server/chunk_codec.h"
-#include "server/coordinator_core.h"
-#include "server/rpc_channel.h"
-#include "server/tokens.h"
+#include "proto/chunk_codec.h"
+#include "proto/protocol.h"
+#include "proto/rpc_channel.h"
 
-namespace splitq::server {
+namespace splitq::client {
 namespace {
 
 template <typename Request>
@@ -27,7 +27,7 @@ void FillHello(Request* request, const WorkerLinkOptions& o, int64_t step) {
 
 template <typename Message, typename Stream>
 bool Write(Stream& stream, const Message& message) {
-  return stream.Write(ToByteBuffer(message));
+  return stream.Write(rpc::ToByteBuffer(message));
 }
 
 // Writes `frame` as chunks of field `field` (the bytes are not copied). False when the stream
@@ -41,9 +41,9 @@ bool WriteChunks(Stream& stream, int64_t step, const std::shared_ptr<const std::
   for (uint32_t i = 0; i < count; ++i) {
     const int64_t begin = i * chunk_bytes;
     const grpc::ByteBuffer chunk =
-        EncodeChunk(static_cast<uint64_t>(step), i, count, static_cast<uint64_t>(size), frame,
-                    static_cast<size_t>(begin),
-                    static_cast<size_t>(std::min(chunk_bytes, size - begin)), field);
+        rpc::EncodeChunk(static_cast<uint64_t>(step), i, count, static_cast<uint64_t>(size), frame,
+                         static_cast<size_t>(begin),
+                         static_cast<size_t>(std::min(chunk_bytes, size - begin)), field);
     if (!stream.Write(chunk)) return false;
   }
   return true;
@@ -59,7 +59,7 @@ bool WriteStep(Stream& stream, const trainer::UpFrame& up, int64_t chunk_bytes) 
   l->mutable_values()->Add(up.labels.begin(), up.labels.end());
   l->mutable_sample_ids()->Add(up.sample_ids.begin(), up.sample_ids.end());
   if (!Write(stream, labels)) return false;
-  return WriteChunks(stream, up.step, up.frame, chunk_bytes, kChunkField);
+  return WriteChunks(stream, up.step, up.frame, chunk_bytes, rpc::kChunkField);
 }
 
 }  // namespace
@@ -73,9 +73,16 @@ grpc::ChannelArguments ClientChannelArguments(int keepalive_ms) {
   // gRPC's own reconnect backoff grows to 120 s by default; a restarted coordinator or worker
   // is found again within 5 s (our retries above it back off to 5 s as well).
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 5000);
-  args.SetMaxReceiveMessageSize(MaxMessageBytes(AssemblerLimits{}));
-  args.SetMaxSendMessageSize(MaxMessageBytes(AssemblerLimits{}));
+  args.SetMaxReceiveMessageSize(rpc::MaxMessageBytes(rpc::AssemblerLimits{}));
+  args.SetMaxSendMessageSize(rpc::MaxMessageBytes(rpc::AssemblerLimits{}));
   return args;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& target,
+                                                           const rpc::TransportSecurity& security) {
+  SPLITQ_RETURN_IF_ERROR(rpc::ValidateSecurity(security));
+  SPLITQ_ASSIGN_OR_RETURN(auto credentials, rpc::MakeChannelCredentials(security));
+  return grpc::CreateCustomChannel(target, credentials, ClientChannelArguments());
 }
 
 WorkerClient::WorkerClient(std::shared_ptr<grpc::Channel> channel, WorkerLinkOptions options)
@@ -89,7 +96,7 @@ WorkerClient::~WorkerClient() { Close(); }
 std::unique_ptr<grpc::ClientContext> WorkerClient::NewContext() const {
   auto context = std::make_unique<grpc::ClientContext>();
   context->set_deadline(std::chrono::system_clock::now() + options_.stream_deadline);
-  if (!options_.token.empty()) AddBearer(*context, options_.token);
+  if (!options_.token.empty()) rpc::AddBearer(*context, options_.token);
   return context;
 }
 
@@ -100,7 +107,7 @@ absl::Status WorkerClient::Fail(Open<Stream>& open, const char* what, bool cance
     // After a failed Read or Write the worker has ended the stream, and Finish returns its
     // status; a stream we abandon (a bad reply) is cancelled first, or Finish would wait.
     if (cancel) open.context->TryCancel();
-    status = FromGrpcStatus(open.stream->Finish());
+    status = rpc::FromGrpcStatus(open.stream->Finish());
   }
   open.stream.reset();
   open.context.reset();
@@ -121,7 +128,7 @@ absl::Status FullIsTransient(absl::Status status) {
 
 absl::Status WorkerClient::OpenTrain(int64_t step) {
   train_.context = NewContext();
-  train_.stream = OpenRawStream(channel_.get(), kWorkerTrainMethod, train_.context.get());
+  train_.stream = rpc::OpenRawStream(channel_.get(), rpc::kWorkerTrainMethod, train_.context.get());
   splitq::v1::TrainRequest hello;
   FillHello(&hello, options_, step);
   grpc::ByteBuffer raw;
@@ -132,7 +139,7 @@ absl::Status WorkerClient::OpenTrain(int64_t step) {
   }
   refused_full_ = false;
   splitq::v1::TrainReply reply;
-  if (!FromByteBuffer(&raw, &reply)) {
+  if (!rpc::FromByteBuffer(&raw, &reply)) {
     (void)Fail(train_, "welcome", true);
     return absl::InternalError("the worker's welcome does not parse");
   }
@@ -164,32 +171,34 @@ absl::StatusOr<trainer::DownFrame> WorkerClient::TrainHead(const trainer::HeadGr
   loss.mutable_head_loss()->set_loss(head.loss);
   if (!Write(*train_.stream, loss)) return Fail(train_, "sending a head loss");
   const auto frame = std::make_shared<const std::string>(head.frame);
-  if (!WriteChunks(*train_.stream, head.step, frame, options_.chunk_bytes, kSecondChunkField)) {
+  if (!WriteChunks(*train_.stream, head.step, frame, options_.chunk_bytes,
+                   rpc::kSecondChunkField)) {
     return Fail(train_, "sending a head gradient");
   }
   return ReadAnswer(head.step);
 }
 
 absl::StatusOr<trainer::DownFrame> WorkerClient::ReadAnswer(int64_t step) {
-  FrameAssembler assembler(options_.limits);
+  rpc::FrameAssembler assembler(options_.limits);
   trainer::DownFrame down;
   down.step = step;
   bool have_frame = false;
   grpc::ByteBuffer raw;
   splitq::v1::TrainReply reply;
   while (train_.stream->Read(&raw)) {
-    std::optional<ChunkMessage> fast = DecodeChunk(raw);  // a frame chunk, as we send them
-    if (!fast && !FromByteBuffer(&raw, &reply)) {
+    std::optional<rpc::ChunkMessage> fast =
+        rpc::DecodeChunk(raw);  // a frame chunk, as we send them
+    if (!fast && !rpc::FromByteBuffer(&raw, &reply)) {
       (void)Fail(train_, "reply", true);
       return absl::InternalError("a reply from the worker does not parse");
     }
     if (fast || reply.has_gradient() || reply.has_output()) {
-      Chunk chunk;
+      rpc::Chunk chunk;
       if (fast) {
         chunk = fast->chunk;
       } else {
         const auto& g = reply.has_gradient() ? reply.gradient() : reply.output();
-        chunk = Chunk{g.step(), g.index(), g.count(), g.frame_bytes(), g.data(), {}};
+        chunk = rpc::Chunk{g.step(), g.index(), g.count(), g.frame_bytes(), g.data(), {}};
       }
       auto frame = assembler.Add(chunk, static_cast<uint64_t>(step));
       if (!frame.ok()) {
@@ -226,7 +235,8 @@ absl::StatusOr<trainer::EvalPiece> WorkerClient::Evaluate(const trainer::UpFrame
   }
   if (!eval_.stream) {
     eval_.context = NewContext();
-    eval_.stream = OpenRawStream(channel_.get(), kWorkerEvaluateMethod, eval_.context.get());
+    eval_.stream =
+        rpc::OpenRawStream(channel_.get(), rpc::kWorkerEvaluateMethod, eval_.context.get());
     eval_.step = up.step;
     splitq::v1::EvaluateRequest hello;
     FillHello(&hello, options_, up.step);
@@ -238,7 +248,7 @@ absl::StatusOr<trainer::EvalPiece> WorkerClient::Evaluate(const trainer::UpFrame
   grpc::ByteBuffer raw;
   if (!eval_.stream->Read(&raw)) return Fail(eval_, "waiting for the result");
   splitq::v1::EvaluateReply reply;
-  if (!FromByteBuffer(&raw, &reply)) {
+  if (!rpc::FromByteBuffer(&raw, &reply)) {
     (void)Fail(eval_, "result", true);
     return absl::InternalError("the worker's evaluation result does not parse");
   }
@@ -263,4 +273,4 @@ void WorkerClient::Close() {
   }
 }
 
-}  // namespace splitq::server
+}  // namespace splitq::client

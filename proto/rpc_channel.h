@@ -7,6 +7,7 @@
 // never UNKNOWN for a known code).
 #pragma once
 
+#include <grpcpp/client_context.h>
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/support/status.h>
@@ -17,7 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
-namespace splitq::server {
+namespace splitq::rpc {
 
 struct TransportSecurity {
   std::string tls_dir;  // a folder made by `splitq certs`; empty with `insecure`
@@ -37,7 +38,10 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     const TransportSecurity& security);
 
+// Sends `token` as "authorization: Bearer <token>" call metadata (common.proto).
+void AddBearer(grpc::ClientContext& context, const std::string& token);
+
 absl::Status FromGrpcStatus(const grpc::Status& status);
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
-}  // namespace splitq::server
+}  // namespace splitq::rpc

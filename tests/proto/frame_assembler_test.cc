@@ -1,14 +1,14 @@
-// server/frame_assembler.h: frames come back whole from in-order chunks; every broken rule
+// proto/frame_assembler.h: frames come back whole from in-order chunks; every broken rule
 // (oversized chunk or frame, replayed or skipped step, out-of-order chunk, a byte count
 // that lies) is refused with its status code, and the assembler is empty and usable after.
-#include "server/frame_assembler.h"
+#include "proto/frame_assembler.h"
 
 #include <gtest/gtest.h>
 
 #include <string>
 #include <vector>
 
-namespace splitq::server {
+namespace splitq::rpc {
 namespace {
 
 Chunk Make(uint64_t step, uint32_t index, uint32_t count, uint64_t frame_bytes,
@@ -156,4 +156,4 @@ TEST(FrameAssembler, RefusesEachBrokenRuleAndRecovers) {
 }
 
 }  // namespace
-}  // namespace splitq::server
+}  // namespace splitq::rpc

@@ -20,10 +20,10 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
-#include "server/coordinator_core.h"
+#include "proto/protocol.h"
 #include "splitq/v1/coordinator.grpc.pb.h"
 
-namespace splitq::server {
+namespace splitq::client {
 
 struct Registration {
   uint64_t member_id = 0;
@@ -39,11 +39,11 @@ class CoordinatorClient {
 
   // Errors one to one from the coordinator (coordinator_core.h), UNAVAILABLE when it cannot be
   // reached, DEADLINE_EXCEEDED after call_timeout.
-  absl::StatusOr<Registration> Register(Role role, const std::string& name,
-                                        const WorkerAddress& endpoint = {},
+  absl::StatusOr<Registration> Register(rpc::Role role, const std::string& name,
+                                        const rpc::WorkerAddress& endpoint = {},
                                         uint32_t max_sessions = 0);
   // `unreachable`: a worker this client could not reach ("" for none; coordinator_core.h).
-  absl::StatusOr<Assignment> Assign(uint64_t member_id, const std::string& unreachable = "");
+  absl::StatusOr<rpc::Assignment> Assign(uint64_t member_id, const std::string& unreachable = "");
   // False when the coordinator does not know the member any more (register again).
   absl::StatusOr<bool> Heartbeat(uint64_t member_id, uint64_t step, uint32_t sessions = 0);
   absl::Status Leave(uint64_t member_id);
@@ -96,4 +96,4 @@ absl::Status RetryWithBackoff(
 // worth retrying after a reconnect.
 bool IsTransient(const absl::Status& status);
 
-}  // namespace splitq::server
+}  // namespace splitq::client

@@ -1,8 +1,8 @@
-// server/chunk_codec.h: chunks encoded without copies parse with the generated protobuf
+// proto/chunk_codec.h: chunks encoded without copies parse with the generated protobuf
 // classes, chunks the generated classes wrote decode (in one slice or in many), anything else
 // is left to protobuf, and on random and mutated bytes the decoder agrees with protobuf
 // whenever it accepts. The encoded data keeps its frame alive.
-#include "server/chunk_codec.h"
+#include "proto/chunk_codec.h"
 
 #include <gtest/gtest.h>
 
@@ -13,7 +13,7 @@
 
 #include "splitq/v1/worker.grpc.pb.h"
 
-namespace splitq::server {
+namespace splitq::rpc {
 namespace {
 
 using splitq::v1::EvaluateRequest;
@@ -247,4 +247,4 @@ TEST(ChunkCodec, SecondFieldIsTheHeadGradientAndTheOutput) {
 }
 
 }  // namespace
-}  // namespace splitq::server
+}  // namespace splitq::rpc

@@ -25,12 +25,13 @@
 #include <memory>
 #include <string>
 
-#include "server/chunk_codec.h"  // RawStream
-#include "server/frame_assembler.h"
+#include "proto/chunk_codec.h"  // RawStream
+#include "proto/frame_assembler.h"
+#include "proto/rpc_channel.h"
 #include "splitq/v1/worker.grpc.pb.h"
 #include "trainer/split_link.h"
 
-namespace splitq::server {
+namespace splitq::client {
 
 struct WorkerLinkOptions {
   std::string client_id;          // as registered with the coordinator
@@ -38,7 +39,7 @@ struct WorkerLinkOptions {
   std::string config_digest;      // hex SHA-256 of the run config ("" to skip the check)
   std::string run_id;             // the client's run (TrainHello.run_id; "" for none)
   int64_t chunk_bytes = 1 << 20;  // frames go up in chunks of this size
-  AssemblerLimits limits;         // for the gradient frames coming down
+  rpc::AssemblerLimits limits;    // for the gradient frames coming down
   std::chrono::seconds stream_deadline{24 * 3600};
 };
 
@@ -46,6 +47,11 @@ struct WorkerLinkOptions {
 // another keepalive_ms without an answer), reconnect backoff at most 5 s, and message sizes
 // for 4 MiB chunks.
 grpc::ChannelArguments ClientChannelArguments(int keepalive_ms = 10000);
+
+// A channel to `target` (HOST:PORT) with those arguments and the credentials `security` asks
+// for (INVALID_ARGUMENT for contradictory flags, NOT_FOUND for missing certificate files).
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& target,
+                                                           const rpc::TransportSecurity& security);
 
 class WorkerClient : public trainer::ServerLink {
  public:
@@ -80,10 +86,10 @@ class WorkerClient : public trainer::ServerLink {
 
   std::shared_ptr<grpc::Channel> channel_;
   WorkerLinkOptions options_;
-  Open<RawStream> train_;
-  Open<RawStream> eval_;
+  Open<rpc::RawStream> train_;
+  Open<rpc::RawStream> eval_;
   uint64_t session_id_ = 0;
   bool refused_full_ = false;
 };
 
-}  // namespace splitq::server
+}  // namespace splitq::client

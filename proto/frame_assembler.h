@@ -22,7 +22,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 
-namespace splitq::server {
+namespace splitq::rpc {
 
 struct AssemblerLimits {
   int64_t max_chunk_bytes = 4 << 20;    // FrameChunk.data, bytes
@@ -72,4 +72,4 @@ class FrameAssembler {
   uint64_t frame_bytes_ = 0;
 };
 
-}  // namespace splitq::server
+}  // namespace splitq::rpc

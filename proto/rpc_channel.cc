@@ -1,11 +1,11 @@
-#include "server/rpc_channel.h"
+#include "proto/rpc_channel.h"
 
 #include <grpcpp/security/tls_credentials_options.h>
 
 #include "absl/strings/str_cat.h"
 #include "base/files.h"
 
-namespace splitq::server {
+namespace splitq::rpc {
 namespace {
 
 absl::StatusOr<std::string> ReadPem(const std::string& dir, const std::string& name) {
@@ -81,4 +81,8 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
-}  // namespace splitq::server
+void AddBearer(grpc::ClientContext& context, const std::string& token) {
+  context.AddMetadata("authorization", "Bearer " + token);
+}
+
+}  // namespace splitq::rpc

@@ -1,4 +1,4 @@
-#include "server/chunk_codec.h"
+#include "proto/chunk_codec.h"
 
 #include <grpcpp/impl/codegen/rpc_method.h>
 
@@ -6,7 +6,7 @@
 #include <cassert>
 #include <utility>
 
-namespace splitq::server {
+namespace splitq::rpc {
 namespace {
 
 constexpr uint32_t kVarint = 0, kLengthDelimited = 2;
@@ -201,4 +201,4 @@ std::optional<ChunkMessage> DecodeChunk(const grpc::ByteBuffer& buffer) {
   return m;
 }
 
-}  // namespace splitq::server
+}  // namespace splitq::rpc

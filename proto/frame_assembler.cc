@@ -1,11 +1,11 @@
-#include "server/frame_assembler.h"
+#include "proto/frame_assembler.h"
 
 #include <algorithm>
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
 
-namespace splitq::server {
+namespace splitq::rpc {
 
 int MaxMessageBytes(const AssemblerLimits& limits) {
   return static_cast<int>(std::min<int64_t>(limits.max_chunk_bytes + (64 << 10), INT32_MAX));
@@ -96,4 +96,4 @@ absl::StatusOr<std::optional<std::string>> FrameAssembler::Add(const Chunk& c,
   return std::optional<std::string>(std::move(frame));
 }
 
-}  // namespace splitq::server
+}  // namespace splitq::rpc

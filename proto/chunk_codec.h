@@ -31,9 +31,9 @@
 #include <vector>
 
 #include "absl/strings/string_view.h"
-#include "server/frame_assembler.h"
+#include "proto/frame_assembler.h"
 
-namespace splitq::server {
+namespace splitq::rpc {
 
 // The field number of the FrameChunk in TrainRequest (activation), TrainReply (gradient) and
 // EvaluateRequest (activation).
@@ -94,4 +94,4 @@ struct ChunkMessage {
 // decides what it is and whether it is valid). Never fails and never reads past the buffer.
 std::optional<ChunkMessage> DecodeChunk(const grpc::ByteBuffer& buffer);
 
-}  // namespace splitq::server
+}  // namespace splitq::rpc

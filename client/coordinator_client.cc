@@ -1,4 +1,4 @@
-#include "server/coordinator_client.h"
+#include "client/coordinator_client.h"
 
 #include <grpcpp/client_context.h>
 
@@ -8,10 +8,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
-#include "server/rpc_channel.h"
-#include "server/tokens.h"
+#include "proto/rpc_channel.h"
 
-namespace splitq::server {
+namespace splitq::client {
 
 CoordinatorClient::CoordinatorClient(std::shared_ptr<grpc::Channel> channel, std::string token,
                                      std::chrono::milliseconds call_timeout)
@@ -22,25 +21,25 @@ CoordinatorClient::CoordinatorClient(std::shared_ptr<grpc::Channel> channel, std
 std::unique_ptr<grpc::ClientContext> CoordinatorClient::Context() const {
   auto context = std::make_unique<grpc::ClientContext>();
   context->set_deadline(std::chrono::system_clock::now() + call_timeout_);
-  if (!token_.empty()) AddBearer(*context, token_);
+  if (!token_.empty()) rpc::AddBearer(*context, token_);
   return context;
 }
 
-absl::StatusOr<Registration> CoordinatorClient::Register(Role role, const std::string& name,
-                                                         const WorkerAddress& endpoint,
+absl::StatusOr<Registration> CoordinatorClient::Register(rpc::Role role, const std::string& name,
+                                                         const rpc::WorkerAddress& endpoint,
                                                          uint32_t max_sessions) {
   splitq::v1::RegisterRequest request;
   request.set_protocol_version(splitq::v1::PROTOCOL_VERSION_CURRENT);
-  request.set_role(role == Role::kWorker ? splitq::v1::ROLE_WORKER : splitq::v1::ROLE_CLIENT);
+  request.set_role(role == rpc::Role::kWorker ? splitq::v1::ROLE_WORKER : splitq::v1::ROLE_CLIENT);
   request.set_name(name);
-  if (role == Role::kWorker) {
+  if (role == rpc::Role::kWorker) {
     request.mutable_endpoint()->set_host(endpoint.host);
     request.mutable_endpoint()->set_port(endpoint.port);
     request.set_max_sessions(max_sessions);
   }
   splitq::v1::RegisterReply reply;
   auto context = Context();
-  SPLITQ_RETURN_IF_ERROR(FromGrpcStatus(stub_->Register(context.get(), request, &reply)));
+  SPLITQ_RETURN_IF_ERROR(rpc::FromGrpcStatus(stub_->Register(context.get(), request, &reply)));
   Registration r;
   r.member_id = reply.member_id();
   r.heartbeat_period = std::chrono::milliseconds(reply.heartbeat_period_ms());
@@ -49,17 +48,17 @@ absl::StatusOr<Registration> CoordinatorClient::Register(Role role, const std::s
   return r;
 }
 
-absl::StatusOr<Assignment> CoordinatorClient::Assign(uint64_t member_id,
-                                                     const std::string& unreachable) {
+absl::StatusOr<rpc::Assignment> CoordinatorClient::Assign(uint64_t member_id,
+                                                          const std::string& unreachable) {
   splitq::v1::AssignRequest request;
   request.set_member_id(member_id);
   request.set_unreachable_worker(unreachable);
   splitq::v1::AssignReply reply;
   auto context = Context();
-  SPLITQ_RETURN_IF_ERROR(FromGrpcStatus(stub_->Assign(context.get(), request, &reply)));
-  Assignment a;
+  SPLITQ_RETURN_IF_ERROR(rpc::FromGrpcStatus(stub_->Assign(context.get(), request, &reply)));
+  rpc::Assignment a;
   a.worker_name = reply.worker_name();
-  a.worker = WorkerAddress{reply.worker().host(), reply.worker().port()};
+  a.worker = rpc::WorkerAddress{reply.worker().host(), reply.worker().port()};
   a.assignment_id = reply.assignment_id();
   a.resume_step = reply.resume_step();
   return a;
@@ -73,7 +72,7 @@ absl::StatusOr<bool> CoordinatorClient::Heartbeat(uint64_t member_id, uint64_t s
   request.set_sessions(sessions);
   splitq::v1::HeartbeatReply reply;
   auto context = Context();
-  SPLITQ_RETURN_IF_ERROR(FromGrpcStatus(stub_->Heartbeat(context.get(), request, &reply)));
+  SPLITQ_RETURN_IF_ERROR(rpc::FromGrpcStatus(stub_->Heartbeat(context.get(), request, &reply)));
   return !reply.unknown_member();
 }
 
@@ -82,7 +81,7 @@ absl::Status CoordinatorClient::Leave(uint64_t member_id) {
   request.set_member_id(member_id);
   splitq::v1::LeaveReply reply;
   auto context = Context();
-  return FromGrpcStatus(stub_->Leave(context.get(), request, &reply));
+  return rpc::FromGrpcStatus(stub_->Leave(context.get(), request, &reply));
 }
 
 Heartbeater::Heartbeater(CoordinatorClient& client, uint64_t member_id,
@@ -165,4 +164,4 @@ absl::Status RetryWithBackoff(
   }
 }
 
-}  // namespace splitq::server
+}  // namespace splitq::client

@@ -1,0 +1,38 @@
+// splitq rpc: the plain C++ values of the protocol that both ends share (proto/splitq/v1/*.proto
+// carries them): its version, what a member is, how members are named, where a worker is.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace splitq::rpc {
+
+inline constexpr uint32_t kProtocolVersion = 1;  // splitq.v1 PROTOCOL_VERSION_CURRENT
+
+enum class Role : uint8_t { kWorker, kClient };
+
+// Worker names, client ids and run ids (also the ids of `splitq tokens`): 1..64 of
+// [A-Za-z0-9._-].
+bool IsValidMemberName(const std::string& name);
+
+struct WorkerAddress {
+  std::string host;
+  uint32_t port = 0;
+};
+
+// A client's worker, as the coordinator assigns it.
+struct Assignment {
+  std::string worker_name;
+  WorkerAddress worker;
+  uint64_t assignment_id = 0;  // new for every (re)assignment
+  uint64_t resume_step = 0;    // the client's steps completed, as last reported
+};
+
+// "HOST:PORT" (IPv6 as "[::1]:PORT") -> {host, port}; INVALID_ARGUMENT otherwise.
+absl::StatusOr<WorkerAddress> ParseHostPort(const std::string& text);
+// {host, port} -> "HOST:PORT" (brackets around IPv6 literals).
+std::string JoinHostPort(const WorkerAddress& address);
+
+}  // namespace splitq::rpc

@@ -1,0 +1,54 @@
+#include "server/process.h"
+
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/server_builder.h>
+
+#include <cstdio>
+
+#include "absl/strings/str_cat.h"
+#include "base/files.h"
+#include "base/status_macros.h"
+
+namespace splitq::server {
+
+absl::StatusOr<Serving> StartServing(const ServingOptions& options,
+                                     const std::vector<grpc::Service*>& services,
+                                     const std::string& health_name) {
+  SPLITQ_ASSIGN_OR_RETURN(auto credentials, rpc::MakeServerCredentials(options.security));
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  Serving out;
+  builder.AddListeningPort(options.listen, credentials, &out.port);
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  for (grpc::Service* service : services) builder.RegisterService(service);
+  if (options.max_receive_message_bytes > 0) {
+    builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  }
+  if (options.keepalive) {
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  }
+  out.server = builder.BuildAndStart();
+  if (out.server == nullptr || out.port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  }
+  // `splitq health --service NAME` as well as the whole server.
+  out.server->GetHealthCheckService()->SetServingStatus(health_name, true);
+  return out;
+}
+
+ReadyFile::~ReadyFile() {
+  if (written_) std::remove(path_.c_str());
+}
+
+absl::Status ReadyFile::Announce(const std::string& address) {
+  if (path_.empty()) return absl::OkStatus();
+  SPLITQ_RETURN_IF_ERROR(base::WriteFileAtomically(path_, address + "\n"));
+  written_ = true;
+  return absl::OkStatus();
+}
+
+}  // namespace splitq::server

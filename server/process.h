@@ -1,0 +1,57 @@
+// splitq server: what the coordinator and worker processes share: their gRPC server (one
+// builder with splitq's settings) and the ready file that tells scripts they serve.
+#pragma once
+
+#include <grpcpp/server.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "proto/rpc_channel.h"
+
+namespace splitq::server {
+
+struct ServingOptions {
+  std::string listen;  // HOST:PORT (port 0: the OS picks)
+  rpc::TransportSecurity security;
+  int max_receive_message_bytes = -1;  // -1: gRPC's default (4 MiB)
+  // Server keepalive: a client that vanished without closing its connection is noticed within
+  // ~20 s; clients may ping every 5 s (client/worker_client.h pings every 10 s).
+  bool keepalive = false;
+};
+
+struct Serving {
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;  // the port bound
+};
+
+// Starts a gRPC server for `services` with the standard health service, reporting
+// `health_name` (a service's full name) as serving too. No SO_REUSEPORT (gRPC's default would let
+// a second process listen on our port). UNAVAILABLE naming the address when it cannot listen;
+// INVALID_ARGUMENT / NOT_FOUND for bad security flags or missing certificate files.
+absl::StatusOr<Serving> StartServing(const ServingOptions& options,
+                                     const std::vector<grpc::Service*>& services,
+                                     const std::string& health_name);
+
+// --ready-file PATH of the servers: once a server listens, the address its peers dial,
+// "HOST:PORT\n" (the coordinator: --listen's host with the port bound; a worker: the address it
+// advertises), written atomically, so that a script or `splitq demo` waits for the file instead
+// of reading log text. The file is removed when the object goes (the server stops), so it
+// exists exactly while the server serves. An empty path writes nothing.
+class ReadyFile {
+ public:
+  explicit ReadyFile(std::string path) : path_(std::move(path)) {}
+  ReadyFile(const ReadyFile&) = delete;
+  ReadyFile& operator=(const ReadyFile&) = delete;
+  ~ReadyFile();
+  // INTERNAL naming the file when it cannot be written.
+  absl::Status Announce(const std::string& address);
+
+ private:
+  std::string path_;
+  bool written_ = false;
+};
+
+}  // namespace splitq::server

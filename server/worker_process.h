@@ -1,0 +1,74 @@
+// splitq server: a worker process as a library object (`splitq worker` parses flags and runs
+// one): the server part of the model behind the Worker service (worker_service.h) with the
+// standard health service; registration with the coordinator (retried with backoff until the
+// connect timeout), heartbeats with the steps served, a status line every 10 s, periodic
+// checkpoints, and a clean stop (leave the coordinator, stop serving, save).
+//
+// Checkpoints (out_dir): DIR/worker.pt holds the server part's weights and optimizer, and per
+// client the first step it has not applied; it is replaced atomically once checkpoint_every
+// server updates have passed since the last save (looked at every 0.1 s, so a fast worker saves
+// a few updates later) and when the worker stops. A worker started on a DIR that holds one
+// resumes from it; steps applied after the last checkpoint are lost, and the log names them when
+// their client comes back. A failed save is retried checkpoint_every updates later (a full disk
+// must not stall training with a save every 100 ms); a failed final save is Run's error.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "proto/rpc_channel.h"
+#include "server/tokens.h"
+#include "trainer/config.h"
+
+namespace splitq::server {
+
+struct WorkerProcessOptions {
+  trainer::RunConfig config;
+  std::string config_digest;  // clients must present the same (cli/net_common.h ConfigDigest)
+  std::string init;           // --init: base weights (LoRA runs)
+  std::string name = "worker0";
+  std::string coordinator;  // HOST:PORT
+  std::string listen = "127.0.0.1:0";
+  std::string advertise;        // host clients dial ("": the listen host, or this host's name)
+  uint32_t advertise_port = 0;  // port clients dial (0: the one bound)
+  rpc::TransportSecurity security;
+  const TokenSet* tokens = nullptr;  // the clients' tokens (null: none checked)
+  std::string own_token;             // this worker's token, for the coordinator
+  std::string out_dir;               // "" : no checkpoints
+  int64_t checkpoint_every = 0;      // server updates between saves (0: only when stopping)
+  int64_t reply_chunk_bytes = 1 << 20;
+  uint32_t max_clients = 64;
+  std::chrono::seconds connect_timeout{120};
+  std::string ready_file;  // server/process.h, ReadyFile
+  // Lines for the log (stdout in the CLI: "worker NAME ..." as printed) and for errors (stderr).
+  std::function<void(const std::string&)> log, warn;
+};
+
+class WorkerProcess {
+ public:
+  // Builds the server part, restores out_dir's checkpoint when there is one, and starts
+  // listening. Errors name what failed: the server part (data, device, --init), --out (not
+  // writable, a damaged or mismatched checkpoint), the address, TLS.
+  static absl::StatusOr<std::unique_ptr<WorkerProcess>> Start(const WorkerProcessOptions& options);
+  ~WorkerProcess();
+
+  // Registers, announces (ready file), heartbeats and checkpoints until `stop` is set, then
+  // leaves the coordinator, stops serving and saves. OK also when stopped while registering.
+  // Errors: registration that failed for good, the ready file, a failed final save.
+  absl::Status Run(const std::atomic<bool>& stop);
+
+  // The address clients dial ("HOST:PORT").
+  std::string address() const;
+
+ private:
+  struct Impl;
+  explicit WorkerProcess(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace splitq::server

@@ -1,0 +1,203 @@
+// client/client_session.h against real services with a fake server part: ReconnectingLink fails
+// over to the coordinator's next worker when its worker goes away, reports a worker it cannot
+// reach so that the coordinator picks another, gives up after its reconnect timeout, and passes
+// non-transient errors through; RunId is kept across restarts. Nothing here reads log text.
+#include "client/client_session.h"
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+
+#include "server/coordinator_core.h"
+#include "server/coordinator_service.h"
+#include "server/worker_core.h"
+#include "server/worker_service.h"
+
+namespace splitq::client {
+namespace {
+
+// Answers every step with a one-byte "gradient" naming the worker, and counts steps.
+class FakeServerPart : public trainer::ServerHandler {
+ public:
+  explicit FakeServerPart(char tag) : tag_(tag) {}
+  uint64_t OpenSession() override { return ++sessions_; }
+  void CloseSession(uint64_t) override {}
+  absl::StatusOr<trainer::DownFrame> Train(uint64_t, const trainer::UpFrame& up, bool) override {
+    ++updates_;
+    trainer::DownFrame down;
+    down.step = up.step;
+    down.frame = std::string(1, tag_);
+    return down;
+  }
+  absl::StatusOr<trainer::EvalPiece> Evaluate(uint64_t, const trainer::UpFrame&) override {
+    return trainer::EvalPiece{1.0, 1, 1, ""};
+  }
+  int64_t updates() const override { return updates_; }
+
+ private:
+  char tag_;
+  uint64_t sessions_ = 0;
+  int64_t updates_ = 0;
+};
+
+// A worker on loopback (plaintext, no tokens) registered with the coordinator, heartbeating
+// until it stops.
+struct Worker {
+  FakeServerPart part;
+  server::WorkerCore core{part};
+  server::WorkerService service{core, nullptr};
+  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<Heartbeater> heartbeat;
+  int port = 0;
+
+  Worker(char tag, CoordinatorClient& coordinator, const std::string& name) : part(tag) {
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&service);
+    server = builder.BuildAndStart();
+    auto r = coordinator.Register(rpc::Role::kWorker, name,
+                                  rpc::WorkerAddress{"127.0.0.1", static_cast<uint32_t>(port)}, 8);
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) return;
+    heartbeat = std::make_unique<Heartbeater>(
+        coordinator, r->member_id, r->heartbeat_period, [] { return Heartbeater::Progress{}; },
+        []() -> absl::StatusOr<uint64_t> { return absl::UnavailableError("not in this test"); });
+  }
+  void Stop() {
+    heartbeat.reset();
+    if (server) server->Shutdown(std::chrono::system_clock::now());
+    server.reset();
+  }
+  ~Worker() { Stop(); }
+};
+
+class ClientSessionTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    core_ = std::make_unique<server::CoordinatorCore>();
+    service_ = std::make_unique<server::CoordinatorService>(*core_, nullptr, "task: fmnist\n");
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+    builder.RegisterService(service_.get());
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    options_.id = "alice";
+    options_.coordinator = "127.0.0.1:" + std::to_string(port_);
+    options_.security.insecure = true;
+    options_.link.client_id = "alice";
+    options_.connect_timeout = std::chrono::seconds(10);
+    options_.reconnect_timeout = std::chrono::seconds(10);
+    auto channel = MakeChannel(options_.coordinator, options_.security);
+    ASSERT_TRUE(channel.ok()) << channel.status();
+    coordinator_ = std::make_unique<CoordinatorClient>(*channel, "");
+  }
+  void TearDown() override { server_->Shutdown(std::chrono::system_clock::now()); }
+
+  static trainer::UpFrame Up(int64_t step) {
+    trainer::UpFrame up;
+    up.step = step;
+    up.frame = std::make_shared<const std::string>("frame");
+    return up;
+  }
+  // One step through `link`, recovering as ClientRunner does. The gradient's byte: the worker.
+  static absl::StatusOr<char> Step(ReconnectingLink& link, int64_t step) {
+    for (;;) {
+      auto down = link.Train(Up(step));
+      if (down.ok()) return down->frame.at(0);
+      if (absl::Status s = link.Recover(down.status()); !s.ok()) return s;
+    }
+  }
+
+  std::unique_ptr<server::CoordinatorCore> core_;
+  std::unique_ptr<server::CoordinatorService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  ClientSessionOptions options_;
+  std::unique_ptr<CoordinatorClient> coordinator_;
+};
+
+TEST_F(ClientSessionTest, FailsOverToTheNextWorkerWhenItsWorkerGoesAway) {
+  Worker a('a', *coordinator_, "wa");
+  ReconnectingLink link(*coordinator_, options_);
+  ASSERT_TRUE(link.Connect(std::chrono::seconds(5)).ok());
+  auto first = Step(link, 0);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(*first, 'a');
+  EXPECT_EQ(link.worker().rfind("wa at ", 0), 0u) << link.worker();
+  // A second worker comes up and the first goes away mid-run: the same step number again on a
+  // new session, answered by the second worker; the step is not lost.
+  Worker b('b', *coordinator_, "wb");
+  a.Stop();
+  auto second = Step(link, 1);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(*second, 'b');
+  EXPECT_EQ(link.worker().rfind("wb at ", 0), 0u) << link.worker();
+  EXPECT_EQ(a.part.updates(), 1);
+  EXPECT_EQ(b.part.updates(), 1);
+  link.Close();
+}
+
+TEST_F(ClientSessionTest, AWorkerThatDoesNotAnswerIsReportedAndAnotherOneIsPicked) {
+  // "wdead" is registered and heartbeats (the coordinator thinks it alive), but it listens
+  // nowhere.
+  auto dead = coordinator_->Register(rpc::Role::kWorker, "wdead", {"127.0.0.1", 1}, 8);
+  ASSERT_TRUE(dead.ok()) << dead.status();
+  Heartbeater beats(
+      *coordinator_, dead->member_id, dead->heartbeat_period,
+      [] { return Heartbeater::Progress{}; },
+      []() -> absl::StatusOr<uint64_t> { return absl::UnavailableError("not in this test"); });
+  Worker b('b', *coordinator_, "wb");
+  ReconnectingLink link(*coordinator_, options_);
+  ASSERT_TRUE(link.Connect(std::chrono::seconds(20)).ok());
+  auto step = Step(link, 0);
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_EQ(*step, 'b');
+}
+
+TEST_F(ClientSessionTest, GivesUpAfterItsReconnectTimeout) {
+  options_.reconnect_timeout = std::chrono::seconds(1);
+  auto a = std::make_unique<Worker>('a', *coordinator_, "wa");
+  ReconnectingLink link(*coordinator_, options_);
+  ASSERT_TRUE(link.Connect(std::chrono::seconds(5)).ok());
+  ASSERT_TRUE(Step(link, 0).ok());
+  a.reset();  // no worker at all now
+  const auto start = std::chrono::steady_clock::now();
+  auto step = Step(link, 1);
+  EXPECT_EQ(step.status().code(), absl::StatusCode::kUnavailable) << step.status();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+}
+
+TEST_F(ClientSessionTest, NonTransientErrorsAreNotRetried) {
+  ReconnectingLink link(*coordinator_, options_);
+  const absl::Status bad = absl::InvalidArgumentError("a malformed frame");
+  EXPECT_EQ(link.Recover(bad), bad);
+  const absl::Status denied = absl::PermissionDeniedError("another client's token");
+  EXPECT_EQ(link.Recover(denied), denied);
+}
+
+TEST(RunId, IsMadeOnceAndKeptAcrossRestarts) {
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / ("splitq_run_id_" + std::to_string(getpid())))
+          .string();
+  std::filesystem::remove_all(dir);
+  auto first = RunId(dir);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_TRUE(rpc::IsValidMemberName(*first));
+  auto again = RunId(dir);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(*again, *first);
+  auto other = RunId(dir + "/other");
+  ASSERT_TRUE(other.ok());
+  EXPECT_NE(*other, *first);
+  std::ofstream(std::filesystem::path(dir) / "run_id") << "not a run id!\n";
+  EXPECT_EQ(RunId(dir).status().code(), absl::StatusCode::kFailedPrecondition);
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace splitq::client
