@@ -7,6 +7,7 @@
 // The run itself (registration, failover, heartbeats, resume) is client/client_session.h; this
 // file parses flags, builds the client part and prints. SIGINT/SIGTERM stop at the end of the
 // step with a checkpoint (exit 128 + signal); a second one exits at once.
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -21,6 +22,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "base/log.h"
 #include "base/status_macros.h"
 #include "cli/commands.h"
 #include "cli/net_common.h"
@@ -51,7 +53,7 @@ struct ClientCommandOptions {
 };
 
 int Fail(const std::string& id, const char* what, const absl::Status& status, int code = 2) {
-  std::fprintf(stderr, "client %s: %s: %s\n", id.c_str(), what, status.ToString().c_str());
+  spdlog::error("client {}: {}: {}", id, what, status.ToString());
   return code;
 }
 
@@ -102,14 +104,13 @@ int RunClient(const ClientCommandOptions& opt) {
     micro_batches = static_cast<int>(config->client_micro_batches);
   }
   if (micro_batches > config->batch_size) {  // a slice holds one example at least
-    std::fprintf(stderr, "client %s: %d slices of a batch of %lld: using %lld\n", opt.id.c_str(),
-                 micro_batches, static_cast<long long>(config->batch_size),
-                 static_cast<long long>(config->batch_size));
+    spdlog::warn("client {}: {} slices of a batch of {}: using {}", opt.id, micro_batches,
+                 config->batch_size, config->batch_size);
     micro_batches = static_cast<int>(config->batch_size);
   }
   (*part)->set_micro_batches(micro_batches);
 
-  const bool tty = isatty(fileno(stderr)) != 0;
+  const bool tty = isatty(fileno(stderr)) != 0 && !base::LoggingAsJson();
   client::ClientSessionOptions session;
   session.id = opt.id;
   session.coordinator = opt.coordinator;
@@ -123,31 +124,24 @@ int RunClient(const ClientCommandOptions& opt) {
   session.reconnect_timeout = std::chrono::seconds(opt.reconnect_timeout_s);
   session.interrupt = &g_interrupt;
   session.log = [tty, &opt](const std::string& line) {
-    std::fprintf(stderr, "%sclient %s: %s\n", tty ? "\n" : "", opt.id.c_str(), line.c_str());
+    spdlog::info("{}client {}: {}", tty ? "\n" : "", opt.id, line);
   };
   train_options.interrupt = &g_interrupt;
-  train_options.progress = [tty, &opt](const std::string& line) {
-    std::fprintf(stderr, tty ? "\r\033[K%s: %s" : "%s: %s\n", opt.id.c_str(), line.c_str());
-    std::fflush(stderr);
-  };
-  train_options.note = [tty, &opt](const std::string& line) {
-    std::fprintf(stderr, tty ? "\r\033[K%s: %s\n" : "%s: %s\n", opt.id.c_str(), line.c_str());
-  };
+  SetProgressOutput(opt.id + ": ", &train_options);
   client::SessionEvents events;
   events.connected = [&](const std::string& worker) {
-    std::fprintf(stderr,
-                 "client %s: shard %s, worker %s; client part on %s in %d slice(s) of the batch, "
-                 "RSS %.0f MiB\n",
-                 opt.id.c_str(), opt.shard.c_str(), worker.c_str(), (*part)->device().c_str(),
-                 micro_batches, RssMiB());
+    spdlog::info(
+        "client {}: shard {}, worker {}; client part on {} in {} slice(s) of the batch, RSS {:.0f} "
+        "MiB",
+        opt.id, opt.shard, worker, (*part)->device(), micro_batches, RssMiB());
   };
   std::signal(SIGINT, OnInterrupt);
   std::signal(SIGTERM, OnInterrupt);
   const absl::StatusOr<trainer::TrainSummary> summary =
       client::RunClientSession(**part, session, train_options, events);
-  if (tty) std::fprintf(stderr, "\n");
+  EndProgress();
   if (!summary.ok()) {
-    std::fprintf(stderr, "client %s: %s\n", opt.id.c_str(), summary.status().ToString().c_str());
+    spdlog::error("client {}: {}", opt.id, summary.status().ToString());
     return summary.status().code() == absl::StatusCode::kCancelled ? 128 + g_signal.load() : 1;
   }
   PrintTrainSummary(*summary, train_options.out_dir);

@@ -19,6 +19,14 @@ using RunFn = std::function<int()>;
 // libblas3: CPU training is then ~10x slower than with OpenBLAS (scripts/deps.list).
 void WarnIfReferenceBlas();
 
+// The train driver's progress and note lines (trainer::TrainOptions), each prefixed with
+// `prefix` ("" or "client0: "): on a terminal with text logs, progress rewrites one line
+// (carriage return) and notes end it; otherwise every line is a log line (base/log.h), so
+// `--log-format json` keeps one object per line.
+void SetProgressOutput(const std::string& prefix, trainer::TrainOptions* options);
+// Ends a progress line left open on a terminal.
+void EndProgress();
+
 // `text` as a whole number (digits with an optional '-', nothing else), or nullopt.
 std::optional<int64_t> ParseWholeNumber(std::string_view text);
 

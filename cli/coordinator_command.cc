@@ -3,6 +3,8 @@
 // (server/coordinator_process.h). Listening on port 0 picks a free port; the address is printed,
 // and written to --ready-file (server/process.h, ReadyFile). SIGINT or SIGTERM stops it cleanly.
 
+#include <spdlog/spdlog.h>
+
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -35,7 +37,7 @@ struct CoordinatorOptions {
 int RunCoordinator(const CoordinatorOptions& opt) {
   auto config = trainer::LoadRunConfig(opt.config_path);
   if (!config.ok()) {
-    std::fprintf(stderr, "config error: %s\n", std::string(config.status().message()).c_str());
+    spdlog::error("config error: {}", std::string(config.status().message()));
     return 2;
   }
   server::CoordinatorProcessOptions o;
@@ -47,14 +49,13 @@ int RunCoordinator(const CoordinatorOptions& opt) {
   if (!opt.tokens_path.empty()) {
     auto loaded = server::TokenSet::Load(opt.tokens_path);
     if (!loaded.ok()) {
-      std::fprintf(stderr, "coordinator: %s\n", loaded.status().ToString().c_str());
+      spdlog::error("coordinator: {}", loaded.status().ToString());
       return 2;
     }
     tokens = std::make_unique<server::TokenSet>(std::move(*loaded));
   } else if (!opt.security.insecure) {
-    std::fprintf(stderr,
-                 "coordinator: --tokens FILE is required with TLS (make one with "
-                 "`splitq tokens`)\n");
+    spdlog::error(
+        "coordinator: --tokens FILE is required with TLS (make one with `splitq tokens`)");
     return 2;
   }
   o.tokens = tokens.get();
@@ -62,20 +63,17 @@ int RunCoordinator(const CoordinatorOptions& opt) {
   o.security = opt.security;
   o.heartbeat_period = std::chrono::milliseconds(opt.heartbeat_ms);
   o.ready_file = opt.ready_file;
-  o.log = [](const std::string& line) {
-    std::printf("%s\n", line.c_str());
-    std::fflush(stdout);
-  };
+  o.log = [](const std::string& line) { spdlog::info("{}", line); };
   auto coordinator = server::CoordinatorProcess::Start(o);
   if (!coordinator.ok()) {
-    std::fprintf(stderr, "coordinator: %s\n", coordinator.status().ToString().c_str());
+    spdlog::error("coordinator: {}", coordinator.status().ToString());
     return coordinator.status().code() == absl::StatusCode::kUnavailable ? 1 : 2;
   }
   // Before the ready file, so that a SIGTERM cannot end us with the file left behind.
   std::signal(SIGINT, OnStop);
   std::signal(SIGTERM, OnStop);
   if (absl::Status s = (*coordinator)->Run(g_stop); !s.ok()) {
-    std::fprintf(stderr, "coordinator: %s\n", s.ToString().c_str());
+    spdlog::error("coordinator: {}", s.ToString());
     return 1;
   }
   return 0;

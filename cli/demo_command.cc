@@ -12,6 +12,7 @@
 // worker saves its checkpoint); running the demo again on the same DIR resumes them all.
 #include <fcntl.h>
 #include <signal.h>
+#include <spdlog/spdlog.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -178,52 +179,50 @@ int RunDemo(const DemoOptions& opt) {
   std::error_code ec;
   fs::create_directories(dir / "logs", ec);
   if (ec) {
-    std::fprintf(stderr, "demo: %s: %s\n", opt.out_dir.c_str(), ec.message().c_str());
+    spdlog::error("demo: {}: {}", opt.out_dir, ec.message());
     return 2;
   }
   if (fs::exists(dir / "summary.json", ec)) {
-    std::fprintf(stderr,
-                 "demo: %s holds a finished run: its clients resume from their checkpoints, with "
-                 "nothing left to train (--out DIR starts a new run elsewhere)\n",
-                 opt.out_dir.c_str());
+    spdlog::info(
+        "demo: {} holds a finished run: its clients resume from their checkpoints, with "
+        "nothing left to train (--out DIR starts a new run elsewhere)\n",
+        opt.out_dir);
   } else if (fs::exists(dir / "client0" / "checkpoint.pt", ec)) {
-    std::fprintf(stderr, "demo: %s holds a stopped run: resuming it (--out DIR starts a new one)\n",
-                 opt.out_dir.c_str());
+    spdlog::info("demo: {} holds a stopped run: resuming it (--out DIR starts a new one)",
+                 opt.out_dir);
   }
   // The config every process loads (one file, so one digest).
   const std::string config = (dir / "config.yaml").string();
   if (opt.config_path.empty()) {
     if (absl::Status s = base::WriteFileAtomically(config, kDefaultConfig); !s.ok()) {
-      std::fprintf(stderr, "demo: %s\n", s.ToString().c_str());
+      spdlog::error("demo: {}", s.ToString());
       return 2;
     }
   } else if (fs::absolute(opt.config_path) != fs::absolute(config)) {
     fs::copy_file(opt.config_path, config, fs::copy_options::overwrite_existing, ec);
     if (ec) {
-      std::fprintf(stderr, "demo: --config %s: %s\n", opt.config_path.c_str(),
-                   ec.message().c_str());
+      spdlog::error("demo: --config {}: {}", opt.config_path, ec.message());
       return 2;
     }
   }
   auto parsed = trainer::LoadRunConfig(config);
   if (!parsed.ok()) {
-    std::fprintf(stderr, "demo: config error: %s\n",
-                 std::string(parsed.status().message()).c_str());
+    spdlog::error("demo: config error: {}", std::string(parsed.status().message()));
     return 2;
   }
   const std::string certs = (dir / "certs").string(), tokens = (dir / "tokens").string();
   std::vector<std::string> ids = {"worker0"};
   for (int i = 0; i < opt.clients; ++i) ids.push_back(absl::StrCat("client", i));
   if (absl::Status s = server::MakeCertificates(certs); !s.ok()) {
-    std::fprintf(stderr, "demo: certificates: %s\n", s.ToString().c_str());
+    spdlog::error("demo: certificates: {}", s.ToString());
     return 1;
   }
   if (absl::Status s = server::WriteTokens(tokens, ids); !s.ok()) {
-    std::fprintf(stderr, "demo: tokens: %s\n", s.ToString().c_str());
+    spdlog::error("demo: tokens: {}", s.ToString());
     return 1;
   }
-  std::fprintf(stderr, "demo: %s, %d clients; fresh certificates in %s, tokens in %s\n",
-               config.c_str(), opt.clients, certs.c_str(), tokens.c_str());
+  spdlog::info("demo: {}, {} clients; fresh certificates in {}, tokens in {}", config, opt.clients,
+               certs, tokens);
   signal(SIGINT, OnInterrupt);
   signal(SIGTERM, OnInterrupt);
   const std::vector<std::string> tls = {"--tls-dir", certs};
@@ -246,8 +245,7 @@ int RunDemo(const DemoOptions& opt) {
     if (!child.ok()) return child.status();
     servers.push_back(*child);
     auto address = WaitReady(servers.back(), ready, opt.startup_timeout_s);
-    if (address.ok())
-      std::fprintf(stderr, "demo: %s listening on %s\n", name.c_str(), address->c_str());
+    if (address.ok()) spdlog::info("demo: {} listening on {}", name, address->c_str());
     return address;
   };
   auto coordinator = start_server("coordinator", {"coordinator", "--config", config, "--listen",
@@ -263,7 +261,7 @@ int RunDemo(const DemoOptions& opt) {
          (fs::path(tokens) / "worker0.token").string(), "--out", (dir / "worker0").string()});
   }
   if (!worker.ok()) {
-    std::fprintf(stderr, "demo: %s\n", worker.status().ToString().c_str());
+    spdlog::error("demo: {}", worker.status().ToString());
     stop_servers();
     return 1;
   }
@@ -278,7 +276,7 @@ int RunDemo(const DemoOptions& opt) {
                absl::StrCat(i, "/", opt.clients), "--out", (dir / id).string(), "--tls-dir", certs},
               "");
     if (!child.ok()) {
-      std::fprintf(stderr, "demo: %s\n", child.status().ToString().c_str());
+      spdlog::error("demo: {}", child.status().ToString());
       g_interrupt.store(true);
       break;
     }
@@ -300,7 +298,7 @@ int RunDemo(const DemoOptions& opt) {
         c.pid = -1;
         if (code != 0) {
           ++failures;
-          std::fprintf(stderr, "demo: %s exited with %d\n", c.name.c_str(), code);
+          spdlog::warn("demo: {} exited with {}", c.name, code);
         }
         break;
       }
@@ -309,15 +307,15 @@ int RunDemo(const DemoOptions& opt) {
   }
   stop_servers();
   if (failures > 0 || g_interrupt.load()) {
-    std::fprintf(stderr, "demo: stopped (%d client(s) failed); logs in %s\n", failures,
-                 (dir / "logs").c_str());
+    spdlog::error("demo: stopped ({} client(s) failed); logs in {}", failures,
+                  (dir / "logs").string());
     return 1;
   }
   std::vector<trainer::TrainSummary> parts;
   for (const Child& c : clients) {
     auto s = trainer::ReadSummary((dir / c.name / "summary.json").string());
     if (!s.ok()) {
-      std::fprintf(stderr, "demo: %s\n", s.status().ToString().c_str());
+      spdlog::error("demo: {}", s.status().ToString());
       return 1;
     }
     parts.push_back(*s);
@@ -327,7 +325,7 @@ int RunDemo(const DemoOptions& opt) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const std::string summary_path = (dir / "summary.json").string();
   if (absl::Status s = trainer::WriteSummary(all, summary_path); !s.ok()) {
-    std::fprintf(stderr, "demo: %s\n", s.ToString().c_str());
+    spdlog::error("demo: {}", s.ToString());
     return 1;
   }
   std::printf("demo: %d clients through one worker; all clients together:\n", opt.clients);

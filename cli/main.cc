@@ -1,6 +1,7 @@
 // splitq: one binary, one subcommand per job. `splitq --help` lists them.
 #include <malloc.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <charconv>
@@ -14,6 +15,7 @@
 #endif
 
 #include "absl/synchronization/mutex.h"
+#include "base/log.h"
 #include "cli/commands.h"
 
 namespace {
@@ -97,6 +99,29 @@ void WarnIfReferenceBlas() {
   }
 }
 
+namespace {
+bool ProgressOnTerminal() { return isatty(fileno(stderr)) != 0 && !base::LoggingAsJson(); }
+}  // namespace
+
+void SetProgressOutput(const std::string& prefix, trainer::TrainOptions* options) {
+  if (ProgressOnTerminal()) {
+    options->progress = [prefix](const std::string& line) {
+      std::fprintf(stderr, "\r\033[K%s%s", prefix.c_str(), line.c_str());
+      std::fflush(stderr);
+    };
+    options->note = [prefix](const std::string& line) {
+      std::fprintf(stderr, "\r\033[K%s%s\n", prefix.c_str(), line.c_str());
+    };
+  } else {
+    options->progress = [prefix](const std::string& line) { spdlog::info("{}{}", prefix, line); };
+    options->note = options->progress;
+  }
+}
+
+void EndProgress() {
+  if (ProgressOnTerminal()) std::fprintf(stderr, "\n");
+}
+
 }  // namespace splitq::cli
 
 int main(int argc, char** argv) {
@@ -108,6 +133,12 @@ int main(int argc, char** argv) {
   CLI::App app{"splitq: distributed quantization-aware training and split learning"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "splitq 0.1.0");
+  // Log lines (base/log.h), before or after the subcommand.
+  std::string log_level = "info", log_format = "text";
+  app.add_option("--log-level", log_level, "debug | info | warn | error (default info)");
+  app.add_option("--log-format", log_format,
+                 "text (default) or json: one object per line {time, level, msg} on stderr");
+  app.fallthrough();
 
   splitq::cli::RunFn run;
   splitq::cli::RegisterTrain(app, &run);
@@ -139,6 +170,10 @@ int main(int argc, char** argv) {
   }
   if (!run) {
     std::fprintf(stderr, "%s", app.help().c_str());
+    return 2;
+  }
+  if (absl::Status s = splitq::base::ConfigureLogging(log_level, log_format); !s.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
     return 2;
   }
   // SPLITQ_PARSE_ONLY=1: check a command line (tests/deploy/compose_test.cc checks every

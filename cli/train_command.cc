@@ -2,6 +2,7 @@
 // process with the wire codec in the loop (trainer/train_loop.h). Progress goes to stderr (one
 // updating line on a terminal); the summary to stdout and DIR/summary.json. Ctrl-C (or
 // SIGTERM) stops at the end of the step with a checkpoint; `--resume` continues from it.
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -41,7 +42,7 @@ int RunTrain(const TrainCommandOptions& opt) {
   WarnIfReferenceBlas();
   auto config = trainer::LoadRunConfig(opt.config_path, opt.overrides);
   if (!config.ok()) {
-    std::fprintf(stderr, "config error: %s\n", std::string(config.status().message()).c_str());
+    spdlog::error("config error: {}", std::string(config.status().message()));
     return 2;
   }
   trainer::TrainOptions train_options;
@@ -55,18 +56,11 @@ int RunTrain(const TrainCommandOptions& opt) {
   train_options.interrupt = &g_interrupt;
   std::signal(SIGINT, OnInterrupt);
   std::signal(SIGTERM, OnInterrupt);
-  const bool tty = isatty(fileno(stderr)) != 0;
-  train_options.progress = [tty](const std::string& line) {
-    std::fprintf(stderr, tty ? "\r\033[K%s" : "%s\n", line.c_str());
-    std::fflush(stderr);
-  };
-  train_options.note = [tty](const std::string& line) {
-    std::fprintf(stderr, tty ? "\r\033[K%s\n" : "%s\n", line.c_str());
-  };
+  SetProgressOutput("", &train_options);
   auto summary = trainer::Train(*config, train_options);
-  if (tty) std::fprintf(stderr, "\n");
+  EndProgress();
   if (!summary.ok()) {
-    std::fprintf(stderr, "train: %s\n", std::string(summary.status().message()).c_str());
+    spdlog::error("train: {}", std::string(summary.status().message()));
     return summary.status().code() == absl::StatusCode::kCancelled ? 128 + g_signal.load() : 1;
   }
   PrintTrainSummary(*summary, train_options.out_dir);

@@ -4,6 +4,8 @@
 // (server/worker_process.h: serving, registration, heartbeats, checkpoints). This file parses
 // flags, loads the config and tokens, and runs it until SIGINT/SIGTERM.
 
+#include <spdlog/spdlog.h>
+
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -39,7 +41,7 @@ struct WorkerCommandOptions {
 };
 
 int Fail(const char* what, const absl::Status& status, int code = 2) {
-  std::fprintf(stderr, "worker: %s: %s\n", what, status.ToString().c_str());
+  spdlog::error("worker: {}: {}", what, status.ToString());
   return code;
 }
 
@@ -79,11 +81,8 @@ int RunWorker(const WorkerCommandOptions& opt) {
   o.max_clients = opt.max_clients;
   o.connect_timeout = std::chrono::seconds(opt.connect_timeout_s);
   o.ready_file = opt.ready_file;
-  o.log = [](const std::string& line) {
-    std::printf("%s\n", line.c_str());
-    std::fflush(stdout);
-  };
-  o.warn = [](const std::string& line) { std::fprintf(stderr, "worker: %s\n", line.c_str()); };
+  o.log = [](const std::string& line) { spdlog::info("{}", line); };
+  o.warn = [](const std::string& line) { spdlog::warn("worker: {}", line); };
   auto worker = server::WorkerProcess::Start(o);
   if (!worker.ok()) {
     // Exit 2: the flags or the --out folder (a checkpoint of another run) are wrong; 1: the
