@@ -1,0 +1,325 @@
+#include "tools/demo.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "base/files.h"
+#include "server/tls_certs.h"
+#include "server/tokens.h"
+#include "trainer/config.h"
+#include "trainer/train_loop.h"
+
+namespace splitq::tools {
+namespace {
+
+constexpr char kDefaultConfig[] = R"(# splitq demo: the embedded default run.
+# Fashion-MNIST CNN split after its second block; AMAQ at the boundary with a bit budget
+# shrinking from 8 to 4; 6-bit stochastic gradients. Each client trains its own shard.
+task: fmnist
+seed: 0
+steps: 400
+batch_size: 64
+log_every: 50
+eval_every: 200
+model: {split_after: 2}
+optim: {lr: 1.0e-3, warmup_steps: 50}
+quant:
+  activations:
+    mode: amaq
+    bits: {min: 2, max: 8}
+    target: [{step: 0, bits: 8}, {step: 100, bits: 8}, {step: 300, bits: 4, curve: cosine}]
+    gate: {alpha: 2.0, lr: 0.01, beta: 1.0e-3, lambda: 1.0}
+    calibration_steps: 50
+  gradients:
+    mode: uniform
+    bits: {min: 4, max: 8}
+    target: 6
+    rounding: stochastic
+)";
+
+std::atomic<bool> g_interrupt{false};
+void OnInterrupt(int) { g_interrupt.store(true); }
+
+struct Child {
+  pid_t pid = -1;
+  std::string name;
+  std::string log;  // stdout and stderr, when not inherited
+};
+
+// Starts `splitq ARGS...` (this binary). With `log`, its stdout and stderr go to that file
+// (appended); without, they are the demo's.
+absl::StatusOr<Child> Spawn(const std::string& name, const std::vector<std::string>& args,
+                            const std::string& log) {
+  int log_fd = -1;
+  if (!log.empty()) {
+    log_fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (log_fd < 0) return absl::InternalError(log + ": " + strerror(errno));
+  }
+  std::vector<std::string> argv_s = {"/proc/self/exe"};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  const pid_t pid = fork();
+  if (pid < 0) return absl::InternalError("fork: " + std::string(strerror(errno)));
+  if (pid == 0) {
+    if (log_fd >= 0) {
+      dup2(log_fd, STDOUT_FILENO);
+      dup2(log_fd, STDERR_FILENO);
+    }
+    // Its own process group, so a Ctrl-C reaches only the demo, which stops its children in
+    // order (clients first); and a SIGTERM if the demo dies.
+    setpgid(0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    std::vector<char*> argv;
+    for (std::string& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    execv("/proc/self/exe", argv.data());
+    _exit(127);
+  }
+  if (log_fd >= 0) close(log_fd);
+  return Child{pid, name, log};
+}
+
+// Waits for the child's --ready-file (server/process.h, ReadyFile); returns the HOST:PORT in
+// it. An error names the log when the child exits first or the time runs out.
+absl::StatusOr<std::string> WaitReady(Child& child, const std::string& ready_file, int timeout_s) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  while (std::chrono::steady_clock::now() < end && !g_interrupt.load()) {
+    std::ifstream in(ready_file);
+    std::string address;
+    if (std::getline(in, address) && !address.empty()) return address;
+    int status = 0;
+    if (waitpid(child.pid, &status, WNOHANG) == child.pid) {
+      child.pid = -1;
+      return absl::InternalError(
+          absl::StrCat(child.name, " exited before it was ready; see ", child.log));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return absl::DeadlineExceededError(
+      absl::StrCat(child.name, " was not ready within ", timeout_s, " s; see ", child.log));
+}
+
+void Stop(Child& child, int signal) {
+  if (child.pid > 0) kill(child.pid, signal);
+}
+
+int Wait(Child& child) {
+  int status = 0;
+  if (child.pid <= 0) return 0;
+  waitpid(child.pid, &status, 0);
+  child.pid = -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+// The clients' summaries as one: steps and bytes summed, the rest averaged (max for the
+// budget excess, the longest wall time).
+trainer::TrainSummary Combine(const std::vector<trainer::TrainSummary>& parts) {
+  trainer::TrainSummary all;
+  const double n = static_cast<double>(parts.size());
+  all.task = parts.front().task;
+  all.device = parts.front().device;
+  all.max_budget_excess = -1e9;
+  all.clients = static_cast<int64_t>(parts.size());
+  all.act_budget = parts.front().act_budget;  // one config, one schedule
+  all.grad_budget = parts.front().grad_budget;
+  all.val_accuracy = parts.front().val_accuracy < 0 ? -1 : 0;  // -1: not this task (null)
+  all.val_bits_per_byte = parts.front().val_bits_per_byte < 0 ? -1 : 0;
+  for (const trainer::TrainSummary& s : parts) {
+    all.steps += s.steps;
+    all.bytes_up += s.bytes_up;
+    all.bytes_down += s.bytes_down;
+    all.bytes_fp32_equivalent += s.bytes_fp32_equivalent;
+    all.val_loss += s.val_loss / n;
+    if (all.val_accuracy >= 0) all.val_accuracy += s.val_accuracy / n;
+    if (all.val_bits_per_byte >= 0) all.val_bits_per_byte += s.val_bits_per_byte / n;
+    all.avg_act_bits += s.avg_act_bits / n;
+    all.avg_grad_bits += s.avg_grad_bits / n;
+    all.wall_seconds = std::max(all.wall_seconds, s.wall_seconds);
+    all.max_budget_excess = std::max(all.max_budget_excess, s.max_budget_excess);
+  }
+  return all;
+}
+
+}  // namespace
+
+int RunDemo(const DemoOptions& opt,
+            const std::function<void(const trainer::TrainSummary&)>& print_summary) {
+  namespace fs = std::filesystem;
+  const auto start = std::chrono::steady_clock::now();
+  const fs::path dir(opt.out_dir);
+  std::error_code ec;
+  fs::create_directories(dir / "logs", ec);
+  if (ec) {
+    spdlog::error("demo: {}: {}", opt.out_dir, ec.message());
+    return 2;
+  }
+  if (fs::exists(dir / "summary.json", ec)) {
+    spdlog::info(
+        "demo: {} holds a finished run: its clients resume from their checkpoints, with "
+        "nothing left to train (--out DIR starts a new run elsewhere)\n",
+        opt.out_dir);
+  } else if (fs::exists(dir / "client0" / "checkpoint.pt", ec)) {
+    spdlog::info("demo: {} holds a stopped run: resuming it (--out DIR starts a new one)",
+                 opt.out_dir);
+  }
+  // The config every process loads (one file, so one digest).
+  const std::string config = (dir / "config.yaml").string();
+  if (opt.config_path.empty()) {
+    if (absl::Status s = base::WriteFileAtomically(config, kDefaultConfig); !s.ok()) {
+      spdlog::error("demo: {}", s.ToString());
+      return 2;
+    }
+  } else if (fs::absolute(opt.config_path) != fs::absolute(config)) {
+    fs::copy_file(opt.config_path, config, fs::copy_options::overwrite_existing, ec);
+    if (ec) {
+      spdlog::error("demo: --config {}: {}", opt.config_path, ec.message());
+      return 2;
+    }
+  }
+  auto parsed = trainer::LoadRunConfig(config);
+  if (!parsed.ok()) {
+    spdlog::error("demo: config error: {}", std::string(parsed.status().message()));
+    return 2;
+  }
+  const std::string certs = (dir / "certs").string(), tokens = (dir / "tokens").string();
+  std::vector<std::string> ids = {"worker0"};
+  for (int i = 0; i < opt.clients; ++i) ids.push_back(absl::StrCat("client", i));
+  if (absl::Status s = server::MakeCertificates(certs); !s.ok()) {
+    spdlog::error("demo: certificates: {}", s.ToString());
+    return 1;
+  }
+  if (absl::Status s = server::WriteTokens(tokens, ids); !s.ok()) {
+    spdlog::error("demo: tokens: {}", s.ToString());
+    return 1;
+  }
+  spdlog::info("demo: {}, {} clients; fresh certificates in {}, tokens in {}", config, opt.clients,
+               certs, tokens);
+  signal(SIGINT, OnInterrupt);
+  signal(SIGTERM, OnInterrupt);
+  const std::vector<std::string> tls = {"--tls-dir", certs};
+  const std::string token_file = (fs::path(tokens) / "tokens").string();
+
+  std::vector<Child> servers;
+  auto stop_servers = [&] {
+    for (auto it = servers.rbegin(); it != servers.rend(); ++it) Stop(*it, SIGTERM);
+    for (auto it = servers.rbegin(); it != servers.rend(); ++it) Wait(*it);
+  };
+  auto start_server = [&](const std::string& name,
+                          std::vector<std::string> args) -> absl::StatusOr<std::string> {
+    args.insert(args.end(), tls.begin(), tls.end());
+    const std::string log = (dir / "logs" / (name + ".log")).string();
+    const std::string ready = (dir / "logs" / (name + ".address")).string();
+    std::filesystem::remove(log);
+    std::filesystem::remove(ready);  // a stale one from a run that was killed
+    args.insert(args.end(), {"--ready-file", ready});
+    auto child = Spawn(name, args, log);
+    if (!child.ok()) return child.status();
+    servers.push_back(*child);
+    auto address = WaitReady(servers.back(), ready, opt.startup_timeout_s);
+    if (address.ok()) spdlog::info("demo: {} listening on {}", name, address->c_str());
+    return address;
+  };
+  auto coordinator = start_server("coordinator", {"coordinator", "--config", config, "--listen",
+                                                  "127.0.0.1:0", "--tokens", token_file});
+  absl::StatusOr<std::string> worker = absl::UnknownError("not started");
+  if (!coordinator.ok()) {
+    worker = coordinator.status();
+  } else {
+    worker = start_server(
+        "worker",
+        {"worker", "--config", config, "--coordinator", *coordinator, "--listen", "127.0.0.1:0",
+         "--name", "worker0", "--tokens", token_file, "--token",
+         (fs::path(tokens) / "worker0.token").string(), "--out", (dir / "worker0").string()});
+  }
+  if (!worker.ok()) {
+    spdlog::error("demo: {}", worker.status().ToString());
+    stop_servers();
+    return 1;
+  }
+
+  std::vector<Child> clients;
+  for (int i = 0; i < opt.clients; ++i) {
+    const std::string id = absl::StrCat("client", i);
+    auto child =
+        Spawn(id,
+              {"client", "--config", config, "--coordinator", *coordinator, "--id", id, "--token",
+               (fs::path(tokens) / (id + ".token")).string(), "--shard",
+               absl::StrCat(i, "/", opt.clients), "--out", (dir / id).string(), "--tls-dir", certs},
+              "");
+    if (!child.ok()) {
+      spdlog::error("demo: {}", child.status().ToString());
+      g_interrupt.store(true);
+      break;
+    }
+    clients.push_back(*child);
+  }
+  // Wait for the clients; an interrupt is passed on to them (they checkpoint and stop).
+  int failures = 0;
+  bool forwarded = false;
+  for (Child& c : clients) {
+    for (;;) {
+      if (g_interrupt.load() && !forwarded) {
+        for (Child& other : clients) Stop(other, SIGTERM);
+        forwarded = true;
+      }
+      int status = 0;
+      const pid_t done = waitpid(c.pid, &status, WNOHANG);
+      if (done == c.pid) {
+        const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        c.pid = -1;
+        if (code != 0) {
+          ++failures;
+          spdlog::warn("demo: {} exited with {}", c.name, code);
+        }
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+  stop_servers();
+  if (failures > 0 || g_interrupt.load()) {
+    spdlog::error("demo: stopped ({} client(s) failed); logs in {}", failures,
+                  (dir / "logs").string());
+    return 1;
+  }
+  std::vector<trainer::TrainSummary> parts;
+  for (const Child& c : clients) {
+    auto s = trainer::ReadSummary((dir / c.name / "summary.json").string());
+    if (!s.ok()) {
+      spdlog::error("demo: {}", s.status().ToString());
+      return 1;
+    }
+    parts.push_back(*s);
+  }
+  trainer::TrainSummary all = Combine(parts);
+  all.wall_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const std::string summary_path = (dir / "summary.json").string();
+  if (absl::Status s = trainer::WriteSummary(all, summary_path); !s.ok()) {
+    spdlog::error("demo: {}", s.ToString());
+    return 1;
+  }
+  std::printf("demo: %d clients through one worker; all clients together:\n", opt.clients);
+  if (print_summary) print_summary(all);
+  std::printf("wrote %s\n", summary_path.c_str());
+  std::printf("(per client: %s/client<i>/; server logs: %s/logs/)\n", opt.out_dir.c_str(),
+              opt.out_dir.c_str());
+  return 0;
+}
+
+}  // namespace splitq::tools
