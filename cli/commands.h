@@ -54,6 +54,8 @@ void RegisterCerts(CLI::App& app, RunFn* run);
 
 // `splitq bench transport`: frames over gRPC against raw TCP (built with the services).
 void RegisterBenchTransport(CLI::App& bench, RunFn* run);
+// `splitq bench cluster`: a worker's aggregate throughput with N clients (with the services).
+void RegisterBenchCluster(CLI::App& bench, RunFn* run);
 
 // `splitq coordinator`: a cluster's control plane (built with the services).
 void RegisterCoordinator(CLI::App& app, RunFn* run);

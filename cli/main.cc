@@ -148,6 +148,7 @@ int main(int argc, char** argv) {
   splitq::cli::RegisterBenchStep(*bench, &run);
 #if SPLITQ_WITH_SERVICES
   splitq::cli::RegisterBenchTransport(*bench, &run);
+  splitq::cli::RegisterBenchCluster(*bench, &run);
 #endif
   splitq::cli::RegisterConfig(app, &run);
   splitq::cli::RegisterData(app, &run);

@@ -1,16 +1,15 @@
 #include "cli/net_common.h"
 
 #include <grpcpp/create_channel.h>
-#include <openssl/sha.h>
 
 #include <cstdio>
 #include <fstream>
 #include <sstream>
 
-#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "base/files.h"
+#include "base/sha256.h"
 #include "base/status_macros.h"
 #include "client/worker_client.h"
 #include "server/tokens.h"
@@ -25,14 +24,14 @@ absl::StatusOr<std::string> ConfigDigest(const std::string& path,
   text << file.rdbuf();
   std::string all = text.str();
   for (const std::string& o : overrides) {
-    // Each process picks its own device, and client.* settings are the client's alone.
-    if (o.rfind("device=", 0) == 0 || o.rfind("client.", 0) == 0) continue;
+    // Each process picks its own device; client.* settings are the client's alone, server.*
+    // the worker's.
+    if (o.rfind("device=", 0) == 0 || o.rfind("client.", 0) == 0 || o.rfind("server.", 0) == 0) {
+      continue;
+    }
     absl::StrAppend(&all, "\n--set ", o);
   }
-  unsigned char digest[SHA256_DIGEST_LENGTH];
-  SHA256(reinterpret_cast<const unsigned char*>(all.data()), all.size(), digest);
-  return absl::BytesToHexString(
-      absl::string_view(reinterpret_cast<const char*>(digest), sizeof digest));
+  return base::Sha256Hex(all);
 }
 
 absl::StatusOr<std::string> TokenFromFile(const std::string& path) {

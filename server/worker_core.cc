@@ -1,5 +1,6 @@
 #include "server/worker_core.h"
 
+#include <algorithm>
 #include <optional>
 #include <utility>
 
@@ -46,7 +47,9 @@ struct WorkerCore::Session {
 };
 
 WorkerCore::WorkerCore(trainer::ServerHandler& handler, const WorkerOptions& options)
-    : handler_(handler), options_(options), updates_(handler.updates()) {}
+    : handler_(handler), options_(options), updates_(handler.updates()) {
+  loaded_updates_ = updates_.load();
+}
 
 WorkerCore::~WorkerCore() {
   std::lock_guard<std::mutex> compute(compute_);
@@ -220,18 +223,7 @@ absl::StatusOr<trainer::DownFrame> WorkerCore::RunStep(uint64_t session) {
   std::string client_id, run_id;
   SPLITQ_ASSIGN_OR_RETURN(trainer::UpFrame up,
                           TakeReady(session, false, &handler_id, &client_id, &run_id));
-  bool update;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto known = next_applied_.find(client_id);
-    if (known == next_applied_.end()) {
-      update = true;
-    } else if (!SameRun(known->second.run_id, run_id)) {
-      update = false;  // a session of a run that a newer run of this client id replaced
-    } else {
-      update = static_cast<uint64_t>(up.step) >= known->second.next;
-    }
-  }
+  const bool update = WillUpdate(client_id, run_id, up.step);
   absl::StatusOr<trainer::DownFrame> down = handler_.Train(handler_id, up, update);
   if (!down.ok()) return down.status();
   if (down->activation) {  // U-shaped: the step stays open until RunHead
@@ -246,6 +238,88 @@ absl::StatusOr<trainer::DownFrame> WorkerCore::RunStep(uint64_t session) {
   return down;
 }
 
+bool WorkerCore::WillUpdate(const std::string& client_id, const std::string& run_id,
+                            int64_t step) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto known = next_applied_.find(client_id);
+  if (known == next_applied_.end()) return true;
+  // A session of a run that a newer run of this client id replaced updates nothing.
+  if (!SameRun(known->second.run_id, run_id)) return false;
+  return static_cast<uint64_t>(step) >= known->second.next;
+}
+
+std::vector<absl::StatusOr<trainer::DownFrame>> WorkerCore::RunSteps(
+    const std::vector<uint64_t>& sessions) {
+  std::vector<absl::StatusOr<trainer::DownFrame>> out(sessions.size(),
+                                                      absl::UnknownError("not computed"));
+  if (sessions.size() == 1) {
+    out[0] = RunStep(sessions[0]);
+    return out;
+  }
+  if (handler_.u_shaped()) {
+    for (auto& r : out) {
+      r = absl::FailedPreconditionError("U-shaped steps are computed one at a time (RunStep)");
+    }
+    return out;
+  }
+  // The duplicates of a client id (an old session not closed yet) go one at a time, after.
+  std::vector<size_t> later;
+  {
+    std::lock_guard<std::mutex> compute(compute_);
+    if (const uint64_t holder = turn(); holder != 0) {
+      for (auto& r : out) {
+        r = absl::FailedPreconditionError(
+            absl::StrCat("session ", holder, " holds a U-shaped step open"));
+      }
+      return out;
+    }
+    struct Taken {
+      size_t index;
+      uint64_t handler_id = 0;
+      std::string client_id, run_id;
+      trainer::UpFrame up;
+    };
+    std::vector<Taken> merged;
+    std::vector<std::string> clients;
+    for (size_t i = 0; i < sessions.size(); ++i) {
+      Taken t{i};
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        absl::StatusOr<Session*> s = Find(sessions[i]);
+        if (s.ok() && std::find(clients.begin(), clients.end(), (*s)->client_id) != clients.end()) {
+          later.push_back(i);
+          continue;
+        }
+      }
+      absl::StatusOr<trainer::UpFrame> up =
+          TakeReady(sessions[i], false, &t.handler_id, &t.client_id, &t.run_id);
+      if (!up.ok()) {
+        out[i] = up.status();
+        continue;
+      }
+      t.up = std::move(*up);
+      clients.push_back(t.client_id);
+      if (!WillUpdate(t.client_id, t.run_id, t.up.step)) {
+        // A replay: its gradient, no update, outside the merge.
+        out[i] = handler_.Train(t.handler_id, t.up, false);
+        if (out[i].ok()) Settle(t.client_id, t.run_id, t.up.step, false);
+        continue;
+      }
+      merged.push_back(std::move(t));
+    }
+    std::vector<std::pair<uint64_t, const trainer::UpFrame*>> steps;
+    for (const Taken& t : merged) steps.emplace_back(t.handler_id, &t.up);
+    std::vector<absl::StatusOr<trainer::DownFrame>> results = handler_.TrainMerged(steps);
+    for (size_t k = 0; k < merged.size(); ++k) {
+      const Taken& t = merged[k];
+      out[t.index] = std::move(results[k]);
+      if (out[t.index].ok()) Settle(t.client_id, t.run_id, t.up.step, true);
+    }
+  }
+  for (size_t i : later) out[i] = RunStep(sessions[i]);
+  return out;
+}
+
 void WorkerCore::Settle(const std::string& client_id, const std::string& run_id, int64_t step,
                         bool update) {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -258,6 +332,7 @@ void WorkerCore::Settle(const std::string& client_id, const std::string& run_id,
     if (!run_id.empty()) p.run_id = run_id;
   }
   ++steps_served_;
+  if (update) ++steps_applied_;
   updates_.store(handler_.updates());
 }
 
@@ -404,6 +479,7 @@ absl::StatusOr<size_t> WorkerCore::LoadCheckpoint(const std::string& path) {
   std::lock_guard<std::mutex> lock(mutex_);
   next_applied_ = std::move(next_applied);
   updates_.store(handler_.updates());
+  loaded_updates_ = handler_.updates();
   return next_applied_.size();
 }
 
@@ -415,8 +491,22 @@ WorkerStats WorkerCore::stats() const {
     out.sessions = static_cast<uint32_t>(sessions_.size());
     for (const auto& [id, session] : sessions_) out.train_sessions += session->evaluate ? 0 : 1;
     out.steps_served = steps_served_;
+    out.steps_applied = steps_applied_;
+    out.updates_here = out.updates - loaded_updates_;
   }
   return out;
+}
+
+std::string WorkerCore::weights_digest() const {
+  std::lock_guard<std::mutex> compute(compute_);
+  return handler_.WeightsDigest();
+}
+
+int64_t WorkerCore::ready_targets(uint64_t session) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = sessions_.find(session);
+  if (it == sessions_.end() || !it->second->ready) return 0;
+  return static_cast<int64_t>(it->second->ready->labels.size());
 }
 
 int64_t WorkerCore::buffered_bytes() const {

@@ -8,14 +8,20 @@
 // One frame is in flight per session, so the memory a session holds is bounded by one frame
 // (AssemblerLimits::max_frame_bytes) plus its labels.
 //
-// Ordering across clients: sequential. The server part is shared and every client step is
-// one forward, backward and optimizer step of it, taken one at a time in the order the frames
-// complete (RunStep holds a compute lock). This is what `splitq train` computes for a single
-// client, keeps each client's step independent of how many others are connected, and makes
-// the server's state a plain function of the order of steps; micro-batching across clients
-// would change the effective batch size with the number of clients. The price: the server
-// part does one client's batch at a time (fine for the small server parts we train; see
-// docs/benchmarks.md for the throughput with 32 clients).
+// Ordering across clients: one computation at a time (RunStep and RunSteps hold a compute
+// lock), in the order the caller asks. RunStep computes one client's step: one forward,
+// backward and optimizer step of the shared server part, what `splitq train` computes for a
+// single client. RunSteps computes the ready steps of several sessions as ONE merged server
+// batch (ServerHandler::TrainMerged; trainer/server_part.h gives the semantics): one update
+// for all of them. The service decides what to merge (server.merge.* in the run config,
+// worker_service.h); with merging off every step is its own update, as before 2026-12.
+//
+// Exactly once with merged batches: each step of a merge is decided on its own, as in RunStep.
+// A replay (a step this worker applied already) is computed alone for its gradient, outside
+// the merge, and updates nothing; the steps applied are settled (counted as applied for their
+// client) only when the merged update is taken, so a replay of a step that sat in a merged
+// batch is answered and never applied twice. A merge holds only steps whose frames are complete:
+// it never waits for a client, dead or slow.
 //
 // Client restarts: the worker remembers, per client id, the next step it has not applied and
 // the run it belongs to (TrainHello.run_id), and keeps both in its checkpoints. A hello with
@@ -104,6 +110,11 @@ struct WorkerStats {
   uint32_t train_sessions = 0;  // Train sessions (clients attached)
   int64_t steps_served = 0;     // training steps answered (replays included)
   int64_t updates = 0;          // optimizer steps of the server part
+  // Steps applied to the server part by this process (replays excluded), and the updates this
+  // process took (those restored from a checkpoint excluded): steps_applied / updates_here is
+  // the mean number of clients merged per update (1 without merging).
+  int64_t steps_applied = 0;
+  int64_t updates_here = 0;
 };
 
 class WorkerCore {
@@ -121,6 +132,14 @@ class WorkerCore {
   absl::StatusOr<bool> AddChunk(uint64_t session, const rpc::Chunk& chunk);
   // Computes the completed step and advances the session to the next one (U-shaped: opens it).
   absl::StatusOr<trainer::DownFrame> RunStep(uint64_t session);
+  // The completed steps of `sessions` as one merged batch (see the top); one result each, in
+  // order: a session without a complete frame, or whose frame is bad, fails alone. Two
+  // sessions of one client id (an old one not closed yet): the later goes alone, after. A
+  // U-shaped handler takes one session at a time (FAILED_PRECONDITION for more).
+  std::vector<absl::StatusOr<trainer::DownFrame>> RunSteps(const std::vector<uint64_t>& sessions);
+  // Labels of the session's complete frame (0: none complete): the targets it adds to a merge.
+  int64_t ready_targets(uint64_t session) const;
+  bool u_shaped() const { return handler_.u_shaped(); }
   // U-shaped: the head loss, then the chunks of the head gradient of the open step; true when
   // the frame is complete: call RunHead next, which finishes the step.
   absl::Status AddHeadLoss(uint64_t session, uint64_t step, double loss);
@@ -145,6 +164,9 @@ class WorkerCore {
   absl::StatusOr<size_t> LoadCheckpoint(const std::string& path);
 
   WorkerStats stats() const;
+  // The server part's weights digest (ServerHandler::WeightsDigest); waits for the step being
+  // computed.
+  std::string weights_digest() const;
   // Bytes held by sessions' partial frames and labels now.
   int64_t buffered_bytes() const;
 
@@ -155,6 +177,8 @@ class WorkerCore {
                                              std::string* client_id, std::string* run_id);
   // Records that `client_id`'s step `step` is done (applied when `update`); under compute_.
   void Settle(const std::string& client_id, const std::string& run_id, int64_t step, bool update);
+  // Whether `client_id`'s step `step` is new to the server part (not a replay).
+  bool WillUpdate(const std::string& client_id, const std::string& run_id, int64_t step) const;
 
   trainer::ServerHandler& handler_;
   WorkerOptions options_;
@@ -171,6 +195,8 @@ class WorkerCore {
   std::map<std::string, Progress> next_applied_;  // by client id
   uint64_t next_id_ = 1;
   int64_t steps_served_ = 0;
+  int64_t steps_applied_ = 0;
+  int64_t loaded_updates_ = 0;  // under mutex_: updates at construction or LoadCheckpoint
   // handler_.updates(), mirrored so that stats() (the heartbeat) never waits for compute_.
   std::atomic<int64_t> updates_{0};
 };

@@ -20,6 +20,36 @@
 
 namespace splitq::server {
 
+namespace {
+std::string MergeText(const MergeOptions& m, bool u_shaped) {
+  if (m.max_clients <= 1) return "";
+  if (u_shaped) return "; U-shaped: steps are not merged";
+  return absl::StrFormat("; merging up to %d clients%s, window %g ms", m.max_clients,
+                         m.max_targets > 0 ? absl::StrCat(" / ", m.max_targets, " labels") : "",
+                         m.window_ms);
+}
+
+std::string StatsText(const WorkerStats& w) {
+  std::string text =
+      absl::StrFormat("%d steps served, %d server updates", w.steps_served, w.updates);
+  if (w.updates_here > 0 && w.steps_applied > w.updates_here) {
+    absl::StrAppend(&text, absl::StrFormat(" (%.2f clients per update)",
+                                           static_cast<double>(w.steps_applied) / w.updates_here));
+  }
+  return text;
+}
+
+// What `splitq demo` gathers from each worker (--out DIR/worker.json).
+std::string ReportJson(const std::string& name, int rank, const WorkerStats& w,
+                       const std::string& digest) {
+  return absl::StrFormat(
+      "{\n  \"name\": \"%s\",\n  \"rank\": %d,\n  \"server_updates\": %d,\n"
+      "  \"steps_served\": %d,\n  \"steps_applied\": %d,\n  \"updates_here\": %d,\n"
+      "  \"weights_sha256\": \"%s\"\n}\n",
+      name, rank, w.updates, w.steps_served, w.steps_applied, w.updates_here, digest);
+}
+}  // namespace
+
 struct WorkerProcess::Impl {
   WorkerProcessOptions o;
   std::unique_ptr<trainer::ServerPart> part;
@@ -103,6 +133,8 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   s.saved_updates = s.core->stats().updates;
   WorkerServiceOptions service_options;
   service_options.reply_chunk_bytes = s.o.reply_chunk_bytes;
+  service_options.merge = MergeOptions{s.o.config.merge_max_clients, s.o.config.merge_max_targets,
+                                       s.o.config.merge_window_ms};
   service_options.log = [&s](const std::string& line) {
     s.Log(absl::StrCat("worker ", s.o.name, ": ", line));
   };
@@ -125,9 +157,10 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
     gethostname(host, sizeof host - 1);
     s.advertised.host = host;
   }
-  s.Log(absl::StrFormat("worker %s listening on %s (%s), server part on %s", s.o.name,
+  s.Log(absl::StrFormat("worker %s listening on %s (%s), server part on %s%s", s.o.name,
                         rpc::JoinHostPort(s.advertised),
-                        s.o.security.insecure ? "plaintext" : "TLS", s.part->device()));
+                        s.o.security.insecure ? "plaintext" : "TLS", s.part->device(),
+                        MergeText(service_options.merge, s.o.config.u_shaped)));
   if (s.advertised.port != static_cast<uint32_t>(s.serving.port)) {  // a proxy in front
     s.Log(absl::StrFormat("worker %s bound to %s:%d", s.o.name, listen.host, s.serving.port));
   }
@@ -203,9 +236,8 @@ absl::Status WorkerProcess::Run(const std::atomic<bool>& stop) {
       if (std::chrono::steady_clock::now() - last_status > std::chrono::seconds(10)) {
         last_status = std::chrono::steady_clock::now();
         const WorkerStats w = s.core->stats();
-        s.Log(absl::StrFormat(
-            "worker %s: %u sessions (train and evaluate), %d steps served, %d server updates",
-            s.o.name, w.sessions, w.steps_served, w.updates));
+        s.Log(absl::StrFormat("worker %s: %u sessions (train and evaluate), %s", s.o.name,
+                              w.sessions, StatsText(w)));
       }
     }
   }
@@ -214,8 +246,16 @@ absl::Status WorkerProcess::Run(const std::atomic<bool>& stop) {
   s.serving.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   const bool saved = s.checkpoint.empty() || s.Save(true);
   const WorkerStats w = s.core->stats();
-  s.Log(absl::StrFormat("worker %s stopped: %d steps served, %d server updates; peak RSS %.0f MiB",
-                        s.o.name, w.steps_served, w.updates, base::PeakRssMiB()));
+  if (!s.o.out_dir.empty()) {
+    const std::string report = (std::filesystem::path(s.o.out_dir) / "worker.json").string();
+    if (absl::Status r =
+            base::WriteFileAtomically(report, ReportJson(s.o.name, 0, w, s.core->weights_digest()));
+        !r.ok()) {
+      s.Warn(absl::StrCat("worker ", s.o.name, ": ", r.ToString()));
+    }
+  }
+  s.Log(absl::StrFormat("worker %s stopped: %s; peak RSS %.0f MiB", s.o.name, StatsText(w),
+                        base::PeakRssMiB()));
   if (!saved) return absl::InternalError("the final checkpoint was not saved");
   return absl::OkStatus();
 }

@@ -11,6 +11,11 @@
 // resumes from it; steps applied after the last checkpoint are lost, and the log names them when
 // their client comes back. A failed save is retried checkpoint_every updates later (a full disk
 // must not stall training with a save every 100 ms); a failed final save is Run's error.
+// At the stop it also writes DIR/worker.json: name, rank, server_updates (all of the run's,
+// checkpoints included), steps_served, steps_applied and updates_here (this process's), and
+// weights_sha256 (WorkerCore::weights_digest) — what `splitq demo` puts in its summary.
+//
+// Merged batches: the run config's server.merge.* (worker_service.h, MergeOptions).
 #pragma once
 
 #include <atomic>

@@ -79,6 +79,14 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
     }
     if (compute) {
       job_running_ = true;
+      if constexpr (!kEvaluate) {
+        if (!head_ && service_.merging()) {
+          service_.EnqueueReady(WorkerService::ReadyStep{
+              session_, std::chrono::steady_clock::now(),
+              [this](absl::StatusOr<trainer::DownFrame> down) { Deliver(std::move(down)); }});
+          return;
+        }
+      }
       service_.compute_.Post([this] { Compute(); });
     } else if (writes_.empty() && !writing_) {
       this->StartRead(&raw_);
@@ -264,9 +272,9 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
 
   // On the compute thread.
   void Compute() {
-    std::deque<grpc::ByteBuffer> replies;
-    absl::Status status;
     if constexpr (kEvaluate) {
+      std::deque<grpc::ByteBuffer> replies;
+      absl::Status status;
       // Validation waits for an open U-shaped step too: its forward would change the state of
       // boundary 2's module that the open step's regulariser reads.
       if (service_.ParkIfNotTurn(session_, [this] { Compute(); })) return;
@@ -281,13 +289,23 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
         r.set_output(piece->frame);
         replies.push_back(rpc::ToByteBuffer(r));
       }
+      EndJob(status, std::move(replies));
     } else {
       // Another session's U-shaped step is open: this step waits for its turn.
       if (!head_ && service_.ParkIfNotTurn(session_, [this] { Compute(); })) return;
-      auto down = head_ ? service_.core_.RunHead(session_) : service_.core_.RunStep(session_);
-      status = down.status();
-      if (down.ok()) AppendFrame(*down, &replies);
+      Deliver(head_ ? service_.core_.RunHead(session_) : service_.core_.RunStep(session_));
     }
+  }
+
+  // On the compute thread: a training step's result.
+  void Deliver(absl::StatusOr<trainer::DownFrame> down) {
+    std::deque<grpc::ByteBuffer> replies;
+    if (down.ok()) AppendFrame(*down, &replies);
+    EndJob(down.status(), std::move(replies));
+  }
+
+  // On the compute thread: the job is over; writes `replies` (or ends the stream with `status`).
+  void EndJob(const absl::Status& status, std::deque<grpc::ByteBuffer> replies) {
     bool destroy;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -395,6 +413,54 @@ void WorkerService::Unpark() {
     jobs.swap(parked_);
   }
   for (auto& job : jobs) compute_.Post(std::move(job));
+}
+
+void WorkerService::EnqueueReady(ReadyStep step) {
+  bool post;
+  {
+    std::lock_guard<std::mutex> lock(merge_mutex_);
+    ready_.push_back(std::move(step));
+    post = !merge_posted_;
+    merge_posted_ = true;
+  }
+  merge_wake_.notify_all();
+  if (post) compute_.Post([this] { MergeReady(); });
+}
+
+void WorkerService::MergeReady() {
+  const MergeOptions& m = options_.merge;
+  std::vector<ReadyStep> batch;
+  bool more;
+  {
+    std::unique_lock<std::mutex> lock(merge_mutex_);
+    if (ready_.empty()) {
+      merge_posted_ = false;
+      return;
+    }
+    if (m.window_ms > 0 && static_cast<int64_t>(ready_.size()) < m.max_clients) {
+      const auto deadline =
+          ready_.front().since + std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                     std::chrono::duration<double, std::milli>(m.window_ms));
+      merge_wake_.wait_until(lock, deadline,
+                             [&] { return static_cast<int64_t>(ready_.size()) >= m.max_clients; });
+    }
+    int64_t targets = 0;
+    while (!ready_.empty() && static_cast<int64_t>(batch.size()) < m.max_clients) {
+      const int64_t t = core_.ready_targets(ready_.front().session);
+      if (!batch.empty() && m.max_targets > 0 && targets + t > m.max_targets) break;
+      targets += t;
+      batch.push_back(std::move(ready_.front()));
+      ready_.pop_front();
+    }
+    more = !ready_.empty();
+    merge_posted_ = more;
+  }
+  if (more) compute_.Post([this] { MergeReady(); });
+  std::vector<uint64_t> sessions;
+  sessions.reserve(batch.size());
+  for (const ReadyStep& r : batch) sessions.push_back(r.session);
+  std::vector<absl::StatusOr<trainer::DownFrame>> results = core_.RunSteps(sessions);
+  for (size_t i = 0; i < batch.size(); ++i) batch[i].deliver(std::move(results[i]));
 }
 
 WorkerService::~WorkerService() {

@@ -3,8 +3,17 @@
 // core calls and statuses into stream endings, and writes the replies.
 //
 // Threads: gRPC's callback threads only read, reassemble and write; they never compute. When a
-// frame is complete the step goes to one compute thread (the steps of all sessions, one at a
-// time: WorkerCore's sequential ordering). U-shaped: while one session's step is open (its
+// frame is complete the step goes to one compute thread (the steps of all sessions, one
+// computation at a time: WorkerCore's ordering).
+//
+// Merged batches (MergeOptions, the run config's server.merge.*; plain layout only): a
+// complete training frame joins a queue of ready steps instead. The compute thread takes the
+// queue's front steps, up to max_clients sessions and max_targets labels (the first step always
+// fits), and computes them as one merged batch (WorkerCore::RunSteps). With window_ms > 0 it
+// first waits until max_clients steps are ready or the oldest has waited window_ms, whichever
+// comes first; with 0 it merges what is ready when it gets to it (steps that queued while it
+// computed the previous batch). Only complete frames are queued, so a merge never waits for a
+// client that stopped sending. U-shaped: while one session's step is open (its
 // turn, worker_core.h), other sessions' steps are parked and posted again when the turn is
 // freed. A session reads nothing more until its step's reply
 // is written, so one frame is in flight per session and HTTP/2 flow control holds the client
@@ -13,6 +22,7 @@
 // Errors end only the session that caused them, with the core's status code and message.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -42,7 +52,15 @@ class SerialExecutor {
   std::thread thread_;
 };
 
+// How a worker merges its clients' steps (the run config's server.merge.*).
+struct MergeOptions {
+  int64_t max_clients = 1;  // sessions per merged batch (1: no merging)
+  int64_t max_targets = 0;  // labels per merged batch (0: no limit)
+  double window_ms = 0;     // how long the oldest ready step may wait for others
+};
+
 struct WorkerServiceOptions {
+  MergeOptions merge;
   int64_t reply_chunk_bytes = 1 << 20;  // gradient frames go back in chunks of this size
                                         // (clamped to 1 KiB .. 4 MiB)
   // Called (from gRPC's threads) with one line when a session opens and when it ends (with
@@ -75,11 +93,25 @@ class WorkerService final
   bool ParkIfNotTurn(uint64_t session, std::function<void()> job);
   void Unpark();
 
+  // Merged batches: whether complete training frames go to the ready queue.
+  bool merging() const { return options_.merge.max_clients > 1 && !core_.u_shaped(); }
+  struct ReadyStep {
+    uint64_t session = 0;
+    std::chrono::steady_clock::time_point since;
+    std::function<void(absl::StatusOr<trainer::DownFrame>)> deliver;  // on the compute thread
+  };
+  void EnqueueReady(ReadyStep step);
+  void MergeReady();  // on the compute thread
+
   WorkerCore& core_;
   const TokenSet* tokens_;
   WorkerServiceOptions options_;
   std::mutex parked_mutex_;
   std::deque<std::function<void()>> parked_;
+  std::mutex merge_mutex_;
+  std::condition_variable merge_wake_;
+  std::deque<ReadyStep> ready_;  // under merge_mutex_
+  bool merge_posted_ = false;    // a MergeReady job is posted or running
   SerialExecutor compute_;
 };
 

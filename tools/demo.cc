@@ -6,6 +6,7 @@
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <yaml-cpp/yaml.h>
 
 #include <atomic>
 #include <chrono>
@@ -153,6 +154,33 @@ trainer::TrainSummary Combine(const std::vector<trainer::TrainSummary>& parts) {
     all.max_budget_excess = std::max(all.max_budget_excess, s.max_budget_excess);
   }
   return all;
+}
+
+// The workers' reports (DIR/<name>/worker.json) into `summary`.
+absl::Status AddWorkers(const std::vector<std::string>& names, const std::filesystem::path& dir,
+                        trainer::TrainSummary* summary) {
+  int64_t applied = 0, updates = 0;
+  for (const std::string& name : names) {
+    const std::string path = (dir / name / "worker.json").string();
+    trainer::WorkerReport w;
+    try {
+      const YAML::Node n = YAML::LoadFile(path);  // JSON is YAML
+      w.name = n["name"].as<std::string>();
+      w.rank = n["rank"].as<int64_t>();
+      w.server_updates = n["server_updates"].as<int64_t>();
+      w.steps_applied = n["steps_applied"].as<int64_t>();
+      w.updates_here = n["updates_here"].as<int64_t>();
+      w.weights_sha256 = n["weights_sha256"].as<std::string>();
+    } catch (const YAML::Exception& e) {
+      return absl::DataLossError(absl::StrCat(path, ": not a worker report: ", e.what()));
+    }
+    applied += w.steps_applied;
+    updates += w.updates_here;
+    summary->workers.push_back(std::move(w));
+  }
+  summary->mean_clients_per_update =
+      updates > 0 ? static_cast<double>(applied) / static_cast<double>(updates) : -1;
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -307,6 +335,10 @@ int RunDemo(const DemoOptions& opt,
     parts.push_back(*s);
   }
   trainer::TrainSummary all = Combine(parts);
+  if (absl::Status w = AddWorkers({"worker0"}, dir, &all); !w.ok()) {
+    spdlog::error("demo: {}", w.ToString());
+    return 1;
+  }
   all.wall_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const std::string summary_path = (dir / "summary.json").string();

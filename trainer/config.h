@@ -91,6 +91,10 @@ struct RunConfig {
   std::vector<std::string> lora_targets{"qkv", "proj", "fc1", "fc2"};
   // client: `splitq client` only (`splitq train` ignores it)
   int64_t client_micro_batches = 1;  // ClientPart::set_micro_batches
+  // server: `splitq worker` only (server/worker_service.h, MergeOptions)
+  int64_t merge_max_clients = 1;  // 1: every client step is its own server update
+  int64_t merge_max_targets = 0;  // 0: no limit
+  double merge_window_ms = 0;
   // quant
   ActivationQuantConfig activations;
   GradientQuantConfig gradients;

@@ -227,6 +227,16 @@ const std::vector<Key>& Keys() {
           "more forward pass; the same result up to float summation order). A CUDA client runs "
           "the batch whole; `splitq client --micro-batches K` overrides both; splitq train "
           "ignores it"),
+      Int("server.merge.max_clients", 1, 1024, SPLITQ_FIELD(merge_max_clients),
+          "splitq worker: compute the ready steps of up to this many clients as one server batch "
+          "with one update (1: each step alone; docs/cluster.md, Merged batches)"),
+      Int("server.merge.max_targets", 1, kNoLimit, SPLITQ_FIELD(merge_max_targets),
+          "splitq worker: the most labels a merged batch holds (one per image, one per token; 0: "
+          "no limit; a step larger than this still goes alone)",
+          /*zero_ok=*/true),
+      Num("server.merge.window_ms", 0, 1000, false, SPLITQ_FIELD(merge_window_ms),
+          "splitq worker: how long a ready step may wait for other clients' steps to merge with "
+          "(0: merge only what is ready when the server part is free)"),
       Choice(
           "quant.activations.mode", {"fp32", "uniform", "amaq", "aqsgd"},
           [](RunConfig& c, const std::string& s) { c.activations.mode = ModeOf(s); },

@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/sha256.h"
 #include "base/status_macros.h"
 #include "trainer/boundary.h"
 #include "trainer/checkpoint_io.h"
@@ -242,6 +243,96 @@ absl::StatusOr<DownFrame> ServerPart::Train(uint64_t id, const UpFrame& up, bool
   return down;
 }
 
+std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
+    const std::vector<std::pair<uint64_t, const UpFrame*>>& steps) {
+  Impl& s = *impl_;
+  if (steps.size() <= 1 || s.c.u_shaped) return ServerHandler::TrainMerged(steps);
+  std::vector<absl::StatusOr<DownFrame>> out(steps.size(), absl::UnknownError("not computed"));
+  if (s.open_session != 0) {
+    for (auto& r : out) {
+      r = absl::FailedPreconditionError(absl::StrCat(
+          "session ", s.open_session, " has a U-shaped step open; finish it before another"));
+    }
+    return out;
+  }
+  // The steps whose input decoded, with their targets' share of the merge.
+  struct Item {
+    size_t index;
+    Impl::Session* session;
+    at::Tensor input;
+    int64_t targets = 0;
+  };
+  std::vector<Item> items;
+  const absl::Status merged = TorchCall("merged step", [&]() -> absl::Status {
+    int64_t last_step = 0;
+    for (const auto& [id, up] : steps) last_step = std::max(last_step, up->step);
+    PrepareOptimizer(s.c, *s.opt, last_step);
+    for (size_t i = 0; i < steps.size(); ++i) {
+      const UpFrame& up = *steps[i].second;
+      out[i] = DownFrame{};
+      out[i]->step = up.step;
+      absl::StatusOr<Impl::Session*> session = s.Find(steps[i].first);
+      if (!session.ok()) {
+        out[i] = session.status();
+        continue;
+      }
+      (*session)->open.reset();
+      // One bad frame fails its own step; TorchCall turns a torch error into a status here.
+      absl::StatusOr<at::Tensor> input =
+          TorchCall(absl::StrCat("step ", up.step), [&] { return s.Input(**session, up, true); });
+      if (!input.ok()) {
+        out[i] = input.status();
+        continue;
+      }
+      items.push_back(Item{i, *session, *input, static_cast<int64_t>(up.labels.size())});
+    }
+    if (items.empty()) return absl::OkStatus();
+    std::vector<at::Tensor> inputs, targets;
+    int64_t total = 0;
+    for (const Item& item : items) {
+      inputs.push_back(item.input);
+      targets.push_back(s.Targets(*steps[item.index].second));
+      total += item.targets;
+    }
+    const at::Tensor server_in = at::cat(inputs).detach().requires_grad_(true);
+    at::Tensor per_target;
+    {
+      AutocastScope scope(s.c.bf16_autocast);
+      per_target = TaskLosses(s.model.server->forward(server_in), at::cat(targets));
+    }
+    const at::Tensor loss = per_target.sum() / static_cast<double>(total);
+    double merged_loss = 0;
+    SPLITQ_RETURN_IF_ERROR(CheckLoss(loss, last_step, &merged_loss));
+    loss.backward();
+    const at::Tensor grad = server_in.grad();
+    int64_t row = 0, target = 0;
+    for (const Item& item : items) {
+      const int64_t rows = item.input.size(0);
+      DownFrame& down = *out[item.index];
+      down.loss = per_target.narrow(0, target, item.targets).sum().item<double>() / item.targets;
+      // This client's own mean loss: the merged gradient's slice times N / N_k.
+      const at::Tensor g = grad.narrow(0, row, rows) *
+                           (static_cast<double>(total) / static_cast<double>(item.targets));
+      absl::StatusOr<std::pair<std::string, double>> frame =
+          item.session->receiver->SendGradient(g, down.step);
+      if (frame.ok()) {
+        down.frame = std::move(frame->first);
+        down.grad_bits = frame->second;
+      } else {
+        out[item.index] = frame.status();
+      }
+      row += rows;
+      target += item.targets;
+    }
+    s.ClipAndStep(true);
+    return absl::OkStatus();
+  });
+  if (!merged.ok()) {
+    for (const Item& item : items) out[item.index] = merged;
+  }
+  return out;
+}
+
 absl::StatusOr<DownFrame> ServerPart::TrainHead(uint64_t id, const HeadGradient& head) {
   Impl& s = *impl_;
   SPLITQ_ASSIGN_OR_RETURN(Impl::Session * session, s.Find(id));
@@ -364,6 +455,26 @@ absl::Status ServerPart::LoadCheckpoint(const std::string& path, std::string* ex
                       static_cast<size_t>(bytes.numel()));
         return absl::OkStatus();
       });
+}
+
+std::vector<int64_t> ServerPart::input_shape() const { return impl_->sample_shape; }
+
+std::vector<at::Tensor> ServerPart::Weights() const {
+  const Impl& s = *impl_;
+  std::vector<at::Tensor> out = s.model.server->parameters();
+  if (s.c.u_shaped) {
+    for (const at::Tensor& p : s.amaq2->parameters()) out.push_back(p);
+  }
+  return out;
+}
+
+std::string ServerPart::WeightsDigest() const {
+  base::Sha256 sha;
+  for (const at::Tensor& w : Weights()) {
+    const at::Tensor bytes = w.detach().to(at::kCPU).contiguous();
+    sha.Update(bytes.data_ptr(), static_cast<size_t>(bytes.numel() * bytes.element_size()));
+  }
+  return sha.HexDigest();
 }
 
 size_t ServerPart::sessions() const { return impl_->sessions.size(); }

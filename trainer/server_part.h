@@ -9,17 +9,33 @@
 // half of boundary 2 (encoders, AQ-SGD sender cache). Sessions' AQ-SGD caches die with them
 // (client_part.h says why).
 //
+// Merged batches (TrainMerged, plain layout): the steps of K sessions become one server batch.
+// Each session decodes its own frame (its bit map, its AQ-SGD cache); the activations are
+// concatenated in the order given, and the server takes one forward, one backward and ONE
+// optimizer update over the merged batch, with the loss the mean over all merged targets (what
+// `splitq train` computes for one client with the batches concatenated). Each client gets the
+// gradient of ITS OWN mean loss: its slice of the merged gradient times N / N_k (N targets in
+// the merge, N_k its own), so a client's step is as large as it would be unmerged, and each
+// gets its own loss back. The learning-rate schedule takes the largest step in the merge.
+// A step with a bad frame or labels fails alone (INVALID_ARGUMENT etc., as Train); a
+// non-finite merged loss fails every step of the merge (INTERNAL), with no update. A U-shaped
+// server part computes merged steps one at a time (its steps hold a turn).
+//
 // Not thread-safe: the worker calls it from one thread, one step at a time (server/worker_core.h).
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "trainer/config.h"
 #include "trainer/split_link.h"
 
+namespace at {
+class Tensor;
+}  // namespace at
 namespace torch::serialize {
 class InputArchive;
 class OutputArchive;
@@ -51,6 +67,8 @@ class ServerPart : public ServerHandler {
   void CloseSession(uint64_t session) override;
   absl::StatusOr<DownFrame> Train(uint64_t session, const UpFrame& up, bool update) override;
   absl::StatusOr<DownFrame> TrainHead(uint64_t session, const HeadGradient& head) override;
+  std::vector<absl::StatusOr<DownFrame>> TrainMerged(
+      const std::vector<std::pair<uint64_t, const UpFrame*>>& steps) override;
   bool u_shaped() const override;
   absl::StatusOr<EvalPiece> Evaluate(uint64_t session, const UpFrame& up) override;
   int64_t updates() const override;
@@ -66,6 +84,13 @@ class ServerPart : public ServerHandler {
   void SaveParts(torch::serialize::OutputArchive& archive, uint64_t session) const;
   absl::Status LoadParts(torch::serialize::InputArchive& archive, const std::string& path,
                          uint64_t session, int64_t updates);
+
+  // One example's boundary activation shape (what a frame carries per example).
+  std::vector<int64_t> input_shape() const;
+  // The server's trainable weights (its blocks' parameters, then boundary 2's), in a fixed
+  // order; and a SHA-256 (hex) of their bytes: replicas that took the same updates agree.
+  std::vector<at::Tensor> Weights() const;
+  std::string WeightsDigest() const override;
 
   size_t sessions() const;
   std::string device() const;

@@ -37,6 +37,11 @@ at::Tensor TaskLoss(const at::Tensor& logits, const at::Tensor& targets) {
                                 targets.reshape({-1}));
 }
 
+at::Tensor TaskLosses(const at::Tensor& logits, const at::Tensor& targets) {
+  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat),
+                                targets.reshape({-1}), {}, at::Reduction::None);
+}
+
 EvalPiece ScoreBatch(const at::Tensor& logits, const at::Tensor& targets) {
   EvalPiece out;
   const double n = static_cast<double>(targets.numel());

@@ -28,6 +28,8 @@ namespace splitq::trainer::internal {
 using quant::TorchCall;  // quant/torch_status.h: the one place torch's exceptions are caught
 
 at::Tensor TaskLoss(const at::Tensor& logits, const at::Tensor& targets);
+// The cross-entropy of every target, flattened (float32): TaskLoss is their mean.
+at::Tensor TaskLosses(const at::Tensor& logits, const at::Tensor& targets);
 // A validation batch's summed loss, correct predictions and count (no autograd needed).
 EvalPiece ScoreBatch(const at::Tensor& logits, const at::Tensor& targets);
 

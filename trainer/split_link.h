@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -113,11 +114,27 @@ class ServerHandler {
     (void)session, (void)head;
     return absl::UnimplementedError("this server part serves the plain layout only");
   }
+  // Several sessions' steps as one server batch (a worker's merged batch; none of them a
+  // replay, each of another session): one forward and backward over their activations
+  // concatenated, one optimizer update. Returns one result per step, in order; a step whose
+  // frame or labels are bad fails alone and the others go on without it. The default computes
+  // them one after another with Train (an update each). ServerPart's semantics are in
+  // server_part.h.
+  virtual std::vector<absl::StatusOr<DownFrame>> TrainMerged(
+      const std::vector<std::pair<uint64_t, const UpFrame*>>& steps) {
+    std::vector<absl::StatusOr<DownFrame>> out;
+    out.reserve(steps.size());
+    for (const auto& [session, up] : steps) out.push_back(Train(session, *up, true));
+    return out;
+  }
   // Whether Train leaves the step open for TrainHead (a U-shaped model).
   virtual bool u_shaped() const { return false; }
   virtual absl::StatusOr<EvalPiece> Evaluate(uint64_t session, const UpFrame& up) = 0;
   // Optimizer steps taken so far, over all sessions.
   virtual int64_t updates() const = 0;
+  // A SHA-256 (hex) of the trainable weights: replicas that took the same updates agree.
+  // The default: "" (unknown).
+  virtual std::string WeightsDigest() const { return ""; }
   // The trainable state shared by all sessions (weights, optimizer, updates()) plus the
   // caller's `extra` bytes, written to `path` atomically; sessions are not saved (a client
   // opens a new one and resends its bit map). The default: UNIMPLEMENTED.

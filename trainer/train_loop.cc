@@ -301,6 +301,25 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
   return summary;
 }
 
+namespace {
+// ",\n  \"workers\": [...],\n  \"mean_clients_per_update\": x" ("" without workers).
+std::string WorkersJson(const TrainSummary& summary) {
+  if (summary.workers.empty()) return "";
+  std::string out = ",\n  \"workers\": [";
+  for (size_t i = 0; i < summary.workers.size(); ++i) {
+    const WorkerReport& w = summary.workers[i];
+    absl::StrAppendFormat(&out,
+                          "%s\n    {\"name\": \"%s\", \"rank\": %d, \"server_updates\": %d, "
+                          "\"steps_applied\": %d, \"weights_sha256\": \"%s\"}",
+                          i == 0 ? "" : ",", w.name, w.rank, w.server_updates, w.steps_applied,
+                          w.weights_sha256);
+  }
+  absl::StrAppendFormat(&out, "\n  ],\n  \"mean_clients_per_update\": %s",
+                        NumberOrNull(summary.mean_clients_per_update));
+  return out;
+}
+}  // namespace
+
 absl::Status WriteSummary(const TrainSummary& summary, const std::string& path) {
   return base::WriteFileAtomically(
       path,
@@ -311,12 +330,12 @@ absl::Status WriteSummary(const TrainSummary& summary, const std::string& path) 
           "  \"act_budget\": %s,\n  \"grad_budget\": %s,\n"
           "  \"bytes_up\": %d,\n  \"bytes_down\": %d,\n  \"bytes_fp32_equivalent\": %d,\n"
           "  \"wall_seconds\": %.3f,\n  \"max_budget_excess\": %.6f,\n  \"device\": \"%s\",\n"
-          "  \"clients\": %d\n}\n",
+          "  \"clients\": %d%s\n}\n",
           summary.task, summary.steps, summary.val_loss, NumberOrNull(summary.val_accuracy),
           NumberOrNull(summary.val_bits_per_byte), summary.avg_act_bits, summary.avg_grad_bits,
           NumberOrNull(summary.act_budget), NumberOrNull(summary.grad_budget), summary.bytes_up,
           summary.bytes_down, summary.bytes_fp32_equivalent, summary.wall_seconds,
-          summary.max_budget_excess, summary.device, summary.clients));
+          summary.max_budget_excess, summary.device, summary.clients, WorkersJson(summary)));
 }
 
 absl::StatusOr<TrainSummary> ReadSummary(const std::string& path) {

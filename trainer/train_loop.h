@@ -32,6 +32,16 @@
 
 namespace splitq::trainer {
 
+// One worker of a cluster run, as it reported at its stop (`splitq worker --out`'s worker.json).
+struct WorkerReport {
+  std::string name;
+  int64_t rank = 0;
+  int64_t server_updates = 0;
+  int64_t steps_applied = 0;  // by the worker's last process
+  int64_t updates_here = 0;   // by the worker's last process
+  std::string weights_sha256;
+};
+
 struct TrainSummary {
   std::string task;
   int64_t steps = 0;
@@ -52,6 +62,10 @@ struct TrainSummary {
   double wall_seconds = 0;       // over all sessions of a resumed run
   double max_budget_excess = 0;  // max over frames of (mean bits sent - budget); <= 0 always
   std::string device;
+  // `splitq demo` only (written when not empty): the workers, and the clients' steps applied
+  // per server update over the workers' last processes (1 without merged batches).
+  std::vector<WorkerReport> workers;
+  double mean_clients_per_update = -1;
 };
 
 struct TrainOptions {

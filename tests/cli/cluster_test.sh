@@ -5,8 +5,8 @@
 #
 # CASE:
 #   demo         `splitq demo` with 2 clients and a small config: exits 0, summary.json has
-#                exactly the keys of `splitq train`'s, steps summed over the clients, TLS and
-#                tokens in use (a plaintext health probe fails).
+#                the keys of `splitq train`'s plus the workers' reports, steps summed over the
+#                clients, TLS and tokens in use (a plaintext health probe fails).
 #   equivalence  one client through coordinator + worker against `splitq train`, same config and
 #                seed: on the CPU with one thread per process every logged loss is equal to
 #                1e-6 relative (bit-identical in practice); with the default threads and device
@@ -27,6 +27,9 @@
 #                resumes from its checkpoint (worker.pt), the client reconnects to it and
 #                finishes, and the server updates add up: those saved, plus those after the
 #                restart, plus the steps the log names as lost since the checkpoint = 200.
+#   merge        `splitq demo` with 4 clients and merged batches (server.merge.max_clients 4,
+#                a 500 ms window): every step applied once, at least 2 clients per server update
+#                on average, and the run learns (validation accuracy above 0.6).
 #   refusals     a client with another config (digest) and a client without a token are refused
 #                with a clear message; the worker keeps serving.
 set -euo pipefail
@@ -154,13 +157,34 @@ demo)
   [[ -f $dir/demo/summary.json ]] || fail "no summary.json"
   "$SPLITQ" train --config "$config" --set steps=10 --out "$dir/train" >/dev/null 2>&1
   keys() { sed -n 's/^ *"\([a-z_0-9]*\)":.*/\1/p' "$1" | sort | tr '\n' ' '; }
-  [[ $(keys "$dir/demo/summary.json") == "$(keys "$dir/train/summary.json")" ]] ||
-    fail "keys differ: $(keys "$dir/demo/summary.json") vs $(keys "$dir/train/summary.json")"
+  want=$( (keys "$dir/train/summary.json" | tr ' ' '\n'; echo mean_clients_per_update; echo workers) |
+    sed '/^$/d' | sort | tr '\n' ' ')
+  [[ $(keys "$dir/demo/summary.json") == "$want" ]] ||
+    fail "keys differ: $(keys "$dir/demo/summary.json") vs $want"
   grep -q '"steps": 120,' "$dir/demo/summary.json" || fail "steps not summed over 2 clients"
+  # The worker's report: one step per update (no merging in this config), and its weights.
+  grep -Eq '\{"name": "worker0", "rank": 0, "server_updates": 120, "steps_applied": 120, "weights_sha256": "[0-9a-f]{64}"\}' \
+    "$dir/demo/summary.json" || fail "workers: $(grep -A2 '"workers"' "$dir/demo/summary.json")"
+  grep -q '"mean_clients_per_update": 1.000000' "$dir/demo/summary.json" ||
+    fail "$(grep mean_clients "$dir/demo/summary.json")"
   grep -q "train session .* of client1 ended: finished" "$dir/demo/logs/worker.log" ||
     fail "the worker did not see client1 finish"
   [[ -f $dir/demo/certs/ca.crt && -f $dir/demo/tokens/client1.token ]] || fail "no certs/tokens"
   echo "demo: ok ($(grep -o '"val_loss": [0-9.]*' "$dir/demo/summary.json"))"
+  ;;
+merge)
+  printf 'server: {merge: {max_clients: 4, window_ms: 500}}\n' >>"$config"
+  "$SPLITQ" demo --config "$config" --clients 4 --out "$dir/demo" >"$dir/demo.log" 2>&1 ||
+    fail "demo exited with $?"
+  grep -q '"steps": 240,' "$dir/demo/summary.json" || fail "steps not summed over 4 clients"
+  grep -Eq '"steps_applied": 240,' "$dir/demo/summary.json" ||
+    fail "steps applied: $(grep -o '"steps_applied": [0-9]*' "$dir/demo/summary.json")"
+  per=$(sed -n 's/.*"mean_clients_per_update": \([0-9.]*\).*/\1/p' "$dir/demo/summary.json")
+  acc=$(sed -n 's/.*"val_accuracy": \([0-9.]*\).*/\1/p' "$dir/demo/summary.json")
+  awk -v p="$per" -v a="$acc" 'BEGIN { exit (p >= 2 && a > 0.6) ? 0 : 1 }' ||
+    fail "clients per update $per, val accuracy $acc"
+  grep -q "merging up to 4 clients" "$dir/demo/logs/worker.log" || fail "the worker did not merge"
+  echo "merge: ok ($per clients per update, val accuracy $acc)"
   ;;
 equivalence)
   # Exact: one CPU thread per process (on a GPU host the CUDA kernels' reductions are not

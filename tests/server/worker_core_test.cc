@@ -38,6 +38,26 @@ class FakeServer : public trainer::ServerHandler {
     down.frame = "g";
     return down;
   }
+  // One update for the merge; a frame "bad" fails its own step.
+  std::vector<absl::StatusOr<trainer::DownFrame>> TrainMerged(
+      const std::vector<std::pair<uint64_t, const trainer::UpFrame*>>& steps) override {
+    std::vector<absl::StatusOr<trainer::DownFrame>> out;
+    merges.push_back(steps.size());
+    bool any = false;
+    for (const auto& [session, up] : steps) {
+      if (*up->frame == "bad") {
+        out.push_back(absl::InvalidArgumentError("bad frame"));
+        continue;
+      }
+      any = true;
+      applied.push_back(up->step);
+      trainer::DownFrame down;
+      down.step = up->step;
+      out.push_back(down);
+    }
+    if (any) ++updates_;
+    return out;
+  }
   absl::StatusOr<trainer::EvalPiece> Evaluate(uint64_t, const trainer::UpFrame&) override {
     return trainer::EvalPiece{};
   }
@@ -55,6 +75,7 @@ class FakeServer : public trainer::ServerHandler {
   }
 
   std::vector<int64_t> applied;
+  std::vector<size_t> merges;  // steps per TrainMerged call
 
  private:
   std::map<std::string, Saved>* disk_;
@@ -210,6 +231,86 @@ TEST(WorkerCoreCheckpoint, AHandlerWithoutCheckpointsIsUnimplemented) {
   WorkerCore core(plain);
   EXPECT_EQ(core.SaveCheckpoint("x").status().code(), absl::StatusCode::kUnimplemented);
   EXPECT_EQ(core.LoadCheckpoint("x").status().code(), absl::StatusCode::kUnimplemented);
+}
+
+}  // namespace
+}  // namespace splitq::server
+
+namespace splitq::server {
+namespace {
+
+// Makes `session`'s step `step` ready (its labels and a one-chunk frame).
+void MakeReady(WorkerCore& core, uint64_t session, uint64_t step,
+               const std::string& frame = "frame") {
+  ASSERT_TRUE(core.AddLabels(session, step, {1, 2}, {}).ok());
+  auto done = core.AddChunk(session, rpc::Chunk{step, 0, 1, frame.size(), frame, {}});
+  ASSERT_TRUE(done.ok()) << done.status();
+  ASSERT_TRUE(*done);
+}
+
+// Three clients' ready steps become one TrainMerged call and one update; a bad frame fails
+// alone; a session without a complete frame fails alone; the stats count applied steps.
+TEST(WorkerCoreMerge, ReadyStepsBecomeOneUpdate) {
+  std::map<std::string, FakeServer::Saved> disk;
+  FakeServer server(&disk);
+  WorkerCore core(server);
+  std::vector<uint64_t> ids;
+  for (const char* name : {"a", "b", "c", "d"}) {
+    auto w = core.Open(HelloFrom(name, 0), "");
+    ASSERT_TRUE(w.ok());
+    ids.push_back(w->session_id);
+  }
+  for (int i = 0; i < 3; ++i) MakeReady(core, ids[i], 0);
+  EXPECT_EQ(core.ready_targets(ids[0]), 2);
+  EXPECT_EQ(core.ready_targets(ids[3]), 0);
+  auto results = core.RunSteps({ids[0], ids[1], ids[2], ids[3]});
+  ASSERT_EQ(results.size(), 4u);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(results[i].ok()) << results[i].status();
+  EXPECT_EQ(results[3].status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(server.merges, (std::vector<size_t>{3}));
+  EXPECT_EQ(core.stats().updates, 1);
+  EXPECT_EQ(core.stats().steps_applied, 3);
+  EXPECT_EQ(core.stats().steps_served, 3);
+
+  MakeReady(core, ids[0], 1, "bad");
+  MakeReady(core, ids[1], 1);
+  results = core.RunSteps({ids[0], ids[1]});
+  EXPECT_EQ(results[0].status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(results[1].ok());
+  EXPECT_EQ(core.stats().updates, 2);
+  EXPECT_EQ(core.stats().steps_applied, 4);
+}
+
+// A replayed step in a merge (a client back from an older checkpoint) is answered alone and
+// applied no second time.
+TEST(WorkerCoreMerge, ReplaysAreNotAppliedTwice) {
+  std::map<std::string, FakeServer::Saved> disk;
+  FakeServer server(&disk);
+  WorkerCore core(server);
+  auto a = core.Open(HelloFrom("a", 0), "");
+  auto b = core.Open(HelloFrom("b", 0), "");
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (uint64_t step = 0; step < 3; ++step) {
+    MakeReady(core, a->session_id, step);
+    MakeReady(core, b->session_id, step);
+    auto r = core.RunSteps({a->session_id, b->session_id});
+    ASSERT_TRUE(r[0].ok() && r[1].ok());
+  }
+  EXPECT_EQ(core.stats().updates, 3);
+  // Client a restarts from step 1: steps 1 and 2 are replays.
+  auto a2 = core.Open(HelloFrom("a", 1), "");
+  ASSERT_TRUE(a2.ok());
+  EXPECT_EQ(a2->next_applied, 3);
+  MakeReady(core, a2->session_id, 1);
+  MakeReady(core, b->session_id, 3);
+  server.merges.clear();
+  server.applied.clear();
+  auto r = core.RunSteps({a2->session_id, b->session_id});
+  ASSERT_TRUE(r[0].ok() && r[1].ok());
+  EXPECT_EQ(server.applied, (std::vector<int64_t>{3}));  // b's step 3 only
+  EXPECT_EQ(core.stats().updates, 4);
+  EXPECT_EQ(core.stats().steps_served, 8);
+  EXPECT_EQ(core.stats().steps_applied, 7);
 }
 
 }  // namespace

@@ -71,6 +71,27 @@ std::string TokenFor(const std::string& id) {
   return t;
 }
 
+// A plaintext server on a free loopback port for `service`, and a client channel to it.
+struct LocalServer {
+  std::unique_ptr<grpc::Server> server;
+  std::shared_ptr<grpc::Channel> channel;
+  ~LocalServer() {
+    if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  }
+};
+std::unique_ptr<LocalServer> Serve(WorkerService& service) {
+  auto out = std::make_unique<LocalServer>();
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  out->server = builder.BuildAndStart();
+  out->channel = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
+                                           grpc::InsecureChannelCredentials(),
+                                           client::ClientChannelArguments());
+  return out;
+}
+
 class WorkerServiceTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -439,15 +460,9 @@ TEST_F(WorkerServiceTest, AFullWorkerIsAPassingStateForTheClient) {
   options.max_sessions = 1;
   WorkerCore core(*part_, options);
   WorkerService service(core, tokens_.get());
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&service);
-  auto server = builder.BuildAndStart();
-  ASSERT_NE(server, nullptr);
-  auto channel = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
-                                           grpc::InsecureChannelCredentials(),
-                                           client::ClientChannelArguments());
+  auto local = Serve(service);
+  ASSERT_NE(local->server, nullptr);
+  auto channel = local->channel;
   client::WorkerLinkOptions a, b;
   a.client_id = "alice";
   a.token = TokenFor("alice");
@@ -468,7 +483,7 @@ TEST_F(WorkerServiceTest, AFullWorkerIsAPassingStateForTheClient) {
   EXPECT_TRUE(in.ok()) << in.status();
   EXPECT_FALSE(bob.refused_full());
   bob.Close();
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  local->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
 }
 
 TEST_F(WorkerServiceTest, ThirtyTwoClientsAtOnce) {
@@ -499,6 +514,44 @@ TEST_F(WorkerServiceTest, ThirtyTwoClientsAtOnce) {
       seconds, StatusKb("VmHWM") / 1024.0);
 }
 
+// Merged batches over gRPC: eight clients send each step together; with a long window the
+// worker waits for all eight and takes one update per round (3 rounds: 3 updates for 24
+// steps), and every client gets its own gradient and a finite loss.
+TEST_F(WorkerServiceTest, EightClientsMergeIntoOneUpdatePerRound) {
+  auto part = trainer::ServerPart::Create(*config_, "");
+  ASSERT_TRUE(part.ok());
+  WorkerCore core(**part);
+  WorkerServiceOptions options;
+  options.merge = MergeOptions{8, 0, 10000};
+  WorkerService service(core, nullptr, options);
+  auto local = Serve(service);
+  ASSERT_NE(local->server, nullptr);
+  auto channel = local->channel;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 8; ++i) {
+    threads.emplace_back([&, i] {
+      client::WorkerLinkOptions o;
+      o.client_id = "m" + std::to_string(i);
+      client::WorkerClient client(channel, o);
+      for (int s = 0; s < 3; ++s) {
+        auto down = client.Train((*frames_)[static_cast<size_t>(s)]);
+        if (!down.ok() || down->frame.empty() || !std::isfinite(down->loss)) {
+          ADD_FAILURE() << "client " << i << " step " << s << ": " << down.status();
+          ++failures;
+        }
+      }
+      client.Close();
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ((*part)->updates(), 3);
+  EXPECT_EQ(core.stats().steps_applied, 24);
+  EXPECT_EQ(core.stats().updates_here, 3);
+  local->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+}
+
 // U-shaped over gRPC: two clients train at once on one worker. Each step takes two round trips
 // and holds the server part open in between (the turn); the other client's steps are parked
 // meanwhile and run after, so every step is applied once and validation goes through the
@@ -521,12 +574,8 @@ quant:
     ASSERT_TRUE(part.ok()) << part.status();
     WorkerCore core(**part);
     WorkerService service(core, nullptr);
-    int port = 0;
-    grpc::ServerBuilder builder;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(&service);
-    auto server = builder.BuildAndStart();
-    ASSERT_NE(server, nullptr);
+    auto local = Serve(service);
+    ASSERT_NE(local->server, nullptr);
     std::atomic<int> failures{0};
     std::vector<std::thread> clients;
     for (int k = 0; k < 2; ++k) {
@@ -538,10 +587,7 @@ quant:
         }
         client::WorkerLinkOptions o;
         o.client_id = absl::StrCat("u", k);
-        client::WorkerClient link(grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
-                                                            grpc::InsecureChannelCredentials(),
-                                                            client::ClientChannelArguments()),
-                                  o);
+        client::WorkerClient link(local->channel, o);
         trainer::ClientRunner runner(**client, link);
         for (int i = 0; i < 6; ++i) {
           auto step = runner.Step();
@@ -567,7 +613,7 @@ quant:
     EXPECT_EQ(failures.load(), 0) << mode;
     EXPECT_EQ((*part)->updates(), 12) << mode;
     EXPECT_EQ(core.turn(), 0u) << mode;
-    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    local->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   }
 }
 

@@ -195,6 +195,10 @@ TEST(RunConfig, TheDocumentedTableIsTheParsersTable) {
   ExpectError("batch_size: 1048577", "batch_size: 1048577 is outside 1..1048576");
   ExpectError("model: {width: 8193}", "model.width: 8193 is outside 8..8192");
   ExpectError("optim: {lr: 0}", "optim.lr: 0 is outside (0, 10]");
+  ExpectError("server: {merge: {max_clients: 0}}",
+              "server.merge.max_clients: 0 is outside 1..1024");
+  ExpectError("server: {merge: {window_ms: 1001}}",
+              "server.merge.window_ms: 1001 is outside [0, 1000]");
   ExpectError("quant: {activations: {bits: {min: 5, max: 4}}}",
               "quant.activations.bits.max: 4 is below quant.activations.bits.min 5");
 }

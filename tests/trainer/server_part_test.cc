@@ -1,0 +1,138 @@
+// trainer/server_part.h, merged batches: K sessions' steps through TrainMerged give the server
+// the update one session gives for the K batches concatenated (to float tolerance on the
+// CPU), each client its own slice of the gradient scaled to its own mean loss, and its own
+// loss; a bad frame fails alone; replicas that take the same updates report the same digest.
+#include "trainer/server_part.h"
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+#include <yaml-cpp/yaml.h>
+
+#include <memory>
+#include <vector>
+
+#include "trainer/boundary.h"
+
+namespace splitq::trainer {
+namespace {
+
+constexpr char kFp32[] = R"(
+task: fmnist
+batch_size: 8
+optim: {warmup_steps: 0, grad_clip: 1.0}
+quant:
+  activations: {mode: fp32}
+  gradients: {mode: fp32}
+)";
+
+RunConfig ConfigFrom(const std::string& yaml) {
+  auto c = ParseRunConfig(YAML::Load(yaml));
+  EXPECT_TRUE(c.ok()) << c.status();
+  c->device = "cpu";
+  return *c;
+}
+
+std::unique_ptr<ServerPart> NewServer(const RunConfig& c) {
+  ServerPartOptions o;
+  o.max_batch = 64;
+  auto s = ServerPart::Create(c, "", o);
+  EXPECT_TRUE(s.ok()) << s.status();
+  return std::move(*s);
+}
+
+UpFrame FrameOf(const at::Tensor& h, const at::Tensor& labels, int64_t step) {
+  UpFrame up;
+  up.step = step;
+  up.frame = std::make_shared<const std::string>(internal::EncodeRawTensor(h));
+  const at::Tensor l = labels.to(at::kInt).contiguous();
+  up.labels.assign(l.data_ptr<int32_t>(), l.data_ptr<int32_t>() + l.numel());
+  return up;
+}
+
+at::Tensor Gradient(const DownFrame& down) {
+  auto g = internal::DecodeRawTensor(down.frame);
+  EXPECT_TRUE(g.ok()) << g.status();
+  return *g;
+}
+
+TEST(ServerPartMerge, EqualsOneSessionOnTheConcatenatedBatch) {
+  const RunConfig c = ConfigFrom(kFp32);
+  torch::manual_seed(0);
+  auto merged = NewServer(c);
+  torch::manual_seed(0);
+  auto single = NewServer(c);
+  EXPECT_EQ(merged->WeightsDigest(), single->WeightsDigest());  // same seed, same start
+  std::vector<int64_t> shape{0};
+  for (int64_t d : merged->input_shape()) shape.push_back(d);
+
+  const std::vector<int64_t> rows{4, 7, 5};
+  std::vector<at::Tensor> hs, labels;
+  std::vector<UpFrame> ups;
+  std::vector<std::pair<uint64_t, const UpFrame*>> steps;
+  for (size_t k = 0; k < rows.size(); ++k) {
+    shape[0] = rows[k];
+    hs.push_back(torch::randn(shape));
+    labels.push_back(torch::randint(0, 10, {rows[k]}, at::kLong));
+    ups.push_back(FrameOf(hs.back(), labels.back(), 3 + static_cast<int64_t>(k)));
+  }
+  for (size_t k = 0; k < rows.size(); ++k) steps.emplace_back(merged->OpenSession(), &ups[k]);
+  const auto results = merged->TrainMerged(steps);
+  const uint64_t one = single->OpenSession();
+  auto whole = single->Train(one, FrameOf(at::cat(hs), at::cat(labels), 5), true);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_EQ(merged->updates(), 1);
+  EXPECT_EQ(single->updates(), 1);
+
+  const at::Tensor g = Gradient(*whole);
+  const int64_t total = 16;
+  int64_t row = 0;
+  double loss_sum = 0;
+  for (size_t k = 0; k < rows.size(); ++k) {
+    ASSERT_TRUE(results[k].ok()) << results[k].status();
+    EXPECT_EQ(results[k]->step, ups[k].step);
+    const at::Tensor mine = Gradient(*results[k]);
+    const at::Tensor want = g.narrow(0, row, rows[k]) * (static_cast<double>(total) / rows[k]);
+    EXPECT_TRUE(at::allclose(mine, want, 1e-4, 1e-6))
+        << "client " << k << ": " << (mine - want).abs().max().item<double>();
+    loss_sum += results[k]->loss * static_cast<double>(rows[k]);
+    row += rows[k];
+  }
+  EXPECT_NEAR(loss_sum / total, whole->loss, 1e-5);  // the merged loss is the mean over all
+  const auto a = merged->Weights();
+  const auto b = single->Weights();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_TRUE(at::allclose(a[i], b[i], 1e-5, 1e-6))
+        << "weight " << i << ": " << (a[i] - b[i]).abs().max().item<double>();
+  }
+}
+
+TEST(ServerPartMerge, ABadFrameFailsAlone) {
+  const RunConfig c = ConfigFrom(kFp32);
+  auto server = NewServer(c);
+  std::vector<int64_t> shape{4};
+  for (int64_t d : server->input_shape()) shape.push_back(d);
+  UpFrame good = FrameOf(torch::randn(shape), torch::randint(0, 10, {4}, at::kLong), 0);
+  UpFrame bad = good;
+  bad.frame = std::make_shared<const std::string>("not a frame");
+  UpFrame wrong_labels = good;
+  wrong_labels.labels.pop_back();
+  const auto results = server->TrainMerged({{server->OpenSession(), &good},
+                                            {server->OpenSession(), &bad},
+                                            {server->OpenSession(), &wrong_labels},
+                                            {999, &good}});
+  ASSERT_EQ(results.size(), 4u);
+  EXPECT_TRUE(results[0].ok()) << results[0].status();
+  EXPECT_EQ(results[1].status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(results[2].status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(results[3].status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(server->updates(), 1);
+  // Nothing valid: no update.
+  const auto none = server->TrainMerged({{server->OpenSession(), &bad}, {998, &good}});
+  EXPECT_FALSE(none[0].ok());
+  EXPECT_FALSE(none[1].ok());
+  EXPECT_EQ(server->updates(), 1);
+}
+
+}  // namespace
+}  // namespace splitq::trainer
