@@ -1,10 +1,12 @@
 #include "base/files.h"
 
 #include <fcntl.h>
+#include <ftw.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -115,6 +117,13 @@ absl::StatusOr<std::string> ReadSmallFile(const std::filesystem::path& path, con
   }
   ::close(fd);
   return text;
+}
+
+void RemoveTree(const std::string& path) {
+  nftw(
+      path.c_str(),
+      [](const char* entry, const struct stat*, int, struct FTW*) { return std::remove(entry); },
+      16, FTW_DEPTH | FTW_PHYS);
 }
 
 }  // namespace splitq::base

@@ -37,4 +37,10 @@ absl::Status CommitFile(const std::filesystem::path& temp, const std::filesystem
 absl::StatusOr<std::string> ReadSmallFile(const std::filesystem::path& path, const char* what,
                                           size_t max_bytes = 16 << 20);
 
+// Removes `path` and everything under it, with POSIX calls (nftw); a missing path is fine.
+// Use this, not std::filesystem::remove_all, in anything that links PyTorch's libtorch: on the
+// GPU host remove_all binds to the copy of std::filesystem inside libtorch.so, built against
+// another libstdc++, and crashes on a directory that holds files.
+void RemoveTree(const std::string& path);
+
 }  // namespace splitq::base

@@ -274,7 +274,7 @@ std::vector<absl::StatusOr<trainer::DownFrame>> WorkerCore::RunSteps(
       return out;
     }
     struct Taken {
-      size_t index;
+      size_t index = 0;
       uint64_t handler_id = 0;
       std::string client_id, run_id;
       trainer::UpFrame up;
@@ -282,7 +282,8 @@ std::vector<absl::StatusOr<trainer::DownFrame>> WorkerCore::RunSteps(
     std::vector<Taken> merged;
     std::vector<std::string> clients;
     for (size_t i = 0; i < sessions.size(); ++i) {
-      Taken t{i};
+      Taken t;
+      t.index = i;
       {
         std::lock_guard<std::mutex> lock(mutex_);
         absl::StatusOr<Session*> s = Find(sessions[i]);

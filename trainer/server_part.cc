@@ -20,6 +20,7 @@
 #include "trainer/boundary.h"
 #include "trainer/checkpoint_io.h"
 #include "trainer/client_part.h"
+#include "trainer/replica_group.h"
 #include "trainer/setup.h"
 
 namespace splitq::trainer {
@@ -54,6 +55,7 @@ struct ServerPart::Impl {
   };
   std::map<uint64_t, Session> sessions;
   uint64_t open_session = 0;  // the session whose U-shaped step is open (0: none)
+  ReplicaGroup* group = nullptr;  // worker groups (set_group); null: this replica alone
   uint64_t next_session = 1;
   int64_t updates = 0;
 
@@ -113,6 +115,32 @@ struct ServerPart::Impl {
   at::Tensor Forward(const at::Tensor& server_in) {
     AutocastScope scope(c.bf16_autocast);
     return model.server->forward(server_in);
+  }
+  // The update after a merged backward over `targets` targets (their mean loss). In a group:
+  // the replicas' gradients, weighted by their targets, summed in one collective with the
+  // targets (a replica without work adds zeros), then divided by all the targets, so every
+  // replica takes the same update: the one a single replica would take on all the batches.
+  absl::Status Update(int64_t targets) {
+    if (group == nullptr) {
+      if (targets > 0) ClipAndStep(true);
+      return absl::OkStatus();
+    }
+    std::vector<at::Tensor> grads;
+    for (at::Tensor& p : model.server->parameters()) {
+      if (!p.requires_grad()) continue;
+      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+      p.mutable_grad().mul_(static_cast<double>(targets));
+      grads.push_back(p.grad());
+    }
+    at::Tensor count =
+        at::full({1}, static_cast<float>(targets), at::TensorOptions().device(device));
+    grads.push_back(count);
+    SPLITQ_RETURN_IF_ERROR(group->SumInPlace(grads));
+    const double all = count.item<double>();
+    if (all <= 0) return absl::OkStatus();  // every replica's steps failed: no update
+    for (size_t i = 0; i + 1 < grads.size(); ++i) grads[i].div_(all);
+    ClipAndStep(true);
+    return absl::OkStatus();
   }
   void ClipAndStep(bool update) {
     if (!update) return;
@@ -246,7 +274,9 @@ absl::StatusOr<DownFrame> ServerPart::Train(uint64_t id, const UpFrame& up, bool
 std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
     const std::vector<std::pair<uint64_t, const UpFrame*>>& steps) {
   Impl& s = *impl_;
-  if (steps.size() <= 1 || s.c.u_shaped) return ServerHandler::TrainMerged(steps);
+  if ((steps.size() <= 1 && s.group == nullptr) || s.c.u_shaped) {
+    return ServerHandler::TrainMerged(steps);
+  }
   std::vector<absl::StatusOr<DownFrame>> out(steps.size(), absl::UnknownError("not computed"));
   if (s.open_session != 0) {
     for (auto& r : out) {
@@ -254,6 +284,18 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
           "session ", s.open_session, " has a U-shaped step open; finish it before another"));
     }
     return out;
+  }
+  int64_t last_step = -1;
+  for (const auto& [id, up] : steps) last_step = std::max(last_step, up->step);
+  if (s.group != nullptr) {
+    // The round's largest step (for the learning rate) and whether anyone has work.
+    auto met = s.group->Max({last_step, steps.empty() ? 0 : 1});
+    if (!met.ok()) {
+      for (auto& r : out) r = met.status();
+      return out;
+    }
+    if ((*met)[1] == 0) return out;  // an idle round: nobody had a step
+    last_step = (*met)[0];
   }
   // The steps whose input decoded, with their targets' share of the merge.
   struct Item {
@@ -263,10 +305,9 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
     int64_t targets = 0;
   };
   std::vector<Item> items;
-  const absl::Status merged = TorchCall("merged step", [&]() -> absl::Status {
-    int64_t last_step = 0;
-    for (const auto& [id, up] : steps) last_step = std::max(last_step, up->step);
-    PrepareOptimizer(s.c, *s.opt, last_step);
+  int64_t total = 0;  // this replica's targets that reached the backward pass
+  const absl::Status local = TorchCall("merged step", [&]() -> absl::Status {
+    PrepareOptimizer(s.c, *s.opt, std::max<int64_t>(last_step, 0));
     for (size_t i = 0; i < steps.size(); ++i) {
       const UpFrame& up = *steps[i].second;
       out[i] = DownFrame{};
@@ -288,11 +329,11 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
     }
     if (items.empty()) return absl::OkStatus();
     std::vector<at::Tensor> inputs, targets;
-    int64_t total = 0;
+    int64_t merged = 0;
     for (const Item& item : items) {
       inputs.push_back(item.input);
       targets.push_back(s.Targets(*steps[item.index].second));
-      total += item.targets;
+      merged += item.targets;
     }
     const at::Tensor server_in = at::cat(inputs).detach().requires_grad_(true);
     at::Tensor per_target;
@@ -300,7 +341,7 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
       AutocastScope scope(s.c.bf16_autocast);
       per_target = TaskLosses(s.model.server->forward(server_in), at::cat(targets));
     }
-    const at::Tensor loss = per_target.sum() / static_cast<double>(total);
+    const at::Tensor loss = per_target.sum() / static_cast<double>(merged);
     double merged_loss = 0;
     SPLITQ_RETURN_IF_ERROR(CheckLoss(loss, last_step, &merged_loss));
     loss.backward();
@@ -312,7 +353,7 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
       down.loss = per_target.narrow(0, target, item.targets).sum().item<double>() / item.targets;
       // This client's own mean loss: the merged gradient's slice times N / N_k.
       const at::Tensor g = grad.narrow(0, row, rows) *
-                           (static_cast<double>(total) / static_cast<double>(item.targets));
+                           (static_cast<double>(merged) / static_cast<double>(item.targets));
       absl::StatusOr<std::pair<std::string, double>> frame =
           item.session->receiver->SendGradient(g, down.step);
       if (frame.ok()) {
@@ -324,11 +365,16 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
       row += rows;
       target += item.targets;
     }
-    s.ClipAndStep(true);
+    total = merged;
     return absl::OkStatus();
   });
-  if (!merged.ok()) {
-    for (const Item& item : items) out[item.index] = merged;
+  if (!local.ok()) {
+    for (const Item& item : items) out[item.index] = local;
+    total = 0;  // a replica of a group still takes its part in the round, with nothing
+  }
+  const absl::Status updated = TorchCall("server update", [&] { return s.Update(total); });
+  if (!updated.ok()) {
+    for (const Item& item : items) out[item.index] = updated;
   }
   return out;
 }
@@ -456,6 +502,8 @@ absl::Status ServerPart::LoadCheckpoint(const std::string& path, std::string* ex
         return absl::OkStatus();
       });
 }
+
+void ServerPart::set_group(ReplicaGroup* group) { impl_->group = group; }
 
 std::vector<int64_t> ServerPart::input_shape() const { return impl_->sample_shape; }
 

@@ -21,6 +21,17 @@
 // non-finite merged loss fails every step of the merge (INTERNAL), with no update. A U-shaped
 // server part computes merged steps one at a time (its steps hold a turn).
 //
+// Worker groups (set_group): the part is one replica of a data-parallel group
+// (replica_group.h). Every TrainMerged call is then a ROUND in which every replica takes part,
+// with steps or without (an idle round): the replicas agree on the round's largest step (the
+// learning rate), compute their own merged batches, and sum their gradients weighted by
+// their targets together with the targets; each divides by all the targets and takes the same
+// update, so the replicas stay identical (WeightsDigest agrees) and the update is the one a
+// single part would take on every replica's batches merged. A round nobody has a step for
+// takes no update (and only one small collective). A failed collective fails the round's
+// steps (UNAVAILABLE) with no update on this replica. Replays (Train with update false) and
+// validation take no part in rounds. Groups serve the plain layout (not U-shaped).
+//
 // Not thread-safe: the worker calls it from one thread, one step at a time (server/worker_core.h).
 #pragma once
 
@@ -42,6 +53,8 @@ class OutputArchive;
 }  // namespace torch::serialize
 
 namespace splitq::trainer {
+
+class ReplicaGroup;
 
 struct ServerPartOptions {
   // The most examples a frame may carry (0: the larger of the training batch and the
@@ -85,6 +98,8 @@ class ServerPart : public ServerHandler {
   absl::Status LoadParts(torch::serialize::InputArchive& archive, const std::string& path,
                          uint64_t session, int64_t updates);
 
+  // Joins this part to a replica group (null: alone again); the group outlives its use.
+  void set_group(ReplicaGroup* group);
   // One example's boundary activation shape (what a frame carries per example).
   std::vector<int64_t> input_shape() const;
   // The server's trainable weights (its blocks' parameters, then boundary 2's), in a fixed

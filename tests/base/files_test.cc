@@ -115,4 +115,16 @@ TEST_F(Files, ReadSmallFileNamesWhatIsWrong) {
 }
 
 }  // namespace
+// RemoveTree takes a folder with files and subfolders; a missing path is no error.
+TEST(RemoveTree, RemovesAFolderWithItsFiles) {
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("splitq_tree_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir / "a" / "b");
+  std::ofstream(dir / "a" / "b" / "f") << "x";
+  std::ofstream(dir / "g") << "y";
+  RemoveTree(dir.string());
+  EXPECT_FALSE(std::filesystem::exists(dir));
+  RemoveTree(dir.string());  // already gone
+}
+
 }  // namespace splitq::base

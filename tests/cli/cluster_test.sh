@@ -217,7 +217,7 @@ equivalence-layouts)
     start_cluster 1
     client client0 "$dir/net-$layout" >"$dir/client-$layout.log" 2>&1 || fail "$layout: client failed"
     stop_cluster
-    "$SPLITQ" train --config "$config" --out "$dir/train-$layout" >/dev/null 2>&1 ||
+    "$SPLITQ" train --config "$config" ${DEVICE:+--set device=$DEVICE} --out "$dir/train-$layout" >/dev/null 2>&1 ||
       fail "$layout: train failed"
     echo -n "$layout: "
     compare_losses "$dir/net-$layout/metrics.jsonl" "$dir/train-$layout/metrics.jsonl" 1e-6 ||

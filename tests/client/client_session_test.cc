@@ -13,6 +13,7 @@
 #include <memory>
 #include <string>
 
+#include "base/files.h"
 #include "server/coordinator_core.h"
 #include "server/coordinator_service.h"
 #include "server/worker_core.h"
@@ -184,7 +185,7 @@ TEST(RunId, IsMadeOnceAndKeptAcrossRestarts) {
   const std::string dir =
       (std::filesystem::temp_directory_path() / ("splitq_run_id_" + std::to_string(getpid())))
           .string();
-  std::filesystem::remove_all(dir);
+  base::RemoveTree(dir);
   auto first = RunId(dir);
   ASSERT_TRUE(first.ok()) << first.status();
   EXPECT_TRUE(rpc::IsValidMemberName(*first));
@@ -196,7 +197,7 @@ TEST(RunId, IsMadeOnceAndKeptAcrossRestarts) {
   EXPECT_NE(*other, *first);
   std::ofstream(std::filesystem::path(dir) / "run_id") << "not a run id!\n";
   EXPECT_EQ(RunId(dir).status().code(), absl::StatusCode::kFailedPrecondition);
-  std::filesystem::remove_all(dir);
+  base::RemoveTree(dir);
 }
 
 }  // namespace

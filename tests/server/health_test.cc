@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 
+#include "base/files.h"
 #include "server/tls_certs.h"
 #include "splitq/v1/coordinator.grpc.pb.h"
 
@@ -90,7 +91,7 @@ TEST(Health, TlsAndMutualTlsAndAPlaintextClientFailsCleanly) {
                 absl::StatusCode::kUnavailable);
     }
   }
-  std::filesystem::remove_all(dir);
+  base::RemoveTree(dir);
 }
 
 TEST(Health, SecurityMustBeExplicit) {

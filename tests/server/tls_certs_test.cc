@@ -12,6 +12,8 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "base/files.h"
+
 namespace splitq::server {
 namespace {
 
@@ -46,7 +48,7 @@ class Certificates : public ::testing::Test {
  protected:
   void SetUp() override {
     dir_ = std::filesystem::temp_directory_path() / ("splitq_certs_" + std::to_string(getpid()));
-    std::filesystem::remove_all(dir_);
+    base::RemoveTree(dir_);
     CertificateOptions options;
     options.hosts = {"worker-1.example", "10.1.2.3"};
     ASSERT_TRUE(MakeCertificates(dir_.string(), options).ok());
@@ -61,7 +63,7 @@ class Certificates : public ::testing::Test {
     X509_free(ca_);
     X509_free(server_);
     X509_free(client_);
-    std::filesystem::remove_all(dir_);
+    base::RemoveTree(dir_);
   }
   std::filesystem::path dir_;
   X509 *ca_ = nullptr, *server_ = nullptr, *client_ = nullptr;

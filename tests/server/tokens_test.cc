@@ -76,7 +76,7 @@ TEST(Tokens, WrittenFilesLoadBackAndArePrivate) {
   }
   EXPECT_EQ(WriteTokens(dir, {"a b"}).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(WriteTokens(dir, {"x", "x"}).code(), absl::StatusCode::kInvalidArgument);
-  std::filesystem::remove_all(dir);
+  base::RemoveTree(dir);
 }
 
 // Token files that cannot serve say why: missing, a directory, too large, unreadable, or without
@@ -123,7 +123,7 @@ TEST(Tokens, UnusableFilesSayWhy) {
     expect(TokenSet::Load(locked).status(), absl::StatusCode::kPermissionDenied, locked,
            "Permission denied");
   }
-  std::filesystem::remove_all(dir);
+  base::RemoveTree(dir);
 }
 
 // A coordinator whose Status checks the bearer token first.

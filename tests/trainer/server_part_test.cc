@@ -11,43 +11,14 @@
 #include <memory>
 #include <vector>
 
+#include "tests/trainer/fp32_server.h"
 #include "trainer/boundary.h"
 
 namespace splitq::trainer {
 namespace {
 
-constexpr char kFp32[] = R"(
-task: fmnist
-batch_size: 8
-optim: {warmup_steps: 0, grad_clip: 1.0}
-quant:
-  activations: {mode: fp32}
-  gradients: {mode: fp32}
-)";
-
-RunConfig ConfigFrom(const std::string& yaml) {
-  auto c = ParseRunConfig(YAML::Load(yaml));
-  EXPECT_TRUE(c.ok()) << c.status();
-  c->device = "cpu";
-  return *c;
-}
-
-std::unique_ptr<ServerPart> NewServer(const RunConfig& c) {
-  ServerPartOptions o;
-  o.max_batch = 64;
-  auto s = ServerPart::Create(c, "", o);
-  EXPECT_TRUE(s.ok()) << s.status();
-  return std::move(*s);
-}
-
-UpFrame FrameOf(const at::Tensor& h, const at::Tensor& labels, int64_t step) {
-  UpFrame up;
-  up.step = step;
-  up.frame = std::make_shared<const std::string>(internal::EncodeRawTensor(h));
-  const at::Tensor l = labels.to(at::kInt).contiguous();
-  up.labels.assign(l.data_ptr<int32_t>(), l.data_ptr<int32_t>() + l.numel());
-  return up;
-}
+using testing::FrameOf;
+using testing::NewFp32Server;
 
 at::Tensor Gradient(const DownFrame& down) {
   auto g = internal::DecodeRawTensor(down.frame);
@@ -56,11 +27,8 @@ at::Tensor Gradient(const DownFrame& down) {
 }
 
 TEST(ServerPartMerge, EqualsOneSessionOnTheConcatenatedBatch) {
-  const RunConfig c = ConfigFrom(kFp32);
-  torch::manual_seed(0);
-  auto merged = NewServer(c);
-  torch::manual_seed(0);
-  auto single = NewServer(c);
+  auto merged = NewFp32Server();
+  auto single = NewFp32Server();
   EXPECT_EQ(merged->WeightsDigest(), single->WeightsDigest());  // same seed, same start
   std::vector<int64_t> shape{0};
   for (int64_t d : merged->input_shape()) shape.push_back(d);
@@ -108,8 +76,7 @@ TEST(ServerPartMerge, EqualsOneSessionOnTheConcatenatedBatch) {
 }
 
 TEST(ServerPartMerge, ABadFrameFailsAlone) {
-  const RunConfig c = ConfigFrom(kFp32);
-  auto server = NewServer(c);
+  auto server = NewFp32Server();
   std::vector<int64_t> shape{4};
   for (int64_t d : server->input_shape()) shape.push_back(d);
   UpFrame good = FrameOf(torch::randn(shape), torch::randint(0, 10, {4}, at::kLong), 0);

@@ -19,6 +19,7 @@
 #include <limits>
 #include <sstream>
 
+#include "base/files.h"
 #include "trainer/datasets.h"
 #include "trainer/models.h"
 
@@ -42,15 +43,7 @@ std::string OutDir(const std::string& name) {
   return (std::filesystem::temp_directory_path() / ("splitq_train_" + name)).string();
 }
 
-// Removes a directory tree with POSIX calls. (Not std::filesystem::remove_all: on the GPU host
-// it binds to the copy of std::filesystem inside PyTorch's libtorch.so, built against another
-// libstdc++, and crashes on a directory that holds files.)
-void RemoveTree(const std::string& dir) {
-  nftw(
-      dir.c_str(),
-      [](const char* path, const struct stat*, int, struct FTW*) { return std::remove(path); }, 16,
-      FTW_DEPTH | FTW_PHYS);
-}
+void RemoveTree(const std::string& dir) { base::RemoveTree(dir); }
 
 // Runs of a test start over in their folder, whatever an earlier run of the test left there
 // (AFolderThatHoldsARunIsKept tests the refusal itself).

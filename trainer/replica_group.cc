@@ -1,0 +1,174 @@
+#include "trainer/replica_group.h"
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <torch/version.h>
+
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "quant/torch_status.h"
+
+namespace splitq::trainer {
+
+namespace {
+// PyTorch 2 split the collectives' implementations (Backend) from ProcessGroup; 1.13's
+// ProcessGroupGloo is a ProcessGroup itself. Both offer the same allreduce and broadcast.
+#if TORCH_VERSION_MAJOR >= 2
+using Collectives = c10d::Backend;
+#else
+using Collectives = c10d::ProcessGroup;
+#endif
+}  // namespace
+
+struct ReplicaGroup::Impl {
+  ReplicaGroupOptions o;
+  at::Device device{at::kCPU};
+  std::string backend;
+  c10::intrusive_ptr<c10d::TCPStore> store;
+  c10::intrusive_ptr<Collectives> pg;
+
+  // Runs one collective; any failure is UNAVAILABLE (the group is broken).
+  template <typename F>
+  absl::Status Collective(const char* what, F&& body) {
+    try {
+      body();
+      return absl::OkStatus();
+    } catch (const std::exception& e) {
+      return absl::UnavailableError(absl::StrCat("replica group generation ", o.generation,
+                                                 ", rank ", o.rank, ": ", what, ": ", e.what()));
+    }
+  }
+};
+
+ReplicaGroup::ReplicaGroup(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ReplicaGroup::~ReplicaGroup() = default;
+
+absl::StatusOr<std::unique_ptr<ReplicaGroup>> ReplicaGroup::Create(
+    const ReplicaGroupOptions& options, const at::Device& device,
+    const std::function<void(int)>& on_store_port) {
+  if (options.world < 1 || options.rank < 0 || options.rank >= options.world) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("replica group: rank ", options.rank, " outside 0..", options.world - 1));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->o = options;
+  impl->device = device;
+  impl->backend =
+      options.backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : options.backend;
+  if (impl->backend != "gloo" && impl->backend != "nccl") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("replica group backend '", options.backend, "': auto, gloo or nccl"));
+  }
+  if (impl->backend == "nccl") {
+#ifndef USE_C10D_NCCL
+    return absl::FailedPreconditionError(
+        "replica group backend nccl: this build has no NCCL (use gloo, or PyTorch's CUDA "
+        "libtorch)");
+#else
+    if (!device.is_cuda()) {
+      return absl::FailedPreconditionError("replica group backend nccl needs device cuda");
+    }
+#endif
+  }
+  Impl& s = *impl;
+  absl::Status made = s.Collective("joining", [&] {
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<uint16_t>(options.store_port);
+    so.isServer = options.host_store;
+    so.waitWorkers = false;
+    so.timeout = options.timeout;
+    s.store = c10::make_intrusive<c10d::TCPStore>(options.store_host, so);
+    if (on_store_port) on_store_port(s.store->getPort());
+    auto prefixed =
+        c10::make_intrusive<c10d::PrefixStore>(absl::StrCat("g", options.generation), s.store);
+    if (s.backend == "gloo") {
+      auto go = c10d::ProcessGroupGloo::Options::create();
+      go->devices.push_back(
+          c10d::ProcessGroupGloo::createDeviceForHostname(options.interface_host));
+      go->timeout = options.timeout;
+      s.pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, options.rank, options.world, go);
+    }
+#ifdef USE_C10D_NCCL
+    if (s.backend == "nccl") {
+      auto no = c10d::ProcessGroupNCCL::Options::create();
+      no->timeout = options.timeout;
+      s.pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, options.rank, options.world, no);
+    }
+#endif
+  });
+  if (!made.ok()) return made;
+  return std::unique_ptr<ReplicaGroup>(new ReplicaGroup(std::move(impl)));
+}
+
+absl::StatusOr<std::vector<int64_t>> ReplicaGroup::Max(const std::vector<int64_t>& values) {
+  Impl& s = *impl_;
+  // NCCL reduces device tensors only; doubles hold the values exactly (< 2^53).
+  at::Tensor host = at::empty({static_cast<int64_t>(values.size())}, at::kDouble);
+  for (size_t i = 0; i < values.size(); ++i) {
+    host[static_cast<int64_t>(i)] = static_cast<double>(values[i]);
+  }
+  std::vector<at::Tensor> t{host.to(s.device)};
+  c10d::AllreduceOptions ao;
+  ao.reduceOp = c10d::ReduceOp::MAX;
+  absl::Status st = s.Collective("maximum", [&] { s.pg->allreduce(t, ao)->wait(); });
+  if (!st.ok()) return st;
+  const at::Tensor back = t[0].to(at::kCPU);
+  std::vector<int64_t> out(values.size());
+  for (size_t i = 0; i < values.size(); ++i) {
+    out[i] = static_cast<int64_t>(back[static_cast<int64_t>(i)].item<double>());
+  }
+  return out;
+}
+
+absl::Status ReplicaGroup::SumInPlace(const std::vector<at::Tensor>& tensors) {
+  Impl& s = *impl_;
+  // One flat buffer per dtype (one collective each), copied back after.
+  std::map<at::ScalarType, std::vector<at::Tensor>> by_type;
+  for (const at::Tensor& t : tensors) by_type[t.scalar_type()].push_back(t);
+  for (auto& [type, group] : by_type) {
+    std::vector<at::Tensor> flat_in;
+    for (const at::Tensor& t : group) flat_in.push_back(t.reshape({-1}));
+    std::vector<at::Tensor> flat{at::cat(flat_in)};
+    absl::Status st = s.Collective("gradient sum", [&] { s.pg->allreduce(flat)->wait(); });
+    if (!st.ok()) return st;
+    int64_t offset = 0;
+    for (const at::Tensor& t : group) {
+      t.copy_(flat[0].narrow(0, offset, t.numel()).view(t.sizes()));
+      offset += t.numel();
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReplicaGroup::Broadcast(const std::string& bytes, int root) {
+  Impl& s = *impl_;
+  const auto on = at::TensorOptions().device(s.device);
+  std::vector<at::Tensor> size{at::full(
+      {1}, s.o.rank == root ? static_cast<int64_t>(bytes.size()) : 0, on.dtype(at::kLong))};
+  c10d::BroadcastOptions bo;
+  bo.rootRank = root;
+  absl::Status st = s.Collective("broadcast size", [&] { s.pg->broadcast(size, bo)->wait(); });
+  if (!st.ok()) return st;
+  const int64_t n = size[0].item<int64_t>();
+  std::vector<at::Tensor> data{at::empty({n}, on.dtype(at::kByte))};
+  if (s.o.rank == root && n > 0) {
+    data[0].copy_(at::from_blob(const_cast<char*>(bytes.data()), {n}, at::kByte));
+  }
+  st = s.Collective("broadcast", [&] { s.pg->broadcast(data, bo)->wait(); });
+  if (!st.ok()) return st;
+  const at::Tensor host = data[0].to(at::kCPU).contiguous();
+  return std::string(static_cast<const char*>(host.data_ptr()), static_cast<size_t>(n));
+}
+
+int ReplicaGroup::rank() const { return impl_->o.rank; }
+int ReplicaGroup::world() const { return impl_->o.world; }
+std::string ReplicaGroup::backend() const { return impl_->backend; }
+int ReplicaGroup::store_port() const { return impl_->store ? impl_->store->getPort() : 0; }
+
+}  // namespace splitq::trainer

@@ -1,0 +1,73 @@
+// splitq trainer: a data-parallel group of server-part replicas (libtorch's c10d): Gloo on the
+// CPU, NCCL on CUDA. Each worker of a group holds one replica; every server update is one
+// round in which every member takes part (server_part.h, "Worker groups"):
+//
+//   Max(values)        element-wise maximum over the members (a round's largest step, and
+//                      whether anyone has work);
+//   SumInPlace(grads)  the members' gradient sums, added up in place (one flat buffer per
+//                      dtype: one collective, not one per tensor);
+//   Broadcast(bytes)   a byte string from `root` to everyone (the state a joining member takes).
+//
+// Rendezvous: the members meet in a c10d TCPStore (store_host:store_port; one member or the
+// coordinator hosts it), under the prefix "g<generation>/", so a re-formed group never reads a
+// dead generation's keys. A collective that fails (a member died, or did not answer within
+// `timeout`) returns UNAVAILABLE; the group is then unusable and the caller forms the next
+// generation.
+//
+// Not thread-safe: one thread (the worker's compute thread) calls it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace splitq::trainer {
+
+struct ReplicaGroupOptions {
+  std::string backend = "auto";  // auto (nccl on CUDA, gloo on the CPU) | gloo | nccl
+  std::string store_host = "127.0.0.1";
+  int store_port = 0;
+  bool host_store = false;  // this member serves the store (then store_port 0 picks one)
+  int rank = 0;
+  int world = 1;
+  int64_t generation = 0;
+  std::string interface_host = "127.0.0.1";  // the address other members reach this one at (gloo)
+  std::chrono::milliseconds timeout{30000};
+};
+
+class ReplicaGroup {
+ public:
+  // Joins (waits up to `timeout` for every member). INVALID_ARGUMENT for a rank outside the
+  // world or an unknown backend; FAILED_PRECONDITION for nccl without CUDA or a build without
+  // it; UNAVAILABLE when the store or a member cannot be reached.
+  // `on_store_port` (may be empty) gets the store's port as soon as the store is up, before
+  // the members meet: a member that hosts the store on port 0 tells the others with it.
+  static absl::StatusOr<std::unique_ptr<ReplicaGroup>> Create(
+      const ReplicaGroupOptions& options, const at::Device& device,
+      const std::function<void(int)>& on_store_port = {});
+  ~ReplicaGroup();
+
+  // Exact for |values| < 2^53.
+  absl::StatusOr<std::vector<int64_t>> Max(const std::vector<int64_t>& values);
+  absl::Status SumInPlace(const std::vector<at::Tensor>& tensors);
+  absl::StatusOr<std::string> Broadcast(const std::string& bytes, int root);
+
+  int rank() const;
+  int world() const;
+  std::string backend() const;
+  int store_port() const;  // the store's port (the one picked, when this member hosts it)
+
+ private:
+  struct Impl;
+  explicit ReplicaGroup(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace splitq::trainer
