@@ -252,7 +252,7 @@ std::vector<absl::StatusOr<trainer::DownFrame>> WorkerCore::RunSteps(
     const std::vector<uint64_t>& sessions) {
   std::vector<absl::StatusOr<trainer::DownFrame>> out(sessions.size(),
                                                       absl::UnknownError("not computed"));
-  if (sessions.size() == 1) {
+  if (sessions.size() == 1 && !options_.rounds) {
     out[0] = RunStep(sessions[0]);
     return out;
   }
@@ -311,13 +311,22 @@ std::vector<absl::StatusOr<trainer::DownFrame>> WorkerCore::RunSteps(
     std::vector<std::pair<uint64_t, const trainer::UpFrame*>> steps;
     for (const Taken& t : merged) steps.emplace_back(t.handler_id, &t.up);
     std::vector<absl::StatusOr<trainer::DownFrame>> results = handler_.TrainMerged(steps);
+    // A group's round may update without a step of ours.
+    updates_.store(handler_.updates());
     for (size_t k = 0; k < merged.size(); ++k) {
       const Taken& t = merged[k];
       out[t.index] = std::move(results[k]);
       if (out[t.index].ok()) Settle(t.client_id, t.run_id, t.up.step, true);
     }
   }
-  for (size_t i : later) out[i] = RunStep(sessions[i]);
+  for (size_t i : later) {
+    // In a group an update outside a round would set this replica apart: the step fails
+    // (its client retries on its new session).
+    out[i] = options_.rounds ? absl::AbortedError(
+                                   "an older session of this client is being "
+                                   "replaced; send the step again")
+                             : RunStep(sessions[i]);
+  }
   return out;
 }
 

@@ -76,6 +76,10 @@ struct WorkerOptions {
   int64_t max_labels = int64_t{1} << 22;  // labels (and sample ids) per step
   // Hellos must carry this digest of the run config ("" here or in the hello: not checked).
   std::string config_digest;
+  // The handler is one replica of a group (trainer/server_part.h, "Worker groups"): every
+  // RunSteps call, with no session or one, is a round of the group, and no update is taken
+  // outside rounds (RunStep is only for replays and U-shaped steps, which groups refuse).
+  bool rounds = false;
 };
 
 // The largest step a session may start at (2^53): far beyond any run, and small enough that

@@ -16,6 +16,7 @@
 #include "server/process.h"
 #include "server/worker_core.h"
 #include "server/worker_service.h"
+#include "trainer/replica_group.h"
 #include "trainer/server_part.h"
 
 namespace splitq::server {
@@ -52,6 +53,9 @@ std::string ReportJson(const std::string& name, int rank, const WorkerStats& w,
 
 struct WorkerProcess::Impl {
   WorkerProcessOptions o;
+  // Before the part, the core and the service: they go first (the service's compute thread
+  // runs the group's rounds until it is joined).
+  std::unique_ptr<trainer::ReplicaGroup> group;
   std::unique_ptr<trainer::ServerPart> part;
   std::unique_ptr<WorkerCore> core;
   std::unique_ptr<WorkerService> service;
@@ -65,6 +69,49 @@ struct WorkerProcess::Impl {
   }
   void Warn(const std::string& line) const {
     if (o.warn) o.warn(line);
+  }
+
+  // Forms the group (waits for every member), then every member takes rank 0's state (its
+  // weights, optimizer, updates and clients' progress: a worker checkpoint, broadcast), so
+  // replicas start identical even when rank 0 resumed from its --out.
+  absl::Status JoinGroup() {
+    trainer::ReplicaGroupOptions g;
+    g.backend = o.config.group_backend;
+    SPLITQ_ASSIGN_OR_RETURN(const rpc::WorkerAddress store, rpc::ParseHostPort(o.group_store));
+    g.store_host = store.host;
+    g.store_port = static_cast<int>(store.port);
+    g.host_store = o.group_rank == 0;
+    g.rank = o.group_rank;
+    g.world = o.group_size;
+    g.interface_host = o.group_address;
+    g.timeout = o.group_timeout;
+    Log(absl::StrFormat("worker %s: joining group of %d as rank %d at %s", o.name, o.group_size,
+                        o.group_rank, o.group_store));
+    auto made = trainer::ReplicaGroup::Create(
+        g, part->device() == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU));
+    if (!made.ok()) return made.status();
+    group = std::move(*made);
+    const std::filesystem::path state = std::filesystem::temp_directory_path() /
+                                        absl::StrCat("splitq-group-", o.name, "-", getpid(), ".pt");
+    std::string bytes;
+    if (o.group_rank == 0) {
+      SPLITQ_RETURN_IF_ERROR(core->SaveCheckpoint(state.string()).status());
+      auto read = base::ReadSmallFile(state, "group state", size_t{1} << 34);
+      std::filesystem::remove(state);
+      if (!read.ok()) return read.status();
+      bytes = std::move(*read);
+    }
+    SPLITQ_ASSIGN_OR_RETURN(bytes, group->Broadcast(bytes, 0));
+    if (o.group_rank != 0) {
+      SPLITQ_RETURN_IF_ERROR(base::WriteFileAtomically(state, bytes, 0600));
+      auto loaded = core->LoadCheckpoint(state.string());
+      std::filesystem::remove(state);
+      if (!loaded.ok()) return loaded.status();
+    }
+    part->set_group(group.get());
+    Log(absl::StrFormat("worker %s: group of %d formed (%s), rank %d, %d server updates", o.name,
+                        o.group_size, group->backend(), o.group_rank, core->stats().updates));
+    return absl::OkStatus();
   }
 
   // The failed save's updates count as saved, so that the next attempt waits another
@@ -110,6 +157,11 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   WorkerOptions core_options;
   core_options.max_sessions = s.o.max_clients;
   core_options.config_digest = s.o.config_digest;
+  core_options.rounds = s.o.group_size > 1;
+  if (core_options.rounds && s.o.config.u_shaped) {
+    return absl::InvalidArgumentError(
+        "--group-size: worker groups serve the plain layout, not model.u_shaped");
+  }
   s.core = std::make_unique<WorkerCore>(*s.part, core_options);
   if (!s.o.out_dir.empty()) {
     std::error_code error;
@@ -130,11 +182,12 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
                             s.o.name, s.checkpoint, s.core->stats().updates, *clients));
     }
   }
+  if (core_options.rounds) SPLITQ_RETURN_IF_ERROR(s.JoinGroup());
   s.saved_updates = s.core->stats().updates;
   WorkerServiceOptions service_options;
   service_options.reply_chunk_bytes = s.o.reply_chunk_bytes;
   service_options.merge = MergeOptions{s.o.config.merge_max_clients, s.o.config.merge_max_targets,
-                                       s.o.config.merge_window_ms};
+                                       s.o.config.merge_window_ms, core_options.rounds};
   service_options.log = [&s](const std::string& line) {
     s.Log(absl::StrCat("worker ", s.o.name, ": ", line));
   };
@@ -248,8 +301,8 @@ absl::Status WorkerProcess::Run(const std::atomic<bool>& stop) {
   const WorkerStats w = s.core->stats();
   if (!s.o.out_dir.empty()) {
     const std::string report = (std::filesystem::path(s.o.out_dir) / "worker.json").string();
-    if (absl::Status r =
-            base::WriteFileAtomically(report, ReportJson(s.o.name, 0, w, s.core->weights_digest()));
+    if (absl::Status r = base::WriteFileAtomically(
+            report, ReportJson(s.o.name, s.o.group_rank, w, s.core->weights_digest()));
         !r.ok()) {
       s.Warn(absl::StrCat("worker ", s.o.name, ": ", r.ToString()));
     }

@@ -50,6 +50,15 @@ struct WorkerProcessOptions {
   uint32_t max_clients = 64;
   std::chrono::seconds connect_timeout{120};
   std::string ready_file;  // server/process.h, ReadyFile
+  // Worker groups (group_size > 1): this worker is replica group_rank of a data-parallel
+  // group (trainer/replica_group.h) that meets at group_store (HOST:PORT; rank 0 serves it
+  // there). group_address: where the others reach this member (gloo). Start waits (up to the
+  // group timeout) until every member has come, then takes rank 0's state.
+  int group_size = 1;
+  int group_rank = 0;
+  std::string group_store;
+  std::string group_address = "127.0.0.1";
+  std::chrono::milliseconds group_timeout{60000};
   // Lines for the log (stdout in the CLI: "worker NAME ..." as printed) and for errors (stderr).
   std::function<void(const std::string&)> log, warn;
 };

@@ -394,6 +394,7 @@ WorkerService::WorkerService(WorkerCore& core, const TokenSet* tokens,
     : core_(core), tokens_(tokens), options_(options) {
   options_.reply_chunk_bytes = std::clamp<int64_t>(options_.reply_chunk_bytes, 1 << 10, 4 << 20);
   core_.set_turn_listener([this] { Unpark(); });
+  if (options_.merge.rounds) StartRounds();
 }
 
 bool WorkerService::ParkIfNotTurn(uint64_t session, std::function<void()> job) {
@@ -427,17 +428,39 @@ void WorkerService::EnqueueReady(ReadyStep step) {
   if (post) compute_.Post([this] { MergeReady(); });
 }
 
+void WorkerService::StartRounds() {
+  {
+    std::lock_guard<std::mutex> lock(merge_mutex_);
+    merge_posted_ = true;
+  }
+  compute_.Post([this] { MergeReady(); });
+}
+
 void WorkerService::MergeReady() {
   const MergeOptions& m = options_.merge;
   std::vector<ReadyStep> batch;
   bool more;
   {
     std::unique_lock<std::mutex> lock(merge_mutex_);
-    if (ready_.empty()) {
+    if (m.rounds && ready_.empty() && !stopping_) {
+      // An idle replica still takes its part in the group's rounds, at most every idle_round_ms.
+      merge_wake_.wait_for(lock, std::chrono::duration<double, std::milli>(m.idle_round_ms),
+                           [&] { return !ready_.empty() || stopping_; });
+    }
+    if (ready_.empty() && (!m.rounds || stopping_)) {
       merge_posted_ = false;
       return;
     }
-    if (m.window_ms > 0 && static_cast<int64_t>(ready_.size()) < m.max_clients) {
+    if (m.rounds && stopping_) {
+      // The group's other replicas may be gone: no more rounds; the clients retry elsewhere.
+      std::deque<ReadyStep> left;
+      left.swap(ready_);
+      merge_posted_ = false;
+      lock.unlock();
+      for (ReadyStep& r : left) r.deliver(absl::UnavailableError("the worker is stopping"));
+      return;
+    }
+    if (!ready_.empty() && m.window_ms > 0 && static_cast<int64_t>(ready_.size()) < m.max_clients) {
       const auto deadline =
           ready_.front().since + std::chrono::duration_cast<std::chrono::nanoseconds>(
                                      std::chrono::duration<double, std::milli>(m.window_ms));
@@ -452,7 +475,7 @@ void WorkerService::MergeReady() {
       batch.push_back(std::move(ready_.front()));
       ready_.pop_front();
     }
-    more = !ready_.empty();
+    more = (!ready_.empty() || m.rounds) && !stopping_;
     merge_posted_ = more;
   }
   if (more) compute_.Post([this] { MergeReady(); });
@@ -464,6 +487,11 @@ void WorkerService::MergeReady() {
 }
 
 WorkerService::~WorkerService() {
+  {
+    std::lock_guard<std::mutex> lock(merge_mutex_);
+    stopping_ = true;
+  }
+  merge_wake_.notify_all();
   core_.set_turn_listener(nullptr);
   // Parked jobs belong to reactors that gRPC ends before the service goes; run none of them.
   std::lock_guard<std::mutex> lock(parked_mutex_);

@@ -57,6 +57,10 @@ struct MergeOptions {
   int64_t max_clients = 1;  // sessions per merged batch (1: no merging)
   int64_t max_targets = 0;  // labels per merged batch (0: no limit)
   double window_ms = 0;     // how long the oldest ready step may wait for others
+  // Worker groups (WorkerOptions::rounds): the compute thread runs rounds without end, one
+  // every idle_round_ms at most when no step is ready, so that other replicas' rounds find it.
+  bool rounds = false;
+  double idle_round_ms = 2;
 };
 
 struct WorkerServiceOptions {
@@ -94,7 +98,11 @@ class WorkerService final
   void Unpark();
 
   // Merged batches: whether complete training frames go to the ready queue.
-  bool merging() const { return options_.merge.max_clients > 1 && !core_.u_shaped(); }
+  bool merging() const {
+    return options_.merge.rounds || (options_.merge.max_clients > 1 && !core_.u_shaped());
+  }
+  // Worker groups: starts the endless rounds (the constructor calls it).
+  void StartRounds();
   struct ReadyStep {
     uint64_t session = 0;
     std::chrono::steady_clock::time_point since;
@@ -112,6 +120,7 @@ class WorkerService final
   std::condition_variable merge_wake_;
   std::deque<ReadyStep> ready_;  // under merge_mutex_
   bool merge_posted_ = false;    // a MergeReady job is posted or running
+  bool stopping_ = false;        // under merge_mutex_: the service is going (rounds end)
   SerialExecutor compute_;
 };
 

@@ -1,9 +1,12 @@
 #include "tools/demo.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
@@ -156,6 +159,31 @@ trainer::TrainSummary Combine(const std::vector<trainer::TrainSummary>& parts) {
   return all;
 }
 
+// A port no one listens on now (bound and released: another process could take it before
+// the group's store does, which is unlikely on a demo machine; the group then fails to form
+// and the demo says so).
+int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t size = sizeof addr;
+  int port = 0;
+  if (fd >= 0 && bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &size) == 0) {
+    port = ntohs(addr.sin_port);
+  }
+  if (fd >= 0) close(fd);
+  return port;
+}
+
+bool SameDigests(const trainer::TrainSummary& summary) {
+  for (const trainer::WorkerReport& w : summary.workers) {
+    if (w.weights_sha256 != summary.workers.front().weights_sha256) return false;
+  }
+  return true;
+}
+
 // The workers' reports (DIR/<name>/worker.json) into `summary`.
 absl::Status AddWorkers(const std::vector<std::string>& names, const std::filesystem::path& dir,
                         trainer::TrainSummary* summary) {
@@ -175,7 +203,8 @@ absl::Status AddWorkers(const std::vector<std::string>& names, const std::filesy
       return absl::DataLossError(absl::StrCat(path, ": not a worker report: ", e.what()));
     }
     applied += w.steps_applied;
-    updates += w.updates_here;
+    // The workers of a demo are one group: its updates are each replica's (all take every one).
+    updates = std::max(updates, w.updates_here);
     summary->workers.push_back(std::move(w));
   }
   summary->mean_clients_per_update =
@@ -225,7 +254,9 @@ int RunDemo(const DemoOptions& opt,
     return 2;
   }
   const std::string certs = (dir / "certs").string(), tokens = (dir / "tokens").string();
-  std::vector<std::string> ids = {"worker0"};
+  std::vector<std::string> ids, workers;
+  for (int i = 0; i < opt.workers; ++i) workers.push_back(absl::StrCat("worker", i));
+  ids = workers;
   for (int i = 0; i < opt.clients; ++i) ids.push_back(absl::StrCat("client", i));
   if (absl::Status s = server::MakeCertificates(certs); !s.ok()) {
     spdlog::error("demo: certificates: {}", s.ToString());
@@ -247,35 +278,65 @@ int RunDemo(const DemoOptions& opt,
     for (auto it = servers.rbegin(); it != servers.rend(); ++it) Stop(*it, SIGTERM);
     for (auto it = servers.rbegin(); it != servers.rend(); ++it) Wait(*it);
   };
-  auto start_server = [&](const std::string& name,
+  // Spawns a server; its ready file is logs/<log_name>.address.
+  auto spawn_server = [&](const std::string& name, const std::string& log_name,
                           std::vector<std::string> args) -> absl::StatusOr<std::string> {
     args.insert(args.end(), tls.begin(), tls.end());
-    const std::string log = (dir / "logs" / (name + ".log")).string();
-    const std::string ready = (dir / "logs" / (name + ".address")).string();
+    const std::string log = (dir / "logs" / (log_name + ".log")).string();
+    const std::string ready = (dir / "logs" / (log_name + ".address")).string();
     std::filesystem::remove(log);
     std::filesystem::remove(ready);  // a stale one from a run that was killed
     args.insert(args.end(), {"--ready-file", ready});
     auto child = Spawn(name, args, log);
     if (!child.ok()) return child.status();
     servers.push_back(*child);
-    auto address = WaitReady(servers.back(), ready, opt.startup_timeout_s);
-    if (address.ok()) spdlog::info("demo: {} listening on {}", name, address->c_str());
+    return ready;
+  };
+  auto wait_server = [&](size_t index, const std::string& ready) -> absl::StatusOr<std::string> {
+    auto address = WaitReady(servers[index], ready, opt.startup_timeout_s);
+    if (address.ok()) {
+      spdlog::info("demo: {} listening on {}", servers[index].name, address->c_str());
+    }
     return address;
   };
-  auto coordinator = start_server("coordinator", {"coordinator", "--config", config, "--listen",
-                                                  "127.0.0.1:0", "--tokens", token_file});
-  absl::StatusOr<std::string> worker = absl::UnknownError("not started");
-  if (!coordinator.ok()) {
-    worker = coordinator.status();
-  } else {
-    worker = start_server(
-        "worker",
-        {"worker", "--config", config, "--coordinator", *coordinator, "--listen", "127.0.0.1:0",
-         "--name", "worker0", "--tokens", token_file, "--token",
-         (fs::path(tokens) / "worker0.token").string(), "--out", (dir / "worker0").string()});
+  absl::StatusOr<std::string> coordinator = spawn_server(
+      "coordinator", "coordinator",
+      {"coordinator", "--config", config, "--listen", "127.0.0.1:0", "--tokens", token_file});
+  if (coordinator.ok()) coordinator = wait_server(0, *coordinator);
+  absl::Status started = coordinator.status();
+  // The workers start together (a group forms only once all have come), then each is waited for.
+  std::vector<std::string> ready_files;
+  const std::string store = opt.workers > 1 ? absl::StrCat("127.0.0.1:", FreePort()) : "";
+  for (int i = 0; started.ok() && i < opt.workers; ++i) {
+    std::vector<std::string> args = {"worker",
+                                     "--config",
+                                     config,
+                                     "--coordinator",
+                                     *coordinator,
+                                     "--listen",
+                                     "127.0.0.1:0",
+                                     "--name",
+                                     workers[i],
+                                     "--tokens",
+                                     token_file,
+                                     "--token",
+                                     (fs::path(tokens) / (workers[i] + ".token")).string(),
+                                     "--out",
+                                     (dir / workers[i]).string()};
+    if (opt.workers > 1) {
+      args.insert(args.end(), {"--group-size", absl::StrCat(opt.workers), "--group-rank",
+                               absl::StrCat(i), "--group-store", store});
+    }
+    // The first worker's log keeps its old name (logs/worker.log).
+    auto ready = spawn_server(workers[i], i == 0 ? "worker" : workers[i], args);
+    started = ready.status();
+    if (ready.ok()) ready_files.push_back(*ready);
   }
-  if (!worker.ok()) {
-    spdlog::error("demo: {}", worker.status().ToString());
+  for (size_t i = 0; started.ok() && i < ready_files.size(); ++i) {
+    started = wait_server(i + 1, ready_files[i]).status();
+  }
+  if (!started.ok()) {
+    spdlog::error("demo: {}", started.ToString());
     stop_servers();
     return 1;
   }
@@ -335,7 +396,7 @@ int RunDemo(const DemoOptions& opt,
     parts.push_back(*s);
   }
   trainer::TrainSummary all = Combine(parts);
-  if (absl::Status w = AddWorkers({"worker0"}, dir, &all); !w.ok()) {
+  if (absl::Status w = AddWorkers(workers, dir, &all); !w.ok()) {
     spdlog::error("demo: {}", w.ToString());
     return 1;
   }
@@ -346,7 +407,13 @@ int RunDemo(const DemoOptions& opt,
     spdlog::error("demo: {}", s.ToString());
     return 1;
   }
-  std::printf("demo: %d clients through one worker; all clients together:\n", opt.clients);
+  if (opt.workers == 1) {
+    std::printf("demo: %d clients through one worker; all clients together:\n", opt.clients);
+  } else {
+    std::printf("demo: %d clients through a group of %d workers (%s); all clients together:\n",
+                opt.clients, opt.workers,
+                SameDigests(all) ? "identical replicas" : "REPLICAS DIFFER");
+  }
   if (print_summary) print_summary(all);
   std::printf("wrote %s\n", summary_path.c_str());
   std::printf("(per client: %s/client<i>/; server logs: %s/logs/)\n", opt.out_dir.c_str(),

@@ -1,5 +1,6 @@
-// `splitq demo [--config F] [--clients N] [--out DIR]`: a whole cluster on this machine, as
-// real processes on loopback: one coordinator, one worker and N clients (default 2), with
+// `splitq demo [--config F] [--clients N] [--workers W] [--out DIR]`: a whole cluster on this
+// machine, as real processes on loopback: one coordinator, W workers (default 1; with more, one
+// replica group: `splitq worker --group-size W`) and N clients (default 2), with
 // OS-picked ports, fresh certificates (TLS) and fresh bearer tokens. It trains the config (by
 // default the embedded one below: Fashion-MNIST, AMAQ at the boundary, 8 -> 4 bits), relays
 // the clients' progress, and writes DIR/summary.json with the keys of `splitq train`'s,
@@ -25,6 +26,7 @@ namespace splitq::tools {
 struct DemoOptions {
   std::string config_path, out_dir = "runs/demo";
   int clients = 2;
+  int workers = 1;  // more than 1: a worker group (Gloo on the CPU) on this machine
   int startup_timeout_s = 60;
 };
 

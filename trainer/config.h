@@ -95,6 +95,7 @@ struct RunConfig {
   int64_t merge_max_clients = 1;  // 1: every client step is its own server update
   int64_t merge_max_targets = 0;  // 0: no limit
   double merge_window_ms = 0;
+  std::string group_backend = "auto";  // worker groups: auto | gloo | nccl
   // quant
   ActivationQuantConfig activations;
   GradientQuantConfig gradients;

@@ -238,6 +238,12 @@ const std::vector<Key>& Keys() {
           "splitq worker: how long a ready step may wait for other clients' steps to merge with "
           "(0: merge only what is ready when the server part is free)"),
       Choice(
+          "server.group.backend", {"auto", "gloo", "nccl"},
+          [](RunConfig& c, const std::string& s) { c.group_backend = s; },
+          [](const RunConfig& c) { return c.group_backend; },
+          "splitq worker --group-size N > 1: the collectives of a worker group (auto: nccl on "
+          "CUDA, gloo on the CPU)"),
+      Choice(
           "quant.activations.mode", {"fp32", "uniform", "amaq", "aqsgd"},
           [](RunConfig& c, const std::string& s) { c.activations.mode = ModeOf(s); },
           [](const RunConfig& c) { return ModeName(c.activations.mode); },

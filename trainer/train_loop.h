@@ -63,7 +63,8 @@ struct TrainSummary {
   double max_budget_excess = 0;  // max over frames of (mean bits sent - budget); <= 0 always
   std::string device;
   // `splitq demo` only (written when not empty): the workers, and the clients' steps applied
-  // per server update over the workers' last processes (1 without merged batches).
+  // (all workers) per server update of the group (every replica takes each update), over the
+  // workers' last processes (1 with one worker and no merged batches).
   std::vector<WorkerReport> workers;
   double mean_clients_per_update = -1;
 };

@@ -30,6 +30,9 @@
 #   merge        `splitq demo` with 4 clients and merged batches (server.merge.max_clients 4,
 #                a 500 ms window): every step applied once, at least 2 clients per server update
 #                on average, and the run learns (validation accuracy above 0.6).
+#   group        `splitq demo --workers 2 --clients 4`: the two workers form one replica group
+#                (Gloo on loopback) and end with the same weights digest and the same number of
+#                server updates; every client step is applied once (240 over both).
 #   refusals     a client with another config (digest) and a client without a token are refused
 #                with a clear message; the worker keeps serving.
 set -euo pipefail
@@ -171,6 +174,18 @@ demo)
     fail "the worker did not see client1 finish"
   [[ -f $dir/demo/certs/ca.crt && -f $dir/demo/tokens/client1.token ]] || fail "no certs/tokens"
   echo "demo: ok ($(grep -o '"val_loss": [0-9.]*' "$dir/demo/summary.json"))"
+  ;;
+group)
+  "$SPLITQ" demo --config "$config" --clients 4 --workers 2 --out "$dir/demo" >"$dir/demo.log" 2>&1 ||
+    fail "demo exited with $?"
+  grep -q "group of 2 formed (gloo)" "$dir/demo/logs/worker1.log" || fail "no group formed"
+  digests=$(grep -o '"weights_sha256": "[0-9a-f]*"' "$dir/demo/summary.json" | sort -u | wc -l)
+  updates=$(grep -o '"server_updates": [0-9]*' "$dir/demo/summary.json" | sort -u | wc -l)
+  applied=$(grep -o '"steps_applied": [0-9]*' "$dir/demo/summary.json" | awk '{ n += $2 } END { print n }')
+  ((digests == 1 && updates == 1 && applied == 240)) ||
+    fail "digests $digests, update counts $updates, steps applied $applied: $(grep -A3 workers "$dir/demo/summary.json")"
+  grep -q "identical replicas" "$dir/demo.log" || fail "the demo did not report identical replicas"
+  echo "group: ok ($(grep -o '"server_updates": [0-9]*' "$dir/demo/summary.json" | head -1), $applied steps applied)"
   ;;
 merge)
   printf 'server: {merge: {max_clients: 4, window_ms: 500}}\n' >>"$config"
