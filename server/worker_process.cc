@@ -307,8 +307,16 @@ absl::Status WorkerProcess::Run(const std::atomic<bool>& stop) {
       s.Warn(absl::StrCat("worker ", s.o.name, ": ", r.ToString()));
     }
   }
-  s.Log(absl::StrFormat("worker %s stopped: %s; peak RSS %.0f MiB", s.o.name, StatsText(w),
-                        base::PeakRssMiB()));
+  std::string group;
+  if (s.group) {
+    const auto [round_ms, sum_ms] = s.part->group_ms();
+    group = absl::StrFormat(
+        "; group rounds with work %.0f ms, of which the gradient sum %.0f ms "
+        "(%.1f%%)",
+        round_ms, sum_ms, round_ms > 0 ? 100 * sum_ms / round_ms : 0.0);
+  }
+  s.Log(absl::StrFormat("worker %s stopped: %s; peak RSS %.0f MiB%s", s.o.name, StatsText(w),
+                        base::PeakRssMiB(), group));
   if (!saved) return absl::InternalError("the final checkpoint was not saved");
   return absl::OkStatus();
 }

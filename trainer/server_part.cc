@@ -9,6 +9,8 @@
 #include <torch/serialize/output-archive.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -56,6 +58,9 @@ struct ServerPart::Impl {
   std::map<uint64_t, Session> sessions;
   uint64_t open_session = 0;  // the session whose U-shaped step is open (0: none)
   ReplicaGroup* group = nullptr;  // worker groups (set_group); null: this replica alone
+  // Worker groups: time in rounds that had work (from the agreement to the update) and in
+  // their gradient sum, for the worker's status line.
+  std::atomic<double> round_ms{0}, sum_ms{0};
   uint64_t next_session = 1;
   int64_t updates = 0;
 
@@ -135,7 +140,11 @@ struct ServerPart::Impl {
     at::Tensor count =
         at::full({1}, static_cast<float>(targets), at::TensorOptions().device(device));
     grads.push_back(count);
+    const auto start = std::chrono::steady_clock::now();
     SPLITQ_RETURN_IF_ERROR(group->SumInPlace(grads));
+    sum_ms.store(sum_ms.load() +
+                 std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+                     .count());
     const double all = count.item<double>();
     if (all <= 0) return absl::OkStatus();  // every replica's steps failed: no update
     for (size_t i = 0; i + 1 < grads.size(); ++i) grads[i].div_(all);
@@ -297,6 +306,7 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
     if ((*met)[1] == 0) return out;  // an idle round: nobody had a step
     last_step = (*met)[0];
   }
+  const auto round_start = std::chrono::steady_clock::now();
   // The steps whose input decoded, with their targets' share of the merge.
   struct Item {
     size_t index;
@@ -375,6 +385,11 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
   const absl::Status updated = TorchCall("server update", [&] { return s.Update(total); });
   if (!updated.ok()) {
     for (const Item& item : items) out[item.index] = updated;
+  }
+  if (s.group != nullptr) {
+    s.round_ms.store(s.round_ms.load() + std::chrono::duration<double, std::milli>(
+                                             std::chrono::steady_clock::now() - round_start)
+                                             .count());
   }
   return out;
 }
@@ -504,6 +519,10 @@ absl::Status ServerPart::LoadCheckpoint(const std::string& path, std::string* ex
 }
 
 void ServerPart::set_group(ReplicaGroup* group) { impl_->group = group; }
+
+std::pair<double, double> ServerPart::group_ms() const {
+  return {impl_->round_ms.load(), impl_->sum_ms.load()};
+}
 
 std::vector<int64_t> ServerPart::input_shape() const { return impl_->sample_shape; }
 

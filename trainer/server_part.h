@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -100,6 +101,9 @@ class ServerPart : public ServerHandler {
 
   // Joins this part to a replica group (null: alone again); the group outlives its use.
   void set_group(ReplicaGroup* group);
+  // Worker groups: milliseconds spent in rounds with work (agreement to update) and, within
+  // them, in the gradient sum; safe to read from any thread.
+  std::pair<double, double> group_ms() const;
   // One example's boundary activation shape (what a frame carries per example).
   std::vector<int64_t> input_shape() const;
   // The server's trainable weights (its blocks' parameters, then boundary 2's), in a fixed
