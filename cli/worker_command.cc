@@ -1,7 +1,7 @@
 // `splitq worker --config F --coordinator HOST:PORT --listen HOST:PORT [--name NAME]
 // [--advertise HOST] (--tls-dir DIR [--mtls] | --insecure) [--tokens FILE] [--token FILE]
 // [--out DIR [--checkpoint-every N]] [--chunk-kib K] [--ready-file FILE]
-// [--group-size N --group-rank R --group-store HOST:PORT [--group-address A]]`: one worker
+// [--group-size N [--group-address A] [--group-timeout S]]`: one worker
 // (server/worker_process.h: serving, registration, heartbeats, checkpoints). This file parses
 // flags, loads the config and tokens, and runs it until SIGINT/SIGTERM.
 
@@ -39,8 +39,8 @@ struct WorkerCommandOptions {
   uint32_t advertise_port = 0;
   int connect_timeout_s = 120;
   std::string ready_file;
-  int group_size = 1, group_rank = 0;
-  std::string group_store, group_address = "127.0.0.1";
+  int group_size = 0;
+  std::string group_address = "127.0.0.1";
   int group_timeout_s = 60;
 };
 
@@ -86,15 +86,8 @@ int RunWorker(const WorkerCommandOptions& opt) {
   o.connect_timeout = std::chrono::seconds(opt.connect_timeout_s);
   o.ready_file = opt.ready_file;
   o.group_size = opt.group_size;
-  o.group_rank = opt.group_rank;
-  o.group_store = opt.group_store;
   o.group_address = opt.group_address;
   o.group_timeout = std::chrono::seconds(opt.group_timeout_s);
-  if (o.group_size > 1 && (o.group_store.empty() || o.group_rank >= o.group_size)) {
-    return Fail("flags", absl::InvalidArgumentError(
-                             "--group-size N > 1 needs --group-store HOST:PORT and --group-rank "
-                             "0..N-1"));
-  }
   o.log = [](const std::string& line) { spdlog::info("{}", line); };
   o.warn = [](const std::string& line) { spdlog::warn("worker: {}", line); };
   auto worker = server::WorkerProcess::Start(o);
@@ -150,16 +143,14 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
                   "Seconds to keep trying to reach the coordinator")
       ->check(IntRange(1, 1 << 30));
   cmd->add_option("--group-size", opt->group_size,
-                  "Workers serving one model together (a replica group; docs/cluster.md)")
-      ->check(IntRange(1, 1024));
-  cmd->add_option("--group-rank", opt->group_rank, "This worker's rank in its group, 0..N-1")
-      ->check(IntRange(0, 1023));
-  cmd->add_option("--group-store", opt->group_store,
-                  "HOST:PORT where the group meets (rank 0 serves it on that port)");
+                  "Join the run's worker group (one model served by many workers; "
+                  "docs/cluster.md) and wait for N members before the first round (0: no group)")
+      ->check(IntRange(0, 1024));
   cmd->add_option("--group-address", opt->group_address,
                   "The address the other members reach this one at (default 127.0.0.1)");
   cmd->add_option("--group-timeout", opt->group_timeout_s,
-                  "Seconds to wait for the group's members, and for each collective")
+                  "Seconds to wait for --group-size members at the start, and the limit of "
+                  "each collective")
       ->check(IntRange(1, 3600));
   cmd->callback([opt, run] { *run = [opt] { return RunWorker(*opt); }; });
 }

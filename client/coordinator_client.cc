@@ -27,7 +27,8 @@ std::unique_ptr<grpc::ClientContext> CoordinatorClient::Context() const {
 
 absl::StatusOr<Registration> CoordinatorClient::Register(rpc::Role role, const std::string& name,
                                                          const rpc::WorkerAddress& endpoint,
-                                                         uint32_t max_sessions) {
+                                                         uint32_t max_sessions,
+                                                         const rpc::WorkerAddress& group_store) {
   splitq::v1::RegisterRequest request;
   request.set_protocol_version(splitq::v1::PROTOCOL_VERSION_CURRENT);
   request.set_role(role == rpc::Role::kWorker ? splitq::v1::ROLE_WORKER : splitq::v1::ROLE_CLIENT);
@@ -36,6 +37,10 @@ absl::StatusOr<Registration> CoordinatorClient::Register(rpc::Role role, const s
     request.mutable_endpoint()->set_host(endpoint.host);
     request.mutable_endpoint()->set_port(endpoint.port);
     request.set_max_sessions(max_sessions);
+    if (!group_store.host.empty()) {
+      request.mutable_group_store()->set_host(group_store.host);
+      request.mutable_group_store()->set_port(group_store.port);
+    }
   }
   splitq::v1::RegisterReply reply;
   auto context = Context();
@@ -82,6 +87,23 @@ absl::Status CoordinatorClient::Leave(uint64_t member_id) {
   splitq::v1::LeaveReply reply;
   auto context = Context();
   return rpc::FromGrpcStatus(stub_->Leave(context.get(), request, &reply));
+}
+
+absl::StatusOr<rpc::GroupView> CoordinatorClient::Group(uint64_t member_id,
+                                                        int64_t failed_generation) {
+  splitq::v1::GroupRequest request;
+  request.set_member_id(member_id);
+  request.set_failed_generation(failed_generation);
+  splitq::v1::GroupReply reply;
+  auto context = Context();
+  SPLITQ_RETURN_IF_ERROR(rpc::FromGrpcStatus(stub_->Group(context.get(), request, &reply)));
+  rpc::GroupView v;
+  v.generation = reply.generation();
+  v.rank = reply.rank();
+  v.world = reply.world();
+  v.store = rpc::WorkerAddress{reply.store().host(), reply.store().port()};
+  v.members.assign(reply.members().begin(), reply.members().end());
+  return v;
 }
 
 Heartbeater::Heartbeater(CoordinatorClient& client, uint64_t member_id,

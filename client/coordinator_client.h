@@ -1,6 +1,6 @@
 // splitq server: the client side of the Coordinator service (proto/splitq/v1/coordinator.proto),
-// for workers and clients: register, get a worker assigned, heartbeat, leave. Sync gRPC calls,
-// each with a deadline (`call_timeout`).
+// for workers and clients: register, get a worker assigned, heartbeat, leave; for the workers
+// of a group, the group's view. Sync gRPC calls, each with a deadline (`call_timeout`).
 //
 // Heartbeater sends a heartbeat every period from its own thread; when the coordinator no
 // longer knows the member (it was marked dead, or the coordinator restarted), it registers again
@@ -41,12 +41,15 @@ class CoordinatorClient {
   // reached, DEADLINE_EXCEEDED after call_timeout.
   absl::StatusOr<Registration> Register(rpc::Role role, const std::string& name,
                                         const rpc::WorkerAddress& endpoint = {},
-                                        uint32_t max_sessions = 0);
+                                        uint32_t max_sessions = 0,
+                                        const rpc::WorkerAddress& group_store = {});
   // `unreachable`: a worker this client could not reach ("" for none; coordinator_core.h).
   absl::StatusOr<rpc::Assignment> Assign(uint64_t member_id, const std::string& unreachable = "");
   // False when the coordinator does not know the member any more (register again).
   absl::StatusOr<bool> Heartbeat(uint64_t member_id, uint64_t step, uint32_t sessions = 0);
   absl::Status Leave(uint64_t member_id);
+  // Worker groups: this member's view (coordinator_core.h, Group).
+  absl::StatusOr<rpc::GroupView> Group(uint64_t member_id, int64_t failed_generation = 0);
 
  private:
   std::unique_ptr<grpc::ClientContext> Context() const;

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -28,6 +29,15 @@ struct Assignment {
   WorkerAddress worker;
   uint64_t assignment_id = 0;  // new for every (re)assignment
   uint64_t resume_step = 0;    // the client's steps completed, as last reported
+};
+
+// A worker group member's view of its group, as the coordinator gives it (Coordinator.Group).
+struct GroupView {
+  int64_t generation = 0;  // changes with every change of membership
+  uint32_t rank = 0;       // the member's rank (members by registration order)
+  uint32_t world = 0;
+  WorkerAddress store;               // rank 0's c10d store, where the generation meets
+  std::vector<std::string> members;  // worker names, by rank
 };
 
 // "HOST:PORT" (IPv6 as "[::1]:PORT") -> {host, port}; INVALID_ARGUMENT otherwise.

@@ -18,7 +18,14 @@ uint64_t RandomEpoch() {
 }  // namespace
 
 CoordinatorCore::CoordinatorCore(const CoordinatorOptions& options)
-    : options_(options), next_member_id_(RandomEpoch() << 32 | 1) {}
+    : options_(options),
+      next_member_id_(RandomEpoch() << 32 | 1),
+      generation_(static_cast<int64_t>(RandomEpoch() & 0xfffff) << 32) {}
+
+void CoordinatorCore::NextGeneration() {
+  ++generation_;
+  failed_reported_ = false;
+}
 
 absl::StatusOr<CoordinatorCore::Member*> CoordinatorCore::Find(uint64_t member_id,
                                                                const std::string& caller) {
@@ -51,6 +58,15 @@ uint32_t CoordinatorCore::ClientsOf(const std::string& worker_name) const {
 
 void CoordinatorCore::MarkDead(Member& member) {
   member.alive = false;
+  if (!member.group_store.host.empty()) {
+    for (auto it = group_.begin(); it != group_.end(); ++it) {
+      if (&members_.at(*it) == &member) {
+        group_.erase(it);
+        NextGeneration();
+        break;
+      }
+    }
+  }
   if (member.role == Role::kWorker) {
     for (auto& [id, m] : members_) {
       if (m.role == Role::kClient && m.worker_name == member.name) m.worker_name.clear();
@@ -64,7 +80,8 @@ absl::StatusOr<uint64_t> CoordinatorCore::Register(Role role, const std::string&
                                                    uint32_t protocol_version,
                                                    const WorkerAddress& endpoint,
                                                    uint32_t max_sessions, Clock::time_point now,
-                                                   const std::string& caller) {
+                                                   const std::string& caller,
+                                                   const WorkerAddress& group_store) {
   if (protocol_version != kProtocolVersion) {
     return absl::FailedPreconditionError(
         absl::StrCat("protocol version ", protocol_version, " is not supported: this coordinator ",
@@ -83,7 +100,24 @@ absl::StatusOr<uint64_t> CoordinatorCore::Register(Role role, const std::string&
     return absl::PermissionDeniedError(absl::StrCat("this call's token belongs to '", caller,
                                                     "': it cannot register as '", name, "'"));
   }
+  const bool grouped = !group_store.host.empty();
+  if (grouped && (role != Role::kWorker || group_store.port == 0 || group_store.port > 65535)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", name, "': a group store is a worker's, with a host and a port"));
+  }
   std::lock_guard<std::mutex> lock(mutex_);
+  if (role == Role::kWorker) {
+    for (const auto& [id, m] : members_) {
+      if (!m.alive || m.role != Role::kWorker || m.name == name ||
+          m.group_store.host.empty() == !grouped) {
+        continue;
+      }
+      return absl::FailedPreconditionError(
+          absl::StrCat("worker '", name, "' ", grouped ? "joins a worker group" : "is on its own",
+                       ", but worker '", m.name, "' ", grouped ? "is on its own" : "is in a group",
+                       ": start every worker of a run with --group-size, or none"));
+    }
+  }
   for (auto it = members_.begin(); it != members_.end();) {
     if (it->second.name != name) {
       ++it;
@@ -103,8 +137,13 @@ absl::StatusOr<uint64_t> CoordinatorCore::Register(Role role, const std::string&
   m.max_sessions = max_sessions == 0 ? options_.default_max_sessions : max_sessions;
   m.last_heartbeat = now;
   if (role == Role::kClient) m.step = client_progress_[name];
+  m.group_store = group_store;
   const uint64_t id = next_member_id_++;
   members_.emplace(id, std::move(m));
+  if (grouped) {
+    group_.push_back(id);
+    NextGeneration();
+  }
   return id;
 }
 
@@ -185,6 +224,34 @@ absl::Status CoordinatorCore::Leave(uint64_t member_id, const std::string& calle
   if (!found.ok()) return found.status();
   MarkDead(**found);
   return absl::OkStatus();
+}
+
+absl::StatusOr<rpc::GroupView> CoordinatorCore::Group(uint64_t member_id, int64_t failed_generation,
+                                                      Clock::time_point now,
+                                                      const std::string& caller) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  absl::StatusOr<Member*> found = Find(member_id, caller);
+  if (!found.ok()) return found.status();
+  const auto rank = std::find(group_.begin(), group_.end(), member_id);
+  if (rank == group_.end()) {
+    return absl::NotFoundError(absl::StrCat("member ", member_id, " is not in a worker group"));
+  }
+  (*found)->last_heartbeat = now;  // a member asking is alive
+  if (failed_generation != 0 && failed_generation == generation_) {
+    if (!failed_reported_) {
+      failed_reported_ = true;
+      failed_since_ = now;
+    } else if (now - failed_since_ > 2 * options_.heartbeat_deadline) {
+      NextGeneration();  // nobody was marked dead: the same members, afresh
+    }
+  }
+  rpc::GroupView v;
+  v.generation = generation_;
+  v.rank = static_cast<uint32_t>(rank - group_.begin());
+  v.world = static_cast<uint32_t>(group_.size());
+  v.store = members_.at(group_.front()).group_store;
+  for (uint64_t id : group_) v.members.push_back(members_.at(id).name);
+  return v;
 }
 
 std::vector<std::string> CoordinatorCore::Expire(Clock::time_point now) {

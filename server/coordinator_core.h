@@ -19,6 +19,16 @@
 //   worker's clients lose their assignment (their next Assign moves them to a live worker);
 //   a dead client's slot on its worker is freed.
 // - Leave: a clean goodbye (as dead, without waiting for the deadline).
+// - Worker groups (a worker registered with a group store, `splitq worker --group-size`): the
+//   live group workers form one data-parallel group (trainer/replica_group.h), ranked by
+//   registration order. Group answers a member's view: the generation, its rank, the world and
+//   rank 0's store. The generation changes whenever membership does (a group worker registers,
+//   leaves or is marked dead) and when a member reports the current generation failed
+//   (Group's failed_generation) and two heartbeat deadlines have passed since the first such
+//   report without another change (a member that is alive but stuck in a collective). It never
+//   repeats, across coordinator restarts too (a random 20-bit epoch above bit 32, exact as a
+//   double). A coordinator takes workers of one kind: a group worker is refused while a worker
+//   on its own is alive, and the other way round (FAILED_PRECONDITION).
 // Every method is safe to call from several threads.
 //
 // Identity: each method takes `caller`, the id of the caller's bearer token ("" when tokens are
@@ -79,7 +89,8 @@ class CoordinatorCore {
   // live duplicate name.
   absl::StatusOr<uint64_t> Register(Role role, const std::string& name, uint32_t protocol_version,
                                     const WorkerAddress& endpoint, uint32_t max_sessions,
-                                    Clock::time_point now, const std::string& caller = "");
+                                    Clock::time_point now, const std::string& caller = "",
+                                    const WorkerAddress& group_store = {});
   // `unreachable`: a worker the client could not reach ("" for none).
   absl::StatusOr<Assignment> Assign(uint64_t member_id, Clock::time_point now,
                                     const std::string& caller = "",
@@ -88,6 +99,10 @@ class CoordinatorCore {
   absl::Status Heartbeat(uint64_t member_id, uint64_t step, Clock::time_point now,
                          const std::string& caller = "", uint32_t sessions = 0);
   absl::Status Leave(uint64_t member_id, const std::string& caller = "");
+  // The group view of worker `member_id` (NOT_FOUND for one that is not a live group member).
+  // failed_generation (0: none): the caller could not form or use that generation.
+  absl::StatusOr<rpc::GroupView> Group(uint64_t member_id, int64_t failed_generation,
+                                       Clock::time_point now, const std::string& caller = "");
   // Marks the silent dead; returns their names.
   std::vector<std::string> Expire(Clock::time_point now);
   std::vector<MemberView> Status(Clock::time_point now) const;
@@ -105,6 +120,7 @@ class CoordinatorCore {
     std::string worker_name;  // clients
     uint64_t assignment_id = 0;
     uint32_t reported_sessions = 0;  // workers: Train sessions in the last heartbeat
+    WorkerAddress group_store;       // group workers: their store (host empty: not in a group)
   };
   // The live member `member_id`: NOT_FOUND when there is none, PERMISSION_DENIED when `caller`
   // (not "") is not its name.
@@ -112,6 +128,8 @@ class CoordinatorCore {
   Member* LiveWorker(const std::string& name);
   uint32_t ClientsOf(const std::string& worker_name) const;
   void MarkDead(Member& member);
+  // Worker groups: a new generation (membership changed, or the current one failed).
+  void NextGeneration();
 
   CoordinatorOptions options_;
   mutable std::mutex mutex_;
@@ -119,6 +137,11 @@ class CoordinatorCore {
   std::map<std::string, uint64_t> client_progress_;  // client name -> steps completed
   uint64_t next_member_id_;                          // epoch << 32 | counter
   uint64_t next_assignment_id_ = 1;
+  // Worker groups: the live group workers by member id (= registration order: ranks).
+  std::vector<uint64_t> group_;
+  int64_t generation_;
+  Clock::time_point failed_since_;  // the first report that generation_ failed
+  bool failed_reported_ = false;
 };
 
 }  // namespace splitq::server

@@ -51,7 +51,8 @@ grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerConte
   auto id =
       core_.Register(role, request->name(), static_cast<uint32_t>(request->protocol_version()),
                      WorkerAddress{request->endpoint().host(), request->endpoint().port()},
-                     request->max_sessions(), Clock::now(), *caller);
+                     request->max_sessions(), Clock::now(), *caller,
+                     WorkerAddress{request->group_store().host(), request->group_store().port()});
   if (!id.ok()) return Finish(context, id.status());
   reply->set_protocol_version(splitq::v1::PROTOCOL_VERSION_CURRENT);
   reply->set_member_id(*id);
@@ -117,6 +118,22 @@ grpc::ServerUnaryReactor* CoordinatorService::Leave(grpc::CallbackServerContext*
   absl::StatusOr<std::string> caller = Authenticate(context);
   if (!caller.ok()) return Finish(context, caller.status());
   return Finish(context, core_.Leave(request->member_id(), *caller));
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Group(grpc::CallbackServerContext* context,
+                                                    const splitq::v1::GroupRequest* request,
+                                                    splitq::v1::GroupReply* reply) {
+  absl::StatusOr<std::string> caller = Authenticate(context);
+  if (!caller.ok()) return Finish(context, caller.status());
+  auto v = core_.Group(request->member_id(), request->failed_generation(), Clock::now(), *caller);
+  if (!v.ok()) return Finish(context, v.status());
+  reply->set_generation(v->generation);
+  reply->set_rank(v->rank);
+  reply->set_world(v->world);
+  reply->mutable_store()->set_host(v->store.host);
+  reply->mutable_store()->set_port(v->store.port);
+  for (const std::string& name : v->members) reply->add_members(name);
+  return Finish(context, absl::OkStatus());
 }
 
 }  // namespace splitq::server

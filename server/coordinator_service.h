@@ -39,6 +39,9 @@ class CoordinatorService final : public splitq::v1::Coordinator::CallbackService
   grpc::ServerUnaryReactor* Leave(grpc::CallbackServerContext* context,
                                   const splitq::v1::LeaveRequest* request,
                                   splitq::v1::LeaveReply* reply) override;
+  grpc::ServerUnaryReactor* Group(grpc::CallbackServerContext* context,
+                                  const splitq::v1::GroupRequest* request,
+                                  splitq::v1::GroupReply* reply) override;
 
  private:
   // OK when the caller presents a valid bearer token (or no tokens are configured).

@@ -310,7 +310,18 @@ std::vector<absl::StatusOr<trainer::DownFrame>> WorkerCore::RunSteps(
     }
     std::vector<std::pair<uint64_t, const trainer::UpFrame*>> steps;
     for (const Taken& t : merged) steps.emplace_back(t.handler_id, &t.up);
-    std::vector<absl::StatusOr<trainer::DownFrame>> results = handler_.TrainMerged(steps);
+    std::vector<absl::StatusOr<trainer::DownFrame>> results;
+    std::vector<std::string> others;
+    if (options_.rounds) {
+      // Each step's record, "CLIENT STEP RUN" (the progress line's fields), for the others.
+      std::vector<std::string> records;
+      for (const Taken& t : merged) {
+        records.push_back(absl::StrCat(t.client_id, " ", t.up.step, " ", t.run_id));
+      }
+      results = handler_.TrainRound(steps, records, &others);
+    } else {
+      results = handler_.TrainMerged(steps);
+    }
     // A group's round may update without a step of ours.
     updates_.store(handler_.updates());
     for (size_t k = 0; k < merged.size(); ++k) {
@@ -318,6 +329,7 @@ std::vector<absl::StatusOr<trainer::DownFrame>> WorkerCore::RunSteps(
       out[t.index] = std::move(results[k]);
       if (out[t.index].ok()) Settle(t.client_id, t.run_id, t.up.step, true);
     }
+    for (const std::string& record : others) SettleOther(record);
   }
   for (size_t i : later) {
     // In a group an update outside a round would set this replica apart: the step fails
@@ -342,8 +354,28 @@ void WorkerCore::Settle(const std::string& client_id, const std::string& run_id,
     if (!run_id.empty()) p.run_id = run_id;
   }
   ++steps_served_;
-  if (update) ++steps_applied_;
+  if (update) {
+    ++steps_applied_;
+    ++group_steps_applied_;
+  }
   updates_.store(handler_.updates());
+}
+
+void WorkerCore::SettleOther(const std::string& record) {
+  std::vector<std::string> fields = absl::StrSplit(record, ' ');
+  int64_t step = 0;
+  if (fields.size() != 3 || !IsValidMemberName(fields[0]) || !absl::SimpleAtoi(fields[1], &step) ||
+      step < 0) {
+    return;  // not one of ours (records are written by RunSteps above)
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  Progress& p = next_applied_[fields[0]];
+  if (!SameRun(p.run_id, fields[2])) {
+    p = Progress{};  // the other member has seen a newer run of this client id
+  }
+  p.next = std::max(p.next, static_cast<uint64_t>(step) + 1);
+  if (!fields[2].empty()) p.run_id = fields[2];
+  ++group_steps_applied_;
 }
 
 absl::Status WorkerCore::AddHeadLoss(uint64_t session, uint64_t step, double loss) {
@@ -461,14 +493,15 @@ absl::StatusOr<int64_t> WorkerCore::SaveCheckpoint(const std::string& path) {
   return handler_.updates();
 }
 
-absl::StatusOr<size_t> WorkerCore::LoadCheckpoint(const std::string& path) {
+absl::StatusOr<size_t> WorkerCore::LoadCheckpoint(const std::string& path, bool serving) {
   std::lock_guard<std::mutex> compute(compute_);
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!sessions_.empty()) {
+    if (!sessions_.empty() && !(serving && options_.rounds)) {
       return absl::FailedPreconditionError("load a checkpoint before serving any session");
     }
   }
+  const int64_t before = handler_.updates();
   std::string progress;
   SPLITQ_RETURN_IF_ERROR(handler_.LoadCheckpoint(path, &progress));
   std::map<std::string, Progress> next_applied;
@@ -489,7 +522,8 @@ absl::StatusOr<size_t> WorkerCore::LoadCheckpoint(const std::string& path) {
   std::lock_guard<std::mutex> lock(mutex_);
   next_applied_ = std::move(next_applied);
   updates_.store(handler_.updates());
-  loaded_updates_ = handler_.updates();
+  // A group member taking the group's state keeps counting what it did itself.
+  loaded_updates_ = serving ? loaded_updates_ + handler_.updates() - before : handler_.updates();
   return next_applied_.size();
 }
 
@@ -503,6 +537,10 @@ WorkerStats WorkerCore::stats() const {
     out.steps_served = steps_served_;
     out.steps_applied = steps_applied_;
     out.updates_here = out.updates - loaded_updates_;
+    out.group_steps_applied = group_steps_applied_;
+    for (const auto& [client, progress] : next_applied_) {
+      out.clients_next_sum += static_cast<int64_t>(progress.next);
+    }
   }
   return out;
 }

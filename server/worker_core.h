@@ -21,7 +21,10 @@
 // the merge, and updates nothing; the steps applied are settled (counted as applied for their
 // client) only when the merged update is taken, so a replay of a step that sat in a merged
 // batch is answered and never applied twice. A merge holds only steps whose frames are complete:
-// it never waits for a client, dead or slow.
+// it never waits for a client, dead or slow. In a worker group (WorkerOptions::rounds) each
+// round also settles the steps the OTHER members applied (their records, "CLIENT STEP RUN",
+// come back from ServerHandler::TrainRound), so a client that moves here from another member
+// replays the steps the group applied instead of applying them twice.
 //
 // Client restarts: the worker remembers, per client id, the next step it has not applied and
 // the run it belongs to (TrainHello.run_id), and keeps both in its checkpoints. A hello with
@@ -119,6 +122,12 @@ struct WorkerStats {
   // the mean number of clients merged per update (1 without merging).
   int64_t steps_applied = 0;
   int64_t updates_here = 0;
+  // Worker groups: steps the group applied in the rounds this process took part in (its own
+  // and the other members', from the rounds' records), and the sum over the clients this
+  // worker knows of their first step not applied (with each client's steps applied once and
+  // none lost, the sum of the clients' steps).
+  int64_t group_steps_applied = 0;
+  int64_t clients_next_sum = 0;
 };
 
 class WorkerCore {
@@ -164,8 +173,10 @@ class WorkerCore {
   // worker that serves nobody yet (FAILED_PRECONDITION otherwise, and for a damaged progress
   // list); it returns the number of clients whose progress it restored. Other errors as
   // ServerHandler::SaveCheckpoint / LoadCheckpoint.
+  // `serving`: a group member taking the group's state between rounds (WorkerOptions::rounds;
+  // its sessions stay).
   absl::StatusOr<int64_t> SaveCheckpoint(const std::string& path);
-  absl::StatusOr<size_t> LoadCheckpoint(const std::string& path);
+  absl::StatusOr<size_t> LoadCheckpoint(const std::string& path, bool serving = false);
 
   WorkerStats stats() const;
   // The server part's weights digest (ServerHandler::WeightsDigest); waits for the step being
@@ -181,6 +192,8 @@ class WorkerCore {
                                              std::string* client_id, std::string* run_id);
   // Records that `client_id`'s step `step` is done (applied when `update`); under compute_.
   void Settle(const std::string& client_id, const std::string& run_id, int64_t step, bool update);
+  // Records a step that another member of the group applied (a round's record).
+  void SettleOther(const std::string& record);
   // Whether `client_id`'s step `step` is new to the server part (not a replay).
   bool WillUpdate(const std::string& client_id, const std::string& run_id, int64_t step) const;
 
@@ -200,6 +213,7 @@ class WorkerCore {
   uint64_t next_id_ = 1;
   int64_t steps_served_ = 0;
   int64_t steps_applied_ = 0;
+  int64_t group_steps_applied_ = 0;
   int64_t loaded_updates_ = 0;  // under mutex_: updates at construction or LoadCheckpoint
   // handler_.updates(), mirrored so that stats() (the heartbeat) never waits for compute_.
   std::atomic<int64_t> updates_{0};

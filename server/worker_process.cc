@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "base/files.h"
 #include "base/memory.h"
 #include "base/status_macros.h"
@@ -41,20 +42,23 @@ std::string StatsText(const WorkerStats& w) {
 }
 
 // What `splitq demo` gathers from each worker (--out DIR/worker.json).
-std::string ReportJson(const std::string& name, int rank, const WorkerStats& w,
+std::string ReportJson(const std::string& name, int rank, int64_t generation, const WorkerStats& w,
                        const std::string& digest) {
   return absl::StrFormat(
-      "{\n  \"name\": \"%s\",\n  \"rank\": %d,\n  \"server_updates\": %d,\n"
-      "  \"steps_served\": %d,\n  \"steps_applied\": %d,\n  \"updates_here\": %d,\n"
-      "  \"weights_sha256\": \"%s\"\n}\n",
-      name, rank, w.updates, w.steps_served, w.steps_applied, w.updates_here, digest);
+      "{\n  \"name\": \"%s\",\n  \"rank\": %d,\n  \"generation\": %d,\n"
+      "  \"server_updates\": %d,\n  \"steps_served\": %d,\n  \"steps_applied\": %d,\n"
+      "  \"updates_here\": %d,\n  \"group_steps_applied\": %d,\n"
+      "  \"clients_next_sum\": %d,\n  \"weights_sha256\": \"%s\"\n}\n",
+      name, rank, generation, w.updates, w.steps_served, w.steps_applied, w.updates_here,
+      w.group_steps_applied, w.clients_next_sum, digest);
 }
 }  // namespace
 
 struct WorkerProcess::Impl {
   WorkerProcessOptions o;
-  // Before the part, the core and the service: they go first (the service's compute thread
-  // runs the group's rounds until it is joined).
+  // Worker groups. Before the part, the core and the service: they go after them (the
+  // service's compute thread runs the group's rounds until it is joined).
+  std::unique_ptr<trainer::GroupStore> store;  // this member's store (used while it is rank 0)
   std::unique_ptr<trainer::ReplicaGroup> group;
   std::unique_ptr<trainer::ServerPart> part;
   std::unique_ptr<WorkerCore> core;
@@ -63,6 +67,19 @@ struct WorkerProcess::Impl {
   rpc::WorkerAddress advertised;
   std::string checkpoint;  // "" : none
   int64_t saved_updates = 0;
+  std::shared_ptr<grpc::Channel> coordinator_channel;
+  std::atomic<uint64_t> member_id{0};  // the coordinator's id for us (0: not registered yet)
+  std::atomic<const std::atomic<bool>*> stop{nullptr};  // Run's flag
+  std::atomic<int64_t> latest_generation{0};            // the newest the coordinator named
+  // The compute thread's (BeforeRound).
+  std::unique_ptr<client::CoordinatorClient> group_coordinator;
+  int64_t failed_generation = 0;  // a generation that could not be formed
+  bool formed_once = false;
+  std::chrono::steady_clock::time_point waiting_since = std::chrono::steady_clock::now();
+  std::string last_note;
+  int group_root = 0;        // whose state the last generation took
+  std::atomic<int> rank{0};  // in the last generation formed (for worker.json)
+  std::atomic<int64_t> generation{0};
 
   void Log(const std::string& line) const {
     if (o.log) o.log(line);
@@ -70,47 +87,126 @@ struct WorkerProcess::Impl {
   void Warn(const std::string& line) const {
     if (o.warn) o.warn(line);
   }
+  bool Stopping(const std::atomic<bool>& closing) const {
+    const std::atomic<bool>* flag = stop.load();
+    return closing.load() || (flag != nullptr && flag->load());
+  }
+  rpc::WorkerAddress GroupStoreAddress() const {
+    return store ? rpc::WorkerAddress{o.group_address, static_cast<uint32_t>(store->port())}
+                 : rpc::WorkerAddress{};
+  }
 
-  // Forms the group (waits for every member), then every member takes rank 0's state (its
-  // weights, optimizer, updates and clients' progress: a worker checkpoint, broadcast), so
-  // replicas start identical even when rank 0 resumed from its --out.
-  absl::Status JoinGroup() {
+  // On the compute thread before each round (MergeOptions::before_round): true with a formed
+  // group; forms the next generation first when there is none or it broke. False only when
+  // the worker stops.
+  bool BeforeRound(const std::atomic<bool>& closing) {
+    while (!Stopping(closing)) {
+      if (group && !group->broken()) {
+        group->set_latest_generation(latest_generation.load());
+        return true;
+      }
+      const absl::Status formed = FormNext();
+      if (formed.ok()) continue;
+      const std::string note(formed.message());
+      if (note != last_note) {
+        last_note = note;
+        Log(absl::StrCat("worker ", o.name, ": ", note));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return false;
+  }
+
+  // Asks the coordinator for the group's view and, when it names a generation we can form,
+  // forms it and takes the state of the member with the most updates. UNAVAILABLE (a note for
+  // the log) while there is nothing to form yet.
+  absl::Status FormNext() {
+    const uint64_t id = member_id.load();
+    if (id == 0) return absl::UnavailableError("waiting to register with the coordinator");
+    const int64_t failed = group ? group->generation() : failed_generation;
+    auto asked = group_coordinator->Group(id, failed);
+    if (!asked.ok()) {
+      return absl::UnavailableError(
+          absl::StrCat("asking the coordinator for the group: ", asked.status().message()));
+    }
+    const rpc::GroupView& view = *asked;
+    latest_generation.store(view.generation);
+    if (view.generation == failed) {
+      return absl::UnavailableError(
+          absl::StrCat("group generation ", failed, " ended; waiting for the coordinator's next"));
+    }
+    if (!formed_once && view.world < static_cast<uint32_t>(o.group_size) &&
+        std::chrono::steady_clock::now() - waiting_since < o.group_timeout) {
+      return absl::UnavailableError(
+          absl::StrFormat("waiting for %d group members (%d so far)", o.group_size, view.world));
+    }
+    if (group) {
+      part->set_group(nullptr);
+      group.reset();
+    }
     trainer::ReplicaGroupOptions g;
     g.backend = o.config.group_backend;
-    SPLITQ_ASSIGN_OR_RETURN(const rpc::WorkerAddress store, rpc::ParseHostPort(o.group_store));
-    g.store_host = store.host;
-    g.store_port = static_cast<int>(store.port);
-    g.host_store = o.group_rank == 0;
-    g.rank = o.group_rank;
-    g.world = o.group_size;
+    g.store_host = view.store.host;
+    g.store_port = static_cast<int>(view.store.port);
+    g.rank = static_cast<int>(view.rank);
+    g.world = static_cast<int>(view.world);
+    g.generation = view.generation;
     g.interface_host = o.group_address;
     g.timeout = o.group_timeout;
-    Log(absl::StrFormat("worker %s: joining group of %d as rank %d at %s", o.name, o.group_size,
-                        o.group_rank, o.group_store));
+    Log(absl::StrFormat("worker %s: forming group generation %d as rank %d of %d (%s) at %s",
+                        o.name, view.generation, view.rank, view.world,
+                        absl::StrJoin(view.members, ", "), rpc::JoinHostPort(view.store)));
     auto made = trainer::ReplicaGroup::Create(
         g, part->device() == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU));
-    if (!made.ok()) return made.status();
+    if (!made.ok()) {
+      failed_generation = view.generation;
+      return made.status();
+    }
     group = std::move(*made);
+    if (absl::Status taken = TakeGroupState(); !taken.ok()) {
+      group->MarkBroken();
+      return taken;
+    }
+    part->set_group(group.get());
+    formed_once = true;
+    rank.store(group->rank());
+    generation.store(group->generation());
+    last_note.clear();
+    Log(absl::StrFormat(
+        "worker %s: group of %d formed (%s), generation %d, rank %d, %d server updates "
+        "(the state of rank %d)",
+        o.name, group->world(), group->backend(), group->generation(), group->rank(),
+        core->stats().updates, group_root));
+    return absl::OkStatus();
+  }
+
+  // Every member takes the state of the member with the most updates (the lowest rank among
+  // equals): its weights, optimizer, updates and clients' progress, as a worker checkpoint
+  // broadcast, so that replicas start each generation identical.
+  absl::Status TakeGroupState() {
+    const int64_t mine = core->stats().updates;
+    SPLITQ_ASSIGN_OR_RETURN(const std::vector<int64_t> most, group->Max({mine}));
+    SPLITQ_ASSIGN_OR_RETURN(const std::vector<int64_t> first,
+                            group->Max({mine == most[0] ? group->world() - group->rank() : 0}));
+    group_root = group->world() - static_cast<int>(first[0]);
+    if (group->world() == 1) return absl::OkStatus();
     const std::filesystem::path state = std::filesystem::temp_directory_path() /
                                         absl::StrCat("splitq-group-", o.name, "-", getpid(), ".pt");
     std::string bytes;
-    if (o.group_rank == 0) {
+    if (group->rank() == group_root) {
       SPLITQ_RETURN_IF_ERROR(core->SaveCheckpoint(state.string()).status());
       auto read = base::ReadSmallFile(state, "group state", size_t{1} << 34);
       std::filesystem::remove(state);
       if (!read.ok()) return read.status();
       bytes = std::move(*read);
     }
-    SPLITQ_ASSIGN_OR_RETURN(bytes, group->Broadcast(bytes, 0));
-    if (o.group_rank != 0) {
+    SPLITQ_ASSIGN_OR_RETURN(bytes, group->Broadcast(bytes, group_root));
+    if (group->rank() != group_root) {
       SPLITQ_RETURN_IF_ERROR(base::WriteFileAtomically(state, bytes, 0600));
-      auto loaded = core->LoadCheckpoint(state.string());
+      auto loaded = core->LoadCheckpoint(state.string(), /*serving=*/true);
       std::filesystem::remove(state);
       if (!loaded.ok()) return loaded.status();
     }
-    part->set_group(group.get());
-    Log(absl::StrFormat("worker %s: group of %d formed (%s), rank %d, %d server updates", o.name,
-                        o.group_size, group->backend(), o.group_rank, core->stats().updates));
     return absl::OkStatus();
   }
 
@@ -157,7 +253,7 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   WorkerOptions core_options;
   core_options.max_sessions = s.o.max_clients;
   core_options.config_digest = s.o.config_digest;
-  core_options.rounds = s.o.group_size > 1;
+  core_options.rounds = s.o.group_size >= 1;
   if (core_options.rounds && s.o.config.u_shaped) {
     return absl::InvalidArgumentError(
         "--group-size: worker groups serve the plain layout, not model.u_shaped");
@@ -182,12 +278,25 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
                             s.o.name, s.checkpoint, s.core->stats().updates, *clients));
     }
   }
-  if (core_options.rounds) SPLITQ_RETURN_IF_ERROR(s.JoinGroup());
+  SPLITQ_ASSIGN_OR_RETURN(s.coordinator_channel,
+                          client::MakeChannel(s.o.coordinator, s.o.security));
+  if (core_options.rounds) {
+    auto store = trainer::GroupStore::Start("0.0.0.0", 0, s.o.group_timeout);
+    if (!store.ok()) return named("--group-size", store.status());
+    s.store = std::move(*store);
+    s.group_coordinator =
+        std::make_unique<client::CoordinatorClient>(s.coordinator_channel, s.o.own_token);
+  }
   s.saved_updates = s.core->stats().updates;
   WorkerServiceOptions service_options;
   service_options.reply_chunk_bytes = s.o.reply_chunk_bytes;
   service_options.merge = MergeOptions{s.o.config.merge_max_clients, s.o.config.merge_max_targets,
                                        s.o.config.merge_window_ms, core_options.rounds};
+  if (core_options.rounds) {
+    service_options.merge.before_round = [&s](const std::atomic<bool>& closing) {
+      return s.BeforeRound(closing);
+    };
+  }
   service_options.log = [&s](const std::string& line) {
     s.Log(absl::StrCat("worker ", s.o.name, ": ", line));
   };
@@ -224,13 +333,14 @@ std::string WorkerProcess::address() const { return rpc::JoinHostPort(impl_->adv
 
 absl::Status WorkerProcess::Run(const std::atomic<bool>& stop) {
   Impl& s = *impl_;
+  s.stop.store(&stop);
   // The coordinator: register (it may start after us), then heartbeat.
-  SPLITQ_ASSIGN_OR_RETURN(auto channel, client::MakeChannel(s.o.coordinator, s.o.security));
-  client::CoordinatorClient coordinator(channel, s.o.own_token);
+  client::CoordinatorClient coordinator(s.coordinator_channel, s.o.own_token);
   client::Registration registration;
   auto register_once = [&]() -> absl::Status {
     if (stop.load()) return absl::CancelledError("stopped");
-    auto r = coordinator.Register(rpc::Role::kWorker, s.o.name, s.advertised, s.o.max_clients);
+    auto r = coordinator.Register(rpc::Role::kWorker, s.o.name, s.advertised, s.o.max_clients,
+                                  s.GroupStoreAddress());
     if (r.status().code() == absl::StatusCode::kAlreadyExists) {
       // Our previous run (a restart) until the coordinator marks it dead (its heartbeat
       // deadline), or another live worker with this name, which the connect timeout ends.
@@ -254,13 +364,13 @@ absl::Status WorkerProcess::Run(const std::atomic<bool>& stop) {
     return absl::Status(registered.code(), absl::StrCat("register: ", registered.message()));
   }
   s.Log(absl::StrCat("worker ", s.o.name, " registered with the coordinator at ", s.o.coordinator));
+  s.member_id.store(registration.member_id);  // a group forms from here on
   ReadyFile ready(s.o.ready_file);  // listening and registered: clients can be sent here
   if (absl::Status a = ready.Announce(address()); !a.ok()) {
     (void)coordinator.Leave(registration.member_id);  // no client is sent to a worker that quit
     s.serving.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
     return absl::Status(a.code(), absl::StrCat("--ready-file: ", a.message()));
   }
-  std::atomic<uint64_t> member_id{registration.member_id};  // the last registration's
   {
     client::Heartbeater heartbeat(
         coordinator, registration.member_id, registration.heartbeat_period,
@@ -270,18 +380,24 @@ absl::Status WorkerProcess::Run(const std::atomic<bool>& stop) {
                                                w.train_sessions};
         },
         [&]() -> absl::StatusOr<uint64_t> {
-          auto r =
-              coordinator.Register(rpc::Role::kWorker, s.o.name, s.advertised, s.o.max_clients);
+          auto r = coordinator.Register(rpc::Role::kWorker, s.o.name, s.advertised, s.o.max_clients,
+                                        s.GroupStoreAddress());
           if (!r.ok()) return r.status();
           s.Log(absl::StrCat("worker ", s.o.name,
                              " registered again with the coordinator (it had lost us)"));
-          member_id.store(r->member_id);
+          s.member_id.store(r->member_id);
           return r->member_id;
         },
         [&s](const std::string& line) { s.Log(absl::StrCat("worker ", s.o.name, ": ", line)); });
     auto last_status = std::chrono::steady_clock::now();
+    int ticks = 0;
     while (!stop.load()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      if (s.store && ++ticks % 3 == 0) {
+        // The group's generation, so that the members leave an old one at their next round.
+        auto view = coordinator.Group(s.member_id.load());
+        if (view.ok()) s.latest_generation.store(view->generation);
+      }
       if (!s.checkpoint.empty() && s.o.checkpoint_every > 0 &&
           s.core->stats().updates - s.saved_updates >= s.o.checkpoint_every) {
         (void)s.Save(false);
@@ -295,20 +411,21 @@ absl::Status WorkerProcess::Run(const std::atomic<bool>& stop) {
     }
   }
   // After the heartbeat thread has stopped, so that no beat re-registers us after the goodbye.
-  (void)coordinator.Leave(member_id.load());
+  (void)coordinator.Leave(s.member_id.load());
   s.serving.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   const bool saved = s.checkpoint.empty() || s.Save(true);
   const WorkerStats w = s.core->stats();
   if (!s.o.out_dir.empty()) {
     const std::string report = (std::filesystem::path(s.o.out_dir) / "worker.json").string();
     if (absl::Status r = base::WriteFileAtomically(
-            report, ReportJson(s.o.name, s.o.group_rank, w, s.core->weights_digest()));
+            report,
+            ReportJson(s.o.name, s.rank.load(), s.generation.load(), w, s.core->weights_digest()));
         !r.ok()) {
       s.Warn(absl::StrCat("worker ", s.o.name, ": ", r.ToString()));
     }
   }
   std::string group;
-  if (s.group) {
+  if (s.store) {
     const auto [round_ms, sum_ms] = s.part->group_ms();
     group = absl::StrFormat(
         "; group rounds with work %.0f ms, of which the gradient sum %.0f ms "

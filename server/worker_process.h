@@ -50,13 +50,19 @@ struct WorkerProcessOptions {
   uint32_t max_clients = 64;
   std::chrono::seconds connect_timeout{120};
   std::string ready_file;  // server/process.h, ReadyFile
-  // Worker groups (group_size > 1): this worker is replica group_rank of a data-parallel
-  // group (trainer/replica_group.h) that meets at group_store (HOST:PORT; rank 0 serves it
-  // there). group_address: where the others reach this member (gloo). Start waits (up to the
-  // group timeout) until every member has come, then takes rank 0's state.
-  int group_size = 1;
-  int group_rank = 0;
-  std::string group_store;
+  // Worker groups (group_size >= 1): this worker is one replica of the run's data-parallel
+  // group (trainer/replica_group.h; docs/cluster.md). It registers with the coordinator with
+  // the address of its own c10d store (group_address, on a free port), and the coordinator
+  // gives it its rank, the world and the generation (Coordinator.Group). Every change of
+  // membership is a new generation: the members leave the old one at the same round, form the
+  // new one at rank 0's store, and take the state (weights, optimizer, updates, every client's
+  // progress) of the member with the most updates, by broadcast — so a worker that restarts,
+  // or a new one, joins with the group's current state, not an old checkpoint. Before the
+  // first round a worker waits (up to group_timeout) until group_size members have come.
+  // group_address: where the others reach this member (its store and, for gloo, its
+  // collectives). group_timeout: also the limit of one collective (a member slower than that
+  // ends the generation).
+  int group_size = 0;
   std::string group_address = "127.0.0.1";
   std::chrono::milliseconds group_timeout{60000};
   // Lines for the log (stdout in the CLI: "worker NAME ..." as printed) and for errors (stderr).

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -440,8 +441,19 @@ void WorkerService::MergeReady() {
   const MergeOptions& m = options_.merge;
   std::vector<ReadyStep> batch;
   bool more;
+  const bool round = !m.rounds || !m.before_round || m.before_round(closing_);
   {
     std::unique_lock<std::mutex> lock(merge_mutex_);
+    if (!round && !stopping_) {
+      // No round now (the worker is stopping): the ready steps go back to their clients.
+      std::deque<ReadyStep> left;
+      left.swap(ready_);
+      lock.unlock();
+      for (ReadyStep& r : left) r.deliver(absl::UnavailableError("the worker is stopping"));
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      compute_.Post([this] { MergeReady(); });
+      return;
+    }
     if (m.rounds && ready_.empty() && !stopping_) {
       // An idle replica still takes its part in the group's rounds, at most every idle_round_ms.
       merge_wake_.wait_for(lock, std::chrono::duration<double, std::milli>(m.idle_round_ms),
@@ -487,6 +499,7 @@ void WorkerService::MergeReady() {
 }
 
 WorkerService::~WorkerService() {
+  closing_.store(true);
   {
     std::lock_guard<std::mutex> lock(merge_mutex_);
     stopping_ = true;

@@ -22,6 +22,7 @@
 // Errors end only the session that caused them, with the core's status code and message.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -61,6 +62,11 @@ struct MergeOptions {
   // every idle_round_ms at most when no step is ready, so that other replicas' rounds find it.
   bool rounds = false;
   double idle_round_ms = 2;
+  // Rounds: called on the compute thread before each round, with a flag that turns true when
+  // the service is being destroyed. It may block (a group forming); false: no round (the
+  // worker is stopping), and the ready steps fail with UNAVAILABLE (their clients send them
+  // again, elsewhere). May be empty.
+  std::function<bool(const std::atomic<bool>& closing)> before_round;
 };
 
 struct WorkerServiceOptions {
@@ -121,6 +127,7 @@ class WorkerService final
   std::deque<ReadyStep> ready_;  // under merge_mutex_
   bool merge_posted_ = false;    // a MergeReady job is posted or running
   bool stopping_ = false;        // under merge_mutex_: the service is going (rounds end)
+  std::atomic<bool> closing_{false};  // the same, for MergeOptions::before_round
   SerialExecutor compute_;
 };
 

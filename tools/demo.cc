@@ -1,12 +1,9 @@
 #include "tools/demo.h"
 
-#include <arpa/inet.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
@@ -159,24 +156,6 @@ trainer::TrainSummary Combine(const std::vector<trainer::TrainSummary>& parts) {
   return all;
 }
 
-// A port no one listens on now (bound and released: another process could take it before
-// the group's store does, which is unlikely on a demo machine; the group then fails to form
-// and the demo says so).
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t size = sizeof addr;
-  int port = 0;
-  if (fd >= 0 && bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &size) == 0) {
-    port = ntohs(addr.sin_port);
-  }
-  if (fd >= 0) close(fd);
-  return port;
-}
-
 bool SameDigests(const trainer::TrainSummary& summary) {
   for (const trainer::WorkerReport& w : summary.workers) {
     if (w.weights_sha256 != summary.workers.front().weights_sha256) return false;
@@ -304,9 +283,9 @@ int RunDemo(const DemoOptions& opt,
       {"coordinator", "--config", config, "--listen", "127.0.0.1:0", "--tokens", token_file});
   if (coordinator.ok()) coordinator = wait_server(0, *coordinator);
   absl::Status started = coordinator.status();
-  // The workers start together (a group forms only once all have come), then each is waited for.
+  // The workers start together (the group waits for all of them before its first round), then
+  // each is waited for.
   std::vector<std::string> ready_files;
-  const std::string store = opt.workers > 1 ? absl::StrCat("127.0.0.1:", FreePort()) : "";
   for (int i = 0; started.ok() && i < opt.workers; ++i) {
     std::vector<std::string> args = {"worker",
                                      "--config",
@@ -324,8 +303,7 @@ int RunDemo(const DemoOptions& opt,
                                      "--out",
                                      (dir / workers[i]).string()};
     if (opt.workers > 1) {
-      args.insert(args.end(), {"--group-size", absl::StrCat(opt.workers), "--group-rank",
-                               absl::StrCat(i), "--group-store", store});
+      args.insert(args.end(), {"--group-size", absl::StrCat(opt.workers)});
     }
     // The first worker's log keeps its old name (logs/worker.log).
     auto ready = spawn_server(workers[i], i == 0 ? "worker" : workers[i], args);

@@ -241,7 +241,7 @@ const std::vector<Key>& Keys() {
           "server.group.backend", {"auto", "gloo", "nccl"},
           [](RunConfig& c, const std::string& s) { c.group_backend = s; },
           [](const RunConfig& c) { return c.group_backend; },
-          "splitq worker --group-size N > 1: the collectives of a worker group (auto: nccl on "
+          "splitq worker --group-size N: the collectives of a worker group (auto: nccl on "
           "CUDA, gloo on the CPU)"),
       Choice(
           "quant.activations.mode", {"fp32", "uniform", "amaq", "aqsgd"},

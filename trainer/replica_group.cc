@@ -9,6 +9,7 @@
 
 #include <torch/version.h>
 
+#include <atomic>
 #include <map>
 
 #include "absl/strings/str_cat.h"
@@ -32,14 +33,21 @@ struct ReplicaGroup::Impl {
   std::string backend;
   c10::intrusive_ptr<c10d::TCPStore> store;
   c10::intrusive_ptr<Collectives> pg;
+  std::atomic<int64_t> latest{0};
+  std::atomic<bool> broken{false};
 
   // Runs one collective; any failure is UNAVAILABLE (the group is broken).
   template <typename F>
   absl::Status Collective(const char* what, F&& body) {
+    if (broken.load() && pg) {
+      return absl::UnavailableError(absl::StrCat("replica group generation ", o.generation,
+                                                 ", rank ", o.rank, ": broken, form the next"));
+    }
     try {
       body();
       return absl::OkStatus();
     } catch (const std::exception& e) {
+      broken.store(true);
       return absl::UnavailableError(absl::StrCat("replica group generation ", o.generation,
                                                  ", rank ", o.rank, ": ", what, ": ", e.what()));
     }
@@ -59,6 +67,7 @@ absl::StatusOr<std::unique_ptr<ReplicaGroup>> ReplicaGroup::Create(
   auto impl = std::make_unique<Impl>();
   impl->o = options;
   impl->device = device;
+  impl->latest.store(options.generation);
   impl->backend =
       options.backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : options.backend;
   if (impl->backend != "gloo" && impl->backend != "nccl") {
@@ -165,6 +174,38 @@ absl::StatusOr<std::string> ReplicaGroup::Broadcast(const std::string& bytes, in
   const at::Tensor host = data[0].to(at::kCPU).contiguous();
   return std::string(static_cast<const char*>(host.data_ptr()), static_cast<size_t>(n));
 }
+
+int64_t ReplicaGroup::generation() const { return impl_->o.generation; }
+void ReplicaGroup::set_latest_generation(int64_t generation) { impl_->latest.store(generation); }
+int64_t ReplicaGroup::latest_generation() const { return impl_->latest.load(); }
+bool ReplicaGroup::broken() const { return impl_->broken.load(); }
+void ReplicaGroup::MarkBroken() { impl_->broken.store(true); }
+
+struct GroupStore::Impl {
+  c10::intrusive_ptr<c10d::TCPStore> store;
+};
+
+GroupStore::GroupStore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GroupStore::~GroupStore() = default;
+
+absl::StatusOr<std::unique_ptr<GroupStore>> GroupStore::Start(const std::string& host, int port,
+                                                              std::chrono::milliseconds timeout) {
+  auto impl = std::make_unique<Impl>();
+  try {
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<uint16_t>(port);
+    so.isServer = true;
+    so.waitWorkers = false;
+    so.timeout = timeout;
+    impl->store = c10::make_intrusive<c10d::TCPStore>(host, so);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("worker group store on ", host, ":", port, ": ", e.what()));
+  }
+  return std::unique_ptr<GroupStore>(new GroupStore(std::move(impl)));
+}
+
+int GroupStore::port() const { return impl_->store->getPort(); }
 
 int ReplicaGroup::rank() const { return impl_->o.rank; }
 int ReplicaGroup::world() const { return impl_->o.world; }

@@ -8,13 +8,19 @@
 //                      dtype: one collective, not one per tensor);
 //   Broadcast(bytes)   a byte string from `root` to everyone (the state a joining member takes).
 //
-// Rendezvous: the members meet in a c10d TCPStore (store_host:store_port; one member or the
-// coordinator hosts it), under the prefix "g<generation>/", so a re-formed group never reads a
+// Rendezvous: the members meet in a c10d TCPStore (store_host:store_port; one member hosts it,
+// GroupStore below), under the prefix "g<generation>/", so a re-formed group never reads a
 // dead generation's keys. A collective that fails (a member died, or did not answer within
-// `timeout`) returns UNAVAILABLE; the group is then unusable and the caller forms the next
-// generation.
+// `timeout`) returns UNAVAILABLE and marks the group broken(); it is then unusable and the
+// caller forms the next generation.
 //
-// Not thread-safe: one thread (the worker's compute thread) calls it.
+// Generations: the coordinator numbers them (server/coordinator_core.h). set_latest_generation
+// records the newest one this member has heard of (from any thread); the members compare what
+// they heard in their next round (server_part.h) so that all of them leave a generation at
+// the same round.
+//
+// Not thread-safe apart from set_latest_generation and broken(): one thread (the worker's
+// compute thread) calls it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -61,12 +67,36 @@ class ReplicaGroup {
 
   int rank() const;
   int world() const;
+  int64_t generation() const;
+  // The newest generation this member has heard of (starts at generation()); any thread.
+  void set_latest_generation(int64_t generation);
+  int64_t latest_generation() const;
+  // A collective failed, or the members agreed to leave this generation (MarkBroken): form the
+  // next one. Any thread.
+  bool broken() const;
+  void MarkBroken();
   std::string backend() const;
   int store_port() const;  // the store's port (the one picked, when this member hosts it)
 
  private:
   struct Impl;
   explicit ReplicaGroup(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// The store a member serves for the generations in which it is rank 0: a c10d TCPStore server
+// on `host`:`port` (0: a free one), alive as long as this object.
+class GroupStore {
+ public:
+  // UNAVAILABLE when the port cannot be bound.
+  static absl::StatusOr<std::unique_ptr<GroupStore>> Start(const std::string& host, int port,
+                                                           std::chrono::milliseconds timeout);
+  ~GroupStore();
+  int port() const;
+
+ private:
+  struct Impl;
+  explicit GroupStore(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
 

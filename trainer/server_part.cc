@@ -29,6 +29,14 @@ namespace splitq::trainer {
 namespace {
 using namespace internal;  // NOLINT(build/namespaces)
 constexpr int64_t kServerCheckpointVersion = 1;
+
+// Worker groups: the round's records (TrainRound) travel in the same collective, as bytes
+// in floats (exact), each member in its own slots of `slots` x `record_bytes`.
+struct RoundRecords {
+  const std::vector<std::string>* mine = nullptr;
+  int64_t slots = 0, record_bytes = 0;
+  std::vector<std::string>* others = nullptr;
+};
 }  // namespace
 
 struct ServerPart::Impl {
@@ -125,7 +133,7 @@ struct ServerPart::Impl {
   // the replicas' gradients, weighted by their targets, summed in one collective with the
   // targets (a replica without work adds zeros), then divided by all the targets, so every
   // replica takes the same update: the one a single replica would take on all the batches.
-  absl::Status Update(int64_t targets) {
+  absl::Status Update(int64_t targets, const RoundRecords& records = {}) {
     if (group == nullptr) {
       if (targets > 0) ClipAndStep(true);
       return absl::OkStatus();
@@ -140,14 +148,45 @@ struct ServerPart::Impl {
     at::Tensor count =
         at::full({1}, static_cast<float>(targets), at::TensorOptions().device(device));
     grads.push_back(count);
+    at::Tensor table;
+    const int64_t slot_bytes = records.slots * records.record_bytes;
+    if (slot_bytes > 0) {
+      at::Tensor host = at::zeros({group->world() * slot_bytes}, at::kFloat);
+      float* data = host.data_ptr<float>() + group->rank() * slot_bytes;
+      const size_t n = std::min<size_t>(records.mine->size(), records.slots);
+      for (size_t k = 0; k < n; ++k) {
+        const std::string& r = (*records.mine)[k];
+        for (size_t b = 0; b < r.size() && static_cast<int64_t>(b) < records.record_bytes; ++b) {
+          data[k * records.record_bytes + b] = static_cast<float>(static_cast<uint8_t>(r[b]));
+        }
+      }
+      table = host.to(device);
+      grads.push_back(table);
+    }
     const auto start = std::chrono::steady_clock::now();
     SPLITQ_RETURN_IF_ERROR(group->SumInPlace(grads));
     sum_ms.store(sum_ms.load() +
                  std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
                      .count());
+    if (table.defined() && records.others != nullptr) {
+      const at::Tensor all_records = table.to(at::kCPU).contiguous();
+      const float* data = all_records.data_ptr<float>();
+      for (int member = 0; member < group->world(); ++member) {
+        if (member == group->rank()) continue;
+        for (int64_t k = 0; k < records.slots; ++k) {
+          const float* r = data + member * slot_bytes + k * records.record_bytes;
+          std::string record;
+          for (int64_t b = 0; b < records.record_bytes && r[b] != 0; ++b) {
+            record.push_back(static_cast<char>(static_cast<uint8_t>(r[b])));
+          }
+          if (!record.empty()) records.others->push_back(std::move(record));
+        }
+      }
+    }
     const double all = count.item<double>();
     if (all <= 0) return absl::OkStatus();  // every replica's steps failed: no update
-    for (size_t i = 0; i + 1 < grads.size(); ++i) grads[i].div_(all);
+    const size_t params = grads.size() - 1 - (table.defined() ? 1 : 0);
+    for (size_t i = 0; i < params; ++i) grads[i].div_(all);
     ClipAndStep(true);
     return absl::OkStatus();
   }
@@ -282,6 +321,12 @@ absl::StatusOr<DownFrame> ServerPart::Train(uint64_t id, const UpFrame& up, bool
 
 std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
     const std::vector<std::pair<uint64_t, const UpFrame*>>& steps) {
+  return TrainRound(steps, {}, nullptr);
+}
+
+std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
+    const std::vector<std::pair<uint64_t, const UpFrame*>>& steps,
+    const std::vector<std::string>& records, std::vector<std::string>* others) {
   Impl& s = *impl_;
   if ((steps.size() <= 1 && s.group == nullptr) || s.c.u_shaped) {
     return ServerHandler::TrainMerged(steps);
@@ -296,15 +341,32 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
   }
   int64_t last_step = -1;
   for (const auto& [id, up] : steps) last_step = std::max(last_step, up->step);
+  RoundRecords round_records;
   if (s.group != nullptr) {
-    // The round's largest step (for the learning rate) and whether anyone has work.
-    auto met = s.group->Max({last_step, steps.empty() ? 0 : 1});
+    // The round's largest step (for the learning rate), whether anyone has work, the newest
+    // and the oldest generation the members have heard of, and the size of the records.
+    const int64_t latest = s.group->latest_generation();
+    int64_t record_bytes = 0;
+    for (const std::string& r : records) {
+      record_bytes = std::max<int64_t>(record_bytes, static_cast<int64_t>(r.size()));
+    }
+    auto met = s.group->Max({last_step, steps.empty() ? 0 : 1, latest, -latest,
+                             static_cast<int64_t>(records.size()), record_bytes});
     if (!met.ok()) {
       for (auto& r : out) r = met.status();
       return out;
     }
+    if ((*met)[2] != s.group->generation() || -(*met)[3] != s.group->generation()) {
+      s.group->MarkBroken();  // every member sees the same: all leave at this round
+      for (auto& r : out) {
+        r = absl::UnavailableError(absl::StrCat("worker group: generation ", (*met)[2],
+                                                " is forming; send the step again"));
+      }
+      return out;
+    }
     if ((*met)[1] == 0) return out;  // an idle round: nobody had a step
     last_step = (*met)[0];
+    round_records = RoundRecords{&records, (*met)[4], (*met)[5], others};
   }
   const auto round_start = std::chrono::steady_clock::now();
   // The steps whose input decoded, with their targets' share of the merge.
@@ -378,11 +440,19 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainMerged(
     total = merged;
     return absl::OkStatus();
   });
+  // The records of the steps in the update (none when the local part failed).
+  std::vector<std::string> applied;
   if (!local.ok()) {
     for (const Item& item : items) out[item.index] = local;
     total = 0;  // a replica of a group still takes its part in the round, with nothing
+  } else {
+    for (const Item& item : items) {
+      if (item.index < records.size()) applied.push_back(records[item.index]);
+    }
   }
-  const absl::Status updated = TorchCall("server update", [&] { return s.Update(total); });
+  if (round_records.mine != nullptr) round_records.mine = &applied;
+  const absl::Status updated =
+      TorchCall("server update", [&] { return s.Update(total, round_records); });
   if (!updated.ok()) {
     for (const Item& item : items) out[item.index] = updated;
   }

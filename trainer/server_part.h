@@ -29,8 +29,14 @@
 // update, so the replicas stay identical (WeightsDigest agrees) and the update is the one a
 // single part would take on every replica's batches merged. A round nobody has a step for
 // takes no update (and only one small collective). A failed collective fails the round's
-// steps (UNAVAILABLE) with no update on this replica. Replays (Train with update false) and
-// validation take no part in rounds. Groups serve the plain layout (not U-shaped).
+// steps (UNAVAILABLE) with no update on this replica and marks the group broken. So does a
+// round in which the members have heard of different generations (ReplicaGroup::
+// latest_generation, compared in the round's first collective): every member leaves the
+// generation at that same round, and the worker forms the next (server/worker_process.h).
+// TrainRound's records travel in the update's collective, so every replica learns which
+// steps the others applied (a client that moves to another member replays them, never
+// applying twice). Replays (Train with update false) and validation take no part in rounds.
+// Groups serve the plain layout (not U-shaped).
 //
 // Not thread-safe: the worker calls it from one thread, one step at a time (server/worker_core.h).
 #pragma once
@@ -83,6 +89,9 @@ class ServerPart : public ServerHandler {
   absl::StatusOr<DownFrame> TrainHead(uint64_t session, const HeadGradient& head) override;
   std::vector<absl::StatusOr<DownFrame>> TrainMerged(
       const std::vector<std::pair<uint64_t, const UpFrame*>>& steps) override;
+  std::vector<absl::StatusOr<DownFrame>> TrainRound(
+      const std::vector<std::pair<uint64_t, const UpFrame*>>& steps,
+      const std::vector<std::string>& records, std::vector<std::string>* others) override;
   bool u_shaped() const override;
   absl::StatusOr<EvalPiece> Evaluate(uint64_t session, const UpFrame& up) override;
   int64_t updates() const override;

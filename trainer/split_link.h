@@ -127,6 +127,16 @@ class ServerHandler {
     for (const auto& [session, up] : steps) out.push_back(Train(session, *up, true));
     return out;
   }
+  // Worker groups: TrainMerged, with one record per step (opaque bytes without NUL, e.g. the
+  // worker's "client, run, step"); the records of the steps that the group's OTHER replicas
+  // applied in the same update are appended to `others`, so that every replica knows every
+  // step the group applied. The default (no group) is TrainMerged.
+  virtual std::vector<absl::StatusOr<DownFrame>> TrainRound(
+      const std::vector<std::pair<uint64_t, const UpFrame*>>& steps,
+      const std::vector<std::string>& records, std::vector<std::string>* others) {
+    (void)records, (void)others;
+    return TrainMerged(steps);
+  }
   // Whether Train leaves the step open for TrainHead (a U-shaped model).
   virtual bool u_shaped() const { return false; }
   virtual absl::StatusOr<EvalPiece> Evaluate(uint64_t session, const UpFrame& up) = 0;

@@ -33,6 +33,13 @@
 #   group        `splitq demo --workers 2 --clients 4`: the two workers form one replica group
 #                (Gloo on loopback) and end with the same weights digest and the same number of
 #                server updates; every client step is applied once (240 over both).
+#   group-kill   a group of 2 workers (Gloo) and 4 clients: rank 0 (which serves the group's
+#                store) killed with SIGKILL mid-run; the survivor re-forms alone and the clients
+#                move to it and replay; rank 0 restarted on its --out rejoins under a new
+#                generation and takes the survivor's state (not its own older checkpoint). The
+#                run finishes with one weights digest and equal update counts, and the survivor
+#                saw every client step applied exactly once (4 x 150 steps: no update lost,
+#                none applied twice).
 #   refusals     a client with another config (digest) and a client without a token are refused
 #                with a clear message; the worker keeps serving.
 set -euo pipefail
@@ -86,7 +93,7 @@ address_in() { sed -n 's/.*listening on \([0-9.]*:[0-9]*\).*/\1/p' "$1" | head -
 start_cluster() {
   if [[ ! -d $dir/certs ]]; then
     "$SPLITQ" certs --out "$dir/certs" >/dev/null
-    "$SPLITQ" tokens --out "$dir/tokens" worker0 worker1 client0 client1 >/dev/null
+    "$SPLITQ" tokens --out "$dir/tokens" worker0 worker1 client0 client1 client2 client3 >/dev/null
   fi
   sec=(--tls-dir "$dir/certs")
   "$SPLITQ" coordinator --config "$config" --listen 127.0.0.1:0 "${sec[@]}" \
@@ -186,6 +193,49 @@ group)
     fail "digests $digests, update counts $updates, steps applied $applied: $(grep -A3 workers "$dir/demo/summary.json")"
   grep -q "identical replicas" "$dir/demo.log" || fail "the demo did not report identical replicas"
   echo "group: ok ($(grep -o '"server_updates": [0-9]*' "$dir/demo/summary.json" | head -1), $applied steps applied)"
+  ;;
+group-kill)
+  sed -i 's/^steps: 60$/steps: 150/; s/^eval_every: 30$/eval_every: 150/' "$config"
+  start_cluster 0
+  for w in 0 1; do
+    worker_extra=(--group-size 2 --group-timeout 20 --out "$dir/w$w" --checkpoint-every 10)
+    start_worker "$w" "$dir/worker$w.log"
+  done
+  wait_for "$dir/worker1.log" "group of 2 formed" 300
+  cpids=()
+  for c in 0 1 2 3; do
+    client_args "client$c" "$dir/run$c"
+    "$SPLITQ" "${args[@]}" >"$dir/client$c.log" 2>&1 &
+    cpids+=($!)
+    pids+=($!)
+  done
+  wait_for "$dir/client0.log" 'step 40/' 600
+  victim=${worker_pids[0]}
+  kill -9 "$victim"
+  wait "$victim" 2>/dev/null || true
+  wait_for "$dir/worker1.log" "group of 1 formed" 300
+  before=$(sed -n 's/.*group of 1 formed.*, \([0-9]*\) server updates.*/\1/p' "$dir/worker1.log" | tail -n1)
+  worker_extra=(--group-size 2 --group-timeout 20 --out "$dir/w0" --checkpoint-every 10)
+  start_worker 0 "$dir/worker0b.log"
+  wait_for "$dir/worker0b.log" "group of 2 formed" 300
+  rejoined=$(grep "group of 2 formed" "$dir/worker0b.log" | tail -n1)
+  [[ $rejoined == *"(the state of rank 0)"* ]] || fail "the restarted member: $rejoined"
+  took=$(sed -n 's/.*, \([0-9]*\) server updates (the state.*/\1/p' <<<"$rejoined")
+  ((took >= before)) || fail "the restarted member took $took updates, the survivor had $before"
+  for p in "${cpids[@]}"; do wait "$p" || fail "a client failed"; done
+  for c in 0 1 2 3; do
+    grep -q '"steps": 150,' "$dir/run$c/summary.json" || fail "client$c did not finish"
+  done
+  stop_cluster
+  field() { sed -n "s/.*\"$2\": \"*\([0-9a-f]*\)\"*,*$/\1/p" "$dir/w$1/worker.json"; }
+  [[ $(field 0 weights_sha256) == "$(field 1 weights_sha256)" && -n $(field 1 weights_sha256) ]] ||
+    fail "digests differ: $(cat "$dir"/w*/worker.json)"
+  [[ $(field 0 server_updates) == "$(field 1 server_updates)" ]] ||
+    fail "update counts differ: $(cat "$dir"/w*/worker.json)"
+  [[ $(field 1 group_steps_applied) == 600 && $(field 1 clients_next_sum) == 600 ]] ||
+    fail "the survivor: $(cat "$dir/w1/worker.json")"
+  echo "group-kill: ok (the survivor had $before updates when rank 0 came back, which took $took;" \
+    "$(field 1 server_updates) updates, 600 steps applied once)"
   ;;
 merge)
   printf 'server: {merge: {max_clients: 4, window_ms: 500}}\n' >>"$config"

@@ -1,6 +1,7 @@
 // server/coordinator_core.h driven directly, with made-up clocks: balanced assignment,
 // protocol-version refusal, duplicate names, a dead worker's clients moved within two
-// heartbeat periods, a dead client's slot freed, and a restarted client's resume step.
+// heartbeat periods, a dead client's slot freed, a restarted client's resume step, and worker
+// groups (generations, ranks, the store, failed generations, no mixing).
 #include "server/coordinator_core.h"
 
 #include <gtest/gtest.h>
@@ -23,6 +24,17 @@ class CoordinatorCoreTest : public ::testing::Test {
     auto id = core_.Register(Role::kClient, name, kProtocolVersion, {}, 0, At(at));
     EXPECT_TRUE(id.ok()) << id.status();
     return id.ok() ? *id : 0;
+  }
+  uint64_t GroupWorker(const std::string& name, uint32_t store_port, int at = 0) {
+    auto id = core_.Register(Role::kWorker, name, kProtocolVersion, {"10.0.0.1", 7000}, 0, At(at),
+                             "", {"10.0.0.1", store_port});
+    EXPECT_TRUE(id.ok()) << id.status();
+    return id.ok() ? *id : 0;
+  }
+  rpc::GroupView View(uint64_t member, int at = 0, int64_t failed = 0) {
+    auto v = core_.Group(member, failed, At(at));
+    EXPECT_TRUE(v.ok()) << v.status();
+    return v.ok() ? *v : rpc::GroupView{};
   }
   std::string WorkerOf(uint64_t client, int at = 0) {
     auto a = core_.Assign(client, At(at));
@@ -189,6 +201,66 @@ TEST_F(CoordinatorCoreTest, ARestartedClientResumesFromItsLastReportedStep) {
   int alive = 0;
   for (const MemberView& m : status) alive += m.alive;
   EXPECT_EQ(alive, 2);
+}
+
+TEST_F(CoordinatorCoreTest, GroupMembersGetRanksAndANewGenerationOnEveryChange) {
+  const uint64_t w1 = GroupWorker("w1", 9001);
+  const rpc::GroupView alone = View(w1);
+  EXPECT_EQ(alone.world, 1u);
+  EXPECT_EQ(alone.rank, 0u);
+  EXPECT_EQ(alone.store.port, 9001u);
+  const uint64_t w2 = GroupWorker("w2", 9002);
+  const rpc::GroupView two = View(w2);
+  EXPECT_GT(two.generation, alone.generation);
+  EXPECT_EQ(two.world, 2u);
+  EXPECT_EQ(two.rank, 1u);
+  EXPECT_EQ(two.store.port, 9001u);  // rank 0's
+  EXPECT_EQ(two.members, (std::vector<std::string>{"w1", "w2"}));
+  EXPECT_EQ(View(w1).generation, two.generation);
+  // w1 dies: w2 becomes rank 0 of a new generation, at its own store.
+  ASSERT_TRUE(core_.Heartbeat(w2, 0, At(2000)).ok());
+  ASSERT_EQ(core_.Expire(At(2500)), std::vector<std::string>{"w1"});
+  const rpc::GroupView after = View(w2, 2500);
+  EXPECT_GT(after.generation, two.generation);
+  EXPECT_EQ(after.world, 1u);
+  EXPECT_EQ(after.rank, 0u);
+  EXPECT_EQ(after.store.port, 9002u);
+  EXPECT_EQ(core_.Group(w1, 0, At(2500)).status().code(), absl::StatusCode::kNotFound);
+  // w1 comes back: the next generation, ranked after w2; a clean goodbye changes it again.
+  const uint64_t back = GroupWorker("w1", 9003, 2600);
+  const rpc::GroupView rejoined = View(back, 2600);
+  EXPECT_GT(rejoined.generation, after.generation);
+  EXPECT_EQ(rejoined.rank, 1u);
+  ASSERT_TRUE(core_.Leave(back).ok());
+  EXPECT_GT(View(w2, 2700).generation, rejoined.generation);
+}
+
+TEST_F(CoordinatorCoreTest, AFailedGenerationIsReplacedAfterTwoDeadlines) {
+  const uint64_t w1 = GroupWorker("w1", 9001), w2 = GroupWorker("w2", 9002);
+  const int64_t g = View(w1).generation;
+  // Both alive (they ask, which counts as a heartbeat), but one says the generation failed:
+  // nothing changes until two deadlines (4 s) have passed since the first report.
+  EXPECT_EQ(View(w1, 100, g).generation, g);
+  EXPECT_EQ(View(w2, 2000, g).generation, g);
+  EXPECT_EQ(View(w1, 4100, g).generation, g);
+  const rpc::GroupView next = View(w1, 4101, g);
+  EXPECT_GT(next.generation, g);
+  EXPECT_EQ(next.world, 2u);
+  // A report about an older generation changes nothing.
+  EXPECT_EQ(View(w2, 9000, g).generation, next.generation);
+  EXPECT_EQ(View(w2, 9100, g).generation, next.generation);
+}
+
+TEST_F(CoordinatorCoreTest, GroupAndLoneWorkersDoNotMix) {
+  GroupWorker("w1", 9001);
+  auto lone = core_.Register(Role::kWorker, "w2", kProtocolVersion, {"10.0.0.1", 7000}, 0, At(0));
+  EXPECT_EQ(lone.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(lone.status().message().find("--group-size"), std::string::npos) << lone.status();
+  const uint64_t client = Client("c");
+  EXPECT_EQ(core_.Group(client, 0, At(0)).status().code(), absl::StatusCode::kNotFound);
+  auto bad =
+      core_.Register(Role::kClient, "c2", kProtocolVersion, {}, 0, At(0), "", {"10.0.0.1", 9002});
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
