@@ -1,4 +1,5 @@
-// `splitq bench transport [--json FILE] [--mib N] [--chunk-kib K] [--streams S] [--protobuf]
+// `splitq bench transport [--json FILE] [--mib N] [--chunk-kib K] [--streams S | --sessions N]
+// [--protobuf]
 // [--sync-server] [--grpc-arg NAME=INT]... [--frame-kib K]...`:
 // frames over gRPC on loopback against a raw TCP socket moving the same bytes
 // (tools/transport_bench.h).
@@ -23,6 +24,7 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
     int mib = 256;
     int chunk_kib = 1024;
     int streams = 1;
+    int sessions = 1;
     bool sync_server = false;
     bool protobuf = false;
     std::vector<std::string> grpc_args;
@@ -41,6 +43,10 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
                   "Experiment: deal each frame's chunks over this many streams, one HTTP/2 "
                   "connection each (default 1, what a session does)")
       ->check(IntRange(1, 16));
+  cmd->add_option("--sessions", opt->sessions,
+                  "A worker's aggregate ingest: this many sessions at once (own connection "
+                  "each) against as many TCP connections; rates are summed (default 1)")
+      ->check(IntRange(1, 64));
   cmd->add_option("--frame-kib", opt->frame_kib,
                   "Measure only this frame size in KiB (repeatable; default 64, 256, 1024, 4096 "
                   "and 16384)")
@@ -81,6 +87,7 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
       options.mib_per_size = opt->mib;
       options.chunk_bytes = int64_t{opt->chunk_kib} << 10;
       options.streams = opt->streams;
+      options.sessions = opt->sessions;
       options.callback_server = !opt->sync_server;
       options.protobuf_messages = opt->protobuf || opt->sync_server;
       for (const int kib : opt->frame_kib) options.frame_sizes.push_back(int64_t{kib} << 10);
@@ -89,10 +96,19 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
         options.grpc_args.emplace_back(a.substr(0, eq), std::stoi(a.substr(eq + 1)));
       }
       const char* messages = options.protobuf_messages ? "protobuf" : "zero-copy";
-      std::printf(
-          "gRPC: %d stream(s), %d KiB chunks, %s messages, %s server API; TCP: one "
-          "connection\n",
-          options.streams, opt->chunk_kib, messages, options.callback_server ? "callback" : "sync");
+      if (options.sessions > 1) {
+        std::printf(
+            "gRPC: %d sessions at once, one stream and connection each, %d KiB chunks, %s "
+            "messages, %s server API; TCP: %d connections; MB/s summed over them\n",
+            options.sessions, opt->chunk_kib, messages,
+            options.callback_server ? "callback" : "sync", options.sessions);
+      } else {
+        std::printf(
+            "gRPC: %d stream(s), %d KiB chunks, %s messages, %s server API; TCP: one "
+            "connection\n",
+            options.streams, opt->chunk_kib, messages,
+            options.callback_server ? "callback" : "sync");
+      }
       auto results = tools::RunTransportBench(options);
       if (!results.ok()) {
         std::fprintf(stderr, "bench transport: %s\n", results.status().ToString().c_str());
@@ -100,9 +116,9 @@ void RegisterBenchTransport(CLI::App& bench, RunFn* run) {
       }
       std::printf("%-10s %8s %12s %12s %8s\n", "frame", "frames", "gRPC MB/s", "TCP MB/s", "ratio");
       std::string json = absl::StrFormat(
-          "{\"chunk_bytes\": %d, \"streams\": %d, \"messages\": \"%s\", \"server_api\": "
-          "\"%s\", \"results\": [",
-          options.chunk_bytes, options.streams, messages,
+          "{\"chunk_bytes\": %d, \"streams\": %d, \"sessions\": %d, \"messages\": \"%s\", "
+          "\"server_api\": \"%s\", \"results\": [",
+          options.chunk_bytes, options.streams, options.sessions, messages,
           options.callback_server ? "callback" : "sync");
       for (const tools::TransportResult& r : *results) {
         const double ratio = r.grpc_mb_s / r.tcp_mb_s;

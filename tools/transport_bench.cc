@@ -289,8 +289,9 @@ double GrpcSeconds(const std::vector<std::shared_ptr<grpc::Channel>>& channels,
   return *std::max_element(seconds.begin(), seconds.end());
 }
 
-// Seconds to move the same frames over one TCP connection on loopback.
-double TcpSeconds(const std::string& payload, int frames) {
+// Seconds to move the same frames over `connections` TCP connections on loopback, each its own
+// `frames` frames with one in flight, all started together: the slowest connection's time.
+double TcpSeconds(const std::string& payload, int frames, int connections = 1) {
   const int listener = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -298,42 +299,83 @@ double TcpSeconds(const std::string& payload, int frames) {
   addr.sin_port = 0;  // the OS picks
   socklen_t len = sizeof(addr);
   if (::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::listen(listener, 1) != 0 ||
+      ::listen(listener, connections) != 0 ||
       ::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
     ::close(listener);
     return -1;
   }
-  std::thread server([listener, frames] {
-    const int fd = ::accept(listener, nullptr, nullptr);
-    std::vector<char> buffer;
-    for (int f = 0; f < frames; ++f) {
-      uint64_t n = 0;
-      if (!RecvAll(fd, &n, sizeof(n))) break;
-      buffer.resize(n);
-      if (!RecvAll(fd, buffer.data(), n)) break;
-      const char ack = 1;
-      if (!SendAll(fd, &ack, 1)) break;
+  // One server thread per connection, as the accepts come.
+  std::vector<std::thread> servers;
+  std::thread acceptor([&, listener, frames] {
+    for (int c = 0; c < connections; ++c) {
+      const int fd = ::accept(listener, nullptr, nullptr);
+      if (fd < 0) return;
+      servers.emplace_back([fd, frames] {
+        std::vector<char> buffer;
+        for (int f = 0; f < frames; ++f) {
+          uint64_t n = 0;
+          if (!RecvAll(fd, &n, sizeof(n))) break;
+          buffer.resize(n);
+          if (!RecvAll(fd, buffer.data(), n)) break;
+          const char ack = 1;
+          if (!SendAll(fd, &ack, 1)) break;
+        }
+        ::close(fd);
+      });
     }
-    ::close(fd);
   });
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  const int one = 1;
-  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  double seconds = -1;
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const auto start = Clock::now();
-    bool ok = true;
-    for (int f = 0; f < frames && ok; ++f) {
-      const uint64_t n = payload.size();
-      char ack = 0;
-      ok = SendAll(fd, &n, sizeof(n)) && SendAll(fd, payload.data(), n) && RecvAll(fd, &ack, 1);
-    }
-    if (ok) seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  Barrier barrier(connections);
+  std::vector<double> seconds(static_cast<size_t>(connections), -1);
+  std::vector<std::thread> clients;
+  for (int c = 0; c < connections; ++c) {
+    clients.emplace_back([&, c] {
+      const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+      const int one = 1;
+      ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      const bool connected = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+      barrier.Wait();
+      if (connected) {
+        const auto start = Clock::now();
+        bool ok = true;
+        for (int f = 0; f < frames && ok; ++f) {
+          const uint64_t n = payload.size();
+          char ack = 0;
+          ok = SendAll(fd, &n, sizeof(n)) && SendAll(fd, payload.data(), n) && RecvAll(fd, &ack, 1);
+        }
+        if (ok) {
+          seconds[static_cast<size_t>(c)] =
+              std::chrono::duration<double>(Clock::now() - start).count();
+        }
+      }
+      ::close(fd);
+    });
   }
-  ::close(fd);
-  server.join();
+  for (std::thread& t : clients) t.join();
+  acceptor.join();
+  for (std::thread& t : servers) t.join();
   ::close(listener);
-  return seconds;
+  if (*std::min_element(seconds.begin(), seconds.end()) < 0) return -1;
+  return *std::max_element(seconds.begin(), seconds.end());
+}
+
+// Seconds for `sessions` independent sessions (one stream on its own channel each, whole
+// frames, one in flight), started together: the slowest session's time.
+double SessionsSeconds(const std::vector<std::shared_ptr<grpc::Channel>>& channels,
+                       const std::shared_ptr<const std::string>& payload, int frames,
+                       int64_t chunk_bytes, bool raw) {
+  const int sessions = static_cast<int>(channels.size());
+  Barrier barrier(sessions);
+  std::vector<double> seconds(static_cast<size_t>(sessions));
+  std::vector<std::thread> threads;
+  for (int i = 0; i < sessions; ++i) {
+    threads.emplace_back([&, i] {
+      seconds[static_cast<size_t>(i)] = LaneSeconds(channels[static_cast<size_t>(i)], payload,
+                                                    frames, chunk_bytes, raw, 0, 1, barrier);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  if (*std::min_element(seconds.begin(), seconds.end()) < 0) return -1;
+  return *std::max_element(seconds.begin(), seconds.end());
 }
 
 }  // namespace
@@ -347,6 +389,13 @@ absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOp
   if (options.streams < 1 || options.streams > 16) {
     return absl::InvalidArgumentError(
         absl::StrCat("streams ", options.streams, " is outside 1 .. 16"));
+  }
+  if (options.sessions < 1 || options.sessions > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sessions ", options.sessions, " is outside 1 .. 64"));
+  }
+  if (options.sessions > 1 && options.streams > 1) {
+    return absl::InvalidArgumentError("sessions and striped streams do not combine");
   }
   std::vector<int64_t> sizes = options.frame_sizes;
   if (sizes.empty()) sizes = {int64_t{64} << 10, int64_t{256} << 10, 1 << 20, 4 << 20, 16 << 20};
@@ -381,7 +430,7 @@ absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOp
   // One channel per stream; distinct arguments and local subchannel pools keep their HTTP/2
   // connections apart.
   std::vector<std::shared_ptr<grpc::Channel>> channels;
-  for (int lane = 0; lane < options.streams; ++lane) {
+  for (int lane = 0; lane < std::max(options.streams, options.sessions); ++lane) {
     grpc::ChannelArguments args;
     args.SetMaxSendMessageSize(kMaxChunkBytes + (64 << 10));
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
@@ -392,6 +441,9 @@ absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOp
   }
   const bool raw = !options.protobuf_messages;
   const auto grpc_seconds = [&](const std::shared_ptr<const std::string>& payload, int frames) {
+    if (options.sessions > 1) {
+      return SessionsSeconds(channels, payload, frames, options.chunk_bytes, raw);
+    }
     return GrpcSeconds(channels, payload, frames, options.chunk_bytes, raw);
   };
   std::vector<TransportResult> results;
@@ -405,12 +457,12 @@ absl::StatusOr<std::vector<TransportResult>> RunTransportBench(const TransportOp
     double grpc_best = 1e30, tcp_best = 1e30;
     for (int round = 0; round < 3; ++round) {
       const double g = grpc_seconds(shared, frames);
-      const double t = TcpSeconds(payload, frames);
+      const double t = TcpSeconds(payload, frames, options.sessions);
       if (g < 0 || t < 0) return absl::InternalError("a transfer failed");
       grpc_best = std::min(grpc_best, g);
       tcp_best = std::min(tcp_best, t);
     }
-    const double total = static_cast<double>(size) * frames / 1e6;
+    const double total = static_cast<double>(size) * frames * options.sessions / 1e6;
     results.push_back(TransportResult{size, frames, total / grpc_best, total / tcp_best});
   }
   server->Shutdown();

@@ -15,6 +15,12 @@
 // alternate for three rounds and each keeps its best round. Issue 4's target: gRPC at least
 // 80% of raw TCP for frames of 1 MiB or more.
 //
+// `sessions` > 1 is a worker's aggregate ingest: that many independent sessions (one stream
+// each, on its own connection, one frame in flight, all started together) into the one
+// server, against as many raw TCP connections moving the same bytes, each served by its own
+// thread; the rates are the sum over sessions (all the bytes over the slowest one's time).
+// The worker-group issue's target: 16 sessions at least 80% of 16 TCP connections.
+//
 // `streams` > 1 is an experiment, not what a session does today: each frame's chunks are dealt
 // round-robin over that many Train streams, each on its own HTTP/2 connection, sent by one
 // thread per stream; the frame is done when every stream has answered.
@@ -33,6 +39,7 @@ struct TransportOptions {
   int mib_per_size = 256;          // about this many MiB per frame size and round (>= 4 frames)
   int64_t chunk_bytes = 1 << 20;   // FrameChunk.data size, 1 KiB .. 4 MiB
   int streams = 1;                 // 1 .. 16; > 1 stripes each frame (see above)
+  int sessions = 1;                // 1 .. 64; > 1: aggregate ingest (see above; streams 1)
   bool callback_server = true;     // false: the sync server API (needs protobuf_messages)
   bool protobuf_messages = false;  // chunks through the generated classes, not chunk_codec.h
   // gRPC channel arguments (name, integer value) for both the server and the client channels,
@@ -44,7 +51,7 @@ struct TransportOptions {
 
 struct TransportResult {
   int64_t frame_bytes = 0;
-  int frames = 0;        // per round
+  int frames = 0;        // per round (and per session)
   double grpc_mb_s = 0;  // 1e6 bytes per second
   double tcp_mb_s = 0;
 };

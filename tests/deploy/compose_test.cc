@@ -333,7 +333,12 @@ TEST_F(Compose, TopologyRunsInNetworkNamespaces) {
     EXPECT_NE(summary.find("\"steps\": 30,"), std::string::npos)
         << name << ": " << summary << Slurp(log_of(name));
   }
-  EXPECT_NE(Slurp(log_of("worker0")).find("of client1 opened"), std::string::npos);
+  // The two workers are one group, and both clients trained through it.
+  const std::string workers = Slurp(log_of("worker0")) + Slurp(log_of("worker1"));
+  EXPECT_NE(Slurp(log_of("worker0")).find("group of 2 formed"), std::string::npos) << workers;
+  EXPECT_NE(Slurp(log_of("worker1")).find("group of 2 formed"), std::string::npos) << workers;
+  EXPECT_NE(workers.find("of client0 opened"), std::string::npos);
+  EXPECT_NE(workers.find("of client1 opened"), std::string::npos);
 }
 
 }  // namespace

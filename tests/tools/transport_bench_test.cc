@@ -53,16 +53,34 @@ TEST(TransportBench, MeasuresTheFrameSizesAskedFor) {
   for (const TransportResult& r : *results) EXPECT_GT(r.grpc_mb_s, 0.0) << r.frame_bytes;
 }
 
+// A worker's aggregate ingest: several sessions at once against as many TCP connections.
+TEST(TransportBench, MovesConcurrentSessions) {
+  TransportOptions options;
+  options.mib_per_size = 1;
+  options.sessions = 4;
+  options.frame_sizes = {int64_t{1} << 20};
+  auto results = RunTransportBench(options);
+  ASSERT_TRUE(results.ok()) << results.status();
+  ASSERT_EQ(results->size(), 1u);
+  EXPECT_GE((*results)[0].frames, 4);
+  EXPECT_GT((*results)[0].grpc_mb_s, 0.0);
+  EXPECT_GT((*results)[0].tcp_mb_s, 0.0);
+}
+
 TEST(TransportBench, RefusesOptionsOutOfRange) {
-  TransportOptions small_chunk, many_streams, no_mib, sync_raw, tiny_frame, huge_frame;
+  TransportOptions small_chunk, many_streams, no_mib, sync_raw, tiny_frame, huge_frame,
+      many_sessions, sessions_and_streams;
+  many_sessions.sessions = 65;
+  sessions_and_streams.sessions = 2;
+  sessions_and_streams.streams = 2;
   small_chunk.chunk_bytes = 100;
   many_streams.streams = 17;
   no_mib.mib_per_size = 0;
   sync_raw.callback_server = false;  // the sync sink reads protobuf messages only
   tiny_frame.frame_sizes = {1 << 20, 1023};
   huge_frame.frame_sizes = {(int64_t{64} << 20) + 1};
-  for (const TransportOptions& o :
-       {small_chunk, many_streams, no_mib, sync_raw, tiny_frame, huge_frame}) {
+  for (const TransportOptions& o : {small_chunk, many_streams, no_mib, sync_raw, tiny_frame,
+                                    huge_frame, many_sessions, sessions_and_streams}) {
     EXPECT_EQ(RunTransportBench(o).status().code(), absl::StatusCode::kInvalidArgument);
   }
 }
