@@ -40,6 +40,9 @@ void RegisterBenchKernels(CLI::App& bench, RunFn* run);
 // `splitq bench step`: a config's training step against an fp32 wire, side by side.
 void RegisterBenchStep(CLI::App& bench, RunFn* run);
 
+// `splitq bench allreduce` (tools/allreduce_bench.h).
+void RegisterBenchAllreduce(CLI::App& bench, RunFn* run);
+
 // `splitq train`: one-process split training with the wire codec in the loop.
 void RegisterTrain(CLI::App& app, RunFn* run);
 // The lines `splitq train` (and `splitq client`) print at the end of a run; the second (the

@@ -290,8 +290,10 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   s.saved_updates = s.core->stats().updates;
   WorkerServiceOptions service_options;
   service_options.reply_chunk_bytes = s.o.reply_chunk_bytes;
-  service_options.merge = MergeOptions{s.o.config.merge_max_clients, s.o.config.merge_max_targets,
-                                       s.o.config.merge_window_ms, core_options.rounds};
+  service_options.merge.max_clients = s.o.config.merge_max_clients;
+  service_options.merge.max_targets = s.o.config.merge_max_targets;
+  service_options.merge.window_ms = s.o.config.merge_window_ms;
+  service_options.merge.rounds = core_options.rounds;
   if (core_options.rounds) {
     service_options.merge.before_round = [&s](const std::atomic<bool>& closing) {
       return s.BeforeRound(closing);

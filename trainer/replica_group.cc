@@ -10,6 +10,7 @@
 #include <torch/version.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <map>
 
 #include "absl/strings/str_cat.h"
@@ -83,6 +84,10 @@ absl::StatusOr<std::unique_ptr<ReplicaGroup>> ReplicaGroup::Create(
     if (!device.is_cuda()) {
       return absl::FailedPreconditionError("replica group backend nccl needs device cuda");
     }
+    // A collective with a dead member must fail (after `timeout`) so the group can re-form,
+    // not hang the stream or have the watchdog end the process (unless the user chose).
+    setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);
+    setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0", 0);
 #endif
   }
   Impl& s = *impl;

@@ -19,6 +19,10 @@
 // they heard in their next round (server_part.h) so that all of them leave a generation at
 // the same round.
 //
+// NCCL: Create sets TORCH_NCCL_BLOCKING_WAIT=1 and TORCH_NCCL_ASYNC_ERROR_HANDLING=0 unless
+// they are set, so that a collective with a dead member fails after `timeout` instead of
+// hanging or ending the process; a member's death is then found only by that timeout.
+//
 // Not thread-safe apart from set_latest_generation and broken(): one thread (the worker's
 // compute thread) calls it.
 #pragma once

@@ -183,6 +183,7 @@ demo)
   echo "demo: ok ($(grep -o '"val_loss": [0-9.]*' "$dir/demo/summary.json"))"
   ;;
 group)
+  printf 'server: {group: {backend: gloo}}\n' >>"$config"
   "$SPLITQ" demo --config "$config" --clients 4 --workers 2 --out "$dir/demo" >"$dir/demo.log" 2>&1 ||
     fail "demo exited with $?"
   grep -q "group of 2 formed (gloo)" "$dir/demo/logs/worker1.log" || fail "no group formed"
@@ -196,6 +197,8 @@ group)
   ;;
 group-kill)
   sed -i 's/^steps: 60$/steps: 150/; s/^eval_every: 30$/eval_every: 150/' "$config"
+  # Gloo also on a GPU host (NCCL needs a GPU per member and finds a dead one only by timeout).
+  printf 'server: {group: {backend: gloo}}\n' >>"$config"
   start_cluster 0
   for w in 0 1; do
     worker_extra=(--group-size 2 --group-timeout 20 --out "$dir/w$w" --checkpoint-every 10)
