@@ -1,5 +1,7 @@
 #include "server/worker_core.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <optional>
 #include <utility>
@@ -17,6 +19,10 @@ namespace {
 bool SameRun(const std::string& a, const std::string& b) {
   return a.empty() || b.empty() || a == b;
 }
+}  // namespace
+
+namespace {
+constexpr int64_t kTrimAboveBytes = int64_t{1} << 20;
 }  // namespace
 
 struct WorkerCore::Session {
@@ -466,11 +472,13 @@ absl::StatusOr<trainer::EvalPiece> WorkerCore::RunEvaluate(uint64_t session) {
 
 void WorkerCore::Close(uint64_t session) {
   uint64_t handler_id = 0;
+  int64_t held = 0;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = sessions_.find(session);
     if (it == sessions_.end()) return;
     handler_id = it->second->handler_id;
+    held = it->second->bytes();
     sessions_.erase(it);
   }
   {
@@ -478,6 +486,9 @@ void WorkerCore::Close(uint64_t session) {
     handler_.CloseSession(handler_id);
   }
   FreeTurn(session);  // after the server part has let the step go
+  // glibc keeps freed heap memory for later; a session that held a large (maybe hostile)
+  // partial frame gives it back to the system, so RSS returns near its baseline.
+  if (held >= kTrimAboveBytes) malloc_trim(0);
 }
 
 absl::StatusOr<int64_t> WorkerCore::SaveCheckpoint(const std::string& path) {

@@ -254,6 +254,10 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   core_options.max_sessions = s.o.max_clients;
   core_options.config_digest = s.o.config_digest;
   core_options.rounds = s.o.group_size >= 1;
+  // No frame above what a client of this run can send (the assembler's default is 256 MiB).
+  if (const int64_t most = s.part->max_frame_bytes(); most > 0) {
+    core_options.assembler.max_frame_bytes = std::min(core_options.assembler.max_frame_bytes, most);
+  }
   if (core_options.rounds && s.o.config.u_shaped) {
     return absl::InvalidArgumentError(
         "--group-size: worker groups serve the plain layout, not model.u_shaped");
@@ -321,10 +325,11 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
     gethostname(host, sizeof host - 1);
     s.advertised.host = host;
   }
-  s.Log(absl::StrFormat("worker %s listening on %s (%s), server part on %s%s", s.o.name,
-                        rpc::JoinHostPort(s.advertised),
-                        s.o.security.insecure ? "plaintext" : "TLS", s.part->device(),
-                        MergeText(service_options.merge, s.o.config.u_shaped)));
+  s.Log(absl::StrFormat(
+      "worker %s listening on %s (%s), server part on %s, frames up to %.1f MiB%s", s.o.name,
+      rpc::JoinHostPort(s.advertised), s.o.security.insecure ? "plaintext" : "TLS",
+      s.part->device(), static_cast<double>(core_options.assembler.max_frame_bytes) / (1 << 20),
+      MergeText(service_options.merge, s.o.config.u_shaped)));
   if (s.advertised.port != static_cast<uint32_t>(s.serving.port)) {  // a proxy in front
     s.Log(absl::StrFormat("worker %s bound to %s:%d", s.o.name, listen.host, s.serving.port));
   }

@@ -176,8 +176,10 @@ int RunClusterBench(const ClusterBenchOptions& opt) {
   std::string json = "[";
   for (int n : opt.clients) {
     server::MergeOptions off;
-    server::MergeOptions on{opt.merge > 0 ? opt.merge : n, config.merge_max_targets,
-                            opt.window_ms >= 0 ? opt.window_ms : config.merge_window_ms};
+    server::MergeOptions on;
+    on.max_clients = opt.merge > 0 ? opt.merge : n;
+    on.max_targets = config.merge_max_targets;
+    on.window_ms = opt.window_ms >= 0 ? opt.window_ms : config.merge_window_ms;
     auto a = RunCluster(config, opt.init, n, opt.steps, opt.warmup, off);
     auto b = a.ok() ? RunCluster(config, opt.init, n, opt.steps, opt.warmup, on) : a;
     auto one = b.ok() ? OneProcess(config, opt.init, config.batch_size * n, opt.steps, opt.warmup)

@@ -596,6 +596,12 @@ std::pair<double, double> ServerPart::group_ms() const {
 
 std::vector<int64_t> ServerPart::input_shape() const { return impl_->sample_shape; }
 
+int64_t ServerPart::max_frame_bytes() const {
+  int64_t per_example = 1;
+  for (int64_t d : impl_->sample_shape) per_example *= d;
+  return impl_->limits.max_elements * 4 + per_example * 16 + (int64_t{64} << 10);
+}
+
 std::vector<at::Tensor> ServerPart::Weights() const {
   const Impl& s = *impl_;
   std::vector<at::Tensor> out = s.model.server->parameters();

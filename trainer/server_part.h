@@ -115,6 +115,10 @@ class ServerPart : public ServerHandler {
   std::pair<double, double> group_ms() const;
   // One example's boundary activation shape (what a frame carries per example).
   std::vector<int64_t> input_shape() const;
+  // max_batch x the boundary's elements per example x 4 bytes (an fp32 frame, the largest
+  // kind), plus 16 bytes per element of one example (a quantized frame's per-channel scales,
+  // zero points and bit map are far less) and 64 KiB of headers.
+  int64_t max_frame_bytes() const override;
   // The server's trainable weights (its blocks' parameters, then boundary 2's), in a fixed
   // order; and a SHA-256 (hex) of their bytes: replicas that took the same updates agree.
   std::vector<at::Tensor> Weights() const;

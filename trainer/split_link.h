@@ -142,6 +142,10 @@ class ServerHandler {
   virtual absl::StatusOr<EvalPiece> Evaluate(uint64_t session, const UpFrame& up) = 0;
   // Optimizer steps taken so far, over all sessions.
   virtual int64_t updates() const = 0;
+  // The largest serialized frame a client of this run can send (its boundary activation at the
+  // largest batch, as fp32, plus headers); 0: no limit of its own. The worker takes no frame
+  // announced above it.
+  virtual int64_t max_frame_bytes() const { return 0; }
   // A SHA-256 (hex) of the trainable weights: replicas that took the same updates agree.
   // The default: "" (unknown).
   virtual std::string WeightsDigest() const { return ""; }

@@ -130,7 +130,7 @@ class WorkerServiceTest : public ::testing::Test {
     ASSERT_TRUE(part.ok());
     part_ = std::move(*part);
     WorkerOptions options;
-    options.assembler.max_frame_bytes = 8 << 20;
+    options.assembler.max_frame_bytes = part_->max_frame_bytes();  // as `splitq worker` sets it
     core_ = std::make_unique<WorkerCore>(*part_, options);
     service_ = std::make_unique<WorkerService>(*core_, tokens_.get());
     grpc::ServerBuilder builder;
@@ -301,7 +301,18 @@ TEST_F(WorkerServiceTest, MalformedFramesGetACodeAndTheWorkerKeepsServing) {
                 INVALID_ARGUMENT);
   }
 
-  // Oversized: a frame announced above the limit, and a chunk above gRPC's message limit.
+  // Oversized: a frame announced above the limit, and a chunk above gRPC's message limit. The
+  // limit follows from the config: the largest batch's boundary activation as fp32 (fmnist:
+  // validation batches of up to 500), far below the assembler's default of 256 MiB.
+  int64_t per_example = 1;
+  for (const int64_t d : part_->input_shape()) per_example *= d;
+  const int64_t limit = part_->max_frame_bytes();
+  EXPECT_GE(limit, 500 * per_example * 4);
+  EXPECT_LT(limit, 500 * per_example * 4 + (1 << 20));
+  raw = Open(TokenFor("alice"));
+  EXPECT_CODE(Run(raw, {Hello("alice"), Labels((*frames_)[0], 0),
+                        Chunk("x", 0, static_cast<uint64_t>(limit) + 1, 0, 2)}),
+              RESOURCE_EXHAUSTED);
   raw = Open(TokenFor("alice"));
   EXPECT_CODE(Run(raw, {Hello("alice"), Labels((*frames_)[0], 0), Chunk("x", 0, 1ull << 40, 0, 2)}),
               RESOURCE_EXHAUSTED);
@@ -383,6 +394,45 @@ TEST_F(WorkerServiceTest, UnparsableMessagesAreRefusedAndUnusualEncodingsTrain) 
   EXPECT_TRUE(status.ok()) << status.error_message();
   EXPECT_GE(replies, 3);  // welcome, the gradient's chunk(s), the result
   EXPECT_EQ(part_->updates(), before + 1);
+}
+
+// Hostile half-frames: sessions that announce the largest frame the config allows, send part
+// of it and idle hold at most what they sent (never the announced size), and when their
+// streams end the worker gives the memory back (RSS near its baseline again).
+TEST_F(WorkerServiceTest, IdleHalfFramesHoldWhatTheySentAndGiveItBack) {
+  const int64_t limit = part_->max_frame_bytes();
+  const std::string part(std::min<int64_t>(limit - 1, 4 << 20), 'h');
+  const uint32_t count = static_cast<uint32_t>((limit + (4 << 20) - 1) / (4 << 20)) + 1;
+  ExpectGoodClientTrains("bob", 1);  // warm up
+  const int64_t before = StatusKb("VmRSS");
+  std::vector<Raw> idle;
+  for (int i = 0; i < 6; ++i) {
+    const std::string id = "c" + std::to_string(i);
+    idle.push_back(Open(TokenFor(id)));
+    for (const TrainRequest& r : {Hello(id), Labels((*frames_)[0], 0),
+                                  Chunk(part, 0, static_cast<uint64_t>(limit), 0, count)}) {
+      ASSERT_TRUE(idle.back().stream->Write(r));
+    }
+  }
+  const int64_t sent = 6 * static_cast<int64_t>(part.size());
+  for (int i = 0; i < 200 && core_->buffered_bytes() < sent; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_GE(core_->buffered_bytes(), sent);
+  EXPECT_LE(core_->buffered_bytes(), sent + (1 << 20));  // what they sent, not 6 x the limit
+  const int64_t holding = StatusKb("VmRSS");
+  for (Raw& raw : idle) raw.context->TryCancel();
+  for (Raw& raw : idle) (void)raw.stream->Finish();
+  for (int i = 0; i < 300 && core_->stats().sessions > 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(core_->buffered_bytes(), 0);
+  const int64_t after = StatusKb("VmRSS");
+  std::printf("RSS %lld kB before, %lld kB with 6 idle half-frames (%lld kB sent), %lld kB after\n",
+              static_cast<long long>(before), static_cast<long long>(holding),
+              static_cast<long long>(sent >> 10), static_cast<long long>(after));
+  EXPECT_LT(after - before, 8 * 1024) << "RSS stayed more than 8 MiB above its baseline";
+  ExpectGoodClientTrains("bob", 1);
 }
 
 TEST_F(WorkerServiceTest, MemoryStaysBoundedUnderBadStreams) {
@@ -522,7 +572,8 @@ TEST_F(WorkerServiceTest, EightClientsMergeIntoOneUpdatePerRound) {
   ASSERT_TRUE(part.ok());
   WorkerCore core(**part);
   WorkerServiceOptions options;
-  options.merge = MergeOptions{8, 0, 10000};
+  options.merge.max_clients = 8;
+  options.merge.window_ms = 10000;
   WorkerService service(core, nullptr, options);
   auto local = Serve(service);
   ASSERT_NE(local->server, nullptr);
