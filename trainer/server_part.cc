@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -80,6 +81,23 @@ struct ServerPart::Impl {
 
   // The decoded activation, checked against the model: [B, sample_shape...] with
   // 1 <= B <= max_batch, and labels that match its targets (U-shaped: none).
+  // Values from the network, before they touch the shared server part: finite and at most
+  // server.max_abs_input in magnitude (any frame kind: a quantized frame's scales can make
+  // anything).
+  absl::Status CheckValues(const at::Tensor& t, const char* what) const {
+    const double largest = t.numel() == 0 ? 0.0 : t.abs().max().item<double>();
+    if (!std::isfinite(largest)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("a non-finite value in the ", what,
+                       ": refused before it reaches the shared server part"));
+    }
+    if (largest > c.max_abs_input) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the ", what, " has a value of magnitude ", largest, ", above server.max_abs_input (",
+          c.max_abs_input, "): refused before it reaches the shared server part"));
+    }
+    return absl::OkStatus();
+  }
   absl::Status CheckInput(const at::Tensor& h, const UpFrame& up) const {
     std::vector<int64_t> want{-1};
     want.insert(want.end(), sample_shape.begin(), sample_shape.end());
@@ -119,6 +137,7 @@ struct ServerPart::Impl {
         at::Tensor h, session.receiver->Receive(*up.frame, up.step, ids, train, device,
                                                 c.bf16_autocast ? at::kBFloat16 : at::kFloat));
     SPLITQ_RETURN_IF_ERROR(CheckInput(h, up));
+    if (options.network_input) SPLITQ_RETURN_IF_ERROR(CheckValues(h, "activation"));
     return h;
   }
   at::Tensor Targets(const UpFrame& up) const {
@@ -484,6 +503,7 @@ absl::StatusOr<DownFrame> ServerPart::TrainHead(uint64_t id, const HeadGradient&
     if (g2.sizes() != side.sizes()) {
       return absl::InvalidArgumentError("the head gradient's shape is not the activation's");
     }
+    if (s.options.network_input) SPLITQ_RETURN_IF_ERROR(s.CheckValues(g2, "head gradient"));
     BackwardWithRegularizer(side, g2, session->sender->Regularizer(head.step));
     SPLITQ_ASSIGN_OR_RETURN(auto grad,
                             session->receiver->SendGradient(open.server_in.grad(), head.step));

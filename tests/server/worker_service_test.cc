@@ -256,6 +256,26 @@ std::vector<trainer::UpFrame>* WorkerServiceTest::frames_ = nullptr;
     EXPECT_FALSE(s_.error_message().empty());                                 \
   } while (0)
 
+// Quantized frames whose scales make implausible values (the hardening issue's probe: scales
+// of 1e3 to 1e34, and 3e38, which overflows to infinity) are refused before they reach the
+// shared server part: no update, its weights unchanged, the worker keeps serving.
+TEST_F(WorkerServiceTest, ImplausibleValuesNeverReachTheServerPart) {
+  const std::string before = part_->WeightsDigest();
+  const int64_t updates = part_->updates();
+  for (const float scale : {1e3f, 1e6f, 1e20f, 1e34f, 3e38f}) {
+    quant::Frame f = Parsed(*(*frames_)[0].frame);
+    for (float& v : f.scales) v = scale;
+    const grpc::Status refused = SendFrame(Resealed(f));
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << scale;
+    EXPECT_NE(refused.error_message().find("before it reaches the shared server part"),
+              std::string::npos)
+        << scale << ": " << refused.error_message();
+  }
+  EXPECT_EQ(part_->updates(), updates);
+  EXPECT_EQ(part_->WeightsDigest(), before);
+  ExpectGoodClientTrains("bob", 1);
+}
+
 TEST_F(WorkerServiceTest, MalformedFramesGetACodeAndTheWorkerKeepsServing) {
   const std::string good = *(*frames_)[0].frame;
   std::mt19937 rng(7);
