@@ -11,6 +11,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace splitq::base {
 namespace {
@@ -77,6 +78,17 @@ absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_
     return Failed(temp, "write it", error);
   }
   return CommitFile(temp, path);
+}
+
+absl::StatusOr<std::string> ReadSecretFile(const std::filesystem::path& path, const char* what,
+                                           size_t max_bytes) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 044) != 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: this %s is readable by %s (mode %04o); make it private: chmod 600 %s", path.string(),
+        what, (st.st_mode & 040) != 0 ? "its group" : "others", st.st_mode & 07777, path.string()));
+  }
+  return ReadSmallFile(path, what, max_bytes);
 }
 
 absl::StatusOr<std::string> ReadSmallFile(const std::filesystem::path& path, const char* what,

@@ -37,6 +37,12 @@ absl::Status CommitFile(const std::filesystem::path& temp, const std::filesystem
 absl::StatusOr<std::string> ReadSmallFile(const std::filesystem::path& path, const char* what,
                                           size_t max_bytes = 16 << 20);
 
+// ReadSmallFile for a secret (a key, a token file): FAILED_PRECONDITION, naming the file and
+// the fix, when it is a regular file that its group or others may read (mode & 044), as ssh
+// does for private keys. Pipes (`--token <(...)`) are taken as they are.
+absl::StatusOr<std::string> ReadSecretFile(const std::filesystem::path& path, const char* what,
+                                           size_t max_bytes = 16 << 20);
+
 // Removes `path` and everything under it, with POSIX calls (nftw); a missing path is fine.
 // Use this, not std::filesystem::remove_all, in anything that links PyTorch's libtorch: on the
 // GPU host remove_all binds to the copy of std::filesystem inside libtorch.so, built against

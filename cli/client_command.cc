@@ -75,7 +75,7 @@ int RunClient(const ClientCommandOptions& opt) {
     return Fail(opt.id, "flags", s);
   }
   if (!rpc::IsValidMemberName(opt.id)) {
-    return Fail(opt.id, "--id", absl::InvalidArgumentError("1..64 of [A-Za-z0-9._-]"));
+    return Fail(opt.id, "--id", absl::InvalidArgumentError("1..64 of [A-Za-z0-9._-], not . or .."));
   }
   auto shard = ParseShard(opt.shard);
   if (!shard.ok()) return Fail(opt.id, "flags", shard.status());
@@ -157,7 +157,8 @@ void RegisterClient(CLI::App& app, RunFn* run) {
   cmd->add_option("--config", opt->config_path, "The YAML run config")->required();
   cmd->add_option("--set", opt->overrides, "Override a key: key.path=value (YAML value)");
   cmd->add_option("--coordinator", opt->coordinator, "The coordinator's HOST:PORT")->required();
-  cmd->add_option("--id", opt->id, "This client's id (1..64 of [A-Za-z0-9._-])")->required();
+  cmd->add_option("--id", opt->id, "This client's id (1..64 of [A-Za-z0-9._-], not . or ..)")
+      ->required();
   cmd->add_option("--token", opt->token_path, "This client's bearer token file");
   cmd->add_option("--shard", opt->shard, "K/N: train on samples with id % N == K (default 0/1)");
   cmd->add_option("--out", opt->out_dir,

@@ -20,7 +20,7 @@ void RegisterTokens(CLI::App& app, RunFn* run) {
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("tokens", "Make a bearer token for each client id");
   cmd->add_option("--out", opt->out, "Output folder")->required();
-  cmd->add_option("ids", opt->ids, "Client ids ([A-Za-z0-9._-], 1..64 characters)")->required();
+  cmd->add_option("ids", opt->ids, "Client ids (1..64 of [A-Za-z0-9._-], not . or ..)")->required();
   CLI::Option* keep =
       cmd->add_flag("--keep", opt->keep,
                     "Do nothing when --out already holds a tokens file (for init containers)");

@@ -114,7 +114,7 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
   cmd->add_option("--set", opt->overrides, "Override a key: key.path=value (YAML value)");
   cmd->add_option("--coordinator", opt->coordinator, "The coordinator's HOST:PORT")->required();
   cmd->add_option("--listen", opt->listen, "HOST:PORT (port 0: pick a free one)");
-  cmd->add_option("--name", opt->name, "This worker's name (1..64 of [A-Za-z0-9._-])");
+  cmd->add_option("--name", opt->name, "This worker's name (1..64 of [A-Za-z0-9._-], not . or ..)");
   cmd->add_option("--advertise", opt->advertise,
                   "Host clients dial (default: the --listen host, or this host's name)");
   cmd->add_option("--advertise-port", opt->advertise_port,

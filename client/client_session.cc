@@ -29,8 +29,8 @@ absl::StatusOr<std::string> RunId(const std::string& dir) {
     text << in.rdbuf();
     const std::string id(absl::StripAsciiWhitespace(text.str()));
     if (!rpc::IsValidMemberName(id)) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(path.string(), " holds '", id, "', not a run id (1..64 of [A-Za-z0-9._-])"));
+      return absl::FailedPreconditionError(absl::StrCat(
+          path.string(), " holds '", id, "', not a run id (1..64 of [A-Za-z0-9._-], not . or ..)"));
     }
     return id;
   }

@@ -15,7 +15,7 @@ inline constexpr uint32_t kProtocolVersion = 1;  // splitq.v1 PROTOCOL_VERSION_C
 enum class Role : uint8_t { kWorker, kClient };
 
 // Worker names, client ids and run ids (also the ids of `splitq tokens`): 1..64 of
-// [A-Za-z0-9._-].
+// [A-Za-z0-9._-], and not "." or ".." (they name folders: --out runs/<id>).
 bool IsValidMemberName(const std::string& name);
 
 struct WorkerAddress {

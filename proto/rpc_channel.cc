@@ -2,6 +2,7 @@
 
 #include <grpcpp/security/tls_credentials_options.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/files.h"
 
@@ -10,7 +11,10 @@ namespace {
 
 absl::StatusOr<std::string> ReadPem(const std::string& dir, const std::string& name) {
   const std::string path = dir + "/" + name;
-  absl::StatusOr<std::string> text = base::ReadSmallFile(path, "certificate file");
+  // Keys are secrets: refused when others may read them.
+  const bool key = absl::EndsWith(name, ".key");
+  absl::StatusOr<std::string> text = key ? base::ReadSecretFile(path, "private key")
+                                         : base::ReadSmallFile(path, "certificate file");
   if (text.status().code() == absl::StatusCode::kNotFound) {
     return absl::NotFoundError(
         absl::StrCat(path, " is missing (make the folder with `splitq certs --out ", dir, "`)"));

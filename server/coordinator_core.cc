@@ -89,7 +89,7 @@ absl::StatusOr<uint64_t> CoordinatorCore::Register(Role role, const std::string&
   }
   if (!IsValidMemberName(name)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("name '", name, "' is not 1..64 of [A-Za-z0-9._-]"));
+        absl::StrCat("name '", name, "' is not 1..64 of [A-Za-z0-9._-], not . or .."));
   }
   if (role == Role::kWorker &&
       (endpoint.host.empty() || endpoint.port == 0 || endpoint.port > 65535)) {

@@ -29,9 +29,9 @@ absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::str
                                                      fields.size(), " fields"));
     }
     if (!IsValidMemberName(fields[0])) {
-      return absl::InvalidArgumentError(absl::StrCat(origin, ":", line_number, ": client id '",
-                                                     fields[0],
-                                                     "' is not 1..64 of [A-Za-z0-9._-]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(origin, ":", line_number, ": client id '", fields[0],
+                       "' is not 1..64 of [A-Za-z0-9._-], not . or .."));
     }
     if (fields[1].size() < 16) {
       return absl::InvalidArgumentError(
@@ -47,7 +47,7 @@ absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::str
 }
 
 absl::StatusOr<TokenSet> TokenSet::Load(const std::string& path) {
-  absl::StatusOr<std::string> text = base::ReadSmallFile(path, "token file");
+  absl::StatusOr<std::string> text = base::ReadSecretFile(path, "token file");
   if (!text.ok()) return text.status();
   absl::StatusOr<TokenSet> set = Parse(*text, path);
   if (set.ok() && set->size() == 0) {
@@ -101,7 +101,7 @@ absl::Status WriteTokens(const std::string& dir, const std::vector<std::string>&
   for (const std::string& id : client_ids) {
     if (!IsValidMemberName(id)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("client id '", id, "' is not 1..64 of [A-Za-z0-9._-]"));
+          absl::StrCat("client id '", id, "' is not 1..64 of [A-Za-z0-9._-], not . or .."));
     }
     if (!seen.insert(id).second) {
       return absl::InvalidArgumentError(absl::StrCat("client id '", id, "' appears twice"));
@@ -121,7 +121,7 @@ absl::Status WriteTokens(const std::string& dir, const std::vector<std::string>&
 }
 
 absl::StatusOr<std::string> ReadToken(const std::string& path) {
-  absl::StatusOr<std::string> text = base::ReadSmallFile(path, "token file", 4096);
+  absl::StatusOr<std::string> text = base::ReadSecretFile(path, "token file", 4096);
   if (!text.ok()) return text.status();
   const std::string token(absl::StripAsciiWhitespace(*text));
   if (token.size() < 16) {

@@ -25,8 +25,8 @@ namespace splitq::server {
 class TokenSet {
  public:
   // INVALID_ARGUMENT for a malformed line (naming the file and line), a duplicate id or
-  // token, or an id outside [A-Za-z0-9._-]{1,64}; Load also for a file without any token (it
-  // would refuse every call) or one that is not a regular file. NOT_FOUND for a missing file,
+  // token, or an id outside [A-Za-z0-9._-]{1,64} or . or ..; Load also for a file without any token
+  // (it would refuse every call) or one that is not a regular file. NOT_FOUND for a missing file,
   // PERMISSION_DENIED for one that cannot be read.
   static absl::StatusOr<TokenSet> Load(const std::string& path);
   static absl::StatusOr<TokenSet> Parse(const std::string& text, const std::string& origin);

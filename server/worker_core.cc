@@ -70,7 +70,7 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
   }
   if (!IsValidMemberName(hello.client_id)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("client id '", hello.client_id, "': 1..64 of [A-Za-z0-9._-]"));
+        absl::StrCat("client id '", hello.client_id, "': 1..64 of [A-Za-z0-9._-], not . or .."));
   }
   if (hello.resume_step > kMaxStep) {
     return absl::InvalidArgumentError(
@@ -78,7 +78,7 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
   }
   if (!hello.run_id.empty() && !IsValidMemberName(hello.run_id)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("run id '", hello.run_id, "': 1..64 of [A-Za-z0-9._-]"));
+        absl::StrCat("run id '", hello.run_id, "': 1..64 of [A-Za-z0-9._-], not . or .."));
   }
   if (!authenticated_id.empty() && authenticated_id != hello.client_id) {
     return absl::PermissionDeniedError(

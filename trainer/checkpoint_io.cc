@@ -134,6 +134,11 @@ absl::Status SaveArchive(torch::serialize::OutputArchive& archive, const std::st
     std::filesystem::remove(temp, ignored);
     return written;
   }
+  // Checkpoints hold weights learned from private data: private to the user (metrics, logs
+  // and summaries follow the umask).
+  std::error_code ignored;
+  std::filesystem::permissions(
+      temp, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write, ignored);
   return base::CommitFile(temp, path);
 }
 

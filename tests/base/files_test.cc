@@ -114,6 +114,23 @@ TEST_F(Files, ReadSmallFileNamesWhatIsWrong) {
       << big.status();
 }
 
+// Secrets that the group or others may read are refused, naming the fix; private ones and
+// pipes are read.
+TEST_F(Files, ReadSecretFileRefusesSecretsOthersMayRead) {
+  for (const mode_t mode : {0644u, 0640u, 0604u}) {
+    ASSERT_TRUE(WriteFileAtomically(dir_ / "key", "secret\n", mode).ok());
+    auto open = ReadSecretFile(dir_ / "key", "private key");
+    EXPECT_EQ(open.status().code(), absl::StatusCode::kFailedPrecondition) << mode;
+    EXPECT_NE(open.status().message().find("chmod 600"), std::string::npos) << open.status();
+  }
+  ASSERT_TRUE(WriteFileAtomically(dir_ / "key", "secret\n", 0600).ok());
+  EXPECT_EQ(*ReadSecretFile(dir_ / "key", "private key"), "secret\n");
+  ASSERT_TRUE(WriteFileAtomically(dir_ / "key", "secret\n", 0400).ok());
+  EXPECT_EQ(*ReadSecretFile(dir_ / "key", "private key"), "secret\n");
+  EXPECT_EQ(ReadSecretFile(dir_ / "missing", "private key").status().code(),
+            absl::StatusCode::kNotFound);
+}
+
 }  // namespace
 // RemoveTree takes a folder with files and subfolders; a missing path is no error.
 TEST(RemoveTree, RemovesAFolderWithItsFiles) {

@@ -65,8 +65,13 @@ TEST_F(CoordinatorCoreTest, RefusesOtherProtocolVersionsAndBadNames) {
   auto old = core_.Register(Role::kClient, "old", kProtocolVersion + 1, {}, 0, At(0));
   EXPECT_EQ(old.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(old.status().message().find("version"), std::string::npos);
-  EXPECT_EQ(core_.Register(Role::kClient, "a b", kProtocolVersion, {}, 0, At(0)).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  // Names are folders too (--out runs/<id>): "." and ".." are not names; "..." is.
+  for (const char* bad : {"a b", ".", "..", "", "a/b"}) {
+    EXPECT_EQ(core_.Register(Role::kClient, bad, kProtocolVersion, {}, 0, At(0)).status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << bad;
+  }
+  EXPECT_TRUE(core_.Register(Role::kClient, "...", kProtocolVersion, {}, 0, At(0)).ok());
   EXPECT_EQ(core_.Register(Role::kWorker, "w", kProtocolVersion, {}, 0, At(0)).status().code(),
             absl::StatusCode::kInvalidArgument);
   // A client cannot be assigned before a worker exists; the answer says to retry.

@@ -304,6 +304,12 @@ TEST(TrainLoop, AqSgdLearnsAndBothCachesStayIdentical) {
   const TrainSummary s = RunOrFail(c, "aqsgd");
   EXPECT_LT(s.last_loss, 0.7 * s.first_loss);
   EXPECT_LE(s.avg_act_bits, 3.0);
+  // Checkpoints hold weights learned from private data: 0600 whatever the umask.
+  const auto perms =
+      std::filesystem::status(std::filesystem::path(OutDir("aqsgd")) / "checkpoint.pt")
+          .permissions();
+  EXPECT_EQ(perms & std::filesystem::perms::all,
+            std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
   torch::serialize::InputArchive archive;
   archive.load_from((std::filesystem::path(OutDir("aqsgd")) / "checkpoint.pt").string());
   const at::Tensor sender = SortedCache(archive, "aqsgd.0.sender");
