@@ -2,6 +2,7 @@
 
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "proto/rpc_channel.h"
 
 namespace splitq::server {
@@ -42,16 +43,29 @@ grpc::ServerUnaryReactor* CoordinatorService::Finish(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerContext* context,
                                                        const splitq::v1::RegisterRequest* request,
                                                        splitq::v1::RegisterReply* reply) {
-  absl::StatusOr<std::string> caller = Authenticate(context);
-  if (!caller.ok()) return Finish(context, caller.status());
+  std::string caller;
+  TokenRole token_role = TokenRole::kAny;
+  if (tokens_ != nullptr) {
+    absl::StatusOr<Bearer> bearer = tokens_->Identify(context->client_metadata());
+    if (!bearer.ok()) return Finish(context, bearer.status());
+    caller = bearer->id;
+    token_role = bearer->role;
+  }
   if (request->role() == splitq::v1::ROLE_UNSPECIFIED) {
     return Finish(context, absl::InvalidArgumentError("role: worker or client"));
   }
   const Role role = request->role() == splitq::v1::ROLE_WORKER ? Role::kWorker : Role::kClient;
+  const TokenRole needed = role == Role::kWorker ? TokenRole::kWorker : TokenRole::kClient;
+  if (token_role != TokenRole::kAny && token_role != needed) {
+    return Finish(context, absl::PermissionDeniedError(absl::StrCat(
+                               "the token of '", caller, "' is a ", TokenRoleName(token_role),
+                               " token: it cannot register a ", TokenRoleName(needed),
+                               " (make worker tokens with `splitq tokens --worker NAME`)")));
+  }
   auto id =
       core_.Register(role, request->name(), static_cast<uint32_t>(request->protocol_version()),
                      WorkerAddress{request->endpoint().host(), request->endpoint().port()},
-                     request->max_sessions(), Clock::now(), *caller,
+                     request->max_sessions(), Clock::now(), caller,
                      WorkerAddress{request->group_store().host(), request->group_store().port()});
   if (!id.ok()) return Finish(context, id.status());
   reply->set_protocol_version(splitq::v1::PROTOCOL_VERSION_CURRENT);

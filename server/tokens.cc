@@ -23,10 +23,21 @@ absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::str
     const absl::string_view line = absl::StripAsciiWhitespace(raw);
     if (line.empty() || line[0] == '#') continue;
     const std::vector<std::string> fields = absl::StrSplit(line, ' ', absl::SkipEmpty());
-    if (fields.size() != 2) {
+    if (fields.size() != 2 && fields.size() != 3) {
       return absl::InvalidArgumentError(absl::StrCat(origin, ":", line_number,
-                                                     ": expected 'CLIENT_ID TOKEN', got ",
+                                                     ": expected 'ID TOKEN client|worker', got ",
                                                      fields.size(), " fields"));
+    }
+    TokenRole role = TokenRole::kAny;
+    if (fields.size() == 3) {
+      if (fields[2] == "client") {
+        role = TokenRole::kClient;
+      } else if (fields[2] == "worker") {
+        role = TokenRole::kWorker;
+      } else {
+        return absl::InvalidArgumentError(
+            absl::StrCat(origin, ":", line_number, ": role '", fields[2], "': client or worker"));
+      }
     }
     if (!IsValidMemberName(fields[0])) {
       return absl::InvalidArgumentError(
@@ -41,7 +52,7 @@ absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::str
       return absl::InvalidArgumentError(
           absl::StrCat(origin, ":", line_number, ": duplicate client id or token"));
     }
-    set.tokens_.emplace_back(fields[0], fields[1]);
+    set.tokens_.push_back(Entry{fields[0], fields[1], role});
   }
   return set;
 }
@@ -58,7 +69,19 @@ absl::StatusOr<TokenSet> TokenSet::Load(const std::string& path) {
   return set;
 }
 
-absl::StatusOr<std::string> TokenSet::Authenticate(
+const char* TokenRoleName(TokenRole role) {
+  switch (role) {
+    case TokenRole::kClient:
+      return "client";
+    case TokenRole::kWorker:
+      return "worker";
+    case TokenRole::kAny:
+      break;
+  }
+  return "client or worker";
+}
+
+absl::StatusOr<Bearer> TokenSet::Identify(
     const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) const {
   const auto it = metadata.find("authorization");
   constexpr absl::string_view kPrefix = "Bearer ";
@@ -68,16 +91,23 @@ absl::StatusOr<std::string> TokenSet::Authenticate(
   }
   const absl::string_view presented(it->second.data() + kPrefix.size(),
                                     it->second.size() - kPrefix.size());
-  const std::string* match = nullptr;
-  for (const auto& [id, token] : tokens_) {
+  const Entry* match = nullptr;
+  for (const Entry& e : tokens_) {
     // Constant time per candidate, and every candidate is compared.
-    if (token.size() == presented.size() &&
-        CRYPTO_memcmp(token.data(), presented.data(), token.size()) == 0) {
-      match = &id;
+    if (e.token.size() == presented.size() &&
+        CRYPTO_memcmp(e.token.data(), presented.data(), e.token.size()) == 0) {
+      match = &e;
     }
   }
   if (match == nullptr) return absl::UnauthenticatedError("the bearer token is not valid");
-  return *match;
+  return Bearer{match->id, match->role};
+}
+
+absl::StatusOr<std::string> TokenSet::Authenticate(
+    const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) const {
+  absl::StatusOr<Bearer> bearer = Identify(metadata);
+  if (!bearer.ok()) return bearer.status();
+  return bearer->id;
 }
 
 absl::StatusOr<std::string> MakeToken() {
@@ -92,25 +122,30 @@ absl::StatusOr<std::string> MakeToken() {
   return token;
 }
 
-absl::Status WriteTokens(const std::string& dir, const std::vector<std::string>& client_ids) {
+absl::Status WriteTokens(const std::string& dir, const std::vector<std::string>& client_ids,
+                         const std::vector<std::string>& worker_ids) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat(dir, ": ", ec.message()));
-  std::string all = "# splitq bearer tokens: CLIENT_ID TOKEN (keep this file private)\n";
+  std::string all =
+      "# splitq bearer tokens: ID TOKEN ROLE (client or worker; keep this file private)\n";
+  std::vector<std::pair<std::string, const char*>> members;
+  for (const std::string& id : worker_ids) members.emplace_back(id, "worker");
+  for (const std::string& id : client_ids) members.emplace_back(id, "client");
   std::set<std::string> seen;
-  for (const std::string& id : client_ids) {
+  for (const auto& [id, role] : members) {
     if (!IsValidMemberName(id)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("client id '", id, "' is not 1..64 of [A-Za-z0-9._-], not . or .."));
+          absl::StrCat(role, " id '", id, "' is not 1..64 of [A-Za-z0-9._-], not . or .."));
     }
     if (!seen.insert(id).second) {
-      return absl::InvalidArgumentError(absl::StrCat("client id '", id, "' appears twice"));
+      return absl::InvalidArgumentError(absl::StrCat("id '", id, "' appears twice"));
     }
   }
-  for (const std::string& id : client_ids) {
+  for (const auto& [id, role] : members) {
     absl::StatusOr<std::string> token = MakeToken();
     if (!token.ok()) return token.status();
-    absl::StrAppend(&all, id, " ", *token, "\n");
+    absl::StrAppend(&all, id, " ", *token, " ", role, "\n");
     if (absl::Status s = base::WriteFileAtomically(std::filesystem::path(dir) / (id + ".token"),
                                                    *token + "\n", 0600);
         !s.ok()) {

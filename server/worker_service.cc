@@ -52,13 +52,17 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
  public:
   SessionReactor(WorkerService& service, grpc::CallbackServerContext* context) : service_(service) {
     if (service_.tokens_ != nullptr) {
-      auto id = service_.tokens_->Authenticate(context->client_metadata());
-      if (!id.ok()) {
+      auto bearer = service_.tokens_->Identify(context->client_metadata());
+      if (bearer.ok() && bearer->role == TokenRole::kWorker) {
+        bearer = absl::PermissionDeniedError(absl::StrCat(
+            "the token of '", bearer->id, "' is a worker token: only client tokens open sessions"));
+      }
+      if (!bearer.ok()) {
         finished_ = true;
-        this->Finish(rpc::ToGrpcStatus(id.status()));
+        this->Finish(rpc::ToGrpcStatus(bearer.status()));
         return;
       }
-      auth_id_ = *id;
+      auth_id_ = bearer->id;
     }
     this->StartRead(&raw_);
   }

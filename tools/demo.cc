@@ -235,13 +235,12 @@ int RunDemo(const DemoOptions& opt,
   const std::string certs = (dir / "certs").string(), tokens = (dir / "tokens").string();
   std::vector<std::string> ids, workers;
   for (int i = 0; i < opt.workers; ++i) workers.push_back(absl::StrCat("worker", i));
-  ids = workers;
   for (int i = 0; i < opt.clients; ++i) ids.push_back(absl::StrCat("client", i));
   if (absl::Status s = server::MakeCertificates(certs); !s.ok()) {
     spdlog::error("demo: certificates: {}", s.ToString());
     return 1;
   }
-  if (absl::Status s = server::WriteTokens(tokens, ids); !s.ok()) {
+  if (absl::Status s = server::WriteTokens(tokens, ids, workers); !s.ok()) {
     spdlog::error("demo: tokens: {}", s.ToString());
     return 1;
   }

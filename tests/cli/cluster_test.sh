@@ -93,7 +93,8 @@ address_in() { sed -n 's/.*listening on \([0-9.]*:[0-9]*\).*/\1/p' "$1" | head -
 start_cluster() {
   if [[ ! -d $dir/certs ]]; then
     "$SPLITQ" certs --out "$dir/certs" >/dev/null
-    "$SPLITQ" tokens --out "$dir/tokens" worker0 worker1 client0 client1 client2 client3 >/dev/null
+    "$SPLITQ" tokens --out "$dir/tokens" --worker worker0 --worker worker1 client0 client1 client2 \
+      client3 >/dev/null
   fi
   sec=(--tls-dir "$dir/certs")
   "$SPLITQ" coordinator --config "$config" --listen 127.0.0.1:0 "${sec[@]}" \

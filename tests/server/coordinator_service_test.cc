@@ -27,7 +27,8 @@ const std::string kWorkerToken = "fedcba9876543210fedcba9876543210";  // w's
 class CoordinatorServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto tokens = TokenSet::Parse("alice " + kToken + "\nw " + kWorkerToken + "\n", "test");
+    auto tokens =
+        TokenSet::Parse("alice " + kToken + " client\nw " + kWorkerToken + " worker\n", "test");
     ASSERT_TRUE(tokens.ok());
     tokens_ = std::make_unique<TokenSet>(*tokens);
     core_ = std::make_unique<CoordinatorCore>(Options());
@@ -76,6 +77,20 @@ class CoordinatorServiceTest : public ::testing::Test {
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<splitq::v1::Coordinator::Stub> stub_;
 };
+
+// Tokens have roles: a client's token cannot register a worker (one that would never answer
+// and draw clients to it), nor a worker's token a client.
+TEST_F(CoordinatorServiceTest, ATokenRegistersOnlyItsRole) {
+  splitq::v1::RegisterReply reply;
+  const grpc::Status as_worker = Register(splitq::v1::ROLE_WORKER, "alice", &reply);
+  EXPECT_EQ(as_worker.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(as_worker.error_message().find("client token"), std::string::npos)
+      << as_worker.error_message();
+  const grpc::Status as_client = Register(splitq::v1::ROLE_CLIENT, "w", &reply);
+  EXPECT_EQ(as_client.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_TRUE(Register(splitq::v1::ROLE_WORKER, "w", &reply).ok());
+  EXPECT_TRUE(Register(splitq::v1::ROLE_CLIENT, "alice", &reply).ok());
+}
 
 TEST_F(CoordinatorServiceTest, WorkerAndClientMeetWithTokens) {
   splitq::v1::RegisterReply reply;

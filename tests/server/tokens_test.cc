@@ -54,14 +54,30 @@ TEST(TokenSet, AuthenticateNamesTheClient) {
   }
 }
 
+// A line's role: client or worker; none (files from before roles) is either; others refused.
+TEST(Tokens, LinesCarryARole) {
+  auto set = TokenSet::Parse("a " + kTokenA + " client\nb " + kTokenB + "\n", "t");
+  ASSERT_TRUE(set.ok()) << set.status();
+  std::multimap<grpc::string_ref, grpc::string_ref> metadata;
+  const std::string a = "Bearer " + kTokenA, b = "Bearer " + kTokenB;
+  metadata.emplace("authorization", a);
+  EXPECT_EQ(set->Identify(metadata)->role, TokenRole::kClient);
+  metadata.clear();
+  metadata.emplace("authorization", b);
+  EXPECT_EQ(set->Identify(metadata)->role, TokenRole::kAny);
+  auto bad = TokenSet::Parse("a " + kTokenA + " admin\n", "t");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("client or worker"), std::string::npos) << bad.status();
+}
+
 TEST(Tokens, WrittenFilesLoadBackAndArePrivate) {
   const std::string dir =
       (std::filesystem::temp_directory_path() / ("splitq_tokens_" + std::to_string(getpid())))
           .string();
-  ASSERT_TRUE(WriteTokens(dir, {"alice", "bob"}).ok());
+  ASSERT_TRUE(WriteTokens(dir, {"alice", "bob"}, {"w0"}).ok());
   auto set = TokenSet::Load(dir + "/tokens");
   ASSERT_TRUE(set.ok()) << set.status();
-  EXPECT_EQ(set->size(), 2u);
+  EXPECT_EQ(set->size(), 3u);
   auto token = ReadToken(dir + "/bob.token");
   ASSERT_TRUE(token.ok()) << token.status();
   EXPECT_EQ(token->size(), 64u);
@@ -69,13 +85,20 @@ TEST(Tokens, WrittenFilesLoadBackAndArePrivate) {
   std::multimap<grpc::string_ref, grpc::string_ref> metadata;
   metadata.emplace("authorization", header);
   EXPECT_EQ(*set->Authenticate(metadata), "bob");
-  for (const char* name : {"tokens", "alice.token", "bob.token"}) {
+  EXPECT_EQ(set->Identify(metadata)->role, TokenRole::kClient);
+  const std::string worker_header = "Bearer " + *ReadToken(dir + "/w0.token");
+  std::multimap<grpc::string_ref, grpc::string_ref> worker;
+  worker.emplace("authorization", worker_header);
+  EXPECT_EQ(set->Identify(worker)->id, "w0");
+  EXPECT_EQ(set->Identify(worker)->role, TokenRole::kWorker);
+  for (const char* name : {"tokens", "alice.token", "bob.token", "w0.token"}) {
     struct stat st {};
     ASSERT_EQ(stat((dir + "/" + name).c_str(), &st), 0);
     EXPECT_EQ(st.st_mode & 0777, 0600u) << name;
   }
   EXPECT_EQ(WriteTokens(dir, {"a b"}).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(WriteTokens(dir, {"x", "x"}).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(WriteTokens(dir, {"x"}, {"x"}).code(), absl::StatusCode::kInvalidArgument);
   base::RemoveTree(dir);
 }
 

@@ -123,6 +123,7 @@ class WorkerServiceTest : public ::testing::Test {
       const std::string id = "c" + std::to_string(i);
       lines += id + " " + TokenFor(id) + "\n";
     }
+    lines += "w9 " + TokenFor("w9") + " worker\n";  // a worker's token
     auto tokens = TokenSet::Parse(lines, "test");
     ASSERT_TRUE(tokens.ok()) << tokens.status();
     tokens_ = std::make_unique<TokenSet>(*tokens);
@@ -259,6 +260,16 @@ std::vector<trainer::UpFrame>* WorkerServiceTest::frames_ = nullptr;
 // Quantized frames whose scales make implausible values (the hardening issue's probe: scales
 // of 1e3 to 1e34, and 3e38, which overflows to infinity) are refused before they reach the
 // shared server part: no update, its weights unchanged, the worker keeps serving.
+// Only client tokens open sessions: a worker's token is PERMISSION_DENIED.
+TEST_F(WorkerServiceTest, AWorkerTokenOpensNoSession) {
+  Raw raw = Open(TokenFor("w9"));
+  const grpc::Status refused = Run(raw, {Hello("w9")});
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(refused.error_message().find("worker token"), std::string::npos)
+      << refused.error_message();
+  ExpectGoodClientTrains("bob", 1);
+}
+
 TEST_F(WorkerServiceTest, ImplausibleValuesNeverReachTheServerPart) {
   const std::string before = part_->WeightsDigest();
   const int64_t updates = part_->updates();
