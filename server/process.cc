@@ -20,6 +20,7 @@ absl::StatusOr<Serving> StartServing(const ServingOptions& options,
   Serving out;
   builder.AddListeningPort(options.listen, credentials, &out.port);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS, options.handshake_timeout_ms);
   for (grpc::Service* service : services) builder.RegisterService(service);
   if (options.max_receive_message_bytes > 0) {
     builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);

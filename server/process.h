@@ -20,6 +20,9 @@ struct ServingOptions {
   // Server keepalive: a client that vanished without closing its connection is noticed within
   // ~20 s; clients may ping every 5 s (client/worker_client.h pings every 10 s).
   bool keepalive = false;
+  // A connection that has not finished its TLS (or HTTP/2) handshake by then is closed, so
+  // silent connections cost a file descriptor for seconds, not gRPC's default 120 s.
+  int handshake_timeout_ms = 10000;
 };
 
 struct Serving {
