@@ -123,7 +123,16 @@ absl::Status ReconnectingLink::ConnectOnce() {
         absl::StrCat("worker ", assignment->worker_name, " at ", target, " does not answer"));
   }
   unreachable_.clear();
-  link_ = std::make_unique<WorkerClient>(channel, options_.link);
+  WorkerLinkOptions link = options_.link;
+  if (!link.lost) {
+    link.lost = [this, name = assignment->worker_name](int64_t first, int64_t last) {
+      Log(absl::StrCat("worker ", name, " has not applied this client's steps ", first, "..", last,
+                       ": lost with its state (it restarted from an older checkpoint), or "
+                       "applied on another worker meanwhile; they are not sent again (a worker "
+                       "group loses none)"));
+    };
+  }
+  link_ = std::make_unique<WorkerClient>(channel, link);
   assigned_ = assignment->worker_name;
   worker_ = absl::StrCat(assignment->worker_name, " at ", target);
   return absl::OkStatus();

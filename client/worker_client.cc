@@ -153,6 +153,10 @@ absl::Status WorkerClient::OpenTrain(int64_t step) {
         absl::StrCat("the worker expects step ", reply.welcome().expected_step(), ", not ", step));
   }
   session_id_ = reply.welcome().session_id();
+  if (reply.welcome().has_next_applied() && options_.lost &&
+      reply.welcome().next_applied() < static_cast<uint64_t>(step)) {
+    options_.lost(static_cast<int64_t>(reply.welcome().next_applied()), step - 1);
+  }
   return absl::OkStatus();
 }
 

@@ -22,6 +22,7 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -41,6 +42,9 @@ struct WorkerLinkOptions {
   int64_t chunk_bytes = 1 << 20;  // frames go up in chunks of this size
   rpc::AssemblerLimits limits;    // for the gradient frames coming down
   std::chrono::seconds stream_deadline{24 * 3600};
+  // Called when a worker's welcome says that steps first..last of this client were lost with
+  // its state (TrainWelcome.next_applied below the step sent). May be empty.
+  std::function<void(int64_t first, int64_t last)> lost;
 };
 
 // Channel arguments every splitq client uses: keepalive pings every `keepalive_ms` (dead after

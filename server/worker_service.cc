@@ -195,6 +195,9 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
           w->set_protocol_version(splitq::v1::PROTOCOL_VERSION_CURRENT);
           w->set_session_id(welcome.session_id);
           w->set_expected_step(welcome.expected_step);
+          if (welcome.next_applied >= 0) {
+            w->set_next_applied(static_cast<uint64_t>(welcome.next_applied));
+          }
           std::lock_guard<std::mutex> lock(mutex_);
           writes_.push_back(rpc::ToByteBuffer(reply));
           WriteNextLocked();

@@ -26,7 +26,8 @@
 #   worker-restart  the only worker killed with SIGKILL and started again on its --out: it
 #                resumes from its checkpoint (worker.pt), the client reconnects to it and
 #                finishes, and the server updates add up: those saved, plus those after the
-#                restart, plus the steps the log names as lost since the checkpoint = 200.
+#                restart, plus the steps the log names as lost since the checkpoint = 200; the
+#                client's log names the same lost steps (the worker's welcome tells it).
 #   merge        `splitq demo` with 4 clients and merged batches (server.merge.max_clients 4,
 #                a 500 ms window): every step applied once, at least 2 clients per server update
 #                on average, and the run learns (validation accuracy above 0.6).
@@ -420,6 +421,10 @@ worker-restart)
   after=$(sed -n 's/.*stopped: [0-9]* steps served, \([0-9]*\) server updates.*/\1/p' \
     "$dir/worker0b.log")
   ((after + lost == 200)) || fail "server updates: $after at the end ($saved resumed) + $lost lost != 200"
+  # The client learns it too, from the worker's welcome: the same steps, in its own log.
+  told=$(sed -n 's/.*has not applied this client.s steps \([0-9]*\)\.\.\([0-9]*\):.*/\1 \2/p' \
+    "$dir/client.log" | awk '{ n += $2 - $1 + 1 } END { print n + 0 }')
+  ((told == lost)) || fail "the client was told of $told lost steps, the worker names $lost"
   grep -q "saved .*worker.pt at $after server updates" "$dir/worker0b.log" ||
     fail "no final checkpoint"
   # A worker with another config refuses the checkpoint, names the key, and leaves it intact.
