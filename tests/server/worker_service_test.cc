@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <limits>
 #include <memory>
@@ -92,10 +93,18 @@ std::unique_ptr<LocalServer> Serve(WorkerService& service) {
   return out;
 }
 
+// Where the loaders read Fashion-MNIST (trainer/datasets.h: SPLITQ_DATA_DIR on a host without
+// the Debian package, e.g. the GPU host).
+std::string FashionMnistDir() {
+  const char* data = std::getenv("SPLITQ_DATA_DIR");
+  return data != nullptr && *data != '\0' ? std::string(data) + "/fashion-mnist"
+                                          : std::string(trainer::kFashionMnistDir);
+}
+
 class WorkerServiceTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    if (access(trainer::kFashionMnistDir, R_OK) != 0) return;
+    if (access(FashionMnistDir().c_str(), R_OK) != 0) return;
     auto c = trainer::ParseRunConfig(YAML::Load(kConfig));
     ASSERT_TRUE(c.ok()) << c.status();
     config_ = new trainer::RunConfig(*c);
@@ -116,7 +125,7 @@ class WorkerServiceTest : public ::testing::Test {
   }
 
   void SetUp() override {
-    if (config_ == nullptr) GTEST_SKIP() << trainer::kFashionMnistDir << " missing";
+    if (config_ == nullptr) GTEST_SKIP() << FashionMnistDir() << " missing";
     std::string lines;
     for (const char* id : {"alice", "bob"}) lines += std::string(id) + " " + TokenFor(id) + "\n";
     for (int i = 0; i < 32; ++i) {
@@ -639,7 +648,7 @@ TEST_F(WorkerServiceTest, EightClientsMergeIntoOneUpdatePerRound) {
 // meanwhile and run after, so every step is applied once and validation goes through the
 // clients' heads. An AQ-SGD U-shaped run (caches on both boundaries) does the same.
 TEST(WorkerServiceUShaped, TwoClientsTakeTurns) {
-  if (access(trainer::kFashionMnistDir, R_OK) != 0) GTEST_SKIP() << "no Fashion-MNIST";
+  if (access(FashionMnistDir().c_str(), R_OK) != 0) GTEST_SKIP() << "no Fashion-MNIST";
   for (const char* mode : {"amaq, target: 4, calibration_steps: 2", "aqsgd, target: 4"}) {
     auto config = trainer::ParseRunConfig(YAML::Load(absl::StrCat(R"(
 task: fmnist
