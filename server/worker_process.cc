@@ -372,7 +372,7 @@ absl::Status WorkerProcess::Run(const std::atomic<bool>& stop) {
   }
   s.Log(absl::StrCat("worker ", s.o.name, " registered with the coordinator at ", s.o.coordinator));
   s.member_id.store(registration.member_id);  // a group forms from here on
-  ReadyFile ready(s.o.ready_file);  // listening and registered: clients can be sent here
+  ReadyFile ready(s.o.ready_file);            // listening and registered: clients can be sent here
   if (absl::Status a = ready.Announce(address()); !a.ok()) {
     (void)coordinator.Leave(registration.member_id);  // no client is sent to a worker that quit
     s.serving.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));

@@ -124,9 +124,9 @@ class WorkerService final
   std::deque<std::function<void()>> parked_;
   std::mutex merge_mutex_;
   std::condition_variable merge_wake_;
-  std::deque<ReadyStep> ready_;  // under merge_mutex_
-  bool merge_posted_ = false;    // a MergeReady job is posted or running
-  bool stopping_ = false;        // under merge_mutex_: the service is going (rounds end)
+  std::deque<ReadyStep> ready_;       // under merge_mutex_
+  bool merge_posted_ = false;         // a MergeReady job is posted or running
+  bool stopping_ = false;             // under merge_mutex_: the service is going (rounds end)
   std::atomic<bool> closing_{false};  // the same, for MergeOptions::before_round
   SerialExecutor compute_;
 };

@@ -199,7 +199,8 @@ absl::Status LoadCheckpointFile(
       path + ": cannot restore the checkpoint",
       [&]() -> absl::Status {
         CheckpointCounters n;
-        SPLITQ_RETURN_IF_ERROR(ReadHeader(archive, path, version_key, version, kind, c, &n, driver));
+        SPLITQ_RETURN_IF_ERROR(
+            ReadHeader(archive, path, version_key, version, kind, c, &n, driver));
         return parts(archive, n);
       },
       absl::StatusCode::kFailedPrecondition);

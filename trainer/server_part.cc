@@ -65,7 +65,7 @@ struct ServerPart::Impl {
     std::optional<Open> open;
   };
   std::map<uint64_t, Session> sessions;
-  uint64_t open_session = 0;  // the session whose U-shaped step is open (0: none)
+  uint64_t open_session = 0;      // the session whose U-shaped step is open (0: none)
   ReplicaGroup* group = nullptr;  // worker groups (set_group); null: this replica alone
   // Worker groups: time in rounds that had work (from the agreement to the update) and in
   // their gradient sum, for the worker's status line.
@@ -579,17 +579,16 @@ absl::Status ServerPart::LoadParts(torch::serialize::InputArchive& archive, cons
 
 absl::Status ServerPart::SaveCheckpoint(const std::string& path, const std::string& extra) const {
   const Impl& s = *impl_;
-  return SaveCheckpointFile(path, "server_version", kServerCheckpointVersion, s.c,
-                            CheckpointCounters{s.updates}, {},
-                            [&](torch::serialize::OutputArchive& archive) {
-                              SaveParts(archive, /*session=*/0);  // sessions are not saved
-                              at::Tensor bytes =
-                                  at::empty({static_cast<int64_t>(extra.size())}, at::kByte);
-                              if (!extra.empty()) {
-                                std::memcpy(bytes.data_ptr(), extra.data(), extra.size());
-                              }
-                              archive.write("server_extra", bytes);
-                            });
+  return SaveCheckpointFile(
+      path, "server_version", kServerCheckpointVersion, s.c, CheckpointCounters{s.updates}, {},
+      [&](torch::serialize::OutputArchive& archive) {
+        SaveParts(archive, /*session=*/0);  // sessions are not saved
+        at::Tensor bytes = at::empty({static_cast<int64_t>(extra.size())}, at::kByte);
+        if (!extra.empty()) {
+          std::memcpy(bytes.data_ptr(), extra.data(), extra.size());
+        }
+        archive.write("server_extra", bytes);
+      });
 }
 
 absl::Status ServerPart::LoadCheckpoint(const std::string& path, std::string* extra) {
