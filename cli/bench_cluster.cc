@@ -26,6 +26,11 @@ void RegisterBenchCluster(CLI::App& bench, RunFn* run) {
   cmd->add_option("--window-ms", opt->window_ms,
                   "Merge window in ms (default: the config's server.merge.window_ms)")
       ->check(CLI::Range(0.0, 1000.0));
+  cmd->add_option("--merge-threads", opt->merge_threads,
+                  "A merged run per value of server.merge.threads (0: auto; default: the "
+                  "config's)")
+      ->delimiter(',')
+      ->check(IntRange(0, 256));
   cmd->add_option("--json", opt->json_path, "Also write the rows as JSON to this file");
   cmd->callback([opt, run] {
     *run = [opt] {

@@ -432,12 +432,18 @@ absl::Status WorkerProcess::Run(const std::atomic<bool>& stop) {
     }
   }
   std::string group;
-  if (s.store) {
-    const auto [round_ms, sum_ms] = s.part->group_ms();
+  const trainer::RoundTimes t = s.part->round_times();
+  if (t.rounds > 0) {
     group = absl::StrFormat(
+        "; %lld merged rounds: decoding %.0f ms, forward and backward %.0f ms, gradients "
+        "%.0f ms, update %.0f ms",
+        static_cast<long long>(t.rounds), t.inputs_ms, t.compute_ms, t.gradients_ms, t.update_ms);
+  }
+  if (s.store) {
+    group += absl::StrFormat(
         "; group rounds with work %.0f ms, of which the gradient sum %.0f ms "
         "(%.1f%%)",
-        round_ms, sum_ms, round_ms > 0 ? 100 * sum_ms / round_ms : 0.0);
+        t.total_ms, t.sum_ms, t.total_ms > 0 ? 100 * t.sum_ms / t.total_ms : 0.0);
   }
   s.Log(absl::StrFormat("worker %s stopped: %s; peak RSS %.0f MiB%s", s.o.name, StatsText(w),
                         base::PeakRssMiB(), group));

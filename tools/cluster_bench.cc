@@ -52,6 +52,7 @@ struct Row {
   double samples_per_s = 0;
   double ms_per_step = 0;  // a client's mean step time
   double clients_per_update = 0;
+  trainer::RoundTimes times;  // the worker's merged rounds in the measured steps
 };
 
 // N clients against one worker; every client runs `warmup` steps, then all start together and
@@ -115,9 +116,11 @@ absl::StatusOr<Row> RunCluster(const trainer::RunConfig& config, const std::stri
   start.ArriveAndWait();
   t0 = Clock::now();
   const server::WorkerStats before = core.stats();
+  const trainer::RoundTimes times_before = (*part)->round_times();
   for (std::thread& t : threads) t.join();
   const double wall = std::chrono::duration<double>(Clock::now() - t0).count();
   const server::WorkerStats after = core.stats();
+  trainer::RoundTimes times = (*part)->round_times();
   started->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   for (int i = 0; i < n; ++i) {
     if (!errors[i].ok()) {
@@ -125,6 +128,13 @@ absl::StatusOr<Row> RunCluster(const trainer::RunConfig& config, const std::stri
     }
   }
   Row row;
+  times.rounds -= times_before.rounds;
+  times.inputs_ms -= times_before.inputs_ms;
+  times.compute_ms -= times_before.compute_ms;
+  times.gradients_ms -= times_before.gradients_ms;
+  times.update_ms -= times_before.update_ms;
+  times.total_ms -= times_before.total_ms;
+  row.times = times;
   row.clients = n;
   row.merge = merge.max_clients;
   row.samples_per_s = static_cast<double>(n) * steps * config.batch_size / wall;
@@ -171,41 +181,70 @@ int RunClusterBench(const ClusterBenchOptions& opt) {
   std::printf("bench cluster: %s, batch %lld per client, %d steps after %d warm-up (device %s)\n",
               opt.config_path.c_str(), static_cast<long long>(config.batch_size), opt.steps,
               opt.warmup, config.device.c_str());
-  std::printf("%8s | %14s %10s | %14s %10s %8s | %14s | %7s %7s\n", "clients", "one-at-a-time",
-              "ms/step", "merged", "ms/step", "cl/upd", "one process", "m/1", "m/proc");
+  std::printf("%8s %7s | %14s %10s %8s | %7s %7s | %s\n", "clients", "threads", "samples/s",
+              "ms/step", "cl/upd", "m/1", "m/proc",
+              "per merged round: decode, fwd+bwd, gradients, update ms");
   std::string json = "[";
+  std::vector<int64_t> thread_counts = opt.merge_threads;
+  if (thread_counts.empty()) thread_counts.push_back(config.merge_threads);
   for (int n : opt.clients) {
     server::MergeOptions off;
-    server::MergeOptions on;
-    on.max_clients = opt.merge > 0 ? opt.merge : n;
-    on.max_targets = config.merge_max_targets;
-    on.window_ms = opt.window_ms >= 0 ? opt.window_ms : config.merge_window_ms;
     auto a = RunCluster(config, opt.init, n, opt.steps, opt.warmup, off);
-    auto b = a.ok() ? RunCluster(config, opt.init, n, opt.steps, opt.warmup, on) : a;
-    auto one = b.ok() ? OneProcess(config, opt.init, config.batch_size * n, opt.steps, opt.warmup)
-                      : b.status();
+    if (!a.ok()) {
+      spdlog::error("bench cluster: {} clients: {}", n, a.status().ToString());
+      return 1;
+    }
+    std::printf("%8d %7s | %14.1f %10.1f %8.2f |\n", n, "1-by-1", a->samples_per_s, a->ms_per_step,
+                a->clients_per_update);
+    std::vector<std::pair<int64_t, Row>> merged;
+    for (int64_t threads : thread_counts) {
+      server::MergeOptions on;
+      on.max_clients = opt.merge > 0 ? opt.merge : n;
+      on.max_targets = config.merge_max_targets;
+      on.window_ms = opt.window_ms >= 0 ? opt.window_ms : config.merge_window_ms;
+      trainer::RunConfig with = config;
+      with.merge_threads = threads;
+      auto b = RunCluster(with, opt.init, n, opt.steps, opt.warmup, on);
+      if (!b.ok()) {
+        spdlog::error("bench cluster: {} clients merged: {}", n, b.status().ToString());
+        return 1;
+      }
+      merged.emplace_back(threads, *b);
+    }
+    auto one = OneProcess(config, opt.init, config.batch_size * n, opt.steps, opt.warmup);
     if (!one.ok()) {
       spdlog::error("bench cluster: {} clients: {}", n, one.status().ToString());
       return 1;
     }
-    std::printf("%8d | %14.1f %10.1f | %14.1f %10.1f %8.2f | %14.1f | %7.2f %7.2f\n", n,
-                a->samples_per_s, a->ms_per_step, b->samples_per_s, b->ms_per_step,
-                b->clients_per_update, *one, b->samples_per_s / a->samples_per_s,
-                b->samples_per_s / *one);
+    std::printf("%8d %7s | %14.1f %10s %8s |\n", n, "1 proc", *one, "", "");
+    for (const auto& [threads, b] : merged) {
+      const trainer::RoundTimes& t = b.times;
+      const double r = t.rounds > 0 ? static_cast<double>(t.rounds) : 1.0;
+      std::printf(
+          "%8d %7s | %14.1f %10.1f %8.2f | %7.2f %7.2f | %.2f, %.2f, %.2f, %.2f (%lld rounds)\n", n,
+          threads == 0 ? "auto" : std::to_string(threads).c_str(), b.samples_per_s, b.ms_per_step,
+          b.clients_per_update, b.samples_per_s / a->samples_per_s, b.samples_per_s / *one,
+          t.inputs_ms / r, t.compute_ms / r, t.gradients_ms / r, t.update_ms / r,
+          static_cast<long long>(t.rounds));
+      absl::StrAppendFormat(
+          &json,
+          "%s\n  {\"clients\": %d, \"merge_threads\": %d, \"one_at_a_time_samples_per_s\": %.3f, "
+          "\"merged_samples_per_s\": %.3f, \"merge_max_clients\": %d, "
+          "\"clients_per_update\": %.3f, \"one_process_samples_per_s\": %.3f, "
+          "\"one_at_a_time_ms_per_step\": %.3f, \"merged_ms_per_step\": %.3f, "
+          "\"round_ms\": {\"decode\": %.3f, \"compute\": %.3f, \"gradients\": %.3f, "
+          "\"update\": %.3f}, \"rounds\": %d}",
+          json.size() > 1 ? "," : "", n, threads, a->samples_per_s, b.samples_per_s, b.merge,
+          b.clients_per_update, *one, a->ms_per_step, b.ms_per_step, t.inputs_ms / r,
+          t.compute_ms / r, t.gradients_ms / r, t.update_ms / r, t.rounds);
+    }
     std::fflush(stdout);
-    absl::StrAppendFormat(&json,
-                          "%s\n  {\"clients\": %d, \"one_at_a_time_samples_per_s\": %.3f, "
-                          "\"merged_samples_per_s\": %.3f, \"merge_max_clients\": %d, "
-                          "\"clients_per_update\": %.3f, \"one_process_samples_per_s\": %.3f, "
-                          "\"one_at_a_time_ms_per_step\": %.3f, \"merged_ms_per_step\": %.3f}",
-                          json.size() > 1 ? "," : "", n, a->samples_per_s, b->samples_per_s,
-                          on.max_clients, b->clients_per_update, *one, a->ms_per_step,
-                          b->ms_per_step);
   }
   json += "\n]\n";
   std::printf(
-      "samples/s: examples per second over all clients; m/1: merged over one-at-a-time; "
-      "m/proc: merged over one process at batch clients x batch_size\n");
+      "samples/s: examples per second over all clients; threads: server.merge.threads of the "
+      "merged run (1-by-1: one step at a time; 1 proc: one process at batch clients x "
+      "batch_size); m/1: merged over one-at-a-time; m/proc: merged over one process\n");
   if (!opt.json_path.empty()) {
     if (absl::Status s = base::WriteFileAtomically(opt.json_path, json); !s.ok()) {
       spdlog::error("bench cluster: {}", s.ToString());

@@ -1,12 +1,13 @@
 // splitq tools: `splitq bench cluster` (below): a worker's aggregate throughput with N clients.
 //
 // `splitq bench cluster --config F [--set k=v ...] [--clients 1,4,8,16] [--steps S] [--warmup W]
-// [--merge K] [--window-ms W] [--json FILE]`: for each client count N, a worker (the real
-// WorkerCore and WorkerService on 127.0.0.1, plaintext gRPC) and N clients (ClientPart and the
-// real WorkerClient link, one thread each, all in this process) train the config; after W
-// warm-up steps per client the clients start together and run S steps each. Each N runs
-// twice, side by side: one step at a time (server.merge.max_clients 1) and merged (K clients,
-// default N; window W ms, default the config's). Then one process (ClientPart + ServerPart
+// [--merge K] [--window-ms W] [--merge-threads T,...] [--json FILE]`: for each client count N, a
+// worker (the real WorkerCore and WorkerService on 127.0.0.1, plaintext gRPC) and N clients
+// (ClientPart and the real WorkerClient link, one thread each, all in this process) train the
+// config; after W warm-up steps per client the clients start together and run S steps each. Each N
+// runs twice, side by side: one step at a time (server.merge.max_clients 1) and merged (K clients,
+// default N; window W ms, default the config's; once per --merge-threads value, with the
+// worker's merged-round phases per round). Then one process (ClientPart + ServerPart
 // joined in memory, `splitq train`'s step) at the merged batch N x batch_size, the ceiling
 // merging aims at. Prints aggregate samples/s (examples, not tokens), each client's ms/step,
 // the clients per server update, and the ratios; the worker's compute is one thread as in
@@ -29,6 +30,8 @@ struct ClusterBenchOptions {
   int warmup = 3;
   int merge = 0;          // clients per merged batch (0: N, the clients of the row)
   double window_ms = -1;  // -1: the config's server.merge.window_ms
+  // A merged run per entry, with server.merge.threads set to it (empty: the config's).
+  std::vector<int64_t> merge_threads;
   std::string json_path;
 };
 

@@ -95,6 +95,7 @@ struct RunConfig {
   int64_t merge_max_clients = 1;  // 1: every client step is its own server update
   int64_t merge_max_targets = 0;  // 0: no limit
   double merge_window_ms = 0;
+  int64_t merge_threads = 0;  // 0: one per merged step, up to the hardware's threads
   // The largest magnitude a worker takes in a client's boundary activation or head gradient.
   double max_abs_input = 1e4;
   std::string group_backend = "auto";  // worker groups: auto | gloo | nccl

@@ -241,6 +241,11 @@ const std::vector<Key>& Keys() {
       Num("server.merge.window_ms", 0, 1000, false, SPLITQ_FIELD(merge_window_ms),
           "splitq worker: how long a ready step may wait for other clients' steps to merge with "
           "(0: merge only what is ready when the server part is free)"),
+      Int("server.merge.threads", 1, 256, SPLITQ_FIELD(merge_threads),
+          "splitq worker: threads that decode a merged batch's frames and encode its gradients "
+          "side by side (0: one per merged step, at most the hardware's threads; 1: one after "
+          "another)",
+          /*zero_ok=*/true),
       Choice(
           "server.group.backend", {"auto", "gloo", "nccl"},
           [](RunConfig& c, const std::string& s) { c.group_backend = s; },

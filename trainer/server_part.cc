@@ -13,8 +13,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <map>
+#include <mutex>
 #include <optional>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -38,6 +41,37 @@ struct RoundRecords {
   int64_t slots = 0, record_bytes = 0;
   std::vector<std::string>* others = nullptr;
 };
+
+using Clock = std::chrono::steady_clock;
+double Ms(Clock::time_point from, Clock::time_point to) {
+  return std::chrono::duration<double, std::milli>(to - from).count();
+}
+
+// server.merge.threads for `steps` steps: 0 is one per step, at most the hardware's threads.
+int MergeThreads(int64_t configured, size_t steps) {
+  const int64_t hardware = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t want = configured > 0 ? configured : std::min<int64_t>(hardware, steps);
+  return static_cast<int>(std::clamp<int64_t>(want, 1, std::max<size_t>(steps, 1)));
+}
+
+// fn(0..n-1) on `threads` threads (the caller's among them); returns when all are done. fn
+// must not throw (wrap torch calls in TorchCall).
+void ForEach(size_t n, int threads, const std::function<void(size_t)>& fn) {
+  if (threads <= 1 || n <= 1) {
+    for (size_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<size_t> next{0};
+  const bool grad = at::GradMode::is_enabled();
+  auto work = [&] {
+    at::GradMode::set_enabled(grad);  // thread-local in torch
+    for (size_t i = next++; i < n; i = next++) fn(i);
+  };
+  std::vector<std::thread> helpers;
+  for (int k = 1; k < threads && static_cast<size_t>(k) < n; ++k) helpers.emplace_back(work);
+  work();
+  for (std::thread& h : helpers) h.join();
+}
 }  // namespace
 
 struct ServerPart::Impl {
@@ -67,9 +101,9 @@ struct ServerPart::Impl {
   std::map<uint64_t, Session> sessions;
   uint64_t open_session = 0;      // the session whose U-shaped step is open (0: none)
   ReplicaGroup* group = nullptr;  // worker groups (set_group); null: this replica alone
-  // Worker groups: time in rounds that had work (from the agreement to the update) and in
-  // their gradient sum, for the worker's status line.
-  std::atomic<double> round_ms{0}, sum_ms{0};
+  // Merged rounds' phases (RoundTimes), for round_times(); guarded by times_mutex.
+  mutable std::mutex times_mutex;
+  RoundTimes times;
   uint64_t next_session = 1;
   int64_t updates = 0;
 
@@ -85,7 +119,10 @@ struct ServerPart::Impl {
   // server.max_abs_input in magnitude (any frame kind: a quantized frame's scales can make
   // anything).
   absl::Status CheckValues(const at::Tensor& t, const char* what) const {
-    const double largest = t.numel() == 0 ? 0.0 : t.abs().max().item<double>();
+    return CheckLargest(t.numel() == 0 ? 0.0 : t.abs().max().item<double>(), what);
+  }
+  // `largest`: the largest magnitude in a tensor from the network.
+  absl::Status CheckLargest(double largest, const char* what) const {
     if (!std::isfinite(largest)) {
       return absl::InvalidArgumentError(
           absl::StrCat("a non-finite value in the ", what,
@@ -131,13 +168,17 @@ struct ServerPart::Impl {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<at::Tensor> Input(Session& session, const UpFrame& up, bool train) {
+  // `check_values` false: the caller checks the values (TrainRound: all steps with one sync).
+  absl::StatusOr<at::Tensor> Input(Session& session, const UpFrame& up, bool train,
+                                   bool check_values = true) {
     const at::Tensor ids = at::tensor(up.sample_ids, at::kLong);
     SPLITQ_ASSIGN_OR_RETURN(
         at::Tensor h, session.receiver->Receive(*up.frame, up.step, ids, train, device,
                                                 c.bf16_autocast ? at::kBFloat16 : at::kFloat));
     SPLITQ_RETURN_IF_ERROR(CheckInput(h, up));
-    if (options.network_input) SPLITQ_RETURN_IF_ERROR(CheckValues(h, "activation"));
+    if (check_values && options.network_input) {
+      SPLITQ_RETURN_IF_ERROR(CheckValues(h, "activation"));
+    }
     return h;
   }
   at::Tensor Targets(const UpFrame& up) const {
@@ -152,7 +193,8 @@ struct ServerPart::Impl {
   // the replicas' gradients, weighted by their targets, summed in one collective with the
   // targets (a replica without work adds zeros), then divided by all the targets, so every
   // replica takes the same update: the one a single replica would take on all the batches.
-  absl::Status Update(int64_t targets, const RoundRecords& records = {}) {
+  // `sum_ms` (if set) gets the time in the group's sum.
+  absl::Status Update(int64_t targets, const RoundRecords& records = {}, double* sum_ms = nullptr) {
     if (group == nullptr) {
       if (targets > 0) ClipAndStep(true);
       return absl::OkStatus();
@@ -182,11 +224,9 @@ struct ServerPart::Impl {
       table = host.to(device);
       grads.push_back(table);
     }
-    const auto start = std::chrono::steady_clock::now();
+    const auto start = Clock::now();
     SPLITQ_RETURN_IF_ERROR(group->SumInPlace(grads));
-    sum_ms.store(sum_ms.load() +
-                 std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
-                     .count());
+    if (sum_ms != nullptr) *sum_ms = Ms(start, Clock::now());
     if (table.defined() && records.others != nullptr) {
       const at::Tensor all_records = table.to(at::kCPU).contiguous();
       const float* data = all_records.data_ptr<float>();
@@ -387,7 +427,9 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
     last_step = (*met)[0];
     round_records = RoundRecords{&records, (*met)[4], (*met)[5], others};
   }
-  const auto round_start = std::chrono::steady_clock::now();
+  const auto round_start = Clock::now();
+  RoundTimes t;  // this round's phases
+  t.rounds = 1;
   // The steps whose input decoded, with their targets' share of the merge.
   struct Item {
     size_t index;
@@ -397,8 +439,13 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
   };
   std::vector<Item> items;
   int64_t total = 0;  // this replica's targets that reached the backward pass
+  const int threads = MergeThreads(s.c.merge_threads, steps.size());
   const absl::Status local = TorchCall("merged step", [&]() -> absl::Status {
     PrepareOptimizer(s.c, *s.opt, std::max<int64_t>(last_step, 0));
+    // Each step's frame decoded by its own session, side by side (sessions share nothing
+    // there); the values are checked after, all steps with one sync.
+    std::vector<absl::StatusOr<at::Tensor>> inputs(steps.size(), absl::UnknownError("not run"));
+    std::vector<Impl::Session*> sessions(steps.size(), nullptr);
     for (size_t i = 0; i < steps.size(); ++i) {
       const UpFrame& up = *steps[i].second;
       out[i] = DownFrame{};
@@ -409,24 +456,54 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
         continue;
       }
       (*session)->open.reset();
+      sessions[i] = *session;
+    }
+    ForEach(steps.size(), threads, [&](size_t i) {
+      if (sessions[i] == nullptr) return;
+      const UpFrame& up = *steps[i].second;
       // One bad frame fails its own step; TorchCall turns a torch error into a status here.
-      absl::StatusOr<at::Tensor> input =
-          TorchCall(absl::StrCat("step ", up.step), [&] { return s.Input(**session, up, true); });
-      if (!input.ok()) {
-        out[i] = input.status();
+      inputs[i] = TorchCall(absl::StrCat("step ", up.step),
+                            [&] { return s.Input(*sessions[i], up, true, false); });
+    });
+    for (size_t i = 0; i < steps.size(); ++i) {
+      if (sessions[i] == nullptr) continue;
+      if (!inputs[i].ok()) {
+        out[i] = inputs[i].status();
         continue;
       }
-      items.push_back(Item{i, *session, *input, static_cast<int64_t>(up.labels.size())});
+      items.push_back(
+          Item{i, sessions[i], *inputs[i], static_cast<int64_t>(steps[i].second->labels.size())});
     }
+    if (!items.empty() && s.options.network_input) {
+      std::vector<at::Tensor> largest;
+      for (const Item& item : items) {
+        largest.push_back(item.input.numel() == 0
+                              ? at::zeros({}, item.input.options().dtype(at::kFloat))
+                              : item.input.abs().max().to(at::kFloat));
+      }
+      const at::Tensor host = at::stack(largest).cpu();
+      std::vector<Item> good;
+      for (size_t k = 0; k < items.size(); ++k) {
+        absl::Status v = s.CheckLargest(host.data_ptr<float>()[k], "activation");
+        if (v.ok()) {
+          good.push_back(std::move(items[k]));
+        } else {
+          out[items[k].index] = v;
+        }
+      }
+      items = std::move(good);
+    }
+    const auto decoded = Clock::now();
+    t.inputs_ms = Ms(round_start, decoded);
     if (items.empty()) return absl::OkStatus();
-    std::vector<at::Tensor> inputs, targets;
+    std::vector<at::Tensor> merged_inputs, targets;
     int64_t merged = 0;
     for (const Item& item : items) {
-      inputs.push_back(item.input);
+      merged_inputs.push_back(item.input);
       targets.push_back(s.Targets(*steps[item.index].second));
       merged += item.targets;
     }
-    const at::Tensor server_in = at::cat(inputs).detach().requires_grad_(true);
+    const at::Tensor server_in = at::cat(merged_inputs).detach().requires_grad_(true);
     at::Tensor per_target;
     {
       AutocastScope scope(s.c.bf16_autocast);
@@ -437,25 +514,38 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
     SPLITQ_RETURN_IF_ERROR(CheckLoss(loss, last_step, &merged_loss));
     loss.backward();
     const at::Tensor grad = server_in.grad();
+    // Every client's own mean loss, in one copy to the host (which waits for the backward).
+    std::vector<at::Tensor> sums;
+    std::vector<int64_t> first_row(items.size());
     int64_t row = 0, target = 0;
-    for (const Item& item : items) {
-      const int64_t rows = item.input.size(0);
+    for (size_t k = 0; k < items.size(); ++k) {
+      sums.push_back(per_target.narrow(0, target, items[k].targets).sum().to(at::kFloat));
+      first_row[k] = row;
+      row += items[k].input.size(0);
+      target += items[k].targets;
+    }
+    const at::Tensor losses = at::stack(sums).to(at::kDouble).cpu();
+    const auto computed = Clock::now();
+    t.compute_ms = Ms(decoded, computed);
+    ForEach(items.size(), threads, [&](size_t k) {
+      const Item& item = items[k];
       DownFrame& down = *out[item.index];
-      down.loss = per_target.narrow(0, target, item.targets).sum().item<double>() / item.targets;
-      // This client's own mean loss: the merged gradient's slice times N / N_k.
-      const at::Tensor g = grad.narrow(0, row, rows) *
-                           (static_cast<double>(merged) / static_cast<double>(item.targets));
+      down.loss = losses.data_ptr<double>()[k] / static_cast<double>(item.targets);
       absl::StatusOr<std::pair<std::string, double>> frame =
-          item.session->receiver->SendGradient(g, down.step);
+          TorchCall(absl::StrCat("step ", down.step), [&] {
+            // This client's own mean loss: the merged gradient's slice times N / N_k.
+            const at::Tensor g = grad.narrow(0, first_row[k], item.input.size(0)) *
+                                 (static_cast<double>(merged) / static_cast<double>(item.targets));
+            return item.session->receiver->SendGradient(g, down.step);
+          });
       if (frame.ok()) {
         down.frame = std::move(frame->first);
         down.grad_bits = frame->second;
       } else {
         out[item.index] = frame.status();
       }
-      row += rows;
-      target += item.targets;
-    }
+    });
+    t.gradients_ms = Ms(computed, Clock::now());
     total = merged;
     return absl::OkStatus();
   });
@@ -470,15 +560,20 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
     }
   }
   if (round_records.mine != nullptr) round_records.mine = &applied;
+  const auto update_start = Clock::now();
+  double sum_ms = 0;
   const absl::Status updated =
-      TorchCall("server update", [&] { return s.Update(total, round_records); });
+      TorchCall("server update", [&] { return s.Update(total, round_records, &sum_ms); });
   if (!updated.ok()) {
     for (const Item& item : items) out[item.index] = updated;
   }
-  if (s.group != nullptr) {
-    s.round_ms.store(s.round_ms.load() + std::chrono::duration<double, std::milli>(
-                                             std::chrono::steady_clock::now() - round_start)
-                                             .count());
+  const auto round_end = Clock::now();
+  t.update_ms = Ms(update_start, round_end);
+  t.sum_ms = sum_ms;
+  t.total_ms = Ms(round_start, round_end);
+  {
+    std::lock_guard<std::mutex> lock(s.times_mutex);
+    s.times.Add(t);
   }
   return out;
 }
@@ -609,8 +704,9 @@ absl::Status ServerPart::LoadCheckpoint(const std::string& path, std::string* ex
 
 void ServerPart::set_group(ReplicaGroup* group) { impl_->group = group; }
 
-std::pair<double, double> ServerPart::group_ms() const {
-  return {impl_->round_ms.load(), impl_->sum_ms.load()};
+RoundTimes ServerPart::round_times() const {
+  std::lock_guard<std::mutex> lock(impl_->times_mutex);
+  return impl_->times;
 }
 
 std::vector<int64_t> ServerPart::input_shape() const { return impl_->sample_shape; }

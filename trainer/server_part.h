@@ -75,6 +75,28 @@ struct ServerPartOptions {
   bool for_resume = false;
 };
 
+// Where merged rounds (TrainMerged, TrainRound) spent their time, summed over the rounds
+// that had work. Milliseconds of the computing thread's wall clock. A worker outside a group
+// sends a lone ready step through Train, which is not counted here.
+struct RoundTimes {
+  int64_t rounds = 0;
+  double total_ms = 0;      // in a group: from the round's agreement to its update
+  double inputs_ms = 0;     // decoding and checking the frames (server.merge.threads)
+  double compute_ms = 0;    // forward, loss, backward (until the losses reach the host)
+  double gradients_ms = 0;  // each client's gradient slice encoded (server.merge.threads)
+  double update_ms = 0;     // the optimizer update, with the group's sum
+  double sum_ms = 0;        // worker groups: the gradient sum, waiting for the others included
+  void Add(const RoundTimes& o) {
+    rounds += o.rounds;
+    total_ms += o.total_ms;
+    inputs_ms += o.inputs_ms;
+    compute_ms += o.compute_ms;
+    gradients_ms += o.gradients_ms;
+    update_ms += o.update_ms;
+    sum_ms += o.sum_ms;
+  }
+};
+
 class ServerPart : public ServerHandler {
  public:
   // Errors as ClientPart::Create.
@@ -110,9 +132,8 @@ class ServerPart : public ServerHandler {
 
   // Joins this part to a replica group (null: alone again); the group outlives its use.
   void set_group(ReplicaGroup* group);
-  // Worker groups: milliseconds spent in rounds with work (agreement to update) and, within
-  // them, in the gradient sum; safe to read from any thread.
-  std::pair<double, double> group_ms() const;
+  // The merged rounds' phases so far (RoundTimes); safe to read from any thread.
+  RoundTimes round_times() const;
   // One example's boundary activation shape (what a frame carries per example).
   std::vector<int64_t> input_shape() const;
   // max_batch x the boundary's elements per example x 4 bytes (an fp32 frame, the largest

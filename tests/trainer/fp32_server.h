@@ -29,11 +29,11 @@ quant:
 }
 
 // Seeded with 0 before it is built: two of them start equal.
-inline std::unique_ptr<ServerPart> NewFp32Server() {
+inline std::unique_ptr<ServerPart> NewFp32Server(const RunConfig& config = Fp32Config()) {
   ServerPartOptions o;
   o.max_batch = 64;
   torch::manual_seed(0);
-  auto s = ServerPart::Create(Fp32Config(), "", o);
+  auto s = ServerPart::Create(config, "", o);
   EXPECT_TRUE(s.ok()) << s.status();
   return std::move(*s);
 }

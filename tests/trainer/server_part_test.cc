@@ -101,5 +101,46 @@ TEST(ServerPartMerge, ABadFrameFailsAlone) {
   EXPECT_EQ(server->updates(), 1);
 }
 
+// server.merge.threads changes who decodes and encodes, not what: one thread and four give
+// the same gradients, losses and weights, and a step with values over server.max_abs_input
+// fails alone on either. The phases are counted once per round with work.
+TEST(ServerPartMerge, ThreadsChangeNothingButTime) {
+  std::vector<int64_t> shape{5};
+  for (int64_t d : NewFp32Server()->input_shape()) shape.push_back(d);
+  std::vector<UpFrame> ups;
+  for (int64_t k = 0; k < 4; ++k) {
+    ups.push_back(FrameOf(torch::randn(shape), torch::randint(0, 10, {5}, at::kLong), k));
+  }
+  ups.push_back(FrameOf(torch::full(shape, 1e6), torch::randint(0, 10, {5}, at::kLong), 4));
+  std::vector<std::unique_ptr<ServerPart>> servers;
+  std::vector<std::vector<absl::StatusOr<DownFrame>>> results;
+  for (int64_t threads : {1, 4}) {
+    RunConfig c = testing::Fp32Config();
+    c.merge_threads = threads;
+    servers.push_back(NewFp32Server(c));
+    ServerPart& server = *servers.back();
+    std::vector<std::pair<uint64_t, const UpFrame*>> steps;
+    for (const UpFrame& up : ups) steps.emplace_back(server.OpenSession(), &up);
+    results.push_back(server.TrainMerged(steps));
+    EXPECT_EQ(server.updates(), 1);
+    const RoundTimes t = server.round_times();
+    EXPECT_EQ(t.rounds, 1);
+    EXPECT_GE(t.total_ms, t.inputs_ms + t.compute_ms + t.gradients_ms);
+  }
+  for (size_t k = 0; k < ups.size(); ++k) {
+    if (k + 1 == ups.size()) {
+      for (const auto& r : results) {
+        EXPECT_EQ(r[k].status().code(), absl::StatusCode::kInvalidArgument) << r[k].status();
+      }
+      continue;
+    }
+    ASSERT_TRUE(results[0][k].ok()) << results[0][k].status();
+    ASSERT_TRUE(results[1][k].ok()) << results[1][k].status();
+    EXPECT_EQ(results[0][k]->loss, results[1][k]->loss);
+    EXPECT_TRUE(at::equal(Gradient(*results[0][k]), Gradient(*results[1][k]))) << k;
+  }
+  EXPECT_EQ(servers[0]->WeightsDigest(), servers[1]->WeightsDigest());
+}
+
 }  // namespace
 }  // namespace splitq::trainer
