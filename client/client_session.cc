@@ -124,14 +124,21 @@ absl::Status ReconnectingLink::ConnectOnce() {
   }
   unreachable_.clear();
   WorkerLinkOptions link = options_.link;
-  if (!link.lost) {
-    link.lost = [this, name = assignment->worker_name](int64_t first, int64_t last) {
-      Log(absl::StrCat("worker ", name, " has not applied this client's steps ", first, "..", last,
-                       ": lost with its state (it restarted from an older checkpoint), or "
-                       "applied on another worker meanwhile; they are not sent again (a worker "
-                       "group loses none)"));
-    };
-  }
+  link.lost = [this, name = assignment->worker_name, told = options_.link.lost](int64_t first,
+                                                                                int64_t last) {
+    {
+      std::lock_guard<std::mutex> lock(lost_mutex_);
+      lost_.emplace_back(first, last);
+    }
+    if (told) {
+      told(first, last);
+      return;
+    }
+    Log(absl::StrCat("worker ", name, " has not applied this client's steps ", first, "..", last,
+                     ": lost with its state (it restarted from an older checkpoint), or "
+                     "applied on another worker meanwhile; they are not sent again (a worker "
+                     "group loses none)"));
+  };
   link_ = std::make_unique<WorkerClient>(channel, link);
   assigned_ = assignment->worker_name;
   worker_ = absl::StrCat(assignment->worker_name, " at ", target);
@@ -203,7 +210,14 @@ absl::StatusOr<trainer::TrainSummary> RunClientSession(trainer::ClientPart& part
           return id;
         },
         options.log);
-    summary = trainer::RunTraining(counting, train);
+    trainer::TrainOptions with_lost = train;
+    with_lost.finish = [&link, finish = train.finish](trainer::TrainSummary& s) {
+      s.lost_steps = link.lost_steps();
+      s.steps_lost = 0;
+      for (const auto& [first, last] : s.lost_steps) s.steps_lost += last - first + 1;
+      if (finish) finish(s);
+    };
+    summary = trainer::RunTraining(counting, with_lost);
     link.Close();
   }
   // After the heartbeat thread has stopped, so that no beat re-registers us after the goodbye,

@@ -21,7 +21,10 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "client/coordinator_client.h"
@@ -81,6 +84,12 @@ class ReconnectingLink : public trainer::ServerLink {
   }
   // "NAME at HOST:PORT" of the worker now.
   const std::string& worker() const { return worker_; }
+  // The ranges first..last of this client's steps that workers said they had not applied
+  // (their welcome's next_applied), in the order they were told, over this link's life.
+  std::vector<std::pair<int64_t, int64_t>> lost_steps() const {
+    std::lock_guard<std::mutex> lock(lost_mutex_);
+    return lost_;
+  }
   void Close();
 
  private:
@@ -105,6 +114,8 @@ class ReconnectingLink : public trainer::ServerLink {
   std::string worker_;
   std::string assigned_;     // the worker's name
   std::string unreachable_;  // a worker we could not reach, or that was full: avoid it
+  mutable std::mutex lost_mutex_;
+  std::vector<std::pair<int64_t, int64_t>> lost_;  // lost_steps()
 };
 
 // What RunClientSession reports besides the summary.

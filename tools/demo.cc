@@ -152,6 +152,7 @@ trainer::TrainSummary Combine(const std::vector<trainer::TrainSummary>& parts) {
     all.avg_grad_bits += s.avg_grad_bits / n;
     all.wall_seconds = std::max(all.wall_seconds, s.wall_seconds);
     all.max_budget_excess = std::max(all.max_budget_excess, s.max_budget_excess);
+    if (s.steps_lost >= 0) all.steps_lost = std::max<int64_t>(all.steps_lost, 0) + s.steps_lost;
   }
   return all;
 }

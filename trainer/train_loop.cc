@@ -296,12 +296,24 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
   summary.max_budget_excess = wire.max_budget_excess;
   summary.wall_seconds = wall();
   summary.device = trainer->device();
+  if (options.finish) options.finish(summary);
 
   SPLITQ_RETURN_IF_ERROR(WriteSummary(summary, (dir / "summary.json").string()));
   return summary;
 }
 
 namespace {
+// ",\n  \"steps_lost\": N,\n  \"lost_steps\": [[A, B], ...]" ("" when steps_lost < 0).
+std::string LostJson(const TrainSummary& summary) {
+  if (summary.steps_lost < 0) return "";
+  std::string ranges;
+  for (const auto& [first, last] : summary.lost_steps) {
+    absl::StrAppendFormat(&ranges, "%s[%d, %d]", ranges.empty() ? "" : ", ", first, last);
+  }
+  return absl::StrFormat(",\n  \"steps_lost\": %d,\n  \"lost_steps\": [%s]", summary.steps_lost,
+                         ranges);
+}
+
 // ",\n  \"workers\": [...],\n  \"mean_clients_per_update\": x" ("" without workers).
 std::string WorkersJson(const TrainSummary& summary) {
   if (summary.workers.empty()) return "";
@@ -330,12 +342,13 @@ absl::Status WriteSummary(const TrainSummary& summary, const std::string& path) 
           "  \"act_budget\": %s,\n  \"grad_budget\": %s,\n"
           "  \"bytes_up\": %d,\n  \"bytes_down\": %d,\n  \"bytes_fp32_equivalent\": %d,\n"
           "  \"wall_seconds\": %.3f,\n  \"max_budget_excess\": %.6f,\n  \"device\": \"%s\",\n"
-          "  \"clients\": %d%s\n}\n",
+          "  \"clients\": %d%s%s\n}\n",
           summary.task, summary.steps, summary.val_loss, NumberOrNull(summary.val_accuracy),
           NumberOrNull(summary.val_bits_per_byte), summary.avg_act_bits, summary.avg_grad_bits,
           NumberOrNull(summary.act_budget), NumberOrNull(summary.grad_budget), summary.bytes_up,
           summary.bytes_down, summary.bytes_fp32_equivalent, summary.wall_seconds,
-          summary.max_budget_excess, summary.device, summary.clients, WorkersJson(summary)));
+          summary.max_budget_excess, summary.device, summary.clients, LostJson(summary),
+          WorkersJson(summary)));
 }
 
 absl::StatusOr<TrainSummary> ReadSummary(const std::string& path) {
@@ -362,6 +375,12 @@ absl::StatusOr<TrainSummary> ReadSummary(const std::string& path) {
     s.wall_seconds = number("wall_seconds");
     s.max_budget_excess = n["max_budget_excess"].as<double>();
     s.device = n["device"].as<std::string>();
+    if (const YAML::Node lost = n["steps_lost"]) s.steps_lost = lost.as<int64_t>();
+    if (const YAML::Node ranges = n["lost_steps"]) {
+      for (const YAML::Node& r : ranges) {
+        s.lost_steps.emplace_back(r[0].as<int64_t>(), r[1].as<int64_t>());
+      }
+    }
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a summary.json: ", e.what()));
   }

@@ -15,7 +15,8 @@
 //                     for fp32),
 //                     bytes_up, bytes_down, bytes_fp32_equivalent, wall_seconds,
 //                     max_budget_excess (max over frames of mean bits - budget: never above
-//                     0), device, clients (1; the demo's sum over N clients says N).
+//                     0), device, clients (1; the demo's sum over N clients says N);
+//                     a networked client adds steps_lost and lost_steps (TrainSummary).
 // A run is never overwritten by accident: see TrainOptions::overwrite.
 // Resume (`resume`): restores out_dir/checkpoint.pt, drops the metric and validation lines
 // after its step, and continues; on the CPU the curve is bit-identical to an uninterrupted
@@ -67,6 +68,11 @@ struct TrainSummary {
   // workers' last processes (1 with one worker and no merged batches).
   std::vector<WorkerReport> workers;
   double mean_clients_per_update = -1;
+  // A networked client (`splitq client`; written when >= 0): the steps its workers said they
+  // had not applied (lost with a worker's state: see docs/cluster.md), in this process, as
+  // ranges first..last and their count. `splitq demo` sums the count over its clients.
+  int64_t steps_lost = -1;
+  std::vector<std::pair<int64_t, int64_t>> lost_steps;
 };
 
 struct TrainOptions {
@@ -90,6 +96,9 @@ struct TrainOptions {
   // Called with one-off lines a person should keep seeing (where a resume starts, what the
   // bit budget means); may be empty (then `progress` gets them).
   std::function<void(const std::string&)> note;
+  // Called with the finished summary before summary.json is written, to add what only the
+  // caller knows (a networked client: the steps its workers lost). May be empty.
+  std::function<void(TrainSummary&)> finish;
 };
 
 // Runs the configured training. CANCELLED after an interrupt or stop_after (the checkpoint

@@ -27,7 +27,7 @@
 #                resumes from its checkpoint (worker.pt), the client reconnects to it and
 #                finishes, and the server updates add up: those saved, plus those after the
 #                restart, plus the steps the log names as lost since the checkpoint = 200; the
-#                client's log names the same lost steps (the worker's welcome tells it).
+#                client's log and summary.json (steps_lost) name the same lost steps.
 #   merge        `splitq demo` with 4 clients and merged batches (server.merge.max_clients 4,
 #                a 500 ms window): every step applied once, at least 2 clients per server update
 #                on average, and the run learns (validation accuracy above 0.6).
@@ -169,10 +169,14 @@ demo)
   [[ -f $dir/demo/summary.json ]] || fail "no summary.json"
   "$SPLITQ" train --config "$config" --set steps=10 --out "$dir/train" >/dev/null 2>&1
   keys() { sed -n 's/^ *"\([a-z_0-9]*\)":.*/\1/p' "$1" | sort | tr '\n' ' '; }
-  want=$( (keys "$dir/train/summary.json" | tr ' ' '\n'; echo mean_clients_per_update; echo workers) |
+  # A cluster run adds its workers and the steps they lost (none here).
+  want=$( (keys "$dir/train/summary.json" | tr ' ' '\n'
+    printf '%s\n' mean_clients_per_update workers steps_lost lost_steps) |
     sed '/^$/d' | sort | tr '\n' ' ')
   [[ $(keys "$dir/demo/summary.json") == "$want" ]] ||
     fail "keys differ: $(keys "$dir/demo/summary.json") vs $want"
+  grep -q '"steps_lost": 0,' "$dir/demo/client0/summary.json" ||
+    fail "client0 lost steps: $(grep lost "$dir/demo/client0/summary.json")"
   grep -q '"steps": 120,' "$dir/demo/summary.json" || fail "steps not summed over 2 clients"
   # The worker's report: one step per update (no merging in this config), and its weights.
   grep -Eq '\{"name": "worker0", "rank": 0, "server_updates": 120, "steps_applied": 120, "weights_sha256": "[0-9a-f]{64}"\}' \
@@ -425,6 +429,8 @@ worker-restart)
   told=$(sed -n 's/.*has not applied this client.s steps \([0-9]*\)\.\.\([0-9]*\):.*/\1 \2/p' \
     "$dir/client.log" | awk '{ n += $2 - $1 + 1 } END { print n + 0 }')
   ((told == lost)) || fail "the client was told of $told lost steps, the worker names $lost"
+  grep -q "\"steps_lost\": $lost," "$dir/run/summary.json" ||
+    fail "summary.json does not count the $lost lost steps: $(grep lost "$dir/run/summary.json")"
   grep -q "saved .*worker.pt at $after server updates" "$dir/worker0b.log" ||
     fail "no final checkpoint"
   # A worker with another config refuses the checkpoint, names the key, and leaves it intact.

@@ -554,6 +554,31 @@ TEST(TrainSummary, SaysTheSavingAgainstFp32AndTheBudgets) {
   EXPECT_NE(fp32.find("activations fp32, gradients fp32"), std::string::npos) << fp32;
 }
 
+// summary.json carries a networked client's lost steps only when it has them to tell
+// (steps_lost >= 0), and reads them back.
+TEST(TrainSummary, LostStepsGoThroughSummaryJson) {
+  const std::string dir = OutDir("lost_steps");
+  RemoveTree(dir);
+  std::filesystem::create_directories(dir);
+  const std::string path = dir + "/summary.json";
+  TrainSummary s;
+  s.task = "fmnist";
+  s.device = "cpu";
+  ASSERT_TRUE(WriteSummary(s, path).ok());
+  auto back = ReadSummary(path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->steps_lost, -1);
+  EXPECT_TRUE(back->lost_steps.empty());
+  s.steps_lost = 13;
+  s.lost_steps = {{40, 49}, {97, 99}};
+  ASSERT_TRUE(WriteSummary(s, path).ok());
+  back = ReadSummary(path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->steps_lost, 13);
+  EXPECT_EQ(back->lost_steps, s.lost_steps);
+  RemoveTree(dir);
+}
+
 TEST(TrainSummary, BudgetsFollowTheSchedulesAsTheBoundarySendsThem) {
   RunConfig c = ConfigFrom(
       "quant: {activations: {mode: amaq, target: [{step: 0, bits: 8}, {step: 100, bits: 4}]}, "
