@@ -128,12 +128,7 @@ absl::StatusOr<Row> RunCluster(const trainer::RunConfig& config, const std::stri
     }
   }
   Row row;
-  times.rounds -= times_before.rounds;
-  times.inputs_ms -= times_before.inputs_ms;
-  times.compute_ms -= times_before.compute_ms;
-  times.gradients_ms -= times_before.gradients_ms;
-  times.update_ms -= times_before.update_ms;
-  times.total_ms -= times_before.total_ms;
+  times.Add(times_before, -1);  // the measured steps' rounds only
   row.times = times;
   row.clients = n;
   row.merge = merge.max_clients;

@@ -86,14 +86,15 @@ struct RoundTimes {
   double gradients_ms = 0;  // each client's gradient slice encoded (server.merge.threads)
   double update_ms = 0;     // the optimizer update, with the group's sum
   double sum_ms = 0;        // worker groups: the gradient sum, waiting for the others included
-  void Add(const RoundTimes& o) {
-    rounds += o.rounds;
-    total_ms += o.total_ms;
-    inputs_ms += o.inputs_ms;
-    compute_ms += o.compute_ms;
-    gradients_ms += o.gradients_ms;
-    update_ms += o.update_ms;
-    sum_ms += o.sum_ms;
+  // Adds o times `sign` (-1: what came after o, given o is an earlier reading of these).
+  void Add(const RoundTimes& o, int sign = 1) {
+    rounds += sign * o.rounds;
+    total_ms += sign * o.total_ms;
+    inputs_ms += sign * o.inputs_ms;
+    compute_ms += sign * o.compute_ms;
+    gradients_ms += sign * o.gradients_ms;
+    update_ms += sign * o.update_ms;
+    sum_ms += sign * o.sum_ms;
   }
 };
 
