@@ -11,6 +11,8 @@
 #   KILL [0]      1: for WORLD > 1, kill -9 the last member when client0 passes step STEPS/2;
 #                 the others must finish the run with no update lost
 #   TIMEOUT [20]  --group-timeout (also the limit of one collective)
+#   CLIENT_SETS   extra "--set k=v" words for the clients only, after SETS (e.g. "--set device=cpu"
+#                 to keep the clients off the workers' GPUs)
 # Each row: aggregate samples/s (the sum over clients of batch / their mean step time over the
 # second half of their logged steps: steady state, all clients running), the mean clients per
 # update, server updates, the steps the group applied (worker0's count: with every client
@@ -33,6 +35,7 @@ WINDOW_MS=${WINDOW_MS:-2}
 KILL=${KILL:-0}
 TIMEOUT=${TIMEOUT:-20}
 read -r -a sets <<<"${SETS:-}"
+read -r -a client_sets <<<"${CLIENT_SETS:-}"
 gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c "^GPU" || true)
 device=cpu
 ((gpus > 0)) && device=cuda
@@ -77,7 +80,7 @@ for world in "${worlds[@]}"; do
   cpids=()
   for ((c = 0; c < CLIENTS; c++)); do
     CUDA_VISIBLE_DEVICES=$((gpus > 0 ? c % n % gpus : 0)) "$SPLITQ" client "${common[@]}" \
-      --coordinator "$coord" --insecure --id "client$c" \
+      "${client_sets[@]}" --coordinator "$coord" --insecure --id "client$c" \
       --shard "$c/$CLIENTS" --out "$d/client$c" --reconnect-timeout 120 >"$d/client$c.log" 2>&1 &
     pids+=($!)
     cpids+=($!)
