@@ -59,6 +59,8 @@ void RegisterCerts(CLI::App& app, RunFn* run);
 void RegisterBenchTransport(CLI::App& bench, RunFn* run);
 // `splitq bench cluster`: a worker's aggregate throughput with N clients (with the services).
 void RegisterBenchCluster(CLI::App& bench, RunFn* run);
+// `splitq bench coordinator`: the control plane under load (tools/coordinator_bench.h).
+void RegisterBenchCoordinator(CLI::App& bench, RunFn* run);
 
 // `splitq coordinator`: a cluster's control plane (built with the services).
 void RegisterCoordinator(CLI::App& app, RunFn* run);

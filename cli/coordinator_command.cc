@@ -1,7 +1,8 @@
 // `splitq coordinator --config F --listen HOST:PORT (--tls-dir DIR [--mtls] | --insecure)
-// [--tokens FILE] [--heartbeat-ms N] [--ready-file FILE]`: the control plane of a cluster
-// (server/coordinator_process.h). Listening on port 0 picks a free port; the address is printed,
-// and written to --ready-file (server/process.h, ReadyFile). SIGINT or SIGTERM stops it cleanly.
+// [--tokens FILE] [--heartbeat-ms N] [--forget-after-s N] [--ready-file FILE]`: the control plane
+// of a cluster (server/coordinator_process.h). Listening on port 0 picks a free port; the address
+// is printed, and written to --ready-file (server/process.h, ReadyFile). SIGINT or SIGTERM stops it
+// cleanly.
 
 #include <spdlog/spdlog.h>
 
@@ -31,6 +32,7 @@ struct CoordinatorOptions {
   std::string config_path, listen = "127.0.0.1:0", tokens_path;
   rpc::TransportSecurity security;
   int heartbeat_ms = 1000;
+  int forget_after_s = 600;
   std::string ready_file;
 };
 
@@ -62,6 +64,7 @@ int RunCoordinator(const CoordinatorOptions& opt) {
   o.listen = opt.listen;
   o.security = opt.security;
   o.heartbeat_period = std::chrono::milliseconds(opt.heartbeat_ms);
+  o.forget_after = std::chrono::seconds(opt.forget_after_s);
   o.ready_file = opt.ready_file;
   o.log = [](const std::string& line) { spdlog::info("{}", line); };
   auto coordinator = server::CoordinatorProcess::Start(o);
@@ -90,6 +93,10 @@ void RegisterCoordinator(CLI::App& app, RunFn* run) {
   cmd->add_option("--tokens", opt->tokens_path, "Bearer tokens from `splitq tokens`");
   cmd->add_option("--heartbeat-ms", opt->heartbeat_ms, "Heartbeat period (dead after two)")
       ->check(IntRange(10, 600000));
+  cmd->add_option("--forget-after-s", opt->forget_after_s,
+                  "Remove a dead or departed member's record (and a client's progress) this "
+                  "many seconds after its death (default 600)")
+      ->check(IntRange(0, 30 * 86400));
   cmd->add_option("--ready-file", opt->ready_file,
                   "Once listening, write HOST:PORT here (removed when it stops)");
   cmd->callback([opt, run] { *run = [opt] { return RunCoordinator(*opt); }; });

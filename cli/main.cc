@@ -150,6 +150,7 @@ int main(int argc, char** argv) {
 #if SPLITQ_WITH_SERVICES
   splitq::cli::RegisterBenchTransport(*bench, &run);
   splitq::cli::RegisterBenchCluster(*bench, &run);
+  splitq::cli::RegisterBenchCoordinator(*bench, &run);
 #endif
   splitq::cli::RegisterConfig(app, &run);
   splitq::cli::RegisterData(app, &run);

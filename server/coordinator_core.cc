@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdint>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -41,39 +42,59 @@ absl::StatusOr<CoordinatorCore::Member*> CoordinatorCore::Find(uint64_t member_i
   return &it->second;
 }
 
-CoordinatorCore::Member* CoordinatorCore::LiveWorker(const std::string& name) {
-  for (auto& [id, m] : members_) {
-    if (m.alive && m.role == Role::kWorker && m.name == name) return &m;
-  }
-  return nullptr;
+void CoordinatorCore::Beat(Member& member, Clock::time_point now) {
+  member.last_heartbeat = now;
+  beats_.emplace_back(now, member.id);
 }
 
-uint32_t CoordinatorCore::ClientsOf(const std::string& worker_name) const {
-  uint32_t n = 0;
-  for (const auto& [id, m] : members_) {
-    n += m.alive && m.role == Role::kClient && m.worker_name == worker_name;
-  }
-  return n;
+uint32_t CoordinatorCore::Load(const Member& worker) {
+  return std::max(static_cast<uint32_t>(worker.clients.size()), worker.reported_sessions);
 }
 
-void CoordinatorCore::MarkDead(Member& member) {
+void CoordinatorCore::Close(const Member& worker) { open_.erase({Load(worker), worker.id}); }
+
+void CoordinatorCore::Open(const Member& worker) {
+  if (worker.alive && Load(worker) < worker.max_sessions) open_.emplace(Load(worker), worker.id);
+}
+
+void CoordinatorCore::Unassign(Member& client) {
+  if (client.worker == 0) return;
+  Member& worker = members_.at(client.worker);
+  Close(worker);
+  worker.clients.erase(client.id);
+  Open(worker);
+  client.worker = 0;
+}
+
+void CoordinatorCore::MarkDead(Member& member, Clock::time_point now) {
   member.alive = false;
+  member.died = now;
+  deaths_.emplace_back(now, member.id);
   if (!member.group_store.host.empty()) {
-    for (auto it = group_.begin(); it != group_.end(); ++it) {
-      if (&members_.at(*it) == &member) {
-        group_.erase(it);
-        NextGeneration();
-        break;
-      }
+    const auto it = std::find(group_.begin(), group_.end(), member.id);
+    if (it != group_.end()) {
+      group_.erase(it);
+      NextGeneration();
     }
   }
   if (member.role == Role::kWorker) {
-    for (auto& [id, m] : members_) {
-      if (m.role == Role::kClient && m.worker_name == member.name) m.worker_name.clear();
-    }
+    Close(member);
+    for (const uint64_t id : member.clients) members_.at(id).worker = 0;
+    member.clients.clear();
+    live_workers_.erase(member.id);
+    live_grouped_ -= !member.group_store.host.empty();
+    --totals_.workers;
   } else {
-    member.worker_name.clear();  // frees its slot
+    Unassign(member);  // frees its slot
+    totals_.client_steps -= member.step;
+    --totals_.clients;
   }
+}
+
+void CoordinatorCore::Erase(std::map<uint64_t, Member>::iterator it) {
+  by_name_.erase(it->second.name);
+  members_.erase(it);
+  --totals_.records;
 }
 
 absl::StatusOr<uint64_t> CoordinatorCore::Register(Role role, const std::string& name,
@@ -106,40 +127,54 @@ absl::StatusOr<uint64_t> CoordinatorCore::Register(Role role, const std::string&
         absl::StrCat("'", name, "': a group store is a worker's, with a host and a port"));
   }
   std::lock_guard<std::mutex> lock(mutex_);
+  const auto same = by_name_.find(name);
+  Member* old = same == by_name_.end() ? nullptr : &members_.at(same->second);
+  if (old != nullptr && old->alive) {
+    return absl::AlreadyExistsError(absl::StrCat(
+        "'", name, "' is registered and alive (member ", old->id, "); use another name, or wait ",
+        options_.heartbeat_deadline.count(), " ms after it stops"));
+  }
   if (role == Role::kWorker) {
-    for (const auto& [id, m] : members_) {
-      if (!m.alive || m.role != Role::kWorker || m.name == name ||
-          m.group_store.host.empty() == !grouped) {
-        continue;
+    const size_t others = grouped ? live_workers_.size() - live_grouped_ : live_grouped_;
+    if (others > 0) {
+      std::string other;  // one of them, for the message
+      for (const uint64_t id : live_workers_) {
+        const Member& m = members_.at(id);
+        if (m.group_store.host.empty() == grouped) {
+          other = m.name;
+          break;
+        }
       }
       return absl::FailedPreconditionError(
           absl::StrCat("worker '", name, "' ", grouped ? "joins a worker group" : "is on its own",
-                       ", but worker '", m.name, "' ", grouped ? "is on its own" : "is in a group",
+                       ", but worker '", other, "' ", grouped ? "is on its own" : "is in a group",
                        ": start every worker of a run with --group-size, or none"));
     }
   }
-  for (auto it = members_.begin(); it != members_.end();) {
-    if (it->second.name != name) {
-      ++it;
-    } else if (it->second.alive) {
-      return absl::AlreadyExistsError(absl::StrCat("'", name, "' is registered and alive (member ",
-                                                   it->first, "); use another name, or wait ",
-                                                   options_.heartbeat_deadline.count(),
-                                                   " ms after it stops"));
-    } else {
-      it = members_.erase(it);  // its dead record (a client's progress is kept apart)
-    }
-  }
   Member m;
+  m.id = next_member_id_++;
   m.role = role;
   m.name = name;
   m.endpoint = endpoint;
   m.max_sessions = max_sessions == 0 ? options_.default_max_sessions : max_sessions;
-  m.last_heartbeat = now;
-  if (role == Role::kClient) m.step = client_progress_[name];
+  // A client that comes back keeps its progress; its dead record goes.
+  if (role == Role::kClient && old != nullptr && old->role == Role::kClient) m.step = old->step;
   m.group_store = group_store;
-  const uint64_t id = next_member_id_++;
-  members_.emplace(id, std::move(m));
+  if (old != nullptr) Erase(members_.find(old->id));
+  const uint64_t id = m.id;
+  Member& added = members_.emplace(id, std::move(m)).first->second;
+  by_name_[name] = id;
+  Beat(added, now);
+  ++totals_.records;
+  if (role == Role::kWorker) {
+    live_workers_.insert(id);
+    live_grouped_ += grouped;
+    ++totals_.workers;
+    Open(added);
+  } else {
+    totals_.client_steps += added.step;
+    ++totals_.clients;
+  }
   if (grouped) {
     group_.push_back(id);
     NextGeneration();
@@ -158,48 +193,38 @@ absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::ti
     return absl::NotFoundError(
         absl::StrCat("member ", member_id, " is not a registered, live client"));
   }
-  client->last_heartbeat = now;
-  Member* worker = client->worker_name.empty() ? nullptr : LiveWorker(client->worker_name);
-  // The least loaded live worker with room, other than `unreachable` when another has room.
-  const auto pick = [&]() -> Member* {
-    Member* best = nullptr;
-    Member* fallback = nullptr;
-    uint32_t best_load = 0, fallback_load = 0;
-    for (auto& [id, m] : members_) {
-      if (!m.alive || m.role != Role::kWorker) continue;
-      // Its clients (as assigned here, or as it reported them), not counting this one.
-      const uint32_t clients = std::max(ClientsOf(m.name), m.reported_sessions);
-      const uint32_t self = client->worker_name == m.name ? 1 : 0;
-      const uint32_t load = clients > self ? clients - self : 0;
-      if (load >= m.max_sessions) continue;
-      if (!unreachable.empty() && m.name == unreachable) {
-        if (fallback == nullptr || load < fallback_load) {
-          fallback = &m;
-          fallback_load = load;
-        }
-      } else if (best == nullptr || load < best_load) {
-        best = &m;
-        best_load = load;
-      }
-    }
-    return best != nullptr ? best : fallback;
-  };
+  Beat(*client, now);
+  Member* worker = client->worker == 0 ? nullptr : &members_.at(client->worker);
   Member* chosen = worker;
   if (worker == nullptr || (!unreachable.empty() && worker->name == unreachable)) {
-    chosen = pick();  // for an unreachable worker: another, or that one again when none has room
-    if (chosen == nullptr) chosen = worker;
+    // The least loaded live worker with room, other than `unreachable` when another has room
+    // (at most one entry is skipped). The client's own worker is `unreachable` here, or none.
+    Member* fallback = nullptr;
+    chosen = nullptr;
+    for (const auto& [load, id] : open_) {
+      Member& w = members_.at(id);
+      if (unreachable.empty() || w.name != unreachable) {
+        chosen = &w;
+        break;
+      }
+      fallback = &w;
+    }
+    if (chosen == nullptr) chosen = worker != nullptr ? worker : fallback;
   }
   if (chosen == nullptr) {
     return absl::UnavailableError("no live worker has room; retry with backoff");
   }
   if (chosen != worker) {
-    worker = chosen;
-    client->worker_name = worker->name;
+    Unassign(*client);
+    Close(*chosen);
+    chosen->clients.insert(client->id);
+    Open(*chosen);
+    client->worker = chosen->id;
     client->assignment_id = next_assignment_id_++;
   }
   Assignment a;
-  a.worker_name = worker->name;
-  a.worker = worker->endpoint;
+  a.worker_name = chosen->name;
+  a.worker = chosen->endpoint;
   a.assignment_id = client->assignment_id;
   a.resume_step = client->step;
   return a;
@@ -211,18 +236,24 @@ absl::Status CoordinatorCore::Heartbeat(uint64_t member_id, uint64_t step, Clock
   absl::StatusOr<Member*> found = Find(member_id, caller);
   if (!found.ok()) return found.status();
   Member* m = *found;
-  m->last_heartbeat = now;
+  Beat(*m, now);
+  if (m->role == Role::kWorker) {
+    Close(*m);
+    m->reported_sessions = sessions;
+    Open(*m);
+  } else {
+    totals_.client_steps += step - m->step;  // modulo 2^64: exact once summed
+  }
   m->step = step;
-  if (m->role == Role::kWorker) m->reported_sessions = sessions;
-  if (m->role == Role::kClient) client_progress_[m->name] = step;
   return absl::OkStatus();
 }
 
-absl::Status CoordinatorCore::Leave(uint64_t member_id, const std::string& caller) {
+absl::Status CoordinatorCore::Leave(uint64_t member_id, Clock::time_point now,
+                                    const std::string& caller) {
   std::lock_guard<std::mutex> lock(mutex_);
   absl::StatusOr<Member*> found = Find(member_id, caller);
   if (!found.ok()) return found.status();
-  MarkDead(**found);
+  MarkDead(**found, now);
   return absl::OkStatus();
 }
 
@@ -236,7 +267,7 @@ absl::StatusOr<rpc::GroupView> CoordinatorCore::Group(uint64_t member_id, int64_
   if (rank == group_.end()) {
     return absl::NotFoundError(absl::StrCat("member ", member_id, " is not in a worker group"));
   }
-  (*found)->last_heartbeat = now;  // a member asking is alive
+  Beat(**found, now);  // a member asking is alive
   if (failed_generation != 0 && failed_generation == generation_) {
     if (!failed_reported_) {
       failed_reported_ = true;
@@ -257,31 +288,59 @@ absl::StatusOr<rpc::GroupView> CoordinatorCore::Group(uint64_t member_id, int64_
 std::vector<std::string> CoordinatorCore::Expire(Clock::time_point now) {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<std::string> dead;
-  for (auto& [id, m] : members_) {
+  // Heartbeats in arrival order: a member whose newest heartbeat is past the deadline dies; an
+  // older entry of a member that beat since is dropped. (Arrival order is time order up to the
+  // few microseconds between a call reading the clock and taking the lock.)
+  while (!beats_.empty() && now - beats_.front().first > options_.heartbeat_deadline) {
+    const auto it = members_.find(beats_.front().second);
+    beats_.pop_front();
+    if (it == members_.end()) continue;
+    Member& m = it->second;
     if (m.alive && now - m.last_heartbeat > options_.heartbeat_deadline) {
-      MarkDead(m);
+      MarkDead(m, now);
       dead.push_back(m.name);
     }
+  }
+  while (!deaths_.empty() && now - deaths_.front().first > options_.forget_after) {
+    const auto it = members_.find(deaths_.front().second);
+    deaths_.pop_front();
+    if (it != members_.end() && !it->second.alive) Erase(it);
   }
   return dead;
 }
 
-std::vector<MemberView> CoordinatorCore::Status(Clock::time_point now) const {
-  std::lock_guard<std::mutex> lock(mutex_);
+std::vector<MemberView> CoordinatorCore::Status(Clock::time_point now, uint64_t after,
+                                                size_t limit) const {
   std::vector<MemberView> out;
-  for (const auto& [id, m] : members_) {
-    MemberView v;
-    v.role = m.role;
-    v.name = m.name;
-    v.alive = m.alive;
-    v.step = m.step;
-    v.since_heartbeat =
-        std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_heartbeat);
-    v.worker_name = m.worker_name;
-    v.clients = m.role == Role::kWorker ? ClientsOf(m.name) : 0;
-    out.push_back(std::move(v));
+  const size_t wanted = limit == 0 ? SIZE_MAX : limit;
+  while (out.size() < wanted) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const size_t chunk = std::min(kStatusChunk, wanted - out.size());
+    size_t copied = 0;
+    for (auto it = members_.upper_bound(after); it != members_.end() && copied < chunk;
+         ++it, ++copied) {
+      const Member& m = it->second;
+      MemberView v;
+      v.id = m.id;
+      v.role = m.role;
+      v.name = m.name;
+      v.alive = m.alive;
+      v.step = m.step;
+      v.since_heartbeat =
+          std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_heartbeat);
+      if (m.worker != 0) v.worker_name = members_.at(m.worker).name;
+      v.clients = static_cast<uint32_t>(m.clients.size());
+      out.push_back(std::move(v));
+      after = m.id;
+    }
+    if (copied < chunk) break;  // the end
   }
   return out;
+}
+
+CoordinatorTotals CoordinatorCore::Totals() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return totals_;
 }
 
 }  // namespace splitq::server

@@ -33,21 +33,33 @@
 //
 // Identity: each method takes `caller`, the id of the caller's bearer token ("" when tokens are
 // off). With tokens, a member registers only under its own token's id, and only that token may
-// assign, heartbeat or leave for it (PERMISSION_DENIED otherwise). Tokens carry no role: any
-// token holder may register as a worker under its own id (with TLS its clients still check
-// the worker's certificate).
+// assign, heartbeat or leave for it (PERMISSION_DENIED otherwise). Token roles (a worker token
+// to register a worker) are checked by the service (coordinator_service.h), not here.
 //
 // Member ids are unique across coordinator restarts (a random 31-bit epoch in the high 32 bits,
 // a counter below), so a member that still holds an id from before a restart gets NOT_FOUND and
 // registers again instead of landing on another member's record. A name that registers again
-// replaces its dead record, so the registry holds one record per name.
+// replaces its dead record, so the registry holds one record per name. A dead or departed
+// record (and with it a client's progress) is removed `forget_after` after its death.
+//
+// Cost (issue 21; `splitq bench coordinator` measures it): Heartbeat, Leave and Group are
+// O(log n) in the members n; Register is O(log n) (O(workers) only to name the worker in the
+// refusal of a mixed group); Assign is O(log workers) when it picks a worker (live workers with
+// room are kept ordered by load); Expire costs O(log n) per member it marks dead or forgets
+// plus one per heartbeat received since the last call (a queue in arrival order, not a scan);
+// Status copies at most kStatusChunk members per hold of the lock. One mutex guards it all.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -68,9 +80,13 @@ struct CoordinatorOptions {
   // Silent longer than this: dead. Two periods by default, so one lost heartbeat is tolerated.
   std::chrono::milliseconds heartbeat_deadline{2000};
   uint32_t default_max_sessions = 64;  // a worker's clients when it names no limit
+  // A dead or departed member's record (Status lists it; a client that registers again under
+  // its name within this time gets its progress back) is removed this long after its death.
+  std::chrono::milliseconds forget_after{std::chrono::minutes(10)};
 };
 
 struct MemberView {
+  uint64_t id = 0;
   Role role = Role::kClient;
   std::string name;
   bool alive = false;
@@ -80,8 +96,18 @@ struct MemberView {
   uint32_t clients = 0;     // workers: clients assigned now
 };
 
+// Totals over the live members, kept as they change (O(1) to read).
+struct CoordinatorTotals {
+  uint64_t workers = 0, clients = 0;  // alive
+  uint64_t records = 0;               // alive, dead and departed
+  uint64_t client_steps = 0;          // steps completed, summed over live clients
+};
+
 class CoordinatorCore {
  public:
+  // Status copies at most this many members per hold of the lock.
+  static constexpr size_t kStatusChunk = 2048;
+
   explicit CoordinatorCore(const CoordinatorOptions& options = {});
 
   // Returns the member id. FAILED_PRECONDITION for another protocol version,
@@ -98,18 +124,24 @@ class CoordinatorCore {
   // `sessions`: a worker's Train sessions now (its clients as it sees them; 0 from clients).
   absl::Status Heartbeat(uint64_t member_id, uint64_t step, Clock::time_point now,
                          const std::string& caller = "", uint32_t sessions = 0);
-  absl::Status Leave(uint64_t member_id, const std::string& caller = "");
+  absl::Status Leave(uint64_t member_id, Clock::time_point now, const std::string& caller = "");
   // The group view of worker `member_id` (NOT_FOUND for one that is not a live group member).
   // failed_generation (0: none): the caller could not form or use that generation.
   absl::StatusOr<rpc::GroupView> Group(uint64_t member_id, int64_t failed_generation,
                                        Clock::time_point now, const std::string& caller = "");
-  // Marks the silent dead; returns their names.
+  // Marks the silent dead (returns their names) and forgets records dead for longer than
+  // forget_after.
   std::vector<std::string> Expire(Clock::time_point now);
-  std::vector<MemberView> Status(Clock::time_point now) const;
+  // Members in id order (= registration order), from the first id above `after`, at most
+  // `limit` of them (0: all). Not one atomic snapshot: each member's view is consistent, but
+  // members may change between chunks of kStatusChunk.
+  std::vector<MemberView> Status(Clock::time_point now, uint64_t after = 0, size_t limit = 0) const;
+  CoordinatorTotals Totals() const;
   const CoordinatorOptions& options() const { return options_; }
 
  private:
   struct Member {
+    uint64_t id = 0;
     Role role = Role::kClient;
     std::string name;
     bool alive = true;
@@ -117,25 +149,40 @@ class CoordinatorCore {
     uint32_t max_sessions = 0;
     uint64_t step = 0;
     Clock::time_point last_heartbeat;
-    std::string worker_name;  // clients
+    Clock::time_point died;  // when it was marked dead or left
+    uint64_t worker = 0;     // clients: their worker's member id (0: none; always live)
     uint64_t assignment_id = 0;
     uint32_t reported_sessions = 0;  // workers: Train sessions in the last heartbeat
     WorkerAddress group_store;       // group workers: their store (host empty: not in a group)
+    std::unordered_set<uint64_t> clients;  // workers: the live clients assigned here
   };
   // The live member `member_id`: NOT_FOUND when there is none, PERMISSION_DENIED when `caller`
   // (not "") is not its name.
   absl::StatusOr<Member*> Find(uint64_t member_id, const std::string& caller);
-  Member* LiveWorker(const std::string& name);
-  uint32_t ClientsOf(const std::string& worker_name) const;
-  void MarkDead(Member& member);
+  void Beat(Member& member, Clock::time_point now);
+  // A worker's load: its clients as assigned here or as it reported them, the more.
+  static uint32_t Load(const Member& worker);
+  // Call before and after changing a live worker's load or room: keeps open_ in step.
+  void Close(const Member& worker);
+  void Open(const Member& worker);
+  void Unassign(Member& client);
+  void MarkDead(Member& member, Clock::time_point now);
   // Worker groups: a new generation (membership changed, or the current one failed).
   void NextGeneration();
+  void Erase(std::map<uint64_t, Member>::iterator it);
 
   CoordinatorOptions options_;
   mutable std::mutex mutex_;
-  std::map<uint64_t, Member> members_;               // by member id, in registration order
-  std::map<std::string, uint64_t> client_progress_;  // client name -> steps completed
-  uint64_t next_member_id_;                          // epoch << 32 | counter
+  std::map<uint64_t, Member> members_;                 // by member id, in registration order
+  std::unordered_map<std::string, uint64_t> by_name_;  // one record per name
+  // Live workers with room, least loaded first (ties: the earlier registration).
+  std::set<std::pair<uint32_t, uint64_t>> open_;
+  std::set<uint64_t> live_workers_;
+  size_t live_grouped_ = 0;  // live workers in a group
+  CoordinatorTotals totals_;
+  // (time, member) in arrival order: every heartbeat, and every death (for forget_after).
+  std::deque<std::pair<Clock::time_point, uint64_t>> beats_, deaths_;
+  uint64_t next_member_id_;  // epoch << 32 | counter
   uint64_t next_assignment_id_ = 1;
   // Worker groups: the live group workers by member id (= registration order: ranks).
   std::vector<uint64_t> group_;

@@ -30,7 +30,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
   Impl& s = *impl;
   s.o = options;
   s.core = std::make_unique<CoordinatorCore>(
-      CoordinatorOptions{s.o.heartbeat_period, 2 * s.o.heartbeat_period, 64});
+      CoordinatorOptions{s.o.heartbeat_period, 2 * s.o.heartbeat_period, 64, s.o.forget_after});
   s.service = std::make_unique<CoordinatorService>(*s.core, s.o.tokens, s.o.config_yaml);
   ServingOptions serving;
   serving.listen = s.o.listen;

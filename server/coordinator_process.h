@@ -21,6 +21,7 @@ struct CoordinatorProcessOptions {
   rpc::TransportSecurity security;
   const TokenSet* tokens = nullptr;                  // null: none checked
   std::chrono::milliseconds heartbeat_period{1000};  // dead after two
+  std::chrono::milliseconds forget_after{std::chrono::minutes(10)};  // CoordinatorOptions
   std::string ready_file;                            // server/process.h, ReadyFile
   std::function<void(const std::string&)> log;       // "coordinator ..." lines
 };

@@ -107,12 +107,13 @@ grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerCont
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::Status(grpc::CallbackServerContext* context,
-                                                     const splitq::v1::StatusRequest*,
+                                                     const splitq::v1::StatusRequest* request,
                                                      splitq::v1::StatusReply* reply) {
   absl::StatusOr<std::string> caller = Authenticate(context);
   if (!caller.ok()) return Finish(context, caller.status());
-  uint64_t global_step = 0;
-  for (const MemberView& m : core_.Status(Clock::now())) {
+  const std::vector<MemberView> members =
+      core_.Status(Clock::now(), request->page(), request->limit());
+  for (const MemberView& m : members) {
     splitq::v1::MemberStatus* out = reply->add_members();
     out->set_role(m.role == Role::kWorker ? splitq::v1::ROLE_WORKER : splitq::v1::ROLE_CLIENT);
     out->set_name(m.name);
@@ -120,9 +121,15 @@ grpc::ServerUnaryReactor* CoordinatorService::Status(grpc::CallbackServerContext
     out->set_step(m.step);
     out->set_last_heartbeat_age_ms(static_cast<uint64_t>(m.since_heartbeat.count()));
     out->set_worker_name(m.worker_name);
-    if (m.role == Role::kClient && m.alive) global_step += m.step;
   }
-  reply->set_global_step(global_step);
+  if (request->limit() != 0 && members.size() == request->limit()) {
+    reply->set_next_page(members.back().id);
+  }
+  const CoordinatorTotals totals = core_.Totals();
+  reply->set_global_step(totals.client_steps);
+  reply->set_live_workers(totals.workers);
+  reply->set_live_clients(totals.clients);
+  reply->set_records(totals.records);
   return Finish(context, absl::OkStatus());
 }
 
@@ -131,7 +138,7 @@ grpc::ServerUnaryReactor* CoordinatorService::Leave(grpc::CallbackServerContext*
                                                     splitq::v1::LeaveReply*) {
   absl::StatusOr<std::string> caller = Authenticate(context);
   if (!caller.ok()) return Finish(context, caller.status());
-  return Finish(context, core_.Leave(request->member_id(), *caller));
+  return Finish(context, core_.Leave(request->member_id(), Clock::now(), *caller));
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::Group(grpc::CallbackServerContext* context,

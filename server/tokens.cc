@@ -1,6 +1,7 @@
 #include "server/tokens.h"
 
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
 #include <openssl/rand.h>
 
 #include <filesystem>
@@ -13,6 +14,17 @@
 #include "server/coordinator_core.h"
 
 namespace splitq::server {
+namespace {
+// The lookup key of a token: its SHA-256, raw (no hex: this runs on every call).
+std::string Digest(absl::string_view token) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int size = 0;
+  if (EVP_Digest(token.data(), token.size(), digest, &size, EVP_sha256(), nullptr) != 1) {
+    return std::string();  // never matches a stored key (those are 32 bytes)
+  }
+  return std::string(reinterpret_cast<const char*>(digest), size);
+}
+}  // namespace
 
 absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::string& origin) {
   TokenSet set;
@@ -52,6 +64,7 @@ absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::str
       return absl::InvalidArgumentError(
           absl::StrCat(origin, ":", line_number, ": duplicate client id or token"));
     }
+    set.by_digest_.emplace(Digest(fields[1]), set.tokens_.size());
     set.tokens_.push_back(Entry{fields[0], fields[1], role});
   }
   return set;
@@ -91,16 +104,14 @@ absl::StatusOr<Bearer> TokenSet::Identify(
   }
   const absl::string_view presented(it->second.data() + kPrefix.size(),
                                     it->second.size() - kPrefix.size());
-  const Entry* match = nullptr;
-  for (const Entry& e : tokens_) {
-    // Constant time per candidate, and every candidate is compared.
-    if (e.token.size() == presented.size() &&
-        CRYPTO_memcmp(e.token.data(), presented.data(), e.token.size()) == 0) {
-      match = &e;
-    }
+  const auto candidate = by_digest_.find(Digest(presented));
+  const Entry* e = candidate == by_digest_.end() ? nullptr : &tokens_[candidate->second];
+  // The digest found the one candidate; the token itself is compared in constant time.
+  if (e == nullptr || e->token.size() != presented.size() ||
+      CRYPTO_memcmp(e->token.data(), presented.data(), e->token.size()) != 0) {
+    return absl::UnauthenticatedError("the bearer token is not valid");
   }
-  if (match == nullptr) return absl::UnauthenticatedError("the bearer token is not valid");
-  return Bearer{match->id, match->role};
+  return Bearer{e->id, e->role};
 }
 
 absl::StatusOr<std::string> TokenSet::Authenticate(

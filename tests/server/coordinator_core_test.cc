@@ -1,10 +1,16 @@
 // server/coordinator_core.h driven directly, with made-up clocks: balanced assignment,
 // protocol-version refusal, duplicate names, a dead worker's clients moved within two
 // heartbeat periods, a dead client's slot freed, a restarted client's resume step, and worker
-// groups (generations, ranks, the store, failed generations, no mixing).
+// groups (generations, ranks, the store, failed generations, no mixing); the indexes (issue 21)
+// against a recount after random joins, leaves, reports, expiry and restarts, and records
+// forgotten after forget_after.
 #include "server/coordinator_core.h"
 
 #include <gtest/gtest.h>
+
+#include <map>
+#include <random>
+#include <set>
 
 namespace splitq::server {
 namespace {
@@ -82,11 +88,11 @@ TEST_F(CoordinatorCoreTest, LiveDuplicateNamesAreRefusedDeadOnesMayReturn) {
   const uint64_t a = Client("a");
   EXPECT_EQ(core_.Register(Role::kClient, "a", kProtocolVersion, {}, 0, At(10)).status().code(),
             absl::StatusCode::kAlreadyExists);
-  ASSERT_TRUE(core_.Leave(a).ok());
+  ASSERT_TRUE(core_.Leave(a, At(15)).ok());
   for (int i = 0; i < 3; ++i) {  // each return replaces the dead record: one record per name
     auto again = core_.Register(Role::kClient, "a", kProtocolVersion, {}, 0, At(20 + i));
     ASSERT_TRUE(again.ok());
-    ASSERT_TRUE(core_.Leave(*again).ok());
+    ASSERT_TRUE(core_.Leave(*again, At(20 + i)).ok());
   }
   EXPECT_EQ(core_.Status(At(30)).size(), 1u);
 }
@@ -152,11 +158,11 @@ TEST_F(CoordinatorCoreTest, ACallerSpeaksOnlyForItself) {
   auto alice = core_.Register(Role::kClient, "alice", kProtocolVersion, {}, 0, At(0), "alice");
   ASSERT_TRUE(w.ok() && alice.ok());
   EXPECT_EQ(core_.Heartbeat(*w, 5, At(1), "alice").code(), absl::StatusCode::kPermissionDenied);
-  EXPECT_EQ(core_.Leave(*w, "alice").code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(core_.Leave(*w, At(1), "alice").code(), absl::StatusCode::kPermissionDenied);
   EXPECT_EQ(core_.Assign(*alice, At(1), "w").status().code(), absl::StatusCode::kPermissionDenied);
   EXPECT_TRUE(core_.Assign(*alice, At(1), "alice").ok());
   EXPECT_TRUE(core_.Heartbeat(*w, 5, At(1), "w").ok());
-  EXPECT_TRUE(core_.Leave(*w, "w").ok());
+  EXPECT_TRUE(core_.Leave(*w, At(1), "w").ok());
 }
 
 TEST_F(CoordinatorCoreTest, ADeadWorkersClientsMoveWithinTwoHeartbeatPeriods) {
@@ -236,7 +242,7 @@ TEST_F(CoordinatorCoreTest, GroupMembersGetRanksAndANewGenerationOnEveryChange) 
   const rpc::GroupView rejoined = View(back, 2600);
   EXPECT_GT(rejoined.generation, after.generation);
   EXPECT_EQ(rejoined.rank, 1u);
-  ASSERT_TRUE(core_.Leave(back).ok());
+  ASSERT_TRUE(core_.Leave(back, At(2650)).ok());
   EXPECT_GT(View(w2, 2700).generation, rejoined.generation);
 }
 
@@ -266,6 +272,176 @@ TEST_F(CoordinatorCoreTest, GroupAndLoneWorkersDoNotMix) {
   auto bad =
       core_.Register(Role::kClient, "c2", kProtocolVersion, {}, 0, At(0), "", {"10.0.0.1", 9002});
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Dead and departed records go forget_after after their death: churn (names joining and leaving
+// forever) keeps the registry's size flat. Within that time a returning client keeps its
+// progress.
+TEST_F(CoordinatorCoreTest, DeadRecordsAreForgottenAfterTheGracePeriod) {
+  CoordinatorCore core{
+      CoordinatorOptions{milliseconds(1000), milliseconds(2000), 64, milliseconds(60000)}};
+  for (int round = 0; round < 4; ++round) {
+    for (int i = 0; i < 500; ++i) {
+      const std::string name = "r" + std::to_string(round) + "-" + std::to_string(i);
+      auto id = core.Register(Role::kClient, name, kProtocolVersion, {}, 0, At(round * 70000));
+      ASSERT_TRUE(id.ok()) << id.status();
+      ASSERT_TRUE(core.Heartbeat(*id, 7, At(round * 70000 + 1)).ok());
+      ASSERT_TRUE(core.Leave(*id, At(round * 70000 + 2)).ok());
+    }
+    core.Expire(At(round * 70000 + 3));
+    // Only this round's departed are still listed; earlier rounds' are forgotten.
+    EXPECT_EQ(core.Status(At(round * 70000 + 3)).size(), 500u) << round;
+    EXPECT_EQ(core.Totals().records, 500u);
+    EXPECT_EQ(core.Totals().clients, 0u);
+  }
+  // Within the grace period a returning client gets its progress back; after it, not.
+  auto back = core.Register(Role::kClient, "r3-0", kProtocolVersion, {}, 0, At(210010));
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(core.Status(At(210010), 0, 0).back().step, 7u);
+  EXPECT_EQ(core.Totals().client_steps, 7u);
+  core.Expire(At(300000));
+  auto late = core.Register(Role::kClient, "r3-1", kProtocolVersion, {}, 0, At(300001));
+  ASSERT_TRUE(late.ok());
+  EXPECT_EQ(core.Status(At(300001), *back).at(0).step, 0u);
+}
+
+// Status pages through the registry in registration order.
+TEST_F(CoordinatorCoreTest, StatusPages) {
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 5000; ++i) ids.push_back(Client("c" + std::to_string(i)));
+  std::vector<uint64_t> seen;
+  uint64_t after = 0;
+  for (;;) {
+    const std::vector<MemberView> page = core_.Status(At(1), after, 777);
+    for (const MemberView& m : page) seen.push_back(m.id);
+    if (page.size() < 777) break;
+    after = page.back().id;
+  }
+  EXPECT_EQ(seen, ids);
+  EXPECT_EQ(core_.Status(At(1)).size(), 5000u);  // all at once, in chunks of the lock
+}
+
+// The indexes (by name, clients by worker, open workers by load, the totals, the expiry queue)
+// against a recount from Status after many random operations, and every Assign that picks a
+// worker against a brute-force choice.
+TEST_F(CoordinatorCoreTest, IndexesAgreeWithARecountUnderRandomChurn) {
+  CoordinatorCore core{
+      CoordinatorOptions{milliseconds(1000), milliseconds(2000), 64, milliseconds(5000)}};
+  std::mt19937 rng(1234);
+  const auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<unsigned>(n)); };
+  struct Known {
+    uint64_t id = 0;
+    bool worker = false;
+    uint32_t max_sessions = 0, reported = 0;
+    uint64_t step = 0;
+    int last = 0;  // its last word (register, heartbeat, assign)
+  };
+  std::map<std::string, Known> live;  // what the test believes is alive
+  int t = 0;
+  int picks_checked = 0, full = 0, expiries = 0;
+  for (int op = 0; op < 20000; ++op) {
+    t += pick(3);
+    const int kind = pick(100);
+    const bool as_worker = pick(10) == 0;
+    const std::string name =
+        as_worker ? "w" + std::to_string(pick(6)) : "c" + std::to_string(pick(60));
+    const auto it = live.find(name);
+    if (kind < 30 && it == live.end()) {  // join
+      const uint32_t max_sessions = as_worker ? 1 + pick(12) : 0;
+      auto id = core.Register(as_worker ? Role::kWorker : Role::kClient, name, kProtocolVersion,
+                              {"h", 1}, max_sessions, At(t));
+      ASSERT_TRUE(id.ok()) << id.status();
+      live[name] = Known{*id, as_worker, max_sessions, 0, 0, t};
+    } else if (kind < 40 && it != live.end()) {  // leave
+      ASSERT_TRUE(core.Leave(it->second.id, At(t)).ok());
+      live.erase(it);
+    } else if (kind < 75 && it != live.end()) {  // heartbeat (a worker reports sessions)
+      Known& k = it->second;
+      k.step += pick(5);
+      k.reported = k.worker ? pick(10) : 0;
+      k.last = t;
+      ASSERT_TRUE(core.Heartbeat(k.id, k.step, At(t), "", k.reported).ok());
+    } else if (kind < 95 && it != live.end() && !it->second.worker) {  // assign
+      // Brute force before: the workers' loads from a recount.
+      std::map<std::string, uint32_t> assigned;
+      std::string current;
+      for (const MemberView& m : core.Status(At(t))) {
+        if (m.alive && m.role == Role::kClient && !m.worker_name.empty()) {
+          ++assigned[m.worker_name];
+          if (m.name == name) current = m.worker_name;
+        }
+      }
+      auto a = core.Assign(it->second.id, At(t));
+      it->second.last = t;
+      if (!current.empty()) {
+        ASSERT_TRUE(a.ok());
+        EXPECT_EQ(a->worker_name, current);  // a client keeps its live worker
+        continue;
+      }
+      // The least loaded live worker with room; ties: the earlier registration (lower id).
+      const Known* best = nullptr;
+      uint32_t best_load = 0;
+      std::string best_name;
+      for (const auto& [n, k] : live) {
+        if (!k.worker) continue;
+        const uint32_t load = std::max(assigned[n], k.reported);
+        if (load >= k.max_sessions) continue;
+        if (best == nullptr || load < best_load || (load == best_load && k.id < best->id)) {
+          best = &k;
+          best_load = load;
+          best_name = n;
+        }
+      }
+      if (best == nullptr) {
+        EXPECT_EQ(a.status().code(), absl::StatusCode::kUnavailable);
+        ++full;
+      } else {
+        ASSERT_TRUE(a.ok()) << a.status();
+        EXPECT_EQ(a->worker_name, best_name);
+        ++picks_checked;
+      }
+    } else if (kind >= 99) {  // time passes; the silent die
+      t += 700;
+      std::set<std::string> dead;
+      for (const std::string& name : core.Expire(At(t))) dead.insert(name);
+      for (auto k = live.begin(); k != live.end();) {  // exactly the silent die
+        EXPECT_EQ(dead.count(k->first), t - k->second.last > 2000 ? 1u : 0u) << k->first;
+        k = dead.count(k->first) ? live.erase(k) : std::next(k);
+      }
+      ++expiries;
+    }
+    if (op % 500 == 0) {
+      uint64_t workers = 0, clients = 0, steps = 0;
+      std::map<std::string, uint32_t> assigned;
+      const std::vector<MemberView> all = core.Status(At(t));
+      for (const MemberView& m : all) {
+        if (!m.alive) continue;
+        ASSERT_EQ(live.count(m.name), 1u) << m.name;
+        if (m.role == Role::kWorker) {
+          ++workers;
+        } else {
+          ++clients;
+          steps += m.step;
+          if (!m.worker_name.empty()) {
+            ASSERT_TRUE(live.count(m.worker_name) && live[m.worker_name].worker) << m.worker_name;
+            ++assigned[m.worker_name];
+          }
+        }
+      }
+      for (const MemberView& m : all) {
+        if (m.alive && m.role == Role::kWorker) EXPECT_EQ(m.clients, assigned[m.name]) << m.name;
+      }
+      const CoordinatorTotals totals = core.Totals();
+      EXPECT_EQ(totals.workers, workers);
+      EXPECT_EQ(totals.clients, clients);
+      EXPECT_EQ(totals.client_steps, steps);
+      EXPECT_EQ(totals.records, all.size());
+      EXPECT_EQ(live.size(), workers + clients);
+    }
+  }
+  EXPECT_GT(picks_checked, 500);  // every branch was taken many times
+  EXPECT_GT(full, 50);
+  EXPECT_GT(expiries, 100);
 }
 
 }  // namespace

@@ -110,6 +110,21 @@ TEST_F(CoordinatorServiceTest, WorkerAndClientMeetWithTokens) {
   splitq::v1::StatusReply status;
   ASSERT_TRUE(stub_->Status(Context().get(), splitq::v1::StatusRequest(), &status).ok());
   EXPECT_EQ(status.members_size(), 2);
+  EXPECT_EQ(status.next_page(), 0u);
+  EXPECT_EQ(status.live_workers(), 1u);
+  EXPECT_EQ(status.live_clients(), 1u);
+  // A page at a time: the worker, then alice, then an empty last page.
+  std::vector<std::string> names;
+  splitq::v1::StatusRequest paged;
+  paged.set_limit(1);
+  for (int i = 0; i < 3; ++i) {
+    splitq::v1::StatusReply page;
+    ASSERT_TRUE(stub_->Status(Context().get(), paged, &page).ok());
+    for (const auto& m : page.members()) names.push_back(m.name());
+    if (page.next_page() == 0) break;
+    paged.set_page(page.next_page());
+  }
+  EXPECT_EQ(names, (std::vector<std::string>{"w", "alice"}));
 }
 
 TEST_F(CoordinatorServiceTest, AnOldProtocolVersionIsRefusedClearly) {

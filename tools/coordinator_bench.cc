@@ -1,0 +1,582 @@
+#include "tools/coordinator_bench.h"
+
+#include <grpcpp/grpcpp.h>
+#include <sched.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "base/files.h"
+#include "proto/rpc_channel.h"
+#include "server/tokens.h"
+#include "splitq/v1/coordinator.grpc.pb.h"
+
+extern char** environ;
+
+namespace splitq::tools {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+namespace v1 = splitq::v1;
+
+// The coordinator child: spawned, found through its ready file, stopped with SIGTERM.
+class Child {
+ public:
+  ~Child() { Stop(); }
+  absl::Status Start(const std::string& binary, const std::vector<std::string>& args,
+                     const std::string& ready_file) {
+    std::vector<char*> argv;
+    argv.push_back(const_cast<char*>(binary.c_str()));
+    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    if (const int e = posix_spawn(&pid_, binary.c_str(), nullptr, nullptr, argv.data(), environ);
+        e != 0) {
+      pid_ = 0;
+      return absl::InternalError(absl::StrCat("cannot start ", binary, ": ", std::strerror(e)));
+    }
+    for (int i = 0; i < 600; ++i) {
+      std::ifstream in(ready_file);
+      std::string address;
+      if (in >> address && !address.empty()) {
+        address_ = address;
+        return absl::OkStatus();
+      }
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = 0;
+        return absl::InternalError("the coordinator exited before it was ready (see its log)");
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return absl::DeadlineExceededError("the coordinator was not ready within 30 s");
+  }
+  void Stop() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGTERM);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = 0;
+  }
+  // utime + stime, seconds.
+  double CpuSeconds() const {
+    std::ifstream in(absl::StrCat("/proc/", pid_, "/stat"));
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t close = text.rfind(')');
+    if (close == std::string::npos) return 0;
+    std::istringstream fields(text.substr(close + 2));
+    std::string field;
+    double ticks = 0;
+    for (int i = 3; i <= 15 && fields >> field; ++i) {
+      if (i == 14 || i == 15) ticks += std::stod(field);
+    }
+    return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+  }
+  double RssMb() const {
+    std::ifstream in(absl::StrCat("/proc/", pid_, "/status"));
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+    }
+    return 0;
+  }
+  const std::string& address() const { return address_; }
+  pid_t pid() const { return pid_; }
+
+ private:
+  pid_t pid_ = 0;
+  std::string address_;
+};
+
+// Runs calls 0, 1, 2, ... until `count` (0: no limit) or `seconds` (0: no limit), at most
+// `window` in flight, paced to `rate` calls/s when rate > 0. `issue(i, done)` starts call i and
+// calls done(kind, ok) once (from any thread) when it is over.
+struct Load {
+  uint64_t calls = 0, errors = 0;
+  double seconds = 0;
+  std::vector<std::vector<uint32_t>> latency_us;  // per kind
+  std::string first_error;
+};
+using Done = std::function<void(int kind, const grpc::Status& status)>;
+using Issue = std::function<void(uint64_t i, Done done)>;
+
+Load Drive(int kinds, int window, uint64_t count, double seconds, double rate, const Issue& issue) {
+  std::mutex mutex;
+  std::condition_variable cv;
+  int in_flight = 0;
+  Load load;
+  load.latency_us.resize(static_cast<size_t>(kinds));
+  const Clock::time_point start = Clock::now();
+  for (uint64_t i = 0;; ++i) {
+    const Clock::time_point now = Clock::now();
+    if ((count > 0 && i >= count) ||
+        (seconds > 0 && now - start >= std::chrono::duration<double>(seconds))) {
+      break;
+    }
+    if (rate > 0) {
+      const auto due = start + std::chrono::duration_cast<Clock::duration>(
+                                   std::chrono::duration<double>(static_cast<double>(i) / rate));
+      if (due > now + std::chrono::microseconds(200)) std::this_thread::sleep_until(due);
+    }
+    {
+      std::unique_lock<std::mutex> lock(mutex);
+      cv.wait(lock, [&] { return in_flight < window; });
+      ++in_flight;
+    }
+    const Clock::time_point t0 = Clock::now();
+    issue(i, [&, t0](int kind, const grpc::Status& status) {
+      const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0);
+      std::lock_guard<std::mutex> lock(mutex);
+      load.latency_us[static_cast<size_t>(kind)].push_back(static_cast<uint32_t>(us.count()));
+      ++load.calls;
+      if (!status.ok()) {
+        if (load.errors++ == 0) {
+          load.first_error = absl::StrCat(status.error_code(), ": ", status.error_message());
+        }
+      }
+      --in_flight;
+      cv.notify_one();
+    });
+  }
+  std::unique_lock<std::mutex> lock(mutex);
+  cv.wait(lock, [&] { return in_flight == 0; });
+  load.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return load;
+}
+
+double Percentile(std::vector<uint32_t>& v, double q) {
+  if (v.empty()) return 0;
+  const size_t k = std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())));
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(k), v.end());
+  return v[k];
+}
+
+// One async unary call with a bearer token; `then(status, reply)` runs when it completes.
+template <class Request, class Reply>
+struct Call {
+  grpc::ClientContext context;
+  Request request;
+  Reply reply;
+};
+
+template <class Request, class Reply, class Method, class Then>
+void Start(const std::string& token, Request request, Method method, Then then) {
+  auto* call = new Call<Request, Reply>;
+  call->request = std::move(request);
+  rpc::AddBearer(call->context, token);
+  call->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  method(&call->context, &call->request, &call->reply,
+         [call, then = std::move(then)](grpc::Status status) mutable {
+           then(status, call->reply);
+           delete call;
+         });
+}
+
+class Bench {
+ public:
+  explicit Bench(const CoordinatorBenchOptions& o) : o_(o) {}
+
+  absl::StatusOr<std::vector<CoordinatorBenchRow>> Run() {
+    if (o_.members < 2 || o_.workers < 1 || o_.workers >= o_.members) {
+      return absl::InvalidArgumentError("members >= 2 and 1 <= workers < members");
+    }
+    const std::filesystem::path dir =
+        std::filesystem::temp_directory_path() / absl::StrCat("splitq-coordbench-", getpid());
+    std::filesystem::create_directories(dir);
+    struct Cleanup {
+      std::filesystem::path dir;
+      ~Cleanup() {
+        std::error_code ec;
+        std::filesystem::remove_all(dir, ec);
+      }
+    } cleanup{dir};
+    Progress(absl::StrCat("making ", o_.members + o_.churn_pool, " tokens"));
+    std::string file = "# splitq bench coordinator\n";
+    const int total = o_.members + o_.churn_pool;
+    names_.resize(static_cast<size_t>(total));
+    tokens_.resize(static_cast<size_t>(total));
+    ids_ = std::make_unique<std::atomic<uint64_t>[]>(static_cast<size_t>(total));
+    for (int i = 0; i < total; ++i) {
+      names_[i] = i < o_.workers   ? absl::StrCat("w", i)
+                  : i < o_.members ? absl::StrCat("c", i)
+                                   : absl::StrCat("x", i);
+      absl::StatusOr<std::string> token = server::MakeToken();
+      if (!token.ok()) return token.status();
+      tokens_[i] = *token;
+      absl::StrAppend(&file, names_[i], " ", tokens_[i],
+                      i < o_.workers ? " worker\n" : " client\n");
+    }
+    if (absl::Status s = base::WriteFileAtomically(dir / "tokens", file, 0600); !s.ok()) return s;
+    if (absl::Status s = base::WriteFileAtomically(dir / "config.yaml", "task: fmnist\n", 0600);
+        !s.ok()) {
+      return s;
+    }
+    const std::string binary =
+        o_.splitq.empty() ? std::filesystem::read_symlink("/proc/self/exe").string() : o_.splitq;
+    if (absl::Status s = child_.Start(
+            binary,
+            {"coordinator", "--config", (dir / "config.yaml").string(), "--listen", "127.0.0.1:0",
+             "--insecure", "--tokens", (dir / "tokens").string(), "--heartbeat-ms",
+             std::to_string(o_.heartbeat_ms), "--forget-after-s", std::to_string(o_.forget_after_s),
+             "--ready-file", (dir / "ready").string(), "--log-level", "warn"},
+            (dir / "ready").string());
+        !s.ok()) {
+      return s;
+    }
+    if (o_.pin) {
+      // The coordinator on CPU 0, this process (the generator) on the others.
+      const unsigned cpus = std::thread::hardware_concurrency();
+      if (cpus < 2) return absl::FailedPreconditionError("--pin needs 2 or more CPUs");
+      cpu_set_t one, rest;
+      CPU_ZERO(&one);
+      CPU_ZERO(&rest);
+      CPU_SET(0, &one);
+      for (unsigned c = 1; c < cpus; ++c) CPU_SET(c, &rest);
+      // Every thread of the child (gRPC's too): through /proc/PID/task.
+      for (const auto& task :
+           std::filesystem::directory_iterator(absl::StrCat("/proc/", child_.pid(), "/task"))) {
+        sched_setaffinity(std::stoi(task.path().filename().string()), sizeof(one), &one);
+      }
+      for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+        sched_setaffinity(std::stoi(task.path().filename().string()), sizeof(rest), &rest);
+      }
+    }
+    for (int c = 0; c < o_.channels; ++c) {
+      grpc::ChannelArguments args;
+      args.SetInt("splitq.bench.channel", c);  // a connection of its own
+      stubs_.push_back(v1::Coordinator::NewStub(
+          grpc::CreateCustomChannel(child_.address(), grpc::InsecureChannelCredentials(), args)));
+    }
+    worker_of_.resize(static_cast<size_t>(o_.members));
+    RegisterPhase();
+    AssignPhase();
+    HeartbeatPhase("heartbeat", 0, 0);
+    HeartbeatPhase(absl::StrCat("heartbeat@", o_.rate), o_.rate, 0);
+    HeartbeatPhase(absl::StrCat("mix@", o_.rate), o_.rate, 20);
+    StatusPhase();
+    ChurnPhase();
+    if (o_.expire) ExpirePhase();
+    child_.Stop();
+    return rows_;
+  }
+
+ private:
+  void Progress(const std::string& line) const {
+    if (o_.progress) o_.progress(line);
+  }
+  v1::Coordinator::Stub& Stub(uint64_t i) { return *stubs_[i % stubs_.size()]; }
+
+  // Appends the rows of one phase: kind k of `load` as `names[k]`.
+  void Rows(const std::vector<std::string>& names, Load& load, double cpu0, uint64_t extra = 0) {
+    const double cpu = child_.CpuSeconds() - cpu0;
+    v1::StatusReply totals = Totals();
+    for (size_t k = 0; k < names.size(); ++k) {
+      std::vector<uint32_t>& l = load.latency_us[k];
+      CoordinatorBenchRow r;
+      r.phase = names[k];
+      r.calls = l.size();
+      r.errors = k == 0 ? load.errors : 0;
+      r.seconds = load.seconds;
+      r.p50_us = Percentile(l, 0.5);
+      r.p99_us = Percentile(l, 0.99);
+      r.p999_us = Percentile(l, 0.999);
+      r.max_us = l.empty() ? 0 : *std::max_element(l.begin(), l.end());
+      r.server_cpu_us_per_call =
+          load.calls + extra > 0 ? cpu * 1e6 / static_cast<double>(load.calls + extra) : 0;
+      r.rss_mb = child_.RssMb();
+      r.live = totals.live_workers() + totals.live_clients();
+      r.records = totals.records();
+      rows_.push_back(r);
+      Progress(absl::StrFormat(
+          "%-16s %8d calls %9.0f/s  p50 %6.0f us  p99 %7.0f us  "
+          "%5.1f us CPU/call  RSS %5.0f MB  live %d  records %d%s",
+          r.phase, r.calls, r.calls_per_s(), r.p50_us, r.p99_us, r.server_cpu_us_per_call, r.rss_mb,
+          r.live, r.records,
+          load.errors > 0 && k == 0
+              ? absl::StrCat("  (", load.errors, " errors, first ", load.first_error, ")")
+              : ""));
+    }
+  }
+
+  v1::StatusReply Totals() {
+    grpc::ClientContext context;
+    rpc::AddBearer(context, tokens_[0]);
+    v1::StatusRequest request;
+    request.set_limit(1);
+    v1::StatusReply reply;
+    (void)stubs_[0]->Status(&context, request, &reply);
+    return reply;
+  }
+
+  void Register(int m, uint64_t lane, const Done& done) {
+    v1::RegisterRequest r;
+    r.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
+    r.set_role(m < o_.workers ? v1::ROLE_WORKER : v1::ROLE_CLIENT);
+    r.set_name(names_[m]);
+    if (m < o_.workers) {
+      r.mutable_endpoint()->set_host("127.0.0.1");
+      r.mutable_endpoint()->set_port(static_cast<uint32_t>(10000 + m));
+      // Room for twice an even share, so that moves in the mix phase find some.
+      r.set_max_sessions(static_cast<uint32_t>(2 * (o_.members / o_.workers + 1)));
+    }
+    v1::Coordinator::Stub& stub = Stub(lane);
+    Start<v1::RegisterRequest, v1::RegisterReply>(
+        tokens_[m], std::move(r),
+        [&stub](auto* c, auto* q, auto* p, auto cb) { stub.async()->Register(c, q, p, cb); },
+        [this, m, done](const grpc::Status& s, const v1::RegisterReply& reply) {
+          if (s.ok()) ids_[m].store(reply.member_id());
+          done(0, s);
+        });
+  }
+
+  void Heartbeat(int m, uint64_t lane, int kind, const Done& done) {
+    v1::HeartbeatRequest r;
+    r.set_member_id(ids_[m].load());
+    r.set_step(lane);
+    v1::Coordinator::Stub& stub = Stub(lane);
+    Start<v1::HeartbeatRequest, v1::HeartbeatReply>(
+        tokens_[m], std::move(r),
+        [&stub](auto* c, auto* q, auto* p, auto cb) { stub.async()->Heartbeat(c, q, p, cb); },
+        [kind, done](const grpc::Status& s, const v1::HeartbeatReply& reply) {
+          done(kind, s.ok() && reply.unknown_member()
+                         ? grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown member")
+                         : s);
+        });
+  }
+
+  void Assign(int m, uint64_t lane, int kind, bool move, const Done& done) {
+    v1::AssignRequest r;
+    r.set_member_id(ids_[m].load());
+    if (move) {
+      std::lock_guard<std::mutex> lock(worker_of_mutex_);
+      r.set_unreachable_worker(worker_of_[m]);
+    }
+    v1::Coordinator::Stub& stub = Stub(lane);
+    Start<v1::AssignRequest, v1::AssignReply>(
+        tokens_[m], std::move(r),
+        [&stub](auto* c, auto* q, auto* p, auto cb) { stub.async()->Assign(c, q, p, cb); },
+        [this, m, kind, done](const grpc::Status& s, const v1::AssignReply& reply) {
+          if (s.ok()) {
+            std::lock_guard<std::mutex> lock(worker_of_mutex_);
+            worker_of_[m] = reply.worker_name();
+          }
+          done(kind, s);
+        });
+  }
+
+  void RegisterPhase() {
+    const int slices = 10;
+    for (int k = 0; k < slices; ++k) {
+      const int begin = o_.members * k / slices, end = o_.members * (k + 1) / slices;
+      const double cpu0 = child_.CpuSeconds();
+      Load load =
+          Drive(1, o_.window, static_cast<uint64_t>(end - begin), 0, 0,
+                [&](uint64_t i, Done done) { Register(begin + static_cast<int>(i), i, done); });
+      const auto count = [](int n) {
+        return n % 1000 == 0 ? absl::StrCat(n / 1000, "k") : absl::StrCat(n);
+      };
+      Rows({absl::StrCat("register ", count(begin), "-", count(end))}, load, cpu0);
+    }
+  }
+
+  void AssignPhase() {
+    const int clients = o_.members - o_.workers;
+    const double cpu0 = child_.CpuSeconds();
+    Load load =
+        Drive(1, o_.window, static_cast<uint64_t>(clients), 0, 0, [&](uint64_t i, Done done) {
+          Assign(o_.workers + static_cast<int>(i), i, 0, false, done);
+        });
+    Rows({"assign (pick)"}, load, cpu0);
+  }
+
+  // Heartbeats round robin over every member; with `assign_every` > 0, each such call is an
+  // Assign of a client that names its worker unreachable.
+  void HeartbeatPhase(const std::string& name, int rate, int assign_every) {
+    const int clients = o_.members - o_.workers;
+    const double cpu0 = child_.CpuSeconds();
+    Load load = Drive(2, o_.window, 0, o_.seconds, rate, [&](uint64_t i, Done done) {
+      if (assign_every > 0 && i % static_cast<uint64_t>(assign_every) == 0) {
+        const int client = o_.workers + static_cast<int>((i / assign_every) % clients);
+        Assign(client, i, 1, true, done);
+      } else {
+        Heartbeat(static_cast<int>(i % static_cast<uint64_t>(o_.members)), i, 0, done);
+      }
+    });
+    if (assign_every > 0) {
+      Rows({name + " heartbeat", name + " assign (move)"}, load, cpu0);
+    } else {
+      Rows({name}, load, cpu0);
+    }
+  }
+
+  // Full listings, pages of 10,000, on a thread of their own while heartbeats run at the rate.
+  void StatusPhase() {
+    std::atomic<bool> done{false};
+    std::vector<uint32_t> listings_ms;
+    uint64_t pages = 0;
+    std::thread lister([&] {
+      while (!done.load()) {
+        const Clock::time_point t0 = Clock::now();
+        uint64_t page = 0;
+        do {
+          grpc::ClientContext context;
+          rpc::AddBearer(context, tokens_[0]);
+          v1::StatusRequest request;
+          request.set_page(page);
+          request.set_limit(10000);
+          v1::StatusReply reply;
+          if (!stubs_[0]->Status(&context, request, &reply).ok()) return;
+          page = reply.next_page();
+          ++pages;
+        } while (page != 0);
+        listings_ms.push_back(static_cast<uint32_t>(
+            std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count()));
+      }
+    });
+    const double cpu0 = child_.CpuSeconds();
+    Load load = Drive(1, o_.window, 0, o_.seconds, o_.rate, [&](uint64_t i, Done d) {
+      Heartbeat(static_cast<int>(i % static_cast<uint64_t>(o_.members)), i, 0, d);
+    });
+    done.store(true);
+    lister.join();
+    Rows({absl::StrCat("status@", o_.rate, " heartbeat")}, load, cpu0, pages);
+    CoordinatorBenchRow r;
+    r.phase = "status listing";
+    r.calls = listings_ms.size();
+    r.seconds = load.seconds;
+    for (uint32_t& ms : listings_ms) ms *= 1000;  // as microseconds, like every row
+    r.p50_us = Percentile(listings_ms, 0.5);
+    r.p99_us = Percentile(listings_ms, 0.99);
+    r.max_us = listings_ms.empty() ? 0 : *std::max_element(listings_ms.begin(), listings_ms.end());
+    r.rss_mb = child_.RssMb();
+    rows_.push_back(r);
+    Progress(
+        absl::StrFormat("status listing: %d full listings of %d members (%d pages), "
+                        "p50 %.0f ms, max %.0f ms",
+                        r.calls, o_.members, pages, r.p50_us / 1000, r.max_us / 1000));
+  }
+
+  // Pool members leave and register again (one chain per cycle) while heartbeats run.
+  void ChurnPhase() {
+    for (int half = 0; half < 2; ++half) {
+      const double cpu0 = child_.CpuSeconds();
+      Load load = Drive(2, o_.window, 0, o_.seconds, 0, [&](uint64_t i, Done done) {
+        if (i % 2 == 0) {
+          Heartbeat(static_cast<int>((i / 2) % static_cast<uint64_t>(o_.members)), i, 0, done);
+          return;
+        }
+        const int m =
+            o_.members + static_cast<int>((cycle_++) % static_cast<uint64_t>(o_.churn_pool));
+        // Register (again), then leave: one cycle, latency of both.
+        Register(m, i, [this, m, i, done](int, const grpc::Status& s) {
+          if (!s.ok()) return done(1, s);
+          v1::LeaveRequest r;
+          r.set_member_id(ids_[m].load());
+          v1::Coordinator::Stub& stub = Stub(i);
+          Start<v1::LeaveRequest, v1::LeaveReply>(
+              tokens_[m], std::move(r),
+              [&stub](auto* c, auto* q, auto* p, auto cb) { stub.async()->Leave(c, q, p, cb); },
+              [done](const grpc::Status& left, const v1::LeaveReply&) { done(1, left); });
+        });
+      });
+      const uint64_t cycles = load.latency_us[1].size();
+      Rows({absl::StrCat("churn ", half + 1, "/2 heartbeat"),
+            absl::StrCat("churn ", half + 1, "/2 join+leave")},
+           load, cpu0, cycles);
+    }
+  }
+
+  void ExpirePhase() {
+    // The last beat is now: death at the first expiry pass after the deadline (two periods),
+    // at most a period later; forgetting at the first pass forget_after after that.
+    const int wait_ms = 4 * o_.heartbeat_ms + 1000 * o_.forget_after_s + 1000;
+    Progress(absl::StrCat("expire: everyone silent for ", wait_ms, " ms"));
+    const double cpu0 = child_.CpuSeconds();
+    const Clock::time_point t0 = Clock::now();
+    std::this_thread::sleep_for(std::chrono::milliseconds(wait_ms));
+    CoordinatorBenchRow r;
+    r.phase = "expire (silent)";
+    r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    r.server_cpu_us_per_call = (child_.CpuSeconds() - cpu0) * 1e6 / o_.members;
+    r.rss_mb = child_.RssMb();
+    const v1::StatusReply totals = Totals();
+    r.live = totals.live_workers() + totals.live_clients();
+    r.records = totals.records();
+    r.calls = static_cast<uint64_t>(o_.members);
+    rows_.push_back(r);
+    Progress(
+        absl::StrFormat("expire: %d live and %d records after it (0 expected), %.1f us CPU "
+                        "per member, RSS %.0f MB",
+                        r.live, r.records, r.server_cpu_us_per_call, r.rss_mb));
+  }
+
+  const CoordinatorBenchOptions o_;
+  Child child_;
+  std::vector<std::unique_ptr<v1::Coordinator::Stub>> stubs_;
+  std::vector<std::string> names_, tokens_;
+  std::unique_ptr<std::atomic<uint64_t>[]> ids_;
+  std::mutex worker_of_mutex_;
+  std::vector<std::string> worker_of_;
+  std::atomic<uint64_t> cycle_{0};
+  std::vector<CoordinatorBenchRow> rows_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::vector<CoordinatorBenchRow>> RunCoordinatorBench(
+    const CoordinatorBenchOptions& options) {
+  Bench bench(options);
+  return bench.Run();
+}
+
+std::string FormatCoordinatorBench(const std::vector<CoordinatorBenchRow>& rows) {
+  std::string out = absl::StrFormat("%-28s %9s %9s %8s %8s %8s %8s %9s %7s %7s %8s %6s\n", "phase",
+                                    "calls", "calls/s", "p50 us", "p99 us", "p999 us", "max us",
+                                    "cpu us/c", "RSS MB", "live", "records", "errors");
+  for (const CoordinatorBenchRow& r : rows) {
+    absl::StrAppendFormat(&out, "%-28s %9d %9.0f %8.0f %8.0f %8.0f %8.0f %9.1f %7.0f %7d %8d %6d\n",
+                          r.phase, r.calls, r.calls_per_s(), r.p50_us, r.p99_us, r.p999_us,
+                          r.max_us, r.server_cpu_us_per_call, r.rss_mb, r.live, r.records,
+                          r.errors);
+  }
+  return out;
+}
+
+std::string CoordinatorBenchJson(const std::vector<CoordinatorBenchRow>& rows,
+                                 const CoordinatorBenchOptions& o) {
+  std::string out = absl::StrFormat(
+      "{\"members\": %d, \"workers\": %d, \"seconds\": %d, \"rate\": %d, \"window\": %d, "
+      "\"channels\": %d, \"heartbeat_ms\": %d, \"forget_after_s\": %d, \"churn_pool\": %d, "
+      "\"cores\": %d, \"rows\": [",
+      o.members, o.workers, o.seconds, o.rate, o.window, o.channels, o.heartbeat_ms,
+      o.forget_after_s, o.churn_pool, static_cast<int>(std::thread::hardware_concurrency()));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const CoordinatorBenchRow& r = rows[i];
+    absl::StrAppendFormat(&out,
+                          "%s\n  {\"phase\": \"%s\", \"calls\": %d, \"errors\": %d, \"seconds\": "
+                          "%.3f, \"calls_per_s\": %.1f, \"p50_us\": %.0f, \"p99_us\": %.0f, "
+                          "\"p999_us\": %.0f, \"max_us\": %.0f, \"server_cpu_us_per_call\": "
+                          "%.2f, \"rss_mb\": %.1f, \"live\": %d, \"records\": %d}",
+                          i == 0 ? "" : ",", r.phase, r.calls, r.errors, r.seconds, r.calls_per_s(),
+                          r.p50_us, r.p99_us, r.p999_us, r.max_us, r.server_cpu_us_per_call,
+                          r.rss_mb, r.live, r.records);
+  }
+  out += "\n]}\n";
+  return out;
+}
+
+}  // namespace splitq::tools

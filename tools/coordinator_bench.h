@@ -1,0 +1,76 @@
+// splitq tools: the coordinator load benchmark behind `splitq bench coordinator` (issue 21).
+//
+// The coordinator runs as a child process (`splitq coordinator`, this same binary, plaintext on
+// loopback, with a tokens file naming every simulated member and its role), so the server's
+// CPU per call is read from the child's /proc/PID/stat (utime + stime, 10 ms ticks) and its
+// RSS from /proc/PID/status, apart from the generator's. The generator is in this process:
+// gRPC's callback API over `channels` HTTP/2 connections, a call issued as soon as one of
+// `window` slots is free (closed loop: the most calls per second), or paced to a rate (open
+// loop: the latency at that load). Latency is from issuing a call to its completion, as the
+// generator sees it (so it includes the generator's own queueing on a busy machine).
+//
+// Phases, in order (each a row):
+//   register      `members` members (`workers` workers first, then clients), in ten slices:
+//                 the rate must stay flat from 0 to `members`
+//   assign        every client once, each one a pick of the least-loaded worker with room
+//   heartbeat     round robin over all members, closed loop, `seconds`
+//   heartbeat@R   the same at `rate` calls/s, open loop
+//   mix@R         the same rate, one call in 20 an Assign naming its worker unreachable (so it
+//                 must pick another): heartbeat and Assign latencies apart
+//   status        the whole registry in pages of 10,000 while heartbeats run at `rate`
+//   churn         `seconds` twice: members of a separate pool leave and register again while
+//                 heartbeats run (each cycle is 2 calls); the second half must cost what the
+//                 first did, and the RSS stay flat (dead records are forgotten after
+//                 `forget_after_s`)
+//   expire        nobody speaks for four heartbeat periods and forget_after_s: every member
+//                 must be marked dead and its record forgotten (live and records printed)
+// The coordinator beats at `heartbeat_ms` (deadline twice that): long enough that a member
+// stays alive between the phases that speak for it.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace splitq::tools {
+
+struct CoordinatorBenchOptions {
+  std::string splitq;  // the splitq binary that runs the coordinator ("" = this one)
+  int members = 100000;
+  int workers = 256;
+  int seconds = 5;   // per timed phase
+  int rate = 50000;  // calls/s of the paced phases
+  int window = 512;  // calls in flight at most
+  int channels = 8;  // HTTP/2 connections
+  int heartbeat_ms = 15000;
+  int forget_after_s = 2;
+  int churn_pool = 20000;  // names that leave and come back in the churn phase
+  // The coordinator's threads on CPU 0 and the generator's on the others (threads started
+  // later inherit), so the two do not compete for a core: the server's CPU per call without
+  // the generator's interference, and its capacity on one core.
+  bool pin = false;
+  bool expire = true;  // run the expire phase (it waits 4 heartbeat periods + forget)
+  std::function<void(const std::string&)> progress;  // a line per phase (stderr)
+};
+
+struct CoordinatorBenchRow {
+  std::string phase;
+  uint64_t calls = 0, errors = 0;
+  double seconds = 0;
+  double p50_us = 0, p99_us = 0, p999_us = 0, max_us = 0;
+  double server_cpu_us_per_call = 0;  // the coordinator's CPU over the phase / calls
+  double rss_mb = 0;                  // the coordinator's RSS at the phase's end
+  uint64_t live = 0, records = 0;     // Status totals at the phase's end
+  double calls_per_s() const { return seconds > 0 ? calls / seconds : 0; }
+};
+
+absl::StatusOr<std::vector<CoordinatorBenchRow>> RunCoordinatorBench(
+    const CoordinatorBenchOptions& options);
+std::string FormatCoordinatorBench(const std::vector<CoordinatorBenchRow>& rows);
+std::string CoordinatorBenchJson(const std::vector<CoordinatorBenchRow>& rows,
+                                 const CoordinatorBenchOptions& options);
+
+}  // namespace splitq::tools
