@@ -286,25 +286,32 @@ absl::StatusOr<rpc::GroupView> CoordinatorCore::Group(uint64_t member_id, int64_
 }
 
 std::vector<std::string> CoordinatorCore::Expire(Clock::time_point now) {
-  std::lock_guard<std::mutex> lock(mutex_);
   std::vector<std::string> dead;
   // Heartbeats in arrival order: a member whose newest heartbeat is past the deadline dies; an
   // older entry of a member that beat since is dropped. (Arrival order is time order up to the
-  // few microseconds between a call reading the clock and taking the lock.)
-  while (!beats_.empty() && now - beats_.front().first > options_.heartbeat_deadline) {
-    const auto it = members_.find(beats_.front().second);
-    beats_.pop_front();
-    if (it == members_.end()) continue;
-    Member& m = it->second;
-    if (m.alive && now - m.last_heartbeat > options_.heartbeat_deadline) {
-      MarkDead(m, now);
-      dead.push_back(m.name);
+  // few microseconds between a call reading the clock and taking the lock.) At most
+  // kExpireChunk entries per hold of the lock, so that a mass death does not stall the calls.
+  for (bool more = true; more;) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    size_t done = 0;
+    while (!beats_.empty() && now - beats_.front().first > options_.heartbeat_deadline &&
+           done++ < kExpireChunk) {
+      const auto it = members_.find(beats_.front().second);
+      beats_.pop_front();
+      if (it == members_.end()) continue;
+      Member& m = it->second;
+      if (m.alive && now - m.last_heartbeat > options_.heartbeat_deadline) {
+        MarkDead(m, now);
+        dead.push_back(m.name);
+      }
     }
-  }
-  while (!deaths_.empty() && now - deaths_.front().first > options_.forget_after) {
-    const auto it = members_.find(deaths_.front().second);
-    deaths_.pop_front();
-    if (it != members_.end() && !it->second.alive) Erase(it);
+    while (!deaths_.empty() && now - deaths_.front().first > options_.forget_after &&
+           done++ < kExpireChunk) {
+      const auto it = members_.find(deaths_.front().second);
+      deaths_.pop_front();
+      if (it != members_.end() && !it->second.alive) Erase(it);
+    }
+    more = done > kExpireChunk;
   }
   return dead;
 }

@@ -23,6 +23,7 @@
 #include "absl/strings/str_format.h"
 #include "base/files.h"
 #include "proto/rpc_channel.h"
+#include "server/coordinator_core.h"
 #include "server/tokens.h"
 #include "splitq/v1/coordinator.grpc.pb.h"
 
@@ -186,6 +187,65 @@ void Start(const std::string& token, Request request, Method method, Then then) 
          });
 }
 
+// The registry alone (server/coordinator_core.h, no gRPC, one thread): wall time per call.
+std::vector<CoordinatorBenchRow> CoreRows(const CoordinatorBenchOptions& o) {
+  using server::CoordinatorCore;
+  using server::Role;
+  const Clock::time_point t0 = Clock::now();
+  CoordinatorCore core(server::CoordinatorOptions{
+      std::chrono::milliseconds(o.heartbeat_ms), std::chrono::milliseconds(2 * o.heartbeat_ms),
+      static_cast<uint32_t>(2 * (o.members / o.workers + 1)),
+      std::chrono::seconds(o.forget_after_s)});
+  std::vector<CoordinatorBenchRow> rows;
+  const auto row = [&](const std::string& phase, uint64_t calls, Clock::time_point start) {
+    CoordinatorBenchRow r;
+    r.phase = phase;
+    r.calls = calls;
+    r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    r.server_cpu_us_per_call = calls > 0 ? r.seconds * 1e6 / static_cast<double>(calls) : 0;
+    const server::CoordinatorTotals totals = core.Totals();
+    r.live = totals.workers + totals.clients;
+    r.records = totals.records;
+    rows.push_back(r);
+  };
+  std::vector<uint64_t> ids(static_cast<size_t>(o.members));
+  std::vector<std::string> worker_of(static_cast<size_t>(o.members));
+  Clock::time_point start = Clock::now();
+  for (int m = 0; m < o.members; ++m) {
+    const bool worker = m < o.workers;
+    auto id = core.Register(worker ? Role::kWorker : Role::kClient,
+                            absl::StrCat(worker ? "w" : "c", m), server::kProtocolVersion,
+                            {"127.0.0.1", static_cast<uint32_t>(10000 + m)}, 0, t0);
+    ids[static_cast<size_t>(m)] = id.ok() ? *id : 0;
+  }
+  row("core register", static_cast<uint64_t>(o.members), start);
+  start = Clock::now();
+  for (int m = o.workers; m < o.members; ++m) {
+    auto a = core.Assign(ids[static_cast<size_t>(m)], t0);
+    if (a.ok()) worker_of[static_cast<size_t>(m)] = a->worker_name;
+  }
+  row("core assign (pick)", static_cast<uint64_t>(o.members - o.workers), start);
+  start = Clock::now();
+  const uint64_t beats = 10 * static_cast<uint64_t>(o.members);
+  for (uint64_t i = 0; i < beats; ++i) {
+    (void)core.Heartbeat(ids[i % static_cast<uint64_t>(o.members)], i, t0);
+  }
+  row("core heartbeat", beats, start);
+  start = Clock::now();
+  for (int m = o.workers; m < o.members; ++m) {
+    auto a = core.Assign(ids[static_cast<size_t>(m)], t0, "", worker_of[static_cast<size_t>(m)]);
+    if (a.ok()) worker_of[static_cast<size_t>(m)] = a->worker_name;
+  }
+  row("core assign (move)", static_cast<uint64_t>(o.members - o.workers), start);
+  start = Clock::now();
+  const size_t listed = core.Status(t0).size();
+  row("core status (all)", listed, start);
+  start = Clock::now();
+  const size_t dead = core.Expire(t0 + std::chrono::milliseconds(2 * o.heartbeat_ms + 1)).size();
+  row("core expire (all)", dead, start);
+  return rows;
+}
+
 class Bench {
  public:
   explicit Bench(const CoordinatorBenchOptions& o) : o_(o) {}
@@ -262,6 +322,12 @@ class Bench {
           grpc::CreateCustomChannel(child_.address(), grpc::InsecureChannelCredentials(), args)));
     }
     worker_of_.resize(static_cast<size_t>(o_.members));
+    Progress("the registry alone, in this process");
+    for (const CoordinatorBenchRow& r : CoreRows(o_)) {
+      rows_.push_back(r);
+      Progress(absl::StrFormat("%-20s %8d calls  %.2f us each", r.phase, r.calls,
+                               r.server_cpu_us_per_call));
+    }
     RegisterPhase();
     AssignPhase();
     HeartbeatPhase("heartbeat", 0, 0);

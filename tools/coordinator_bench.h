@@ -9,7 +9,10 @@
 // loop: the latency at that load). Latency is from issuing a call to its completion, as the
 // generator sees it (so it includes the generator's own queueing on a busy machine).
 //
-// Phases, in order (each a row):
+// First, rows "core ...": the registry alone (CoordinatorCore in this process, one thread, no
+// gRPC, no tokens) with the same members: wall time per call of Register, Assign (a pick, then
+// a move away from each client's worker), Heartbeat, a whole Status and one Expire of everyone.
+// Then the service, phases in order (each a row):
 //   register      `members` members (`workers` workers first, then clients), in ten slices:
 //                 the rate must stay flat from 0 to `members`
 //   assign        every client once, each one a pick of the least-loaded worker with room

@@ -305,6 +305,21 @@ TEST_F(CoordinatorCoreTest, DeadRecordsAreForgottenAfterTheGracePeriod) {
   EXPECT_EQ(core.Status(At(300001), *back).at(0).step, 0u);
 }
 
+// A mass death is handled in chunks of the lock, and none is missed.
+TEST_F(CoordinatorCoreTest, AMassExpiryTakesEveryoneAndForgetsThem) {
+  const size_t n = 3 * CoordinatorCore::kExpireChunk + 5;
+  for (size_t i = 0; i < n; ++i) Client("m" + std::to_string(i));
+  for (size_t i = 0; i < 10; ++i) {  // more queue entries than members
+    ASSERT_TRUE(core_.Heartbeat(core_.Status(At(1), 0, 1)[0].id, i, At(1)).ok());
+  }
+  EXPECT_EQ(core_.Expire(At(2002)).size(), n);
+  EXPECT_EQ(core_.Totals().clients, 0u);
+  EXPECT_EQ(core_.Totals().records, n);
+  core_.Expire(At(2002) + CoordinatorOptions().forget_after + milliseconds(1));
+  EXPECT_EQ(core_.Totals().records, 0u);
+  EXPECT_TRUE(core_.Status(At(1)).empty());
+}
+
 // Status pages through the registry in registration order.
 TEST_F(CoordinatorCoreTest, StatusPages) {
   std::vector<uint64_t> ids;
