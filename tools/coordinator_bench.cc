@@ -322,6 +322,7 @@ class Bench {
           grpc::CreateCustomChannel(child_.address(), grpc::InsecureChannelCredentials(), args)));
     }
     worker_of_.resize(static_cast<size_t>(o_.members));
+    busy_ = std::make_unique<std::atomic<bool>[]>(static_cast<size_t>(o_.churn_pool));
     Progress("the registry alone, in this process");
     for (const CoordinatorBenchRow& r : CoreRows(o_)) {
       rows_.push_back(r);
@@ -356,6 +357,7 @@ class Bench {
       r.phase = names[k];
       r.calls = l.size();
       r.errors = k == 0 ? load.errors : 0;
+      if (k == 0) r.first_error = load.first_error;
       r.seconds = load.seconds;
       r.p50_us = Percentile(l, 0.5);
       r.p99_us = Percentile(l, 0.99);
@@ -545,10 +547,18 @@ class Bench {
           Heartbeat(static_cast<int>((i / 2) % static_cast<uint64_t>(o_.members)), i, 0, done);
           return;
         }
-        const int m =
-            o_.members + static_cast<int>((cycle_++) % static_cast<uint64_t>(o_.churn_pool));
+        const uint64_t k = cycle_++ % static_cast<uint64_t>(o_.churn_pool);
+        if (busy_[k].exchange(true)) {  // its last cycle is still out: a heartbeat instead
+          Heartbeat(static_cast<int>((i / 2) % static_cast<uint64_t>(o_.members)), i, 0, done);
+          return;
+        }
+        const int m = o_.members + static_cast<int>(k);
+        const Done over = [this, k, done](int kind, const grpc::Status& s) {
+          busy_[k].store(false);
+          done(kind, s);
+        };
         // Register (again), then leave: one cycle, latency of both.
-        Register(m, i, [this, m, i, done](int, const grpc::Status& s) {
+        Register(m, i, [this, m, i, done = over](int, const grpc::Status& s) {
           if (!s.ok()) return done(1, s);
           v1::LeaveRequest r;
           r.set_member_id(ids_[m].load());
@@ -598,6 +608,7 @@ class Bench {
   std::mutex worker_of_mutex_;
   std::vector<std::string> worker_of_;
   std::atomic<uint64_t> cycle_{0};
+  std::unique_ptr<std::atomic<bool>[]> busy_;  // churn pool members in a cycle now
   std::vector<CoordinatorBenchRow> rows_;
 };
 

@@ -61,7 +61,8 @@ struct CoordinatorBenchOptions {
 
 struct CoordinatorBenchRow {
   std::string phase;
-  uint64_t calls = 0, errors = 0;
+  uint64_t calls = 0, errors = 0;  // errors: of every kind of call in the phase
+  std::string first_error;
   double seconds = 0;
   double p50_us = 0, p99_us = 0, p999_us = 0, max_us = 0;
   double server_cpu_us_per_call = 0;  // the coordinator's CPU over the phase / calls

@@ -28,7 +28,7 @@ TEST(CoordinatorBench, EveryPhaseRunsAndExpiryForgetsEveryone) {
   ASSERT_TRUE(rows.ok()) << rows.status();
   std::map<std::string, CoordinatorBenchRow> by_phase;
   for (const CoordinatorBenchRow& r : *rows) {
-    EXPECT_EQ(r.errors, 0u) << r.phase;
+    EXPECT_EQ(r.errors, 0u) << r.phase << ": " << r.first_error;
     by_phase[r.phase] = r;
   }
   uint64_t registered = 0;
