@@ -1,6 +1,9 @@
 #include "server/coordinator_service.h"
 
+#include <grpcpp/impl/codegen/proto_utils.h>
+
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "proto/rpc_channel.h"
@@ -27,12 +30,6 @@ CoordinatorService::~CoordinatorService() {
   expiry_.join();
 }
 
-absl::StatusOr<std::string> CoordinatorService::Authenticate(
-    grpc::CallbackServerContext* context) const {
-  if (tokens_ == nullptr) return std::string();
-  return tokens_->Authenticate(context->client_metadata());
-}
-
 grpc::ServerUnaryReactor* CoordinatorService::Finish(grpc::CallbackServerContext* context,
                                                      const absl::Status& status) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
@@ -40,79 +37,93 @@ grpc::ServerUnaryReactor* CoordinatorService::Finish(grpc::CallbackServerContext
   return reactor;
 }
 
-grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerContext* context,
-                                                       const splitq::v1::RegisterRequest* request,
-                                                       splitq::v1::RegisterReply* reply) {
-  std::string caller;
-  TokenRole token_role = TokenRole::kAny;
+template <class Request, class Reply>
+grpc::ServerUnaryReactor* CoordinatorService::Serve(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* in, grpc::ByteBuffer* out,
+    absl::Status (CoordinatorService::*handler)(const Bearer&, const Request&, Reply*)) {
+  Bearer caller;
   if (tokens_ != nullptr) {
     absl::StatusOr<Bearer> bearer = tokens_->Identify(context->client_metadata());
     if (!bearer.ok()) return Finish(context, bearer.status());
-    caller = bearer->id;
-    token_role = bearer->role;
+    caller = *bearer;
   }
-  if (request->role() == splitq::v1::ROLE_UNSPECIFIED) {
-    return Finish(context, absl::InvalidArgumentError("role: worker or client"));
+  Request request;
+  grpc::ByteBuffer body(*in);  // shares the slices; Deserialize consumes its argument
+  const size_t size = body.Length();
+  if (!grpc::SerializationTraits<Request>::Deserialize(&body, &request).ok()) {
+    return Finish(context, absl::InvalidArgumentError(
+                               absl::StrCat("the body (", size, " bytes) is not a ",
+                                            Request::descriptor()->full_name(), " message")));
   }
-  const Role role = request->role() == splitq::v1::ROLE_WORKER ? Role::kWorker : Role::kClient;
+  Reply reply;
+  const absl::Status status = (this->*handler)(caller, request, &reply);
+  if (status.ok()) {
+    bool own = false;
+    if (!grpc::SerializationTraits<Reply>::Serialize(reply, out, &own).ok()) {
+      return Finish(context, absl::InternalError("the reply could not be serialized"));
+    }
+  }
+  return Finish(context, status);
+}
+
+absl::Status CoordinatorService::DoRegister(const Bearer& caller,
+                                            const splitq::v1::RegisterRequest& request,
+                                            splitq::v1::RegisterReply* reply) {
+  if (request.role() != splitq::v1::ROLE_WORKER && request.role() != splitq::v1::ROLE_CLIENT) {
+    return absl::InvalidArgumentError("role: worker or client");
+  }
+  const Role role = request.role() == splitq::v1::ROLE_WORKER ? Role::kWorker : Role::kClient;
   const TokenRole needed = role == Role::kWorker ? TokenRole::kWorker : TokenRole::kClient;
-  if (token_role != TokenRole::kAny && token_role != needed) {
-    return Finish(context, absl::PermissionDeniedError(absl::StrCat(
-                               "the token of '", caller, "' is a ", TokenRoleName(token_role),
-                               " token: it cannot register a ", TokenRoleName(needed),
-                               " (make worker tokens with `splitq tokens --worker NAME`)")));
+  if (caller.role != TokenRole::kAny && caller.role != needed) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("the token of '", caller.id, "' is a ", TokenRoleName(caller.role),
+                     " token: it cannot register a ", TokenRoleName(needed),
+                     " (make worker tokens with `splitq tokens --worker NAME`)"));
   }
   auto id =
-      core_.Register(role, request->name(), static_cast<uint32_t>(request->protocol_version()),
-                     WorkerAddress{request->endpoint().host(), request->endpoint().port()},
-                     request->max_sessions(), Clock::now(), caller,
-                     WorkerAddress{request->group_store().host(), request->group_store().port()});
-  if (!id.ok()) return Finish(context, id.status());
+      core_.Register(role, request.name(), static_cast<uint32_t>(request.protocol_version()),
+                     WorkerAddress{request.endpoint().host(), request.endpoint().port()},
+                     request.max_sessions(), Clock::now(), caller.id,
+                     WorkerAddress{request.group_store().host(), request.group_store().port()});
+  if (!id.ok()) return id.status();
   reply->set_protocol_version(splitq::v1::PROTOCOL_VERSION_CURRENT);
   reply->set_member_id(*id);
   reply->set_heartbeat_period_ms(static_cast<uint32_t>(core_.options().heartbeat_period.count()));
   reply->set_heartbeat_deadline_ms(
       static_cast<uint32_t>(core_.options().heartbeat_deadline.count()));
   reply->set_config_yaml(config_yaml_);
-  return Finish(context, absl::OkStatus());
+  return absl::OkStatus();
 }
 
-grpc::ServerUnaryReactor* CoordinatorService::Assign(grpc::CallbackServerContext* context,
-                                                     const splitq::v1::AssignRequest* request,
-                                                     splitq::v1::AssignReply* reply) {
-  absl::StatusOr<std::string> caller = Authenticate(context);
-  if (!caller.ok()) return Finish(context, caller.status());
-  auto a = core_.Assign(request->member_id(), Clock::now(), *caller, request->unreachable_worker());
-  if (!a.ok()) return Finish(context, a.status());
+absl::Status CoordinatorService::DoAssign(const Bearer& caller,
+                                          const splitq::v1::AssignRequest& request,
+                                          splitq::v1::AssignReply* reply) {
+  auto a = core_.Assign(request.member_id(), Clock::now(), caller.id, request.unreachable_worker());
+  if (!a.ok()) return a.status();
   reply->set_worker_name(a->worker_name);
   reply->mutable_worker()->set_host(a->worker.host);
   reply->mutable_worker()->set_port(a->worker.port);
   reply->set_resume_step(a->resume_step);
   reply->set_assignment_id(a->assignment_id);
-  return Finish(context, absl::OkStatus());
+  return absl::OkStatus();
 }
 
-grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerContext* context,
-                                                        const splitq::v1::HeartbeatRequest* request,
-                                                        splitq::v1::HeartbeatReply* reply) {
-  absl::StatusOr<std::string> caller = Authenticate(context);
-  if (!caller.ok()) return Finish(context, caller.status());
-  const absl::Status s = core_.Heartbeat(request->member_id(), request->step(), Clock::now(),
-                                         *caller, request->sessions());
+absl::Status CoordinatorService::DoHeartbeat(const Bearer& caller,
+                                             const splitq::v1::HeartbeatRequest& request,
+                                             splitq::v1::HeartbeatReply* reply) {
+  const absl::Status s = core_.Heartbeat(request.member_id(), request.step(), Clock::now(),
+                                         caller.id, request.sessions());
   if (s.code() == absl::StatusCode::kNotFound) {
     reply->set_unknown_member(true);  // an answer, not an error: the caller registers again
-    return Finish(context, absl::OkStatus());
+    return absl::OkStatus();
   }
-  return Finish(context, s);
+  return s;
 }
 
-grpc::ServerUnaryReactor* CoordinatorService::Status(grpc::CallbackServerContext* context,
-                                                     const splitq::v1::StatusRequest* request,
-                                                     splitq::v1::StatusReply* reply) {
-  absl::StatusOr<std::string> caller = Authenticate(context);
-  if (!caller.ok()) return Finish(context, caller.status());
+absl::Status CoordinatorService::DoStatus(const Bearer&, const splitq::v1::StatusRequest& request,
+                                          splitq::v1::StatusReply* reply) {
   const std::vector<MemberView> members =
-      core_.Status(Clock::now(), request->page(), request->limit());
+      core_.Status(Clock::now(), request.page(), request.limit());
   for (const MemberView& m : members) {
     splitq::v1::MemberStatus* out = reply->add_members();
     out->set_role(m.role == Role::kWorker ? splitq::v1::ROLE_WORKER : splitq::v1::ROLE_CLIENT);
@@ -122,7 +133,7 @@ grpc::ServerUnaryReactor* CoordinatorService::Status(grpc::CallbackServerContext
     out->set_last_heartbeat_age_ms(static_cast<uint64_t>(m.since_heartbeat.count()));
     out->set_worker_name(m.worker_name);
   }
-  if (request->limit() != 0 && members.size() == request->limit()) {
+  if (request.limit() != 0 && members.size() == request.limit()) {
     reply->set_next_page(members.back().id);
   }
   const CoordinatorTotals totals = core_.Totals();
@@ -130,31 +141,58 @@ grpc::ServerUnaryReactor* CoordinatorService::Status(grpc::CallbackServerContext
   reply->set_live_workers(totals.workers);
   reply->set_live_clients(totals.clients);
   reply->set_records(totals.records);
-  return Finish(context, absl::OkStatus());
+  return absl::OkStatus();
 }
 
-grpc::ServerUnaryReactor* CoordinatorService::Leave(grpc::CallbackServerContext* context,
-                                                    const splitq::v1::LeaveRequest* request,
-                                                    splitq::v1::LeaveReply*) {
-  absl::StatusOr<std::string> caller = Authenticate(context);
-  if (!caller.ok()) return Finish(context, caller.status());
-  return Finish(context, core_.Leave(request->member_id(), Clock::now(), *caller));
+absl::Status CoordinatorService::DoLeave(const Bearer& caller,
+                                         const splitq::v1::LeaveRequest& request,
+                                         splitq::v1::LeaveReply*) {
+  return core_.Leave(request.member_id(), Clock::now(), caller.id);
 }
 
-grpc::ServerUnaryReactor* CoordinatorService::Group(grpc::CallbackServerContext* context,
-                                                    const splitq::v1::GroupRequest* request,
-                                                    splitq::v1::GroupReply* reply) {
-  absl::StatusOr<std::string> caller = Authenticate(context);
-  if (!caller.ok()) return Finish(context, caller.status());
-  auto v = core_.Group(request->member_id(), request->failed_generation(), Clock::now(), *caller);
-  if (!v.ok()) return Finish(context, v.status());
+absl::Status CoordinatorService::DoGroup(const Bearer& caller,
+                                         const splitq::v1::GroupRequest& request,
+                                         splitq::v1::GroupReply* reply) {
+  auto v = core_.Group(request.member_id(), request.failed_generation(), Clock::now(), caller.id);
+  if (!v.ok()) return v.status();
   reply->set_generation(v->generation);
   reply->set_rank(v->rank);
   reply->set_world(v->world);
   reply->mutable_store()->set_host(v->store.host);
   reply->mutable_store()->set_port(v->store.port);
   for (const std::string& name : v->members) reply->add_members(name);
-  return Finish(context, absl::OkStatus());
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request,
+                                                       grpc::ByteBuffer* reply) {
+  return Serve(context, request, reply, &CoordinatorService::DoRegister);
+}
+grpc::ServerUnaryReactor* CoordinatorService::Assign(grpc::CallbackServerContext* context,
+                                                     const grpc::ByteBuffer* request,
+                                                     grpc::ByteBuffer* reply) {
+  return Serve(context, request, reply, &CoordinatorService::DoAssign);
+}
+grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerContext* context,
+                                                        const grpc::ByteBuffer* request,
+                                                        grpc::ByteBuffer* reply) {
+  return Serve(context, request, reply, &CoordinatorService::DoHeartbeat);
+}
+grpc::ServerUnaryReactor* CoordinatorService::Status(grpc::CallbackServerContext* context,
+                                                     const grpc::ByteBuffer* request,
+                                                     grpc::ByteBuffer* reply) {
+  return Serve(context, request, reply, &CoordinatorService::DoStatus);
+}
+grpc::ServerUnaryReactor* CoordinatorService::Leave(grpc::CallbackServerContext* context,
+                                                    const grpc::ByteBuffer* request,
+                                                    grpc::ByteBuffer* reply) {
+  return Serve(context, request, reply, &CoordinatorService::DoLeave);
+}
+grpc::ServerUnaryReactor* CoordinatorService::Group(grpc::CallbackServerContext* context,
+                                                    const grpc::ByteBuffer* request,
+                                                    grpc::ByteBuffer* reply) {
+  return Serve(context, request, reply, &CoordinatorService::DoGroup);
 }
 
 }  // namespace splitq::server

@@ -17,36 +17,63 @@
 
 namespace splitq::server {
 
-class CoordinatorService final : public splitq::v1::Coordinator::CallbackService {
+// The raw (ByteBuffer) form of every method: the service parses each request itself, so that
+// a body that is not the method's message is INVALID_ARGUMENT with a message (gRPC's generated
+// handler answered such a body with an empty UNIMPLEMENTED).
+using CoordinatorRawBase = splitq::v1::Coordinator::WithRawCallbackMethod_Register<
+    splitq::v1::Coordinator::WithRawCallbackMethod_Assign<
+        splitq::v1::Coordinator::WithRawCallbackMethod_Heartbeat<
+            splitq::v1::Coordinator::WithRawCallbackMethod_Status<
+                splitq::v1::Coordinator::WithRawCallbackMethod_Leave<
+                    splitq::v1::Coordinator::WithRawCallbackMethod_Group<
+                        splitq::v1::Coordinator::Service>>>>>>;
+
+class CoordinatorService final : public CoordinatorRawBase {
  public:
   // `tokens`: every caller must present one of them (null: no token check, for tests and
   // trusted networks). `config_yaml`: the run config sent to each registrant.
   CoordinatorService(CoordinatorCore& core, const TokenSet* tokens, std::string config_yaml);
   ~CoordinatorService() override;
 
+  // Each call: the bearer token first (UNAUTHENTICATED), then the body (INVALID_ARGUMENT when
+  // it does not parse as the method's request), then the method.
   grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* context,
-                                     const splitq::v1::RegisterRequest* request,
-                                     splitq::v1::RegisterReply* reply) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* reply) override;
   grpc::ServerUnaryReactor* Assign(grpc::CallbackServerContext* context,
-                                   const splitq::v1::AssignRequest* request,
-                                   splitq::v1::AssignReply* reply) override;
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* reply) override;
   grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* context,
-                                      const splitq::v1::HeartbeatRequest* request,
-                                      splitq::v1::HeartbeatReply* reply) override;
+                                      const grpc::ByteBuffer* request,
+                                      grpc::ByteBuffer* reply) override;
   grpc::ServerUnaryReactor* Status(grpc::CallbackServerContext* context,
-                                   const splitq::v1::StatusRequest* request,
-                                   splitq::v1::StatusReply* reply) override;
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* reply) override;
   grpc::ServerUnaryReactor* Leave(grpc::CallbackServerContext* context,
-                                  const splitq::v1::LeaveRequest* request,
-                                  splitq::v1::LeaveReply* reply) override;
+                                  const grpc::ByteBuffer* request,
+                                  grpc::ByteBuffer* reply) override;
   grpc::ServerUnaryReactor* Group(grpc::CallbackServerContext* context,
-                                  const splitq::v1::GroupRequest* request,
-                                  splitq::v1::GroupReply* reply) override;
+                                  const grpc::ByteBuffer* request,
+                                  grpc::ByteBuffer* reply) override;
 
  private:
-  // OK when the caller presents a valid bearer token (or no tokens are configured).
-  // The caller's token id ("" when tokens are off), or UNAUTHENTICATED.
-  absl::StatusOr<std::string> Authenticate(grpc::CallbackServerContext* context) const;
+  // Authenticates, parses `in` as a Request, runs `handler` and serializes its reply to `out`.
+  template <class Request, class Reply>
+  grpc::ServerUnaryReactor* Serve(
+      grpc::CallbackServerContext* context, const grpc::ByteBuffer* in, grpc::ByteBuffer* out,
+      absl::Status (CoordinatorService::*handler)(const Bearer&, const Request&, Reply*));
+  absl::Status DoRegister(const Bearer& caller, const splitq::v1::RegisterRequest& request,
+                          splitq::v1::RegisterReply* reply);
+  absl::Status DoAssign(const Bearer& caller, const splitq::v1::AssignRequest& request,
+                        splitq::v1::AssignReply* reply);
+  absl::Status DoHeartbeat(const Bearer& caller, const splitq::v1::HeartbeatRequest& request,
+                           splitq::v1::HeartbeatReply* reply);
+  absl::Status DoStatus(const Bearer& caller, const splitq::v1::StatusRequest& request,
+                        splitq::v1::StatusReply* reply);
+  absl::Status DoLeave(const Bearer& caller, const splitq::v1::LeaveRequest& request,
+                       splitq::v1::LeaveReply* reply);
+  absl::Status DoGroup(const Bearer& caller, const splitq::v1::GroupRequest& request,
+                       splitq::v1::GroupReply* reply);
   static grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context,
                                           const absl::Status& status);
 

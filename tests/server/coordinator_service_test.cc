@@ -2,13 +2,15 @@
 // are required, a worker and a client register and meet, an old protocol version is refused
 // with a clear message, and a worker that stops heartbeating is marked dead by the service's
 // own expiry thread (the heartbeat reply then asks it to register again), and a token speaks
-// only for its own id.
+// only for its own id; malformed bodies are INVALID_ARGUMENT.
 #include "server/coordinator_service.h"
 
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -125,6 +127,48 @@ TEST_F(CoordinatorServiceTest, WorkerAndClientMeetWithTokens) {
     paged.set_page(page.next_page());
   }
   EXPECT_EQ(names, (std::vector<std::string>{"w", "alice"}));
+}
+
+// A hostile peer's bodies that are not the method's message: INVALID_ARGUMENT naming the
+// message, for every method (gRPC's generated handler answered an empty UNIMPLEMENTED); without
+// a token, UNAUTHENTICATED before the body is looked at.
+TEST_F(CoordinatorServiceTest, MalformedBodiesAreInvalidArgument) {
+  grpc::GenericStub generic(grpc::CreateChannel("127.0.0.1:" + std::to_string(port_),
+                                                grpc::InsecureChannelCredentials()));
+  const auto call = [&](const std::string& method, const std::string& bytes, const char* who) {
+    grpc::Slice slice(bytes);
+    grpc::ByteBuffer request(&slice, 1), reply;
+    auto context = Context(who);
+    std::mutex mutex;
+    std::condition_variable done;
+    bool finished = false;
+    grpc::Status status;
+    generic.UnaryCall(context.get(), "/splitq.v1.Coordinator/" + method, grpc::StubOptions(),
+                      &request, &reply, [&](grpc::Status s) {
+                        std::lock_guard<std::mutex> lock(mutex);
+                        status = std::move(s);
+                        finished = true;
+                        done.notify_one();
+                      });
+    std::unique_lock<std::mutex> lock(mutex);
+    done.wait(lock, [&] { return finished; });
+    return status;
+  };
+  const std::string truncated("\x0a\x05ab", 4);  // field 1, 5 bytes long, 2 there
+  const std::string bad_varint(11, '\xff');
+  for (const char* method : {"Register", "Assign", "Heartbeat", "Status", "Leave", "Group"}) {
+    for (const std::string& body : {truncated, bad_varint}) {
+      const grpc::Status s = call(method, body, "alice");
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << method;
+      EXPECT_NE(s.error_message().find("is not a splitq.v1."), std::string::npos)
+          << method << ": " << s.error_message();
+    }
+    EXPECT_EQ(call(method, truncated, "").error_code(), grpc::StatusCode::UNAUTHENTICATED)
+        << method;
+  }
+  // The service still answers well-formed calls.
+  splitq::v1::RegisterReply reply;
+  EXPECT_TRUE(Register(splitq::v1::ROLE_CLIENT, "alice", &reply).ok());
 }
 
 TEST_F(CoordinatorServiceTest, AnOldProtocolVersionIsRefusedClearly) {
