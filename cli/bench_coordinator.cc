@@ -1,5 +1,7 @@
 // `splitq bench coordinator [--members N] [--workers W] [--seconds S] [--rate R] [--window K]
-// [--channels C] [--heartbeat-ms MS] [--forget-after-s S] [--churn-pool P] [--pin] [--no-expire]
+// [--channels C] [--heartbeat-ms MS] [--forget-after-s S] [--churn-pool P] [--connections K]
+// [--pin]
+// [--no-expire]
 // [--json FILE]`: the coordinator (a child process) under a load generator of our own
 // (tools/coordinator_bench.h); a table on stdout, progress on stderr.
 #include <cerrno>
@@ -49,6 +51,10 @@ void RegisterBenchCoordinator(CLI::App& bench, RunFn* run) {
   cmd->add_option("--churn-pool", b.churn_pool,
                   "Names that leave and register again in the churn phase (default 20000)")
       ->check(IntRange(1, 10000000));
+  cmd->add_option("--connections", b.connections,
+                  "Connections opened and closed in the connections phase (default 2000; 0 skips "
+                  "it)")
+      ->check(IntRange(0, 100000));
   cmd->add_flag("--pin", opt->bench.pin,
                 "The coordinator on CPU 0, the generator on the other CPUs (no competition "
                 "for a core)");

@@ -1,6 +1,7 @@
 #include "server/coordinator_service.h"
 
 #include <grpcpp/impl/codegen/proto_utils.h>
+#include <malloc.h>
 
 #include <utility>
 #include <vector>
@@ -9,6 +10,9 @@
 #include "proto/rpc_channel.h"
 
 namespace splitq::server {
+namespace {
+constexpr size_t kTrimAboveBytes = size_t{32} << 20;
+}  // namespace
 
 CoordinatorService::CoordinatorService(CoordinatorCore& core, const TokenSet* tokens,
                                        std::string config_yaml)
@@ -17,6 +21,10 @@ CoordinatorService::CoordinatorService(CoordinatorCore& core, const TokenSet* to
     std::unique_lock<std::mutex> lock(mutex_);
     while (!wake_.wait_for(lock, core_.options().heartbeat_period, [this] { return stopping_; })) {
       core_.Expire(Clock::now());
+      // Memory freed by closed connections and forgotten records goes back to the system
+      // (`splitq` sets a high trim threshold for the trainer's sake, so nothing else trims).
+      // Only when much is free: a trim walks the heap (17 ms at 100k members).
+      if (mallinfo2().fordblks > kTrimAboveBytes) malloc_trim(0);
     }
   });
 }

@@ -336,6 +336,7 @@ class Bench {
     HeartbeatPhase(absl::StrCat("mix@", o_.rate), o_.rate, 20);
     StatusPhase();
     ChurnPhase();
+    if (o_.connections > 0) ConnectionsPhase();
     if (o_.expire) ExpirePhase();
     child_.Stop();
     return rows_;
@@ -574,6 +575,46 @@ class Bench {
             absl::StrCat("churn ", half + 1, "/2 join+leave")},
            load, cpu0, cycles);
     }
+  }
+
+  // `connections` members each heartbeat once over a connection of its own; then the
+  // connections close. The coordinator's RSS before, with them open, and a heartbeat period and
+  // 2 s after they closed.
+  void ConnectionsPhase() {
+    const double rss0 = child_.RssMb();
+    const double cpu0 = child_.CpuSeconds();
+    std::vector<std::unique_ptr<v1::Coordinator::Stub>> own;
+    for (int c = 0; c < o_.connections; ++c) {
+      grpc::ChannelArguments args;
+      args.SetInt("splitq.bench.channel", o_.channels + c);
+      own.push_back(v1::Coordinator::NewStub(
+          grpc::CreateCustomChannel(child_.address(), grpc::InsecureChannelCredentials(), args)));
+    }
+    Load load = Drive(
+        1, o_.window, static_cast<uint64_t>(o_.connections), 0, 0, [&](uint64_t i, Done done) {
+          const int m = static_cast<int>(i % static_cast<uint64_t>(o_.members));
+          v1::HeartbeatRequest r;
+          r.set_member_id(ids_[m].load());
+          v1::Coordinator::Stub& stub = *own[i];
+          Start<v1::HeartbeatRequest, v1::HeartbeatReply>(
+              tokens_[m], std::move(r),
+              [&stub](auto* c, auto* q, auto* p, auto cb) { stub.async()->Heartbeat(c, q, p, cb); },
+              [done](const grpc::Status& s, const v1::HeartbeatReply&) { done(0, s); });
+        });
+    Rows({absl::StrCat("connections ", o_.connections, " open")}, load, cpu0);
+    const double open_mb = child_.RssMb();
+    own.clear();  // the channels go, and with them their connections
+    // The coordinator trims freed memory at its next expiry pass: a heartbeat period.
+    std::this_thread::sleep_for(std::chrono::milliseconds(o_.heartbeat_ms + 2000));
+    CoordinatorBenchRow r;
+    r.phase = absl::StrCat("connections ", o_.connections, " closed");
+    r.rss_mb = child_.RssMb();
+    rows_.push_back(r);
+    Progress(
+        absl::StrFormat("connections: RSS %.0f MB before, %.0f MB with %d more open "
+                        "(%.1f KB each), %.0f MB %d ms after they closed",
+                        rss0, open_mb, o_.connections, (open_mb - rss0) * 1024 / o_.connections,
+                        r.rss_mb, o_.heartbeat_ms + 2000));
   }
 
   void ExpirePhase() {

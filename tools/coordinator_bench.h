@@ -25,6 +25,9 @@
 //                 heartbeats run (each cycle is 2 calls); the second half must cost what the
 //                 first did, and the RSS stay flat (dead records are forgotten after
 //                 `forget_after_s`)
+//   connections   `connections` more connections, one heartbeat each, then closed: the
+//                 coordinator's RSS before, with them open, and a heartbeat period + 2 s after
+//                 they closed (the coordinator returns freed memory at its expiry passes)
 //   expire        nobody speaks for four heartbeat periods and forget_after_s: every member
 //                 must be marked dead and its record forgotten (live and records printed)
 // The coordinator beats at `heartbeat_ms` (deadline twice that): long enough that a member
@@ -51,6 +54,7 @@ struct CoordinatorBenchOptions {
   int heartbeat_ms = 15000;
   int forget_after_s = 2;
   int churn_pool = 20000;  // names that leave and come back in the churn phase
+  int connections = 2000;  // the connections phase's extra connections (0: skip it)
   // The coordinator's threads on CPU 0 and the generator's on the others (threads started
   // later inherit), so the two do not compete for a core: the server's CPU per call without
   // the generator's interference, and its capacity on one core.

@@ -24,6 +24,7 @@ TEST(CoordinatorBench, EveryPhaseRunsAndExpiryForgetsEveryone) {
   o.heartbeat_ms = 1000;  // dead 2 s after the last word; the phases speak for everyone
   o.forget_after_s = 1;
   o.churn_pool = 50;
+  o.connections = 20;
   auto rows = RunCoordinatorBench(o);
   ASSERT_TRUE(rows.ok()) << rows.status();
   std::map<std::string, CoordinatorBenchRow> by_phase;
@@ -43,6 +44,8 @@ TEST(CoordinatorBench, EveryPhaseRunsAndExpiryForgetsEveryone) {
   EXPECT_GT(by_phase.at("status listing").calls, 0u);
   EXPECT_GT(by_phase.at("churn 2/2 join+leave").calls, 0u);
   EXPECT_GT(by_phase.at("heartbeat").server_cpu_us_per_call, 0.0);
+  EXPECT_EQ(by_phase.at("connections 20 open").calls, 20u);
+  EXPECT_GT(by_phase.at("connections 20 closed").rss_mb, 0.0);
   const CoordinatorBenchRow& expire = by_phase.at("expire (silent)");
   EXPECT_EQ(expire.live, 0u);
   EXPECT_EQ(expire.records, 0u);
