@@ -185,7 +185,11 @@ absl::StatusOr<trainer::TrainSummary> RunClientSession(trainer::ClientPart& part
   SPLITQ_ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
                           MakeChannel(options.coordinator, options.security));
   CoordinatorClient coordinator(channel, options.link.token);
-  ReconnectingLink link(coordinator, options);
+  // A worker's answer may be no larger than this client's config can produce.
+  ClientSessionOptions bounded = options;
+  bounded.link.limits.max_frame_bytes =
+      std::min(bounded.link.limits.max_frame_bytes, part.max_answer_frame_bytes());
+  ReconnectingLink link(coordinator, bounded);
   SPLITQ_RETURN_IF_ERROR(link.Connect(options.connect_timeout));
   if (events.connected) events.connected(link.worker());
 

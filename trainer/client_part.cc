@@ -102,6 +102,7 @@ struct ClientPart::Impl {
   std::optional<Pending> pending;
   bool resend_pending_map = false;
   at::Tensor eval_targets;  // of the last EvalForward
+  int64_t max_answer_bytes = 0;
 
   std::vector<std::shared_ptr<torch::nn::Module>> OwnBlocks() const {
     std::vector<std::shared_ptr<torch::nn::Module>> out;
@@ -132,6 +133,19 @@ absl::StatusOr<std::unique_ptr<ClientPart>> ClientPart::Create(const RunConfig& 
   SPLITQ_ASSIGN_OR_RETURN(impl->model, BuildModel(c, init, for_resume, impl->device));
   SplitModel& m = impl->model;
   impl->server_blocks = m.server->children().size();
+  SPLITQ_RETURN_IF_ERROR(TorchCall("client part", [&]() -> absl::Status {
+    // One example through the client and the server layers: what an answer holds per example.
+    at::NoGradGuard no_grad;
+    const at::Tensor x = c.task == Task::kFashionMnist ? at::zeros({1, 1, 28, 28}, at::kFloat)
+                                                       : at::zeros({1, c.context}, at::kLong);
+    const at::Tensor h1 = m.client->forward(x.to(impl->device));
+    int64_t per_example = h1.numel();
+    if (c.u_shaped) per_example = std::max(per_example, m.server->forward(h1).numel());
+    const int64_t max_batch =
+        std::max<int64_t>(c.batch_size, c.task == Task::kFashionMnist ? 500 : 0);
+    impl->max_answer_bytes = max_batch * per_example * 4 + per_example * 16 + (int64_t{64} << 10);
+    return absl::OkStatus();
+  }));
   m.server = torch::nn::Sequential();  // the worker's
   SPLITQ_RETURN_IF_ERROR(TorchCall("client part", [&]() -> absl::Status {
     Impl& s = *impl;
@@ -428,6 +442,7 @@ absl::Status ClientPart::LoadCheckpoint(const std::string& path, std::vector<dou
 }
 
 int64_t ClientPart::step() const { return impl_->step; }
+int64_t ClientPart::max_answer_frame_bytes() const { return impl_->max_answer_bytes; }
 const RunConfig& ClientPart::config() const { return impl_->c; }
 std::string ClientPart::device() const { return impl_->device.is_cuda() ? "cuda" : "cpu"; }
 

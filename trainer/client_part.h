@@ -92,6 +92,12 @@ class ClientPart {
   void SetCounters(int64_t step, const WireTotals& bytes);
 
   int64_t step() const;
+  // The largest frame the worker may send this client (a gradient of its boundary or, U-shaped,
+  // the server's output activation), as ServerPart::max_frame_bytes bounds what a worker takes:
+  // the largest batch (the larger of batch_size and, for Fashion-MNIST, 500) x the larger
+  // per-example element count of the two x 4 bytes, plus 16 bytes per element of one example
+  // and 64 KiB. The client refuses a larger answer (its session breaks, and it reconnects).
+  int64_t max_answer_frame_bytes() const;
   const RunConfig& config() const;
   WireTotals wire() const;  // bytes of completed steps
   std::string device() const;

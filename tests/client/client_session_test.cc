@@ -1,7 +1,8 @@
 // client/client_session.h against real services with a fake server part: ReconnectingLink fails
 // over to the coordinator's next worker when its worker goes away, reports a worker it cannot
 // reach so that the coordinator picks another, gives up after its reconnect timeout, and passes
-// non-transient errors through; RunId is kept across restarts. Nothing here reads log text.
+// non-transient errors through, and refuses an answer above its frame limit; RunId is kept
+// across restarts. Nothing here reads log text.
 #include "client/client_session.h"
 
 #include <grpcpp/grpcpp.h>
@@ -25,14 +26,15 @@ namespace {
 // Answers every step with a one-byte "gradient" naming the worker, and counts steps.
 class FakeServerPart : public trainer::ServerHandler {
  public:
-  explicit FakeServerPart(char tag) : tag_(tag) {}
+  explicit FakeServerPart(char tag, size_t answer_bytes = 1)
+      : tag_(tag), answer_bytes_(answer_bytes) {}
   uint64_t OpenSession() override { return ++sessions_; }
   void CloseSession(uint64_t) override {}
   absl::StatusOr<trainer::DownFrame> Train(uint64_t, const trainer::UpFrame& up, bool) override {
     ++updates_;
     trainer::DownFrame down;
     down.step = up.step;
-    down.frame = std::string(1, tag_);
+    down.frame = std::string(answer_bytes_, tag_);
     return down;
   }
   absl::StatusOr<trainer::EvalPiece> Evaluate(uint64_t, const trainer::UpFrame&) override {
@@ -42,6 +44,7 @@ class FakeServerPart : public trainer::ServerHandler {
 
  private:
   char tag_;
+  size_t answer_bytes_;
   uint64_t sessions_ = 0;
   int64_t updates_ = 0;
 };
@@ -56,7 +59,8 @@ struct Worker {
   std::unique_ptr<Heartbeater> heartbeat;
   int port = 0;
 
-  Worker(char tag, CoordinatorClient& coordinator, const std::string& name) : part(tag) {
+  Worker(char tag, CoordinatorClient& coordinator, const std::string& name, size_t answer_bytes = 1)
+      : part(tag, answer_bytes) {
     grpc::ServerBuilder builder;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
     builder.RegisterService(&service);
@@ -171,6 +175,29 @@ TEST_F(ClientSessionTest, GivesUpAfterItsReconnectTimeout) {
   auto step = Step(link, 1);
   EXPECT_EQ(step.status().code(), absl::StatusCode::kUnavailable) << step.status();
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+}
+
+// A worker's answer above the client's limit (RunClientSession sets it from the config:
+// ClientPart::max_answer_frame_bytes) is refused before it takes that memory; one within it
+// passes.
+TEST_F(ClientSessionTest, AnAnswerAboveTheClientsLimitIsRefused) {
+  options_.link.limits.max_frame_bytes = 4096;
+  {
+    Worker big('x', *coordinator_, "wbig", 100000);
+    ReconnectingLink link(*coordinator_, options_);
+    ASSERT_TRUE(link.Connect(std::chrono::seconds(5)).ok());
+    auto down = link.Train(Up(0));
+    ASSERT_FALSE(down.ok());
+    EXPECT_NE(down.status().message().find("the worker's frame"), std::string::npos)
+        << down.status();
+    link.Close();
+  }
+  Worker fits('y', *coordinator_, "wfits", 4000);
+  ReconnectingLink link(*coordinator_, options_);
+  ASSERT_TRUE(link.Connect(std::chrono::seconds(20)).ok());
+  auto step = Step(link, 0);
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_EQ(*step, 'y');
 }
 
 TEST_F(ClientSessionTest, NonTransientErrorsAreNotRetried) {

@@ -179,6 +179,9 @@ TEST_F(SplitParts, UShapedStepIsHeldOpenUntilItsHead) {
   auto down = (*server)->TrainHead(a, *head);
   ASSERT_TRUE(down.ok()) << down.status();
   EXPECT_FALSE(down->activation);
+  // Both answers fit the client's bound on what a worker may send it.
+  EXPECT_LE(static_cast<int64_t>(act->frame.size()), (*client)->max_answer_frame_bytes());
+  EXPECT_LE(static_cast<int64_t>(down->frame.size()), (*client)->max_answer_frame_bytes());
   auto stats = (*client)->Backward(*down);
   ASSERT_TRUE(stats.ok()) << stats.status();
   EXPECT_EQ(stats->loss, head->loss);
@@ -190,6 +193,35 @@ TEST_F(SplitParts, UShapedStepIsHeldOpenUntilItsHead) {
   next = (*client)->Forward();
   ASSERT_TRUE(next.ok());
   EXPECT_TRUE((*server)->Train(b, *next, true).ok());
+}
+
+// The client bounds a worker's answer as the worker bounds a client's frame: the same formula,
+// over the boundary's gradient (and, U-shaped, the server's output too); fp32 gradient frames
+// of a real step fit it.
+TEST_F(SplitParts, TheClientsAnswerLimitFollowsTheConfig) {
+  for (bool u_shaped : {false, true}) {
+    RunConfig c = ConfigFrom(kAmaq);
+    c.u_shaped = u_shaped;
+    c.split_after = 1;
+    c.gradients.mode = WireMode::kFloat32;
+    auto client = ClientPart::Create(c, "", false);
+    auto server = ServerPart::Create(c, "");
+    ASSERT_TRUE(client.ok() && server.ok());
+    const int64_t limit = (*client)->max_answer_frame_bytes();
+    if (!u_shaped) {
+      EXPECT_EQ(limit, (*server)->max_frame_bytes());
+    }
+    EXPECT_GE(limit, (*server)->max_frame_bytes()) << "u_shaped " << u_shaped;
+    EXPECT_LT(limit, int64_t{64} << 20) << "u_shaped " << u_shaped;  // not the 256 MiB default
+    if (u_shaped) continue;
+    const uint64_t session = (*server)->OpenSession();
+    auto up = (*client)->Forward();
+    ASSERT_TRUE(up.ok());
+    auto down = (*server)->Train(session, *up, true);
+    ASSERT_TRUE(down.ok()) << down.status();
+    EXPECT_LE(static_cast<int64_t>(down->frame.size()), limit);
+    EXPECT_GT(static_cast<int64_t>(down->frame.size()), limit / 40);  // a real bound, not slack
+  }
 }
 
 TEST_F(SplitParts, NewSessionMidRunResendsTheBitMapAndCarriesOn) {
