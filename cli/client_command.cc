@@ -91,6 +91,8 @@ int RunClient(const ClientCommandOptions& opt) {
       opt.out_dir.empty() ? (std::filesystem::path("runs") / opt.id).string() : opt.out_dir;
   train_options.resume =
       std::filesystem::exists(std::filesystem::path(train_options.out_dir) / "checkpoint.pt");
+  train_options.resume_hint = absl::StrCat(
+      "run the same `splitq client` command again: it resumes from ", train_options.out_dir);
   auto run_id = client::RunId(train_options.out_dir);
   if (!run_id.ok()) return Fail(opt.id, "--out", run_id.status());
   auto part = trainer::ClientPart::Create(*config, opt.init, train_options.resume, *shard);

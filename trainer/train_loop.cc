@@ -211,17 +211,15 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
     if (validating) {
       SPLITQ_RETURN_IF_ERROR(save());
       return absl::CancelledError(absl::StrFormat(
-          "interrupted during the validation after step %d (%s); %s holds the state (continue "
-          "with --resume)",
-          trainer->step(), status.message(), checkpoint.string()));
+          "interrupted during the validation after step %d (%s); %s holds the state (%s)",
+          trainer->step(), status.message(), checkpoint.string(), options.resume_hint));
     }
     std::error_code error;
     const bool saved = fs::exists(checkpoint, error);
     return absl::CancelledError(absl::StrFormat(
         "interrupted during step %d (%s); %s", trainer->step() + 1, status.message(),
-        saved ? absl::StrCat(checkpoint.string(),
-                             " holds the last checkpoint (continue with --resume; the steps "
-                             "after it are redone)")
+        saved ? absl::StrCat(checkpoint.string(), " holds the last checkpoint (",
+                             options.resume_hint, "; the steps after it are redone)")
               : std::string("no checkpoint was written yet: a new run starts from step 0")));
   };
   while (trainer->step() < c.steps) {
@@ -269,9 +267,8 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
       SPLITQ_RETURN_IF_ERROR(save());
     }
     if (stop) {
-      return absl::CancelledError(
-          absl::StrFormat("stopped after step %d; %s holds the state (continue with --resume)",
-                          step, checkpoint.string()));
+      return absl::CancelledError(absl::StrFormat("stopped after step %d; %s holds the state (%s)",
+                                                  step, checkpoint.string(), options.resume_hint));
     }
   }
   SPLITQ_RETURN_IF_ERROR(validate());

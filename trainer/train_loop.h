@@ -96,6 +96,9 @@ struct TrainOptions {
   // Called with one-off lines a person should keep seeing (where a resume starts, what the
   // bit budget means); may be empty (then `progress` gets them).
   std::function<void(const std::string&)> note;
+  // What continues a stopped run, in the messages that say how to (`splitq train`: its
+  // --resume flag; a networked client resumes from its --out by itself).
+  std::string resume_hint = "continue with --resume";
   // Called with the finished summary before summary.json is written, to add what only the
   // caller knows (a networked client: the steps its workers lost). May be empty.
   std::function<void(TrainSummary&)> finish;

@@ -138,6 +138,7 @@ TEST(TrainLoop, AStepCutShortByAnInterruptNamesTheCheckpointToResumeFrom) {
       EXPECT_EQ(runner.saved_at(), std::vector<int64_t>{4});
       EXPECT_NE(s.message().find("checkpoint.pt holds the last checkpoint"), std::string::npos)
           << s;
+      EXPECT_NE(s.message().find("continue with --resume"), std::string::npos) << s;
     } else {
       EXPECT_TRUE(runner.saved_at().empty());
       EXPECT_NE(s.message().find("no checkpoint was written yet"), std::string::npos) << s;
@@ -151,9 +152,13 @@ TEST(TrainLoop, AStepCutShortByAnInterruptNamesTheCheckpointToResumeFrom) {
   TrainOptions o = Options("cut_short_validation");
   RemoveTree(o.out_dir);
   o.interrupt = &interrupt;
+  // A networked client resumes without --resume: its messages say what does.
+  o.resume_hint = "run the same command again";
   const absl::Status s = RunTraining(runner, o).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kCancelled) << s;
   EXPECT_NE(s.message().find("validation after step 5"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("(run the same command again)"), std::string::npos) << s;
+  EXPECT_EQ(s.message().find("--resume"), std::string::npos) << s;
   EXPECT_EQ(runner.saved_at(), (std::vector<int64_t>{4, 5}));
   RemoveTree(o.out_dir);
 }
