@@ -1,6 +1,6 @@
 // `splitq bench coordinator [--members N] [--workers W] [--seconds S] [--rate R] [--window K]
 // [--channels C] [--heartbeat-ms MS] [--forget-after-s S] [--churn-pool P] [--connections K]
-// [--pin]
+// [--coordinator-cpus K]
 // [--no-expire]
 // [--json FILE]`: the coordinator (a child process) under a load generator of our own
 // (tools/coordinator_bench.h); a table on stdout, progress on stderr.
@@ -12,6 +12,7 @@
 #include <string>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "cli/commands.h"
 #include "tools/coordinator_bench.h"
 
@@ -55,9 +56,10 @@ void RegisterBenchCoordinator(CLI::App& bench, RunFn* run) {
                   "Connections opened and closed in the connections phase (default 2000; 0 skips "
                   "it)")
       ->check(IntRange(0, 100000));
-  cmd->add_flag("--pin", opt->bench.pin,
-                "The coordinator on CPU 0, the generator on the other CPUs (no competition "
-                "for a core)");
+  cmd->add_option("--coordinator-cpus", opt->bench.coordinator_cpus,
+                  "Pin the coordinator to CPUs 0..K-1 and the generator to the others (no "
+                  "competition for a core; default 0: no pinning)")
+      ->check(IntRange(0, 4096));
   cmd->add_flag("--no-expire", opt->no_expire,
                 "Skip the expiry phase (it waits four heartbeat periods and --forget-after-s)");
   cmd->add_option("--json", opt->json, "Also write the rows as JSON to this file");
@@ -86,7 +88,10 @@ void RegisterBenchCoordinator(CLI::App& bench, RunFn* run) {
           "workers), generator: this process, %d connections, %d calls in flight at most; %u "
           "cores%s\n",
           o.members, o.workers, o.channels, o.window, std::thread::hardware_concurrency(),
-          o.pin ? "; coordinator pinned to CPU 0, generator to the others" : "");
+          o.coordinator_cpus > 0 ? absl::StrCat("; coordinator pinned to CPUs 0..",
+                                                o.coordinator_cpus - 1, ", generator to the others")
+                                       .c_str()
+                                 : "");
       std::fflush(stdout);
       auto rows = tools::RunCoordinatorBench(o);
       if (!rows.ok()) {

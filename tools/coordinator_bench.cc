@@ -297,15 +297,20 @@ class Bench {
         !s.ok()) {
       return s;
     }
-    if (o_.pin) {
-      // The coordinator on CPU 0, this process (the generator) on the others.
+    if (o_.coordinator_cpus > 0) {
+      // The coordinator on CPUs 0..k-1, this process (the generator) on the others.
       const unsigned cpus = std::thread::hardware_concurrency();
-      if (cpus < 2) return absl::FailedPreconditionError("--pin needs 2 or more CPUs");
+      const unsigned k = static_cast<unsigned>(o_.coordinator_cpus);
+      if (k >= cpus) {
+        return absl::FailedPreconditionError(absl::StrCat("--coordinator-cpus ", k,
+                                                          " leaves none of this machine's ", cpus,
+                                                          " CPUs to the generator"));
+      }
       cpu_set_t one, rest;
       CPU_ZERO(&one);
       CPU_ZERO(&rest);
-      CPU_SET(0, &one);
-      for (unsigned c = 1; c < cpus; ++c) CPU_SET(c, &rest);
+      for (unsigned c = 0; c < k; ++c) CPU_SET(c, &one);
+      for (unsigned c = k; c < cpus; ++c) CPU_SET(c, &rest);
       // Every thread of the child (gRPC's too): through /proc/PID/task.
       for (const auto& task :
            std::filesystem::directory_iterator(absl::StrCat("/proc/", child_.pid(), "/task"))) {

@@ -55,10 +55,11 @@ struct CoordinatorBenchOptions {
   int forget_after_s = 2;
   int churn_pool = 20000;  // names that leave and come back in the churn phase
   int connections = 2000;  // the connections phase's extra connections (0: skip it)
-  // The coordinator's threads on CPU 0 and the generator's on the others (threads started
-  // later inherit), so the two do not compete for a core: the server's CPU per call without
-  // the generator's interference, and its capacity on one core.
-  bool pin = false;
+  // > 0: the coordinator's threads on CPUs 0..coordinator_cpus-1 and the generator's on the
+  // others (threads started later inherit), so the two do not compete for a core: the
+  // server's CPU per call without the generator's interference, and its capacity on that many
+  // cores.
+  int coordinator_cpus = 0;
   bool expire = true;  // run the expire phase (it waits 4 heartbeat periods + forget)
   std::function<void(const std::string&)> progress;  // a line per phase (stderr)
 };
