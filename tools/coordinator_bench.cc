@@ -1,18 +1,21 @@
 #include "tools/coordinator_bench.h"
 
+#include <dirent.h>
 #include <grpcpp/grpcpp.h>
 #include <sched.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <mutex>
@@ -246,6 +249,17 @@ std::vector<CoordinatorBenchRow> CoreRows(const CoordinatorBenchOptions& o) {
   return rows;
 }
 
+// Every thread listed in `task_dir` (/proc/PID/task) onto `cpus`.
+void PinThreads(const std::string& task_dir, const cpu_set_t& cpus) {
+  DIR* d = opendir(task_dir.c_str());
+  if (d == nullptr) return;
+  while (const dirent* e = readdir(d)) {
+    if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+    sched_setaffinity(static_cast<pid_t>(std::atoi(e->d_name)), sizeof(cpus), &cpus);
+  }
+  closedir(d);
+}
+
 class Bench {
  public:
   explicit Bench(const CoordinatorBenchOptions& o) : o_(o) {}
@@ -254,15 +268,18 @@ class Bench {
     if (o_.members < 2 || o_.workers < 1 || o_.workers >= o_.members) {
       return absl::InvalidArgumentError("members >= 2 and 1 <= workers < members");
     }
-    const std::filesystem::path dir =
-        std::filesystem::temp_directory_path() / absl::StrCat("splitq-coordbench-", getpid());
-    std::filesystem::create_directories(dir);
+    // POSIX calls and base::RemoveTree, not std::filesystem: in a binary that links PyTorch's
+    // libtorch, std::filesystem may bind to libtorch.so's own copy (base/files.h), and
+    // remove_all crashed there on the GPU host.
+    const char* tmp = std::getenv("TMPDIR");
+    const std::string dir = absl::StrCat(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp",
+                                         "/splitq-coordbench-", getpid());
+    if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+      return absl::InternalError(absl::StrCat(dir, ": ", std::strerror(errno)));
+    }
     struct Cleanup {
-      std::filesystem::path dir;
-      ~Cleanup() {
-        std::error_code ec;
-        std::filesystem::remove_all(dir, ec);
-      }
+      std::string dir;
+      ~Cleanup() { base::RemoveTree(dir); }
     } cleanup{dir};
     Progress(absl::StrCat("making ", o_.members + o_.churn_pool, " tokens"));
     std::string file = "# splitq bench coordinator\n";
@@ -280,20 +297,26 @@ class Bench {
       absl::StrAppend(&file, names_[i], " ", tokens_[i],
                       i < o_.workers ? " worker\n" : " client\n");
     }
-    if (absl::Status s = base::WriteFileAtomically(dir / "tokens", file, 0600); !s.ok()) return s;
-    if (absl::Status s = base::WriteFileAtomically(dir / "config.yaml", "task: fmnist\n", 0600);
-        !s.ok()) {
+    const std::string tokens_path = dir + "/tokens", config_path = dir + "/config.yaml",
+                      ready_path = dir + "/ready";
+    if (absl::Status s = base::WriteFileAtomically(tokens_path, file, 0600); !s.ok()) return s;
+    if (absl::Status s = base::WriteFileAtomically(config_path, "task: fmnist\n", 0600); !s.ok()) {
       return s;
     }
-    const std::string binary =
-        o_.splitq.empty() ? std::filesystem::read_symlink("/proc/self/exe").string() : o_.splitq;
+    std::string binary = o_.splitq;
+    if (binary.empty()) {
+      char self[4096];
+      const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+      if (n <= 0) return absl::InternalError("cannot read /proc/self/exe");
+      binary.assign(self, static_cast<size_t>(n));
+    }
     if (absl::Status s = child_.Start(
             binary,
-            {"coordinator", "--config", (dir / "config.yaml").string(), "--listen", "127.0.0.1:0",
-             "--insecure", "--tokens", (dir / "tokens").string(), "--heartbeat-ms",
-             std::to_string(o_.heartbeat_ms), "--forget-after-s", std::to_string(o_.forget_after_s),
-             "--ready-file", (dir / "ready").string(), "--log-level", "warn"},
-            (dir / "ready").string());
+            {"coordinator", "--config", config_path, "--listen", "127.0.0.1:0", "--insecure",
+             "--tokens", tokens_path, "--heartbeat-ms", std::to_string(o_.heartbeat_ms),
+             "--forget-after-s", std::to_string(o_.forget_after_s), "--ready-file", ready_path,
+             "--log-level", "warn"},
+            ready_path);
         !s.ok()) {
       return s;
     }
@@ -312,13 +335,8 @@ class Bench {
       for (unsigned c = 0; c < k; ++c) CPU_SET(c, &one);
       for (unsigned c = k; c < cpus; ++c) CPU_SET(c, &rest);
       // Every thread of the child (gRPC's too): through /proc/PID/task.
-      for (const auto& task :
-           std::filesystem::directory_iterator(absl::StrCat("/proc/", child_.pid(), "/task"))) {
-        sched_setaffinity(std::stoi(task.path().filename().string()), sizeof(one), &one);
-      }
-      for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
-        sched_setaffinity(std::stoi(task.path().filename().string()), sizeof(rest), &rest);
-      }
+      PinThreads(absl::StrCat("/proc/", child_.pid(), "/task"), one);
+      PinThreads("/proc/self/task", rest);
     }
     for (int c = 0; c < o_.channels; ++c) {
       grpc::ChannelArguments args;
