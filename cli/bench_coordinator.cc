@@ -1,5 +1,6 @@
 // `splitq bench coordinator [--members N] [--workers W] [--seconds S] [--rate R] [--window K]
-// [--channels C] [--heartbeat-ms MS] [--forget-after-s S] [--churn-pool P] [--connections K]
+// [--channels C] [--generator-threads T] [--heartbeat-ms MS] [--forget-after-s S] [--churn-pool P]
+// [--connections K]
 // [--coordinator-cpus K]
 // [--no-expire]
 // [--json FILE]`: the coordinator (a child process) under a load generator of our own
@@ -42,6 +43,9 @@ void RegisterBenchCoordinator(CLI::App& bench, RunFn* run) {
       ->check(IntRange(1, 100000));
   cmd->add_option("--channels", b.channels, "HTTP/2 connections to the coordinator (default 8)")
       ->check(IntRange(1, 1024));
+  cmd->add_option("--generator-threads", b.generator_threads,
+                  "Threads issuing calls, each with its share of the window and rate (default 1)")
+      ->check(IntRange(1, 256));
   cmd->add_option("--heartbeat-ms", b.heartbeat_ms,
                   "The coordinator's heartbeat period (dead after two; default 15000, so that "
                   "members live between the phases that speak for them)")
@@ -85,9 +89,10 @@ void RegisterBenchCoordinator(CLI::App& bench, RunFn* run) {
       };
       std::printf(
           "coordinator: a child process on loopback, plaintext, tokens on; %d members (%d "
-          "workers), generator: this process, %d connections, %d calls in flight at most; %u "
-          "cores%s\n",
-          o.members, o.workers, o.channels, o.window, std::thread::hardware_concurrency(),
+          "workers), generator: this process, %d thread(s), %d connections, %d calls in flight "
+          "at most; %u cores%s\n",
+          o.members, o.workers, o.generator_threads, o.channels, o.window,
+          std::thread::hardware_concurrency(),
           o.coordinator_cpus > 0 ? absl::StrCat("; coordinator pinned to CPUs 0..",
                                                 o.coordinator_cpus - 1, ", generator to the others")
                                        .c_str()

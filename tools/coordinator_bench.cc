@@ -118,14 +118,16 @@ struct Load {
 using Done = std::function<void(int kind, const grpc::Status& status)>;
 using Issue = std::function<void(uint64_t i, Done done)>;
 
-Load Drive(int kinds, int window, uint64_t count, double seconds, double rate, const Issue& issue) {
+// One issuing thread: calls first, first + stride, ... below `count`.
+Load DriveOne(int kinds, int window, uint64_t first, uint64_t stride, uint64_t count,
+              double seconds, double rate, const Issue& issue) {
   std::mutex mutex;
   std::condition_variable cv;
   int in_flight = 0;
   Load load;
   load.latency_us.resize(static_cast<size_t>(kinds));
   const Clock::time_point start = Clock::now();
-  for (uint64_t i = 0;; ++i) {
+  for (uint64_t i = first, n = 0;; i += stride, ++n) {
     const Clock::time_point now = Clock::now();
     if ((count > 0 && i >= count) ||
         (seconds > 0 && now - start >= std::chrono::duration<double>(seconds))) {
@@ -133,7 +135,7 @@ Load Drive(int kinds, int window, uint64_t count, double seconds, double rate, c
     }
     if (rate > 0) {
       const auto due = start + std::chrono::duration_cast<Clock::duration>(
-                                   std::chrono::duration<double>(static_cast<double>(i) / rate));
+                                   std::chrono::duration<double>(static_cast<double>(n) / rate));
       if (due > now + std::chrono::microseconds(200)) std::this_thread::sleep_until(due);
     }
     {
@@ -160,6 +162,35 @@ Load Drive(int kinds, int window, uint64_t count, double seconds, double rate, c
   cv.wait(lock, [&] { return in_flight == 0; });
   load.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return load;
+}
+
+// `threads` issuing threads, each with its share of the window and the rate; one Load.
+Load Drive(int threads, int kinds, int window, uint64_t count, double seconds, double rate,
+           const Issue& issue) {
+  if (threads <= 1) return DriveOne(kinds, window, 0, 1, count, seconds, rate, issue);
+  std::vector<Load> loads(static_cast<size_t>(threads));
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      loads[static_cast<size_t>(t)] =
+          DriveOne(kinds, std::max(1, window / threads), static_cast<uint64_t>(t),
+                   static_cast<uint64_t>(threads), count, seconds, rate / threads, issue);
+    });
+  }
+  for (std::thread& w : workers) w.join();
+  Load all;
+  all.latency_us.resize(static_cast<size_t>(kinds));
+  for (Load& l : loads) {
+    all.calls += l.calls;
+    if (all.errors == 0) all.first_error = l.first_error;
+    all.errors += l.errors;
+    all.seconds = std::max(all.seconds, l.seconds);
+    for (size_t k = 0; k < l.latency_us.size(); ++k) {
+      all.latency_us[k].insert(all.latency_us[k].end(), l.latency_us[k].begin(),
+                               l.latency_us[k].end());
+    }
+  }
+  return all;
 }
 
 double Percentile(std::vector<uint32_t>& v, double q) {
@@ -476,7 +507,7 @@ class Bench {
       const int begin = o_.members * k / slices, end = o_.members * (k + 1) / slices;
       const double cpu0 = child_.CpuSeconds();
       Load load =
-          Drive(1, o_.window, static_cast<uint64_t>(end - begin), 0, 0,
+          Drive(o_.generator_threads, 1, o_.window, static_cast<uint64_t>(end - begin), 0, 0,
                 [&](uint64_t i, Done done) { Register(begin + static_cast<int>(i), i, done); });
       const auto count = [](int n) {
         return n % 1000 == 0 ? absl::StrCat(n / 1000, "k") : absl::StrCat(n);
@@ -488,10 +519,10 @@ class Bench {
   void AssignPhase() {
     const int clients = o_.members - o_.workers;
     const double cpu0 = child_.CpuSeconds();
-    Load load =
-        Drive(1, o_.window, static_cast<uint64_t>(clients), 0, 0, [&](uint64_t i, Done done) {
-          Assign(o_.workers + static_cast<int>(i), i, 0, false, done);
-        });
+    Load load = Drive(o_.generator_threads, 1, o_.window, static_cast<uint64_t>(clients), 0, 0,
+                      [&](uint64_t i, Done done) {
+                        Assign(o_.workers + static_cast<int>(i), i, 0, false, done);
+                      });
     Rows({"assign (pick)"}, load, cpu0);
   }
 
@@ -500,14 +531,15 @@ class Bench {
   void HeartbeatPhase(const std::string& name, int rate, int assign_every) {
     const int clients = o_.members - o_.workers;
     const double cpu0 = child_.CpuSeconds();
-    Load load = Drive(2, o_.window, 0, o_.seconds, rate, [&](uint64_t i, Done done) {
-      if (assign_every > 0 && i % static_cast<uint64_t>(assign_every) == 0) {
-        const int client = o_.workers + static_cast<int>((i / assign_every) % clients);
-        Assign(client, i, 1, true, done);
-      } else {
-        Heartbeat(static_cast<int>(i % static_cast<uint64_t>(o_.members)), i, 0, done);
-      }
-    });
+    Load load =
+        Drive(o_.generator_threads, 2, o_.window, 0, o_.seconds, rate, [&](uint64_t i, Done done) {
+          if (assign_every > 0 && i % static_cast<uint64_t>(assign_every) == 0) {
+            const int client = o_.workers + static_cast<int>((i / assign_every) % clients);
+            Assign(client, i, 1, true, done);
+          } else {
+            Heartbeat(static_cast<int>(i % static_cast<uint64_t>(o_.members)), i, 0, done);
+          }
+        });
     if (assign_every > 0) {
       Rows({name + " heartbeat", name + " assign (move)"}, load, cpu0);
     } else {
@@ -540,9 +572,10 @@ class Bench {
       }
     });
     const double cpu0 = child_.CpuSeconds();
-    Load load = Drive(1, o_.window, 0, o_.seconds, o_.rate, [&](uint64_t i, Done d) {
-      Heartbeat(static_cast<int>(i % static_cast<uint64_t>(o_.members)), i, 0, d);
-    });
+    Load load =
+        Drive(o_.generator_threads, 1, o_.window, 0, o_.seconds, o_.rate, [&](uint64_t i, Done d) {
+          Heartbeat(static_cast<int>(i % static_cast<uint64_t>(o_.members)), i, 0, d);
+        });
     done.store(true);
     lister.join();
     Rows({absl::StrCat("status@", o_.rate, " heartbeat")}, load, cpu0, pages);
@@ -566,33 +599,34 @@ class Bench {
   void ChurnPhase() {
     for (int half = 0; half < 2; ++half) {
       const double cpu0 = child_.CpuSeconds();
-      Load load = Drive(2, o_.window, 0, o_.seconds, 0, [&](uint64_t i, Done done) {
-        if (i % 2 == 0) {
-          Heartbeat(static_cast<int>((i / 2) % static_cast<uint64_t>(o_.members)), i, 0, done);
-          return;
-        }
-        const uint64_t k = cycle_++ % static_cast<uint64_t>(o_.churn_pool);
-        if (busy_[k].exchange(true)) {  // its last cycle is still out: a heartbeat instead
-          Heartbeat(static_cast<int>((i / 2) % static_cast<uint64_t>(o_.members)), i, 0, done);
-          return;
-        }
-        const int m = o_.members + static_cast<int>(k);
-        const Done over = [this, k, done](int kind, const grpc::Status& s) {
-          busy_[k].store(false);
-          done(kind, s);
-        };
-        // Register (again), then leave: one cycle, latency of both.
-        Register(m, i, [this, m, i, done = over](int, const grpc::Status& s) {
-          if (!s.ok()) return done(1, s);
-          v1::LeaveRequest r;
-          r.set_member_id(ids_[m].load());
-          v1::Coordinator::Stub& stub = Stub(i);
-          Start<v1::LeaveRequest, v1::LeaveReply>(
-              tokens_[m], std::move(r),
-              [&stub](auto* c, auto* q, auto* p, auto cb) { stub.async()->Leave(c, q, p, cb); },
-              [done](const grpc::Status& left, const v1::LeaveReply&) { done(1, left); });
-        });
-      });
+      Load load =
+          Drive(o_.generator_threads, 2, o_.window, 0, o_.seconds, 0, [&](uint64_t i, Done done) {
+            if (i % 2 == 0) {
+              Heartbeat(static_cast<int>((i / 2) % static_cast<uint64_t>(o_.members)), i, 0, done);
+              return;
+            }
+            const uint64_t k = cycle_++ % static_cast<uint64_t>(o_.churn_pool);
+            if (busy_[k].exchange(true)) {  // its last cycle is still out: a heartbeat instead
+              Heartbeat(static_cast<int>((i / 2) % static_cast<uint64_t>(o_.members)), i, 0, done);
+              return;
+            }
+            const int m = o_.members + static_cast<int>(k);
+            const Done over = [this, k, done](int kind, const grpc::Status& s) {
+              busy_[k].store(false);
+              done(kind, s);
+            };
+            // Register (again), then leave: one cycle, latency of both.
+            Register(m, i, [this, m, i, done = over](int, const grpc::Status& s) {
+              if (!s.ok()) return done(1, s);
+              v1::LeaveRequest r;
+              r.set_member_id(ids_[m].load());
+              v1::Coordinator::Stub& stub = Stub(i);
+              Start<v1::LeaveRequest, v1::LeaveReply>(
+                  tokens_[m], std::move(r),
+                  [&stub](auto* c, auto* q, auto* p, auto cb) { stub.async()->Leave(c, q, p, cb); },
+                  [done](const grpc::Status& left, const v1::LeaveReply&) { done(1, left); });
+            });
+          });
       const uint64_t cycles = load.latency_us[1].size();
       Rows({absl::StrCat("churn ", half + 1, "/2 heartbeat"),
             absl::StrCat("churn ", half + 1, "/2 join+leave")},
@@ -614,7 +648,8 @@ class Bench {
           grpc::CreateCustomChannel(child_.address(), grpc::InsecureChannelCredentials(), args)));
     }
     Load load = Drive(
-        1, o_.window, static_cast<uint64_t>(o_.connections), 0, 0, [&](uint64_t i, Done done) {
+        o_.generator_threads, 1, o_.window, static_cast<uint64_t>(o_.connections), 0, 0,
+        [&](uint64_t i, Done done) {
           const int m = static_cast<int>(i % static_cast<uint64_t>(o_.members));
           v1::HeartbeatRequest r;
           r.set_member_id(ids_[m].load());

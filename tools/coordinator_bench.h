@@ -51,6 +51,9 @@ struct CoordinatorBenchOptions {
   int rate = 50000;  // calls/s of the paced phases
   int window = 512;  // calls in flight at most
   int channels = 8;  // HTTP/2 connections
+  // Threads that issue calls, each with its share of the window and of the rate (one thread
+  // issues ~40k calls/s on the 16-core GPU host: more to load a coordinator that has cores).
+  int generator_threads = 1;
   int heartbeat_ms = 15000;
   int forget_after_s = 2;
   int churn_pool = 20000;  // names that leave and come back in the churn phase

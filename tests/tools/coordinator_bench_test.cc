@@ -25,6 +25,7 @@ TEST(CoordinatorBench, EveryPhaseRunsAndExpiryForgetsEveryone) {
   o.forget_after_s = 1;
   o.churn_pool = 50;
   o.connections = 20;
+  o.generator_threads = 2;
   auto rows = RunCoordinatorBench(o);
   ASSERT_TRUE(rows.ok()) << rows.status();
   std::map<std::string, CoordinatorBenchRow> by_phase;
