@@ -333,8 +333,10 @@ std::vector<MemberView> CoordinatorCore::Status(Clock::time_point now, uint64_t 
       v.name = m.name;
       v.alive = m.alive;
       v.step = m.step;
+      // At least 0: a member that beat while an earlier chunk was copied is newer than `now`.
       v.since_heartbeat =
-          std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_heartbeat);
+          std::max(std::chrono::milliseconds(0),
+                   std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_heartbeat));
       if (m.worker != 0) v.worker_name = members_.at(m.worker).name;
       v.clients = static_cast<uint32_t>(m.clients.size());
       out.push_back(std::move(v));

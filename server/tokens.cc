@@ -20,7 +20,7 @@ std::string Digest(absl::string_view token) {
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int size = 0;
   if (EVP_Digest(token.data(), token.size(), digest, &size, EVP_sha256(), nullptr) != 1) {
-    return std::string();  // never matches a stored key (those are 32 bytes)
+    return std::string();  // never matches a stored key (Parse refuses a file it cannot hash)
   }
   return std::string(reinterpret_cast<const char*>(digest), size);
 }
@@ -64,7 +64,9 @@ absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::str
       return absl::InvalidArgumentError(
           absl::StrCat(origin, ":", line_number, ": duplicate client id or token"));
     }
-    set.by_digest_.emplace(Digest(fields[1]), set.tokens_.size());
+    std::string digest = Digest(fields[1]);
+    if (digest.empty()) return absl::InternalError("SHA-256 (OpenSSL EVP_Digest) failed");
+    set.by_digest_.emplace(std::move(digest), set.tokens_.size());
     set.tokens_.push_back(Entry{fields[0], fields[1], role});
   }
   return set;

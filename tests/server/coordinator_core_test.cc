@@ -334,6 +334,10 @@ TEST_F(CoordinatorCoreTest, StatusPages) {
   }
   EXPECT_EQ(seen, ids);
   EXPECT_EQ(core_.Status(At(1)).size(), 5000u);  // all at once, in chunks of the lock
+  // A member heard from after the listing's clock was read (between two chunks) is 0 ms old,
+  // not 2^64 - 1.
+  ASSERT_TRUE(core_.Heartbeat(ids.back(), 1, At(50)).ok());
+  EXPECT_EQ(core_.Status(At(1)).back().since_heartbeat.count(), 0);
 }
 
 // The indexes (by name, clients by worker, open workers by load, the totals, the expiry queue)
