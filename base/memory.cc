@@ -5,8 +5,8 @@
 
 namespace splitq::base {
 namespace {
-double StatusMiB(const std::string& key) {
-  std::ifstream in("/proc/self/status");
+double StatusMiB(const std::string& key, const std::string& path = "/proc/self/status") {
+  std::ifstream in(path);
   std::string line;
   while (std::getline(in, line)) {
     if (line.rfind(key, 0) == 0) return std::stod(line.substr(key.size())) / 1024.0;
@@ -17,5 +17,6 @@ double StatusMiB(const std::string& key) {
 
 double PeakRssMiB() { return StatusMiB("VmHWM:"); }
 double RssMiB() { return StatusMiB("VmRSS:"); }
+double RssMiB(int pid) { return StatusMiB("VmRSS:", "/proc/" + std::to_string(pid) + "/status"); }
 
 }  // namespace splitq::base

@@ -7,5 +7,7 @@ namespace splitq::base {
 double PeakRssMiB();
 // The resident set now (VmRSS) in MiB, or -1.
 double RssMiB();
+// The resident set now of process `pid` (/proc/PID/status), in MiB, or -1.
+double RssMiB(int pid);
 
 }  // namespace splitq::base

@@ -19,11 +19,11 @@ struct CoordinatorProcessOptions {
   std::string config_yaml;  // the run config's text, as members fetch it
   std::string listen = "127.0.0.1:0";
   rpc::TransportSecurity security;
-  const TokenSet* tokens = nullptr;                  // null: none checked
-  std::chrono::milliseconds heartbeat_period{1000};  // dead after two
+  const TokenSet* tokens = nullptr;                                  // null: none checked
+  std::chrono::milliseconds heartbeat_period{1000};                  // dead after two
   std::chrono::milliseconds forget_after{std::chrono::minutes(10)};  // CoordinatorOptions
-  std::string ready_file;                            // server/process.h, ReadyFile
-  std::function<void(const std::string&)> log;       // "coordinator ..." lines
+  std::string ready_file;                                            // server/process.h, ReadyFile
+  std::function<void(const std::string&)> log;                       // "coordinator ..." lines
 };
 
 class CoordinatorProcess {

@@ -25,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "base/files.h"
+#include "base/memory.h"
 #include "proto/rpc_channel.h"
 #include "server/coordinator_core.h"
 #include "server/tokens.h"
@@ -90,14 +91,7 @@ class Child {
     }
     return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
   }
-  double RssMb() const {
-    std::ifstream in(absl::StrCat("/proc/", pid_, "/status"));
-    std::string line;
-    while (std::getline(in, line)) {
-      if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
-    }
-    return 0;
-  }
+  double RssMb() const { return base::RssMiB(pid_); }
   const std::string& address() const { return address_; }
   pid_t pid() const { return pid_; }
 
