@@ -335,6 +335,22 @@ class Bench {
       if (n <= 0) return absl::InternalError("cannot read /proc/self/exe");
       binary.assign(self, static_cast<size_t>(n));
     }
+    // With --coordinator-cpus the child starts on its CPUs (it inherits this thread's mask),
+    // so that gRPC sizes its thread pools for them (cli/grpc_cpus.cc); the threads are pinned
+    // again below, and this process moves to the other CPUs.
+    const unsigned all_cpus = std::thread::hardware_concurrency();
+    const unsigned k_cpus = static_cast<unsigned>(std::max(o_.coordinator_cpus, 0));
+    if (k_cpus > 0 && k_cpus >= all_cpus) {
+      return absl::FailedPreconditionError(absl::StrCat("--coordinator-cpus ", k_cpus,
+                                                        " leaves none of this machine's ", all_cpus,
+                                                        " CPUs to the generator"));
+    }
+    cpu_set_t coordinator_set, generator_set;
+    CPU_ZERO(&coordinator_set);
+    CPU_ZERO(&generator_set);
+    for (unsigned c = 0; c < all_cpus; ++c)
+      CPU_SET(c, c < k_cpus ? &coordinator_set : &generator_set);
+    if (k_cpus > 0) sched_setaffinity(0, sizeof(coordinator_set), &coordinator_set);
     if (absl::Status s = child_.Start(
             binary,
             {"coordinator", "--config", config_path, "--listen", "127.0.0.1:0", "--insecure",
@@ -343,25 +359,26 @@ class Bench {
              "--log-level", "warn"},
             ready_path);
         !s.ok()) {
+      if (k_cpus > 0) {
+        cpu_set_t all;
+        CPU_ZERO(&all);
+        for (unsigned c = 0; c < all_cpus; ++c) CPU_SET(c, &all);
+        sched_setaffinity(0, sizeof(all), &all);
+      }
       return s;
     }
-    if (o_.coordinator_cpus > 0) {
-      // The coordinator on CPUs 0..k-1, this process (the generator) on the others.
-      const unsigned cpus = std::thread::hardware_concurrency();
-      const unsigned k = static_cast<unsigned>(o_.coordinator_cpus);
-      if (k >= cpus) {
-        return absl::FailedPreconditionError(absl::StrCat("--coordinator-cpus ", k,
-                                                          " leaves none of this machine's ", cpus,
-                                                          " CPUs to the generator"));
-      }
-      cpu_set_t one, rest;
-      CPU_ZERO(&one);
-      CPU_ZERO(&rest);
-      for (unsigned c = 0; c < k; ++c) CPU_SET(c, &one);
-      for (unsigned c = k; c < cpus; ++c) CPU_SET(c, &rest);
+    if (k_cpus > 0) {
       // Every thread of the child (gRPC's too): through /proc/PID/task.
-      PinThreads(absl::StrCat("/proc/", child_.pid(), "/task"), one);
-      PinThreads("/proc/self/task", rest);
+      PinThreads(absl::StrCat("/proc/", child_.pid(), "/task"), coordinator_set);
+      PinThreads("/proc/self/task", generator_set);
+    }
+    {
+      int threads = 0;
+      if (DIR* d = opendir(absl::StrCat("/proc/", child_.pid(), "/task").c_str())) {
+        while (const dirent* e = readdir(d)) threads += e->d_name[0] >= '0' && e->d_name[0] <= '9';
+        closedir(d);
+      }
+      Progress(absl::StrCat("the coordinator runs ", threads, " threads once it is ready"));
     }
     for (int c = 0; c < o_.channels; ++c) {
       grpc::ChannelArguments args;
