@@ -12,9 +12,8 @@ void RegisterBenchKernels(CLI::App& bench, RunFn* run) {
   CLI::App* cmd = bench.add_subcommand("kernels", "Our kernels vs PyTorch's ops and a copy");
   cmd->add_option("--device", opt->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--json", opt->json_path, "Also write the results as JSON to this file");
-  cmd->add_option("--rows", opt->rows, "Rows (default 16384 on CUDA, 4096 on the CPU)")
-      ->check(IntRange(1, 1 << 30));
-  cmd->add_option("--cols", opt->cols, "Columns = channels (even)")->check(IntRange(1, 1 << 30));
+  cmd->add_option("--filter", opt->filter,
+                  "Only the cases whose name (OP:SHAPE:DTYPE[:bBITS]) contains this");
   cmd->add_option("--iters", opt->iters, "Timed calls per case (default 20 CUDA, 9 CPU)")
       ->check(IntRange(1, 1 << 30));
   cmd->callback([opt, run] { *run = [opt] { return tools::RunKernelBench(*opt); }; });

@@ -6,8 +6,9 @@
 //    16-byte aligned, else N == 1), loads their group constants once and walks the rows of
 //    its block with kUnroll independent loads in flight;
 //  * rows (inner >= 256, e.g. per tensor, per token, NCHW per channel): a row of `inner`
-//    elements shares one group; grid.x splits the row into chunks, grid.y walks rows;
-//  * flat (every other layout): one element per thread, group = (i / inner) % groups.
+//    elements shares one group; blocks take slices of rows (several rows when short);
+//  * flat (every other layout): 8 consecutive elements per thread, the group found once
+//    and stepped at row ends.
 // All of them use detail::FakeQuantValue, so the values are bit-identical to the CPU path.
 #include <algorithm>
 
@@ -68,49 +69,126 @@ __global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY)
   }
 }
 
-// Rows of `inner` contiguous elements, row % groups being the group. N > 1 needs
-// inner % N == 0 and 16-byte aligned pointers.
+// Rows of `inner` contiguous elements, row % groups being the group. A row is cut into
+// slices of kThreads * N elements; a block takes kUnroll consecutive slices (of one row or of
+// several, so that short rows still keep every thread busy: NCHW 32x32 in bf16 is one
+// half-full slice a row) with their loads in flight together. N > 1 needs inner % N == 0 and
+// 16-byte aligned pointers.
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     FakeQuantRowsKernel(const QuantParams p, const int64_t rows, const int64_t groups,
                         const int64_t inner, const T* x, T* y) {
-  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * N * kUnroll;
-  const int64_t chunk_begin = static_cast<int64_t>(blockIdx.x) * kChunk;
-  const int64_t chunk_end = Min(inner, chunk_begin + kChunk);
-  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const qm::GroupQuant q = dev::LoadGroupQuantDevice(p, row % groups);
-    const T* xr = x + row * inner;
-    T* yr = y + row * inner;
+  constexpr int64_t kSlice = static_cast<int64_t>(kThreads) * N;
+  const int64_t per_row = (inner + kSlice - 1) / kSlice;
+  const int64_t items = rows * per_row;
+  for (int64_t item0 = static_cast<int64_t>(blockIdx.x) * kUnroll; item0 < items;
+       item0 += static_cast<int64_t>(gridDim.x) * kUnroll) {
     float v[kUnroll][N];
+    int64_t at[kUnroll];  // element index of this thread's vector, or -1
+    int64_t row_of[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t e = chunk_begin + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * N;
-      if (e < chunk_end) dev::LoadN<T, N>(xr + e, v[u]);
+      const int64_t item = item0 + u;
+      at[u] = -1;
+      row_of[u] = 0;
+      if (item < items) {
+        const int64_t row = per_row == 1 ? item : item / per_row;
+        const int64_t e = (item - row * per_row) * kSlice + static_cast<int64_t>(threadIdx.x) * N;
+        if (e < inner) {
+          at[u] = row * inner + e;
+          row_of[u] = row;
+          dev::LoadN<T, N>(x + at[u], v[u]);
+        }
+      }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t e = chunk_begin + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * N;
-      if (e < chunk_end) {
+      if (at[u] < 0) continue;
+      const qm::GroupQuant q = dev::LoadGroupQuantDevice(p, row_of[u] % groups);
 #pragma unroll
-        for (int i = 0; i < N; ++i) v[u][i] = qm::FakeQuantValue(v[u][i], q);
-        dev::StoreN<T, N>(yr + e, v[u]);
+      for (int i = 0; i < N; ++i) v[u][i] = qm::FakeQuantValue(v[u][i], q);
+      dev::StoreN<T, N>(y + at[u], v[u]);
+    }
+  }
+}
+
+// Any layout: a thread takes 8 consecutive elements (vector loads and stores when the
+// pointers are 16-byte aligned), finds the group of the first with one division and steps
+// to the next group where a row of `inner` ends, so the group constants are loaded about
+// once per row rather than once per element. Index is uint32_t when the element count (plus
+// one grid stride) fits, which makes the divisions cheap.
+template <typename T, typename Index, bool kAligned>
+__global__ void __launch_bounds__(kThreads)
+    FakeQuantFlatKernel(const QuantParams p, const Index numel, const Index groups,
+                        const Index inner, const T* x, T* y) {
+  const Index runs = (numel + 7) / 8;
+  const Index stride = static_cast<Index>(gridDim.x) * kThreads;
+  for (Index r = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x; r < runs; r += stride) {
+    const Index e0 = r * 8;
+    const int n = numel - e0 < 8 ? static_cast<int>(numel - e0) : 8;
+    const Index row = e0 / inner;
+    Index j = e0 - row * inner;
+    Index g = row % groups;
+    qm::GroupQuant q = dev::LoadGroupQuantDevice(p, static_cast<int64_t>(g));
+    float v[8];
+    if (kAligned && n == 8) {
+      if constexpr (sizeof(T) == 4) {
+        float a[4], b[4];
+        dev::LoadN<T, 4>(x + e0, a);
+        dev::LoadN<T, 4>(x + e0 + 4, b);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          v[i] = a[i];
+          v[4 + i] = b[i];
+        }
+      } else {
+        dev::LoadN<T, 8>(x + e0, v);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = i < n ? dev::Elem<T>::Load(x[e0 + i]) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (j == inner) {  // the next row: the next group
+        j = 0;
+        g = g + 1 == groups ? 0 : g + 1;
+        q = dev::LoadGroupQuantDevice(p, static_cast<int64_t>(g));
+      }
+      v[i] = qm::FakeQuantValue(v[i], q);
+      ++j;
+    }
+    if (kAligned && n == 8) {
+      if constexpr (sizeof(T) == 4) {
+        const float a[4] = {v[0], v[1], v[2], v[3]}, b[4] = {v[4], v[5], v[6], v[7]};
+        dev::StoreN<T, 4>(y + e0, a);
+        dev::StoreN<T, 4>(y + e0 + 4, b);
+      } else {
+        dev::StoreN<T, 8>(y + e0, v);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (i < n) y[e0 + i] = dev::Elem<T>::Store(v[i]);
       }
     }
   }
 }
 
-// Any layout, one element per thread (grid-stride; perfectly coalesced). Index is
-// uint32_t when the element count (plus one grid stride) fits, which makes the divisions
-// cheap.
 template <typename T, typename Index>
-__global__ void __launch_bounds__(kThreads)
-    FakeQuantFlatKernel(const QuantParams p, const Index numel, const Index groups,
-                        const Index inner, const T* x, T* y) {
-  const Index stride = static_cast<Index>(gridDim.x) * kThreads;
-  for (Index e = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x; e < numel; e += stride) {
-    const qm::GroupQuant q =
-        dev::LoadGroupQuantDevice(p, static_cast<int64_t>((e / inner) % groups));
-    y[e] = dev::Elem<T>::Store(qm::FakeQuantValue(dev::Elem<T>::Load(x[e]), q));
+void LaunchFlat(cudaStream_t stream, const GroupLayout& l, bool aligned, const T* x, T* y,
+                const QuantParams& p) {
+  const auto blocks = static_cast<unsigned>(
+      std::min<int64_t>(dev::CeilDiv(dev::CeilDiv(l.numel(), 8), kThreads), 1 << 16));
+  const auto numel = static_cast<Index>(l.numel());
+  const auto groups = static_cast<Index>(l.groups);
+  const auto inner = static_cast<Index>(l.inner);
+  if (aligned) {
+    FakeQuantFlatKernel<T, Index, true>
+        <<<blocks, kThreads, 0, stream>>>(p, numel, groups, inner, x, y);
+  } else {
+    FakeQuantFlatKernel<T, Index, false>
+        <<<blocks, kThreads, 0, stream>>>(p, numel, groups, inner, x, y);
   }
 }
 
@@ -139,29 +217,23 @@ absl::Status Launch(cudaStream_t stream, const GroupLayout& l, const QuantParams
 
   if (l.inner >= kThreads) {
     const int64_t rows = l.outer * l.groups;
-    const auto grid_y = static_cast<unsigned>(std::min<int64_t>(rows, dev::kClMaxGridY));
-    if (aligned && l.inner % V == 0) {
-      const dim3 grid(static_cast<unsigned>(dev::CeilDiv(l.inner, kThreads * V * kUnroll)), grid_y);
-      FakeQuantRowsKernel<T, V><<<grid, kThreads, 0, stream>>>(p, rows, l.groups, l.inner, x, y);
+    const bool vec = aligned && l.inner % V == 0;
+    const int64_t items = rows * dev::CeilDiv(l.inner, int64_t{kThreads} * (vec ? V : 1));
+    const auto blocks =
+        static_cast<unsigned>(std::min<int64_t>(dev::CeilDiv(items, kUnroll), int64_t{1} << 20));
+    if (vec) {
+      FakeQuantRowsKernel<T, V><<<blocks, kThreads, 0, stream>>>(p, rows, l.groups, l.inner, x, y);
     } else {
-      const dim3 grid(static_cast<unsigned>(dev::CeilDiv(l.inner, kThreads * kUnroll)), grid_y);
-      FakeQuantRowsKernel<T, 1><<<grid, kThreads, 0, stream>>>(p, rows, l.groups, l.inner, x, y);
+      FakeQuantRowsKernel<T, 1><<<blocks, kThreads, 0, stream>>>(p, rows, l.groups, l.inner, x, y);
     }
     SPLITQ_CUDA_CHECK_LAUNCH("FakeQuantRowsKernel");
     return absl::OkStatus();
   }
 
-  const int64_t numel = l.numel();
-  const auto blocks =
-      static_cast<unsigned>(std::min<int64_t>(dev::CeilDiv(numel, kThreads), 1 << 16));
-  if (numel < (int64_t{1} << 31)) {
-    FakeQuantFlatKernel<T, uint32_t><<<blocks, kThreads, 0, stream>>>(
-        p, static_cast<uint32_t>(numel), static_cast<uint32_t>(l.groups),
-        static_cast<uint32_t>(l.inner), x, y);
+  if (l.numel() < (int64_t{1} << 31)) {
+    LaunchFlat<T, uint32_t>(stream, l, aligned, x, y, p);
   } else {
-    FakeQuantFlatKernel<T, uint64_t><<<blocks, kThreads, 0, stream>>>(
-        p, static_cast<uint64_t>(numel), static_cast<uint64_t>(l.groups),
-        static_cast<uint64_t>(l.inner), x, y);
+    LaunchFlat<T, uint64_t>(stream, l, aligned, x, y, p);
   }
   SPLITQ_CUDA_CHECK_LAUNCH("FakeQuantFlatKernel");
   return absl::OkStatus();

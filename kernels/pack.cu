@@ -10,13 +10,16 @@
 //   consecutive bytes of its segment (k-byte stores: 4-byte at k = 4 when aligned).
 //   Unpack+dequantize runs the tile backwards: threads read 8 codes (k bytes) of a column
 //   into a shared tile of byte codes, then each thread dequantizes 8 rows of its N columns
-//   and stores vectors.
+//   and stores vectors. For 16-bit outputs a thread instead loads the codes of its 4
+//   columns x 32 rows straight into registers (4k contiguous bytes per column), widens them
+//   to a byte per code and stores 32 rows of 8 bytes (faster there; not for fp32, where the
+//   shared tile measured faster).
 //
 // Every other layout (per tensor, per token, NCHW per channel): a block takes a run of
 // codes of one group (blocks in chunk-major order); each thread packs 8 consecutive codes
 // m .. m+7 into exactly k bytes (vector loads when inner % 8 == 0, else element by element
 // in packed order). Unpacking mirrors that when inner % 8 == 0; otherwise each thread
-// writes one element of y in memory order and gathers its code's bits.
+// writes 8 consecutive elements of y in memory order and gathers their codes' bits.
 //
 // Stochastic rounding draws u for element e = g * M + m from Philox (philox.h), two or three
 // Philox blocks covering any 8 consecutive elements; the codes equal the CPU path's.
@@ -91,6 +94,33 @@ __device__ __forceinline__ uint64_t LoadWordBytes(const uint8_t* src, int nbytes
   return word;
 }
 
+// One row of a thread's N columns as loaded: the raw bits (16-bit types stay packed two to
+// a register until quantized, so that 8 rows x 8 columns fit in registers).
+template <typename T, int N>
+struct RawRow {
+  uint32_t w[(N * sizeof(T) + 3) / 4];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void LoadRawRow(const T* p, RawRow<T, N>& r) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(T));
+  if constexpr (kBytes >= 4) {
+    using R = typename dev::RawVec<kBytes>::Type;
+    dev::RawToWords(dev::LoadRaw<R, true>(reinterpret_cast<const R*>(p)), r.w);
+  } else {
+    r.w[0] = dev::LoadRaw<unsigned short, true>(reinterpret_cast<const unsigned short*>(p));
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ float RawElem(const RawRow<T, N>& r, int j) {
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(r.w[j]);
+  } else {
+    return dev::FromBits16<T>((j & 1) ? r.w[j >> 1] >> 16 : r.w[j >> 1] & 0xffffu);
+  }
+}
+
 // ---- channels last ----------------------------------------------------------------------
 
 template <int N>
@@ -120,8 +150,10 @@ __device__ __forceinline__ void GetCodes(const uint8_t* src, uint32_t (&c)[N]) {
 // (as a 64-bit word) and parks the words in shared memory; the block then writes them out
 // with the threads of a warp on consecutive runs of a column, i.e. consecutive bytes of
 // its segment (32 contiguous bytes per column and tile at k = 4).
+// 16-bit inputs: 3 blocks an SM (at most 85 registers), since a thread's loads carry half
+// the bytes of fp32's and more of them must be in flight.
 template <typename T, int N, bool kStochastic>
-__global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY, 2)
+__global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY, sizeof(T) == 2 ? 3 : 2)
     PackChannelsLastKernel(const QuantParams p, const int64_t outer, const int64_t groups,
                            const uint64_t seed, const uint64_t step, const T* x,
                            const int64_t* offsets, uint8_t* packed) {
@@ -160,13 +192,13 @@ __global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY, 2)
 
   // Rows tile*64 + 8*ty .. +7 of this thread's columns. The loads of the next tile are
   // issued before the current tile's write phase, so they stay in flight across it.
-  float v[kRowsPerThread][N];
+  RawRow<T, N> v[kRowsPerThread];  // 16-bit values stay packed until quantized
   auto load_tile = [&](int64_t t) {
     const int64_t rb = t * kTileRows + threadIdx.y * kRowsPerThread;
     const T* src = x + rb * groups + col;
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
-      if (col_ok && rb + i < outer) dev::LoadN<T, N, true>(src + i * groups, v[i]);
+      if (col_ok && rb + i < outer) LoadRawRow<T, N>(src + i * groups, v[i]);
     }
   };
   if (blockIdx.y < tiles) load_tile(blockIdx.y);
@@ -186,7 +218,7 @@ __global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY, 2)
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i) {
           if (rbase + i < outer) {  // rows past the end stay zero (padding)
-            word[j] |= static_cast<uint64_t>(qm::StochasticCode(v[i][j], q[j], u[i]))
+            word[j] |= static_cast<uint64_t>(qm::StochasticCode(RawElem<T, N>(v[i], j), q[j], u[i]))
                        << (i * bits[j]);
           }
         }
@@ -197,7 +229,8 @@ __global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY, 2)
         if (rbase + i < outer) {
 #pragma unroll
           for (int j = 0; j < N; ++j) {
-            word[j] |= static_cast<uint64_t>(qm::NearestCode(v[i][j], q[j])) << (i * bits[j]);
+            word[j] |= static_cast<uint64_t>(qm::NearestCode(RawElem<T, N>(v[i], j), q[j]))
+                       << (i * bits[j]);
           }
         }
       }
@@ -285,6 +318,120 @@ __global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY)
       }
     }
     __syncthreads();
+  }
+}
+
+// Codes straight to registers (no shared tile): a thread owns N consecutive columns and R
+// consecutive rows (R a multiple of 8). Column c's R codes are R*k/8 contiguous bytes of its
+// segment, so the thread loads them with vector loads (a warp touches one 32-byte sector per
+// column at R*k/8 >= 32, all of it used), widens them to one byte per code (a switch on k,
+// uniform across the warp when the widths are), then writes R rows of N values, each a
+// vector store that the warp's 32 lanes make one contiguous run of 32*N values.
+template <int K, int R>
+__device__ __forceinline__ void WidenCodes(const uint32_t (&w)[R / 4], uint32_t (&c)[R / 4]) {
+  constexpr uint32_t kMask = (1u << K) - 1u;
+#pragma unroll
+  for (int q = 0; q < R / 4; ++q) {  // codes 4q .. 4q+3 -> byte lanes of c[q]
+    uint32_t out = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const int i = 4 * q + b;
+      const int bit = i * K, word = bit >> 5, shift = bit & 31;
+      uint32_t code = w[word] >> shift;
+      if (shift + K > 32) code |= w[word + 1] << (32 - shift);
+      out |= (code & kMask) << (8 * b);
+    }
+    c[q] = out;
+  }
+}
+
+template <int R>
+__device__ __forceinline__ void LoadColumnCodes(const uint8_t* src, int nbytes,
+                                                uint32_t (&w)[R / 4]) {
+  // R codes of at most 8 bits: at most R bytes, R/4 words.
+#pragma unroll
+  for (int i = 0; i < R / 4; ++i) w[i] = 0;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(src);
+  if ((a & 15) == 0 && (nbytes & 15) == 0) {
+#pragma unroll
+    for (int v = 0; v < R / 16; ++v) {
+      if (16 * v < nbytes) {
+        const uint4 q = __ldg(reinterpret_cast<const uint4*>(src) + v);
+        w[4 * v] = q.x;
+        w[4 * v + 1] = q.y;
+        w[4 * v + 2] = q.z;
+        w[4 * v + 3] = q.w;
+      }
+    }
+  } else if ((a & 3) == 0 && (nbytes & 3) == 0) {
+#pragma unroll
+    for (int v = 0; v < R / 4; ++v) {
+      if (4 * v < nbytes) w[v] = __ldg(reinterpret_cast<const uint32_t*>(src) + v);
+    }
+  } else {
+    for (int b = 0; b < nbytes; ++b) w[b >> 2] |= static_cast<uint32_t>(src[b]) << (8 * (b & 3));
+  }
+}
+
+template <typename T, int N, int R>
+__global__ void __launch_bounds__(kThreads)
+    UnpackChannelsLastDirectKernel(const QuantParams p, const int64_t outer, const int64_t groups,
+                                   const uint8_t* packed, const int64_t* offsets, T* y) {
+  static_assert(R % 16 == 0 && R <= 64, "R: 16, 32, 48 or 64 rows");
+  // A block: 32 lanes x N columns, kThreads / 32 warps on consecutive row chunks.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = (static_cast<int64_t>(blockIdx.x) * 32 + lane) * N;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.y) * (kThreads / 32) + warp) * R;
+  if (col >= groups || row0 >= outer) return;
+  uint32_t c[N][R / 4];  // byte i % 4 of c[j][i / 4]: code of row row0 + i, column col + j
+  qm::GroupQuant q[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    q[j] = dev::LoadGroupQuantDevice<false>(p, col + j);
+    const int k = dev::BitsOf(p, col + j);
+    const int64_t seg_len = SegmentBytes(outer, k);
+    const int64_t pos = (row0 >> 3) * k;
+    const int nbytes =
+        static_cast<int>(Min<int64_t>(static_cast<int64_t>(R / 8) * k, seg_len - pos));
+    uint32_t w[R / 4];
+    LoadColumnCodes<R>(packed + offsets[col + j] + pos, nbytes, w);
+    switch (k) {
+      case 1:
+        WidenCodes<1, R>(w, c[j]);
+        break;
+      case 2:
+        WidenCodes<2, R>(w, c[j]);
+        break;
+      case 3:
+        WidenCodes<3, R>(w, c[j]);
+        break;
+      case 4:
+        WidenCodes<4, R>(w, c[j]);
+        break;
+      case 5:
+        WidenCodes<5, R>(w, c[j]);
+        break;
+      case 6:
+        WidenCodes<6, R>(w, c[j]);
+        break;
+      case 7:
+        WidenCodes<7, R>(w, c[j]);
+        break;
+      default:
+        WidenCodes<8, R>(w, c[j]);
+        break;
+    }
+  }
+  T* dst = y + row0 * groups + col;
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    if (row0 + i >= outer) break;
+    float v[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      v[j] = qm::DequantCode((c[j][i >> 2] >> (8 * (i & 3))) & 0xffu, q[j]);
+    }
+    dev::StoreN<T, N, true>(dst + i * groups, v);
   }
 }
 
@@ -443,29 +590,82 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Unpack for layouts whose runs of 8 codes are not contiguous in y (inner % 8 != 0): one
-// element of y per thread in memory order (coalesced stores), gathering its code's bits
-// (at most 2 bytes) from its group's segment. Index as in fake_quant.cu's flat kernel.
-template <typename T, typename Index>
+// Unpack for layouts whose runs of 8 codes are not contiguous in y (inner % 8 != 0): a thread
+// writes 8 consecutive elements of y (vector stores when y is 16-byte aligned), gathering each
+// code's bits (at most 2 bytes) from its group's segment. It finds the first element's row
+// (o, g) with one division and steps to the next group where a row of `inner` ends.
+template <typename T, typename Index, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
     UnpackFlatKernel(const QuantParams p, const Index numel, const Index groups, const Index inner,
                      const uint8_t* packed, const int64_t* offsets, T* y) {
+  const Index runs = (numel + 7) / 8;
   const Index stride = static_cast<Index>(gridDim.x) * kThreads;
-  for (Index e = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x; e < numel; e += stride) {
-    const Index row = e / inner;
-    const Index j = e - row * inner;
-    const Index o = row / groups;
-    const auto g = static_cast<int64_t>(row - o * groups);
-    const qm::GroupQuant q = dev::LoadGroupQuantDevice<false>(p, g);
-    const int k = dev::BitsOf(p, g);
-    const int64_t bit = (static_cast<int64_t>(o) * inner + j) * k;
-    const int shift = static_cast<int>(bit & 7);
-    const uint8_t* src = packed + offsets[g] + (bit >> 3);
-    // A code's bits lie inside its segment, so the second byte exists when needed.
-    uint32_t word = src[0];
-    if (shift + k > 8) word |= static_cast<uint32_t>(src[1]) << 8;
-    const uint32_t code = (word >> shift) & ((1u << k) - 1u);
-    y[e] = dev::Elem<T>::Store(qm::DequantCode(code, q));
+  for (Index r = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x; r < runs; r += stride) {
+    const Index e0 = r * 8;
+    const int n = numel - e0 < 8 ? static_cast<int>(numel - e0) : 8;
+    const Index row = e0 / inner;
+    Index j = e0 - row * inner;
+    Index o = row / groups;
+    Index g = row - o * groups;
+    qm::GroupQuant q = dev::LoadGroupQuantDevice<false>(p, static_cast<int64_t>(g));
+    int k = dev::BitsOf(p, static_cast<int64_t>(g));
+    const uint8_t* seg = packed + offsets[g];
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (j == inner) {  // the next row: the next group (and the next o after the last)
+        j = 0;
+        if (++g == groups) {
+          g = 0;
+          ++o;
+        }
+        q = dev::LoadGroupQuantDevice<false>(p, static_cast<int64_t>(g));
+        k = dev::BitsOf(p, static_cast<int64_t>(g));
+        seg = packed + offsets[g];
+      }
+      v[i] = 0.0f;
+      if (i < n) {
+        const int64_t bit = (static_cast<int64_t>(o) * inner + j) * k;
+        const int shift = static_cast<int>(bit & 7);
+        const uint8_t* src = seg + (bit >> 3);
+        // A code's bits lie inside its segment, so the second byte exists when needed.
+        uint32_t word = src[0];
+        if (shift + k > 8) word |= static_cast<uint32_t>(src[1]) << 8;
+        v[i] = qm::DequantCode((word >> shift) & ((1u << k) - 1u), q);
+      }
+      ++j;
+    }
+    if (kAligned && n == 8) {
+      if constexpr (sizeof(T) == 4) {
+        const float a[4] = {v[0], v[1], v[2], v[3]}, b[4] = {v[4], v[5], v[6], v[7]};
+        dev::StoreN<T, 4, true>(y + e0, a);
+        dev::StoreN<T, 4, true>(y + e0 + 4, b);
+      } else {
+        dev::StoreN<T, 8, true>(y + e0, v);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (i < n) y[e0 + i] = dev::Elem<T>::Store(v[i]);
+      }
+    }
+  }
+}
+
+template <typename T, typename Index>
+void LaunchUnpackFlat(cudaStream_t stream, const GroupLayout& l, const QuantParams& p,
+                      const uint8_t* packed, const int64_t* offsets, T* y) {
+  const auto blocks = static_cast<unsigned>(
+      std::min<int64_t>(dev::CeilDiv(dev::CeilDiv(l.numel(), 8), kThreads), 1 << 16));
+  const auto numel = static_cast<Index>(l.numel());
+  const auto groups = static_cast<Index>(l.groups);
+  const auto inner = static_cast<Index>(l.inner);
+  if (dev::Aligned16(y)) {
+    UnpackFlatKernel<T, Index, true>
+        <<<blocks, kThreads, 0, stream>>>(p, numel, groups, inner, packed, offsets, y);
+  } else {
+    UnpackFlatKernel<T, Index, false>
+        <<<blocks, kThreads, 0, stream>>>(p, numel, groups, inner, packed, offsets, y);
   }
 }
 
@@ -549,6 +749,22 @@ template <typename T>
 absl::Status LaunchUnpack(cudaStream_t stream, const GroupLayout& l, const QuantParams& p,
                           const uint8_t* packed, const int64_t* offsets, T* y) {
   constexpr int V = dev::Elem<T>::kVec;
+  if constexpr (sizeof(T) == 2) {
+    // 16-bit outputs: codes straight to registers, 4 columns (8-byte stores) x 32 rows a
+    // thread (on the H100 at 4 bits: 75% of copy, against 61% for the shared tile). The grid
+    // covers kClMaxGridY * 256 rows; taller tensors take the shared tile below.
+    constexpr int kN = 4, kR = 32;
+    const int64_t chunks = dev::CeilDiv(l.outer, kR * (kThreads / 32));
+    if (UseChannelsLast(l) && dev::AlignedTo(y, kN * sizeof(T)) && l.groups % kN == 0 &&
+        chunks <= dev::kClMaxGridY) {
+      const dim3 grid(static_cast<unsigned>(dev::CeilDiv(l.groups, 32 * kN)),
+                      static_cast<unsigned>(chunks));
+      UnpackChannelsLastDirectKernel<T, kN, kR>
+          <<<grid, kThreads, 0, stream>>>(p, l.outer, l.groups, packed, offsets, y);
+      SPLITQ_CUDA_CHECK_LAUNCH("UnpackChannelsLastDirectKernel");
+      return absl::OkStatus();
+    }
+  }
   if (UseChannelsLast(l)) {
     const int64_t tiles = dev::CeilDiv(l.outer, kTileRows);
     const dim3 block(dev::kClThreadsX, dev::kClThreadsY);
@@ -577,17 +793,10 @@ absl::Status LaunchUnpack(cudaStream_t stream, const GroupLayout& l, const Quant
     SPLITQ_CUDA_CHECK_LAUNCH("UnpackGenericKernel");
     return absl::OkStatus();
   }
-  const int64_t numel = l.numel();
-  const auto blocks =
-      static_cast<unsigned>(std::min<int64_t>(dev::CeilDiv(numel, kThreads), 1 << 16));
-  if (numel < (int64_t{1} << 31)) {
-    UnpackFlatKernel<T, uint32_t><<<blocks, kThreads, 0, stream>>>(
-        p, static_cast<uint32_t>(numel), static_cast<uint32_t>(l.groups),
-        static_cast<uint32_t>(l.inner), packed, offsets, y);
+  if (l.numel() < (int64_t{1} << 31)) {
+    LaunchUnpackFlat<T, uint32_t>(stream, l, p, packed, offsets, y);
   } else {
-    UnpackFlatKernel<T, uint64_t><<<blocks, kThreads, 0, stream>>>(
-        p, static_cast<uint64_t>(numel), static_cast<uint64_t>(l.groups),
-        static_cast<uint64_t>(l.inner), packed, offsets, y);
+    LaunchUnpackFlat<T, uint64_t>(stream, l, p, packed, offsets, y);
   }
   SPLITQ_CUDA_CHECK_LAUNCH("UnpackFlatKernel");
   return absl::OkStatus();

@@ -23,6 +23,7 @@
 #include <omp.h>
 #endif
 
+#include "kernels/op_table.h"
 #include "quant/lsq_quantizer.h"
 #include "quant/tensor_ops.h"
 #include "quant/wire_codec.h"
@@ -31,9 +32,12 @@ namespace splitq::tools {
 namespace {
 
 struct CaseResult {
-  std::string name;
+  kernels::KernelCase c;
+  std::string name;  // c.Name(), or a CPU wire row's own name
+  bool in_table = true;
   double bytes = 0;  // read + written per call
   double ours_ms = 0;
+  double copy_ms = 0;  // copy of the same shape and dtype
   std::optional<double> torch_ms;
 };
 
@@ -80,6 +84,36 @@ double TimeMs(const at::Device& device, int iters, const std::function<void()>& 
 
 double Gbps(double bytes, double ms) { return bytes / (ms * 1e-3) / 1e9; }
 
+std::string JsonEscape(const std::string& s) {
+  std::string out;
+  for (const char ch : s) {
+    if (ch == '"' || ch == '\\') out += '\\';
+    out += ch;
+  }
+  return out;
+}
+
+// Runs `fn` and returns its time, or nothing when PyTorch refuses the op (e.g. a dtype it does
+// not take); the reason is logged once per case.
+std::optional<double> TimeTorchMs(const at::Device& device, int iters, const std::string& name,
+                                  const std::function<void()>& fn) {
+  try {
+    return TimeMs(device, iters, fn);
+  } catch (const std::exception& e) {
+    std::string what = e.what();
+    what = what.substr(0, what.find('\n'));
+    spdlog::info("{}: no PyTorch figure ({})", name, what);
+    return std::nullopt;
+  }
+}
+
+// The per-channel tensors of one shape, broadcastable against x ([1, .., C, .., 1]).
+at::Tensor Along(const at::Tensor& v, int64_t dims, int64_t axis) {
+  std::vector<int64_t> shape(static_cast<size_t>(dims), 1);
+  shape[static_cast<size_t>(axis)] = v.numel();
+  return v.view(shape);
+}
+
 }  // namespace
 
 int RunKernelBench(const KernelBenchOptions& opt) {
@@ -88,163 +122,199 @@ int RunKernelBench(const KernelBenchOptions& opt) {
     spdlog::error("--device cuda: this splitq was built without CUDA kernels");
     return 2;
   }
-  const int64_t rows = opt.rows > 0 ? opt.rows : (device.is_cuda() ? 16384 : 4096);
-  const int64_t cols = opt.cols;
+  const kernels::Device kdev = device.is_cuda() ? kernels::Device::kCuda : kernels::Device::kCpu;
   const int iters = opt.iters > 0 ? opt.iters : (device.is_cuda() ? 20 : 9);
-  const double n = static_cast<double>(rows * cols);
   std::printf(
-      "splitq bench kernels: device=%s shape=[%lld, %lld] fp32, channels on axis 1, "
-      "%s of %d timed calls after 3 warm-ups\n",
-      opt.device.c_str(), static_cast<long long>(rows), static_cast<long long>(cols),
+      "splitq bench kernels: device=%s, the cases of kernels/op_table.h%s%s, %s of %d timed "
+      "calls after 3 warm-ups\n",
+      opt.device.c_str(), opt.filter.empty() ? "" : " whose name contains ", opt.filter.c_str(),
       device.is_cuda() ? "mean" : "median", iters);
 
-  at::manual_seed(0);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
-  const at::Tensor x = at::randn({rows, cols}, f32);
-  const at::Tensor dy = at::randn({rows, cols}, f32);
-  const at::Tensor scale = (x.abs().amax(0) / 127.0).contiguous();
-  const at::Tensor zp_int = at::zeros({cols}, f32.dtype(at::kInt));
-  const at::Tensor zp_float = at::zeros({cols}, f32);
-  const quant::Grouping per_channel{kernels::Granularity::kChannel, 1};
-
   std::vector<CaseResult> results;
-  {
-    CaseResult r;
-    r.name = "copy";
-    r.bytes = 8 * n;
-    // Into a buffer allocated once: the bandwidth limit, without allocation costs.
-    at::Tensor copy_out = at::empty_like(x);
-    r.ours_ms = TimeMs(device, iters, [&] { copy_out.copy_(x); });
-    results.push_back(r);
-  }
-  {
-    CaseResult r;
-    r.name = "fake_quant_per_channel";
-    r.bytes = 8 * n;
-    quant::QuantTensors q;
-    q.scale = scale;
-    q.uniform_bits = 8;
-    q.is_signed = true;
-    r.ours_ms = TimeMs(device, iters, [&] { (void)quant::FakeQuantize(x, per_channel, q); });
-    r.torch_ms = TimeMs(device, iters, [&] {
-      (void)at::fake_quantize_per_channel_affine(x, scale, zp_int, 1, -128, 127);
-    });
-    results.push_back(r);
-  }
-  {
-    // forward: read x, write y; backward: read x and dy, write dx (5 passes).
-    CaseResult r;
-    r.name = "lsq_per_channel_fwd_bwd";
-    r.bytes = 20 * n;
-    quant::LsqOptions lsq;
-    lsq.bits = 8;
-    lsq.is_signed = true;
-    lsq.grouping = per_channel;
-    const at::Tensor xg = x.detach().requires_grad_(true);
-    const at::Tensor sg = scale.detach().requires_grad_(true);
-    const at::Tensor zg = zp_float.detach().requires_grad_(true);
-    r.ours_ms = TimeMs(device, iters, [&] {
-      const at::Tensor y = quant::LsqFakeQuant(xg, sg, at::Tensor(), lsq);
-      (void)torch::autograd::grad({y}, {xg, sg}, {dy});
-    });
-    r.torch_ms = TimeMs(device, iters, [&] {
-      const at::Tensor y =
-          at::_fake_quantize_learnable_per_channel_affine(xg, sg, zg, 1, -128, 127, 1.0);
-      (void)torch::autograd::grad({y}, {xg, sg, zg}, {dy});
-    });
-    results.push_back(r);
-  }
-  const std::vector<uint8_t> bits4(static_cast<size_t>(cols), 4);
-  const quant::WireRange range4 = quant::MinMaxRange(x, 1, bits4);
-  const quant::QuantTensors q4 = ToQuantTensors(range4);
-  {
-    CaseResult r;
-    r.name = "pack_4bit";
-    r.bytes = 4 * n + n / 2;
-    r.ours_ms = TimeMs(device, iters, [&] {
-      (void)quant::QuantizePack(x, per_channel, q4, bits4, kernels::RoundingSpec{});
-    });
-    r.torch_ms = TimeMs(device, iters, [&] {
-      const at::Tensor codes =
-          ((x - range4.offsets) / range4.scales).round_().clamp_(0, 15).to(at::kByte);
-      const at::Tensor pairs = codes.view({rows, cols / 2, 2});
-      (void)pairs.select(2, 0).bitwise_or(pairs.select(2, 1).bitwise_left_shift(4));
-    });
-    results.push_back(r);
-  }
-  {
-    CaseResult r;
-    r.name = "unpack_4bit";
-    r.bytes = 4 * n + n / 2;
-    const at::Tensor packed =
-        quant::QuantizePack(x, per_channel, q4, bits4, kernels::RoundingSpec{});
-    r.ours_ms = TimeMs(device, iters, [&] {
-      (void)quant::UnpackDequantize(packed, {rows, cols}, at::kFloat, per_channel, q4, bits4);
-    });
-    const at::Tensor torch_packed = at::randint(0, 255, {rows, cols / 2}, f32.dtype(at::kByte));
-    r.torch_ms = TimeMs(device, iters, [&] {
-      const at::Tensor lo = torch_packed.bitwise_and(15);
-      const at::Tensor hi = torch_packed.bitwise_right_shift(4);
-      const at::Tensor codes = at::stack({lo, hi}, 2).view({rows, cols}).to(at::kFloat);
-      (void)(codes * range4.scales + range4.offsets);
-    });
-    results.push_back(r);
-  }
-  {
-    std::vector<uint8_t> mixed(static_cast<size_t>(cols));
-    std::mt19937 rng(1);
-    for (auto& b : mixed) b = static_cast<uint8_t>(3 + rng() % 3);
-    const quant::QuantTensors q = ToQuantTensors(quant::MinMaxRange(x, 1, mixed));
-    CaseResult r;
-    r.name = "pack_mixed_3to5bit";
-    r.bytes = 4 * n + n / 2;
-    r.ours_ms = TimeMs(device, iters, [&] {
-      (void)quant::QuantizePack(x, per_channel, q, mixed, kernels::RoundingSpec{});
-    });
-    results.push_back(r);
-  }
-  if (device.is_cpu()) {
-    const int threads_before = at::get_num_threads();
-    at::set_num_threads(1);
+  for (const auto& [shape, dtypes] : kernels::PerfShapes(kdev)) {
+    for (const kernels::DType kdtype : dtypes) {
+      std::vector<kernels::KernelCase> cases;
+      for (const kernels::KernelCase& c : kernels::PerfCases(kdev)) {
+        if (c.shape.name != shape.name || c.dtype != kdtype) continue;
+        if (!opt.filter.empty() && c.Name().find(opt.filter) == std::string::npos) continue;
+        cases.push_back(c);
+      }
+      if (cases.empty()) continue;
+      const at::ScalarType dtype = quant::ToScalarType(kdtype);
+      const auto layout = kernels::MakeGroupLayout(shape.shape, shape.granularity, shape.axis);
+      if (!layout.ok()) {
+        spdlog::error("{}: {}", shape.name, layout.status().ToString());
+        return 1;
+      }
+      const int64_t dims = static_cast<int64_t>(shape.shape.size());
+      const int64_t axis = shape.axis < 0 ? shape.axis + dims : shape.axis;
+      const int64_t groups = layout->groups;
+      at::manual_seed(0);
+      const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+      const at::Tensor x = at::randn(shape.shape, f32).to(dtype);
+      const at::Tensor dy = at::randn(shape.shape, f32).to(dtype);
+      const at::Tensor xf = x.to(at::kFloat);
+      const quant::Grouping grouping{shape.granularity, static_cast<int32_t>(axis)};
+      // Per-channel max-abs for the 8-bit ops.
+      const at::Tensor scale8 = (xf.movedim(axis, 0).reshape({groups, -1}).abs().amax(1) / 127.0)
+                                    .clamp_min(1e-8)
+                                    .contiguous();
+      at::Tensor copy_out = at::empty_like(x);
+      const double copy_ms = TimeMs(device, iters, [&] { copy_out.copy_(x); });
+
+      for (const kernels::KernelCase& c : cases) {
+        CaseResult r;
+        r.c = c;
+        r.name = c.Name();
+        r.bytes = c.Bytes();
+        r.copy_ms = copy_ms;
+        const std::vector<uint8_t> bits =
+            c.bits == 0
+                ? c.MixedBits(groups)
+                : std::vector<uint8_t>(static_cast<size_t>(groups), static_cast<uint8_t>(c.bits));
+        switch (c.op) {
+          case kernels::KernelOp::kCopy:
+            r.ours_ms = copy_ms;
+            break;
+          case kernels::KernelOp::kFakeQuant: {
+            quant::QuantTensors q;
+            q.scale = scale8;
+            q.uniform_bits = 8;
+            q.is_signed = true;
+            r.ours_ms = TimeMs(device, iters, [&] { (void)quant::FakeQuantize(x, grouping, q); });
+            const at::Tensor zp = at::zeros({groups}, f32.dtype(at::kInt));
+            r.torch_ms = TimeTorchMs(device, iters, r.name, [&] {
+              (void)at::fake_quantize_per_channel_affine(x, scale8, zp, axis, -128, 127);
+            });
+            break;
+          }
+          case kernels::KernelOp::kLsq: {
+            quant::LsqOptions lsq;
+            lsq.bits = 8;
+            lsq.is_signed = true;
+            lsq.grouping = grouping;
+            const at::Tensor xg = x.detach().requires_grad_(true);
+            const at::Tensor sg = scale8.detach().clone().requires_grad_(true);
+            const at::Tensor zg = at::zeros({groups}, f32).requires_grad_(true);
+            r.ours_ms = TimeMs(device, iters, [&] {
+              const at::Tensor y = quant::LsqFakeQuant(xg, sg, at::Tensor(), lsq);
+              (void)torch::autograd::grad({y}, {xg, sg}, {dy});
+            });
+            r.torch_ms = TimeTorchMs(device, iters, r.name, [&] {
+              const at::Tensor y =
+                  at::_fake_quantize_learnable_per_channel_affine(xg, sg, zg, axis, -128, 127, 1.0);
+              (void)torch::autograd::grad({y}, {xg, sg, zg}, {dy});
+            });
+            break;
+          }
+          case kernels::KernelOp::kPack:
+          case kernels::KernelOp::kPackStochastic:
+          case kernels::KernelOp::kUnpack: {
+            const quant::WireRange range = quant::MinMaxRange(xf, static_cast<int32_t>(axis), bits);
+            const quant::QuantTensors q = ToQuantTensors(range);
+            kernels::RoundingSpec rounding;
+            if (c.op == kernels::KernelOp::kPackStochastic) {
+              rounding = kernels::RoundingSpec{kernels::Rounding::kStochastic, 7, 1};
+            }
+            const at::Tensor s4 = Along(range.scales, dims, axis);
+            const at::Tensor o4 = Along(range.offsets, dims, axis);
+            if (c.op != kernels::KernelOp::kUnpack) {
+              r.ours_ms = TimeMs(device, iters, [&] {
+                (void)quant::QuantizePack(x, grouping, q, bits, rounding);
+              });
+              if (c.op == kernels::KernelOp::kPack && c.bits == 4 && x.numel() % 2 == 0) {
+                // The same job in plain tensor ops: two neighbouring codes per byte.
+                r.torch_ms = TimeTorchMs(device, iters, r.name, [&] {
+                  const at::Tensor codes =
+                      ((x.to(at::kFloat) - o4) / s4).round_().clamp_(0, 15).to(at::kByte);
+                  const at::Tensor pairs = codes.view({-1, 2});
+                  (void)pairs.select(1, 0).bitwise_or(pairs.select(1, 1).bitwise_left_shift(4));
+                });
+              }
+            } else {
+              const at::Tensor packed = quant::QuantizePack(x, grouping, q, bits, rounding);
+              r.ours_ms = TimeMs(device, iters, [&] {
+                (void)quant::UnpackDequantize(packed, shape.shape, dtype, grouping, q, bits);
+              });
+              if (c.bits == 4 && x.numel() % 2 == 0) {
+                const at::Tensor torch_packed =
+                    at::randint(0, 255, {x.numel() / 2}, f32.dtype(at::kByte));
+                r.torch_ms = TimeTorchMs(device, iters, r.name, [&] {
+                  const at::Tensor lo = torch_packed.bitwise_and(15);
+                  const at::Tensor hi = torch_packed.bitwise_right_shift(4);
+                  const at::Tensor codes = at::stack({lo, hi}, 1).view(shape.shape).to(at::kFloat);
+                  (void)(codes * s4 + o4).to(dtype);
+                });
+              }
+            }
+            break;
+          }
+        }
+        results.push_back(r);
+      }
+
+      const std::string enc_name = "encode_1thread:" + shape.name + ":float32:b4";
+      const std::string dec_name = "decode_1thread:" + shape.name + ":float32:b4";
+      if (device.is_cpu() && kdtype == kernels::DType::kFloat32 && axis == dims - 1 &&
+          (enc_name.find(opt.filter) != std::string::npos ||
+           dec_name.find(opt.filter) != std::string::npos)) {
+        // The whole wire on one core (pack + CRC32C; validate + CRC + unpack).
+        const std::vector<uint8_t> bits4(static_cast<size_t>(groups), 4);
+        const quant::WireRange range4 = quant::MinMaxRange(x, static_cast<int32_t>(axis), bits4);
+        const int threads_before = at::get_num_threads();
+        at::set_num_threads(1);
 #if defined(_OPENMP)
-    omp_set_num_threads(1);
+        omp_set_num_threads(1);
 #endif
-    quant::WireEncoder encoder(1, quant::FrameKind::kActivation, {});
-    quant::Frame frame;
-    CaseResult enc;
-    enc.name = "encode_4bit_1thread";
-    enc.bytes = 4 * n + n / 2;
-    enc.ours_ms = TimeMs(device, iters, [&] {
-      frame = encoder.Encode(x, 0, bits4, range4.scales, range4.offsets).value();
-    });
-    results.push_back(enc);
-    // A frame that carries its bit map, so that every decode call stands alone.
-    frame = quant::WireEncoder(2, quant::FrameKind::kActivation, {})
-                .Encode(x, 0, bits4, range4.scales, range4.offsets)
-                .value();
-    quant::WireDecoder decoder;
-    CaseResult dec;
-    dec.name = "decode_4bit_1thread";
-    dec.bytes = 4 * n + n / 2;
-    dec.ours_ms = TimeMs(device, iters, [&] { (void)decoder.Decode(frame).value(); });
-    results.push_back(dec);
-    at::set_num_threads(threads_before);
+        const at::Tensor x2 = x.reshape({-1, groups});
+        quant::WireEncoder encoder(1, quant::FrameKind::kActivation, {});
+        quant::Frame frame;
+        CaseResult enc;
+        enc.in_table = false;
+        enc.c.shape = shape;  // for the copy it is compared with
+        enc.c.dtype = kernels::DType::kFloat32;
+        enc.name = enc_name;
+        enc.bytes = 4.0 * x.numel() + x.numel() / 2.0;
+        enc.copy_ms = copy_ms;
+        enc.ours_ms = TimeMs(device, iters, [&] {
+          frame = encoder.Encode(x2, 0, bits4, range4.scales, range4.offsets).value();
+        });
+        results.push_back(enc);
+        // A frame that carries its bit map, so that every decode call stands alone.
+        frame = quant::WireEncoder(2, quant::FrameKind::kActivation, {})
+                    .Encode(x2, 0, bits4, range4.scales, range4.offsets)
+                    .value();
+        quant::WireDecoder decoder;
+        CaseResult dec = enc;
+        dec.name = dec_name;
+        dec.ours_ms = TimeMs(device, iters, [&] { (void)decoder.Decode(frame).value(); });
+        results.push_back(dec);
+        at::set_num_threads(threads_before);
 #if defined(_OPENMP)
-    omp_set_num_threads(threads_before);
+        omp_set_num_threads(threads_before);
 #endif
+      }
+    }
+  }
+  if (results.empty()) {
+    spdlog::error("no case matches --filter {}", opt.filter);
+    return 2;
   }
 
-  const double copy_gbps = Gbps(results[0].bytes, results[0].ours_ms);
-  std::printf("%-26s %10s %10s %10s %10s %12s %12s\n", "case", "ours_ms", "torch_ms", "ours_GB/s",
-              "torch_GB/s", "ours/copy", "torch/ours");
+  std::printf("%-44s %9s %9s %10s %10s %10s\n", "case", "ours_ms", "torch_ms", "ours_GB/s",
+              "%_of_copy", "torch/ours");
   for (const CaseResult& r : results) {
     const double ours = Gbps(r.bytes, r.ours_ms);
-    std::printf(
-        "%-26s %10.3f %10s %10.1f %10s %11.0f%% %12s\n", r.name.c_str(), r.ours_ms,
-        r.torch_ms ? std::to_string(*r.torch_ms).substr(0, 8).c_str() : "-", ours,
-        r.torch_ms ? std::to_string(Gbps(r.bytes, *r.torch_ms)).substr(0, 7).c_str() : "-",
-        100.0 * ours / copy_gbps,
-        r.torch_ms ? (std::to_string(*r.torch_ms / r.ours_ms).substr(0, 5) + "x").c_str() : "-");
+    const double copy = Gbps(2.0 * static_cast<double>(r.c.shape.numel()) *
+                                 static_cast<double>(kernels::DTypeSize(r.c.dtype)),
+                             r.copy_ms);
+    char torch_ms[32] = "-", ratio[32] = "-";
+    if (r.torch_ms) {
+      std::snprintf(torch_ms, sizeof(torch_ms), "%.3f", *r.torch_ms);
+      std::snprintf(ratio, sizeof(ratio), "%.2fx", *r.torch_ms / r.ours_ms);
+    }
+    std::printf("%-44s %9.3f %9s %10.1f %9.0f%% %10s\n", r.name.c_str(), r.ours_ms, torch_ms, ours,
+                100.0 * ours / copy, ratio);
   }
   if (!opt.json_path.empty()) {
     std::ofstream out(opt.json_path);
@@ -252,14 +322,33 @@ int RunKernelBench(const KernelBenchOptions& opt) {
       spdlog::error("cannot write {}", opt.json_path);
       return 1;
     }
-    out << "{\n  \"device\": \"" << opt.device << "\",\n  \"shape\": [" << rows << ", " << cols
-        << "],\n  \"iters\": " << iters << ",\n  \"cases\": [\n";
+    out << "{\n  \"device\": \"" << opt.device << "\",\n  \"iters\": " << iters
+        << ",\n  \"cases\": [\n";
     for (size_t i = 0; i < results.size(); ++i) {
       const CaseResult& r = results[i];
-      out << "    {\"name\": \"" << r.name << "\", \"ours_gbps\": " << Gbps(r.bytes, r.ours_ms)
-          << ", \"torch_gbps\": "
-          << (r.torch_ms ? std::to_string(Gbps(r.bytes, *r.torch_ms)) : std::string("null"))
-          << ", \"copy_gbps\": " << copy_gbps << ", \"ours_ms\": " << r.ours_ms
+      const double copy_gbps = Gbps(2.0 * static_cast<double>(r.c.shape.numel()) *
+                                        static_cast<double>(kernels::DTypeSize(r.c.dtype)),
+                                    r.copy_ms);
+      out << "    {\"name\": \"" << JsonEscape(r.name) << "\"";
+      if (r.in_table) {
+        out << ", \"op\": \"" << kernels::KernelOpName(r.c.op) << "\", \"shape_name\": \""
+            << JsonEscape(r.c.shape.name) << "\", \"shape\": [";
+        for (size_t d = 0; d < r.c.shape.shape.size(); ++d) {
+          out << (d ? ", " : "") << r.c.shape.shape[d];
+        }
+        out << "], \"axis\": " << r.c.shape.axis << ", \"dtype\": \""
+            << kernels::DTypeName(r.c.dtype) << "\", \"bits\": ";
+        if (r.c.op == kernels::KernelOp::kCopy) {
+          out << "null";
+        } else if (r.c.bits == 0) {
+          out << "\"" << r.c.mixed_lo << "-" << r.c.mixed_hi << "\"";
+        } else {
+          out << r.c.bits;
+        }
+      }
+      out << ", \"ours_ms\": " << r.ours_ms << ", \"ours_gbps\": " << Gbps(r.bytes, r.ours_ms)
+          << ", \"copy_gbps\": " << copy_gbps
+          << ", \"pct_of_copy\": " << 100.0 * Gbps(r.bytes, r.ours_ms) / copy_gbps
           << ", \"torch_ms\": " << (r.torch_ms ? std::to_string(*r.torch_ms) : std::string("null"))
           << "}" << (i + 1 < results.size() ? "," : "") << "\n";
     }

@@ -4,16 +4,19 @@
 // (see TimeMs).
 // GB/s counts bytes read plus bytes written (10^9 bytes per second).
 //
-// Cases (fp32 [rows, cols], channels on axis 1):
-//   copy                          out.copy_(x) into a preallocated tensor (bandwidth limit)
-//   fake_quant_per_channel        8-bit signed; torch: fake_quantize_per_channel_affine
-//   lsq_per_channel_fwd_bwd       learned step, forward + backward (grads of x and scale);
-//                                 torch: _fake_quantize_learnable_per_channel_affine
-//   pack_4bit / unpack_4bit       quantize+pack to 4 bits and back; torch: the same written
-//                                 with plain tensor ops (two codes per byte)
-//   pack_mixed_3to5bit            mixed per-channel widths 3..5 (ours only)
-//   encode_4bit_1thread (CPU)     the whole wire encode (pack + CRC32C) on one core
-//   decode_4bit_1thread (CPU)     validate + CRC + unpack on one core
+// Cases: kernels/op_table.h's PerfCases(device), named OP:SHAPE:DTYPE[:bBITS], each with
+// the copy of its own shape and dtype as the bandwidth limit ("% of copy"):
+//   copy          out.copy_(x) into a preallocated tensor
+//   fake_quant    8-bit signed per channel; torch: fake_quantize_per_channel_affine
+//   lsq           learned step, forward + backward (grads of x and scale);
+//                 torch: _fake_quantize_learnable_per_channel_affine
+//   pack/unpack   min-max quantize+pack and back (b4, and b3-5: mixed widths per channel);
+//                 torch (b4): the same written with plain tensor ops, two codes per byte
+//   pack_sr       4-bit pack with stochastic rounding (ours only)
+// plus, on the CPU, encode_1thread / decode_1thread: the whole wire (pack + CRC32C; validate
+// + CRC + unpack) on one core. A PyTorch op that refuses a dtype leaves its column empty.
+// --json writes each case with its op, shape, axis, dtype and bits, which
+// scripts/kernel-anchors.py reads to time PyTorch eager and torch.compile on the same cases.
 // splitq tools: `splitq bench kernels` (below).
 #pragma once
 
@@ -27,9 +30,8 @@ namespace splitq::tools {
 struct KernelBenchOptions {
   std::string device = "cpu";
   std::string json_path;
-  int64_t rows = 0;  // 0: 16384 on CUDA, 4096 on the CPU
-  int64_t cols = 4096;
-  int iters = 0;  // 0: 20 on CUDA, 9 on the CPU
+  std::string filter;  // only the cases whose name contains it (empty: all)
+  int iters = 0;       // 0: 20 on CUDA, 9 on the CPU
 };
 
 // Runs it; returns the process exit code (errors are logged).

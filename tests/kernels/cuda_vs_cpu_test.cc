@@ -26,6 +26,7 @@
 #include "kernels/detail/quant_math.h"
 #include "kernels/fake_quant.h"
 #include "kernels/lsq_backward.h"
+#include "kernels/op_table.h"
 #include "kernels/pack.h"
 #include "tests/kernels/test_util.h"
 
@@ -205,71 +206,8 @@ std::string CompareBytes(const std::vector<uint8_t>& want, const std::vector<uin
 
 // ---- the sweep --------------------------------------------------------------------------
 
-struct LayoutCase {
-  std::string name;
-  std::vector<int64_t> shape;
-  Granularity granularity;
-  int axis;
-};
-
-std::vector<LayoutCase> LayoutCases() {
-  const auto T = Granularity::kTensor, C = Granularity::kChannel, K = Granularity::kToken;
-  return {
-      // per tensor
-      {"tensor_empty", {0}, T, 0},
-      {"tensor_1", {1}, T, 0},
-      {"tensor_7", {7}, T, 0},
-      {"tensor_33x17", {33, 17}, T, 0},
-      {"tensor_3x5x7x11", {3, 5, 7, 11}, T, 0},
-      {"tensor_65539", {65539}, T, 0},
-      // per channel, [N, C] on axis 1 (inner == 1)
-      {"nc_empty_0x64", {0, 64}, C, 1},
-      {"nc_1x1", {1, 1}, C, 1},
-      {"nc_1x3", {1, 3}, C, 1},
-      {"nc_7x1", {7, 1}, C, 1},
-      {"nc_7x3", {7, 3}, C, 1},
-      {"nc_5x32", {5, 32}, C, 1},
-      {"nc_9x36", {9, 36}, C, 1},
-      {"nc_33x100", {33, 100}, C, 1},
-      {"nc_64x40", {64, 40}, C, 1},
-      {"nc_300x37", {300, 37}, C, 1},
-      {"nc_999x128", {999, 128}, C, 1},
-      {"nc_1000x512", {1000, 512}, C, 1},
-      {"nc_130x264", {130, 264}, C, 1},
-      {"nc_20000x3", {20000, 3}, C, 1},
-      {"nlc_3x7x48_axis_m1", {3, 7, 48}, C, -1},
-      // per channel, [N, C, H, W] on axis 1 (inner > 1)
-      {"nchw_empty", {0, 3, 2, 2}, C, 1},
-      {"nchw_2x3x1x1", {2, 3, 1, 1}, C, 1},
-      {"nchw_2x3x4x5", {2, 3, 4, 5}, C, 1},
-      {"nchw_1x1x7x7", {1, 1, 7, 7}, C, 1},
-      {"nchw_3x5x16x16", {3, 5, 16, 16}, C, 1},
-      {"nchw_2x4x8x33", {2, 4, 8, 33}, C, 1},
-      {"nchw_2x64x2x4", {2, 64, 2, 4}, C, 1},
-      {"nchw_7x3x3x3", {7, 3, 3, 3}, C, 1},
-      {"nchw_5x3x40x50", {5, 3, 40, 50}, C, 1},
-      // per channel on axis 0 (weights [C_out, K])
-      {"ck_16x9_axis0", {16, 9}, C, 0},
-      {"ck_64x288_axis0", {64, 288}, C, 0},
-      // per token
-      {"token_empty_5x0", {5, 0}, K, 0},
-      {"token_1x1", {1, 1}, K, 0},
-      {"token_7x9", {7, 9}, K, 0},
-      {"token_3x5x256", {3, 5, 256}, K, 0},
-      {"token_4x1000", {4, 1000}, K, 0},
-      {"token_64x4096", {64, 4096}, K, 0},
-  };
-}
-
-// Larger channels-last shapes, where the persistent pack grid walks several row tiles per
-// block (swept over fewer bit widths to keep the CPU reference cheap).
-std::vector<LayoutCase> LargeLayoutCases() {
-  const auto C = Granularity::kChannel;
-  return {
-      {"nc_1100x2048", {1100, 2048}, C, 1},
-      {"nc_17000x40", {17000, 40}, C, 1},
-  };
-}
+// The layouts, widths and dtypes come from kernels/op_table.h, the table the benchmark times.
+using LayoutCase = ShapeCase;
 
 using Param = std::tuple<LayoutCase, int /*bits; 0: mixed per group*/, DType, bool /*signed*/>;
 
@@ -558,20 +496,31 @@ TEST_P(CudaVsCpuTest, LsqBackwardMatches) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Sweep, CudaVsCpuTest,
-                         ::testing::Combine(::testing::ValuesIn(LayoutCases()),
-                                            ::testing::Values(2, 3, 4, 5, 6, 7, 8, 0 /*mixed*/),
-                                            ::testing::Values(DType::kFloat32, DType::kBFloat16,
-                                                              DType::kFloat16),
-                                            ::testing::Bool()),
-                         ParamName);
-
 INSTANTIATE_TEST_SUITE_P(
-    Large, CudaVsCpuTest,
-    ::testing::Combine(::testing::ValuesIn(LargeLayoutCases()), ::testing::Values(4, 0 /*mixed*/),
+    Sweep, CudaVsCpuTest,
+    ::testing::Combine(::testing::ValuesIn(TestShapes()), ::testing::ValuesIn(TestBits()),
                        ::testing::Values(DType::kFloat32, DType::kBFloat16, DType::kFloat16),
                        ::testing::Bool()),
     ParamName);
+
+INSTANTIATE_TEST_SUITE_P(
+    Large, CudaVsCpuTest,
+    ::testing::Combine(::testing::ValuesIn(LargeTestShapes()), ::testing::Values(4, 0 /*mixed*/),
+                       ::testing::Values(DType::kFloat32, DType::kBFloat16, DType::kFloat16),
+                       ::testing::Bool()),
+    ParamName);
+
+// The shapes and dtypes `splitq bench kernels` times on CUDA, at 4 bits and mixed widths.
+std::vector<Param> PerfParams() {
+  std::vector<Param> out;
+  for (const auto& [shape, dtypes] : PerfShapes(Device::kCuda)) {
+    for (const DType dtype : dtypes) {
+      for (const int bits : {4, 0}) out.emplace_back(shape, bits, dtype, false);
+    }
+  }
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(Perf, CudaVsCpuTest, ::testing::ValuesIn(PerfParams()), ParamName);
 
 }  // namespace
 }  // namespace splitq::kernels
