@@ -83,10 +83,13 @@ absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_
 absl::StatusOr<std::string> ReadSecretFile(const std::filesystem::path& path, const char* what,
                                            size_t max_bytes) {
   struct stat st {};
-  if (::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 044) != 0) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "%s: this %s is readable by %s (mode %04o); make it private: chmod 600 %s", path.string(),
-        what, (st.st_mode & 040) != 0 ? "its group" : "others", st.st_mode & 07777, path.string()));
+  if (::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 066) != 0) {
+    const bool read = (st.st_mode & 044) != 0;
+    const bool group = (st.st_mode & (read ? 040 : 020)) != 0;
+    return absl::FailedPreconditionError(
+        absl::StrFormat("%s: this %s is %s by %s (mode %04o); make it private: chmod 600 %s",
+                        path.string(), what, read ? "readable" : "writable",
+                        group ? "its group" : "others", st.st_mode & 07777, path.string()));
   }
   return ReadSmallFile(path, what, max_bytes);
 }

@@ -38,8 +38,9 @@ absl::StatusOr<std::string> ReadSmallFile(const std::filesystem::path& path, con
                                           size_t max_bytes = 16 << 20);
 
 // ReadSmallFile for a secret (a key, a token file): FAILED_PRECONDITION, naming the file and
-// the fix, when it is a regular file that its group or others may read (mode & 044), as ssh
-// does for private keys. Pipes (`--token <(...)`) are taken as they are.
+// the fix, when it is a regular file that its group or others may read or write (mode & 066:
+// a secret others may replace is no secret either), as ssh does for private keys. Pipes (`--token
+// <(...)`) are taken as they are.
 absl::StatusOr<std::string> ReadSecretFile(const std::filesystem::path& path, const char* what,
                                            size_t max_bytes = 16 << 20);
 

@@ -86,7 +86,9 @@ absl::Status CoordinatorService::DoRegister(const Bearer& caller,
     return absl::PermissionDeniedError(
         absl::StrCat("the token of '", caller.id, "' is a ", TokenRoleName(caller.role),
                      " token: it cannot register a ", TokenRoleName(needed),
-                     " (make worker tokens with `splitq tokens --worker NAME`)"));
+                     needed == TokenRole::kWorker
+                         ? " (make worker tokens with `splitq tokens --out DIR --worker NAME`)"
+                         : " (make client tokens with `splitq tokens --out DIR NAME`)"));
   }
   auto id =
       core_.Register(role, request.name(), static_cast<uint32_t>(request.protocol_version()),

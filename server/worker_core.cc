@@ -136,6 +136,7 @@ absl::StatusOr<Welcome> WorkerCore::Open(const Hello& hello, const std::string& 
   }
   compute.unlock();
   for (uint64_t id : replaced) Close(id);  // (takes mutex_, then compute_)
+  welcome.replaced = std::move(replaced);
   return welcome;
 }
 

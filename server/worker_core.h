@@ -110,6 +110,9 @@ struct Welcome {
   // The worker knew this client id from another run (another run_id): that run's progress was
   // dropped, and this run's steps are all applied.
   bool new_run = false;
+  // Sessions of the same client id and kind that this one replaced (already closed in the
+  // core): the service ends their streams, which may still hold a read message.
+  std::vector<uint64_t> replaced;
 };
 
 struct WorkerStats {

@@ -127,6 +127,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
  private:
   void Destroy() {
     if (session_ != 0) {
+      service_.RemoveLive(session_);
       // Closing waits for the step being computed: on the compute thread, not gRPC's.
       service_.compute_.Post([&core = service_.core_, id = session_] { core.Close(id); });
       Log(absl::StrCat("ended: ", !end_status_.ok()   ? end_status_.ToString()
@@ -168,6 +169,16 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
         SPLITQ_ASSIGN_OR_RETURN(Welcome welcome, service_.core_.Open(hello, auth_id_));
         session_ = welcome.session_id;
         client_id_ = hello.client_id;
+        service_.AddLive(session_, [this](const absl::Status& status) {
+          std::lock_guard<std::mutex> lock(mutex_);
+          MaybeFinishLocked(status);
+        });
+        if (!welcome.replaced.empty()) {
+          service_.EndReplaced(
+              welcome.replaced,
+              absl::AbortedError(absl::StrCat("replaced by session ", session_, " of client '",
+                                              client_id_, "' (a newer hello under its id)")));
+        }
         std::string note;
         const int64_t known = welcome.next_applied;
         const auto expected = static_cast<int64_t>(welcome.expected_step);
@@ -396,6 +407,24 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   bool finish_pending_ = false;
   absl::Status finish_status_;
 };
+
+void WorkerService::AddLive(uint64_t session, std::function<void(const absl::Status&)> end) {
+  std::lock_guard<std::mutex> lock(live_mutex_);
+  live_[session] = std::move(end);
+}
+
+void WorkerService::RemoveLive(uint64_t session) {
+  std::lock_guard<std::mutex> lock(live_mutex_);
+  live_.erase(session);
+}
+
+void WorkerService::EndReplaced(const std::vector<uint64_t>& sessions, const absl::Status& status) {
+  std::lock_guard<std::mutex> lock(live_mutex_);  // a stream leaves live_ before it is deleted
+  for (const uint64_t id : sessions) {
+    auto it = live_.find(id);
+    if (it != live_.end()) it->second(status);
+  }
+}
 
 WorkerService::WorkerService(WorkerCore& core, const TokenSet* tokens,
                              const WorkerServiceOptions& options)

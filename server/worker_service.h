@@ -31,6 +31,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 
 #include "server/tokens.h"
 #include "server/worker_core.h"
@@ -117,6 +118,13 @@ class WorkerService final
   void EnqueueReady(ReadyStep step);
   void MergeReady();  // on the compute thread
 
+  // The streams of open sessions, so that a hello that replaces a session (same client id and
+  // kind) can end the old stream: until it ends, gRPC keeps its last message (up to a frame
+  // chunk) and its buffers. `end` runs under live_mutex_ and takes the stream's own lock.
+  void AddLive(uint64_t session, std::function<void(const absl::Status&)> end);
+  void RemoveLive(uint64_t session);
+  void EndReplaced(const std::vector<uint64_t>& sessions, const absl::Status& status);
+
   WorkerCore& core_;
   const TokenSet* tokens_;
   WorkerServiceOptions options_;
@@ -128,6 +136,8 @@ class WorkerService final
   bool merge_posted_ = false;         // a MergeReady job is posted or running
   bool stopping_ = false;             // under merge_mutex_: the service is going (rounds end)
   std::atomic<bool> closing_{false};  // the same, for MergeOptions::before_round
+  std::mutex live_mutex_;
+  std::unordered_map<uint64_t, std::function<void(const absl::Status&)>> live_;
   SerialExecutor compute_;
 };
 

@@ -114,10 +114,10 @@ TEST_F(Files, ReadSmallFileNamesWhatIsWrong) {
       << big.status();
 }
 
-// Secrets that the group or others may read are refused, naming the fix; private ones and
-// pipes are read.
+// Secrets that the group or others may read or write are refused, naming the fix; private
+// ones and pipes are read.
 TEST_F(Files, ReadSecretFileRefusesSecretsOthersMayRead) {
-  for (const mode_t mode : {0644u, 0640u, 0604u}) {
+  for (const mode_t mode : {0644u, 0640u, 0604u, 0622u, 0620u, 0602u}) {
     ASSERT_TRUE(WriteFileAtomically(dir_ / "key", "secret\n", mode).ok());
     auto open = ReadSecretFile(dir_ / "key", "private key");
     EXPECT_EQ(open.status().code(), absl::StatusCode::kFailedPrecondition) << mode;

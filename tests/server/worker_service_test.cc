@@ -475,6 +475,51 @@ TEST_F(WorkerServiceTest, IdleHalfFramesHoldWhatTheySentAndGiveItBack) {
   ExpectGoodClientTrains("bob", 1);
 }
 
+// A hello under a client id that has a session replaces it, and ends the old stream (ABORTED)
+// instead of leaving it open: the outside probe of the hardening issue opened 60 streams as one
+// client, each holding a 4 MiB half-frame, and the worker's RSS grew ~4 MB a stream until the
+// client disconnected.
+TEST_F(WorkerServiceTest, AHelloUnderTheSameIdEndsTheStreamItReplaces) {
+  const int64_t limit = part_->max_frame_bytes();
+  const std::string part(std::min<int64_t>(limit - 1, 4 << 20), 'r');
+  const uint32_t count = static_cast<uint32_t>((limit + (4 << 20) - 1) / (4 << 20)) + 1;
+  ExpectGoodClientTrains("bob", 1);  // warm up
+  const int64_t before = StatusKb("VmRSS");
+  std::vector<Raw> streams;
+  constexpr int kStreams = 12;
+  for (int i = 0; i < kStreams; ++i) {
+    streams.push_back(Open(TokenFor("alice")));
+    for (const TrainRequest& r : {Hello("alice"), Labels((*frames_)[0], 0),
+                                  Chunk(part, 0, static_cast<uint64_t>(limit), 0, count)}) {
+      ASSERT_TRUE(streams.back().stream->Write(r)) << "stream " << i;
+    }
+    // The half-frame is in before the next hello replaces this session.
+    for (int t = 0; t < 300 && core_->buffered_bytes() < static_cast<int64_t>(part.size()); ++t) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  // Every stream but the last was ended by the worker, with the reason.
+  for (int i = 0; i + 1 < kStreams; ++i) {
+    TrainReply reply;
+    while (streams[static_cast<size_t>(i)].stream->Read(&reply)) {
+    }
+    const grpc::Status status = streams[static_cast<size_t>(i)].stream->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::ABORTED)
+        << i << ": " << status.error_message();
+    EXPECT_NE(status.error_message().find("replaced by session"), std::string::npos)
+        << status.error_message();
+  }
+  EXPECT_EQ(core_->stats().train_sessions, 1u);
+  EXPECT_LE(core_->buffered_bytes(), static_cast<int64_t>(part.size()) + (1 << 20));
+  const int64_t holding = StatusKb("VmRSS");
+  std::printf("RSS %lld kB before, %lld kB after %d replacing hellos (4 MiB half-frame each)\n",
+              static_cast<long long>(before), static_cast<long long>(holding), kStreams);
+  EXPECT_LT(holding - before, 24 * 1024) << "replaced streams kept their memory";
+  streams.back().context->TryCancel();
+  (void)streams.back().stream->Finish();
+  ExpectGoodClientTrains("alice", 1);
+}
+
 TEST_F(WorkerServiceTest, MemoryStaysBoundedUnderBadStreams) {
   const std::string good = *(*frames_)[0].frame;
   auto hammer = [&](int n) {
