@@ -34,6 +34,7 @@ struct CoordinatorOptions {
   int heartbeat_ms = 1000;
   int forget_after_s = 600;
   std::string ready_file;
+  server::ConnectionLimits connection_limits;
 };
 
 int RunCoordinator(const CoordinatorOptions& opt) {
@@ -65,6 +66,8 @@ int RunCoordinator(const CoordinatorOptions& opt) {
   o.security = opt.security;
   o.heartbeat_period = std::chrono::milliseconds(opt.heartbeat_ms);
   o.forget_after = std::chrono::seconds(opt.forget_after_s);
+  o.rebalance_groups = config->group_rebalance;
+  o.connection_limits = opt.connection_limits;
   o.ready_file = opt.ready_file;
   o.log = [](const std::string& line) { spdlog::info("{}", line); };
   auto coordinator = server::CoordinatorProcess::Start(o);
@@ -90,6 +93,7 @@ void RegisterCoordinator(CLI::App& app, RunFn* run) {
   cmd->add_option("--config", opt->config_path, "The YAML run config")->required();
   cmd->add_option("--listen", opt->listen, "HOST:PORT (port 0: pick a free one)");
   AddSecurityFlags(cmd, &opt->security, /*serving=*/true);
+  AddConnectionLimitFlags(cmd, &opt->connection_limits);
   cmd->add_option("--tokens", opt->tokens_path, "Bearer tokens from `splitq tokens`");
   cmd->add_option("--heartbeat-ms", opt->heartbeat_ms, "Heartbeat period (dead after two)")
       ->check(IntRange(10, 600000));

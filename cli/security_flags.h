@@ -1,10 +1,12 @@
 // splitq CLI: the transport-security flags every networked subcommand takes (proto/rpc_channel.h):
-// --tls-dir DIR (certificates from `splitq certs`), --insecure (explicit plaintext), --mtls.
+// --tls-dir DIR (certificates from `splitq certs`), --insecure (explicit plaintext), --mtls; and
+// the servers' caps on unauthenticated connections (server/connection_guard.h).
 #pragma once
 
 #include <CLI/CLI.hpp>
 
 #include "proto/rpc_channel.h"
+#include "server/connection_guard.h"
 
 namespace splitq::cli {
 
@@ -15,6 +17,17 @@ inline void AddSecurityFlags(CLI::App* cmd, rpc::TransportSecurity* security, bo
   cmd->add_flag("--insecure", security->insecure, "Plaintext (no TLS)");
   cmd->add_flag("--mtls", security->mutual_tls,
                 serving ? "Require client certificates" : "Present client.crt (mutual TLS)");
+}
+
+// --max-pending-connections N, --max-pending-per-address N (0: no cap).
+inline void AddConnectionLimitFlags(CLI::App* cmd, server::ConnectionLimits* limits) {
+  cmd->add_option("--max-pending-connections", limits->max_pending,
+                  "Connections that have not yet carried an authenticated call, at most, in "
+                  "total (more are closed at once; 0: no cap; default 1024)")
+      ->check(CLI::Range(0, 1 << 20));
+  cmd->add_option("--max-pending-per-address", limits->max_pending_per_address,
+                  "... and from one peer address (0: no cap; default 64)")
+      ->check(CLI::Range(0, 1 << 20));
 }
 
 }  // namespace splitq::cli

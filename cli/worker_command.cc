@@ -42,6 +42,7 @@ struct WorkerCommandOptions {
   int group_size = 0;
   std::string group_address = "127.0.0.1";
   int group_timeout_s = 60;
+  server::ConnectionLimits connection_limits;
 };
 
 int Fail(const char* what, const absl::Status& status, int code = 2) {
@@ -79,6 +80,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
   o.advertise = opt.advertise;
   o.advertise_port = opt.advertise_port;
   o.security = opt.security;
+  o.connection_limits = opt.connection_limits;
   o.out_dir = opt.out_dir;
   o.checkpoint_every = opt.checkpoint_every >= 0 ? opt.checkpoint_every : config->checkpoint_every;
   o.reply_chunk_bytes = int64_t{opt.chunk_kib} << 10;
@@ -128,6 +130,7 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
                   "checkpoint_every; 0: only when stopping)")
       ->check(IntRange(int64_t{0}, int64_t{1} << 40));
   AddSecurityFlags(cmd, &opt->security, /*serving=*/true);
+  AddConnectionLimitFlags(cmd, &opt->connection_limits);
   cmd->add_option("--tokens", opt->tokens_path, "The clients' bearer tokens (`splitq tokens`)");
   cmd->add_option("--token", opt->token_path, "This worker's own token file, for the coordinator");
   cmd->add_option("--chunk-kib", opt->chunk_kib,

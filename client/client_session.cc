@@ -54,6 +54,10 @@ absl::Status ReconnectingLink::Connect(std::chrono::seconds timeout) {
 }
 
 absl::StatusOr<trainer::DownFrame> ReconnectingLink::Train(const trainer::UpFrame& up) {
+  if (move_.exchange(false)) {
+    moving_ = true;
+    return absl::AbortedError("the coordinator moved this client to another worker of its group");
+  }
   return Succeeded(link_->Train(up));
 }
 absl::StatusOr<trainer::DownFrame> ReconnectingLink::TrainHead(const trainer::HeadGradient& head) {
@@ -64,6 +68,17 @@ absl::StatusOr<trainer::EvalPiece> ReconnectingLink::Evaluate(const trainer::UpF
 }
 
 absl::Status ReconnectingLink::Recover(const absl::Status& error) {
+  if (moving_) {  // Train's own refusal: no failure, no backoff
+    moving_ = false;
+    const std::string from = assigned_;
+    if (link_) link_->Close();
+    link_.reset();
+    SPLITQ_RETURN_IF_ERROR(Connect(options_.reconnect_timeout));
+    ++moves_;
+    Log(absl::StrCat("moved from worker ", from, " to ", worker_,
+                     " (the coordinator rebalanced the group)"));
+    return absl::OkStatus();
+  }
   if (!IsTransient(error) && error.code() != absl::StatusCode::kNotFound) return error;
   const auto now = std::chrono::steady_clock::now();
   if (failures_ == 0) failing_since_ = now;
@@ -141,6 +156,8 @@ absl::Status ReconnectingLink::ConnectOnce() {
   };
   link_ = std::make_unique<WorkerClient>(channel, link);
   assigned_ = assignment->worker_name;
+  assignment_id_.store(assignment->assignment_id);
+  move_.store(false);
   worker_ = absl::StrCat(assignment->worker_name, " at ", target);
   return absl::OkStatus();
 }
@@ -199,8 +216,9 @@ absl::StatusOr<trainer::TrainSummary> RunClientSession(trainer::ClientPart& part
   {
     Heartbeater heartbeat(
         coordinator, link.member_id(), link.heartbeat_period(),
-        [&counting] {
-          return Heartbeater::Progress{static_cast<uint64_t>(counting.steps()), 0};
+        [&counting, &link] {
+          return Heartbeater::Progress{static_cast<uint64_t>(counting.steps()), 0,
+                                       link.assignment_id()};
         },
         [&link, &options]() -> absl::StatusOr<uint64_t> {
           const uint64_t before = link.member_id();
@@ -213,7 +231,7 @@ absl::StatusOr<trainer::TrainSummary> RunClientSession(trainer::ClientPart& part
           }
           return id;
         },
-        options.log);
+        options.log, [&link](uint64_t assignment_id) { link.RequestMove(assignment_id); });
     trainer::TrainOptions with_lost = train;
     with_lost.finish = [&link, finish = train.finish](trainer::TrainSummary& s) {
       s.lost_steps = link.lost_steps();

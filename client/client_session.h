@@ -15,6 +15,10 @@
 // Failover and resume: the step in flight is sent again on the new session (AQ-SGD: recomputed,
 // client_part.h); a client started on an --out with a checkpoint resumes from it, and the worker
 // does not apply replayed steps twice (server/worker_core.h).
+//
+// Moves: in a worker group the coordinator may move a client to a member with fewer clients
+// (server/coordinator_core.h, Rebalancing). The heartbeat thread hears it; the link finishes
+// the step in flight, then reconnects through Assign before the next step's first frame.
 #pragma once
 
 #include <atomic>
@@ -84,6 +88,18 @@ class ReconnectingLink : public trainer::ServerLink {
   }
   // "NAME at HOST:PORT" of the worker now.
   const std::string& worker() const { return worker_; }
+  // The assignment_id of the coordinator's answer the link trains under (0: none yet).
+  uint64_t assignment_id() const { return assignment_id_.load(); }
+  // The coordinator assigned this client elsewhere (a heartbeat's `move`, naming the
+  // assignment it was sent with; ignored when the link has reconnected since). The next Train
+  // fails with ABORTED before it sends anything, and Recover then moves to the new worker at
+  // once (no backoff, not counted as a failure); the caller resends the step on the new
+  // session, as after any reconnect. Thread-safe (the heartbeat thread calls it).
+  void RequestMove(uint64_t assignment_id) {
+    if (assignment_id != 0 && assignment_id == assignment_id_.load()) move_.store(true);
+  }
+  // Moves made for RequestMove, over this link's life.
+  int moves() const { return moves_; }
   // The ranges first..last of this client's steps that workers said they had not applied
   // (their welcome's next_applied), in the order they were told, over this link's life.
   std::vector<std::pair<int64_t, int64_t>> lost_steps() const {
@@ -112,6 +128,10 @@ class ReconnectingLink : public trainer::ServerLink {
   std::atomic<uint64_t> member_id_{0};
   std::atomic<int64_t> heartbeat_ms_{1000};
   std::string worker_;
+  std::atomic<uint64_t> assignment_id_{0};
+  std::atomic<bool> move_{false};  // RequestMove
+  bool moving_ = false;            // Train refused a step for a move: Recover makes it
+  int moves_ = 0;
   std::string assigned_;     // the worker's name
   std::string unreachable_;  // a worker we could not reach, or that was full: avoid it
   mutable std::mutex lost_mutex_;

@@ -69,16 +69,21 @@ absl::StatusOr<rpc::Assignment> CoordinatorClient::Assign(uint64_t member_id,
   return a;
 }
 
-absl::StatusOr<bool> CoordinatorClient::Heartbeat(uint64_t member_id, uint64_t step,
-                                                  uint32_t sessions) {
+absl::StatusOr<CoordinatorClient::Beat> CoordinatorClient::Heartbeat(uint64_t member_id,
+                                                                     uint64_t step,
+                                                                     uint32_t sessions,
+                                                                     uint64_t assignment_id,
+                                                                     int64_t generation) {
   splitq::v1::HeartbeatRequest request;
   request.set_member_id(member_id);
   request.set_step(step);
   request.set_sessions(sessions);
+  request.set_assignment_id(assignment_id);
+  request.set_generation(generation);
   splitq::v1::HeartbeatReply reply;
   auto context = Context();
   SPLITQ_RETURN_IF_ERROR(rpc::FromGrpcStatus(stub_->Heartbeat(context.get(), request, &reply)));
-  return !reply.unknown_member();
+  return Beat{!reply.unknown_member(), reply.move()};
 }
 
 absl::Status CoordinatorClient::Leave(uint64_t member_id) {
@@ -109,21 +114,26 @@ absl::StatusOr<rpc::GroupView> CoordinatorClient::Group(uint64_t member_id,
 Heartbeater::Heartbeater(CoordinatorClient& client, uint64_t member_id,
                          std::chrono::milliseconds period, std::function<Progress()> progress,
                          std::function<absl::StatusOr<uint64_t>()> reregister,
-                         std::function<void(const std::string&)> log)
+                         std::function<void(const std::string&)> log,
+                         std::function<void(uint64_t)> move)
     : member_id_(member_id) {
   period = std::max(period, std::chrono::milliseconds(10));
   thread_ = std::thread([this, &client, period, progress = std::move(progress),
-                         reregister = std::move(reregister), log = std::move(log)] {
+                         reregister = std::move(reregister), log = std::move(log),
+                         move = std::move(move)] {
     bool failing = false;
     std::unique_lock<std::mutex> lock(mutex_);
     while (!wake_.wait_for(lock, period, [this] { return stopping_; })) {
       lock.unlock();
       const Progress p = progress ? progress() : Progress{};
       absl::Status status;
-      auto known = client.Heartbeat(member_id_.load(), p.step, p.sessions);
-      if (!known.ok()) {
-        status = known.status();
-      } else if (!*known && reregister) {
+      auto beat =
+          client.Heartbeat(member_id_.load(), p.step, p.sessions, p.assignment_id, p.generation);
+      if (!beat.ok()) {
+        status = beat.status();
+      } else if (beat->move && move) {
+        move(p.assignment_id);
+      } else if (!beat->known && reregister) {
         auto id = reregister();
         if (id.ok()) {
           member_id_.store(*id);

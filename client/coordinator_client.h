@@ -45,8 +45,14 @@ class CoordinatorClient {
                                         const rpc::WorkerAddress& group_store = {});
   // `unreachable`: a worker this client could not reach ("" for none; coordinator_core.h).
   absl::StatusOr<rpc::Assignment> Assign(uint64_t member_id, const std::string& unreachable = "");
-  // False when the coordinator does not know the member any more (register again).
-  absl::StatusOr<bool> Heartbeat(uint64_t member_id, uint64_t step, uint32_t sessions = 0);
+  struct Beat {
+    bool known = true;  // false: the coordinator does not know the member any more (register)
+    bool move = false;  // a client assigned elsewhere since `assignment_id` (Assign again)
+  };
+  // `assignment_id`: a client's assignment as it trains under it (0: ask for no moves).
+  // `generation`: a group worker's last generation formed (0: none).
+  absl::StatusOr<Beat> Heartbeat(uint64_t member_id, uint64_t step, uint32_t sessions = 0,
+                                 uint64_t assignment_id = 0, int64_t generation = 0);
   absl::Status Leave(uint64_t member_id);
   // Worker groups: this member's view (coordinator_core.h, Group).
   absl::StatusOr<rpc::GroupView> Group(uint64_t member_id, int64_t failed_generation = 0);
@@ -64,15 +70,20 @@ class Heartbeater {
   struct Progress {
     uint64_t step = 0;
     uint32_t sessions = 0;
+    uint64_t assignment_id = 0;  // clients: the assignment trained under (0: none)
+    int64_t generation = 0;      // group workers: the last generation formed (0: none)
   };
   // `progress` is called on the heartbeat thread; `reregister` when the member is unknown (it
   // returns the new member id, or an error to try again next period); `log` (may be empty)
   // with a line when heartbeats start failing (the first error of a run of failures) and when
-  // they get through again, not for every failed beat. `period` is at least 10 ms.
+  // they get through again, not for every failed beat; `move` (may be empty) after every beat
+  // whose answer says the client was assigned elsewhere, with the assignment_id that beat
+  // named. `period` is at least 10 ms.
   Heartbeater(CoordinatorClient& client, uint64_t member_id, std::chrono::milliseconds period,
               std::function<Progress()> progress,
               std::function<absl::StatusOr<uint64_t>()> reregister,
-              std::function<void(const std::string&)> log = {});
+              std::function<void(const std::string&)> log = {},
+              std::function<void(uint64_t assignment_id)> move = {});
   ~Heartbeater();  // stops the thread (a beat in flight finishes first)
 
   uint64_t member_id() const { return member_id_.load(); }

@@ -66,6 +66,34 @@ void CoordinatorCore::Unassign(Member& client) {
   client.worker = 0;
 }
 
+void CoordinatorCore::MoveTo(Member& client, Member& worker) {
+  Unassign(client);
+  Close(worker);
+  worker.clients.insert(client.id);
+  Open(worker);
+  client.worker = worker.id;
+  client.assignment_id = next_assignment_id_++;
+}
+
+void CoordinatorCore::Rebalance(Member& client) {
+  if (!options_.rebalance_groups || client.worker == 0 || live_grouped_ < 2 || open_.empty()) {
+    return;
+  }
+  const auto& [least, target_id] = *open_.begin();
+  if (target_id == client.worker) return;
+  Member& to = members_.at(target_id);
+  // Not before it has formed the current generation (and taken the group's client records).
+  if (to.group_store.host.empty() || to.formed_generation != generation_) return;
+  Member& from = members_.at(client.worker);
+  // Assigned clients (not reported sessions) on the busy side: a moved client still counts in
+  // its old worker's report until that worker's next heartbeat, and counting it there would
+  // move too many.
+  if (from.group_store.host.empty() || from.clients.size() < static_cast<size_t>(least) + 2) {
+    return;
+  }
+  MoveTo(client, to);
+}
+
 void CoordinatorCore::MarkDead(Member& member, Clock::time_point now) {
   member.alive = false;
   member.died = now;
@@ -214,14 +242,7 @@ absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::ti
   if (chosen == nullptr) {
     return absl::UnavailableError("no live worker has room; retry with backoff");
   }
-  if (chosen != worker) {
-    Unassign(*client);
-    Close(*chosen);
-    chosen->clients.insert(client->id);
-    Open(*chosen);
-    client->worker = chosen->id;
-    client->assignment_id = next_assignment_id_++;
-  }
+  if (chosen != worker) MoveTo(*client, *chosen);
   Assignment a;
   a.worker_name = chosen->name;
   a.worker = chosen->endpoint;
@@ -231,7 +252,10 @@ absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::ti
 }
 
 absl::Status CoordinatorCore::Heartbeat(uint64_t member_id, uint64_t step, Clock::time_point now,
-                                        const std::string& caller, uint32_t sessions) {
+                                        const std::string& caller, uint32_t sessions,
+                                        uint64_t assignment_id, bool* move,
+                                        int64_t formed_generation) {
+  if (move != nullptr) *move = false;
   std::lock_guard<std::mutex> lock(mutex_);
   absl::StatusOr<Member*> found = Find(member_id, caller);
   if (!found.ok()) return found.status();
@@ -240,9 +264,14 @@ absl::Status CoordinatorCore::Heartbeat(uint64_t member_id, uint64_t step, Clock
   if (m->role == Role::kWorker) {
     Close(*m);
     m->reported_sessions = sessions;
+    m->formed_generation = formed_generation;
     Open(*m);
   } else {
     totals_.client_steps += step - m->step;  // modulo 2^64: exact once summed
+    // Only a client that names its assignment hears of a move; one with a move pending (it
+    // names an older one) is not moved again.
+    if (assignment_id != 0 && assignment_id == m->assignment_id) Rebalance(*m);
+    if (move != nullptr) *move = assignment_id != 0 && assignment_id != m->assignment_id;
   }
   m->step = step;
   return absl::OkStatus();

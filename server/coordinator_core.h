@@ -15,6 +15,17 @@
 // - Heartbeat: liveness, and progress (a client's steps completed; its resume step after a
 //   restart). NOT_FOUND for a member that is not registered or was marked dead: it must
 //   register again.
+// - Rebalancing (worker groups only, CoordinatorOptions::rebalance_groups): a client's
+//   heartbeat may move it. When its worker has at least two clients assigned more than the load
+//   of the least loaded live worker with room (a member that joined, or came back, starts
+//   empty), the client is assigned to that worker at once (so the next heartbeat sees the new
+//   loads: one client moves per heartbeat, and the assigned counts end at most one apart).
+//   A client moves only to a member that has formed the current generation (it says so in its
+//   heartbeat): before that, its records of the clients' steps are its own, not the group's.
+//   Only a client that names its current assignment_id in the heartbeat is moved; it hears
+//   `move` in every heartbeat until it Assigns again, so a lost reply loses no move. Workers on
+//   their own never move clients: each holds its own server part, and a moved client would continue
+//   against another model.
 // - Expire(now): every member silent for longer than heartbeat_deadline is marked dead. A dead
 //   worker's clients lose their assignment (their next Assign moves them to a live worker);
 //   a dead client's slot on its worker is freed.
@@ -85,6 +96,8 @@ struct CoordinatorOptions {
   // A dead or departed member's record (Status lists it; a client that registers again under
   // its name within this time gets its progress back) is removed this long after its death.
   std::chrono::milliseconds forget_after{std::chrono::minutes(10)};
+  // Worker groups: move clients from busier members to one with fewer (see Rebalancing).
+  bool rebalance_groups = true;
 };
 
 struct MemberView {
@@ -126,8 +139,13 @@ class CoordinatorCore {
                                     const std::string& caller = "",
                                     const std::string& unreachable = "");
   // `sessions`: a worker's Train sessions now (its clients as it sees them; 0 from clients).
+  // `assignment_id`: a client's assignment as it trains under it (0: not told). `move` (may be
+  // null) is set when that is no longer the client's assignment: it should Assign again.
+  // `formed_generation`: a group worker's last generation formed (0: none).
   absl::Status Heartbeat(uint64_t member_id, uint64_t step, Clock::time_point now,
-                         const std::string& caller = "", uint32_t sessions = 0);
+                         const std::string& caller = "", uint32_t sessions = 0,
+                         uint64_t assignment_id = 0, bool* move = nullptr,
+                         int64_t formed_generation = 0);
   absl::Status Leave(uint64_t member_id, Clock::time_point now, const std::string& caller = "");
   // The group view of worker `member_id` (NOT_FOUND for one that is not a live group member).
   // failed_generation (0: none): the caller could not form or use that generation.
@@ -158,6 +176,7 @@ class CoordinatorCore {
     uint64_t assignment_id = 0;
     uint32_t reported_sessions = 0;  // workers: Train sessions in the last heartbeat
     WorkerAddress group_store;       // group workers: their store (host empty: not in a group)
+    int64_t formed_generation = 0;   // group workers: as heartbeated
     std::unordered_set<uint64_t> clients;  // workers: the live clients assigned here
   };
   // The live member `member_id`: NOT_FOUND when there is none, PERMISSION_DENIED when `caller`
@@ -170,6 +189,10 @@ class CoordinatorCore {
   void Close(const Member& worker);
   void Open(const Member& worker);
   void Unassign(Member& client);
+  // Assigns `client` to `worker` (a live worker with room), with a new assignment id.
+  void MoveTo(Member& client, Member& worker);
+  // Rebalancing: moves `client` to the least loaded group worker when that evens the loads.
+  void Rebalance(Member& client);
   void MarkDead(Member& member, Clock::time_point now);
   // Worker groups: a new generation (membership changed, or the current one failed).
   void NextGeneration();

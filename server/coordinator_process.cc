@@ -12,6 +12,7 @@ namespace splitq::server {
 
 struct CoordinatorProcess::Impl {
   CoordinatorProcessOptions o;
+  std::unique_ptr<ConnectionGuard> guard;  // first: the service and server go before it
   std::unique_ptr<CoordinatorCore> core;
   std::unique_ptr<CoordinatorService> service;
   Serving serving;
@@ -29,10 +30,13 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
   auto impl = std::make_unique<Impl>();
   Impl& s = *impl;
   s.o = options;
-  s.core = std::make_unique<CoordinatorCore>(
-      CoordinatorOptions{s.o.heartbeat_period, 2 * s.o.heartbeat_period, 64, s.o.forget_after});
-  s.service = std::make_unique<CoordinatorService>(*s.core, s.o.tokens, s.o.config_yaml);
+  s.core = std::make_unique<CoordinatorCore>(CoordinatorOptions{
+      s.o.heartbeat_period, 2 * s.o.heartbeat_period, 64, s.o.forget_after, s.o.rebalance_groups});
+  s.guard = std::make_unique<ConnectionGuard>(s.o.connection_limits);
+  s.service =
+      std::make_unique<CoordinatorService>(*s.core, s.o.tokens, s.o.config_yaml, s.guard.get());
   ServingOptions serving;
+  serving.guard = s.guard.get();
   serving.listen = s.o.listen;
   serving.security = s.o.security;
   SPLITQ_ASSIGN_OR_RETURN(s.serving, StartServing(serving, {s.service.get()},

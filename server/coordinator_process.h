@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "proto/rpc_channel.h"
+#include "server/connection_guard.h"
 #include "server/tokens.h"
 
 namespace splitq::server {
@@ -22,6 +23,8 @@ struct CoordinatorProcessOptions {
   const TokenSet* tokens = nullptr;                                  // null: none checked
   std::chrono::milliseconds heartbeat_period{1000};                  // dead after two
   std::chrono::milliseconds forget_after{std::chrono::minutes(10)};  // CoordinatorOptions
+  bool rebalance_groups = true;                                      // CoordinatorOptions
+  ConnectionLimits connection_limits;                                // connection_guard.h
   std::string ready_file;                                            // server/process.h, ReadyFile
   std::function<void(const std::string&)> log;                       // "coordinator ..." lines
 };

@@ -15,8 +15,8 @@ constexpr size_t kTrimAboveBytes = size_t{32} << 20;
 }  // namespace
 
 CoordinatorService::CoordinatorService(CoordinatorCore& core, const TokenSet* tokens,
-                                       std::string config_yaml)
-    : core_(core), tokens_(tokens), config_yaml_(std::move(config_yaml)) {
+                                       std::string config_yaml, ConnectionGuard* guard)
+    : core_(core), tokens_(tokens), config_yaml_(std::move(config_yaml)), guard_(guard) {
   expiry_ = std::thread([this] {
     std::unique_lock<std::mutex> lock(mutex_);
     while (!wake_.wait_for(lock, core_.options().heartbeat_period, [this] { return stopping_; })) {
@@ -55,6 +55,7 @@ grpc::ServerUnaryReactor* CoordinatorService::Serve(
     if (!bearer.ok()) return Finish(context, bearer.status());
     caller = *bearer;
   }
+  if (guard_ != nullptr) guard_->Authenticated(*context);
   Request request;
   grpc::ByteBuffer body(*in);  // shares the slices; Deserialize consumes its argument
   const size_t size = body.Length();
@@ -121,12 +122,15 @@ absl::Status CoordinatorService::DoAssign(const Bearer& caller,
 absl::Status CoordinatorService::DoHeartbeat(const Bearer& caller,
                                              const splitq::v1::HeartbeatRequest& request,
                                              splitq::v1::HeartbeatReply* reply) {
-  const absl::Status s = core_.Heartbeat(request.member_id(), request.step(), Clock::now(),
-                                         caller.id, request.sessions());
+  bool move = false;
+  const absl::Status s =
+      core_.Heartbeat(request.member_id(), request.step(), Clock::now(), caller.id,
+                      request.sessions(), request.assignment_id(), &move, request.generation());
   if (s.code() == absl::StatusCode::kNotFound) {
     reply->set_unknown_member(true);  // an answer, not an error: the caller registers again
     return absl::OkStatus();
   }
+  reply->set_move(move);
   return s;
 }
 

@@ -13,6 +13,7 @@
 #include <string>
 #include <thread>
 
+#include "server/connection_guard.h"
 #include "server/coordinator_core.h"
 #include "server/tokens.h"
 #include "splitq/v1/coordinator.grpc.pb.h"
@@ -34,7 +35,9 @@ class CoordinatorService final : public CoordinatorRawBase {
  public:
   // `tokens`: every caller must present one of them (null: no token check, for tests and
   // trusted networks). `config_yaml`: the run config sent to each registrant.
-  CoordinatorService(CoordinatorCore& core, const TokenSet* tokens, std::string config_yaml);
+  // `guard` (may be null) hears of every authenticated call (connection_guard.h).
+  CoordinatorService(CoordinatorCore& core, const TokenSet* tokens, std::string config_yaml,
+                     ConnectionGuard* guard = nullptr);
   ~CoordinatorService() override;
 
   // Each call: the bearer token first (UNAUTHENTICATED), then the body (INVALID_ARGUMENT when
@@ -82,6 +85,7 @@ class CoordinatorService final : public CoordinatorRawBase {
   CoordinatorCore& core_;
   const TokenSet* tokens_;
   std::string config_yaml_;
+  ConnectionGuard* guard_;
   std::mutex mutex_;
   std::condition_variable wake_;
   bool stopping_ = false;

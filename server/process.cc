@@ -22,6 +22,11 @@ absl::StatusOr<Serving> StartServing(const ServingOptions& options,
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS, options.handshake_timeout_ms);
   for (grpc::Service* service : services) builder.RegisterService(service);
+  if (options.guard != nullptr) {
+    SPLITQ_ASSIGN_OR_RETURN(std::unique_ptr<grpc::ServerBuilderOption> option,
+                            options.guard->BuilderOption());
+    builder.SetOption(std::move(option));
+  }
   if (options.max_receive_message_bytes > 0) {
     builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   }

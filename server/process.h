@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "proto/rpc_channel.h"
+#include "server/connection_guard.h"
 
 namespace splitq::server {
 
@@ -23,6 +24,9 @@ struct ServingOptions {
   // A connection that has not finished its TLS (or HTTP/2) handshake by then is closed, so
   // silent connections cost a file descriptor for seconds, not gRPC's default 120 s.
   int handshake_timeout_ms = 10000;
+  // Caps on connections that have not carried an authenticated call (connection_guard.h; the
+  // services tell the guard). Null: no caps.
+  ConnectionGuard* guard = nullptr;
 };
 
 struct Serving {
@@ -33,7 +37,8 @@ struct Serving {
 // Starts a gRPC server for `services` with the standard health service, reporting
 // `health_name` (a service's full name) as serving too. No SO_REUSEPORT (gRPC's default would let
 // a second process listen on our port). UNAVAILABLE naming the address when it cannot listen;
-// INVALID_ARGUMENT / NOT_FOUND for bad security flags or missing certificate files.
+// INVALID_ARGUMENT / NOT_FOUND for bad security flags or missing certificate files;
+// FAILED_PRECONDITION when options.guard cannot be installed (connection_guard.h).
 absl::StatusOr<Serving> StartServing(const ServingOptions& options,
                                      const std::vector<grpc::Service*>& services,
                                      const std::string& health_name);

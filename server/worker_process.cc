@@ -56,6 +56,7 @@ std::string ReportJson(const std::string& name, int rank, int64_t generation, co
 
 struct WorkerProcess::Impl {
   WorkerProcessOptions o;
+  std::unique_ptr<ConnectionGuard> guard;  // first: the service and server go before it
   // Worker groups. Before the part, the core and the service: they go after them (the
   // service's compute thread runs the group's rounds until it is joined).
   std::unique_ptr<trainer::GroupStore> store;  // this member's store (used while it is rank 0)
@@ -306,6 +307,8 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   service_options.log = [&s](const std::string& line) {
     s.Log(absl::StrCat("worker ", s.o.name, ": ", line));
   };
+  s.guard = std::make_unique<ConnectionGuard>(s.o.connection_limits);
+  service_options.guard = s.guard.get();
   s.service = std::make_unique<WorkerService>(*s.core, s.o.tokens, service_options);
 
   SPLITQ_ASSIGN_OR_RETURN(const rpc::WorkerAddress listen, rpc::ParseHostPort(s.o.listen));
@@ -314,6 +317,7 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   serving.security = s.o.security;
   serving.max_receive_message_bytes = rpc::MaxMessageBytes(core_options.assembler);
   serving.keepalive = true;
+  serving.guard = s.guard.get();
   auto started = StartServing(serving, {s.service.get()}, splitq::v1::Worker::service_full_name());
   if (!started.ok()) return started.status();
   s.serving = std::move(*started);
@@ -384,7 +388,7 @@ absl::Status WorkerProcess::Run(const std::atomic<bool>& stop) {
         [&s] {
           const WorkerStats w = s.core->stats();
           return client::Heartbeater::Progress{static_cast<uint64_t>(w.steps_served),
-                                               w.train_sessions};
+                                               w.train_sessions, 0, s.generation.load()};
         },
         [&]() -> absl::StatusOr<uint64_t> {
           auto r = coordinator.Register(rpc::Role::kWorker, s.o.name, s.advertised, s.o.max_clients,

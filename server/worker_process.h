@@ -27,6 +27,7 @@
 
 #include "absl/status/statusor.h"
 #include "proto/rpc_channel.h"
+#include "server/connection_guard.h"
 #include "server/tokens.h"
 #include "trainer/config.h"
 
@@ -43,6 +44,7 @@ struct WorkerProcessOptions {
   uint32_t advertise_port = 0;  // port clients dial (0: the one bound)
   rpc::TransportSecurity security;
   const TokenSet* tokens = nullptr;  // the clients' tokens (null: none checked)
+  ConnectionLimits connection_limits;  // server/connection_guard.h
   std::string own_token;             // this worker's token, for the coordinator
   std::string out_dir;               // "" : no checkpoints
   int64_t checkpoint_every = 0;      // server updates between saves (0: only when stopping)

@@ -64,6 +64,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
       }
       auth_id_ = bearer->id;
     }
+    if (service_.options_.guard != nullptr) service_.options_.guard->Authenticated(*context);
     this->StartRead(&raw_);
   }
 

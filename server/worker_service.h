@@ -33,6 +33,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "server/connection_guard.h"
 #include "server/tokens.h"
 #include "server/worker_core.h"
 #include "splitq/v1/worker.grpc.pb.h"
@@ -77,6 +78,8 @@ struct WorkerServiceOptions {
   // Called (from gRPC's threads) with one line when a session opens and when it ends (with
   // its status, or "the client disconnected"). May be empty.
   std::function<void(const std::string&)> log;
+  // Hears of every authenticated session (connection_guard.h). May be null.
+  ConnectionGuard* guard = nullptr;
 };
 
 // Both methods take raw messages (protobuf's wire format as ByteBuffers): frame chunks are

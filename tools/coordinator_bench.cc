@@ -356,7 +356,9 @@ class Bench {
             {"coordinator", "--config", config_path, "--listen", "127.0.0.1:0", "--insecure",
              "--tokens", tokens_path, "--heartbeat-ms", std::to_string(o_.heartbeat_ms),
              "--forget-after-s", std::to_string(o_.forget_after_s), "--ready-file", ready_path,
-             "--log-level", "warn"},
+             // Every generator connection comes from 127.0.0.1, up to a window's worth at once
+             // before their first call: the per-address cap is for real peers.
+             "--max-pending-per-address", "0", "--log-level", "warn"},
             ready_path);
         !s.ok()) {
       if (k_cpus > 0) {

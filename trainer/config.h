@@ -99,6 +99,7 @@ struct RunConfig {
   // The largest magnitude a worker takes in a client's boundary activation or head gradient.
   double max_abs_input = 1e4;
   std::string group_backend = "auto";  // worker groups: auto | gloo | nccl
+  bool group_rebalance = true;         // the coordinator moves clients to a joining member
   // quant
   ActivationQuantConfig activations;
   GradientQuantConfig gradients;

@@ -252,6 +252,10 @@ const std::vector<Key>& Keys() {
           [](const RunConfig& c) { return c.group_backend; },
           "splitq worker --group-size N: the collectives of a worker group (auto: nccl on "
           "CUDA, gloo on the CPU)"),
+      Bool("server.group.rebalance", SPLITQ_FIELD(group_rebalance),
+           "splitq coordinator: move clients from busier members of a worker group to one with "
+           "fewer (a member that joins or comes back), one per heartbeat, at a step's end "
+           "(docs/cluster.md, Worker groups)"),
       Choice(
           "quant.activations.mode", {"fp32", "uniform", "amaq", "aqsgd"},
           [](RunConfig& c, const std::string& s) { c.activations.mode = ModeOf(s); },

@@ -40,7 +40,8 @@
 #                generation and takes the survivor's state (not its own older checkpoint). The
 #                run finishes with one weights digest and equal update counts, and the survivor
 #                saw every client step applied exactly once (4 x 150 steps: no update lost,
-#                none applied twice).
+#                none applied twice). The coordinator rebalances: clients move from the
+#                survivor to the member that came back (at least one; its log shows sessions).
 #   refusals     a client with another config (digest) and a client without a token are refused
 #                with a clear message; the worker keeps serving.
 set -euo pipefail
@@ -235,6 +236,15 @@ group-kill)
   for c in 0 1 2 3; do
     grep -q '"steps": 150,' "$dir/run$c/summary.json" || fail "client$c did not finish"
   done
+  moved=$(grep -l "moved from worker worker1 to worker0 at .* (the coordinator rebalanced" \
+    "$dir"/client?.log | wc -l)
+  ((moved >= 1)) || fail "no client moved to the member that came back"
+  grep -q "train session .* opened" "$dir/worker0b.log" || fail "worker0b served no session"
+  ! grep "were not applied on this worker" "$dir/worker0b.log" || fail "a move lost steps"
+  for c in 0 1 2 3; do
+    grep -q '"steps_lost": 0,' "$dir/run$c/summary.json" ||
+      fail "client$c: $(grep -A1 steps_lost "$dir/run$c/summary.json")"
+  done
   stop_cluster
   field() { sed -n "s/.*\"$2\": \"*\([0-9a-f]*\)\"*,*$/\1/p" "$dir/w$1/worker.json"; }
   [[ $(field 0 weights_sha256) == "$(field 1 weights_sha256)" && -n $(field 1 weights_sha256) ]] ||
@@ -244,7 +254,7 @@ group-kill)
   [[ $(field 1 group_steps_applied) == 600 && $(field 1 clients_next_sum) == 600 ]] ||
     fail "the survivor: $(cat "$dir/w1/worker.json")"
   echo "group-kill: ok (the survivor had $before updates when rank 0 came back, which took $took;" \
-    "$(field 1 server_updates) updates, 600 steps applied once)"
+    "$moved clients moved to it; $(field 1 server_updates) updates, 600 steps applied once)"
   ;;
 merge)
   printf 'server: {merge: {max_clients: 4, window_ms: 500}}\n' >>"$config"

@@ -3,7 +3,7 @@
 // heartbeat periods, a dead client's slot freed, a restarted client's resume step, and worker
 // groups (generations, ranks, the store, failed generations, no mixing); the indexes (issue 21)
 // against a recount after random joins, leaves, reports, expiry and restarts, and records
-// forgotten after forget_after.
+// forgotten after forget_after; rebalancing of a worker group's clients through heartbeats.
 #include "server/coordinator_core.h"
 
 #include <gtest/gtest.h>
@@ -277,6 +277,101 @@ TEST_F(CoordinatorCoreTest, GroupAndLoneWorkersDoNotMix) {
 // Dead and departed records go forget_after after their death: churn (names joining and leaving
 // forever) keeps the registry's size flat. Within that time a returning client keeps its
 // progress.
+// Rebalancing: six clients on the only member of a group; a second member joins; the clients'
+// heartbeats move one client each until the members hold three each. A moved client hears
+// `move` until it Assigns again (which names the new member), and is not moved twice. Nothing
+// moves before the new member says it formed the current generation.
+TEST_F(CoordinatorCoreTest, AJoiningGroupMemberTakesClientsThroughHeartbeats) {
+  GroupWorker("w1", 7001);
+  std::vector<uint64_t> clients;
+  std::map<uint64_t, uint64_t> assignment;  // as each client trains under it
+  for (int i = 0; i < 6; ++i) {
+    clients.push_back(Client("c" + std::to_string(i)));
+    auto a = core_.Assign(clients.back(), At(0));
+    ASSERT_TRUE(a.ok()) << a.status();
+    EXPECT_EQ(a->worker_name, "w1");
+    assignment[clients.back()] = a->assignment_id;
+  }
+  const uint64_t w2 = GroupWorker("w2", 7002, 100);
+  // No move before w2 says it formed the current generation.
+  bool early = false;
+  ASSERT_TRUE(core_.Heartbeat(clients[0], 1, At(110), "", 0, assignment[clients[0]], &early).ok());
+  EXPECT_FALSE(early);
+  ASSERT_TRUE(core_.Heartbeat(w2, 0, At(120), "", 0, 0, nullptr, View(w2, 120).generation).ok());
+  int moved = 0;
+  for (int round = 0; round < 3; ++round) {
+    for (const uint64_t c : clients) {
+      bool move = false;
+      ASSERT_TRUE(core_.Heartbeat(c, 1, At(200 + round), "", 0, assignment[c], &move).ok());
+      if (!move) continue;
+      ++moved;
+      // Told again (a lost reply loses no move), and not moved a second time meanwhile.
+      bool again = false;
+      ASSERT_TRUE(core_.Heartbeat(c, 1, At(200 + round), "", 0, assignment[c], &again).ok());
+      EXPECT_TRUE(again);
+      auto a = core_.Assign(c, At(200 + round));
+      ASSERT_TRUE(a.ok()) << a.status();
+      EXPECT_EQ(a->worker_name, "w2");
+      EXPECT_NE(a->assignment_id, assignment[c]);
+      assignment[c] = a->assignment_id;
+      ASSERT_TRUE(core_.Heartbeat(c, 1, At(200 + round), "", 0, assignment[c], &again).ok());
+      EXPECT_FALSE(again);
+    }
+  }
+  EXPECT_EQ(moved, 3);
+  std::map<std::string, uint32_t> load;
+  for (const MemberView& m : core_.Status(At(300))) {
+    if (m.role == Role::kWorker) load[m.name] = m.clients;
+  }
+  EXPECT_EQ(load["w1"], 3u);
+  EXPECT_EQ(load["w2"], 3u);
+}
+
+// No moves among workers on their own (each holds its own model), with rebalancing off, or for
+// a client that does not name its assignment.
+TEST_F(CoordinatorCoreTest, OnlyGroupMembersTradeClientsAndOnlyWhenAsked) {
+  const auto moves = [this](CoordinatorCore& core, bool grouped, bool name_assignment) {
+    const auto worker = [&](const std::string& name, uint32_t port) {
+      auto id = core.Register(Role::kWorker, name, kProtocolVersion, {"10.0.0.1", 7000}, 0, At(0),
+                              "", grouped ? WorkerAddress{"10.0.0.1", port} : WorkerAddress{});
+      EXPECT_TRUE(id.ok()) << id.status();
+    };
+    worker("w1", 7001);
+    std::vector<std::pair<uint64_t, uint64_t>> clients;
+    for (int i = 0; i < 4; ++i) {
+      auto id =
+          core.Register(Role::kClient, "c" + std::to_string(i), kProtocolVersion, {}, 0, At(0));
+      EXPECT_TRUE(id.ok());
+      auto a = core.Assign(*id, At(0));
+      EXPECT_TRUE(a.ok());
+      clients.emplace_back(*id, a->assignment_id);
+    }
+    worker("w2", 7002);
+    for (const MemberView& m : core.Status(At(5))) {  // every worker formed the generation
+      if (m.role != Role::kWorker) continue;
+      auto view = core.Group(m.id, 0, At(5));
+      EXPECT_TRUE(
+          core.Heartbeat(m.id, 0, At(5), "", 0, 0, nullptr, view.ok() ? view->generation : 0).ok());
+    }
+    int n = 0;
+    for (const auto& [id, assignment] : clients) {
+      bool move = false;
+      EXPECT_TRUE(
+          core.Heartbeat(id, 1, At(10), "", 0, name_assignment ? assignment : 0, &move).ok());
+      n += move;
+    }
+    return n;
+  };
+  const CoordinatorOptions on{milliseconds(1000), milliseconds(2000), 64};
+  CoordinatorOptions off = on;
+  off.rebalance_groups = false;
+  CoordinatorCore a(on), b(on), c(off), d(on);
+  EXPECT_EQ(moves(a, /*grouped=*/true, /*name_assignment=*/true), 2);
+  EXPECT_EQ(moves(b, false, true), 0);
+  EXPECT_EQ(moves(c, true, true), 0);
+  EXPECT_EQ(moves(d, true, false), 0);
+}
+
 TEST_F(CoordinatorCoreTest, DeadRecordsAreForgottenAfterTheGracePeriod) {
   CoordinatorCore core{
       CoordinatorOptions{milliseconds(1000), milliseconds(2000), 64, milliseconds(60000)}};

@@ -514,7 +514,10 @@ TEST_F(WorkerServiceTest, AHelloUnderTheSameIdEndsTheStreamItReplaces) {
   const int64_t holding = StatusKb("VmRSS");
   std::printf("RSS %lld kB before, %lld kB after %d replacing hellos (4 MiB half-frame each)\n",
               static_cast<long long>(before), static_cast<long long>(holding), kStreams);
-  EXPECT_LT(holding - before, 24 * 1024) << "replaced streams kept their memory";
+  // 11 replaced streams holding their 4 MiB half-frames would add at least 44 MiB; what a
+  // loaded 2-core machine shows with them freed is up to ~30 MiB (allocator slack). The ABORTED
+  // checks above are the exact ones.
+  EXPECT_LT(holding - before, 40 * 1024) << "replaced streams kept their memory";
   streams.back().context->TryCancel();
   (void)streams.back().stream->Finish();
   ExpectGoodClientTrains("alice", 1);

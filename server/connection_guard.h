@@ -1,0 +1,83 @@
+// splitq server: a cap on connections that have not yet carried an authenticated call
+// ("pending" connections), per peer address and in total, for the coordinator's and the
+// workers' gRPC servers (issue 19: 500 silent TCP connections held 500 file descriptors).
+//
+// gRPC (Debian's 1.51) has no such setting. The guard sits at the one place gRPC lets a server
+// see each accepted socket before its handshake: a socket mutator (the channel argument
+// GRPC_ARG_SOCKET_MUTATOR), called on gRPC's poller thread right after accept(). There it
+// counts the connection as pending under its peer address; when a cap is reached it shuts the
+// socket down (shutdown(2), both ways), and gRPC's handshake then ends at once on the closed
+// socket and frees it. (Returning false from the mutator would make gRPC 1.51 stop listening
+// on the port, so the guard never does.)
+//
+// A connection stops counting as pending when a call on it was authenticated (a valid bearer
+// token; with tokens off, any call): the services call Authenticated with the call's peer, which
+// names the connection (address and port). A pending connection that closes (its handshake
+// timed out after ServingOptions::handshake_timeout_ms, or the peer went away) is noticed when
+// the guard next looks: an entry whose file descriptor no longer holds the same socket (fstat's
+// inode) is dropped. The guard looks when a cap would refuse a connection, at most every
+// kPruneEvery, so a flood costs one scan per interval, not one per connection.
+//
+// What it does not cover: connections that authenticated once and stay open (they hold a
+// token), and the kernel's accept queue (the listen backlog) before gRPC accepts.
+//
+// The socket mutator's layout is gRPC's internal struct of 1.36 and later (checked against
+// 1.51, Debian 12); Install refuses other major versions (FAILED_PRECONDITION) rather than
+// guess.
+#pragma once
+
+#include <grpcpp/impl/server_builder_option.h>
+#include <grpcpp/server_context.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace splitq::server {
+
+struct ConnectionLimits {
+  int max_pending = 1024;            // pending connections in total (0: no cap)
+  int max_pending_per_address = 64;  // pending connections from one peer address (0: no cap)
+};
+
+class ConnectionGuard {
+ public:
+  static constexpr std::chrono::milliseconds kPruneEvery{50};
+
+  struct Counts {
+    uint64_t accepted = 0;  // connections gRPC accepted while the guard was installed
+    uint64_t refused = 0;   // ... of which shut down at once (a cap was reached)
+    uint64_t pending = 0;   // entries now (closed ones are dropped at the next look)
+  };
+
+  explicit ConnectionGuard(ConnectionLimits limits);
+  ~ConnectionGuard();
+  ConnectionGuard(const ConnectionGuard&) = delete;
+  ConnectionGuard& operator=(const ConnectionGuard&) = delete;
+
+  // The ServerBuilder option that installs the guard on a server (ServerBuilder::SetOption).
+  // FAILED_PRECONDITION when the gRPC library at run time is not one whose socket mutator
+  // layout the guard knows (then the server runs without the caps). The guard's state lives
+  // as long as the server holds the option's arguments, even past the guard.
+  absl::StatusOr<std::unique_ptr<grpc::ServerBuilderOption>> BuilderOption();
+
+  // A call on `context`'s connection was authenticated: it no longer counts as pending. Cheap
+  // when nothing is pending (one atomic load).
+  void Authenticated(const grpc::ServerContextBase& context);
+  // The same, by gRPC's peer string ("ipv4:A:P", "ipv6:[A]:P").
+  void Authenticated(const std::string& peer);
+
+  Counts counts() const;
+  const ConnectionLimits& limits() const;
+
+  struct State;
+
+ private:
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace splitq::server
