@@ -156,8 +156,11 @@ absl::Status ReconnectingLink::ConnectOnce() {
   };
   link_ = std::make_unique<WorkerClient>(channel, link);
   assigned_ = assignment->worker_name;
-  assignment_id_.store(assignment->assignment_id);
-  move_.store(false);
+  {
+    std::lock_guard<std::mutex> lock(move_mutex_);
+    assignment_id_.store(assignment->assignment_id);
+    move_.store(false);
+  }
   worker_ = absl::StrCat(assignment->worker_name, " at ", target);
   return absl::OkStatus();
 }

@@ -96,6 +96,7 @@ class ReconnectingLink : public trainer::ServerLink {
   // once (no backoff, not counted as a failure); the caller resends the step on the new
   // session, as after any reconnect. Thread-safe (the heartbeat thread calls it).
   void RequestMove(uint64_t assignment_id) {
+    std::lock_guard<std::mutex> lock(move_mutex_);  // not between ConnectOnce's two stores
     if (assignment_id != 0 && assignment_id == assignment_id_.load()) move_.store(true);
   }
   // Moves made for RequestMove, over this link's life.
@@ -130,6 +131,7 @@ class ReconnectingLink : public trainer::ServerLink {
   std::string worker_;
   std::atomic<uint64_t> assignment_id_{0};
   std::atomic<bool> move_{false};  // RequestMove
+  std::mutex move_mutex_;          // assignment_id_ and move_ change together
   bool moving_ = false;            // Train refused a step for a move: Recover makes it
   int moves_ = 0;
   std::string assigned_;     // the worker's name

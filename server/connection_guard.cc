@@ -121,6 +121,7 @@ struct ConnectionGuard::State {
   struct Entry {
     int fd = -1;
     ino_t inode = 0;
+    std::chrono::steady_clock::time_point since;
   };
 
   // On gRPC's poller thread, right after accept().
@@ -128,13 +129,19 @@ struct ConnectionGuard::State {
     Peer peer;
     struct stat st {};
     if (!PeerOfSocket(fd, &peer) || fstat(fd, &st) != 0) return;
+    const auto now = std::chrono::steady_clock::now();
     std::lock_guard<std::mutex> lock(mutex);
     ++accepted;
+    // Also now and then below the caps, so that closed entries do not pile up under one that
+    // is never reached.
+    if (now - last_prune >= kPruneIdle) {
+      last_prune = now;
+      PruneLocked(now);
+    }
     if (Full(peer.address)) {
-      const auto now = std::chrono::steady_clock::now();
       if (now - last_prune >= kPruneEvery) {
         last_prune = now;
-        PruneLocked();
+        PruneLocked(now);
       }
       if (Full(peer.address)) {
         ++refused;
@@ -144,7 +151,7 @@ struct ConnectionGuard::State {
     }
     // A port seen again is a new connection: the old entry's socket is gone.
     if (auto it = pending.find(peer); it != pending.end()) EraseLocked(it);
-    pending.emplace(peer, Entry{fd, st.st_ino});
+    pending.emplace(peer, Entry{fd, st.st_ino, now});
     ++per_address[peer.address];
     count.store(pending.size(), std::memory_order_relaxed);
   }
@@ -168,12 +175,20 @@ struct ConnectionGuard::State {
     return false;
   }
 
-  // Drops entries whose descriptor no longer holds their socket (closed, perhaps reused).
-  void PruneLocked() {
+  // Drops entries whose descriptor no longer holds their socket (closed, perhaps reused), and
+  // shuts down those pending for longer than limits.evict_after (a peer that finished the transport
+  // handshake and then idles would otherwise hold its place for good).
+  void PruneLocked(std::chrono::steady_clock::time_point now) {
     for (auto it = pending.begin(); it != pending.end();) {
       struct stat st {};
       const bool open =
           fstat(it->second.fd, &st) == 0 && st.st_ino == it->second.inode && S_ISSOCK(st.st_mode);
+      if (open && now - it->second.since > limits.evict_after) {
+        ::shutdown(it->second.fd, SHUT_RDWR);
+        ++evicted;
+        it = EraseLocked(it);
+        continue;
+      }
       it = open ? std::next(it) : EraseLocked(it);
     }
   }
@@ -191,7 +206,7 @@ struct ConnectionGuard::State {
   std::map<Peer, Entry> pending;
   std::map<std::array<uint8_t, 16>, int> per_address;
   std::atomic<size_t> count{0};
-  uint64_t accepted = 0, refused = 0;
+  uint64_t accepted = 0, refused = 0, evicted = 0;
   std::chrono::steady_clock::time_point last_prune{};
 };
 
@@ -248,6 +263,9 @@ ConnectionGuard::ConnectionGuard(ConnectionLimits limits)
 ConnectionGuard::~ConnectionGuard() = default;
 
 absl::StatusOr<std::unique_ptr<grpc::ServerBuilderOption>> ConnectionGuard::BuilderOption() {
+  if (state_->limits.max_pending == 0 && state_->limits.max_pending_per_address == 0) {
+    return std::unique_ptr<grpc::ServerBuilderOption>();
+  }
   const auto [major, minor] = RuntimeVersion();
   if (major != 1 || minor < 36) {
     return absl::FailedPreconditionError(
@@ -265,7 +283,7 @@ void ConnectionGuard::Authenticated(const std::string& peer) { state_->Authentic
 
 ConnectionGuard::Counts ConnectionGuard::counts() const {
   std::lock_guard<std::mutex> lock(state_->mutex);
-  return Counts{state_->accepted, state_->refused, state_->pending.size()};
+  return Counts{state_->accepted, state_->refused, state_->evicted, state_->pending.size()};
 }
 
 const ConnectionLimits& ConnectionGuard::limits() const { return state_->limits; }

@@ -16,7 +16,13 @@
 // timed out after ServingOptions::handshake_timeout_ms, or the peer went away) is noticed when
 // the guard next looks: an entry whose file descriptor no longer holds the same socket (fstat's
 // inode) is dropped. The guard looks when a cap would refuse a connection, at most every
-// kPruneEvery, so a flood costs one scan per interval, not one per connection.
+// kPruneEvery (so a flood costs one scan per interval, not one per connection), and at an
+// accept at least every kPruneIdle. A connection still pending after ConnectionLimits::evict_after
+// (a peer that finished the TLS and HTTP/2 handshakes, which gRPC's handshake timeout does not end,
+// and then idles without a call) is shut down at that look, so idle peers cannot hold the caps for
+// good: a flood must keep opening connections to keep them full. (Between the inode check and
+// the shutdown, gRPC could close the descriptor and a new accept reuse its number: a window of
+// microseconds, in which that new connection would be closed and its client retry.)
 //
 // What it does not cover: connections that authenticated once and stay open (they hold a
 // token), and the kernel's accept queue (the listen backlog) before gRPC accepts.
@@ -42,15 +48,20 @@ namespace splitq::server {
 struct ConnectionLimits {
   int max_pending = 1024;            // pending connections in total (0: no cap)
   int max_pending_per_address = 64;  // pending connections from one peer address (0: no cap)
+  // A connection pending this long is shut down at the guard's next look.
+  std::chrono::milliseconds evict_after{30000};
 };
 
 class ConnectionGuard {
  public:
-  static constexpr std::chrono::milliseconds kPruneEvery{50};
+  static constexpr std::chrono::milliseconds kPruneEvery{50};  // at most, while at a cap
+  static constexpr std::chrono::seconds kPruneIdle{10};        // at least, at any accept
 
   struct Counts {
     uint64_t accepted = 0;  // connections gRPC accepted while the guard was installed
     uint64_t refused = 0;   // ... of which shut down at once (a cap was reached)
+    uint64_t evicted =
+        0;  // ... shut down after ConnectionLimits::evict_after without an authenticated call
     uint64_t pending = 0;   // entries now (closed ones are dropped at the next look)
   };
 
@@ -59,10 +70,11 @@ class ConnectionGuard {
   ConnectionGuard(const ConnectionGuard&) = delete;
   ConnectionGuard& operator=(const ConnectionGuard&) = delete;
 
-  // The ServerBuilder option that installs the guard on a server (ServerBuilder::SetOption).
-  // FAILED_PRECONDITION when the gRPC library at run time is not one whose socket mutator
-  // layout the guard knows (then the server runs without the caps). The guard's state lives
-  // as long as the server holds the option's arguments, even past the guard.
+  // The ServerBuilder option that installs the guard on a server (ServerBuilder::SetOption);
+  // null when both caps are 0 (nothing to guard). FAILED_PRECONDITION when the gRPC library at
+  // run time is not one whose socket mutator layout the guard knows (StartServing then fails:
+  // run with both caps 0 to serve without the guard). The guard's state lives as long as the
+  // server holds the option's arguments, even past the guard.
   absl::StatusOr<std::unique_ptr<grpc::ServerBuilderOption>> BuilderOption();
 
   // A call on `context`'s connection was authenticated: it no longer counts as pending. Cheap

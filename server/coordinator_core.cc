@@ -79,19 +79,23 @@ void CoordinatorCore::Rebalance(Member& client) {
   if (!options_.rebalance_groups || client.worker == 0 || live_grouped_ < 2 || open_.empty()) {
     return;
   }
-  const auto& [least, target_id] = *open_.begin();
-  if (target_id == client.worker) return;
-  Member& to = members_.at(target_id);
-  // Not before it has formed the current generation (and taken the group's client records).
-  if (to.group_store.host.empty() || to.formed_generation != generation_) return;
   Member& from = members_.at(client.worker);
+  if (from.group_store.host.empty()) return;
   // Assigned clients (not reported sessions) on the busy side: a moved client still counts in
   // its old worker's report until that worker's next heartbeat, and counting it there would
-  // move too many.
-  if (from.group_store.host.empty() || from.clients.size() < static_cast<size_t>(least) + 2) {
+  // move too many. The least loaded eligible member: one that has formed the current
+  // generation (and so taken the group's client records), other than the one this client
+  // last named unreachable (a move there would come back at once, every heartbeat).
+  for (const auto& [load, id] : open_) {
+    if (from.clients.size() < static_cast<size_t>(load) + 2) return;
+    Member& to = members_.at(id);
+    if (id == client.worker || id == client.avoid || to.group_store.host.empty() ||
+        to.formed_generation != generation_) {
+      continue;
+    }
+    MoveTo(client, to);
     return;
   }
-  MoveTo(client, to);
 }
 
 void CoordinatorCore::MarkDead(Member& member, Clock::time_point now) {
@@ -222,6 +226,10 @@ absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::ti
         absl::StrCat("member ", member_id, " is not a registered, live client"));
   }
   Beat(*client, now);
+  if (!unreachable.empty()) {
+    const auto named = by_name_.find(unreachable);
+    if (named != by_name_.end()) client->avoid = named->second;
+  }
   Member* worker = client->worker == 0 ? nullptr : &members_.at(client->worker);
   Member* chosen = worker;
   if (worker == nullptr || (!unreachable.empty() && worker->name == unreachable)) {
@@ -271,7 +279,12 @@ absl::Status CoordinatorCore::Heartbeat(uint64_t member_id, uint64_t step, Clock
     // Only a client that names its assignment hears of a move; one with a move pending (it
     // names an older one) is not moved again.
     if (assignment_id != 0 && assignment_id == m->assignment_id) Rebalance(*m);
-    if (move != nullptr) *move = assignment_id != 0 && assignment_id != m->assignment_id;
+    // Only moves the coordinator made: not a fresh record (registered again: assignment 0) nor
+    // a client without a worker, and only within a group.
+    if (move != nullptr) {
+      *move = assignment_id != 0 && m->assignment_id != 0 && assignment_id != m->assignment_id &&
+              m->worker != 0 && !members_.at(m->worker).group_store.host.empty();
+    }
   }
   m->step = step;
   return absl::OkStatus();

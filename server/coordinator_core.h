@@ -23,7 +23,8 @@
 //   A client moves only to a member that has formed the current generation (it says so in its
 //   heartbeat): before that, its records of the clients' steps are its own, not the group's.
 //   Only a client that names its current assignment_id in the heartbeat is moved; it hears
-//   `move` in every heartbeat until it Assigns again, so a lost reply loses no move. Workers on
+//   `move` in every heartbeat until it Assigns again, so a lost reply loses no move. A client
+//   is never moved to the worker it last named unreachable in Assign. Workers on
 //   their own never move clients: each holds its own server part, and a moved client would continue
 //   against another model.
 // - Expire(now): every member silent for longer than heartbeat_deadline is marked dead. A dead
@@ -174,6 +175,7 @@ class CoordinatorCore {
     Clock::time_point died;  // when it was marked dead or left
     uint64_t worker = 0;     // clients: their worker's member id (0: none; always live)
     uint64_t assignment_id = 0;
+    uint64_t avoid = 0;              // clients: the worker last named unreachable (no move there)
     uint32_t reported_sessions = 0;  // workers: Train sessions in the last heartbeat
     WorkerAddress group_store;       // group workers: their store (host empty: not in a group)
     int64_t formed_generation = 0;   // group workers: as heartbeated

@@ -25,7 +25,7 @@ absl::StatusOr<Serving> StartServing(const ServingOptions& options,
   if (options.guard != nullptr) {
     SPLITQ_ASSIGN_OR_RETURN(std::unique_ptr<grpc::ServerBuilderOption> option,
                             options.guard->BuilderOption());
-    builder.SetOption(std::move(option));
+    if (option != nullptr) builder.SetOption(std::move(option));
   }
   if (options.max_receive_message_bytes > 0) {
     builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);

@@ -3,7 +3,7 @@
 // a byte, from several loopback source addresses (127.0.0.x): the caps per address and in total
 // close the next one at once; connections that carried an authenticated call stop counting;
 // a call without a valid token does not free its connection; closed connections free their
-// place; the server keeps listening throughout.
+// place; connections pending too long are evicted; the server keeps listening throughout.
 #include "server/connection_guard.h"
 
 #include <arpa/inet.h>
@@ -47,22 +47,29 @@ int Dial(const std::string& source, int port) {
   return fd;
 }
 
-// Whether the server closed `fd` within `wait` (EOF or a reset).
+// Whether the server closed `fd` within `wait` (EOF or a reset). What the server sent first
+// (a plaintext gRPC server's HTTP/2 settings) is read and skipped.
 bool ClosedWithin(int fd, std::chrono::milliseconds wait) {
-  pollfd p{fd, POLLIN, 0};
-  if (poll(&p, 1, static_cast<int>(wait.count())) <= 0) return false;
-  char byte;
-  return recv(fd, &byte, 1, MSG_DONTWAIT) <= 0;
+  const auto end = std::chrono::steady_clock::now() + wait;
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        end - std::chrono::steady_clock::now());
+    pollfd p{fd, POLLIN, 0};
+    if (left.count() <= 0 || poll(&p, 1, static_cast<int>(left.count())) <= 0) return false;
+    char buffer[256];
+    if (recv(fd, buffer, sizeof buffer, MSG_DONTWAIT) <= 0) return true;
+  }
 }
 
 class ConnectionGuardTest : public ::testing::Test {
  protected:
-  void SetUp() override {
+  void SetUp() override { Start(ConnectionLimits{6, 3}); }
+  void Start(ConnectionLimits limits) {
     auto tokens = TokenSet::Parse("alice " + kToken + " client\n", "test");
     ASSERT_TRUE(tokens.ok());
     tokens_ = std::make_unique<TokenSet>(*tokens);
     core_ = std::make_unique<CoordinatorCore>();
-    guard_ = std::make_unique<ConnectionGuard>(ConnectionLimits{6, 3});
+    guard_ = std::make_unique<ConnectionGuard>(limits);
     service_ =
         std::make_unique<CoordinatorService>(*core_, tokens_.get(), "task: fmnist\n", guard_.get());
     ServingOptions options;
@@ -73,9 +80,13 @@ class ConnectionGuardTest : public ::testing::Test {
     ASSERT_TRUE(serving.ok()) << serving.status();
     serving_ = std::move(*serving);
   }
-  void TearDown() override {
+  void TearDown() override { Stop(); }
+  void Stop() {
     for (int fd : fds_) close(fd);
-    serving_.server->Shutdown();
+    fds_.clear();
+    if (serving_.server) serving_.server->Shutdown();
+    serving_.server.reset();  // before the service it serves
+    service_.reset();
   }
   int Open(const std::string& source) {
     const int fd = Dial(source, serving_.port);
@@ -138,6 +149,25 @@ TEST_F(ConnectionGuardTest, CapsPerAddressAndInTotal) {
   fds_.clear();
   std::this_thread::sleep_for(milliseconds(100));
   EXPECT_EQ(Call(kToken, &late).code(), absl::StatusCode::kAlreadyExists);  // alice is alive
+}
+
+// Connections pending longer than evict_after are shut down when the cap is next reached, so
+// peers that connect and idle cannot hold it for good.
+TEST_F(ConnectionGuardTest, StaleOnesAreEvictedAtTheCap) {
+  using std::chrono::milliseconds;
+  Stop();
+  ConnectionLimits limits{4, 0};
+  limits.evict_after = milliseconds(500);
+  Start(limits);
+  std::vector<int> old;
+  for (int i = 0; i < 4; ++i) old.push_back(Open("127.0.0.2"));
+  for (int fd : old) EXPECT_FALSE(ClosedWithin(fd, milliseconds(100)));
+  std::this_thread::sleep_for(milliseconds(700));
+  const int fresh = Open("127.0.0.3");  // at the cap: the look evicts the four
+  for (int fd : old) EXPECT_TRUE(ClosedWithin(fd, milliseconds(3000)));
+  EXPECT_FALSE(ClosedWithin(fresh, milliseconds(200)));
+  EXPECT_EQ(guard_->counts().evicted, 4u);
+  EXPECT_EQ(guard_->counts().refused, 0u);
 }
 
 }  // namespace
