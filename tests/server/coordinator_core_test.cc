@@ -327,6 +327,56 @@ TEST_F(CoordinatorCoreTest, AJoiningGroupMemberTakesClientsThroughHeartbeats) {
   EXPECT_EQ(load["w2"], 3u);
 }
 
+// A client that named a member unreachable is never moved there (it would come back at once);
+// the others still even the load.
+TEST_F(CoordinatorCoreTest, RebalancingAvoidsTheMemberAClientCouldNotReach) {
+  GroupWorker("w1", 7001);
+  std::vector<uint64_t> clients;
+  std::map<uint64_t, uint64_t> assignment;
+  for (int i = 0; i < 6; ++i) {
+    clients.push_back(Client("c" + std::to_string(i)));
+    auto a = core_.Assign(clients.back(), At(0));
+    ASSERT_TRUE(a.ok()) << a.status();
+    assignment[clients.back()] = a->assignment_id;
+  }
+  const uint64_t w2 = GroupWorker("w2", 7002, 100);
+  ASSERT_TRUE(core_.Heartbeat(w2, 0, At(120), "", 0, 0, nullptr, View(w2, 120).generation).ok());
+  auto stay = core_.Assign(clients[0], At(130), "", "w2");  // c0 cannot reach w2
+  ASSERT_TRUE(stay.ok()) << stay.status();
+  EXPECT_EQ(stay->worker_name, "w1");
+  assignment[clients[0]] = stay->assignment_id;
+  int moved = 0;
+  for (int round = 0; round < 3; ++round) {
+    for (const uint64_t c : clients) {
+      bool move = false;
+      ASSERT_TRUE(core_.Heartbeat(c, 1, At(200 + round), "", 0, assignment[c], &move).ok());
+      if (!move) continue;
+      EXPECT_NE(c, clients[0]);
+      ++moved;
+      auto a = core_.Assign(c, At(200 + round));
+      ASSERT_TRUE(a.ok()) << a.status();
+      EXPECT_EQ(a->worker_name, "w2");
+      assignment[c] = a->assignment_id;
+    }
+  }
+  EXPECT_EQ(moved, 3);
+}
+
+// A client registered again (a fresh record, no assignment yet) is not told to move by a
+// heartbeat that names its old assignment.
+TEST_F(CoordinatorCoreTest, AFreshRecordHearsNoMove) {
+  GroupWorker("w1", 7001);
+  const uint64_t c = Client("c0");
+  auto a = core_.Assign(c, At(0));
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(core_.Leave(c, At(5)).ok());
+  auto again = core_.Register(Role::kClient, "c0", kProtocolVersion, {}, 0, At(10));
+  ASSERT_TRUE(again.ok()) << again.status();
+  bool move = true;
+  ASSERT_TRUE(core_.Heartbeat(*again, 1, At(20), "", 0, a->assignment_id, &move).ok());
+  EXPECT_FALSE(move);
+}
+
 // No moves among workers on their own (each holds its own model), with rebalancing off, or for
 // a client that does not name its assignment.
 TEST_F(CoordinatorCoreTest, OnlyGroupMembersTradeClientsAndOnlyWhenAsked) {
