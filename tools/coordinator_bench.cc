@@ -107,8 +107,12 @@ struct Load {
   uint64_t calls = 0, errors = 0;
   double seconds = 0;
   std::vector<std::vector<uint32_t>> latency_us;  // per kind
+  // Per 100 ms of the phase (by issue time): calls issued, and those slower than kSlow.
+  std::vector<uint32_t> issued_by_window, slow_by_window;
   std::string first_error;
 };
+constexpr std::chrono::milliseconds kWindow{100};
+constexpr std::chrono::milliseconds kSlow{5};
 using Done = std::function<void(int kind, const grpc::Status& status)>;
 using Issue = std::function<void(uint64_t i, Done done)>;
 
@@ -142,6 +146,13 @@ Load DriveOne(int kinds, int window, uint64_t first, uint64_t stride, uint64_t c
       const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0);
       std::lock_guard<std::mutex> lock(mutex);
       load.latency_us[static_cast<size_t>(kind)].push_back(static_cast<uint32_t>(us.count()));
+      const size_t w = static_cast<size_t>((t0 - start) / kWindow);
+      if (load.issued_by_window.size() <= w) {
+        load.issued_by_window.resize(w + 1);
+        load.slow_by_window.resize(w + 1);
+      }
+      ++load.issued_by_window[w];
+      if (us >= kSlow) ++load.slow_by_window[w];
       ++load.calls;
       if (!status.ok()) {
         if (load.errors++ == 0) {
@@ -179,6 +190,14 @@ Load Drive(int threads, int kinds, int window, uint64_t count, double seconds, d
     if (all.errors == 0) all.first_error = l.first_error;
     all.errors += l.errors;
     all.seconds = std::max(all.seconds, l.seconds);
+    if (all.issued_by_window.size() < l.issued_by_window.size()) {
+      all.issued_by_window.resize(l.issued_by_window.size());
+      all.slow_by_window.resize(l.issued_by_window.size());
+    }
+    for (size_t w = 0; w < l.issued_by_window.size(); ++w) {
+      all.issued_by_window[w] += l.issued_by_window[w];
+      all.slow_by_window[w] += l.slow_by_window[w];
+    }
     for (size_t k = 0; k < l.latency_us.size(); ++k) {
       all.latency_us[k].insert(all.latency_us[k].end(), l.latency_us[k].begin(),
                                l.latency_us[k].end());
@@ -415,6 +434,27 @@ class Bench {
   }
   v1::Coordinator::Stub& Stub(uint64_t i) { return *stubs_[i % stubs_.size()]; }
 
+  // A progress line naming the 100 ms windows of the phase whose calls were slow (over kSlow),
+  // so that a periodic stall shows its period (when under 10% of the calls were slow).
+  void SlowWindows(const Load& load) const {
+    std::string line;
+    uint64_t slow = 0;
+    int shown = 0;
+    for (size_t w = 0; w < load.slow_by_window.size(); ++w) {
+      if (load.slow_by_window[w] == 0) continue;
+      slow += load.slow_by_window[w];
+      if (shown++ < 40) {
+        absl::StrAppend(&line, absl::StrFormat(" %.1fs:%d/%d", 0.1 * static_cast<double>(w),
+                                               load.slow_by_window[w], load.issued_by_window[w]));
+      }
+    }
+    // Only a tail: in a saturated phase most calls queue, and the windows say nothing.
+    if (slow == 0 || slow * 10 > load.calls) return;
+    Progress(absl::StrCat("  ", slow, " calls over ", kSlow.count(),
+                          " ms, by the 100 ms window they were issued in (slow/issued):", line,
+                          shown > 40 ? absl::StrCat(" and ", shown - 40, " more windows") : ""));
+  }
+
   // Appends the rows of one phase: kind k of `load` as `names[k]`.
   void Rows(const std::vector<std::string>& names, Load& load, double cpu0, uint64_t extra = 0) {
     const double cpu = child_.CpuSeconds() - cpu0;
@@ -446,6 +486,7 @@ class Bench {
               ? absl::StrCat("  (", load.errors, " errors, first ", load.first_error, ")")
               : ""));
     }
+    SlowWindows(load);
   }
 
   v1::StatusReply Totals() {
