@@ -9,6 +9,9 @@
 
 namespace splitq::server {
 namespace {
+// Group members that have not formed the current generation an Assign passes over at most.
+constexpr size_t kSettledScan = 64;
+
 // 1..2^31-1, different for each coordinator process (with high probability).
 uint64_t RandomEpoch() {
   std::random_device device;
@@ -233,18 +236,30 @@ absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::ti
   Member* worker = client->worker == 0 ? nullptr : &members_.at(client->worker);
   Member* chosen = worker;
   if (worker == nullptr || (!unreachable.empty() && worker->name == unreachable)) {
-    // The least loaded live worker with room, other than `unreachable` when another has room
-    // (at most one entry is skipped). The client's own worker is `unreachable` here, or none.
+    // The least loaded live worker with room, other than `unreachable` when another has room.
+    // The client's own worker is `unreachable` here, or none. Among group members, one that
+    // has formed the current generation first: a member that has just registered still holds
+    // its own checkpoint's records of the clients' steps and would report a returning
+    // client's applied steps as lost. At most kSettledScan members are passed over for that
+    // (the least loaded open one is taken then), so a pick stays O(log workers).
     Member* fallback = nullptr;
+    Member* least = nullptr;
     chosen = nullptr;
+    size_t scanned = 0;
     for (const auto& [load, id] : open_) {
       Member& w = members_.at(id);
-      if (unreachable.empty() || w.name != unreachable) {
+      if (!unreachable.empty() && w.name == unreachable) {
+        fallback = &w;
+        continue;
+      }
+      if (least == nullptr) least = &w;
+      if (w.group_store.host.empty() || w.formed_generation == generation_) {
         chosen = &w;
         break;
       }
-      fallback = &w;
+      if (++scanned >= kSettledScan) break;
     }
+    if (chosen == nullptr) chosen = least;
     if (chosen == nullptr) chosen = worker != nullptr ? worker : fallback;
   }
   if (chosen == nullptr) {

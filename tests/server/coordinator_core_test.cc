@@ -362,6 +362,25 @@ TEST_F(CoordinatorCoreTest, RebalancingAvoidsTheMemberAClientCouldNotReach) {
   EXPECT_EQ(moved, 3);
 }
 
+// Assign prefers a group member that has formed the current generation over a less loaded one
+// that has not (it would report a returning client's applied steps as lost).
+TEST_F(CoordinatorCoreTest, AssignPrefersMembersThatFormedTheGeneration) {
+  const uint64_t w1 = GroupWorker("w1", 7001);
+  const uint64_t a = Client("a");
+  EXPECT_EQ(WorkerOf(a, 10), "w1");
+  const uint64_t w2 = GroupWorker("w2", 7002, 100);
+  ASSERT_TRUE(core_.Heartbeat(w1, 0, At(110), "", 0, 0, nullptr, View(w1, 110).generation).ok());
+  const uint64_t b = Client("b", 120);
+  EXPECT_EQ(WorkerOf(b, 120), "w1");  // w2 is emptier but has not formed the generation
+  ASSERT_TRUE(core_.Heartbeat(w2, 0, At(130), "", 0, 0, nullptr, View(w2, 130).generation).ok());
+  const uint64_t c = Client("c", 140);
+  EXPECT_EQ(WorkerOf(c, 140), "w2");
+  // With no member settled (a generation just bumped), the least loaded one still takes it.
+  GroupWorker("w3", 7003, 200);
+  const uint64_t d = Client("d", 210);
+  EXPECT_EQ(WorkerOf(d, 210), "w3");
+}
+
 // A client registered again (a fresh record, no assignment yet) is not told to move by a
 // heartbeat that names its old assignment.
 TEST_F(CoordinatorCoreTest, AFreshRecordHearsNoMove) {
