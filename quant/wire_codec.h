@@ -69,6 +69,8 @@ class WireDecoder {
   // Validates `frame` and decodes it to a tensor of frame.shape / frame.dtype on `device`.
   // Status codes as ValidateFrame, plus INTERNAL for a device or allocation failure.
   absl::StatusOr<at::Tensor> Decode(const Frame& frame, const at::Device& device = at::kCPU);
+  // The bit map the last successful Decode used (empty before one).
+  const std::vector<uint8_t>& bits() const { return bits_; }
 
  private:
   FrameLimits limits_;

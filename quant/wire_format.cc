@@ -26,6 +26,7 @@
 #include "quant/wire_format.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -464,6 +465,74 @@ absl::Status DecodePayload(const Frame& frame, absl::Span<const uint8_t> bits, v
   params.is_signed = false;
   return kernels::UnpackDequantize(cpu, frame.dtype, layout, params, frame.payload.data(),
                                    static_cast<int64_t>(frame.payload.size()), offsets.data(), out);
+}
+
+absl::StatusOr<CodeEntropy> MeasureCodeEntropy(const Frame& frame, absl::Span<const uint8_t> bits) {
+  SPLITQ_ASSIGN_OR_RETURN(const kernels::GroupLayout layout, FrameLayout(frame));
+  SPLITQ_RETURN_IF_ERROR(CheckBitCount(bits.size(), layout.groups, "bits"));
+  SPLITQ_RETURN_IF_ERROR(CheckBits(bits, "bits"));
+  SPLITQ_ASSIGN_OR_RETURN(const std::vector<int64_t> offsets, SegmentOffsets(layout, bits));
+  SPLITQ_RETURN_IF_ERROR(CheckPayloadSize(frame.payload.size(), offsets.back()));
+  CodeEntropy out;
+  out.elements = layout.numel();
+  const int64_t m = layout.per_group();
+  if (m == 0) return out;
+  std::array<int64_t, 256> counts;
+  for (int64_t g = 0; g < layout.groups; ++g) {
+    const int k = bits[static_cast<size_t>(g)];
+    const uint32_t mask = (1u << k) - 1;
+    counts.fill(0);
+    const uint8_t* seg = frame.payload.data() + offsets[static_cast<size_t>(g)];
+    const int64_t seg_bytes = offsets[static_cast<size_t>(g) + 1] - offsets[static_cast<size_t>(g)];
+    // Four interleaved histograms, so that runs of one code do not serialize the increments.
+    std::array<std::array<int64_t, 256>, 4> part{};
+    if (8 % k == 0) {
+      // Whole codes per byte: the byte histogram, split into codes at the end (the padding
+      // bits of the last byte are counted as code 0 and taken off again).
+      int64_t b = 0;
+      for (; b + 4 <= seg_bytes; b += 4) {
+        ++part[0][seg[b]];
+        ++part[1][seg[b + 1]];
+        ++part[2][seg[b + 2]];
+        ++part[3][seg[b + 3]];
+      }
+      for (; b < seg_bytes; ++b) ++part[0][seg[b]];
+      for (uint32_t v = 0; v < 256; ++v) {
+        const int64_t n = part[0][v] + part[1][v] + part[2][v] + part[3][v];
+        if (n == 0) continue;
+        for (int shift = 0; shift < 8; shift += k) counts[(v >> shift) & mask] += n;
+      }
+      counts[0] -= seg_bytes * (8 / k) - m;
+    } else {
+      // Every 8 codes fill exactly k bytes: read them as one little-endian word.
+      int64_t i = 0;
+      for (; i + 8 <= m; i += 8) {
+        uint64_t word = 0;
+        for (int j = 0; j < k; ++j) word |= uint64_t{seg[i / 8 * k + j]} << (8 * j);
+        for (int j = 0; j < 8; ++j) ++part[j & 3][(word >> (j * k)) & mask];
+      }
+      // The last m % 8 codes: a 16-bit window at byte (i k) / 8 (k <= 8), the byte after the
+      // segment read as 0.
+      for (int64_t bit = i * k; i < m; ++i, bit += k) {
+        const int64_t byte = bit >> 3;
+        uint32_t window = seg[byte];
+        if (byte + 1 < seg_bytes) window |= uint32_t{seg[byte + 1]} << 8;
+        ++part[0][(window >> (bit & 7)) & mask];
+      }
+      for (uint32_t q = 0; q <= mask; ++q) {
+        counts[q] = part[0][q] + part[1][q] + part[2][q] + part[3][q];
+      }
+    }
+    double h = 0;
+    const double n = static_cast<double>(m);
+    for (uint32_t q = 0; q <= mask; ++q) {
+      if (counts[q] == 0) continue;
+      const double c = static_cast<double>(counts[q]);
+      h -= c * std::log2(c / n);
+    }
+    out.bits += h;
+  }
+  return out;
 }
 
 absl::StatusOr<kernels::GroupLayout> ValidateEncodeArguments(absl::Span<const int64_t> shape,

@@ -93,6 +93,17 @@ absl::StatusOr<std::vector<uint8_t>> ValidateFrame(const Frame& frame,
 absl::Status DecodePayload(const Frame& frame, absl::Span<const uint8_t> bits, void* out,
                            const kernels::ExecContext& cpu = {});
 
+// The order-0 entropy of a frame's codes, each group with its own histogram (one frequency
+// table per channel: what a static per-group entropy coder can reach, its tables not counted).
+// `bits` as for DecodePayload. Returns the total over the frame in bits: sum over groups g of
+// M * H_g, H_g = -sum_q p_q log2 p_q over the 2^k_g codes' frequencies in the group. Divide by
+// numel for bits per element. A frame DecodePayload accepts is accepted here (same checks).
+struct CodeEntropy {
+  int64_t elements = 0;
+  double bits = 0;  // total over the frame
+};
+absl::StatusOr<CodeEntropy> MeasureCodeEntropy(const Frame& frame, absl::Span<const uint8_t> bits);
+
 // The content rules for a frame about to be built (the ones ValidateFrame applies to shape,
 // group_axis, bits, scales and offsets), with the same INVALID_ARGUMENT messages. Returns
 // the group layout. EncodeFrame calls it; so does a sender that packs on a device.

@@ -145,6 +145,10 @@ trainer::TrainSummary Combine(const std::vector<trainer::TrainSummary>& parts) {
     all.bytes_up += s.bytes_up;
     all.bytes_down += s.bytes_down;
     all.bytes_fp32_equivalent += s.bytes_fp32_equivalent;
+    all.entropy.elements_up += s.entropy.elements_up;
+    all.entropy.elements_down += s.entropy.elements_down;
+    all.entropy.bits_up += s.entropy.bits_up;
+    all.entropy.bits_down += s.entropy.bits_down;
     all.val_loss += s.val_loss / n;
     if (all.val_accuracy >= 0) all.val_accuracy += s.val_accuracy / n;
     if (all.val_bits_per_byte >= 0) all.val_bits_per_byte += s.val_bits_per_byte / n;

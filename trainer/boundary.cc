@@ -147,7 +147,7 @@ BoundarySender::BoundarySender(const RunConfig& c, int index, int axis, int64_t 
 
 absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& h, int64_t step,
                                                           const at::Tensor& ids, bool train) {
-  if (c_.activations.mode == WireMode::kFloat32) return Sent{h, EncodeRawTensor(h), 32.0, {}};
+  if (c_.activations.mode == WireMode::kFloat32) return Sent{h, EncodeRawTensor(h), 32.0, {}, {}};
   const double budget = c_.activations.target.TargetAt(step);
   Sent out;
   std::vector<uint8_t> bits;
@@ -184,6 +184,9 @@ absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& h, i
   SPLITQ_ASSIGN_OR_RETURN(quant::Frame frame, encoder.Encode(payload, static_cast<uint64_t>(step),
                                                              bits, scales, offsets));
   out.bytes = quant::SerializeFrame(frame);
+  if (train && measure_) {
+    SPLITQ_ASSIGN_OR_RETURN(out.entropy, quant::MeasureCodeEntropy(frame, bits));
+  }
   out.bit_map = std::move(bits);
   if (base.defined()) {
     // The sender applies its own frame to its cache, decoded as the receiver decodes it.
@@ -209,7 +212,12 @@ absl::StatusOr<at::Tensor> BoundarySender::ReceiveGradient(const std::string& by
   if (frame.kind != quant::FrameKind::kGradient) {
     return absl::InvalidArgumentError("expected a gradient frame");
   }
-  return grad_decoder_.Decode(frame, device);
+  SPLITQ_ASSIGN_OR_RETURN(at::Tensor g, grad_decoder_.Decode(frame, device));
+  if (measure_) {
+    SPLITQ_ASSIGN_OR_RETURN(gradient_entropy_,
+                            quant::MeasureCodeEntropy(frame, grad_decoder_.bits()));
+  }
+  return g;
 }
 
 absl::StatusOr<std::string> BoundarySender::WithBitMap(const std::string& bytes,
@@ -276,7 +284,11 @@ absl::StatusOr<at::Tensor> BoundaryReceiver::Receive(const std::string& bytes, i
     return absl::InvalidArgumentError(
         absl::StrCat("the frame says step ", frame.step, ", it was sent as step ", step));
   }
-  SPLITQ_ASSIGN_OR_RETURN(at::Tensor received, (train ? act_ : eval_).Decode(frame, device));
+  quant::WireDecoder& decoder = train ? act_ : eval_;
+  SPLITQ_ASSIGN_OR_RETURN(at::Tensor received, decoder.Decode(frame, device));
+  if (train && measure_) {
+    SPLITQ_ASSIGN_OR_RETURN(received_entropy_, quant::MeasureCodeEntropy(frame, decoder.bits()));
+  }
   if (c_.activations.mode == WireMode::kAqSgd && train) {
     if (ids.numel() != received.size(0)) {
       return absl::InvalidArgumentError(
@@ -297,6 +309,9 @@ absl::StatusOr<std::pair<std::string, double>> BoundaryReceiver::SendGradient(
   const quant::WireRange range = quant::MaxAbsRange(grad, axis_, gbits);
   SPLITQ_ASSIGN_OR_RETURN(quant::Frame frame, grad_.Encode(grad, static_cast<uint64_t>(step), gbits,
                                                            range.scales, range.offsets));
+  if (measure_) {
+    SPLITQ_ASSIGN_OR_RETURN(sent_entropy_, quant::MeasureCodeEntropy(frame, gbits));
+  }
   return std::make_pair(quant::SerializeFrame(frame), static_cast<double>(bits));
 }
 

@@ -68,6 +68,7 @@ class BoundarySender {
     std::string bytes;             // the serialized frame
     double bits = 32;              // mean bits per element of the frame
     std::vector<uint8_t> bit_map;  // the frame's bits per channel (empty: fp32)
+    quant::CodeEntropy entropy;    // of the frame's codes (training frames; 0 elements: fp32)
   };
 
   // `index`: 0 for boundary 1, 1 for boundary 2 (seeds differ). `shared`: the AMAQ module to
@@ -87,6 +88,11 @@ class BoundarySender {
   // Decodes the gradient frame that came back (the receiver's SendGradient).
   absl::StatusOr<at::Tensor> ReceiveGradient(const std::string& bytes, const at::Device& device,
                                              at::ScalarType dtype);
+  // The code entropy of the last gradient frame ReceiveGradient decoded (0 elements: fp32).
+  quant::CodeEntropy gradient_entropy() const { return gradient_entropy_; }
+  // Measure the code entropy of training frames (Sent::entropy, gradient_entropy()): a pass
+  // over the packed codes on the host, off by default (a server's boundary 2 has no use for it).
+  void set_measure_entropy(bool on) { measure_ = on; }
   // A sent frame (bytes of Send) with its bit map included, resealed: for a receiver that
   // never got the map (a new session).
   static absl::StatusOr<std::string> WithBitMap(const std::string& bytes,
@@ -116,6 +122,8 @@ class BoundarySender {
   quant::WireDecoder self_decoder_, grad_decoder_;
   DeltaCache cache_;
   double max_excess_ = -1e9;
+  quant::CodeEntropy gradient_entropy_;
+  bool measure_ = false;
 };
 
 // The receiving half of a boundary.
@@ -140,6 +148,12 @@ class BoundaryReceiver {
   // The next gradient frame carries its bit map again (a new session: the sender's decoder
   // is new).
   void ResendBitMap() { grad_.ResendBitMap(); }
+  // The code entropy of the last training frame Receive decoded, and of the last gradient
+  // frame SendGradient made (0 elements: fp32).
+  quant::CodeEntropy received_entropy() const { return received_entropy_; }
+  quant::CodeEntropy sent_entropy() const { return sent_entropy_; }
+  // As BoundarySender::set_measure_entropy (off by default: a worker's boundary 1).
+  void set_measure_entropy(bool on) { measure_ = on; }
 
   DeltaCache& cache() { return cache_; }
   const DeltaCache& cache() const { return cache_; }
@@ -153,6 +167,8 @@ class BoundaryReceiver {
   quant::WireDecoder act_, eval_;
   quant::WireEncoder grad_;
   DeltaCache cache_;
+  quant::CodeEntropy received_entropy_, sent_entropy_;
+  bool measure_ = false;
 };
 
 }  // namespace splitq::trainer::internal

@@ -83,6 +83,10 @@ void WriteHeader(torch::serialize::OutputArchive& archive, const char* version_k
   archive.write("counters",
                 at::tensor({n.step, n.bytes_up, n.bytes_down, n.bytes_fp32}, at::kLong));
   archive.write("driver", at::tensor(driver, at::kDouble));
+  archive.write("code_entropy", at::tensor({static_cast<double>(n.entropy.elements_up),
+                                            static_cast<double>(n.entropy.elements_down),
+                                            n.entropy.bits_up, n.entropy.bits_down},
+                                           at::kDouble));
 }
 
 absl::Status ReadHeader(torch::serialize::InputArchive& archive, const std::string& path,
@@ -100,7 +104,14 @@ absl::Status ReadHeader(torch::serialize::InputArchive& archive, const std::stri
   archive.read("counters", counters);
   counters = counters.cpu();
   const int64_t* p = counters.data_ptr<int64_t>();
-  *n = CheckpointCounters{p[0], p[1], p[2], p[3]};
+  *n = CheckpointCounters{p[0], p[1], p[2], p[3], {}};
+  at::Tensor entropy;
+  if (archive.try_read("code_entropy", entropy) && entropy.numel() == 4) {
+    entropy = entropy.cpu().to(at::kDouble);
+    const double* e = entropy.data_ptr<double>();
+    n->entropy =
+        CodeEntropyTotals{static_cast<int64_t>(e[0]), static_cast<int64_t>(e[1]), e[2], e[3]};
+  }
   archive.read("driver", driver_t);
   if (driver != nullptr) {
     driver_t = driver_t.cpu();

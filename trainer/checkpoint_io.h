@@ -23,6 +23,7 @@
 #include "absl/status/status.h"
 #include "trainer/config.h"
 #include "trainer/models.h"
+#include "trainer/step.h"
 
 namespace splitq::trainer::internal {
 
@@ -40,8 +41,11 @@ at::Tensor FieldTensor(const Fields& fields);
 absl::Status CheckFields(const std::string& path, const Fields& fields, const at::Tensor& stored);
 // What every checkpoint kind holds besides its parts: a version under `version_key`, the shape
 // and state fields, the counters and the driver's opaque state.
+// `entropy`: absent from checkpoints written before it existed (read as zeros; the code
+// entropy then averages the frames since the resume).
 struct CheckpointCounters {
   int64_t step = 0, bytes_up = 0, bytes_down = 0, bytes_fp32 = 0;
+  CodeEntropyTotals entropy;
 };
 void WriteHeader(torch::serialize::OutputArchive& archive, const char* version_key, int64_t version,
                  const RunConfig& c, const CheckpointCounters& counters,

@@ -84,6 +84,7 @@ struct ClientPart::Impl {
   std::unique_ptr<torch::optim::AdamW> opt;
   int64_t step = 0;
   int64_t bytes_up = 0, bytes_down = 0, bytes_fp32 = 0, boundary_bytes = 0;
+  CodeEntropyTotals entropy;
 
   // The step between Forward and Backward.
   struct Pending {
@@ -93,11 +94,13 @@ struct ClientPart::Impl {
     at::Tensor targets, ids;
     std::vector<uint8_t> bit_map;
     double bits = 32;
+    quant::CodeEntropy up_entropy;  // of the activation frame (0 elements: fp32)
     Clock::time_point start;
     // U-shaped, after Head: boundary 2's share of the step.
     bool head_done = false;
     double head_loss = 0, act2_bits = 0, grad2_bits = 0;
     int64_t h2_numel = 0, head_bytes_up = 0, head_bytes_down = 0;
+    quant::CodeEntropy head_up_entropy, head_down_entropy;  // boundary 2's frames
   };
   std::optional<Pending> pending;
   bool resend_pending_map = false;
@@ -153,6 +156,8 @@ absl::StatusOr<std::unique_ptr<ClientPart>> ClientPart::Create(const RunConfig& 
     s.sender = std::make_unique<BoundarySender>(s.c, 0, axis, BoundaryChannels(c, 0));
     s.sender->amaq()->to(s.device);
     if (c.u_shaped) s.receiver = std::make_unique<BoundaryReceiver>(s.c, 1, axis);
+    s.sender->set_measure_entropy(true);  // WireTotals::entropy
+    if (s.receiver) s.receiver->set_measure_entropy(true);
     s.opt = MakeOptimizer(c, ClientParameters(m), s.sender->amaq()->parameters());
     return absl::OkStatus();
   }));
@@ -196,6 +201,7 @@ absl::StatusOr<UpFrame> ClientPart::Forward() {
     p.sender_side = sent.sender_side;
     p.bit_map = std::move(sent.bit_map);
     p.bits = sent.bits;
+    p.up_entropy = sent.entropy;
     s.boundary_bytes = 4 * h1.numel();
     return absl::OkStatus();
   }));
@@ -240,6 +246,8 @@ absl::StatusOr<HeadGradient> ClientPart::Head(const DownFrame& down) {
     p.h2_numel = received.numel();
     p.head_bytes_up = static_cast<int64_t>(out.frame.size());
     p.head_bytes_down = static_cast<int64_t>(down.frame.size());
+    p.head_down_entropy = s.receiver->received_entropy();
+    p.head_up_entropy = s.receiver->sent_entropy();
     return absl::OkStatus();
   }));
   return out;
@@ -291,6 +299,11 @@ absl::StatusOr<StepStats> ClientPart::Backward(const DownFrame& down) {
     s.bytes_up += static_cast<int64_t>(p.up.frame->size()) + p.head_bytes_up;
     s.bytes_down += static_cast<int64_t>(down.frame.size()) + p.head_bytes_down;
     s.bytes_fp32 += 8 * (side.numel() + p.h2_numel);
+    const quant::CodeEntropy down_entropy = s.sender->gradient_entropy();
+    s.entropy.elements_up += p.up_entropy.elements + p.head_up_entropy.elements;
+    s.entropy.bits_up += p.up_entropy.bits + p.head_up_entropy.bits;
+    s.entropy.elements_down += down_entropy.elements + p.head_down_entropy.elements;
+    s.entropy.bits_down += down_entropy.bits + p.head_down_entropy.bits;
     if (s.c.u_shaped) s.boundary_bytes = 4 * (side.numel() + p.h2_numel);
     stats.step_ms = std::chrono::duration<double, std::milli>(Clock::now() - p.start).count();
     return absl::OkStatus();
@@ -415,6 +428,7 @@ void ClientPart::SetCounters(int64_t step, const WireTotals& bytes) {
   impl_->bytes_up = bytes.bytes_up;
   impl_->bytes_down = bytes.bytes_down;
   impl_->bytes_fp32 = bytes.bytes_fp32_equivalent;
+  impl_->entropy = bytes.entropy;
 }
 
 absl::Status ClientPart::SaveCheckpoint(const std::string& path,
@@ -422,7 +436,7 @@ absl::Status ClientPart::SaveCheckpoint(const std::string& path,
   const Impl& s = *impl_;
   return SaveCheckpointFile(
       path, "client_version", kClientCheckpointVersion, s.c,
-      CheckpointCounters{s.step, s.bytes_up, s.bytes_down, s.bytes_fp32}, driver,
+      CheckpointCounters{s.step, s.bytes_up, s.bytes_down, s.bytes_fp32, s.entropy}, driver,
       [&](torch::serialize::OutputArchive& archive) { SaveParts(archive, /*with_caches=*/false); });
 }
 
@@ -432,7 +446,7 @@ absl::Status ClientPart::LoadCheckpoint(const std::string& path, std::vector<dou
       path, s.device, "client_version", kClientCheckpointVersion, "splitq client", s.c, driver,
       [&](torch::serialize::InputArchive& archive, const CheckpointCounters& n) -> absl::Status {
         SPLITQ_RETURN_IF_ERROR(LoadParts(archive, path, /*with_caches=*/false));
-        SetCounters(n.step, WireTotals{n.bytes_up, n.bytes_down, n.bytes_fp32, 0});
+        SetCounters(n.step, WireTotals{n.bytes_up, n.bytes_down, n.bytes_fp32, 0, n.entropy});
         // The caches are the session's (see the top of client_part.h): a resumed client starts
         // them at zero, as its new session does.
         s.sender->ClearCache();
@@ -451,6 +465,7 @@ WireTotals ClientPart::wire() const {
   w.bytes_up = impl_->bytes_up;
   w.bytes_down = impl_->bytes_down;
   w.bytes_fp32_equivalent = impl_->bytes_fp32;
+  w.entropy = impl_->entropy;
   w.max_budget_excess =
       impl_->c.activations.mode == WireMode::kFloat32 ? 0 : impl_->sender->max_budget_excess();
   return w;

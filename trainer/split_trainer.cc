@@ -52,8 +52,8 @@ absl::Status SplitTrainer::SaveCheckpoint(const std::string& path,
   const WireTotals w = s.client->wire();
   return SaveCheckpointFile(
       path, "version", kCheckpointVersion, config(),
-      CheckpointCounters{step(), w.bytes_up, w.bytes_down, w.bytes_fp32_equivalent}, driver_state,
-      [&](torch::serialize::OutputArchive& archive) {
+      CheckpointCounters{step(), w.bytes_up, w.bytes_down, w.bytes_fp32_equivalent, w.entropy},
+      driver_state, [&](torch::serialize::OutputArchive& archive) {
         s.client->SaveParts(archive, /*with_caches=*/true);
         s.server->SaveParts(archive, s.link->session());
       });
@@ -67,7 +67,8 @@ absl::Status SplitTrainer::LoadCheckpoint(const std::string& path,
       [&](torch::serialize::InputArchive& archive, const CheckpointCounters& n) -> absl::Status {
         SPLITQ_RETURN_IF_ERROR(s.client->LoadParts(archive, path, /*with_caches=*/true));
         SPLITQ_RETURN_IF_ERROR(s.server->LoadParts(archive, path, s.link->session(), n.step));
-        s.client->SetCounters(n.step, WireTotals{n.bytes_up, n.bytes_down, n.bytes_fp32, 0});
+        s.client->SetCounters(n.step,
+                              WireTotals{n.bytes_up, n.bytes_down, n.bytes_fp32, 0, n.entropy});
         return absl::OkStatus();
       });
 }

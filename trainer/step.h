@@ -50,11 +50,24 @@ struct EvalStats {
 // Labels are not counted in the byte totals: in the plain layout they travel with the
 // activation frame, one byte per target here (both tasks have at most 256 classes): 64 bytes a
 // step for Fashion-MNIST, 4096 for the language-model configs (0.5% of a 4-bit frame).
+// The order-0 entropy of the quantized frames' codes (quant::MeasureCodeEntropy: a histogram
+// per channel and frame), summed over the training frames that crossed: what an entropy coder
+// with a static table per channel could bring the codes to. fp32 frames are not measured.
+struct CodeEntropyTotals {
+  int64_t elements_up = 0, elements_down = 0;  // elements of the quantized frames measured
+  double bits_up = 0, bits_down = 0;           // their entropy, in bits (totals)
+};
+
+// Elements: every frame up has a counterpart down of the same shape (the activation and its
+// gradient; U-shaped also the second boundary's), so the elements each way are
+// bytes_fp32_equivalent / 8.
 struct WireTotals {
   int64_t bytes_up = 0;               // client -> server, frames as serialized, over the whole run
   int64_t bytes_down = 0;             // server -> client
   int64_t bytes_fp32_equivalent = 0;  // what the same tensors would have cost as float32
   double max_budget_excess = 0;       // max over activation frames of (mean bits - budget)
+  CodeEntropyTotals entropy;
+  int64_t elements_each_way() const { return bytes_fp32_equivalent / 8; }
 };
 
 // Bytes held by the client part (its own layers, the first boundary, and its optimizer).

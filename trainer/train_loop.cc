@@ -39,6 +39,25 @@ absl::Status TruncateJsonl(const fs::path& path, int64_t last_step) {
 }
 
 std::string NumberOrNull(double v) { return v < 0 ? "null" : absl::StrFormat("%.6f", v); }
+// num / den, or null when den is 0.
+std::string RatioOrNull(double num, double den) {
+  return den > 0 ? absl::StrFormat("%.4f", num / den) : "null";
+}
+// The wire's bits per element each way, and the code entropy's, between two totals (`before`
+// zero: the whole run), as JSON members.
+std::string WireBitsJson(const WireTotals& now, const WireTotals& before, const char* sep) {
+  const double elements = static_cast<double>(now.elements_each_way() - before.elements_each_way());
+  const CodeEntropyTotals& e = now.entropy;
+  const CodeEntropyTotals& b = before.entropy;
+  return absl::StrFormat(
+      "\"wire_bits_up\": %s,%s\"wire_bits_down\": %s,%s\"code_entropy_bits_up\": %s,%s"
+      "\"code_entropy_bits_down\": %s",
+      RatioOrNull(8.0 * static_cast<double>(now.bytes_up - before.bytes_up), elements), sep,
+      RatioOrNull(8.0 * static_cast<double>(now.bytes_down - before.bytes_down), elements), sep,
+      RatioOrNull(e.bits_up - b.bits_up, static_cast<double>(e.elements_up - b.elements_up)), sep,
+      RatioOrNull(e.bits_down - b.bits_down,
+                  static_cast<double>(e.elements_down - b.elements_down)));
+}
 
 // The driver's own counters, saved inside each checkpoint.
 struct Window {
@@ -222,6 +241,7 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
                              options.resume_hint, "; the steps after it are redone)")
               : std::string("no checkpoint was written yet: a new run starts from step 0")));
   };
+  WireTotals logged = trainer->wire();  // at the last metrics line (or the resume)
   while (trainer->step() < c.steps) {
     absl::StatusOr<StepStats> stepped = trainer->Step();
     if (!stepped.ok()) return cut_short(stepped.status(), false);
@@ -241,9 +261,10 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
       const WireTotals wire = trainer->wire();
       metrics << absl::StrFormat(
           "{\"step\": %d, \"loss\": %.9g, \"lr\": %.6g, \"act_bits\": %.4f, \"grad_bits\": %.4f, "
-          "\"bytes_up\": %d, \"bytes_down\": %d, \"step_ms\": %.3f}\n",
+          "\"bytes_up\": %d, \"bytes_down\": %d, %s, \"step_ms\": %.3f}\n",
           step, mean_loss, LearningRateAt(c, step - 1, c.lr), w.avg_act, w.avg_grad, wire.bytes_up,
-          wire.bytes_down, s.step_ms);
+          wire.bytes_down, WireBitsJson(wire, logged, " "), s.step_ms);
+      logged = wire;
       metrics.flush();
       if (options.progress) {
         const double elapsed = wall();
@@ -291,6 +312,7 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
   summary.bytes_down = wire.bytes_down;
   summary.bytes_fp32_equivalent = wire.bytes_fp32_equivalent;
   summary.max_budget_excess = wire.max_budget_excess;
+  summary.entropy = wire.entropy;
   summary.wall_seconds = wall();
   summary.device = trainer->device();
   if (options.finish) options.finish(summary);
@@ -338,12 +360,17 @@ absl::Status WriteSummary(const TrainSummary& summary, const std::string& path) 
           "  \"val_bits_per_byte\": %s,\n  \"avg_act_bits\": %.4f,\n  \"avg_grad_bits\": %.4f,\n"
           "  \"act_budget\": %s,\n  \"grad_budget\": %s,\n"
           "  \"bytes_up\": %d,\n  \"bytes_down\": %d,\n  \"bytes_fp32_equivalent\": %d,\n"
+          "  %s,\n  \"code_entropy_elements_up\": %d,\n  \"code_entropy_elements_down\": %d,\n"
           "  \"wall_seconds\": %.3f,\n  \"max_budget_excess\": %.6f,\n  \"device\": \"%s\",\n"
           "  \"clients\": %d%s%s\n}\n",
           summary.task, summary.steps, summary.val_loss, NumberOrNull(summary.val_accuracy),
           NumberOrNull(summary.val_bits_per_byte), summary.avg_act_bits, summary.avg_grad_bits,
           NumberOrNull(summary.act_budget), NumberOrNull(summary.grad_budget), summary.bytes_up,
-          summary.bytes_down, summary.bytes_fp32_equivalent, summary.wall_seconds,
+          summary.bytes_down, summary.bytes_fp32_equivalent,
+          WireBitsJson(WireTotals{summary.bytes_up, summary.bytes_down,
+                                  summary.bytes_fp32_equivalent, 0, summary.entropy},
+                       WireTotals{}, "\n  "),
+          summary.entropy.elements_up, summary.entropy.elements_down, summary.wall_seconds,
           summary.max_budget_excess, summary.device, summary.clients, LostJson(summary),
           WorkersJson(summary)));
 }
@@ -369,6 +396,18 @@ absl::StatusOr<TrainSummary> ReadSummary(const std::string& path) {
     s.bytes_up = n["bytes_up"].as<int64_t>();
     s.bytes_down = n["bytes_down"].as<int64_t>();
     s.bytes_fp32_equivalent = n["bytes_fp32_equivalent"].as<int64_t>();
+    // Entropy totals back from the per-element figures (absent in older summaries: zeros).
+    const auto entropy = [&](const char* bits, const char* elements, int64_t* count,
+                             double* total) {
+      const YAML::Node e = n[elements];
+      *count = e ? e.as<int64_t>() : 0;
+      const double per = number(bits);
+      *total = per > 0 ? per * static_cast<double>(*count) : 0;
+    };
+    entropy("code_entropy_bits_up", "code_entropy_elements_up", &s.entropy.elements_up,
+            &s.entropy.bits_up);
+    entropy("code_entropy_bits_down", "code_entropy_elements_down", &s.entropy.elements_down,
+            &s.entropy.bits_down);
     s.wall_seconds = number("wall_seconds");
     s.max_budget_excess = n["max_budget_excess"].as<double>();
     s.device = n["device"].as<std::string>();

@@ -60,6 +60,10 @@ struct TrainSummary {
   double act_budget = -1, grad_budget = -1;
   int64_t clients = 1;  // runs summed into this one (`splitq demo`); steps are summed
   int64_t bytes_up = 0, bytes_down = 0, bytes_fp32_equivalent = 0;
+  // summary.json writes wire_bits_up/down (bytes x 8 / elements, elements =
+  // bytes_fp32_equivalent / 8 each way) and code_entropy_bits_up/down (entropy bits /
+  // measured elements; null when no quantized frame went that way) with their element counts.
+  CodeEntropyTotals entropy;
   double wall_seconds = 0;       // over all sessions of a resumed run
   double max_budget_excess = 0;  // max over frames of (mean bits sent - budget); <= 0 always
   std::string device;

@@ -1025,5 +1025,44 @@ TEST(WireFormatTest, DecodePayloadChecksItsArguments) {
   ExpectError(DecodePayload(f, f.bits, nullptr), absl::StatusCode::kInvalidArgument, {"null"});
 }
 
+// MeasureCodeEntropy against histograms of the codes themselves (x = code, scale 1, offset 0),
+// mixed widths 1..8, skewed and uniform groups, and a group of one repeated code (0 bits).
+TEST(WireFormatTest, MeasureCodeEntropyMatchesTheCodesHistograms) {
+  std::mt19937 rng(7);
+  const std::vector<int64_t> shape = {5, 9, 13};  // axis 1: 9 groups of 65 codes
+  const int64_t groups = 9, outer = 5, inner = 13, per = outer * inner;
+  std::vector<uint8_t> bits = {1, 2, 3, 4, 5, 6, 7, 8, 4};
+  std::vector<float> x(static_cast<size_t>(groups * per));
+  std::vector<std::vector<int64_t>> counts(groups, std::vector<int64_t>(256, 0));
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t j = 0; j < inner; ++j) {
+        const uint32_t top = (1u << bits[g]) - 1;
+        uint32_t q = g == 8 ? 3 : rng() % (top + 1);
+        if (g % 2 == 1 && rng() % 4 != 0) q = 0;  // skewed groups
+        x[static_cast<size_t>((o * groups + g) * inner + j)] = static_cast<float>(q);
+        ++counts[g][q];
+      }
+    }
+  }
+  double expected = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t c : counts[g]) {
+      if (c > 0) expected -= c * std::log2(static_cast<double>(c) / per);
+    }
+  }
+  const std::vector<float> scales(groups, 1.0f), offsets(groups, 0.0f);
+  auto f = EncodeFrame(x.data(), DType::kFloat32, shape, 1, bits, scales, offsets, {});
+  ASSERT_TRUE(f.ok()) << f.status();
+  auto h = MeasureCodeEntropy(*f, bits);
+  ASSERT_TRUE(h.ok()) << h.status();
+  EXPECT_EQ(h->elements, groups * per);
+  EXPECT_NEAR(h->bits, expected, 1e-6 * expected);
+  EXPECT_GT(expected, 0);
+  // A wrong bit map is refused, as DecodePayload refuses it.
+  bits.pop_back();
+  ExpectError(MeasureCodeEntropy(*f, bits).status(), absl::StatusCode::kInvalidArgument, {"bits"});
+}
+
 }  // namespace
 }  // namespace splitq::quant

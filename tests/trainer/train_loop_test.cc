@@ -200,10 +200,34 @@ quant:
   EXPECT_GT(s.val_accuracy, 0.5);
   EXPECT_LT(s.bytes_up * 5, s.bytes_fp32_equivalent / 2);
   EXPECT_TRUE(std::filesystem::exists(std::filesystem::path(OutDir("amaq")) / "summary.json"));
+  // Wire bits per element: bytes x 8 over the elements (a little above the codes' bits, the
+  // scales and headers counted); the codes' entropy is at most their width, and every
+  // quantized element is measured.
+  const double elements = static_cast<double>(s.bytes_fp32_equivalent) / 8;
+  EXPECT_EQ(s.entropy.elements_up, s.bytes_fp32_equivalent / 8);
+  EXPECT_EQ(s.entropy.elements_down, s.bytes_fp32_equivalent / 8);
+  EXPECT_GT(s.entropy.bits_up, 0);
+  EXPECT_LT(s.entropy.bits_up, 8.0 * s.bytes_up);  // below the codes' own bits
+  EXPECT_LT(s.entropy.bits_down, 8.0 * s.bytes_down);
+  auto read = ReadSummary((std::filesystem::path(OutDir("amaq")) / "summary.json").string());
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_NEAR(read->entropy.bits_up / elements, s.entropy.bits_up / elements, 1e-3);
+  EXPECT_NEAR(read->entropy.bits_down / elements, s.entropy.bits_down / elements, 1e-3);
   std::ifstream metrics(std::filesystem::path(OutDir("amaq")) / "metrics.jsonl");
   int lines = 0;
   for (std::string line; std::getline(metrics, line);) {
     EXPECT_NE(line.find("\"act_bits\""), std::string::npos);
+    const auto number = [&](const std::string& key) {
+      const size_t at = line.find("\"" + key + "\": ");
+      return at == std::string::npos ? -1.0 : std::stod(line.substr(at + key.size() + 4));
+    };
+    // The window's wire bits sit a little above its mean act bits; its code entropy below.
+    const double act = number("act_bits"), wire = number("wire_bits_up");
+    EXPECT_GT(wire, act) << line;
+    EXPECT_LT(wire, act + 0.5) << line;
+    EXPECT_GT(number("code_entropy_bits_up"), 0) << line;
+    EXPECT_LE(number("code_entropy_bits_up"), act + 1e-3) << line;
+    EXPECT_LE(number("code_entropy_bits_down"), 6 + 1e-3) << line;
     ++lines;
   }
   EXPECT_EQ(lines, 6);
@@ -488,7 +512,11 @@ TEST(TrainLoop, AFolderThatHoldsARunIsKept) {
             std::string::npos)
       << refused.status();
   stopped.resume = true;
-  EXPECT_TRUE(Train(c, stopped).ok());
+  auto resumed = Train(c, stopped);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  // The code entropy's counters come back with the checkpoint: every element of the run is
+  // measured, the steps before the stop too.
+  EXPECT_EQ(resumed->entropy.elements_up, resumed->bytes_fp32_equivalent / 8);
 
   // --force starts over: the old summary goes at once, a new one comes at the end.
   again.overwrite = true;
