@@ -16,9 +16,11 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "cli/commands.h"
 #include "cli/net_common.h"
 #include "cli/security_flags.h"
+#include "proto/protocol.h"
 #include "server/worker_process.h"
 #include "trainer/config.h"
 
@@ -53,6 +55,10 @@ int Fail(const char* what, const absl::Status& status, int code = 2) {
 int RunWorker(const WorkerCommandOptions& opt) {
   WarnIfReferenceBlas();
   if (absl::Status s = rpc::ValidateSecurity(opt.security); !s.ok()) return Fail("flags", s);
+  if (!rpc::IsValidMemberName(opt.name)) {  // before it listens, not at Register
+    return Fail("--name", absl::InvalidArgumentError(absl::StrCat(
+                              "'", opt.name, "': 1..64 of [A-Za-z0-9._-], not . or ..")));
+  }
   server::WorkerProcessOptions o;
   auto config = trainer::LoadRunConfig(opt.config_path, opt.overrides);
   if (!config.ok()) return Fail("config", config.status());

@@ -5,11 +5,14 @@
 #include <grpc/support/sync.h>
 #include <grpcpp/grpcpp.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -287,5 +290,37 @@ ConnectionGuard::Counts ConnectionGuard::counts() const {
 }
 
 const ConnectionLimits& ConnectionGuard::limits() const { return state_->limits; }
+
+std::string FitToDescriptorLimit(ConnectionLimits* limits) {
+  rlimit r{};
+  if (getrlimit(RLIMIT_NOFILE, &r) != 0) return "";
+  std::string note;
+  if (r.rlim_cur < r.rlim_max) {
+    const rlim_t before = r.rlim_cur;
+    r.rlim_cur = r.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &r) != 0) {
+      r.rlim_cur = before;
+      note = absl::StrCat("cannot raise the open-files limit from ", before, " to ", r.rlim_max,
+                          ": ", std::strerror(errno), "; ");
+    }
+  }
+  if (r.rlim_cur == RLIM_INFINITY) return note;
+  const int half = static_cast<int>(std::min<rlim_t>(r.rlim_cur / 2, 1 << 30));
+  bool lowered = false;
+  for (int* cap : {&limits->max_pending, &limits->max_pending_per_address}) {
+    if (*cap > half) {
+      *cap = std::max(1, half);
+      lowered = true;
+    }
+  }
+  if (lowered) {
+    absl::StrAppend(&note, "the open-files limit is ", r.rlim_cur,
+                    ": pending connections capped at ", limits->max_pending, " in total and ",
+                    limits->max_pending_per_address,
+                    " per address (half the limit; raise it with ulimit -n)");
+  }
+  if (!note.empty() && !lowered) note.resize(note.size() - 2);  // the trailing "; "
+  return note;
+}
 
 }  // namespace splitq::server

@@ -50,7 +50,21 @@ struct ConnectionLimits {
   int max_pending_per_address = 64;  // pending connections from one peer address (0: no cap)
   // A connection pending this long is shut down at the guard's next look.
   std::chrono::milliseconds evict_after{30000};
+  // Applied by StartServing, not by the guard: gRPC's cap on concurrent streams per connection
+  // (0: gRPC's default, no cap) and a memory quota for gRPC's own buffers (ResourceQuota, in
+  // MiB; 0: none). Under the quota's pressure gRPC shrinks its flow-control windows and, at
+  // the limit, cancels streams (RESOURCE_EXHAUSTED) to free memory.
+  int max_streams_per_connection = 0;
+  int grpc_memory_mib = 0;
 };
+
+// Raises this process's soft limit on open files to its hard limit, then lowers the caps in
+// `limits` to half of the soft limit where they are above it: pending connections must not take
+// the descriptors that authenticated peers, checkpoints and the listening socket need. (gRPC
+// 1.51 stops accepting for good once an accept fails with EMFILE: grpc/grpc#16058, so a flood
+// that reaches the descriptor limit would end the server's service.) Returns a line for the log
+// when it changed the caps or could not raise the limit, "" otherwise.
+std::string FitToDescriptorLimit(ConnectionLimits* limits);
 
 class ConnectionGuard {
  public:

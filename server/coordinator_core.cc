@@ -279,6 +279,10 @@ absl::Status CoordinatorCore::Heartbeat(uint64_t member_id, uint64_t step, Clock
                                         uint64_t assignment_id, bool* move,
                                         int64_t formed_generation) {
   if (move != nullptr) *move = false;
+  if (step > kMaxHeartbeatStep) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("step ", step, " is above 2^53, the largest step a worker accepts"));
+  }
   std::lock_guard<std::mutex> lock(mutex_);
   absl::StatusOr<Member*> found = Find(member_id, caller);
   if (!found.ok()) return found.status();

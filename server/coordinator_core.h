@@ -119,6 +119,10 @@ struct CoordinatorTotals {
   uint64_t client_steps = 0;          // steps completed, summed over live clients
 };
 
+// The largest step a heartbeat may report: 2^53, as worker_core.h's kMaxStep (a resume step
+// beyond it is refused there; Assign hands the step back as the client's resume step).
+inline constexpr uint64_t kMaxHeartbeatStep = uint64_t{1} << 53;
+
 class CoordinatorCore {
  public:
   // Status copies at most this many members per hold of the lock, and Expire handles at most
@@ -142,7 +146,8 @@ class CoordinatorCore {
   // `sessions`: a worker's Train sessions now (its clients as it sees them; 0 from clients).
   // `assignment_id`: a client's assignment as it trains under it (0: not told). `move` (may be
   // null) is set when that is no longer the client's assignment: it should Assign again.
-  // `formed_generation`: a group worker's last generation formed (0: none).
+  // `formed_generation`: a group worker's last generation formed (0: none). A step above
+  // kMaxHeartbeatStep (2^53, a worker's kMaxStep) is INVALID_ARGUMENT.
   absl::Status Heartbeat(uint64_t member_id, uint64_t step, Clock::time_point now,
                          const std::string& caller = "", uint32_t sessions = 0,
                          uint64_t assignment_id = 0, bool* move = nullptr,

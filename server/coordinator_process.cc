@@ -32,6 +32,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
   s.o = options;
   s.core = std::make_unique<CoordinatorCore>(CoordinatorOptions{
       s.o.heartbeat_period, 2 * s.o.heartbeat_period, 64, s.o.forget_after, s.o.rebalance_groups});
+  if (const std::string note = FitToDescriptorLimit(&s.o.connection_limits); !note.empty()) {
+    s.Log(absl::StrCat("coordinator: ", note));
+  }
   s.guard = std::make_unique<ConnectionGuard>(s.o.connection_limits);
   s.service =
       std::make_unique<CoordinatorService>(*s.core, s.o.tokens, s.o.config_yaml, s.guard.get());

@@ -1,6 +1,7 @@
 #include "server/process.h"
 
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
 #include <grpcpp/server_builder.h>
 
 #include <cstdio>
@@ -26,6 +27,16 @@ absl::StatusOr<Serving> StartServing(const ServingOptions& options,
     SPLITQ_ASSIGN_OR_RETURN(std::unique_ptr<grpc::ServerBuilderOption> option,
                             options.guard->BuilderOption());
     if (option != nullptr) builder.SetOption(std::move(option));
+    const ConnectionLimits& limits = options.guard->limits();
+    if (limits.max_streams_per_connection > 0) {
+      builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                                 limits.max_streams_per_connection);
+    }
+    if (limits.grpc_memory_mib > 0) {
+      grpc::ResourceQuota quota("splitq");
+      quota.Resize(static_cast<size_t>(limits.grpc_memory_mib) << 20);
+      builder.SetResourceQuota(quota);
+    }
   }
   if (options.max_receive_message_bytes > 0) {
     builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);

@@ -307,6 +307,9 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   service_options.log = [&s](const std::string& line) {
     s.Log(absl::StrCat("worker ", s.o.name, ": ", line));
   };
+  if (const std::string note = FitToDescriptorLimit(&s.o.connection_limits); !note.empty()) {
+    s.Log(absl::StrCat("worker ", s.o.name, ": ", note));
+  }
   s.guard = std::make_unique<ConnectionGuard>(s.o.connection_limits);
   service_options.guard = s.guard.get();
   s.service = std::make_unique<WorkerService>(*s.core, s.o.tokens, service_options);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <unordered_set>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
@@ -103,6 +104,24 @@ void DeltaCache::Update(const at::Tensor& ids, const at::Tensor& values) {
   const at::Tensor id = ids.cpu();
   const at::Tensor half = values.detach().to(at::kHalf);
   for (int64_t b = 0; b < id.numel(); ++b) m_[id.data_ptr<int64_t>()[b]] = half[b].clone();
+}
+
+absl::Status DeltaCache::Admit(const at::Tensor& ids, int64_t sample_bytes,
+                               int64_t max_bytes) const {
+  const at::Tensor id = ids.cpu().contiguous();
+  const int64_t* p = id.data_ptr<int64_t>();
+  std::unordered_set<int64_t> fresh;
+  for (int64_t b = 0; b < id.numel(); ++b) {
+    if (m_.count(p[b]) == 0) fresh.insert(p[b]);
+  }
+  const int64_t after = static_cast<int64_t>(m_.size() + fresh.size()) * sample_bytes;
+  if (after > max_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the AQ-SGD cache would hold ", m_.size() + fresh.size(), " samples (",
+                     after >> 20, " MiB), above server.aqsgd_max_cache_mib (", max_bytes >> 20,
+                     " MiB): more distinct sample ids than this side takes"));
+  }
+  return absl::OkStatus();
 }
 
 int64_t DeltaCache::bytes() const {
@@ -293,6 +312,10 @@ absl::StatusOr<at::Tensor> BoundaryReceiver::Receive(const std::string& bytes, i
     if (ids.numel() != received.size(0)) {
       return absl::InvalidArgumentError(
           absl::StrCat(ids.numel(), " sample ids for a batch of ", received.size(0)));
+    }
+    if (received.size(0) > 0) {
+      SPLITQ_RETURN_IF_ERROR(cache_.Admit(ids, 2 * (received.numel() / received.size(0)),
+                                          c_.aqsgd_max_cache_mib << 20));
     }
     received = cache_.Gather(ids, received) + received;
     cache_.Update(ids, received);

@@ -51,6 +51,9 @@ class DeltaCache {
   // m for `ids` as float32 [B, sample...]: zeros for samples not seen yet.
   at::Tensor Gather(const at::Tensor& ids, const at::Tensor& like) const;
   void Update(const at::Tensor& ids, const at::Tensor& values);
+  // RESOURCE_EXHAUSTED when `ids` would bring the cache, at `sample_bytes` per entry, above
+  // `max_bytes` (the ids not held yet counted once each).
+  absl::Status Admit(const at::Tensor& ids, int64_t sample_bytes, int64_t max_bytes) const;
   int64_t bytes() const;
   void Save(torch::serialize::OutputArchive& archive, const std::string& key) const;
   void Load(torch::serialize::InputArchive& archive, const std::string& key,

@@ -1,5 +1,7 @@
 #include "trainer/server_part.h"
 
+#include <malloc.h>
+
 // clang-format off
 // clip_grad.h uses torch::Tensor without including its definition: types.h goes first.
 #include <torch/types.h>
@@ -325,7 +327,15 @@ uint64_t ServerPart::OpenSession() {
 
 void ServerPart::CloseSession(uint64_t session) {
   if (impl_->open_session == session) impl_->open_session = 0;
-  impl_->sessions.erase(session);
+  const auto it = impl_->sessions.find(session);
+  if (it == impl_->sessions.end()) return;
+  int64_t cached = it->second.receiver->cache().bytes();
+  if (it->second.sender) cached += it->second.sender->cache().bytes();
+  impl_->sessions.erase(it);
+  // The AQ-SGD caches are many small tensors on the heap: give their memory back to the system
+  // (glibc keeps it otherwise; `splitq` raises the trim threshold), so RSS returns near its
+  // baseline after a session that cached many samples.
+  if (cached >= int64_t{1} << 20) malloc_trim(0);
 }
 
 bool ServerPart::u_shaped() const { return impl_->c.u_shaped; }
@@ -674,16 +684,17 @@ absl::Status ServerPart::LoadParts(torch::serialize::InputArchive& archive, cons
 
 absl::Status ServerPart::SaveCheckpoint(const std::string& path, const std::string& extra) const {
   const Impl& s = *impl_;
-  return SaveCheckpointFile(
-      path, "server_version", kServerCheckpointVersion, s.c, CheckpointCounters{s.updates}, {},
-      [&](torch::serialize::OutputArchive& archive) {
-        SaveParts(archive, /*session=*/0);  // sessions are not saved
-        at::Tensor bytes = at::empty({static_cast<int64_t>(extra.size())}, at::kByte);
-        if (!extra.empty()) {
-          std::memcpy(bytes.data_ptr(), extra.data(), extra.size());
-        }
-        archive.write("server_extra", bytes);
-      });
+  return SaveCheckpointFile(path, "server_version", kServerCheckpointVersion, s.c,
+                            CheckpointCounters{s.updates, 0, 0, 0, {}}, {},
+                            [&](torch::serialize::OutputArchive& archive) {
+                              SaveParts(archive, /*session=*/0);  // sessions are not saved
+                              at::Tensor bytes =
+                                  at::empty({static_cast<int64_t>(extra.size())}, at::kByte);
+                              if (!extra.empty()) {
+                                std::memcpy(bytes.data_ptr(), extra.data(), extra.size());
+                              }
+                              archive.write("server_extra", bytes);
+                            });
 }
 
 absl::Status ServerPart::LoadCheckpoint(const std::string& path, std::string* extra) {

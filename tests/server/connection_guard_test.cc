@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -111,6 +112,42 @@ class ConnectionGuardTest : public ::testing::Test {
   Serving serving_;
   std::vector<int> fds_;
 };
+
+// With a hard open-files limit of 200 the caps come down to 100 (the per-address cap of 64
+// stays), and the note says so. In a child process: the limit cannot be raised again.
+void LoweredToHalf() {
+  rlimit r{};
+  r.rlim_cur = r.rlim_max = 200;
+  if (setrlimit(RLIMIT_NOFILE, &r) != 0) std::_Exit(2);
+  ConnectionLimits limits;  // 1024 and 64
+  const std::string note = FitToDescriptorLimit(&limits);
+  const bool ok = limits.max_pending == 100 && limits.max_pending_per_address == 64 &&
+                  note.find("capped at 100 in total") != std::string::npos;
+  if (!ok) {
+    std::fprintf(stderr, "caps %d/%d, note '%s'\n", limits.max_pending,
+                 limits.max_pending_per_address, note.c_str());
+  }
+  std::_Exit(ok ? 0 : 1);
+}
+
+// A soft limit below the hard one is raised: no caps lowered when the hard limit allows.
+void SoftRaisedToHard() {
+  rlimit r{};
+  getrlimit(RLIMIT_NOFILE, &r);
+  if (r.rlim_max != RLIM_INFINITY && r.rlim_max < 4096) std::_Exit(0);  // nothing to see here
+  r.rlim_cur = 256;
+  if (setrlimit(RLIMIT_NOFILE, &r) != 0) std::_Exit(2);
+  ConnectionLimits limits;
+  const std::string note = FitToDescriptorLimit(&limits);
+  getrlimit(RLIMIT_NOFILE, &r);
+  std::_Exit(limits.max_pending == 1024 && note.empty() && r.rlim_cur == r.rlim_max ? 0 : 1);
+}
+
+TEST(FitToDescriptorLimitTest, CapsComeDownToHalfTheLimit) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(LoweredToHalf(), ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(SoftRaisedToHard(), ::testing::ExitedWithCode(0), "");
+}
 
 TEST_F(ConnectionGuardTest, CapsPerAddressAndInTotal) {
   using std::chrono::milliseconds;

@@ -381,6 +381,21 @@ TEST_F(CoordinatorCoreTest, AssignPrefersMembersThatFormedTheGeneration) {
   EXPECT_EQ(WorkerOf(d, 210), "w3");
 }
 
+// A heartbeat's step above 2^53 is refused (Assign would hand it back as a resume step that
+// every worker refuses); 2^53 itself is fine.
+TEST_F(CoordinatorCoreTest, AHeartbeatStepAboveTwoToThe53IsRefused) {
+  const uint64_t c = Client("c");
+  EXPECT_TRUE(core_.Heartbeat(c, kMaxHeartbeatStep, At(1)).ok());
+  const absl::Status s = core_.Heartbeat(c, ~uint64_t{0}, At(2));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("2^53"), std::string::npos) << s;
+  auto a = core_.Assign(c, At(3));
+  ASSERT_FALSE(a.ok());  // no worker: but the step stays the last one accepted
+  const std::vector<MemberView> members = core_.Status(At(3));
+  ASSERT_EQ(members.size(), 1u);
+  EXPECT_EQ(members[0].step, kMaxHeartbeatStep);
+}
+
 // A client registered again (a fresh record, no assignment yet) is not told to move by a
 // heartbeat that names its old assignment.
 TEST_F(CoordinatorCoreTest, AFreshRecordHearsNoMove) {

@@ -26,6 +26,18 @@ at::Tensor Gradient(const DownFrame& down) {
   return *g;
 }
 
+// The AQ-SGD cache's bound counts each sample id not held yet once, against the bytes held.
+TEST(DeltaCacheTest, AdmitBoundsTheSamplesHeld) {
+  internal::DeltaCache cache;
+  cache.Update(torch::tensor({0, 1, 2}, at::kLong), torch::zeros({3, 4}));  // 8 bytes a sample
+  const auto ids = [](std::vector<int64_t> v) { return torch::tensor(v, at::kLong); };
+  EXPECT_TRUE(cache.Admit(ids({2, 3, 3}), 8, 32).ok());  // 4 samples: 32 bytes
+  const absl::Status over = cache.Admit(ids({3, 4}), 8, 32);
+  EXPECT_EQ(over.code(), absl::StatusCode::kResourceExhausted) << over;
+  EXPECT_NE(over.message().find("server.aqsgd_max_cache_mib"), std::string::npos) << over;
+  EXPECT_TRUE(cache.Admit(ids({0, 0, 1}), 8, 24).ok());  // nothing new
+}
+
 TEST(ServerPartMerge, EqualsOneSessionOnTheConcatenatedBatch) {
   auto merged = NewFp32Server();
   auto single = NewFp32Server();
