@@ -1,0 +1,89 @@
+#include "kernels/rotate.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace splitq::kernels {
+namespace {
+
+uint64_t SplitMix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+float RotationSign(uint64_t seed, int64_t channel) {
+  return (SplitMix64(seed + static_cast<uint64_t>(channel)) & 1) != 0 ? -1.0f : 1.0f;
+}
+
+absl::Status RotateChannels(const GroupLayout& layout, int64_t block, uint64_t seed, bool inverse,
+                            const float* x, float* y) {
+  if (block < 1 || (block & (block - 1)) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rotation block ", block, " is not a power of two"));
+  }
+  if (layout.groups % block != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("rotation block ", block, " does not divide ",
+                                                   layout.groups, " channels (pad them first)"));
+  }
+  const int64_t n = layout.numel();
+  if (n == 0) return absl::OkStatus();
+  if (x == nullptr || y == nullptr) return absl::InvalidArgumentError("RotateChannels: null data");
+  const int64_t channels = layout.groups, inner = layout.inner;
+  const float norm = 1.0f / std::sqrt(static_cast<float>(block));
+  if (x != y) std::memcpy(y, x, static_cast<size_t>(n) * sizeof(float));
+  std::vector<float> sign(static_cast<size_t>(channels));
+  for (int64_t c = 0; c < channels; ++c) sign[static_cast<size_t>(c)] = RotationSign(seed, c);
+#pragma omp parallel for schedule(static) if (n > (int64_t{1} << 16))
+  for (int64_t o = 0; o < layout.outer; ++o) {
+    float* plane = y + o * channels * inner;
+    // Forward: signs first. Inverse: the transform first, signs last (R^T = diag(s) H / sqrt(b)).
+    const auto apply_signs = [&](float scale) {
+      for (int64_t c = 0; c < channels; ++c) {
+        const float f = sign[static_cast<size_t>(c)] * scale;
+        float* row = plane + c * inner;
+        for (int64_t i = 0; i < inner; ++i) row[i] *= f;
+      }
+    };
+    if (!inverse) apply_signs(1.0f);
+    for (int64_t start = 0; start < channels; start += block) {
+      for (int64_t h = 1; h < block; h <<= 1) {
+        for (int64_t a = start; a < start + block; a += 2 * h) {
+          if (inner == 1) {  // channels last: the pairs' run over c is contiguous (vectorizes)
+            float* p = plane + a;
+            float* q = plane + a + h;
+            for (int64_t c = 0; c < h; ++c) {
+              const float u = p[c], v = q[c];
+              p[c] = u + v;
+              q[c] = u - v;
+            }
+            continue;
+          }
+          for (int64_t c = a; c < a + h; ++c) {
+            float* p = plane + c * inner;
+            float* q = plane + (c + h) * inner;
+            for (int64_t i = 0; i < inner; ++i) {
+              const float u = p[i], v = q[i];
+              p[i] = u + v;
+              q[i] = u - v;
+            }
+          }
+        }
+      }
+    }
+    if (inverse) {
+      apply_signs(norm);
+    } else {
+      for (int64_t i = 0; i < channels * inner; ++i) plane[i] *= norm;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace splitq::kernels
