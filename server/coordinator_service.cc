@@ -7,11 +7,16 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "base/memory.h"
 #include "proto/rpc_channel.h"
 
 namespace splitq::server {
 namespace {
-constexpr size_t kTrimAboveBytes = size_t{32} << 20;
+// The expiry pass returns memory to the system at most every kTrimEvery, when the RSS has
+// grown kTrimAboveMiB since the last trim (closed connections and forgotten records leave
+// their memory in glibc's free lists otherwise).
+constexpr double kTrimAboveMiB = 32;
+constexpr std::chrono::seconds kTrimEvery{30};
 }  // namespace
 
 CoordinatorService::CoordinatorService(CoordinatorCore& core, const TokenSet* tokens,
@@ -19,12 +24,24 @@ CoordinatorService::CoordinatorService(CoordinatorCore& core, const TokenSet* to
     : core_(core), tokens_(tokens), config_yaml_(std::move(config_yaml)), guard_(guard) {
   expiry_ = std::thread([this] {
     std::unique_lock<std::mutex> lock(mutex_);
+    double rss_after_trim = base::RssMiB();
+    Clock::time_point last_trim = Clock::now();
     while (!wake_.wait_for(lock, core_.options().heartbeat_period, [this] { return stopping_; })) {
-      core_.Expire(Clock::now());
+      const Clock::time_point now = Clock::now();
+      core_.Expire(now);
       // Memory freed by closed connections and forgotten records goes back to the system
       // (`splitq` sets a high trim threshold for the trainer's sake, so nothing else trims).
-      // Only when much is free: a trim walks the heap (17 ms at 100k members).
-      if (mallinfo2().fordblks > kTrimAboveBytes) malloc_trim(0);
+      // Not by asking mallinfo2() how much is free: it walks every arena's free lists under
+      // the arena's lock, 50-100 ms at 100k members, and every call that allocates meanwhile
+      // waits (the p99 of the heartbeats at 10k/s on one core went from 1.1 ms to 0.7 ms
+      // without it). The RSS is cheap to read; a trim still locks each arena for 12-48 ms at
+      // 100k members, so at most one every kTrimEvery.
+      const double rss = base::RssMiB();
+      if (now - last_trim >= kTrimEvery && rss > rss_after_trim + kTrimAboveMiB) {
+        malloc_trim(0);
+        last_trim = Clock::now();
+        rss_after_trim = base::RssMiB();
+      }
     }
   });
 }
