@@ -487,22 +487,26 @@ absl::StatusOr<CodeEntropy> MeasureCodeEntropy(const Frame& frame, absl::Span<co
     // Four interleaved histograms, so that runs of one code do not serialize the increments.
     std::array<std::array<int64_t, 256>, 4> part{};
     if (8 % k == 0) {
-      // Whole codes per byte: the byte histogram, split into codes at the end (the padding
-      // bits of the last byte are counted as code 0 and taken off again).
+      // Whole codes per byte: the histogram of the full bytes, split into codes at the end;
+      // the codes of a last, partial byte one by one (its padding bits are not codes, and a
+      // peer's frame may not have them zero).
+      const int64_t full = m * k / 8;
       int64_t b = 0;
-      for (; b + 4 <= seg_bytes; b += 4) {
+      for (; b + 4 <= full; b += 4) {
         ++part[0][seg[b]];
         ++part[1][seg[b + 1]];
         ++part[2][seg[b + 2]];
         ++part[3][seg[b + 3]];
       }
-      for (; b < seg_bytes; ++b) ++part[0][seg[b]];
+      for (; b < full; ++b) ++part[0][seg[b]];
       for (uint32_t v = 0; v < 256; ++v) {
         const int64_t n = part[0][v] + part[1][v] + part[2][v] + part[3][v];
         if (n == 0) continue;
         for (int shift = 0; shift < 8; shift += k) counts[(v >> shift) & mask] += n;
       }
-      counts[0] -= seg_bytes * (8 / k) - m;
+      for (int64_t i = full * 8 / k, shift = 0; i < m; ++i, shift += k) {
+        ++counts[(seg[full] >> shift) & mask];
+      }
     } else {
       // Every 8 codes fill exactly k bytes: read them as one little-endian word.
       int64_t i = 0;

@@ -242,8 +242,12 @@ absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::ti
     // its own checkpoint's records of the clients' steps and would report a returning
     // client's applied steps as lost. At most kSettledScan members are passed over for that
     // (the least loaded open one is taken then), so a pick stays O(log workers).
+    // Right after a generation bump (a member registered or died) no member has formed the
+    // current one: then one that formed an earlier generation (it holds the group's state),
+    // before one that never formed any (a fresh or restarted member).
     Member* fallback = nullptr;
     Member* least = nullptr;
+    Member* formed_before = nullptr;
     chosen = nullptr;
     size_t scanned = 0;
     for (const auto& [load, id] : open_) {
@@ -257,9 +261,10 @@ absl::StatusOr<Assignment> CoordinatorCore::Assign(uint64_t member_id, Clock::ti
         chosen = &w;
         break;
       }
+      if (formed_before == nullptr && w.formed_generation != 0) formed_before = &w;
       if (++scanned >= kSettledScan) break;
     }
-    if (chosen == nullptr) chosen = least;
+    if (chosen == nullptr) chosen = formed_before != nullptr ? formed_before : least;
     if (chosen == nullptr) chosen = worker != nullptr ? worker : fallback;
   }
   if (chosen == nullptr) {
@@ -279,13 +284,13 @@ absl::Status CoordinatorCore::Heartbeat(uint64_t member_id, uint64_t step, Clock
                                         uint64_t assignment_id, bool* move,
                                         int64_t formed_generation) {
   if (move != nullptr) *move = false;
+  std::lock_guard<std::mutex> lock(mutex_);
+  absl::StatusOr<Member*> found = Find(member_id, caller);
+  if (!found.ok()) return found.status();
   if (step > kMaxHeartbeatStep) {
     return absl::InvalidArgumentError(
         absl::StrCat("step ", step, " is above 2^53, the largest step a worker accepts"));
   }
-  std::lock_guard<std::mutex> lock(mutex_);
-  absl::StatusOr<Member*> found = Find(member_id, caller);
-  if (!found.ok()) return found.status();
   Member* m = *found;
   Beat(*m, now);
   if (m->role == Role::kWorker) {

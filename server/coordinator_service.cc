@@ -13,10 +13,12 @@
 namespace splitq::server {
 namespace {
 // The expiry pass returns memory to the system at most every kTrimEvery, when the RSS has
-// grown kTrimAboveMiB since the last trim (closed connections and forgotten records leave
-// their memory in glibc's free lists otherwise).
+// grown kTrimAboveMiB since the last trim, and at least every kTrimAtLeast (memory freed after
+// a trim, by connections that closed or records forgotten, does not show in the RSS; glibc
+// keeps it in its free lists otherwise).
 constexpr double kTrimAboveMiB = 32;
 constexpr std::chrono::seconds kTrimEvery{30};
+constexpr std::chrono::seconds kTrimAtLeast{300};
 }  // namespace
 
 CoordinatorService::CoordinatorService(CoordinatorCore& core, const TokenSet* tokens,
@@ -35,9 +37,11 @@ CoordinatorService::CoordinatorService(CoordinatorCore& core, const TokenSet* to
       // the arena's lock, 50-100 ms at 100k members, and every call that allocates meanwhile
       // waits (the p99 of the heartbeats at 10k/s on one core went from 1.1 ms to 0.7 ms
       // without it). The RSS is cheap to read; a trim still locks each arena for 12-48 ms at
-      // 100k members, so at most one every kTrimEvery.
+      // 100k members, so at most one every kTrimEvery, and one every kTrimAtLeast for what
+      // was freed without the RSS growing first.
       const double rss = base::RssMiB();
-      if (now - last_trim >= kTrimEvery && rss > rss_after_trim + kTrimAboveMiB) {
+      if ((now - last_trim >= kTrimEvery && rss > rss_after_trim + kTrimAboveMiB) ||
+          now - last_trim >= kTrimAtLeast) {
         malloc_trim(0);
         last_trim = Clock::now();
         rss_after_trim = base::RssMiB();

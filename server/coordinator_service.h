@@ -4,8 +4,8 @@
 // core is fast and never blocks on the network), so no call holds a thread.
 // A background thread calls CoordinatorCore::Expire every heartbeat period, and returns freed
 // memory to the system (malloc_trim) at most every 30 s, when the RSS has grown 32 MiB since
-// the last trim (a closed connection leaves ~16 KB behind otherwise; `splitq bench
-// coordinator`, connections phase).
+// the last trim, and at least every 5 minutes (a closed connection leaves ~16 KB behind otherwise;
+// `splitq bench coordinator`, connections phase).
 #pragma once
 
 #include <atomic>

@@ -232,7 +232,7 @@ absl::StatusOr<at::Tensor> BoundarySender::ReceiveGradient(const std::string& by
     return absl::InvalidArgumentError("expected a gradient frame");
   }
   SPLITQ_ASSIGN_OR_RETURN(at::Tensor g, grad_decoder_.Decode(frame, device));
-  if (measure_) {
+  if (measure_ && g.numel() > 0) {  // (an empty frame may carry no map: nothing to measure)
     SPLITQ_ASSIGN_OR_RETURN(gradient_entropy_,
                             quant::MeasureCodeEntropy(frame, grad_decoder_.bits()));
   }
@@ -305,7 +305,7 @@ absl::StatusOr<at::Tensor> BoundaryReceiver::Receive(const std::string& bytes, i
   }
   quant::WireDecoder& decoder = train ? act_ : eval_;
   SPLITQ_ASSIGN_OR_RETURN(at::Tensor received, decoder.Decode(frame, device));
-  if (train && measure_) {
+  if (train && measure_ && received.numel() > 0) {
     SPLITQ_ASSIGN_OR_RETURN(received_entropy_, quant::MeasureCodeEntropy(frame, decoder.bits()));
   }
   if (c_.activations.mode == WireMode::kAqSgd && train) {
@@ -313,7 +313,8 @@ absl::StatusOr<at::Tensor> BoundaryReceiver::Receive(const std::string& bytes, i
       return absl::InvalidArgumentError(
           absl::StrCat(ids.numel(), " sample ids for a batch of ", received.size(0)));
     }
-    if (received.size(0) > 0) {
+    // A worker's session (network input) holds at most server.aqsgd_max_cache_mib.
+    if (require_finite_ && received.size(0) > 0) {
       SPLITQ_RETURN_IF_ERROR(cache_.Admit(ids, 2 * (received.numel() / received.size(0)),
                                           c_.aqsgd_max_cache_mib << 20));
     }

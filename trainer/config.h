@@ -98,8 +98,8 @@ struct RunConfig {
   int64_t merge_threads = 0;  // 0: one per merged step, up to the hardware's threads
   // The largest magnitude a worker takes in a client's boundary activation or head gradient.
   double max_abs_input = 1e4;
-  // The most memory one receiving side's AQ-SGD cache may hold (a worker's, per session).
-  int64_t aqsgd_max_cache_mib = 2048;
+  // The most memory a worker session's AQ-SGD receiving cache may hold.
+  int64_t aqsgd_max_cache_mib = 8192;
   std::string group_backend = "auto";  // worker groups: auto | gloo | nccl
   bool group_rebalance = true;         // the coordinator moves clients to a joining member
   // quant

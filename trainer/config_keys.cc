@@ -239,9 +239,10 @@ const std::vector<Key>& Keys() {
           "gradient; a frame with a larger or a non-finite value is refused (INVALID_ARGUMENT) "
           "before it touches the server part (measured: fmnist 1.8, LM pre-train 5.9)"),
       Int("server.aqsgd_max_cache_mib", 1, kNoLimit, SPLITQ_FIELD(aqsgd_max_cache_mib),
-          "the most memory a receiving side's AQ-SGD cache may hold (a worker: per session; "
-          "float16 per sample: Fashion-MNIST's 60,000 samples take 753 MiB); a step with sample "
-          "ids that would take it above is refused (RESOURCE_EXHAUSTED)"),
+          "splitq worker: the most memory a session's AQ-SGD cache of received activations may "
+          "hold (float16 per sample: Fashion-MNIST's 60,000 take 753 MiB, the LM recipe's "
+          "~32,000 windows 2 GiB); a step with sample ids that would take it above is refused "
+          "(RESOURCE_EXHAUSTED)"),
       Num("server.merge.window_ms", 0, 1000, false, SPLITQ_FIELD(merge_window_ms),
           "splitq worker: how long a ready step may wait for other clients' steps to merge with "
           "(0: merge only what is ready when the server part is free)"),

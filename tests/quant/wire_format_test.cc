@@ -1059,6 +1059,13 @@ TEST(WireFormatTest, MeasureCodeEntropyMatchesTheCodesHistograms) {
   EXPECT_EQ(h->elements, groups * per);
   EXPECT_NEAR(h->bits, expected, 1e-6 * expected);
   EXPECT_GT(expected, 0);
+  // Padding bits that are not zero (a peer's frame) are not counted as codes: group 0 (1 bit,
+  // 65 codes) ends in a byte of 1 code and 7 padding bits.
+  Frame padded = *f;
+  padded.payload[static_cast<size_t>((per + 7) / 8) - 1] |= 0xFE;
+  auto hp = MeasureCodeEntropy(padded, bits);
+  ASSERT_TRUE(hp.ok()) << hp.status();
+  EXPECT_NEAR(hp->bits, expected, 1e-6 * expected);
   // A wrong bit map is refused, as DecodePayload refuses it.
   bits.pop_back();
   ExpectError(MeasureCodeEntropy(*f, bits).status(), absl::StatusCode::kInvalidArgument, {"bits"});

@@ -375,10 +375,24 @@ TEST_F(CoordinatorCoreTest, AssignPrefersMembersThatFormedTheGeneration) {
   ASSERT_TRUE(core_.Heartbeat(w2, 0, At(130), "", 0, 0, nullptr, View(w2, 130).generation).ok());
   const uint64_t c = Client("c", 140);
   EXPECT_EQ(WorkerOf(c, 140), "w2");
-  // With no member settled (a generation just bumped), the least loaded one still takes it.
+  // A generation just bumped (w3 registered): no member has formed it. One that formed an
+  // earlier generation (w2: 1 client, w1: 2) goes before the fresh w3 (0 clients).
   GroupWorker("w3", 7003, 200);
   const uint64_t d = Client("d", 210);
-  EXPECT_EQ(WorkerOf(d, 210), "w3");
+  EXPECT_EQ(WorkerOf(d, 210), "w2");
+  // With no member that ever formed one, the least loaded takes it.
+  CoordinatorCore fresh(CoordinatorOptions{milliseconds(1000), milliseconds(2000), 64});
+  for (const char* name : {"x1", "x2"}) {
+    ASSERT_TRUE(fresh
+                    .Register(Role::kWorker, name, kProtocolVersion, {"10.0.0.1", 7000}, 0, At(0),
+                              "", {"10.0.0.1", 7100})
+                    .ok());
+  }
+  auto e = fresh.Register(Role::kClient, "e", kProtocolVersion, {}, 0, At(0));
+  ASSERT_TRUE(e.ok());
+  auto picked = fresh.Assign(*e, At(1));
+  ASSERT_TRUE(picked.ok()) << picked.status();
+  EXPECT_EQ(picked->worker_name, "x1");
 }
 
 // A heartbeat's step above 2^53 is refused (Assign would hand it back as a resume step that
