@@ -74,9 +74,9 @@ class ConnectionGuard {
   struct Counts {
     uint64_t accepted = 0;  // connections gRPC accepted while the guard was installed
     uint64_t refused = 0;   // ... of which shut down at once (a cap was reached)
-    uint64_t evicted =
-        0;  // ... shut down after ConnectionLimits::evict_after without an authenticated call
-    uint64_t pending = 0;   // entries now (closed ones are dropped at the next look)
+    // ... shut down after ConnectionLimits::evict_after without an authenticated call
+    uint64_t evicted = 0;
+    uint64_t pending = 0;  // entries now (closed ones are dropped at the next look)
   };
 
   explicit ConnectionGuard(ConnectionLimits limits);

@@ -43,11 +43,11 @@ struct WorkerProcessOptions {
   std::string advertise;        // host clients dial ("": the listen host, or this host's name)
   uint32_t advertise_port = 0;  // port clients dial (0: the one bound)
   rpc::TransportSecurity security;
-  const TokenSet* tokens = nullptr;  // the clients' tokens (null: none checked)
+  const TokenSet* tokens = nullptr;    // the clients' tokens (null: none checked)
   ConnectionLimits connection_limits;  // server/connection_guard.h
-  std::string own_token;             // this worker's token, for the coordinator
-  std::string out_dir;               // "" : no checkpoints
-  int64_t checkpoint_every = 0;      // server updates between saves (0: only when stopping)
+  std::string own_token;               // this worker's token, for the coordinator
+  std::string out_dir;                 // "" : no checkpoints
+  int64_t checkpoint_every = 0;        // server updates between saves (0: only when stopping)
   int64_t reply_chunk_bytes = 1 << 20;
   uint32_t max_clients = 64;
   std::chrono::seconds connect_timeout{120};

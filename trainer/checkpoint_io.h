@@ -75,10 +75,10 @@ absl::Status LoadBlocks(torch::serialize::InputArchive& archive, const std::stri
 // A whole checkpoint file: the header (WriteHeader), then `parts` writes the parts' tensors
 // (it may throw c10::Error); written atomically (SaveArchive). INTERNAL naming `path` when torch
 // fails.
-absl::Status SaveCheckpointFile(
-    const std::string& path, const char* version_key, int64_t version, const RunConfig& c,
-    const CheckpointCounters& counters, const std::vector<double>& driver,
-    const std::function<void(torch::serialize::OutputArchive&)>& parts);
+absl::Status SaveCheckpointFile(const std::string& path, const char* version_key, int64_t version,
+                                const RunConfig& c, const CheckpointCounters& counters,
+                                const std::vector<double>& driver,
+                                const std::function<void(torch::serialize::OutputArchive&)>& parts);
 // Opens `path` onto `device`, checks its header (ReadHeader) and calls `parts` with the archive
 // and the header's counters. NOT_FOUND for a missing file; FAILED_PRECONDITION for another
 // kind, a field that differs, or a file torch cannot read.
