@@ -1,7 +1,7 @@
 // `splitq bench coordinator [--members N] [--workers W] [--seconds S] [--rate R] [--window K]
 // [--channels C] [--generator-threads T] [--heartbeat-ms MS] [--forget-after-s S] [--churn-pool P]
 // [--connections K]
-// [--coordinator-cpus K]
+// [--coordinator-cpus K] [--grpc-memory-mib M]
 // [--no-expire]
 // [--json FILE]`: the coordinator (a child process) under a load generator of our own
 // (tools/coordinator_bench.h); a table on stdout, progress on stderr.
@@ -60,6 +60,9 @@ void RegisterBenchCoordinator(CLI::App& bench, RunFn* run) {
                   "Connections opened and closed in the connections phase (default 2000; 0 skips "
                   "it)")
       ->check(IntRange(0, 100000));
+  cmd->add_option("--grpc-memory-mib", opt->bench.grpc_memory_mib,
+                  "The coordinator's --grpc-memory-mib (default -1: its default)")
+      ->check(IntRange(-1, 1 << 20));
   cmd->add_option("--coordinator-cpus", opt->bench.coordinator_cpus,
                   "Pin the coordinator to CPUs 0..K-1 and the generator to the others (no "
                   "competition for a core; default 0: no pinning)")

@@ -29,12 +29,13 @@ inline void AddConnectionLimitFlags(CLI::App* cmd, server::ConnectionLimits* lim
                   "... and from one peer address (0: no cap; default 64)")
       ->check(CLI::Range(0, 1 << 20));
   cmd->add_option("--max-streams-per-connection", limits->max_streams_per_connection,
-                  "Concurrent calls on one connection, at most (0: gRPC's default, no cap)")
+                  "Concurrent calls on one connection, at most (default 100; 0: no cap)")
       ->check(CLI::Range(0, 1 << 20));
   cmd->add_option("--grpc-memory-mib", limits->grpc_memory_mib,
-                  "A memory quota for gRPC's buffers, MiB (0: none); under it gRPC shrinks its "
-                  "windows and at the limit cancels calls")
-      ->check(CLI::Range(0, 1 << 20));
+                  "A memory quota for gRPC's buffers, MiB (default -1: auto, 64 MiB plus what "
+                  "the peers may have in flight; 0: none); under it gRPC shrinks its windows "
+                  "and at the limit cancels calls")
+      ->check(CLI::Range(-1, 1 << 20));
 }
 
 }  // namespace splitq::cli

@@ -323,4 +323,19 @@ std::string FitToDescriptorLimit(ConnectionLimits* limits) {
   return note;
 }
 
+std::string ResolveGrpcMemory(ConnectionLimits* limits, int64_t in_flight_bytes) {
+  std::string how;
+  if (limits->grpc_memory_mib == ConnectionLimits::kAutoGrpcMemory) {
+    const int64_t mib = 64 + (std::max<int64_t>(in_flight_bytes, 0) + (1 << 20) - 1) / (1 << 20);
+    limits->grpc_memory_mib = static_cast<int>(std::min<int64_t>(mib, 1 << 20));
+    how = " (auto: 64 MiB + what peers may have in flight)";
+  }
+  const std::string streams =
+      limits->max_streams_per_connection > 0
+          ? absl::StrCat(limits->max_streams_per_connection, " streams per connection")
+          : "no cap on streams per connection";
+  if (limits->grpc_memory_mib <= 0) return absl::StrCat("no gRPC memory quota, ", streams);
+  return absl::StrCat("gRPC memory quota ", limits->grpc_memory_mib, " MiB", how, ", ", streams);
+}
+
 }  // namespace splitq::server

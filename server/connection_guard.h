@@ -51,12 +51,23 @@ struct ConnectionLimits {
   // A connection pending this long is shut down at the guard's next look.
   std::chrono::milliseconds evict_after{30000};
   // Applied by StartServing, not by the guard: gRPC's cap on concurrent streams per connection
-  // (0: gRPC's default, no cap) and a memory quota for gRPC's own buffers (ResourceQuota, in
-  // MiB; 0: none). Under the quota's pressure gRPC shrinks its flow-control windows and, at
-  // the limit, cancels streams (RESOURCE_EXHAUSTED) to free memory.
-  int max_streams_per_connection = 0;
-  int grpc_memory_mib = 0;
+  // (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS; 0: gRPC's default, no cap) and a memory quota
+  // for gRPC's own buffers (ResourceQuota, in MiB; 0: none; kAutoGrpcMemory: derived by the
+  // process, ResolveGrpcMemory). Under the quota's pressure gRPC shrinks its flow-control
+  // windows and, at the limit, cancels streams (RESOURCE_EXHAUSTED) to free memory. gRPC reads
+  // a whole request message before the service sees the call and its token, so without the
+  // quota a peer without a token makes the server hold up to the message size limit per
+  // stream it opens.
+  static constexpr int kAutoGrpcMemory = -1;
+  int max_streams_per_connection = 100;
+  int grpc_memory_mib = kAutoGrpcMemory;
 };
+
+// Resolves a grpc_memory_mib of kAutoGrpcMemory to 64 MiB plus `in_flight_bytes` (what
+// legitimate peers may have in gRPC's buffers at once: a worker's clients x 2 streams x its
+// largest message; the coordinator's calls are small), rounded up to MiB. Returns a line for the
+// log naming the quota and the stream cap.
+std::string ResolveGrpcMemory(ConnectionLimits* limits, int64_t in_flight_bytes);
 
 // Raises this process's soft limit on open files to its hard limit, then lowers the caps in
 // `limits` to half of the soft limit where they are above it: pending connections must not take

@@ -35,6 +35,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
   if (const std::string note = FitToDescriptorLimit(&s.o.connection_limits); !note.empty()) {
     s.Log(absl::StrCat("coordinator: ", note));
   }
+  s.Log(absl::StrCat("coordinator: ", ResolveGrpcMemory(&s.o.connection_limits, 0)));
   s.guard = std::make_unique<ConnectionGuard>(s.o.connection_limits);
   s.service =
       std::make_unique<CoordinatorService>(*s.core, s.o.tokens, s.o.config_yaml, s.guard.get());

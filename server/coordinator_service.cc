@@ -1,7 +1,6 @@
 #include "server/coordinator_service.h"
 
 #include <grpcpp/impl/codegen/proto_utils.h>
-#include <malloc.h>
 
 #include <utility>
 #include <vector>
@@ -11,41 +10,22 @@
 #include "proto/rpc_channel.h"
 
 namespace splitq::server {
-namespace {
-// The expiry pass returns memory to the system at most every kTrimEvery, when the RSS has
-// grown kTrimAboveMiB since the last trim, and at least every kTrimAtLeast (memory freed after
-// a trim, by connections that closed or records forgotten, does not show in the RSS; glibc
-// keeps it in its free lists otherwise).
-constexpr double kTrimAboveMiB = 32;
-constexpr std::chrono::seconds kTrimEvery{30};
-constexpr std::chrono::seconds kTrimAtLeast{300};
-}  // namespace
 
 CoordinatorService::CoordinatorService(CoordinatorCore& core, const TokenSet* tokens,
                                        std::string config_yaml, ConnectionGuard* guard)
     : core_(core), tokens_(tokens), config_yaml_(std::move(config_yaml)), guard_(guard) {
   expiry_ = std::thread([this] {
     std::unique_lock<std::mutex> lock(mutex_);
-    double rss_after_trim = base::RssMiB();
-    Clock::time_point last_trim = Clock::now();
+    base::MemoryTrimmer trimmer;
     while (!wake_.wait_for(lock, core_.options().heartbeat_period, [this] { return stopping_; })) {
       const Clock::time_point now = Clock::now();
       core_.Expire(now);
-      // Memory freed by closed connections and forgotten records goes back to the system
-      // (`splitq` sets a high trim threshold for the trainer's sake, so nothing else trims).
+      // Memory freed by closed connections and forgotten records goes back to the system.
       // Not by asking mallinfo2() how much is free: it walks every arena's free lists under
       // the arena's lock, 50-100 ms at 100k members, and every call that allocates meanwhile
       // waits (the p99 of the heartbeats at 10k/s on one core went from 1.1 ms to 0.7 ms
-      // without it). The RSS is cheap to read; a trim still locks each arena for 12-48 ms at
-      // 100k members, so at most one every kTrimEvery, and one every kTrimAtLeast for what
-      // was freed without the RSS growing first.
-      const double rss = base::RssMiB();
-      if ((now - last_trim >= kTrimEvery && rss > rss_after_trim + kTrimAboveMiB) ||
-          now - last_trim >= kTrimAtLeast) {
-        malloc_trim(0);
-        last_trim = Clock::now();
-        rss_after_trim = base::RssMiB();
-      }
+      // without it); MemoryTrimmer reads the RSS.
+      trimmer.Tick();
     }
   });
 }

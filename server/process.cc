@@ -32,9 +32,11 @@ absl::StatusOr<Serving> StartServing(const ServingOptions& options,
       builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
                                  limits.max_streams_per_connection);
     }
-    if (limits.grpc_memory_mib > 0) {
+    if (limits.grpc_memory_mib != 0) {  // kAutoGrpcMemory unresolved: nothing in flight
+      ConnectionLimits resolved = limits;
+      ResolveGrpcMemory(&resolved, 0);
       grpc::ResourceQuota quota("splitq");
-      quota.Resize(static_cast<size_t>(limits.grpc_memory_mib) << 20);
+      quota.Resize(static_cast<size_t>(resolved.grpc_memory_mib) << 20);
       builder.SetResourceQuota(quota);
     }
   }

@@ -484,11 +484,13 @@ void WorkerCore::Close(uint64_t session) {
   }
   {
     std::lock_guard<std::mutex> compute(compute_);
-    handler_.CloseSession(handler_id);
+    held += handler_.CloseSession(handler_id);
   }
   FreeTurn(session);  // after the server part has let the step go
   // glibc keeps freed heap memory for later; a session that held a large (maybe hostile)
-  // partial frame gives it back to the system, so RSS returns near its baseline.
+  // partial frame or many cached samples (AQ-SGD) gives it back to the system, so RSS returns
+  // near its baseline. Outside the compute lock: a trim takes tens of ms on a large heap, and
+  // other sessions' steps need not wait for it.
   if (held >= kTrimAboveBytes) malloc_trim(0);
 }
 

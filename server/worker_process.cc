@@ -310,6 +310,11 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   if (const std::string note = FitToDescriptorLimit(&s.o.connection_limits); !note.empty()) {
     s.Log(absl::StrCat("worker ", s.o.name, ": ", note));
   }
+  // A client holds a Train and an Evaluate stream, each with at most one message in flight.
+  s.Log(absl::StrCat(
+      "worker ", s.o.name, ": ",
+      ResolveGrpcMemory(&s.o.connection_limits, int64_t{2} * s.o.max_clients *
+                                                    rpc::MaxMessageBytes(core_options.assembler))));
   s.guard = std::make_unique<ConnectionGuard>(s.o.connection_limits);
   service_options.guard = s.guard.get();
   s.service = std::make_unique<WorkerService>(*s.core, s.o.tokens, service_options);
@@ -405,8 +410,12 @@ absl::Status WorkerProcess::Run(const std::atomic<bool>& stop) {
         [&s](const std::string& line) { s.Log(absl::StrCat("worker ", s.o.name, ": ", line)); });
     auto last_status = std::chrono::steady_clock::now();
     int ticks = 0;
+    // Memory freed by closed sessions and by requests gRPC cancelled (its memory quota) goes
+    // back to the system (base/memory.h).
+    base::MemoryTrimmer trimmer;
     while (!stop.load()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      trimmer.Tick();
       if (s.store && ++ticks % 3 == 0) {
         // The group's generation, so that the members leave an old one at their next round.
         auto view = coordinator.Group(s.member_id.load());

@@ -377,7 +377,8 @@ class Bench {
              "--forget-after-s", std::to_string(o_.forget_after_s), "--ready-file", ready_path,
              // Every generator connection comes from 127.0.0.1, up to a window's worth at once
              // before their first call: the per-address cap is for real peers.
-             "--max-pending-per-address", "0", "--log-level", "warn"},
+             "--max-pending-per-address", "0", "--grpc-memory-mib",
+             std::to_string(o_.grpc_memory_mib), "--log-level", "warn"},
             ready_path);
         !s.ok()) {
       if (k_cpus > 0) {

@@ -1,7 +1,5 @@
 #include "trainer/server_part.h"
 
-#include <malloc.h>
-
 // clang-format off
 // clip_grad.h uses torch::Tensor without including its definition: types.h goes first.
 #include <torch/types.h>
@@ -325,17 +323,14 @@ uint64_t ServerPart::OpenSession() {
   return id;
 }
 
-void ServerPart::CloseSession(uint64_t session) {
+int64_t ServerPart::CloseSession(uint64_t session) {
   if (impl_->open_session == session) impl_->open_session = 0;
   const auto it = impl_->sessions.find(session);
-  if (it == impl_->sessions.end()) return;
+  if (it == impl_->sessions.end()) return 0;
   int64_t cached = it->second.receiver->cache().bytes();
   if (it->second.sender) cached += it->second.sender->cache().bytes();
   impl_->sessions.erase(it);
-  // The AQ-SGD caches are many small tensors on the heap: give their memory back to the system
-  // (glibc keeps it otherwise; `splitq` raises the trim threshold), so RSS returns near its
-  // baseline after a session that cached many samples.
-  if (cached >= int64_t{1} << 20) malloc_trim(0);
+  return cached;
 }
 
 bool ServerPart::u_shaped() const { return impl_->c.u_shaped; }

@@ -107,7 +107,7 @@ class ServerPart : public ServerHandler {
   ~ServerPart() override;
 
   uint64_t OpenSession() override;
-  void CloseSession(uint64_t session) override;
+  int64_t CloseSession(uint64_t session) override;
   absl::StatusOr<DownFrame> Train(uint64_t session, const UpFrame& up, bool update) override;
   absl::StatusOr<DownFrame> TrainHead(uint64_t session, const HeadGradient& head) override;
   std::vector<absl::StatusOr<DownFrame>> TrainMerged(

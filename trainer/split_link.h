@@ -99,7 +99,9 @@ class ServerHandler {
   virtual ~ServerHandler() = default;
   // A new session's receiving state (decoders, gradient encoder). Returns its id (>= 1).
   virtual uint64_t OpenSession() = 0;
-  virtual void CloseSession(uint64_t session) = 0;
+  // Returns the bytes the session's caches held on the heap (AQ-SGD), which the caller may give
+  // back to the system (malloc_trim) once it holds no lock others wait on.
+  virtual int64_t CloseSession(uint64_t session) = 0;
   // One training step of a session. `update` false: a step the server part has applied
   // already (a client that resumed from an older checkpoint): the gradient is computed, the
   // server's weights are not stepped again.

@@ -29,7 +29,7 @@ class FakeServerPart : public trainer::ServerHandler {
   explicit FakeServerPart(char tag, size_t answer_bytes = 1)
       : tag_(tag), answer_bytes_(answer_bytes) {}
   uint64_t OpenSession() override { return ++sessions_; }
-  void CloseSession(uint64_t) override {}
+  int64_t CloseSession(uint64_t) override { return 0; }
   absl::StatusOr<trainer::DownFrame> Train(uint64_t, const trainer::UpFrame& up, bool) override {
     ++updates_;
     trainer::DownFrame down;

@@ -26,7 +26,7 @@ class FakeServer : public trainer::ServerHandler {
   explicit FakeServer(std::map<std::string, Saved>* disk) : disk_(disk) {}
 
   uint64_t OpenSession() override { return next_++; }
-  void CloseSession(uint64_t) override {}
+  int64_t CloseSession(uint64_t) override { return 0; }
   absl::StatusOr<trainer::DownFrame> Train(uint64_t, const trainer::UpFrame& up,
                                            bool update) override {
     if (update) {
@@ -219,7 +219,7 @@ TEST(WorkerCoreCheckpoint, AHandlerWithoutCheckpointsIsUnimplemented) {
   class Plain : public trainer::ServerHandler {
    public:
     uint64_t OpenSession() override { return 1; }
-    void CloseSession(uint64_t) override {}
+    int64_t CloseSession(uint64_t) override { return 0; }
     absl::StatusOr<trainer::DownFrame> Train(uint64_t, const trainer::UpFrame&, bool) override {
       return trainer::DownFrame{};
     }
