@@ -14,6 +14,7 @@
 #include "base/status_macros.h"
 #include "kernels/detail/cpu_dispatch.h"
 #include "kernels/detail/cuda_launchers.h"
+#include "kernels/detail/philox_batch.h"
 
 namespace splitq::kernels {
 namespace {
@@ -23,10 +24,12 @@ using detail::GroupTable;
 // Runs of codes handed to one OpenMP iteration in the general path (a multiple of 8).
 constexpr int64_t kCodesPerUnit = 8 * 1024;
 
-// Uniform draws for consecutive element indices, one Philox call per 4 elements.
-class UniformStream {
+// Uniform draws for consecutive element indices, one Philox block (4 elements) at a time: for
+// short runs (8 rows of a channel in the channels-last path), where a batch of 8 blocks would
+// compute more than it uses.
+class BlockUniforms {
  public:
-  UniformStream(uint64_t seed, uint64_t step) : seed_(seed), step_(step) {}
+  BlockUniforms(uint64_t seed, uint64_t step) : seed_(seed), step_(step) {}
   float At(uint64_t element) {
     const uint64_t block = element >> 2;
     if (block != block_) {
@@ -40,6 +43,26 @@ class UniformStream {
   uint64_t seed_, step_;
   uint64_t block_ = std::numeric_limits<uint64_t>::max();
   Philox4 draws_{};
+};
+
+// Uniform draws for long runs of consecutive element indices: the Philox draws of 32 elements
+// (8 blocks) at a time, computed together (detail/philox_batch.h: eight lanes wide with AVX2).
+class UniformStream {
+ public:
+  UniformStream(uint64_t seed, uint64_t step) : seed_(seed), step_(step) {}
+  float At(uint64_t element) {
+    const uint64_t block = element >> 2;
+    if (block - first_ >= 8) {  // (first_ starts above every block: the first call fills)
+      first_ = block;
+      detail::PhiloxUniforms32(seed_, step_, block, draws_);
+    }
+    return draws_[element - 4 * first_];
+  }
+
+ private:
+  uint64_t seed_, step_;
+  uint64_t first_ = std::numeric_limits<uint64_t>::max() - 8;
+  float draws_[32];
 };
 
 inline void StoreBytes(uint64_t word, uint8_t* dst, int64_t nbytes) {
@@ -114,7 +137,7 @@ void PackCpu(const ExecContext& ctx, const GroupLayout& layout, const QuantParam
           }
         } else {
           for (int64_t g = 0; g < groups; ++g) {
-            UniformStream uniform(rounding.seed, rounding.step);
+            BlockUniforms uniform(rounding.seed, rounding.step);
             const detail::GroupQuant q = t.at(g);
             for (int64_t r = 0; r < rows; ++r) {
               const uint64_t element = static_cast<uint64_t>(g * codes_per_group + row0 + r);

@@ -4,6 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
+
+#include "kernels/detail/philox_batch.h"
 #include "kernels/fake_quant.h"
 #include "kernels/philox.h"
 #include "tests/kernels/test_util.h"
@@ -213,6 +216,32 @@ TEST(Pack, StochasticCodesFollowTheDocumentedPhiloxKeying) {
       }
     }
     EXPECT_EQ(packed, ReferencePack(codes, bits)) << "inner " << layout.inner;
+  }
+}
+
+// The batched draws (eight blocks at once; AVX2 where the CPU has it) equal PhiloxBlock's, bit
+// for bit, across the 32-bit carries of the block counter, seed and step.
+TEST(PhiloxBatch, EqualsTheScalarGenerator) {
+  std::printf("PhiloxUniforms32 uses %s\n", detail::PhiloxBatchUsesAvx2() ? "AVX2" : "scalar");
+  const uint64_t seeds[] = {0, 1, 0x123456789abcdefull, ~0ull};
+  const uint64_t steps[] = {0, 77, 0xffffffffull, 1ull << 40};
+  const uint64_t firsts[] = {0, 5, 0xfffffffcull, 0xfffffffdull, (1ull << 36) + 3, ~0ull - 7};
+  for (uint64_t seed : seeds) {
+    for (uint64_t step : steps) {
+      for (uint64_t first : firsts) {
+        float batch[32], scalar[32];
+        detail::PhiloxUniforms32(seed, step, first, batch);
+        detail::PhiloxUniforms32Scalar(seed, step, first, scalar);
+        for (int i = 0; i < 8; ++i) {
+          const Philox4 d = PhiloxBlock(seed, step, first + static_cast<uint64_t>(i));
+          for (int j = 0; j < 4; ++j) {
+            const float want = static_cast<float>(d.v[j] >> 8) * (1.0f / 16777216.0f);
+            ASSERT_EQ(batch[4 * i + j], want) << seed << " " << step << " " << first << " " << i;
+            ASSERT_EQ(scalar[4 * i + j], want);
+          }
+        }
+      }
+    }
   }
 }
 
