@@ -19,7 +19,7 @@ uint64_t SplitMix64(uint64_t z) {
 }  // namespace
 
 float RotationSign(uint64_t seed, int64_t channel) {
-  return (SplitMix64(seed + static_cast<uint64_t>(channel)) & 1) != 0 ? -1.0f : 1.0f;
+  return (SplitMix64(SplitMix64(seed) + static_cast<uint64_t>(channel)) & 1) != 0 ? -1.0f : 1.0f;
 }
 
 absl::Status RotateChannels(const GroupLayout& layout, int64_t block, uint64_t seed, bool inverse,

@@ -10,8 +10,10 @@
 //   inverse:  x = diag(s) H y / sqrt(block)          (R^T: H is symmetric and H H = block I)
 //
 // so the rotation keeps norms and inner products, and a gradient taken in the rotated basis
-// maps back with the inverse. The signs: s_c = -1 when bit 0 of SplitMix64(seed + c) is 1
-// (c: the channel's index in the whole tensor), so sender and receiver agree given the seed.
+// maps back with the inverse. The signs: s_c = -1 when bit 0 of SplitMix64(SplitMix64(seed) + c)
+// is 1 (c: the channel's index in the whole tensor; the seed hashed first, so that seeds s and
+// s + 1 do not give shifted copies of one sign sequence), so sender and receiver agree given the
+// seed.
 // The transform is the fast Walsh-Hadamard butterfly, log2(block) passes of block/2 pairs; for
 // inner > 1 each butterfly runs over the inner elements of the two channels (contiguous).
 #pragma once

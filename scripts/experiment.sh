@@ -5,18 +5,23 @@
 #   scripts/experiment.sh lm          OUT [SEEDS]   # GCIDE pre-training, then Bible LoRA (GPU)
 #   scripts/experiment.sh lm-reduced  OUT [SEEDS]   # the same rows, a smaller model (CPU)
 #   scripts/experiment.sh lm-grads    OUT [SEEDS]   # AMAQ 8 -> 4 with 8, 6, 4, 8->4-bit gradients (GPU)
+#   scripts/experiment.sh lm-rotation OUT [SEEDS]   # lm's rows, and the 4- and 2-bit ones rotated
+#   scripts/experiment.sh lm-reduced-rotation OUT [SEEDS]   # the same, the smaller model (CPU)
 #   scripts/experiment.sh table       OUT           # the Markdown table of what OUT holds
 #
 # SEEDS defaults to "0 1 2". Runs already finished (OUT/<row>/seed<N>/summary.json) are
 # skipped, so an interrupted experiment continues where it stopped. Each run's output is in
 # OUT/<row>/seed<N>/ (metrics.jsonl, summary.json, ...) and its log in OUT/<row>/seed<N>.log.
 # SPLITQ names the binary (default build/splitq); EXTRA adds --set options to every run
-# (e.g. EXTRA="--set device=cuda").
+# (e.g. EXTRA="--set device=cuda"). ROTATION is the block of the rotated rows (default 256,
+# the full model's width: one Hadamard transform over all channels). ONLY="row row ..." runs
+# just those rows (and the pre-training they need).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPLITQ=${SPLITQ:-build/splitq}
-what=${1:?usage: scripts/experiment.sh fmnist|lm|lm-reduced|lm-grads|table OUT [SEEDS]}
-out=${2:?usage: scripts/experiment.sh fmnist|lm|lm-reduced|lm-grads|table OUT [SEEDS]}
+usage="usage: scripts/experiment.sh fmnist|lm|lm-reduced|lm-grads|lm-rotation|lm-reduced-rotation|table OUT [SEEDS]"
+what=${1:?$usage}
+out=${2:?$usage}
 seeds=${3:-0 1 2}
 read -r -a extra <<<"${EXTRA:-}"
 
@@ -25,6 +30,9 @@ run() {
   local name=$1 seed=$2
   shift 2
   local dir="$out/$name/seed$seed"
+  if [[ -n ${ONLY:-} && $name != pretrain && " $ONLY " != *" $name "* ]]; then
+    return
+  fi
   if [[ -f "$dir/summary.json" ]]; then
     echo "== $name seed $seed: done already"
     return
@@ -115,6 +123,29 @@ lm_rows() {
   done
 }
 
+# lm_rotation_rows PRETRAIN_ARGS LORA_ARGS AMAQ_SCHEDULE: lm_rows, then the 4- and 2-bit rows
+# again with quant.activations.rotation (issue 17: rotated boundaries), named <row>-rot.
+lm_rotation_rows() {
+  lm_rows "$@"
+  local -a lora=()
+  read -r -a lora <<<"$2"
+  local sched=$3
+  local init=(--init "$out/pretrain/seed0/checkpoint.pt")
+  local grad8=(--set quant.gradients.bits.min=8 --set quant.gradients.target=8)
+  local rot=(--set "quant.activations.rotation=${ROTATION:-256}")
+  for seed in $seeds; do
+    run uniform4-rot "$seed" --config configs/lm-lora-uniform4.yaml "${init[@]}" "${lora[@]}" \
+      "${rot[@]}"
+    run amaq8to4-rot "$seed" --config configs/lm-lora-amaq.yaml "${init[@]}" "${lora[@]}" \
+      --set "quant.activations.target=$sched" "${grad8[@]}" "${rot[@]}"
+    run uniform2-rot "$seed" --config configs/lm-lora-uniform4.yaml "${init[@]}" "${lora[@]}" \
+      --set quant.activations.bits.min=2 --set quant.activations.bits.max=2 \
+      --set quant.activations.target=2 "${rot[@]}"
+    run amaq8to2-rot "$seed" --config configs/lm-lora-amaq.yaml "${init[@]}" "${lora[@]}" \
+      --set "quant.activations.target=${sched//bits: 4/bits: 2}" "${grad8[@]}" "${rot[@]}"
+  done
+}
+
 # lm_grads: the gradient's bit width on the wire, with AMAQ 8 -> 4 activations (the question
 # behind issue 4's link target: how many bits the gradients need). Pre-trains as `lm` does.
 lm_grads() {
@@ -142,15 +173,21 @@ case "$what" in
     lm_rows "" "" \
       '[{step: 0, bits: 8}, {step: 200, bits: 8}, {step: 800, bits: 4, curve: cosine}]'
     ;;
-  lm-reduced)
+  lm-rotation)
+    lm_rotation_rows "" "" \
+      '[{step: 0, bits: 8}, {step: 200, bits: 8}, {step: 800, bits: 4, curve: cosine}]'
+    ;;
+  lm-reduced | lm-reduced-rotation)
     small="--set model.layers=4 --set model.width=128 --set model.context=64 --set batch_size=16"
-    lm_rows "$small --set steps=800 --set optim.warmup_steps=50" \
+    rows=lm_rows
+    [[ $what == lm-reduced-rotation ]] && rows=lm_rotation_rows
+    $rows "$small --set steps=800 --set optim.warmup_steps=50" \
       "$small --set steps=300 --set optim.warmup_steps=20 --set log_every=10" \
       '[{step: 0, bits: 8}, {step: 40, bits: 8}, {step: 160, bits: 4, curve: cosine}]'
     ;;
   table) ;;
   *)
-    echo "unknown experiment '$what' (fmnist, lm, lm-reduced, lm-grads or table)" >&2
+    echo "unknown experiment '$what' ($usage)" >&2
     exit 2
     ;;
 esac

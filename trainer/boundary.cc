@@ -153,10 +153,18 @@ void DeltaCache::Load(torch::serialize::InputArchive& archive, const std::string
   for (int64_t b = 0; b < ids.numel(); ++b) m_[ids.data_ptr<int64_t>()[b]] = values[b].clone();
 }
 
+uint64_t RotationSeed(const RunConfig& c, int index) {
+  return (c.seed ^ 0x726f746174696f6eull) + static_cast<uint64_t>(index);  // "rotation"
+}
+
 BoundarySender::BoundarySender(const RunConfig& c, int index, int axis, int64_t channels,
                                quant::AmaqBoundary shared)
     : c_(c),
       axis_(axis),
+      rotation_(
+          c.activations.mode == WireMode::kFloat32
+              ? quant::ChannelRotation()
+              : quant::ChannelRotation(channels, c.activations.rotation, RotationSeed(c, index))),
       amaq_(shared ? std::move(shared) : quant::AmaqBoundary(AmaqOptionsOf(c, axis), channels)),
       act_(1, quant::FrameKind::kActivation,
            quant::WireEncoderOptions{axis, kernels::Rounding::kNearest,
@@ -164,9 +172,12 @@ BoundarySender::BoundarySender(const RunConfig& c, int index, int axis, int64_t 
       eval_(1, quant::FrameKind::kActivation,
             quant::WireEncoderOptions{axis, kernels::Rounding::kNearest, c.seed}) {}
 
-absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& h, int64_t step,
+absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& unrotated, int64_t step,
                                                           const at::Tensor& ids, bool train) {
-  if (c_.activations.mode == WireMode::kFloat32) return Sent{h, EncodeRawTensor(h), 32.0, {}, {}};
+  if (c_.activations.mode == WireMode::kFloat32) {
+    return Sent{unrotated, EncodeRawTensor(unrotated), 32.0, {}, {}};
+  }
+  const at::Tensor h = rotation_.Forward(unrotated, axis_);
   const double budget = c_.activations.target.TargetAt(step);
   Sent out;
   std::vector<uint8_t> bits;
@@ -215,7 +226,8 @@ absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& h, i
   return out;
 }
 
-at::Tensor BoundarySender::SenderSide(const at::Tensor& h, int64_t step) {
+at::Tensor BoundarySender::SenderSide(const at::Tensor& unrotated, int64_t step) {
+  const at::Tensor h = rotation_.Forward(unrotated, axis_);
   if (c_.activations.mode != WireMode::kAmaq) return h;
   return amaq_->forward(h, c_.activations.target.TargetAt(step));
 }
@@ -278,6 +290,7 @@ BoundaryReceiver::BoundaryReceiver(const RunConfig& c, int index, int axis,
                                    const quant::FrameLimits& limits, bool require_finite)
     : c_(c),
       axis_(axis),
+      index_(index),
       limits_(limits),
       require_finite_(require_finite),
       act_(limits),
@@ -286,6 +299,14 @@ BoundaryReceiver::BoundaryReceiver(const RunConfig& c, int index, int axis,
             quant::WireEncoderOptions{
                 axis, c.gradients.rounding,
                 (c.seed ^ 0x9e3779b97f4a7c15ull) + static_cast<uint64_t>(index)}) {}
+
+const quant::ChannelRotation& BoundaryReceiver::Rotation(int64_t channels) {
+  if (c_.activations.rotation != 0 && c_.activations.mode != WireMode::kFloat32 &&
+      rotation_.channels() != channels) {
+    rotation_ = quant::ChannelRotation(channels, c_.activations.rotation, RotationSeed(c_, index_));
+  }
+  return rotation_;
+}
 
 absl::StatusOr<at::Tensor> BoundaryReceiver::Receive(const std::string& bytes, int64_t step,
                                                      const at::Tensor& ids, bool train,
@@ -321,11 +342,16 @@ absl::StatusOr<at::Tensor> BoundaryReceiver::Receive(const std::string& bytes, i
     received = cache_.Gather(ids, received) + received;
     cache_.Update(ids, received);
   }
+  if (received.dim() > axis_) received = Rotation(received.size(axis_)).Inverse(received, axis_);
   return received.to(dtype);
 }
 
 absl::StatusOr<std::pair<std::string, double>> BoundaryReceiver::SendGradient(
-    const at::Tensor& grad, int64_t step) {
+    const at::Tensor& unrotated, int64_t step) {
+  // In the basis the sender quantized in (dL/dy = R dL/dx for y = R x).
+  const at::Tensor grad = unrotated.dim() > axis_
+                              ? Rotation(unrotated.size(axis_)).Forward(unrotated, axis_)
+                              : unrotated;
   if (c_.gradients.mode == WireMode::kFloat32) return std::make_pair(EncodeRawTensor(grad), 32.0);
   const int bits = ScheduleBits(c_.gradients.target, c_.gradients.bits, step);
   const std::vector<uint8_t> gbits(static_cast<size_t>(grad.size(axis_)),

@@ -7,7 +7,12 @@
 //   BoundaryReceiver  the other party: the activation decoders, the AQ-SGD receiver cache,
 //                     and the gradient encoder.
 // A fp32 boundary sends raw frames (EncodeRawTensor): a small header with the shape, then the
-// float32 values. The formulas are design.md's; the frame layout is docs/wire-format.md.
+// float32 values. With quant.activations.rotation the sender rotates the activation along its
+// channels before everything else (AMAQ, AQ-SGD and the frame all see the rotated tensor) and
+// the receiver undoes it after decoding; the gradient goes back in the rotated basis (any
+// gradient mode), so the sender backpropagates through its quantizer and then through R.
+// The rotation's seed: RotationSeed. The formulas are design.md's; the frame layout is
+// docs/wire-format.md.
 //
 // Not a public API: include it only from trainer/*.cc.
 #pragma once
@@ -25,10 +30,15 @@
 #include "absl/status/statusor.h"
 #include "quant/amaq_boundary.h"
 #include "quant/bit_schedule.h"
+#include "quant/channel_rotation.h"
 #include "quant/wire_codec.h"
 #include "trainer/config.h"
 
 namespace splitq::trainer::internal {
+
+// The seed of boundary `index`'s rotation signs (kernels/rotate.h), from the run's seed: both
+// sides derive it from the config they share (docs/wire-format.md).
+uint64_t RotationSeed(const RunConfig& c, int index);
 
 // The largest integer width within the schedule's budget at `step`, clamped to `range`.
 int ScheduleBits(const quant::BitSchedule& s, const BitsRange& range, int64_t step);
@@ -120,6 +130,7 @@ class BoundarySender {
 
   const RunConfig& c_;
   int axis_;
+  quant::ChannelRotation rotation_;
   quant::AmaqBoundary amaq_;
   quant::WireEncoder act_, eval_;
   quant::WireDecoder self_decoder_, grad_decoder_;
@@ -163,8 +174,14 @@ class BoundaryReceiver {
   void ClearCache() { cache_ = DeltaCache(); }
 
  private:
+  // The rotation for a tensor of `channels` channels (made at the first frame: the receiver
+  // learns the channel count from it).
+  const quant::ChannelRotation& Rotation(int64_t channels);
+
   const RunConfig& c_;
   int axis_;
+  int index_;
+  quant::ChannelRotation rotation_;
   quant::FrameLimits limits_;
   bool require_finite_;
   quant::WireDecoder act_, eval_;

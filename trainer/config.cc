@@ -237,6 +237,18 @@ absl::Status CheckAcrossKeys(const RunConfig& c) {
                      " for ", c.task == Task::kFashionMnist ? "the CNN" : "this transformer",
                      c.u_shaped ? ", U-shaped" : "", ")"));
   }
+  if (c.activations.rotation != 0) {
+    if ((c.activations.rotation & (c.activations.rotation - 1)) != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("quant.activations.rotation: ", c.activations.rotation,
+                       " is not a power of two (0: off)"));
+    }
+    if (c.activations.mode == WireMode::kFloat32) {
+      return absl::InvalidArgumentError(
+          "quant.activations.rotation: the activations cross as fp32 (quant.activations.mode): "
+          "a rotation would only cost time; set it to 0 or quantize");
+    }
+  }
   if (c.lora_rank > 0 && c.task != Task::kLanguageModel) {
     return absl::InvalidArgumentError("lora.rank: LoRA applies to task lm only");
   }

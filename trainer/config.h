@@ -51,6 +51,9 @@ struct ActivationQuantConfig {
   int64_t calibration_steps = 100;  // amaq: ranges also track the running max |x| this long
   bool learned_scale = true;        // scale: learned | minmax
   kernels::Granularity granularity = kernels::Granularity::kChannel;
+  // The randomized Hadamard rotation along channels before quantization (quant/channel_rotation.h):
+  // its block size, a power of two (0: off).
+  int64_t rotation = 0;
 };
 
 struct GradientQuantConfig {

@@ -56,15 +56,31 @@ class SplitParts : public ::testing::Test {
   }
 };
 
-void ExpectSameCurve(const RunConfig& c, int steps) {
-  auto trainer = SplitTrainer::Create(c);
-  ASSERT_TRUE(trainer.ok()) << trainer.status();
+// A ClientPart and a ServerPart of `c` that talk through a LocalServerLink.
+struct Parts {
+  std::unique_ptr<ClientPart> client;
+  std::unique_ptr<ServerPart> server;
+  std::unique_ptr<LocalServerLink> link;
+  std::unique_ptr<ClientRunner> runner;
+};
+void MakeParts(const RunConfig& c, Parts* p) {
   auto client = ClientPart::Create(c, "", false);
   ASSERT_TRUE(client.ok()) << client.status();
   auto server = ServerPart::Create(c, "");
   ASSERT_TRUE(server.ok()) << server.status();
-  LocalServerLink link(**server);
-  ClientRunner runner(**client, link);
+  p->client = std::move(*client);
+  p->server = std::move(*server);
+  p->link = std::make_unique<LocalServerLink>(*p->server);
+  p->runner = std::make_unique<ClientRunner>(*p->client, *p->link);
+}
+
+void ExpectSameCurve(const RunConfig& c, int steps) {
+  auto trainer = SplitTrainer::Create(c);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  Parts parts;
+  ASSERT_NO_FATAL_FAILURE(MakeParts(c, &parts));
+  ClientRunner& runner = *parts.runner;
+  ServerPart* server = parts.server.get();
   for (int i = 0; i < steps; ++i) {
     auto a = (*trainer)->Step();
     auto b = runner.Step();
@@ -82,7 +98,7 @@ void ExpectSameCurve(const RunConfig& c, int steps) {
   // The same frames: the parts' bytes are the trainer's (one session, so no bit map resent).
   EXPECT_EQ((*trainer)->wire().bytes_up, runner.wire().bytes_up);
   EXPECT_EQ((*trainer)->wire().bytes_down, runner.wire().bytes_down);
-  EXPECT_EQ((*server)->updates(), steps);
+  EXPECT_EQ(server->updates(), steps);
 }
 
 TEST_F(SplitParts, AmaqCurveIsSplitTrainersBitForBit) { ExpectSameCurve(ConfigFrom(kAmaq), 25); }
@@ -110,6 +126,48 @@ quant:
   activations: {mode: aqsgd, target: 3}
   gradients: {mode: uniform, target: 6}
 )";
+
+// quant.activations.rotation: at 8 bits the rotation is transparent (the server's input is the
+// client's activation up to 8-bit noise, and the gradient comes back in the basis the client
+// quantized in): the loss curve follows the unrotated run's closely. A gradient left in the
+// wrong basis would train the client part on a scrambled gradient, far off this curve. Every
+// layout (plain, U-shaped, AQ-SGD) also gives SplitTrainer's curve bit for bit with it.
+TEST_F(SplitParts, RotationIsTransparentAtEightBits) {
+  RunConfig plain = ConfigFrom(kAmaq);
+  plain.activations.mode = WireMode::kUniform;
+  plain.activations.target = *quant::BitSchedule::Constant(8);
+  plain.gradients.mode = WireMode::kFloat32;
+  RunConfig rotated = plain;
+  rotated.activations.rotation = 64;
+  std::vector<double> losses[2];
+  for (int r = 0; r < 2; ++r) {
+    Parts parts;
+    ASSERT_NO_FATAL_FAILURE(MakeParts(r == 0 ? plain : rotated, &parts));
+    for (int i = 0; i < 30; ++i) {
+      auto s = parts.runner->Step();
+      ASSERT_TRUE(s.ok()) << s.status();
+      losses[r].push_back(s->loss);
+    }
+  }
+  double worst = 0;
+  for (size_t i = 0; i < losses[0].size(); ++i) {
+    worst = std::max(worst, std::abs(losses[0][i] - losses[1][i]));
+  }
+  std::printf("loss %.4f -> %.4f unrotated, %.4f -> %.4f rotated; largest difference %.4f\n",
+              losses[0].front(), losses[0].back(), losses[1].front(), losses[1].back(), worst);
+  EXPECT_LT(worst, 0.05);
+  EXPECT_LT(losses[1].back(), losses[1].front() - 0.5);
+
+  RunConfig amaq = ConfigFrom(kAmaq);
+  amaq.activations.rotation = 16;
+  ExpectSameCurve(amaq, 8);
+  amaq.u_shaped = true;
+  amaq.split_after = 1;
+  ExpectSameCurve(amaq, 6);
+  RunConfig aqsgd = ConfigFrom(kAqSgd);
+  aqsgd.activations.rotation = 32;
+  ExpectSameCurve(aqsgd, 6);
+}
 
 TEST_F(SplitParts, AqSgdCurveIsSplitTrainersBitForBit) {
   ExpectSameCurve(ConfigFrom(kAqSgd), 12);

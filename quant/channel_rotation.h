@@ -1,0 +1,46 @@
+// splitq quant: the randomized Hadamard rotation of a boundary tensor along its channels, as
+// torch ops (autograd, CPU and CUDA, any float dtype): issue 17's rotated boundaries.
+//
+// The same R as kernels/rotate.h (block-diagonal; within a block of b channels,
+// R = H diag(s) / sqrt(b), H the Sylvester-Hadamard matrix, s_c = kernels::RotationSign(seed, c)),
+// applied as a [b, b] matmul on the channels moved last. The sender rotates the boundary
+// activation before it is quantized (Forward) and the receiver undoes it after decoding
+// (Inverse); the receiver's gradient goes back rotated (Forward of the gradient: for y = R x,
+// dL/dy = R dL/dx as R is orthonormal), so the sender backpropagates through its quantizer in
+// the rotated basis and through R to its layers. An outlier channel is spread over its block
+// (1/sqrt(b) of it in each channel), which is what makes 2-4-bit codes fail without it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace splitq::quant {
+
+class ChannelRotation {
+ public:
+  // No rotation (Forward and Inverse return their input).
+  ChannelRotation() = default;
+  // Blocks of `block` channels (a power of two >= 2; where it does not divide `channels`, the
+  // largest power of two that does, see block()); `seed` picks the signs. block <= 1 or a
+  // largest dividing power of two of 1 (odd channel counts): no rotation.
+  ChannelRotation(int64_t channels, int64_t block, uint64_t seed);
+
+  bool enabled() const { return block_ > 1; }
+  int64_t block() const { return block_; }
+  int64_t channels() const { return channels_; }
+
+  // R x and R^T y along dimension `axis` (size channels()). Differentiable.
+  at::Tensor Forward(const at::Tensor& x, int64_t axis) const;
+  at::Tensor Inverse(const at::Tensor& y, int64_t axis) const;
+
+ private:
+  at::Tensor Apply(const at::Tensor& x, int64_t axis, bool inverse) const;
+
+  int64_t channels_ = 0;
+  int64_t block_ = 0;
+  at::Tensor signs_;     // [channels / block, block] float32, CPU
+  at::Tensor hadamard_;  // [block, block] float32, CPU, H / sqrt(block)
+};
+
+}  // namespace splitq::quant

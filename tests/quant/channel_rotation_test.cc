@@ -1,0 +1,74 @@
+// quant/channel_rotation.h: the torch rotation equals kernels/rotate.h's (itself tested against
+// the dense matrix), is undone by Inverse, keeps norms, and its autograd gradient is R^T.
+#include "quant/channel_rotation.h"
+
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "kernels/rotate.h"
+
+namespace splitq::quant {
+namespace {
+
+at::Tensor KernelRotate(const at::Tensor& x, int64_t axis, int64_t block, uint64_t seed,
+                        bool inverse) {
+  const at::Tensor c = x.contiguous();
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < axis; ++d) outer *= c.size(d);
+  for (int64_t d = axis + 1; d < c.dim(); ++d) inner *= c.size(d);
+  at::Tensor y = at::empty_like(c);
+  EXPECT_TRUE(kernels::RotateChannels(kernels::GroupLayout{outer, c.size(axis), inner}, block, seed,
+                                      inverse, c.data_ptr<float>(), y.data_ptr<float>())
+                  .ok());
+  return y;
+}
+
+TEST(ChannelRotation, EqualsTheKernelInBothLayouts) {
+  at::manual_seed(3);
+  struct Case {
+    std::vector<int64_t> shape;
+    int64_t axis, block;
+  };
+  for (const Case& k : {Case{{2, 8, 3, 3}, 1, 8}, Case{{2, 8, 3, 3}, 1, 4}, Case{{5, 16}, 1, 16},
+                        Case{{3, 4, 32}, 2, 8}}) {
+    const at::Tensor x = at::randn(k.shape);
+    const ChannelRotation r(x.size(k.axis), k.block, 42);
+    ASSERT_EQ(r.block(), k.block);
+    EXPECT_TRUE(at::allclose(r.Forward(x, k.axis), KernelRotate(x, k.axis, k.block, 42, false),
+                             1e-5, 1e-6));
+    EXPECT_TRUE(
+        at::allclose(r.Inverse(x, k.axis), KernelRotate(x, k.axis, k.block, 42, true), 1e-5, 1e-6));
+    EXPECT_TRUE(at::allclose(r.Inverse(r.Forward(x, k.axis), k.axis), x, 1e-5, 1e-6));
+    EXPECT_NEAR(r.Forward(x, k.axis).norm().item<double>(), x.norm().item<double>(), 1e-4);
+  }
+}
+
+TEST(ChannelRotation, TheGradientIsTheInverse) {
+  at::manual_seed(4);
+  const ChannelRotation r(16, 8, 7);
+  const at::Tensor x = at::randn({3, 16, 2}).requires_grad_(true);
+  const at::Tensor w = at::randn({3, 16, 2});
+  (r.Forward(x, 1) * w).sum().backward();
+  EXPECT_TRUE(at::allclose(x.grad(), r.Inverse(w, 1), 1e-5, 1e-6));
+}
+
+TEST(ChannelRotation, TheBlockFallsBackToAPowerOfTwoThatDivides) {
+  EXPECT_EQ(ChannelRotation(12, 8, 0).block(), 4);
+  EXPECT_EQ(ChannelRotation(64, 256, 0).block(), 64);
+  EXPECT_FALSE(ChannelRotation(7, 8, 0).enabled());
+  EXPECT_FALSE(ChannelRotation(64, 0, 0).enabled());
+  const at::Tensor x = at::randn({2, 7});
+  EXPECT_TRUE(ChannelRotation(7, 8, 0).Forward(x, 1).equal(x));
+}
+
+// A channel far larger than the rest (an outlier) is spread evenly over its block.
+TEST(ChannelRotation, SpreadsAnOutlier) {
+  at::Tensor x = at::zeros({1, 64});
+  x[0][5] = 100.0;
+  const at::Tensor y = ChannelRotation(64, 64, 1).Forward(x, 1);
+  EXPECT_TRUE(at::allclose(y.abs(), at::full({1, 64}, 100.0 / 8.0), 1e-5, 1e-5));
+}
+
+}  // namespace
+}  // namespace splitq::quant
