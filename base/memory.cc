@@ -22,17 +22,25 @@ double RssMiB() { return StatusMiB("VmRSS:"); }
 double RssMiB(int pid) { return StatusMiB("VmRSS:", "/proc/" + std::to_string(pid) + "/status"); }
 
 MemoryTrimmer::MemoryTrimmer(Options options)
-    : options_(options), rss_after_trim_(RssMiB()), last_trim_(std::chrono::steady_clock::now()) {}
+    : options_(options),
+      low_(RssMiB()),
+      last_trim_(std::chrono::steady_clock::now()),
+      last_renewal_(last_trim_) {}
 
 bool MemoryTrimmer::Tick() {
   const auto now = std::chrono::steady_clock::now();
   if (now - last_trim_ < options_.every) return false;
-  if (RssMiB() <= rss_after_trim_ + options_.above_mib && now - last_trim_ < options_.at_least) {
-    return false;
-  }
+  const bool renew = now - last_renewal_ >= options_.at_least;
+  if (!renew && RssMiB() <= low_ + options_.above_mib) return false;
   malloc_trim(0);
   last_trim_ = std::chrono::steady_clock::now();
-  rss_after_trim_ = RssMiB();
+  const double after = RssMiB();
+  if (renew) {
+    low_ = after;
+    last_renewal_ = last_trim_;
+  } else if (after < low_) {
+    low_ = after;
+  }
   return true;
 }
 

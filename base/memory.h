@@ -16,9 +16,12 @@ double RssMiB(int pid);
 // servers: `splitq` raises glibc's trim threshold for the trainer's sake, so freed heap memory
 // (closed connections, cancelled requests, forgotten records) otherwise stays in the RSS. A trim
 // locks each arena while it walks it (12-48 ms with 100k coordinator members), so Tick trims at
-// most every `every`, when the RSS has grown `above_mib` since the last trim, and at least every
-// `at_least` (memory freed after a trim does not show in the RSS). Not thread-safe: one caller
-// (a periodic loop) per trimmer.
+// most every `every`, when the RSS is `above_mib` over its low mark, and at least every
+// `at_least`. The low mark is the lowest RSS right after a trim, renewed at each `at_least`
+// trim: a trim at the peak of a flood (the memory still in use) does not raise it, so what the
+// flood frees afterwards is trimmed within `every`, although freed memory does not show in the
+// RSS (the third outside probe saw a trimmer that remembered the RSS after its last trim keep
+// 2.4 GB for minutes). Not thread-safe: one caller (a periodic loop) per trimmer.
 class MemoryTrimmer {
  public:
   struct Options {
@@ -33,8 +36,8 @@ class MemoryTrimmer {
 
  private:
   Options options_;
-  double rss_after_trim_;
-  std::chrono::steady_clock::time_point last_trim_;
+  double low_;  // the low mark (MiB)
+  std::chrono::steady_clock::time_point last_trim_, last_renewal_;
 };
 
 }  // namespace splitq::base

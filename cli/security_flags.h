@@ -32,9 +32,9 @@ inline void AddConnectionLimitFlags(CLI::App* cmd, server::ConnectionLimits* lim
                   "Concurrent calls on one connection, at most (default 100; 0: no cap)")
       ->check(CLI::Range(0, 1 << 20));
   cmd->add_option("--grpc-memory-mib", limits->grpc_memory_mib,
-                  "A memory quota for gRPC's buffers, MiB (default -1: auto, 64 MiB plus what "
-                  "the peers may have in flight; 0: none); under it gRPC shrinks its windows "
-                  "and at the limit cancels calls")
+                  "A memory quota for gRPC's buffers, MiB (default 0: none; -1: auto, 64 MiB plus "
+                  "what the peers may have in flight); under it gRPC shrinks its windows and at "
+                  "the limit cancels calls, legitimate ones included (docs/cluster.md)")
       ->check(CLI::Range(-1, 1 << 20));
 }
 

@@ -6,6 +6,7 @@
 #include <random>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "proto/rpc_channel.h"
@@ -169,6 +170,8 @@ bool IsTransient(const absl::Status& status) {
     case absl::StatusCode::kAborted:
     case absl::StatusCode::kUnknown:
       return true;
+    case absl::StatusCode::kResourceExhausted:
+      return absl::StartsWith(status.message(), "Received RST_STREAM");
     default:
       return false;
   }

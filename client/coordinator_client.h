@@ -107,7 +107,9 @@ absl::Status RetryWithBackoff(
     std::chrono::milliseconds cap = std::chrono::milliseconds(5000));
 
 // UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, ABORTED, UNKNOWN: a network or peer failure
-// worth retrying after a reconnect.
+// worth retrying after a reconnect. Also RESOURCE_EXHAUSTED when gRPC made it from a stream
+// reset ("Received RST_STREAM with error code 11", ENHANCE_YOUR_CALM: a server under its memory
+// quota cancels streams, legitimate ones included), not when the peer's service refused.
 bool IsTransient(const absl::Status& status);
 
 }  // namespace splitq::client

@@ -54,13 +54,13 @@ struct ConnectionLimits {
   // (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS; 0: gRPC's default, no cap) and a memory quota
   // for gRPC's own buffers (ResourceQuota, in MiB; 0: none; kAutoGrpcMemory: derived by the
   // process, ResolveGrpcMemory). Under the quota's pressure gRPC shrinks its flow-control
-  // windows and, at the limit, cancels streams (RESOURCE_EXHAUSTED) to free memory. gRPC reads
-  // a whole request message before the service sees the call and its token, so without the
-  // quota a peer without a token makes the server hold up to the message size limit per
-  // stream it opens.
+  // windows and, at the limit, cancels streams (RST_STREAM with ENHANCE_YOUR_CALM: the peer sees
+  // RESOURCE_EXHAUSTED), legitimate ones included, to free memory. Off by default: the third
+  // outside probe found that it cancelled training clients' streams under a flood while the
+  // RSS still rose far above it (docs/cluster.md, Limits).
   static constexpr int kAutoGrpcMemory = -1;
   int max_streams_per_connection = 100;
-  int grpc_memory_mib = kAutoGrpcMemory;
+  int grpc_memory_mib = 0;
 };
 
 // Resolves a grpc_memory_mib of kAutoGrpcMemory to 64 MiB plus `in_flight_bytes` (what

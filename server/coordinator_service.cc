@@ -1,12 +1,16 @@
 #include "server/coordinator_service.h"
 
 #include <grpcpp/impl/codegen/proto_utils.h>
+#include <grpcpp/impl/codegen/server_callback_handlers.h>
 
+#include <functional>
+#include <memory>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "base/memory.h"
+#include "base/status_macros.h"
 #include "proto/rpc_channel.h"
 
 namespace splitq::server {
@@ -14,6 +18,13 @@ namespace splitq::server {
 CoordinatorService::CoordinatorService(CoordinatorCore& core, const TokenSet* tokens,
                                        std::string config_yaml, ConnectionGuard* guard)
     : core_(core), tokens_(tokens), config_yaml_(std::move(config_yaml)), guard_(guard) {
+  // The order of proto/splitq/v1/coordinator.proto (not that gRPC needs it).
+  AddCall("/splitq.v1.Coordinator/Register", &CoordinatorService::DoRegister);
+  AddCall("/splitq.v1.Coordinator/Assign", &CoordinatorService::DoAssign);
+  AddCall("/splitq.v1.Coordinator/Heartbeat", &CoordinatorService::DoHeartbeat);
+  AddCall("/splitq.v1.Coordinator/Status", &CoordinatorService::DoStatus);
+  AddCall("/splitq.v1.Coordinator/Leave", &CoordinatorService::DoLeave);
+  AddCall("/splitq.v1.Coordinator/Group", &CoordinatorService::DoGroup);
   expiry_ = std::thread([this] {
     std::unique_lock<std::mutex> lock(mutex_);
     base::MemoryTrimmer trimmer;
@@ -39,41 +50,76 @@ CoordinatorService::~CoordinatorService() {
   expiry_.join();
 }
 
-grpc::ServerUnaryReactor* CoordinatorService::Finish(grpc::CallbackServerContext* context,
-                                                     const absl::Status& status) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(rpc::ToGrpcStatus(status));
-  return reactor;
-}
-
-template <class Request, class Reply>
-grpc::ServerUnaryReactor* CoordinatorService::Serve(
-    grpc::CallbackServerContext* context, const grpc::ByteBuffer* in, grpc::ByteBuffer* out,
-    absl::Status (CoordinatorService::*handler)(const Bearer&, const Request&, Reply*)) {
-  Bearer caller;
-  if (tokens_ != nullptr) {
-    absl::StatusOr<Bearer> bearer = tokens_->Identify(context->client_metadata());
-    if (!bearer.ok()) return Finish(context, bearer.status());
-    caller = *bearer;
+// One call, as a bidirectional stream that carries one message each way: the token is checked
+// when the call starts (before any of the request is read), then one request is read, parsed
+// and served, and the reply is written with the status.
+class CoordinatorService::Call final
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  using Serve = std::function<absl::Status(const Bearer&, grpc::ByteBuffer*, grpc::ByteBuffer*)>;
+  Call(const CoordinatorService& service, grpc::CallbackServerContext* context, const Serve& serve)
+      : serve_(serve) {
+    if (service.tokens_ != nullptr) {
+      absl::StatusOr<Bearer> bearer = service.tokens_->Identify(context->client_metadata());
+      if (!bearer.ok()) {
+        Finish(rpc::ToGrpcStatus(bearer.status()));
+        return;
+      }
+      caller_ = *bearer;
+    }
+    if (service.guard_ != nullptr) service.guard_->Authenticated(*context);
+    StartRead(&request_);
   }
-  if (guard_ != nullptr) guard_->Authenticated(*context);
-  Request request;
-  grpc::ByteBuffer body(*in);  // shares the slices; Deserialize consumes its argument
-  const size_t size = body.Length();
-  if (!grpc::SerializationTraits<Request>::Deserialize(&body, &request).ok()) {
-    return Finish(context, absl::InvalidArgumentError(
-                               absl::StrCat("the body (", size, " bytes) is not a ",
-                                            Request::descriptor()->full_name(), " message")));
-  }
-  Reply reply;
-  const absl::Status status = (this->*handler)(caller, request, &reply);
-  if (status.ok()) {
-    bool own = false;
-    if (!grpc::SerializationTraits<Reply>::Serialize(reply, out, &own).ok()) {
-      return Finish(context, absl::InternalError("the reply could not be serialized"));
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the caller half-closed (or went away) without a request
+      Finish(rpc::ToGrpcStatus(absl::InvalidArgumentError("no request message")));
+      return;
+    }
+    const absl::Status status = serve_(caller_, &request_, &reply_);
+    if (status.ok()) {
+      StartWriteAndFinish(&reply_, grpc::WriteOptions(), grpc::Status::OK);
+    } else {
+      Finish(rpc::ToGrpcStatus(status));
     }
   }
-  return Finish(context, status);
+  void OnDone() override { delete this; }
+
+ private:
+  const Serve& serve_;  // the method's, owned by its handler (lives as long as the service)
+  Bearer caller_;
+  grpc::ByteBuffer request_, reply_;
+};
+
+template <class Request, class Reply>
+void CoordinatorService::AddCall(const char* name, absl::Status (CoordinatorService::*handler)(
+                                                       const Bearer&, const Request&, Reply*)) {
+  // Parses the body as a Request (INVALID_ARGUMENT naming the message when it does not), runs
+  // the handler and serializes its reply.
+  auto serve = std::make_shared<Call::Serve>(
+      [this, handler](const Bearer& caller, grpc::ByteBuffer* in, grpc::ByteBuffer* out) {
+        Request request;
+        const size_t size = in->Length();
+        if (!grpc::SerializationTraits<Request>::Deserialize(in, &request).ok()) {
+          return absl::InvalidArgumentError(absl::StrCat("the body (", size, " bytes) is not a ",
+                                                         Request::descriptor()->full_name(),
+                                                         " message"));
+        }
+        Reply reply;
+        SPLITQ_RETURN_IF_ERROR((this->*handler)(caller, request, &reply));
+        bool own = false;
+        if (!grpc::SerializationTraits<Reply>::Serialize(reply, out, &own).ok()) {
+          return absl::InternalError("the reply could not be serialized");
+        }
+        return absl::OkStatus();
+      });
+  AddMethod(new grpc::internal::RpcServiceMethod(name, grpc::internal::RpcMethod::BIDI_STREAMING,
+                                                 nullptr));
+  MarkMethodRawCallback(static_cast<int>(serves_.size()),
+                        new grpc::internal::CallbackBidiHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
+                            [this, serve](grpc::CallbackServerContext* context) {
+                              return new Call(*this, context, *serve);
+                            }));
+  serves_.push_back(std::move(serve));
 }
 
 absl::Status CoordinatorService::DoRegister(const Bearer& caller,
@@ -177,37 +223,6 @@ absl::Status CoordinatorService::DoGroup(const Bearer& caller,
   reply->mutable_store()->set_port(v->store.port);
   for (const std::string& name : v->members) reply->add_members(name);
   return absl::OkStatus();
-}
-
-grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerContext* context,
-                                                       const grpc::ByteBuffer* request,
-                                                       grpc::ByteBuffer* reply) {
-  return Serve(context, request, reply, &CoordinatorService::DoRegister);
-}
-grpc::ServerUnaryReactor* CoordinatorService::Assign(grpc::CallbackServerContext* context,
-                                                     const grpc::ByteBuffer* request,
-                                                     grpc::ByteBuffer* reply) {
-  return Serve(context, request, reply, &CoordinatorService::DoAssign);
-}
-grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerContext* context,
-                                                        const grpc::ByteBuffer* request,
-                                                        grpc::ByteBuffer* reply) {
-  return Serve(context, request, reply, &CoordinatorService::DoHeartbeat);
-}
-grpc::ServerUnaryReactor* CoordinatorService::Status(grpc::CallbackServerContext* context,
-                                                     const grpc::ByteBuffer* request,
-                                                     grpc::ByteBuffer* reply) {
-  return Serve(context, request, reply, &CoordinatorService::DoStatus);
-}
-grpc::ServerUnaryReactor* CoordinatorService::Leave(grpc::CallbackServerContext* context,
-                                                    const grpc::ByteBuffer* request,
-                                                    grpc::ByteBuffer* reply) {
-  return Serve(context, request, reply, &CoordinatorService::DoLeave);
-}
-grpc::ServerUnaryReactor* CoordinatorService::Group(grpc::CallbackServerContext* context,
-                                                    const grpc::ByteBuffer* request,
-                                                    grpc::ByteBuffer* reply) {
-  return Serve(context, request, reply, &CoordinatorService::DoGroup);
 }
 
 }  // namespace splitq::server

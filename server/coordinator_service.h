@@ -3,16 +3,19 @@
 // token, converts messages, and maps statuses one to one. Every call is answered inline (the
 // core is fast and never blocks on the network), so no call holds a thread.
 // A background thread calls CoordinatorCore::Expire every heartbeat period, and returns freed
-// memory to the system (malloc_trim) at most every 30 s, when the RSS has grown 32 MiB since
-// the last trim, and at least every 5 minutes (a closed connection leaves ~16 KB behind otherwise;
+// memory to the system (base::MemoryTrimmer: at most every 30 s, when the RSS is 32 MiB over its
+// low mark, and at least every 5 minutes; a closed connection leaves ~16 KB behind otherwise,
 // `splitq bench coordinator`, connections phase).
 #pragma once
 
 #include <atomic>
 #include <condition_variable>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "server/connection_guard.h"
 #include "server/coordinator_core.h"
@@ -21,18 +24,21 @@
 
 namespace splitq::server {
 
-// The raw (ByteBuffer) form of every method: the service parses each request itself, so that
-// a body that is not the method's message is INVALID_ARGUMENT with a message (gRPC's generated
-// handler answered such a body with an empty UNIMPLEMENTED).
-using CoordinatorRawBase = splitq::v1::Coordinator::WithRawCallbackMethod_Register<
-    splitq::v1::Coordinator::WithRawCallbackMethod_Assign<
-        splitq::v1::Coordinator::WithRawCallbackMethod_Heartbeat<
-            splitq::v1::Coordinator::WithRawCallbackMethod_Status<
-                splitq::v1::Coordinator::WithRawCallbackMethod_Leave<
-                    splitq::v1::Coordinator::WithRawCallbackMethod_Group<
-                        splitq::v1::Coordinator::Service>>>>>>;
-
-class CoordinatorService final : public CoordinatorRawBase {
+// Every method is served in raw form (ByteBuffer): the service parses each request itself, so
+// that a body that is not the method's message is INVALID_ARGUMENT with a message (gRPC's
+// generated handler answered such a body with an empty UNIMPLEMENTED).
+//
+// And every method is registered as a bidirectional stream, although callers make unary calls
+// (the same HTTP/2 exchange: one message each way): gRPC then hands the call to the service as
+// soon as its headers arrive, and the bearer token is checked before any of the request is
+// read. Registered as unary, gRPC 1.51 reads the whole request message (up to its 4 MiB limit)
+// before the service sees the call, so a peer without a token made the coordinator hold that
+// much per stream it opened (issue 19's third outside probe: 8 connections x 100 streams of
+// unfinished 4 MiB requests, RSS 169 -> 1183 MiB).
+//
+// Each call: the bearer token first (UNAUTHENTICATED), then the body (INVALID_ARGUMENT when it
+// does not parse as the method's request, or when the caller sends none), then the method.
+class CoordinatorService final : public grpc::Service {
  public:
   // `tokens`: every caller must present one of them (null: no token check, for tests and
   // trusted networks). `config_yaml`: the run config sent to each registrant.
@@ -41,33 +47,14 @@ class CoordinatorService final : public CoordinatorRawBase {
                      ConnectionGuard* guard = nullptr);
   ~CoordinatorService() override;
 
-  // Each call: the bearer token first (UNAUTHENTICATED), then the body (INVALID_ARGUMENT when
-  // it does not parse as the method's request), then the method.
-  grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* context,
-                                     const grpc::ByteBuffer* request,
-                                     grpc::ByteBuffer* reply) override;
-  grpc::ServerUnaryReactor* Assign(grpc::CallbackServerContext* context,
-                                   const grpc::ByteBuffer* request,
-                                   grpc::ByteBuffer* reply) override;
-  grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* context,
-                                      const grpc::ByteBuffer* request,
-                                      grpc::ByteBuffer* reply) override;
-  grpc::ServerUnaryReactor* Status(grpc::CallbackServerContext* context,
-                                   const grpc::ByteBuffer* request,
-                                   grpc::ByteBuffer* reply) override;
-  grpc::ServerUnaryReactor* Leave(grpc::CallbackServerContext* context,
-                                  const grpc::ByteBuffer* request,
-                                  grpc::ByteBuffer* reply) override;
-  grpc::ServerUnaryReactor* Group(grpc::CallbackServerContext* context,
-                                  const grpc::ByteBuffer* request,
-                                  grpc::ByteBuffer* reply) override;
-
  private:
-  // Authenticates, parses `in` as a Request, runs `handler` and serializes its reply to `out`.
+  class Call;  // one call: token, then request, then reply (coordinator_service.cc)
+
+  // Registers `name` (e.g. "/splitq.v1.Coordinator/Register") as described above: each call
+  // checks the token, parses one `Request` and answers `handler`'s reply or status.
   template <class Request, class Reply>
-  grpc::ServerUnaryReactor* Serve(
-      grpc::CallbackServerContext* context, const grpc::ByteBuffer* in, grpc::ByteBuffer* out,
-      absl::Status (CoordinatorService::*handler)(const Bearer&, const Request&, Reply*));
+  void AddCall(const char* name,
+               absl::Status (CoordinatorService::*handler)(const Bearer&, const Request&, Reply*));
   absl::Status DoRegister(const Bearer& caller, const splitq::v1::RegisterRequest& request,
                           splitq::v1::RegisterReply* reply);
   absl::Status DoAssign(const Bearer& caller, const splitq::v1::AssignRequest& request,
@@ -80,13 +67,14 @@ class CoordinatorService final : public CoordinatorRawBase {
                        splitq::v1::LeaveReply* reply);
   absl::Status DoGroup(const Bearer& caller, const splitq::v1::GroupRequest& request,
                        splitq::v1::GroupReply* reply);
-  static grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context,
-                                          const absl::Status& status);
 
   CoordinatorCore& core_;
   const TokenSet* tokens_;
   std::string config_yaml_;
   ConnectionGuard* guard_;
+  std::vector<std::shared_ptr<
+      const std::function<absl::Status(const Bearer&, grpc::ByteBuffer*, grpc::ByteBuffer*)>>>
+      serves_;  // each method's parse-and-serve, by method index
   std::mutex mutex_;
   std::condition_variable wake_;
   bool stopping_ = false;

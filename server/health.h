@@ -1,8 +1,12 @@
-// splitq server: a client of the standard gRPC health-checking protocol (grpc.health.v1;
-// `splitq health HOST:PORT`). Our coordinator and workers serve it through gRPC's built-in
-// health service, so docker compose and orchestrators can probe them.
+// splitq server: the standard gRPC health-checking protocol (grpc.health.v1), served by the
+// coordinator and the workers (HealthService) and asked by `splitq health HOST:PORT`
+// (CheckHealth), so docker compose and orchestrators can probe them.
 #pragma once
 
+#include <grpcpp/impl/service_type.h>
+
+#include <atomic>
+#include <set>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -18,5 +22,30 @@ namespace splitq::server {
 absl::StatusOr<std::string> CheckHealth(const std::string& target,
                                         const rpc::TransportSecurity& security,
                                         const std::string& service = "", int timeout_ms = 2000);
+
+// grpc.health.v1.Health/Check without a token (probes have none): SERVING for "" (the whole
+// server) and the names given, NOT_FOUND for other names. Watch is not served (UNIMPLEMENTED).
+//
+// It replaces gRPC's built-in health service, which is unary: gRPC reads a unary request whole
+// (up to the 4 MiB message limit) before any handler runs, and a peer that sent all but the
+// last byte of many such requests held ~3 GB of a worker (issue 19's third outside probe).
+// Check is registered as a stream instead, so the call reaches the service at its headers,
+// and at most kMaxReading requests are read at once (more are RESOURCE_EXHAUSTED at their
+// headers, before anything is read): unfinished Check requests hold at most kMaxReading x the
+// server's message limit. A probe's Check is a few bytes read at once, so the cap only matters
+// under such a flood (which can then deny health checks, not the service; the connection guard
+// evicts the flood's connections after 30 s).
+class HealthService final : public grpc::Service {
+ public:
+  static constexpr int kMaxReading = 16;
+  explicit HealthService(std::set<std::string> serving);
+  // Checks whose request is being read now.
+  int reading() const { return reading_.load(); }
+
+ private:
+  class Check;
+  const std::set<std::string> serving_;
+  std::atomic<int> reading_{0};
+};
 
 }  // namespace splitq::server

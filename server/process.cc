@@ -16,9 +16,12 @@ absl::StatusOr<Serving> StartServing(const ServingOptions& options,
                                      const std::vector<grpc::Service*>& services,
                                      const std::string& health_name) {
   SPLITQ_ASSIGN_OR_RETURN(auto credentials, rpc::MakeServerCredentials(options.security));
-  grpc::EnableDefaultHealthCheckService(true);
+  grpc::EnableDefaultHealthCheckService(false);  // (a process-wide switch, read at build)
   grpc::ServerBuilder builder;
   Serving out;
+  // `splitq health --service NAME` as well as the whole server.
+  out.health = std::make_unique<HealthService>(std::set<std::string>{"", health_name});
+  builder.RegisterService(out.health.get());
   builder.AddListeningPort(options.listen, credentials, &out.port);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS, options.handshake_timeout_ms);
@@ -54,8 +57,6 @@ absl::StatusOr<Serving> StartServing(const ServingOptions& options,
   if (out.server == nullptr || out.port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   }
-  // `splitq health --service NAME` as well as the whole server.
-  out.server->GetHealthCheckService()->SetServingStatus(health_name, true);
   return out;
 }
 

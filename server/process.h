@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "proto/rpc_channel.h"
 #include "server/connection_guard.h"
+#include "server/health.h"
 
 namespace splitq::server {
 
@@ -30,12 +31,14 @@ struct ServingOptions {
 };
 
 struct Serving {
+  std::unique_ptr<HealthService> health;  // before the server: it outlives it
   std::unique_ptr<grpc::Server> server;
   int port = 0;  // the port bound
 };
 
-// Starts a gRPC server for `services` with the standard health service, reporting
-// `health_name` (a service's full name) as serving too. No SO_REUSEPORT (gRPC's default would let
+// Starts a gRPC server for `services` with the standard health service (health.h's
+// HealthService, not gRPC's built-in one), reporting `health_name` (a service's full name) as
+// serving too. No SO_REUSEPORT (gRPC's default would let
 // a second process listen on our port). UNAVAILABLE naming the address when it cannot listen;
 // INVALID_ARGUMENT / NOT_FOUND for bad security flags or missing certificate files;
 // FAILED_PRECONDITION when options.guard cannot be installed (connection_guard.h).

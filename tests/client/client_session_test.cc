@@ -208,6 +208,18 @@ TEST_F(ClientSessionTest, NonTransientErrorsAreNotRetried) {
   EXPECT_EQ(link.Recover(denied), denied);
 }
 
+// A worker's refusal (RESOURCE_EXHAUSTED from its service) is final; the same code made by
+// gRPC from a stream reset (a server under its memory quota cancelling streams) is a network
+// failure, retried after a reconnect (the third outside probe: clients quit on it).
+TEST(IsTransient, AStreamResetIsRetriedAServicesRefusalIsNot) {
+  EXPECT_TRUE(
+      client::IsTransient(absl::ResourceExhaustedError("Received RST_STREAM with error code 11")));
+  EXPECT_FALSE(client::IsTransient(
+      absl::ResourceExhaustedError("a frame of 300 MiB is above the limit of 6 MiB")));
+  EXPECT_TRUE(client::IsTransient(absl::UnavailableError("Broken pipe")));
+  EXPECT_FALSE(client::IsTransient(absl::InvalidArgumentError("a malformed frame")));
+}
+
 TEST(RunId, IsMadeOnceAndKeptAcrossRestarts) {
   const std::string dir =
       (std::filesystem::temp_directory_path() / ("splitq_run_id_" + std::to_string(getpid())))

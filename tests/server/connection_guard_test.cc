@@ -26,6 +26,7 @@
 #include "base/memory.h"
 #include "client/coordinator_client.h"
 #include "server/coordinator_service.h"
+#include "server/health.h"
 #include "server/process.h"
 
 namespace splitq::server {
@@ -382,34 +383,15 @@ TEST_F(ConnectionGuardTest, StaleOnesAreEvictedAtTheCap) {
   EXPECT_EQ(guard_->counts().refused, 0u);
 }
 
-// F2 of the second outside probe: gRPC reads a whole request message before the service sees
-// the call and its token. Without a stream cap and a memory quota, one peer without a token
-// makes the server hold its unfinished messages, ~4 MiB per stream it opens.
-TEST_F(ConnectionGuardTest, UnfinishedRequestsAreHeldWithoutAQuota) {
+// Every coordinator method is registered as a stream, so the token is checked when a call's
+// headers arrive and nothing of a request without one is read: a peer that opens 120 streams
+// on each of three connections, announcing ~4 MiB messages, gets every stream refused at once
+// and the server holds none of it (registered as unary, gRPC read whole messages first: the
+// third outside probe held 1 GB of a coordinator that way).
+TEST_F(ConnectionGuardTest, CallsWithoutATokenHoldNothing) {
   Stop();
-  ConnectionLimits limits{0, 0};
-  limits.max_streams_per_connection = 0;
-  limits.grpc_memory_mib = 0;
+  ConnectionLimits limits;  // the defaults: 100 streams per connection, no memory quota
   Start(limits);
-  const double rss0 = base::RssMiB();
-  const Flood flood = FloodWithHalfRequests(serving_.port, "/splitq.v1.Coordinator/Register", 40,
-                                            (4 << 20) - 4096, std::chrono::milliseconds(1500));
-  EXPECT_FALSE(flood.closed);
-  EXPECT_EQ(flood.max_concurrent, -1);
-  EXPECT_GT(flood.held, int64_t{100} << 20) << "sent " << flood.sent;
-  std::printf("no quota: held %.1f MiB, RSS %.0f -> %.0f MiB\n", flood.held / 1048576.0, rss0,
-              base::RssMiB());
-}
-
-// The defaults: at most 100 streams per connection (more are refused) and a gRPC memory quota
-// (64 MiB with nothing in flight) that bounds what unfinished requests hold: three peers that
-// open 120 streams each and send ~4 MiB into each get ~60 MiB held, the rest cancelled; the
-// memory in use (the RSS after a trim) comes back near where it was, and the server keeps
-// serving authenticated calls. (The RSS before the trim is far higher: glibc keeps what the
-// cancelled streams freed until the servers' MemoryTrimmer gives it back.)
-TEST_F(ConnectionGuardTest, TheDefaultsBoundUnfinishedRequests) {
-  Stop();
-  Start(ConnectionLimits{});
   malloc_trim(0);
   const double rss0 = base::RssMiB();
   std::vector<Flood> floods(3);
@@ -417,27 +399,60 @@ TEST_F(ConnectionGuardTest, TheDefaultsBoundUnfinishedRequests) {
   for (Flood& f : floods) {
     peers.emplace_back([&f, port = serving_.port] {
       f = FloodWithHalfRequests(port, "/splitq.v1.Coordinator/Register", 120, (4 << 20) - 4096,
-                                std::chrono::milliseconds(1500));
+                                std::chrono::milliseconds(1000));
     });
   }
   for (std::thread& t : peers) t.join();
-  int64_t held = 0;
   for (const Flood& f : floods) {
     EXPECT_EQ(f.max_concurrent, 100);
-    EXPECT_GE(f.refused, 20);
-    held += f.held;
-    std::printf("flood: sent %.1f MiB, held %.1f MiB, %d streams refused%s\n", f.sent / 1048576.0,
-                f.held / 1048576.0, f.refused, f.closed ? ", connection closed" : "");
+    EXPECT_EQ(f.refused, 120);
+    EXPECT_EQ(f.held, 0);
+    EXPECT_LE(f.sent, int64_t{16} << 20);  // the streams' first windows at most
   }
-  const double peak = base::RssMiB();
-  malloc_trim(0);
-  const double trimmed = base::RssMiB();
-  std::printf("RSS %.0f MiB before, %.0f after the floods, %.0f after a trim\n", rss0, peak,
-              trimmed);
-  EXPECT_LE(held, int64_t{64 + 16} << 20);
-  EXPECT_LE(trimmed, rss0 + 64 + 32);
+  EXPECT_LE(base::RssMiB(), rss0 + 32);
   std::shared_ptr<grpc::Channel> good;
   EXPECT_TRUE(Call(kToken, &good).ok());
+}
+
+// The health service answers without a token (probes have none), so it reads requests from
+// anyone; it reads at most HealthService::kMaxReading at once and refuses more at their
+// headers. One peer with 40 unfinished ~4 MiB Check requests gets 16 read (gRPC's built-in
+// health service, unary, held all 40: 160 MiB), and a probe during the flood is refused; once
+// the peer goes, checks answer again and the memory in use is back near where it was.
+TEST_F(ConnectionGuardTest, UnfinishedHealthChecksHoldAtMostSixteenRequests) {
+  const std::string kCheck = "/grpc.health.v1.Health/Check";
+  malloc_trim(0);
+  const double rss0 = base::RssMiB();
+  Flood flood;
+  std::thread peer([&] {
+    flood = FloodWithHalfRequests(serving_.port, kCheck, 40, (4 << 20) - 4096,
+                                  std::chrono::milliseconds(1500));
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));
+  const std::string address = "127.0.0.1:" + std::to_string(serving_.port);
+  rpc::TransportSecurity plaintext;
+  plaintext.insecure = true;
+  const absl::StatusOr<std::string> during = CheckHealth(address, plaintext);
+  peer.join();
+  const double peak = base::RssMiB();
+  std::printf(
+      "flood: sent %.1f MiB, held %.1f MiB, %d streams refused; a check during it: %s; "
+      "RSS %.0f MiB before, %.0f after\n",
+      flood.sent / 1048576.0, flood.held / 1048576.0, flood.refused,
+      during.ok() ? during->c_str() : during.status().ToString().c_str(), rss0, peak);
+  EXPECT_EQ(flood.refused, 40 - HealthService::kMaxReading);
+  EXPECT_LE(flood.held, int64_t{HealthService::kMaxReading} << 22);
+  EXPECT_GT(flood.held, int64_t{HealthService::kMaxReading - 1} << 22);
+  EXPECT_EQ(during.status().code(), absl::StatusCode::kResourceExhausted);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const absl::StatusOr<std::string> after = CheckHealth(address, plaintext);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(*after, "SERVING");
+  EXPECT_EQ(CheckHealth(address, plaintext, "splitq.v1.Coordinator").value_or(""), "SERVING");
+  EXPECT_EQ(CheckHealth(address, plaintext, "no.such.Service").status().code(),
+            absl::StatusCode::kNotFound);
+  malloc_trim(0);
+  EXPECT_LE(base::RssMiB(), rss0 + 32);
 }
 
 }  // namespace
