@@ -33,9 +33,9 @@ absl::StatusOr<std::string> CheckHealth(const std::string& target,
 class HealthService::Check final
     : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  explicit Check(HealthService& service) : service_(service) {
-    if (service_.reading_.fetch_add(1) >= kMaxReading) {
-      service_.reading_.fetch_sub(1);
+  Check(HealthService& service, const std::string& peer)
+      : service_(service), address_(peer.substr(0, peer.rfind(':'))) {
+    if (!service_.Take(address_)) {
       Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "too many health checks at once"));
       return;
     }
@@ -69,11 +69,12 @@ class HealthService::Check final
 
  private:
   void Release() {
-    if (reading_) service_.reading_.fetch_sub(1);
+    if (reading_) service_.Release(address_);
     reading_ = false;
   }
 
   HealthService& service_;
+  const std::string address_;
   bool reading_ = false;
   grpc::ByteBuffer request_, reply_;
 };
@@ -83,7 +84,28 @@ HealthService::HealthService(std::set<std::string> serving) : serving_(std::move
       "/grpc.health.v1.Health/Check", grpc::internal::RpcMethod::BIDI_STREAMING, nullptr));
   MarkMethodRawCallback(0,
                         new grpc::internal::CallbackBidiHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
-                            [this](grpc::CallbackServerContext*) { return new Check(*this); }));
+                            [this](grpc::CallbackServerContext* context) {
+                              return new Check(*this, context->peer());
+                            }));
+}
+
+bool HealthService::Take(const std::string& address) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  int& mine = per_peer_[address];
+  if (reading_.load() >= kMaxReading || mine >= kMaxReadingPerPeer) {
+    if (mine == 0) per_peer_.erase(address);
+    return false;
+  }
+  ++mine;
+  reading_.fetch_add(1);
+  return true;
+}
+
+void HealthService::Release(const std::string& address) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  reading_.fetch_sub(1);
+  const auto it = per_peer_.find(address);
+  if (it != per_peer_.end() && --it->second <= 0) per_peer_.erase(it);
 }
 
 }  // namespace splitq::server

@@ -6,6 +6,8 @@
 #include <grpcpp/impl/service_type.h>
 
 #include <atomic>
+#include <map>
+#include <mutex>
 #include <set>
 #include <string>
 
@@ -30,22 +32,29 @@ absl::StatusOr<std::string> CheckHealth(const std::string& target,
 // (up to the 4 MiB message limit) before any handler runs, and a peer that sent all but the
 // last byte of many such requests held ~3 GB of a worker (issue 19's third outside probe).
 // Check is registered as a stream instead, so the call reaches the service at its headers,
-// and at most kMaxReading requests are read at once (more are RESOURCE_EXHAUSTED at their
-// headers, before anything is read): unfinished Check requests hold at most kMaxReading x the
-// server's message limit. A probe's Check is a few bytes read at once, so the cap only matters
-// under such a flood (which can then deny health checks, not the service; the connection guard
-// evicts the flood's connections after 30 s).
+// and at most kMaxReading requests are read at once, kMaxReadingPerPeer from one peer address
+// (more are RESOURCE_EXHAUSTED at their headers, before anything is read): unfinished Check
+// requests hold at most kMaxReading x the server's message limit. A probe's Check is a few
+// bytes read at once, so the caps only matter under such a flood, which can then deny health
+// checks (not the service) from kMaxReading / kMaxReadingPerPeer addresses or more, until the
+// connection guard evicts its connections (30 s).
 class HealthService final : public grpc::Service {
  public:
   static constexpr int kMaxReading = 16;
+  static constexpr int kMaxReadingPerPeer = 4;
   explicit HealthService(std::set<std::string> serving);
   // Checks whose request is being read now.
   int reading() const { return reading_.load(); }
 
  private:
   class Check;
+  // Takes a reading place for `address` (a peer without its port); false at either cap.
+  bool Take(const std::string& address);
+  void Release(const std::string& address);
   const std::set<std::string> serving_;
   std::atomic<int> reading_{0};
+  std::mutex mutex_;
+  std::map<std::string, int> per_peer_;  // under mutex_
 };
 
 }  // namespace splitq::server

@@ -63,12 +63,21 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
         return;
       }
       auth_id_ = bearer->id;
+      if (!service_.TakeOpening(auth_id_)) {
+        finished_ = true;
+        this->Finish(rpc::ToGrpcStatus(absl::ResourceExhaustedError(
+            absl::StrCat("more than ", WorkerService::kMaxOpeningPerToken, " streams of '",
+                         auth_id_, "' are waiting for their hello"))));
+        return;
+      }
+      opening_ = true;
     }
     if (service_.options_.guard != nullptr) service_.options_.guard->Authenticated(*context);
     this->StartRead(&raw_);
   }
 
   void OnReadDone(bool ok) override {
+    ReleaseOpening();  // the first message (the hello, or nothing) has been read
     if (!ok) {  // the client finished writing, or the stream broke
       std::lock_guard<std::mutex> lock(mutex_);
       read_closed_ = true;
@@ -116,6 +125,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   void OnCancel() override { cancelled_.store(true); }
 
   void OnDone() override {
+    ReleaseOpening();  // (a stream that ended before its first message)
     bool last;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -126,6 +136,11 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   }
 
  private:
+  void ReleaseOpening() {
+    if (opening_) service_.ReleaseOpening(auth_id_);
+    opening_ = false;
+  }
+
   void Destroy() {
     if (session_ != 0) {
       service_.RemoveLive(session_);
@@ -392,6 +407,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   WorkerService& service_;
   std::atomic<bool> cancelled_{false};
   std::string auth_id_, client_id_;
+  bool opening_ = false;  // holds one of its token's opening places (until the first message)
   absl::Status end_status_;
   grpc::ByteBuffer raw_;     // the message being read
   uint64_t frame_step_ = 0;  // the step of the last chunk taken
@@ -408,6 +424,20 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   bool finish_pending_ = false;
   absl::Status finish_status_;
 };
+
+bool WorkerService::TakeOpening(const std::string& token_id) {
+  std::lock_guard<std::mutex> lock(opening_mutex_);
+  int& n = opening_[token_id];
+  if (n >= kMaxOpeningPerToken) return false;
+  ++n;
+  return true;
+}
+
+void WorkerService::ReleaseOpening(const std::string& token_id) {
+  std::lock_guard<std::mutex> lock(opening_mutex_);
+  const auto it = opening_.find(token_id);
+  if (it != opening_.end() && --it->second <= 0) opening_.erase(it);
+}
 
 void WorkerService::AddLive(uint64_t session, std::function<void(const absl::Status&)> end) {
   std::lock_guard<std::mutex> lock(live_mutex_);

@@ -85,10 +85,18 @@ struct WorkerServiceOptions {
 // Both methods take raw messages (protobuf's wire format as ByteBuffers): frame chunks are
 // decoded and encoded without copies (chunk_codec.h), everything else goes through the
 // generated classes. A message that does not parse ends its session with INVALID_ARGUMENT.
+//
+// A stream is refused at its headers without a valid token (nothing of it is read). With
+// tokens, at most kMaxOpeningPerToken streams of one token may be waiting for their hello at
+// once (more: RESOURCE_EXHAUSTED, which clients retry as a full worker): gRPC reads a whole
+// message (up to the frame chunk limit) for each of them, and one client token opened 800 such
+// streams and held 3.4 GB of a worker in the third outside probe. After its hello a stream is a
+// session: one Train and one Evaluate session per client id (a newer hello ends the older).
 class WorkerService final
     : public splitq::v1::Worker::WithRawCallbackMethod_Train<
           splitq::v1::Worker::WithRawCallbackMethod_Evaluate<splitq::v1::Worker::Service>> {
  public:
+  static constexpr int kMaxOpeningPerToken = 4;
   // `tokens`: every caller must present one (null: no check, for tests and trusted networks).
   WorkerService(WorkerCore& core, const TokenSet* tokens, const WorkerServiceOptions& options = {});
   ~WorkerService() override;
@@ -141,6 +149,11 @@ class WorkerService final
   std::atomic<bool> closing_{false};  // the same, for MergeOptions::before_round
   std::mutex live_mutex_;
   std::unordered_map<uint64_t, std::function<void(const absl::Status&)>> live_;
+  // Streams waiting for their hello, per token id (tokens on only).
+  bool TakeOpening(const std::string& token_id);
+  void ReleaseOpening(const std::string& token_id);
+  std::mutex opening_mutex_;
+  std::unordered_map<std::string, int> opening_;
   SerialExecutor compute_;
 };
 

@@ -40,6 +40,7 @@ fi
 "$CLANGXX" -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -ffp-contract=off -Wno-unknown-pragmas -I "$SRC" \
   "$SRC/tests/fuzz/frame_decoder_fuzz.cc" "$SRC/kernels/common.cc" "$SRC/kernels/pack.cc" \
+  "$SRC/kernels/detail/philox_batch.cc" \
   "$SRC/quant/crc32c.cc" "$SRC/quant/wire_format.cc" \
   $ABSL_LIBS -o "$BIN"
 

@@ -30,6 +30,7 @@
 #include "quant/wire_format.h"
 #include "server/tls_certs.h"
 #include "server/tokens.h"
+#include "tests/server/hostile_peer.h"
 #include "trainer/client_part.h"
 #include "trainer/datasets.h"
 #include "trainer/server_part.h"
@@ -277,6 +278,23 @@ TEST_F(WorkerServiceTest, AWorkerTokenOpensNoSession) {
   EXPECT_NE(refused.error_message().find("worker token"), std::string::npos)
       << refused.error_message();
   ExpectGoodClientTrains("bob", 1);
+}
+
+// A client token opens at most kMaxOpeningPerToken streams that wait for their hello: one that
+// opens 40 and never finishes a ~4 MiB hello gets 4 read and 36 refused at their headers
+// (RESOURCE_EXHAUSTED; the third outside probe held 3.4 GB of a worker with 800 of them).
+// Other clients train meanwhile, and the token's places come back once the streams go.
+TEST_F(WorkerServiceTest, OneTokenHoldsFewUnfinishedHellos) {
+  const hostile::Flood flood = hostile::FloodWithHalfRequests(
+      port_, "/splitq.v1.Worker/Train", 40, (4 << 20) - 4096, std::chrono::milliseconds(1500),
+      "127.0.0.1", TokenFor("alice"));
+  std::printf("40 unfinished hellos of one token: %.1f MiB held, %d streams refused\n",
+              flood.held / 1048576.0, flood.refused);
+  EXPECT_EQ(flood.refused, 40 - WorkerService::kMaxOpeningPerToken);
+  EXPECT_LE(flood.held, int64_t{WorkerService::kMaxOpeningPerToken} << 22);
+  ExpectGoodClientTrains("bob", 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ExpectGoodClientTrains("alice", 1);
 }
 
 TEST_F(WorkerServiceTest, ImplausibleValuesNeverReachTheServerPart) {
