@@ -61,8 +61,8 @@ void RegisterBenchCoordinator(CLI::App& bench, RunFn* run) {
                   "it)")
       ->check(IntRange(0, 100000));
   cmd->add_option("--grpc-memory-mib", opt->bench.grpc_memory_mib,
-                  "The coordinator's --grpc-memory-mib (default -1: its default)")
-      ->check(IntRange(-1, 1 << 20));
+                  "The coordinator's --grpc-memory-mib (default 0: none, as the coordinator's)")
+      ->check(IntRange(0, 1 << 20));
   cmd->add_option("--coordinator-cpus", opt->bench.coordinator_cpus,
                   "Pin the coordinator to CPUs 0..K-1 and the generator to the others (no "
                   "competition for a core; default 0: no pinning)")

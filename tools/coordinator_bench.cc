@@ -378,7 +378,7 @@ class Bench {
              // Every generator connection comes from 127.0.0.1, up to a window's worth at once
              // before their first call: the per-address cap is for real peers.
              "--max-pending-per-address", "0", "--grpc-memory-mib",
-             std::to_string(o_.grpc_memory_mib), "--log-level", "warn"},
+             std::to_string(std::max(o_.grpc_memory_mib, 0)), "--log-level", "warn"},
             ready_path);
         !s.ok()) {
       if (k_cpus > 0) {

@@ -63,7 +63,7 @@ struct CoordinatorBenchOptions {
   // server's CPU per call without the generator's interference, and its capacity on that many
   // cores.
   int coordinator_cpus = 0;
-  int grpc_memory_mib = -1;  // the coordinator's --grpc-memory-mib (-1: its default)
+  int grpc_memory_mib = 0;  // the coordinator's --grpc-memory-mib (0: none, its default)
   bool expire = true;  // run the expire phase (it waits 4 heartbeat periods + forget)
   std::function<void(const std::string&)> progress;  // a line per phase (stderr)
 };

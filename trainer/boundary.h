@@ -175,7 +175,8 @@ class BoundaryReceiver {
 
  private:
   // The rotation for a tensor of `channels` channels (made at the first frame: the receiver
-  // learns the channel count from it).
+  // learns the channel count from it; a frame with another count rebuilds it, at most a
+  // 1024 x 1024 matrix, and then fails the model's shape check).
   const quant::ChannelRotation& Rotation(int64_t channels);
 
   const RunConfig& c_;

@@ -52,7 +52,8 @@ struct ActivationQuantConfig {
   bool learned_scale = true;        // scale: learned | minmax
   kernels::Granularity granularity = kernels::Granularity::kChannel;
   // The randomized Hadamard rotation along channels before quantization (quant/channel_rotation.h):
-  // its block size, a power of two (0: off).
+  // its block size, a power of two up to 1024 (0: off). The cap bounds what a receiver builds
+  // for a frame's channel count (a b x b matrix), whatever a peer's frame claims.
   int64_t rotation = 0;
 };
 

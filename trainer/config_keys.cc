@@ -305,7 +305,7 @@ const std::vector<Key>& Keys() {
                                    : "channel");
           },
           "what shares a scale and a bit width"),
-      Int("quant.activations.rotation", 2, 65536, SPLITQ_FIELD(activations.rotation),
+      Int("quant.activations.rotation", 2, 1024, SPLITQ_FIELD(activations.rotation),
           "block size of a randomized Hadamard rotation along channels, applied before "
           "quantization and undone after decoding; the gradient crosses rotated too (a power of "
           "two; where it does not divide the boundary's channels, the largest power of two that "
