@@ -35,7 +35,7 @@ class HealthService::Check final
  public:
   Check(HealthService& service, const std::string& peer)
       : service_(service), address_(peer.substr(0, peer.rfind(':'))) {
-    if (!service_.Take(address_)) {
+    if (!service_.reading_.Take(address_)) {
       Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "too many health checks at once"));
       return;
     }
@@ -69,7 +69,7 @@ class HealthService::Check final
 
  private:
   void Release() {
-    if (reading_) service_.Release(address_);
+    if (reading_) service_.reading_.Release(address_);
     reading_ = false;
   }
 
@@ -87,25 +87,6 @@ HealthService::HealthService(std::set<std::string> serving) : serving_(std::move
                             [this](grpc::CallbackServerContext* context) {
                               return new Check(*this, context->peer());
                             }));
-}
-
-bool HealthService::Take(const std::string& address) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  int& mine = per_peer_[address];
-  if (reading_.load() >= kMaxReading || mine >= kMaxReadingPerPeer) {
-    if (mine == 0) per_peer_.erase(address);
-    return false;
-  }
-  ++mine;
-  reading_.fetch_add(1);
-  return true;
-}
-
-void HealthService::Release(const std::string& address) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  reading_.fetch_sub(1);
-  const auto it = per_peer_.find(address);
-  if (it != per_peer_.end() && --it->second <= 0) per_peer_.erase(it);
 }
 
 }  // namespace splitq::server

@@ -5,14 +5,12 @@
 
 #include <grpcpp/impl/service_type.h>
 
-#include <atomic>
-#include <map>
-#include <mutex>
 #include <set>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "proto/rpc_channel.h"
+#include "server/keyed_slots.h"
 
 namespace splitq::server {
 
@@ -43,18 +41,11 @@ class HealthService final : public grpc::Service {
   static constexpr int kMaxReading = 16;
   static constexpr int kMaxReadingPerPeer = 4;
   explicit HealthService(std::set<std::string> serving);
-  // Checks whose request is being read now.
-  int reading() const { return reading_.load(); }
 
  private:
   class Check;
-  // Takes a reading place for `address` (a peer without its port); false at either cap.
-  bool Take(const std::string& address);
-  void Release(const std::string& address);
   const std::set<std::string> serving_;
-  std::atomic<int> reading_{0};
-  std::mutex mutex_;
-  std::map<std::string, int> per_peer_;  // under mutex_
+  KeyedSlots reading_{kMaxReadingPerPeer, kMaxReading};  // by peer address
 };
 
 }  // namespace splitq::server

@@ -63,7 +63,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
         return;
       }
       auth_id_ = bearer->id;
-      if (!service_.TakeOpening(auth_id_)) {
+      if (!service_.opening_.Take(auth_id_)) {
         finished_ = true;
         this->Finish(rpc::ToGrpcStatus(absl::ResourceExhaustedError(
             absl::StrCat("more than ", WorkerService::kMaxOpeningPerToken, " streams of '",
@@ -78,7 +78,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
 
   void OnReadDone(bool ok) override {
     ReleaseOpening();  // the first message (the hello, or nothing) has been read
-    if (!ok) {  // the client finished writing, or the stream broke
+    if (!ok) {         // the client finished writing, or the stream broke
       std::lock_guard<std::mutex> lock(mutex_);
       read_closed_ = true;
       MaybeFinishLocked(absl::OkStatus());
@@ -137,7 +137,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
 
  private:
   void ReleaseOpening() {
-    if (opening_) service_.ReleaseOpening(auth_id_);
+    if (opening_) service_.opening_.Release(auth_id_);
     opening_ = false;
   }
 
@@ -424,20 +424,6 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   bool finish_pending_ = false;
   absl::Status finish_status_;
 };
-
-bool WorkerService::TakeOpening(const std::string& token_id) {
-  std::lock_guard<std::mutex> lock(opening_mutex_);
-  int& n = opening_[token_id];
-  if (n >= kMaxOpeningPerToken) return false;
-  ++n;
-  return true;
-}
-
-void WorkerService::ReleaseOpening(const std::string& token_id) {
-  std::lock_guard<std::mutex> lock(opening_mutex_);
-  const auto it = opening_.find(token_id);
-  if (it != opening_.end() && --it->second <= 0) opening_.erase(it);
-}
 
 void WorkerService::AddLive(uint64_t session, std::function<void(const absl::Status&)> end) {
   std::lock_guard<std::mutex> lock(live_mutex_);

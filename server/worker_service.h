@@ -34,6 +34,7 @@
 #include <unordered_map>
 
 #include "server/connection_guard.h"
+#include "server/keyed_slots.h"
 #include "server/tokens.h"
 #include "server/worker_core.h"
 #include "splitq/v1/worker.grpc.pb.h"
@@ -150,10 +151,7 @@ class WorkerService final
   std::mutex live_mutex_;
   std::unordered_map<uint64_t, std::function<void(const absl::Status&)>> live_;
   // Streams waiting for their hello, per token id (tokens on only).
-  bool TakeOpening(const std::string& token_id);
-  void ReleaseOpening(const std::string& token_id);
-  std::mutex opening_mutex_;
-  std::unordered_map<std::string, int> opening_;
+  KeyedSlots opening_{kMaxOpeningPerToken};
   SerialExecutor compute_;
 };
 

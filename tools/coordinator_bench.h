@@ -64,7 +64,7 @@ struct CoordinatorBenchOptions {
   // cores.
   int coordinator_cpus = 0;
   int grpc_memory_mib = 0;  // the coordinator's --grpc-memory-mib (0: none, its default)
-  bool expire = true;  // run the expire phase (it waits 4 heartbeat periods + forget)
+  bool expire = true;       // run the expire phase (it waits 4 heartbeat periods + forget)
   std::function<void(const std::string&)> progress;  // a line per phase (stderr)
 };
 
