@@ -57,7 +57,7 @@ class CoordinatorService::Call final
     : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   using Serve = std::function<absl::Status(const Bearer&, grpc::ByteBuffer*, grpc::ByteBuffer*)>;
-  Call(const CoordinatorService& service, grpc::CallbackServerContext* context, const Serve& serve)
+  Call(CoordinatorService& service, grpc::CallbackServerContext* context, const Serve& serve)
       : serve_(serve) {
     if (service.tokens_ != nullptr) {
       absl::StatusOr<Bearer> bearer = service.tokens_->Identify(context->client_metadata());
@@ -66,11 +66,19 @@ class CoordinatorService::Call final
         return;
       }
       caller_ = *bearer;
+      if (!service.reading_.Take(caller_.id)) {
+        Finish(rpc::ToGrpcStatus(absl::ResourceExhaustedError(
+            absl::StrCat("the token of '", caller_.id, "' has ", kMaxReadingPerToken,
+                         " calls whose request has not fully arrived; try again when they have"))));
+        return;
+      }
+      reading_ = &service.reading_;
     }
     if (service.guard_ != nullptr) service.guard_->Authenticated(*context);
     StartRead(&request_);
   }
   void OnReadDone(bool ok) override {
+    GivePlaceBack();
     if (!ok) {  // the caller half-closed (or went away) without a request
       Finish(rpc::ToGrpcStatus(absl::InvalidArgumentError("no request message")));
       return;
@@ -82,10 +90,19 @@ class CoordinatorService::Call final
       Finish(rpc::ToGrpcStatus(status));
     }
   }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    GivePlaceBack();
+    delete this;
+  }
 
  private:
+  void GivePlaceBack() {
+    if (reading_ != nullptr) reading_->Release(caller_.id);
+    reading_ = nullptr;
+  }
+
   const Serve& serve_;  // the method's, owned by its handler (lives as long as the service)
+  KeyedSlots* reading_ = nullptr;  // the place this call holds while its request arrives
   Bearer caller_;
   grpc::ByteBuffer request_, reply_;
 };

@@ -19,6 +19,7 @@
 
 #include "server/connection_guard.h"
 #include "server/coordinator_core.h"
+#include "server/keyed_slots.h"
 #include "server/tokens.h"
 #include "splitq/v1/coordinator.grpc.pb.h"
 
@@ -36,10 +37,19 @@ namespace splitq::server {
 // much per stream it opened (issue 19's third outside probe: 8 connections x 100 streams of
 // unfinished 4 MiB requests, RSS 169 -> 1183 MiB).
 //
-// Each call: the bearer token first (UNAUTHENTICATED), then the body (INVALID_ARGUMENT when it
-// does not parse as the method's request, or when the caller sends none), then the method.
+// A caller WITH a token could still open streams and leave their requests unfinished; gRPC
+// holds what arrived of each (up to 4 MiB). So at most kMaxReadingPerToken calls of one token
+// may be waiting for their request at once; more are RESOURCE_EXHAUSTED at their headers. A
+// legitimate worker or client has one or two calls in flight, each read in microseconds.
+// Members that share one token share its places.
+//
+// Each call: the bearer token first (UNAUTHENTICATED), then its place (RESOURCE_EXHAUSTED),
+// then the body (INVALID_ARGUMENT when it does not parse as the method's request, or when the
+// caller sends none), then the method.
 class CoordinatorService final : public grpc::Service {
  public:
+  static constexpr int kMaxReadingPerToken = 16;
+
   // `tokens`: every caller must present one of them (null: no token check, for tests and
   // trusted networks). `config_yaml`: the run config sent to each registrant.
   // `guard` (may be null) hears of every authenticated call (connection_guard.h).
@@ -72,6 +82,7 @@ class CoordinatorService final : public grpc::Service {
   const TokenSet* tokens_;
   std::string config_yaml_;
   ConnectionGuard* guard_;
+  KeyedSlots reading_{kMaxReadingPerToken};  // calls waiting for their request, per token id
   std::vector<std::shared_ptr<
       const std::function<absl::Status(const Bearer&, grpc::ByteBuffer*, grpc::ByteBuffer*)>>>
       serves_;  // each method's parse-and-serve, by method index

@@ -38,6 +38,7 @@ using hostile::Flood;
 using hostile::FloodWithHalfRequests;
 
 const std::string kToken = "0123456789abcdef0123456789abcdef";
+const std::string kBobToken = "fedcba9876543210fedcba9876543210";
 
 // Whether the server closed `fd` within `wait` (EOF or a reset). What the server sent first
 // (a plaintext gRPC server's HTTP/2 settings) is read and skipped.
@@ -57,7 +58,8 @@ class ConnectionGuardTest : public ::testing::Test {
  protected:
   void SetUp() override { Start(ConnectionLimits{6, 3}); }
   void Start(ConnectionLimits limits) {
-    auto tokens = TokenSet::Parse("alice " + kToken + " client\n", "test");
+    auto tokens =
+        TokenSet::Parse("alice " + kToken + " client\nbob " + kBobToken + " client\n", "test");
     ASSERT_TRUE(tokens.ok());
     tokens_ = std::make_unique<TokenSet>(*tokens);
     core_ = std::make_unique<CoordinatorCore>();
@@ -87,13 +89,14 @@ class ConnectionGuardTest : public ::testing::Test {
     return fd;
   }
   // Registers a client over a fresh channel (its own connection from 127.0.0.1).
-  absl::Status Call(const std::string& token, std::shared_ptr<grpc::Channel>* keep) {
+  absl::Status Call(const std::string& token, std::shared_ptr<grpc::Channel>* keep,
+                    const std::string& name = "alice") {
     grpc::ChannelArguments args;
     args.SetInt("grpc.use_local_subchannel_pool", 1);  // not shared with other channels
     *keep = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(serving_.port),
                                       grpc::InsecureChannelCredentials(), args);
     client::CoordinatorClient client(*keep, token);
-    return client.Register(rpc::Role::kClient, "alice").status();
+    return client.Register(rpc::Role::kClient, name).status();
   }
 
   std::unique_ptr<TokenSet> tokens_;
@@ -281,6 +284,39 @@ TEST_F(ConnectionGuardTest, UnfinishedHealthChecksHoldFewRequests) {
   EXPECT_EQ(CheckHealth(address, plaintext, "splitq.v1.Coordinator").value_or(""), "SERVING");
   EXPECT_EQ(CheckHealth(address, plaintext, "no.such.Service").status().code(),
             absl::StatusCode::kNotFound);
+  malloc_trim(0);
+  EXPECT_LE(base::RssMiB(), rss0 + 32);
+}
+
+// A peer WITH a token that opens streams and never finishes their requests: at most
+// CoordinatorService::kMaxReadingPerToken of them are read (gRPC holds what arrived of each),
+// the rest are refused at their headers. Another token's call goes through meanwhile; the
+// token's own calls are refused until its streams go, then work again.
+TEST_F(ConnectionGuardTest, OneTokenHoldsFewUnfinishedRequests) {
+  Stop();
+  Start(ConnectionLimits{});
+  malloc_trim(0);
+  const double rss0 = base::RssMiB();
+  Flood flood;
+  std::thread peer([&flood, port = serving_.port] {
+    flood = FloodWithHalfRequests(port, "/splitq.v1.Coordinator/Heartbeat", 40, (4 << 20) - 4096,
+                                  std::chrono::milliseconds(1500), "127.0.0.1", kToken);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));
+  std::shared_ptr<grpc::Channel> bob, alice;
+  const absl::Status other = Call(kBobToken, &bob, "bob");
+  const absl::Status same = Call(kToken, &alice);
+  peer.join();
+  const int reading = CoordinatorService::kMaxReadingPerToken;
+  std::printf("one token, 40 unfinished ~4 MiB requests: %d refused, held %.1f MiB\n",
+              flood.refused, flood.held / 1048576.0);
+  EXPECT_EQ(flood.refused, 40 - reading);
+  EXPECT_LE(flood.held, int64_t{reading} << 22);
+  EXPECT_GT(flood.held, int64_t{reading - 1} << 22);
+  EXPECT_TRUE(other.ok()) << other;
+  EXPECT_EQ(same.code(), absl::StatusCode::kResourceExhausted) << same;
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_TRUE(Call(kToken, &alice).ok());
   malloc_trim(0);
   EXPECT_LE(base::RssMiB(), rss0 + 32);
 }
