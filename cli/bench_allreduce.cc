@@ -23,6 +23,17 @@ void RegisterBenchAllreduce(CLI::App& bench, RunFn* run) {
   cmd->add_option("--set", opt->overrides, "Override a key of --config: key.path=value");
   cmd->add_option("--iters", opt->iters, "Timed sums per size")->check(IntRange(1, 1 << 20));
   cmd->add_option("--json", opt->json_path, "Also write the rows as JSON to this file");
+  cmd->add_option("--rounds", opt->rounds,
+                  "Time K whole group rounds of --config's server part per --bucket-kib "
+                  "instead of bare sums")
+      ->check(IntRange(1, 1 << 20));
+  cmd->add_option("--bucket-kib", opt->bucket_kib,
+                  "server.group.bucket_kib values compared by --rounds (default 0,1024)")
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  cmd->add_option("--round-batch", opt->round_batch,
+                  "Examples per member per round (default: the config's batch_size)")
+      ->check(IntRange(1, 1 << 20));
   cmd->callback([opt, run] { *run = [opt] { return tools::RunAllreduceBench(*opt); }; });
 }
 

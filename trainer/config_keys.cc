@@ -257,6 +257,12 @@ const std::vector<Key>& Keys() {
           [](const RunConfig& c) { return c.group_backend; },
           "splitq worker --group-size N: the collectives of a worker group (auto: nccl on "
           "CUDA, gloo on the CPU)"),
+      Int("server.group.bucket_kib", 1, 1 << 20, SPLITQ_FIELD(group_bucket_kib),
+          "splitq worker --group-size N: send the gradient sum in buckets of at most this many "
+          "KiB, each started while the backward pass still computes the layers before it (0: one "
+          "sum after the backward pass; on the CPU buckets do not pay; docs/cluster.md, Worker "
+          "groups)",
+          /*zero_ok=*/true),
       Bool("server.group.rebalance", SPLITQ_FIELD(group_rebalance),
            "splitq coordinator: move clients from busier members of a worker group to one with "
            "fewer (a member that joins or comes back), one per heartbeat, at a step's end "

@@ -12,8 +12,11 @@
 #include <atomic>
 #include <cstdlib>
 #include <map>
+#include <mutex>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "quant/torch_status.h"
 
 namespace splitq::trainer {
@@ -141,22 +144,11 @@ absl::StatusOr<std::vector<int64_t>> ReplicaGroup::Max(const std::vector<int64_t
 }
 
 absl::Status ReplicaGroup::SumInPlace(const std::vector<at::Tensor>& tensors) {
-  Impl& s = *impl_;
   // One flat buffer per dtype (one collective each), copied back after.
-  std::map<at::ScalarType, std::vector<at::Tensor>> by_type;
-  for (const at::Tensor& t : tensors) by_type[t.scalar_type()].push_back(t);
-  for (auto& [type, group] : by_type) {
-    std::vector<at::Tensor> flat_in;
-    for (const at::Tensor& t : group) flat_in.push_back(t.reshape({-1}));
-    std::vector<at::Tensor> flat{at::cat(flat_in)};
-    absl::Status st = s.Collective("gradient sum", [&] { s.pg->allreduce(flat)->wait(); });
-    if (!st.ok()) return st;
-    int64_t offset = 0;
-    for (const at::Tensor& t : group) {
-      t.copy_(flat[0].narrow(0, offset, t.numel()).view(t.sizes()));
-      offset += t.numel();
-    }
-  }
+  std::unique_ptr<BucketedSum> sum = StartSum(tensors, 0);
+  for (size_t i = 0; i < tensors.size(); ++i) sum->Add(i, tensors[i], 1.0);
+  SPLITQ_RETURN_IF_ERROR(sum->Finish());
+  for (size_t i = 0; i < tensors.size(); ++i) tensors[i].copy_(sum->sum(i));
   return absl::OkStatus();
 }
 
@@ -179,6 +171,162 @@ absl::StatusOr<std::string> ReplicaGroup::Broadcast(const std::string& bytes, in
   const at::Tensor host = data[0].to(at::kCPU).contiguous();
   return std::string(static_cast<const char*>(host.data_ptr()), static_cast<size_t>(n));
 }
+
+namespace {
+using WorkPtr = decltype(std::declval<Collectives&>().allreduce(
+    std::declval<std::vector<at::Tensor>&>(), c10d::AllreduceOptions()));
+}  // namespace
+
+struct BucketedSum::Impl {
+  ReplicaGroup::Impl* group = nullptr;
+  struct Place {
+    size_t bucket = 0;
+    int64_t offset = 0, numel = 0;
+    std::vector<int64_t> shape;
+    bool added = false;
+  };
+  struct Bucket {
+    std::vector<size_t> places;
+    at::Tensor flat;
+    int missing = 0;  // places not added yet
+    bool started = false;
+    WorkPtr work;
+  };
+  std::vector<Place> places;
+  std::vector<Bucket> buckets;
+  size_t next = 0;  // the first bucket not started
+  int early = 0;
+  absl::Status failed;
+  std::mutex mutex;
+
+  at::Tensor Slot(const Place& p) const {
+    return buckets[p.bucket].flat.narrow(0, p.offset, p.numel).view(p.shape);
+  }
+  // Starts bucket `b` (places never added hold zeros); the caller holds `mutex`.
+  void Start(Bucket& b) {
+    b.started = true;
+    for (size_t i : b.places) {
+      if (!places[i].added) Slot(places[i]).zero_();
+    }
+    if (!failed.ok()) return;
+    failed = group->Collective("gradient sum", [&] {
+      std::vector<at::Tensor> t{b.flat};
+      b.work = group->pg->allreduce(t, c10d::AllreduceOptions());
+    });
+  }
+};
+
+BucketedSum::BucketedSum(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+BucketedSum::~BucketedSum() {
+  // A sum dropped unfinished (an error on the way) must not leave collectives reading freed
+  // buckets.
+  for (auto& b : impl_->buckets) {
+    if (b.work) {
+      try {
+        b.work->wait();
+      } catch (const std::exception&) {
+      }
+    }
+  }
+}
+
+std::unique_ptr<BucketedSum> ReplicaGroup::StartSum(const std::vector<at::Tensor>& like,
+                                                    int64_t bucket_bytes) {
+  auto impl = std::make_unique<BucketedSum::Impl>();
+  impl->group = impl_.get();
+  impl->places.resize(like.size());
+  std::vector<int64_t> sizes;  // each bucket's elements
+  std::vector<at::ScalarType> types;
+  for (size_t k = like.size(); k-- > 0;) {
+    const at::Tensor& t = like[k];
+    const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+    const bool fits =
+        !types.empty() && types.back() == t.scalar_type() &&
+        (bucket_bytes <= 0 ||
+         (sizes.back() * static_cast<int64_t>(t.element_size()) + bytes <= bucket_bytes));
+    if (!fits) {
+      impl->buckets.emplace_back();
+      sizes.push_back(0);
+      types.push_back(t.scalar_type());
+    }
+    BucketedSum::Impl::Place& p = impl->places[k];
+    p.bucket = impl->buckets.size() - 1;
+    p.offset = sizes.back();
+    p.numel = t.numel();
+    p.shape = t.sizes().vec();
+    sizes.back() += t.numel();
+    impl->buckets.back().places.push_back(k);
+    impl->buckets.back().missing += 1;
+  }
+  for (size_t b = 0; b < impl->buckets.size(); ++b) {
+    impl->buckets[b].flat =
+        at::empty({sizes[b]}, at::TensorOptions().dtype(types[b]).device(impl_->device));
+  }
+  return std::unique_ptr<BucketedSum>(new BucketedSum(std::move(impl)));
+}
+
+void BucketedSum::Add(size_t index, const at::Tensor& value, double scale) {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  if (index >= s.places.size()) return;
+  Impl::Place& p = s.places[index];
+  Impl::Bucket& b = s.buckets[p.bucket];
+  if (b.started) {
+    if (s.failed.ok()) {
+      s.failed = absl::InternalError(
+          absl::StrCat("gradient sum: tensor ", index, " arrived after its bucket had started"));
+    }
+    return;
+  }
+  at::Tensor slot = s.Slot(p);
+  if (p.added) {
+    slot.add_(value, scale);
+    return;
+  }
+  slot.copy_(value);
+  if (scale != 1.0) slot.mul_(scale);
+  p.added = true;
+  b.missing -= 1;
+  while (s.next < s.buckets.size() && s.buckets[s.next].missing == 0) {
+    s.Start(s.buckets[s.next++]);
+    ++s.early;
+  }
+}
+
+bool BucketedSum::Discard() {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  for (size_t b = s.next; b < s.buckets.size(); ++b) {
+    for (size_t i : s.buckets[b].places) s.places[i].added = false;
+    s.buckets[b].missing = static_cast<int>(s.buckets[b].places.size());
+  }
+  return s.next > 0;
+}
+
+absl::Status BucketedSum::Finish() {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  while (s.next < s.buckets.size()) s.Start(s.buckets[s.next++]);
+  for (auto& b : s.buckets) {
+    if (!b.work) continue;
+    try {
+      b.work->wait();
+    } catch (const std::exception& e) {
+      if (s.failed.ok()) {
+        s.failed = absl::UnavailableError(
+            absl::StrCat("replica group generation ", s.group->o.generation, ", rank ",
+                         s.group->o.rank, ": gradient sum: ", e.what()));
+      }
+    }
+    b.work.reset();
+  }
+  if (!s.failed.ok()) s.group->broken.store(true);
+  return s.failed;
+}
+
+at::Tensor BucketedSum::sum(size_t index) const { return impl_->Slot(impl_->places[index]); }
+int BucketedSum::buckets() const { return static_cast<int>(impl_->buckets.size()); }
+int BucketedSum::started_early() const { return impl_->early; }
 
 int64_t ReplicaGroup::generation() const { return impl_->o.generation; }
 void ReplicaGroup::set_latest_generation(int64_t generation) { impl_->latest.store(generation); }

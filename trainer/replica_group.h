@@ -52,6 +52,8 @@ struct ReplicaGroupOptions {
   std::chrono::milliseconds timeout{30000};
 };
 
+class BucketedSum;
+
 class ReplicaGroup {
  public:
   // Joins (waits up to `timeout` for every member). INVALID_ARGUMENT for a rank outside the
@@ -68,6 +70,10 @@ class ReplicaGroup {
   absl::StatusOr<std::vector<int64_t>> Max(const std::vector<int64_t>& values);
   absl::Status SumInPlace(const std::vector<at::Tensor>& tensors);
   absl::StatusOr<std::string> Broadcast(const std::string& bytes, int root);
+  // A sum in buckets that may start while a backward pass still runs (BucketedSum below).
+  // `like`: the tensors' shapes and dtypes, in the same order on every member; the buckets
+  // live on this group's device. The group outlives the sum.
+  std::unique_ptr<BucketedSum> StartSum(const std::vector<at::Tensor>& like, int64_t bucket_bytes);
 
   int rank() const;
   int world() const;
@@ -83,8 +89,43 @@ class ReplicaGroup {
   int store_port() const;  // the store's port (the one picked, when this member hosts it)
 
  private:
+  friend class BucketedSum;
   struct Impl;
   explicit ReplicaGroup(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// A sum over the group of a fixed list of tensors, in buckets whose all-reduces start as soon
+// as they are filled, so the sum overlaps with the backward pass that fills them (what DDP
+// does). Buckets are made from the list in REVERSE order (a backward pass produces the last
+// layers' gradients first), each of one dtype and at most `bucket_bytes` (0: no limit, one
+// bucket per dtype run). Add(i, value, scale) puts scale * value in tensor i's place (a second
+// Add to the same place adds to it); when a bucket's places are all added it starts (an
+// asynchronous all-reduce), but only after every bucket before it has started, so every member
+// starts the same collectives in the same order whatever order its places arrive in. Finish
+// starts the rest (places never added count as zeros) and waits for all. Every member must
+// call Finish on a sum of the same list; a member with nothing to add just calls Finish.
+//
+// Add may run on another thread (autograd's) than Finish; the calls are serialized. A failed
+// collective breaks the group (ReplicaGroup::broken) and Finish returns UNAVAILABLE.
+class BucketedSum {
+ public:
+  ~BucketedSum();
+  void Add(size_t index, const at::Tensor& value, double scale);
+  // Forgets what was added to buckets that have not started (they will carry zeros). True when
+  // some bucket had started: this member's values are then already on their way.
+  bool Discard();
+  absl::Status Finish();
+  // Tensor `index`'s sum over the members (a view into its bucket), after Finish returned OK.
+  at::Tensor sum(size_t index) const;
+  int buckets() const;
+  // Buckets that Add started (before Finish: during the backward pass, when Add runs there).
+  int started_early() const;
+
+ private:
+  friend class ReplicaGroup;
+  struct Impl;
+  explicit BucketedSum(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
 

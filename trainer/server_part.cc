@@ -42,6 +42,21 @@ struct RoundRecords {
   std::vector<std::string>* others = nullptr;
 };
 
+// Hooks on tensors, removed when this goes (whatever the backward pass threw).
+class HookGuard {
+ public:
+  template <typename F>
+  void Add(const at::Tensor& t, F&& hook) {
+    hooks_.emplace_back(t, t.register_hook(std::forward<F>(hook)));
+  }
+  ~HookGuard() {
+    for (auto& [t, h] : hooks_) t.remove_hook(h);
+  }
+
+ private:
+  std::vector<std::pair<at::Tensor, unsigned>> hooks_;
+};
+
 using Clock = std::chrono::steady_clock;
 double Ms(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration<double, std::milli>(to - from).count();
@@ -189,31 +204,60 @@ struct ServerPart::Impl {
     AutocastScope scope(c.bf16_autocast);
     return model.server->forward(server_in);
   }
+  // The trainable parameters, in the order of a group's sum (after its extras, index 0).
+  std::vector<at::Tensor> Trainable() const {
+    std::vector<at::Tensor> out;
+    for (const at::Tensor& p : model.server->parameters()) {
+      if (p.requires_grad()) out.push_back(p);
+    }
+    return out;
+  }
+  // A group round's sum: index 0 holds the extras (this replica's targets, whether its values
+  // went out wrong, the step records' table), then the trainable parameters' gradients, in
+  // buckets of server.group.bucket_kib.
+  std::unique_ptr<BucketedSum> StartSum(const RoundRecords& records) {
+    std::vector<at::Tensor> like{
+        at::empty({2 + group->world() * records.slots * records.record_bytes}, at::kFloat)};
+    for (const at::Tensor& p : Trainable()) like.push_back(p);
+    return group->StartSum(like, c.group_bucket_kib * 1024);
+  }
   // The update after a merged backward over `targets` targets (their mean loss). In a group:
-  // the replicas' gradients, weighted by their targets, summed in one collective with the
-  // targets (a replica without work adds zeros), then divided by all the targets, so every
-  // replica takes the same update: the one a single replica would take on all the batches.
-  // `sum_ms` (if set) gets the time in the group's sum.
-  absl::Status Update(int64_t targets, const RoundRecords& records = {}, double* sum_ms = nullptr) {
+  // the replicas' gradients, weighted by their targets, summed with the targets (a replica
+  // without work adds zeros), then divided by all the targets, so every replica takes the
+  // same update: the one a single replica would take on all the batches. `sum` is the round's
+  // sum; with server.group.bucket_kib > 0 the backward pass has already added the gradients
+  // (hooks, TrainRound), and its buckets may be on their way. A replica whose backward pass
+  // failed after that (targets 0 and a bucket started) poisons the round: no member updates,
+  // every step of the round is UNAVAILABLE (sent again). `sum_ms` (if set) gets the time in
+  // the group's sum.
+  absl::Status Update(int64_t targets, const RoundRecords& records = {}, double* sum_ms = nullptr,
+                      BucketedSum* sum = nullptr, bool added = false) {
     if (group == nullptr) {
       if (targets > 0) ClipAndStep(true);
       return absl::OkStatus();
     }
-    std::vector<at::Tensor> grads;
-    for (at::Tensor& p : model.server->parameters()) {
-      if (!p.requires_grad()) continue;
-      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
-      p.mutable_grad().mul_(static_cast<double>(targets));
-      grads.push_back(p.grad());
+    std::unique_ptr<BucketedSum> own;
+    if (sum == nullptr) {
+      own = StartSum(records);
+      sum = own.get();
     }
-    at::Tensor count =
-        at::full({1}, static_cast<float>(targets), at::TensorOptions().device(device));
-    grads.push_back(count);
-    at::Tensor table;
+    const std::vector<at::Tensor> params = Trainable();
+    bool poisoned = false;
+    if (targets <= 0) {
+      poisoned = sum->Discard();
+    } else if (!added) {
+      for (size_t i = 0; i < params.size(); ++i) {
+        if (params[i].grad().defined()) {
+          sum->Add(i + 1, params[i].grad(), static_cast<double>(targets));
+        }
+      }
+    }
     const int64_t slot_bytes = records.slots * records.record_bytes;
+    at::Tensor extras = at::zeros({2 + group->world() * slot_bytes}, at::kFloat);
+    extras[0] = static_cast<float>(std::max<int64_t>(targets, 0));
+    extras[1] = poisoned ? 1.0f : 0.0f;
     if (slot_bytes > 0) {
-      at::Tensor host = at::zeros({group->world() * slot_bytes}, at::kFloat);
-      float* data = host.data_ptr<float>() + group->rank() * slot_bytes;
+      float* data = extras.data_ptr<float>() + 2 + group->rank() * slot_bytes;
       const size_t n = std::min<size_t>(records.mine->size(), records.slots);
       for (size_t k = 0; k < n; ++k) {
         const std::string& r = (*records.mine)[k];
@@ -221,19 +265,23 @@ struct ServerPart::Impl {
           data[k * records.record_bytes + b] = static_cast<float>(static_cast<uint8_t>(r[b]));
         }
       }
-      table = host.to(device);
-      grads.push_back(table);
     }
+    sum->Add(0, extras.to(device), 1.0);
     const auto start = Clock::now();
-    SPLITQ_RETURN_IF_ERROR(group->SumInPlace(grads));
+    SPLITQ_RETURN_IF_ERROR(sum->Finish());
     if (sum_ms != nullptr) *sum_ms = Ms(start, Clock::now());
-    if (table.defined() && records.others != nullptr) {
-      const at::Tensor all_records = table.to(at::kCPU).contiguous();
-      const float* data = all_records.data_ptr<float>();
+    const at::Tensor all_extras = sum->sum(0).to(at::kCPU).contiguous();
+    const float* data = all_extras.data_ptr<float>();
+    if (data[1] > 0) {
+      return absl::UnavailableError(
+          "worker group: a member's backward pass failed after its gradients had gone out; no "
+          "member took this round's update: send the step again");
+    }
+    if (slot_bytes > 0 && records.others != nullptr) {
       for (int member = 0; member < group->world(); ++member) {
         if (member == group->rank()) continue;
         for (int64_t k = 0; k < records.slots; ++k) {
-          const float* r = data + member * slot_bytes + k * records.record_bytes;
+          const float* r = data + 2 + member * slot_bytes + k * records.record_bytes;
           std::string record;
           for (int64_t b = 0; b < records.record_bytes && r[b] != 0; ++b) {
             record.push_back(static_cast<char>(static_cast<uint8_t>(r[b])));
@@ -242,10 +290,16 @@ struct ServerPart::Impl {
         }
       }
     }
-    const double all = count.item<double>();
+    const double all = data[0];
     if (all <= 0) return absl::OkStatus();  // every replica's steps failed: no update
-    const size_t params = grads.size() - 1 - (table.defined() ? 1 : 0);
-    for (size_t i = 0; i < params; ++i) grads[i].div_(all);
+    for (size_t i = 0; i < params.size(); ++i) {
+      at::Tensor p = params[i];
+      if (p.grad().defined()) {
+        p.mutable_grad().copy_(sum->sum(i + 1)).div_(all);
+      } else {
+        p.mutable_grad() = sum->sum(i + 1) / all;
+      }
+    }
     ClipAndStep(true);
     return absl::OkStatus();
   }
@@ -432,6 +486,10 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
     last_step = (*met)[0];
     round_records = RoundRecords{&records, (*met)[4], (*met)[5], others};
   }
+  // A group round's sum, started before the backward pass (Impl::Update).
+  std::unique_ptr<BucketedSum> sum;
+  bool added = false;  // the backward pass added the gradients to `sum`
+  if (s.group != nullptr) sum = s.StartSum(round_records);
   const auto round_start = Clock::now();
   RoundTimes t;  // this round's phases
   t.rounds = 1;
@@ -517,7 +575,23 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
     const at::Tensor loss = per_target.sum() / static_cast<double>(merged);
     double merged_loss = 0;
     SPLITQ_RETURN_IF_ERROR(CheckLoss(loss, last_step, &merged_loss));
-    loss.backward();
+    {
+      // In a group with buckets, each gradient goes into the sum as the backward pass makes it
+      // (weighted by this replica's targets), so the buckets' all-reduces overlap the rest of
+      // the backward pass.
+      HookGuard hooks;
+      if (sum != nullptr && s.c.group_bucket_kib > 0) {
+        const std::vector<at::Tensor> params = s.Trainable();
+        for (size_t i = 0; i < params.size(); ++i) {
+          BucketedSum* into = sum.get();
+          const double scale = static_cast<double>(merged);
+          hooks.Add(params[i],
+                    [into, i, scale](const at::Tensor& g) { into->Add(i + 1, g, scale); });
+        }
+        added = true;
+      }
+      loss.backward();
+    }
     const at::Tensor grad = server_in.grad();
     // Every client's own mean loss, in one copy to the host (which waits for the backward).
     std::vector<at::Tensor> sums;
@@ -567,8 +641,9 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
   if (round_records.mine != nullptr) round_records.mine = &applied;
   const auto update_start = Clock::now();
   double sum_ms = 0;
-  const absl::Status updated =
-      TorchCall("server update", [&] { return s.Update(total, round_records, &sum_ms); });
+  const absl::Status updated = TorchCall("server update", [&] {
+    return s.Update(total, round_records, &sum_ms, sum.get(), added && local.ok());
+  });
   if (!updated.ok()) {
     for (const Item& item : items) out[item.index] = updated;
   }

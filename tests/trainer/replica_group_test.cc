@@ -75,6 +75,53 @@ TEST(ReplicaGroup, CollectivesComputeWhatTheySay) {
   });
 }
 
+// Buckets in reverse order of the list, each one dtype and at most the bytes asked for; places
+// added in any order and scaled; a place never added counts as zero; a bucket starts from Add
+// once it and every bucket before it are filled; Discard forgets what did not start.
+TEST(ReplicaGroup, BucketedSumsAddUpInAnyOrder) {
+  InGroup(2, [](int rank, ReplicaGroup& g) {
+    // 4 floats, 3 floats, 2 doubles, 5 floats: 16-byte buckets make [5f: 20 B alone], [2d],
+    // [3f], [4f].
+    const std::vector<at::Tensor> like{torch::zeros({4}), torch::zeros({3}),
+                                       torch::zeros({2}, at::kDouble), torch::zeros({5})};
+    auto sum = g.StartSum(like, 16);
+    EXPECT_EQ(sum->buckets(), 4);
+    const float r = static_cast<float>(rank + 1);
+    // Tensor 0 sits in the last bucket: nothing can start before the first bucket (tensor 3).
+    sum->Add(0, torch::full({4}, r), 2.0);
+    EXPECT_EQ(sum->started_early(), 0);
+    sum->Add(2, torch::full({2}, static_cast<double>(r), at::kDouble), 1.0);
+    EXPECT_EQ(sum->started_early(), 0);
+    sum->Add(3, torch::full({5}, r), 1.0);
+    EXPECT_EQ(sum->started_early(), 2);  // [5f] and then [2d]
+    // Tensor 1 never added: zeros.
+    ASSERT_TRUE(sum->Finish().ok());
+    EXPECT_TRUE(at::equal(sum->sum(0), torch::full({4}, 6.0f)));  // 2 * (1 + 2)
+    EXPECT_TRUE(at::equal(sum->sum(1), torch::zeros({3})));
+    EXPECT_TRUE(at::equal(sum->sum(2), torch::full({2}, 3.0, at::kDouble)));
+    EXPECT_TRUE(at::equal(sum->sum(3), torch::full({5}, 3.0f)));
+
+    // Discard drops the places of buckets not started.
+    auto again = g.StartSum(like, 0);  // no limit: [5f], [2d], [4f 3f]
+    EXPECT_EQ(again->buckets(), 3);
+    again->Add(1, torch::full({3}, r), 1.0);
+    EXPECT_FALSE(again->Discard());
+    again->Add(3, torch::full({5}, r), 1.0);
+    EXPECT_TRUE(again->Discard());
+    ASSERT_TRUE(again->Finish().ok());
+    EXPECT_TRUE(at::equal(again->sum(3), torch::full({5}, 3.0f)));
+    EXPECT_TRUE(at::equal(again->sum(1), torch::zeros({3})));
+
+    // A value for a bucket that has started cannot count: INTERNAL, and the group is broken
+    // (its replicas may differ now; the next generation takes one member's state).
+    auto late = g.StartSum(like, 16);
+    for (size_t i = 0; i < like.size(); ++i) late->Add(i, like[i], 1.0);
+    late->Add(3, like[3], 1.0);
+    EXPECT_EQ(late->Finish().code(), absl::StatusCode::kInternal);
+    EXPECT_TRUE(g.broken());
+  });
+}
+
 TEST(ReplicaGroup, AMissingMemberIsUnavailable) {
   ReplicaGroupOptions o;
   o.world = 2;
@@ -110,6 +157,17 @@ TEST(ReplicaGroup, NcclGroupOfOne) {
 
 using testing::FrameOf;
 
+// One round of three clients' steps: replica 0 serves ups[0] and ups[1], replica 1 ups[2].
+void ThreeClientRound(int rank, ServerPart& part, const std::vector<UpFrame>& ups) {
+  std::vector<std::pair<uint64_t, const UpFrame*>> steps;
+  if (rank == 0) {
+    steps = {{part.OpenSession(), &ups[0]}, {part.OpenSession(), &ups[1]}};
+  } else {
+    steps = {{part.OpenSession(), &ups[2]}};
+  }
+  for (const auto& r : part.TrainMerged(steps)) EXPECT_TRUE(r.ok()) << r.status();
+}
+
 // Replica 0 serves two clients (4 and 7 examples), replica 1 one (5): after the round both
 // hold the weights one part gets from the three batches merged. Then an idle round (no
 // update), then a round where only replica 1 has a step (both update, still identical).
@@ -130,16 +188,7 @@ TEST(ReplicaGroupServerPart, ReplicasTakeTheMergedUpdate) {
   const uint64_t one = single->OpenSession();
   ASSERT_TRUE(single->Train(one, FrameOf(at::cat(hs), at::cat(labels), 2), true).ok());
 
-  // Replica 0: clients 0 and 1; replica 1: client 2.
-  auto first_round = [&](int rank, ServerPart& part) {
-    std::vector<std::pair<uint64_t, const UpFrame*>> steps;
-    if (rank == 0) {
-      steps = {{part.OpenSession(), &ups[0]}, {part.OpenSession(), &ups[1]}};
-    } else {
-      steps = {{part.OpenSession(), &ups[2]}};
-    }
-    for (const auto& r : part.TrainMerged(steps)) EXPECT_TRUE(r.ok()) << r.status();
-  };
+  auto first_round = [&](int rank, ServerPart& part) { ThreeClientRound(rank, part, ups); };
   std::vector<std::unique_ptr<ServerPart>> replicas(2);
   replicas[0] = testing::NewFp32Server();
   replicas[1] = testing::NewFp32Server();
@@ -184,6 +233,40 @@ TEST(ReplicaGroupServerPart, ReplicasTakeTheMergedUpdate) {
     EXPECT_LT(rel, 1e-3) << "weight " << i;
   }
   EXPECT_EQ(again[0]->WeightsDigest(), again[1]->WeightsDigest());
+}
+
+// Buckets that start during the backward pass (server.group.bucket_kib) change nothing but
+// time: two rounds of a group of 2 with 1 KiB buckets end bit-equal to the same rounds with
+// one sum after the backward pass, and equal between the replicas.
+TEST(ReplicaGroupServerPart, BucketsDuringTheBackwardPassChangeNothing) {
+  std::vector<int64_t> shape{0};
+  for (int64_t d : testing::NewFp32Server()->input_shape()) shape.push_back(d);
+  const std::vector<int64_t> rows{4, 7, 5};
+  std::vector<UpFrame> ups;
+  torch::manual_seed(2);
+  for (size_t k = 0; k < rows.size(); ++k) {
+    shape[0] = rows[k];
+    ups.push_back(FrameOf(torch::randn(shape), torch::randint(0, 10, {rows[k]}, at::kLong), 2));
+  }
+  auto run = [&](int64_t bucket_kib) {
+    RunConfig c = testing::Fp32Config();
+    c.group_bucket_kib = bucket_kib;
+    std::vector<std::unique_ptr<ServerPart>> replicas(2);
+    replicas[0] = testing::NewFp32Server(c);
+    replicas[1] = testing::NewFp32Server(c);
+    std::vector<std::string> digests(2);
+    InGroup(2, [&](int rank, ReplicaGroup& group) {
+      ServerPart& part = *replicas[rank];
+      part.set_group(&group);
+      for (int round = 0; round < 2; ++round) ThreeClientRound(rank, part, ups);
+      EXPECT_EQ(part.updates(), 2);
+      digests[rank] = part.WeightsDigest();
+      part.set_group(nullptr);
+    });
+    EXPECT_EQ(digests[0], digests[1]) << "bucket_kib " << bucket_kib;
+    return digests[0];
+  };
+  EXPECT_EQ(run(1), run(0));
 }
 
 }  // namespace
