@@ -6,7 +6,7 @@ ENV DEBIAN_FRONTEND=noninteractive
 WORKDIR /src
 # Dependencies first, so that a source change does not reinstall them.
 COPY scripts/deps.list scripts/install-deps.sh scripts/
-RUN bash scripts/install-deps.sh && rm -rf /var/lib/apt/lists/*
+RUN bash scripts/install-deps.sh --no-test && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPLITQ_TESTS=OFF \
       -DSPLITQ_SERVICES=ON \

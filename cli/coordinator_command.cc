@@ -33,7 +33,7 @@ struct CoordinatorOptions {
   rpc::TransportSecurity security;
   int heartbeat_ms = 1000;
   int forget_after_s = 600;
-  std::string ready_file;
+  std::string ready_file, metrics_listen;
   server::ConnectionLimits connection_limits;
 };
 
@@ -69,6 +69,7 @@ int RunCoordinator(const CoordinatorOptions& opt) {
   o.rebalance_groups = config->group_rebalance;
   o.connection_limits = opt.connection_limits;
   o.ready_file = opt.ready_file;
+  o.metrics_listen = opt.metrics_listen;
   o.log = [](const std::string& line) { spdlog::info("{}", line); };
   auto coordinator = server::CoordinatorProcess::Start(o);
   if (!coordinator.ok()) {
@@ -103,6 +104,7 @@ void RegisterCoordinator(CLI::App& app, RunFn* run) {
       ->check(IntRange(0, 30 * 86400));
   cmd->add_option("--ready-file", opt->ready_file,
                   "Once listening, write HOST:PORT here (removed when it stops)");
+  AddMetricsListen(*cmd, &opt->metrics_listen);
   cmd->callback([opt, run] { *run = [opt] { return RunCoordinator(*opt); }; });
 }
 

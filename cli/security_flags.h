@@ -38,4 +38,11 @@ inline void AddConnectionLimitFlags(CLI::App* cmd, server::ConnectionLimits* lim
       ->check(CLI::Range(-1, 1 << 20));
 }
 
+// --metrics-listen HOST:PORT (server/metrics_server.h).
+inline void AddMetricsListen(CLI::App& cmd, std::string* listen) {
+  cmd.add_option("--metrics-listen", *listen,
+                 "Serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP, no token: "
+                 "bind it where only your monitoring reaches; port 0: pick a free one)");
+}
+
 }  // namespace splitq::cli

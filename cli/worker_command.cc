@@ -33,7 +33,7 @@ void OnStop(int) { g_stop.store(true); }
 struct WorkerCommandOptions {
   std::string config_path, coordinator, listen = "127.0.0.1:0", name = "worker0", advertise;
   std::vector<std::string> overrides;
-  std::string init, tokens_path, token_path, out_dir;
+  std::string init, tokens_path, token_path, out_dir, metrics_listen;
   int64_t checkpoint_every = -1;  // server updates; -1: the config's checkpoint_every
   int chunk_kib = 1024;           // gradient frames go down in chunks of this size
   rpc::TransportSecurity security;
@@ -96,6 +96,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
   o.group_size = opt.group_size;
   o.group_address = opt.group_address;
   o.group_timeout = std::chrono::seconds(opt.group_timeout_s);
+  o.metrics_listen = opt.metrics_listen;
   o.log = [](const std::string& line) { spdlog::info("{}", line); };
   o.warn = [](const std::string& line) { spdlog::warn("worker: {}", line); };
   auto worker = server::WorkerProcess::Start(o);
@@ -161,6 +162,7 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
                   "Seconds to wait for --group-size members at the start, and the limit of "
                   "each collective")
       ->check(IntRange(1, 3600));
+  AddMetricsListen(*cmd, &opt->metrics_listen);
   cmd->callback([opt, run] { *run = [opt] { return RunWorker(*opt); }; });
 }
 

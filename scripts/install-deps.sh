@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # install-deps.sh: install splitq's build and test dependencies on Debian 12 (with network).
 #
-#   scripts/install-deps.sh          install what is missing (apt-get update + install)
-#   scripts/install-deps.sh --list   print the package list and exit
+#   scripts/install-deps.sh            install what is missing (apt-get update + install)
+#   scripts/install-deps.sh --no-test  ... but not the test-only tools (an image's build)
+#   scripts/install-deps.sh --list     print the package list and exit
 #
 # The packages are the ones tagged 'apt' in scripts/deps.list (the one list, shared with
-# scripts/offline-deps.sh). Already installed packages are found with dpkg-query, so a run with
+# scripts/offline-deps.sh), and those tagged 'test' unless --no-test. Already installed packages are found with dpkg-query, so a run with
 # nothing missing needs no root, touches nothing and prints one line. Otherwise it runs
 # apt-get update and apt-get install -y --no-install-recommends for the missing ones, as root,
 # or through sudo when not root.
@@ -17,17 +18,21 @@ LIST=${SPLITQ_DEPS_LIST:-$SCRIPT_DIR/deps.list}
 die() { echo "install-deps: error: $*" >&2; exit 1; }
 
 [[ -r $LIST ]] || die "$LIST not found"
-mapfile -t PKGS < <(awk '
+TAGS=" apt test "
+LIST_ONLY=0
+for arg in "$@"; do
+  case $arg in
+    --list) LIST_ONLY=1 ;;
+    --no-test) TAGS=" apt " ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument '$arg' (try --help)" ;;
+  esac
+done
+mapfile -t PKGS < <(awk -v tags="$TAGS" '
   { sub(/#.*/, "") }
-  NF >= 2 { k = split($2, t, ","); for (i = 1; i <= k; i++) if (t[i] == "apt") { print $1; next } }' "$LIST")
+  NF >= 2 { k = split($2, t, ","); for (i = 1; i <= k; i++) if (index(tags, " " t[i] " ")) { print $1; next } }' "$LIST")
 [[ ${#PKGS[@]} -gt 0 ]] || die "no packages tagged 'apt' in $LIST"
-
-case ${1:-} in
-  --list) printf '%s\n' "${PKGS[@]}"; exit 0 ;;
-  -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-  "") ;;
-  *) die "unknown argument '$1' (try --help)" ;;
-esac
+if [[ $LIST_ONLY == 1 ]]; then printf '%s\n' "${PKGS[@]}"; exit 0; fi
 
 command -v dpkg-query >/dev/null || die "dpkg-query not found: this script is for Debian 12"
 

@@ -26,6 +26,7 @@ struct CoordinatorProcessOptions {
   bool rebalance_groups = true;                                      // CoordinatorOptions
   ConnectionLimits connection_limits;                                // connection_guard.h
   std::string ready_file;                                            // server/process.h, ReadyFile
+  std::string metrics_listen;  // HOST:PORT for Prometheus' /metrics ("" : none; metrics_server.h)
   std::function<void(const std::string&)> log;                       // "coordinator ..." lines
 };
 

@@ -16,8 +16,13 @@
 namespace splitq::server {
 
 CoordinatorService::CoordinatorService(CoordinatorCore& core, const TokenSet* tokens,
-                                       std::string config_yaml, ConnectionGuard* guard)
-    : core_(core), tokens_(tokens), config_yaml_(std::move(config_yaml)), guard_(guard) {
+                                       std::string config_yaml, ConnectionGuard* guard,
+                                       base::Registry* metrics)
+    : core_(core),
+      tokens_(tokens),
+      config_yaml_(std::move(config_yaml)),
+      guard_(guard),
+      metrics_(metrics) {
   // The order of proto/splitq/v1/coordinator.proto (not that gRPC needs it).
   AddCall("/splitq.v1.Coordinator/Register", &CoordinatorService::DoRegister);
   AddCall("/splitq.v1.Coordinator/Assign", &CoordinatorService::DoAssign);
@@ -107,27 +112,49 @@ class CoordinatorService::Call final
   grpc::ByteBuffer request_, reply_;
 };
 
+namespace {
+constexpr char kCallsHelp[] = "Calls answered, by method and gRPC status code";
+}  // namespace
+
 template <class Request, class Reply>
 void CoordinatorService::AddCall(const char* name, absl::Status (CoordinatorService::*handler)(
                                                        const Bearer&, const Request&, Reply*)) {
+  // The method's counter of answered calls (errors: looked up per code when they happen).
+  const std::string method = std::string(name).substr(std::string(name).rfind('/') + 1);
+  base::Metric* answered = metrics_ == nullptr
+                               ? nullptr
+                               : metrics_->Counter("splitq_coordinator_calls_total", kCallsHelp,
+                                                   {{"method", method}, {"code", "OK"}});
   // Parses the body as a Request (INVALID_ARGUMENT naming the message when it does not), runs
-  // the handler and serializes its reply.
+  // the handler and serializes its reply; counts the call.
   auto serve = std::make_shared<Call::Serve>(
-      [this, handler](const Bearer& caller, grpc::ByteBuffer* in, grpc::ByteBuffer* out) {
-        Request request;
-        const size_t size = in->Length();
-        if (!grpc::SerializationTraits<Request>::Deserialize(in, &request).ok()) {
-          return absl::InvalidArgumentError(absl::StrCat("the body (", size, " bytes) is not a ",
-                                                         Request::descriptor()->full_name(),
-                                                         " message"));
+      [this, handler, method, answered](const Bearer& caller, grpc::ByteBuffer* in,
+                                        grpc::ByteBuffer* out) {
+        absl::Status status = [&]() -> absl::Status {
+          Request request;
+          const size_t size = in->Length();
+          if (!grpc::SerializationTraits<Request>::Deserialize(in, &request).ok()) {
+            return absl::InvalidArgumentError(absl::StrCat("the body (", size, " bytes) is not a ",
+                                                           Request::descriptor()->full_name(),
+                                                           " message"));
+          }
+          Reply reply;
+          SPLITQ_RETURN_IF_ERROR((this->*handler)(caller, request, &reply));
+          bool own = false;
+          if (!grpc::SerializationTraits<Reply>::Serialize(reply, out, &own).ok()) {
+            return absl::InternalError("the reply could not be serialized");
+          }
+          return absl::OkStatus();
+        }();
+        if (answered != nullptr && status.ok()) {
+          answered->Add(1);
+        } else if (metrics_ != nullptr) {
+          metrics_
+              ->Counter("splitq_coordinator_calls_total", kCallsHelp,
+                        {{"method", method}, {"code", absl::StatusCodeToString(status.code())}})
+              ->Add(1);
         }
-        Reply reply;
-        SPLITQ_RETURN_IF_ERROR((this->*handler)(caller, request, &reply));
-        bool own = false;
-        if (!grpc::SerializationTraits<Reply>::Serialize(reply, out, &own).ok()) {
-          return absl::InternalError("the reply could not be serialized");
-        }
-        return absl::OkStatus();
+        return status;
       });
   AddMethod(new grpc::internal::RpcServiceMethod(name, grpc::internal::RpcMethod::BIDI_STREAMING,
                                                  nullptr));

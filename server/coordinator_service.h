@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/metrics.h"
 #include "server/connection_guard.h"
 #include "server/coordinator_core.h"
 #include "server/keyed_slots.h"
@@ -53,8 +54,10 @@ class CoordinatorService final : public grpc::Service {
   // `tokens`: every caller must present one of them (null: no token check, for tests and
   // trusted networks). `config_yaml`: the run config sent to each registrant.
   // `guard` (may be null) hears of every authenticated call (connection_guard.h).
+  // `metrics` (may be null; base/metrics.h) counts the calls served, by method and status code
+  // (splitq_coordinator_calls_total; calls refused at their headers are not counted).
   CoordinatorService(CoordinatorCore& core, const TokenSet* tokens, std::string config_yaml,
-                     ConnectionGuard* guard = nullptr);
+                     ConnectionGuard* guard = nullptr, base::Registry* metrics = nullptr);
   ~CoordinatorService() override;
 
  private:
@@ -82,6 +85,7 @@ class CoordinatorService final : public grpc::Service {
   const TokenSet* tokens_;
   std::string config_yaml_;
   ConnectionGuard* guard_;
+  base::Registry* metrics_;
   KeyedSlots reading_{kMaxReadingPerToken};  // calls waiting for their request, per token id
   std::vector<std::shared_ptr<
       const std::function<absl::Status(const Bearer&, grpc::ByteBuffer*, grpc::ByteBuffer*)>>>

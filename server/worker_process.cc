@@ -14,6 +14,7 @@
 #include "client/coordinator_client.h"
 #include "client/worker_client.h"
 #include "proto/protocol.h"
+#include "server/metrics_server.h"
 #include "server/process.h"
 #include "server/worker_core.h"
 #include "server/worker_service.h"
@@ -57,6 +58,8 @@ std::string ReportJson(const std::string& name, int rank, int64_t generation, co
 struct WorkerProcess::Impl {
   WorkerProcessOptions o;
   std::unique_ptr<ConnectionGuard> guard;  // first: the service and server go before it
+  // Before everything that updates it; its server goes first (it reads the core's stats).
+  std::unique_ptr<base::Registry> metrics;
   // Worker groups. Before the part, the core and the service: they go after them (the
   // service's compute thread runs the group's rounds until it is joined).
   std::unique_ptr<trainer::GroupStore> store;  // this member's store (used while it is rank 0)
@@ -65,6 +68,7 @@ struct WorkerProcess::Impl {
   std::unique_ptr<WorkerCore> core;
   std::unique_ptr<WorkerService> service;
   Serving serving;
+  std::unique_ptr<MetricsServer> metrics_server;  // after everything its scrapes read
   rpc::WorkerAddress advertised;
   std::string checkpoint;  // "" : none
   int64_t saved_updates = 0;
@@ -81,9 +85,54 @@ struct WorkerProcess::Impl {
   int group_root = 0;        // whose state the last generation took
   std::atomic<int> rank{0};  // in the last generation formed (for worker.json)
   std::atomic<int64_t> generation{0};
+  std::atomic<int> world{0};  // the last generation formed's size (for the metrics)
 
   void Log(const std::string& line) const {
     if (o.log) o.log(line);
+  }
+  // The numbers that live in the core, the part and the group, copied in at each scrape.
+  void AddScrapedMetrics() {
+    base::Registry& r = *metrics;
+    base::Metric* sessions_train =
+        r.Gauge("splitq_worker_sessions", "Open sessions", {{"kind", "train"}});
+    base::Metric* sessions_eval =
+        r.Gauge("splitq_worker_sessions", "Open sessions", {{"kind", "evaluate"}});
+    base::Metric* updates =
+        r.Counter("splitq_worker_server_updates_total",
+                  "Optimizer updates of the server part (checkpoints included)");
+    base::Metric* applied = r.Counter("splitq_worker_steps_applied_total",
+                                      "Client steps applied to the server part by this process "
+                                      "(replays excluded)");
+    base::Metric* updates_here =
+        r.Counter("splitq_worker_updates_here_total", "Updates this process took");
+    base::Metric* buffered = r.Gauge("splitq_worker_buffered_bytes",
+                                     "Bytes held by sessions' partial frames and labels");
+    base::Metric* rss = r.Gauge("splitq_worker_resident_bytes", "Resident memory");
+    base::Metric* group_world = r.Gauge("splitq_worker_group_members",
+                                        "Members of this worker's group generation (0: alone)");
+    base::Metric* group_generation =
+        r.Gauge("splitq_worker_group_generation", "The group generation last formed (0: none)");
+    base::Metric* group_rank = r.Gauge("splitq_worker_group_rank", "This member's rank");
+    base::Metric* sum_seconds =
+        r.Counter("splitq_worker_group_sum_seconds_total", "Time in group rounds' gradient sums");
+    base::Metric* round_seconds =
+        r.Counter("splitq_worker_round_seconds_total", "Time in merged or group rounds with work");
+    r.OnScrape([=, this] {
+      const WorkerStats w = core->stats();
+      sessions_train->Set(w.train_sessions);
+      sessions_eval->Set(w.sessions - w.train_sessions);
+      updates->Set(static_cast<double>(w.updates));
+      applied->Set(static_cast<double>(w.steps_applied));
+      updates_here->Set(static_cast<double>(w.updates_here));
+      buffered->Set(static_cast<double>(core->buffered_bytes()));
+      rss->Set(base::RssMiB() * 1048576.0);
+      group_world->Set(store ? static_cast<double>(world.load()) : 0);
+      group_generation->Set(static_cast<double>(generation.load()));
+      group_rank->Set(rank.load());
+      const trainer::RoundTimes t = part->round_times();
+      sum_seconds->Set(t.sum_ms / 1e3);
+      round_seconds->Set(t.total_ms / 1e3);
+    });
   }
   void Warn(const std::string& line) const {
     if (o.warn) o.warn(line);
@@ -172,6 +221,7 @@ struct WorkerProcess::Impl {
     formed_once = true;
     rank.store(group->rank());
     generation.store(group->generation());
+    world.store(group->world());
     last_note.clear();
     Log(absl::StrFormat(
         "worker %s: group of %d formed (%s), generation %d, rank %d, %d server updates "
@@ -317,6 +367,10 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
                                                     rpc::MaxMessageBytes(core_options.assembler))));
   s.guard = std::make_unique<ConnectionGuard>(s.o.connection_limits);
   service_options.guard = s.guard.get();
+  if (!s.o.metrics_listen.empty()) {
+    s.metrics = std::make_unique<base::Registry>();
+    service_options.metrics = s.metrics.get();
+  }
   s.service = std::make_unique<WorkerService>(*s.core, s.o.tokens, service_options);
 
   SPLITQ_ASSIGN_OR_RETURN(const rpc::WorkerAddress listen, rpc::ParseHostPort(s.o.listen));
@@ -344,6 +398,14 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
       MergeText(service_options.merge, s.o.config.u_shaped)));
   if (s.advertised.port != static_cast<uint32_t>(s.serving.port)) {  // a proxy in front
     s.Log(absl::StrFormat("worker %s bound to %s:%d", s.o.name, listen.host, s.serving.port));
+  }
+  if (s.metrics) {
+    s.AddScrapedMetrics();
+    auto metrics = MetricsServer::Start(s.o.metrics_listen, *s.metrics);
+    if (!metrics.ok()) return metrics.status();
+    s.metrics_server = std::move(*metrics);
+    s.Log(absl::StrFormat("worker %s: metrics at http://%s/metrics", s.o.name,
+                          s.metrics_server->address()));
   }
   return std::unique_ptr<WorkerProcess>(new WorkerProcess(std::move(impl)));
 }

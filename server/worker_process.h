@@ -67,6 +67,9 @@ struct WorkerProcessOptions {
   int group_size = 0;
   std::string group_address = "127.0.0.1";
   std::chrono::milliseconds group_timeout{60000};
+  // HOST:PORT to serve Prometheus metrics on at /metrics ("" : none; server/metrics_server.h,
+  // docs/cluster.md "Metrics").
+  std::string metrics_listen;
   // Lines for the log (stdout in the CLI: "worker NAME ..." as printed) and for errors (stderr).
   std::function<void(const std::string&)> log, warn;
 };

@@ -45,6 +45,40 @@ void SerialExecutor::Post(std::function<void()> job) {
   wake_.notify_one();
 }
 
+struct WorkerService::Metrics {
+  explicit Metrics(base::Registry& r)
+      : registry(r),
+        bytes_up(r.Counter("splitq_worker_received_bytes_total",
+                           "Bytes of complete frames received from clients (activations, and "
+                           "U-shaped head gradients; validation included)")),
+        bytes_down(r.Counter("splitq_worker_sent_bytes_total",
+                             "Bytes of frames sent back to clients (gradients; U-shaped "
+                             "activations)")),
+        train(r.Counter("splitq_worker_steps_total", "Steps answered", {{"kind", "train"}})),
+        evaluate(r.Counter("splitq_worker_steps_total", "Steps answered", {{"kind", "evaluate"}})),
+        train_latency(r.Histo("splitq_worker_step_seconds", kLatencyHelp, base::LatencyBuckets(),
+                              {{"kind", "train"}})),
+        evaluate_latency(r.Histo("splitq_worker_step_seconds", kLatencyHelp, base::LatencyBuckets(),
+                                 {{"kind", "evaluate"}})),
+        grad_bits(r.Gauge("splitq_worker_gradient_bits",
+                          "Mean bits per value of the last gradient frame sent (32: fp32)")) {}
+  // A request the service refused (`where` "request") or a step that failed ("step").
+  void Failed(const char* where, const absl::Status& status) {
+    registry
+        .Counter("splitq_worker_failures_total",
+                 "Requests refused and steps failed, by where and gRPC status code",
+                 {{"where", where}, {"code", absl::StatusCodeToString(status.code())}})
+        ->Add(1);
+  }
+  base::Registry& registry;
+  base::Metric *bytes_up, *bytes_down, *train, *evaluate;
+  base::Histogram *train_latency, *evaluate_latency;
+  base::Metric* grad_bits;
+  static constexpr char kLatencyHelp[] =
+      "From a step's complete frame to its answer: waiting for the compute thread, merging, "
+      "computing, encoding";
+};
+
 // One Train or Evaluate stream. States: reading one message at a time; when a frame completes,
 // a compute job (no read outstanding) whose replies are written before the next read.
 template <typename Request, typename Reply, bool kEvaluate>
@@ -86,6 +120,8 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
     }
     bool compute = false;
     const absl::Status status = Handle(&compute);
+    WorkerService::Metrics* metrics = service_.metrics_.get();
+    if (metrics != nullptr && !status.ok()) metrics->Failed("request", status);
     std::lock_guard<std::mutex> lock(mutex_);
     if (finished_) return;  // a write failed meanwhile and ended the stream
     if (!status.ok()) {
@@ -94,6 +130,8 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
     }
     if (compute) {
       job_running_ = true;
+      frame_done_ = std::chrono::steady_clock::now();
+      if (metrics != nullptr) metrics->bytes_up->Add(static_cast<double>(frame_bytes_));
       if constexpr (!kEvaluate) {
         if (!head_ && service_.merging()) {
           service_.EnqueueReady(WorkerService::ReadyStep{
@@ -268,6 +306,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
       if (session_ == 0) return absl::FailedPreconditionError("a frame before the hello");
       SPLITQ_ASSIGN_OR_RETURN(*compute, service_.core_.AddHeadChunk(session_, chunk));
       head_ = *compute;
+      frame_bytes_ = chunk.frame_bytes;
       return absl::OkStatus();
     }
   }
@@ -277,6 +316,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
     head_ = false;
     SPLITQ_ASSIGN_OR_RETURN(*compute, service_.core_.AddChunk(session_, chunk));
     frame_step_ = chunk.step;
+    frame_bytes_ = chunk.frame_bytes;
     return absl::OkStatus();
   }
 
@@ -324,6 +364,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
         r.set_output(piece->frame);
         replies.push_back(rpc::ToByteBuffer(r));
       }
+      Count(status, service_.metrics_ ? service_.metrics_->evaluate : nullptr, 0, 0);
       EndJob(status, std::move(replies));
     } else {
       // Another session's U-shaped step is open: this step waits for its turn.
@@ -336,7 +377,29 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   void Deliver(absl::StatusOr<trainer::DownFrame> down) {
     std::deque<grpc::ByteBuffer> replies;
     if (down.ok()) AppendFrame(*down, &replies);
+    if (down.ok()) {
+      Count(down.status(), service_.metrics_ ? service_.metrics_->train : nullptr,
+            down->frame.size(), down->activation ? 0 : down->grad_bits);
+    } else {
+      Count(down.status(), nullptr, 0, 0);
+    }
     EndJob(down.status(), std::move(replies));
+  }
+
+  // On the compute thread: a step answered (`steps`, its frame's bytes and bits) or failed.
+  void Count(const absl::Status& status, base::Metric* steps, size_t bytes, double grad_bits) {
+    WorkerService::Metrics* m = service_.metrics_.get();
+    if (m == nullptr) return;
+    if (!status.ok()) {
+      m->Failed("step", status);
+      return;
+    }
+    steps->Add(1);
+    m->bytes_down->Add(static_cast<double>(bytes));
+    if (grad_bits > 0) m->grad_bits->Set(grad_bits);
+    (kEvaluate ? m->evaluate_latency : m->train_latency)
+        ->Observe(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - frame_done_).count());
   }
 
   // On the compute thread: the job is over; writes `replies` (or ends the stream with `status`).
@@ -411,6 +474,8 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   absl::Status end_status_;
   grpc::ByteBuffer raw_;     // the message being read
   uint64_t frame_step_ = 0;  // the step of the last chunk taken
+  uint64_t frame_bytes_ = 0;  // the size of the frame of the last chunk taken
+  std::chrono::steady_clock::time_point frame_done_;  // when the last frame completed
   bool head_ = false;        // the frame completed is a head gradient (U-shaped)
   uint64_t session_ = 0;
   std::mutex mutex_;
@@ -446,6 +511,7 @@ void WorkerService::EndReplaced(const std::vector<uint64_t>& sessions, const abs
 WorkerService::WorkerService(WorkerCore& core, const TokenSet* tokens,
                              const WorkerServiceOptions& options)
     : core_(core), tokens_(tokens), options_(options) {
+  if (options_.metrics != nullptr) metrics_ = std::make_unique<Metrics>(*options_.metrics);
   options_.reply_chunk_bytes = std::clamp<int64_t>(options_.reply_chunk_bytes, 1 << 10, 4 << 20);
   core_.set_turn_listener([this] { Unpark(); });
   if (options_.merge.rounds) StartRounds();

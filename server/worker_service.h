@@ -28,11 +28,13 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <unordered_map>
 
+#include "base/metrics.h"
 #include "server/connection_guard.h"
 #include "server/keyed_slots.h"
 #include "server/tokens.h"
@@ -81,6 +83,9 @@ struct WorkerServiceOptions {
   std::function<void(const std::string&)> log;
   // Hears of every authenticated session (connection_guard.h). May be null.
   ConnectionGuard* guard = nullptr;
+  // Live numbers (base/metrics.h; `splitq worker --metrics-listen`): frames and bytes each way,
+  // steps answered and failed by status code, the server's latency per step. May be null.
+  base::Registry* metrics = nullptr;
 };
 
 // Both methods take raw messages (protobuf's wire format as ByteBuffers): frame chunks are
@@ -152,6 +157,9 @@ class WorkerService final
   std::unordered_map<uint64_t, std::function<void(const absl::Status&)>> live_;
   // Streams waiting for their hello, per token id (tokens on only).
   KeyedSlots opening_{kMaxOpeningPerToken};
+  // The metrics this service updates (null without WorkerServiceOptions::metrics).
+  struct Metrics;
+  std::unique_ptr<Metrics> metrics_;
   SerialExecutor compute_;
 };
 

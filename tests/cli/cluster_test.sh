@@ -4,6 +4,11 @@
 #   cluster_test.sh SPLITQ CASE
 #
 # CASE:
+#   metrics      a coordinator and a worker with --metrics-listen, one client trains 60 steps:
+#                both /metrics pages carry # HELP/# TYPE lines and the run's numbers, and
+#                Debian's real `prometheus` scrapes them (its HTTP API returns the worker's 60
+#                steps; both targets up). Skips without `prometheus` unless
+#                SPLITQ_REQUIRE_PROMETHEUS=1 (CI sets it).
 #   demo         `splitq demo` with 2 clients and a small config: exits 0, summary.json has
 #                the keys of `splitq train`'s plus the workers' reports, steps summed over the
 #                clients, TLS and tokens in use (a plaintext health probe fails).
@@ -100,7 +105,7 @@ start_cluster() {
   fi
   sec=(--tls-dir "$dir/certs")
   "$SPLITQ" coordinator --config "$config" --listen 127.0.0.1:0 "${sec[@]}" \
-    --tokens "$dir/tokens/tokens" >"$dir/coordinator.log" 2>&1 &
+    --tokens "$dir/tokens/tokens" "${coord_extra[@]}" >"$dir/coordinator.log" 2>&1 &
   pids+=($!)
   wait_for "$dir/coordinator.log" "listening on"
   coord=$(address_in "$dir/coordinator.log")
@@ -112,6 +117,7 @@ start_cluster() {
 # start_worker W LOG: worker W of the cluster (its pid appended to worker_pids), with
 # ${worker_extra[@]} as further arguments; returns once it is registered.
 worker_extra=()
+coord_extra=()
 start_worker() {
   "$SPLITQ" worker --config "$config" ${DEVICE:+--set device=$DEVICE} \
     --coordinator "$coord" --listen 127.0.0.1:0 \
@@ -164,6 +170,59 @@ compare_losses() {
 }
 
 case $CASE in
+metrics)
+  # Prometheus (Debian's `prometheus`, the real server) scrapes a worker and the coordinator.
+  if ! command -v prometheus >/dev/null; then
+    [[ ${SPLITQ_REQUIRE_PROMETHEUS:-0} == 1 ]] && fail "no prometheus binary (Debian: prometheus)"
+    echo "SKIP: no prometheus binary (Debian package prometheus)"
+    exit 0
+  fi
+  coord_extra=(--metrics-listen 127.0.0.1:0)
+  worker_extra=(--metrics-listen 127.0.0.1:0)
+  start_cluster 1
+  metrics_in() { sed -n 's|.*metrics at http://\([0-9.]*:[0-9]*\)/metrics.*|\1|p' "$1" | head -n1; }
+  wm=$(metrics_in "$dir/worker0.log")
+  cm=$(metrics_in "$dir/coordinator.log")
+  [[ -n $wm && -n $cm ]] || fail "no metrics address logged"
+  client client0 "$dir/run" >"$dir/client.log" 2>&1 || fail "client exited with $?"
+  curl -sf "http://$wm/metrics" >"$dir/worker.metrics" || fail "GET worker /metrics"
+  curl -sf "http://$cm/metrics" >"$dir/coordinator.metrics" || fail "GET coordinator /metrics"
+  for want in '# HELP splitq_worker_steps_total ' '# TYPE splitq_worker_steps_total counter' \
+    'splitq_worker_steps_total{kind="train"} 60' 'splitq_worker_steps_applied_total 60' \
+    'splitq_worker_step_seconds_count{kind="train"} 60' \
+    '# TYPE splitq_worker_step_seconds histogram' \
+    'splitq_worker_step_seconds_bucket{kind="train",le="+Inf"} 60' \
+    'splitq_worker_step_seconds_bucket{kind="train",le="0.0025"} '; do
+    grep -qF "$want" "$dir/worker.metrics" || fail "worker /metrics lacks '$want'"
+  done
+  grep -Eq '^splitq_worker_gradient_bits [0-9.]+$' "$dir/worker.metrics" || fail "no gradient bits"
+  grep -qF 'splitq_coordinator_members{role="worker"} 1' "$dir/coordinator.metrics" ||
+    fail "coordinator /metrics: $(grep members "$dir/coordinator.metrics")"
+  grep -qF 'splitq_coordinator_calls_total{method="Register",code="OK"}' \
+    "$dir/coordinator.metrics" || fail "no Register calls counted"
+  [[ $(curl -s -o /dev/null -w '%{http_code}' "http://$wm/nothing") == 404 ]] || fail "not a 404"
+  printf '%s\n' 'global: {scrape_interval: 1s, scrape_timeout: 1s}' 'scrape_configs:' \
+    '  - job_name: splitq' "    static_configs: [{targets: ['$wm', '$cm']}]" \
+    >"$dir/prometheus.yml"
+  prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/prometheus" \
+    --web.listen-address=127.0.0.1:0 >"$dir/prometheus.log" 2>&1 &
+  pids+=($!)
+  wait_for "$dir/prometheus.log" 'msg="Listening on"' 300
+  papi=$(sed -n 's/.*msg="Listening on" address=\([0-9.]*:[0-9]*\).*/\1/p' "$dir/prometheus.log")
+  query() { curl -sf --get "http://$papi/api/v1/query" --data-urlencode "query=$1"; }
+  # Each target is scraped once a second, at its own offset: wait until both have been.
+  for _ in $(seq 150); do
+    got=$(query 'splitq_worker_steps_total{kind="train"}' || true)
+    workers=$(query 'splitq_coordinator_members{role="worker"}' || true)
+    up=$(query 'sum(up)' || true)
+    [[ $got == *'"value":['*',"60"]'* && $workers == *',"1"]'* && $up == *',"2"]'* ]] && break
+    sleep 0.2
+  done
+  [[ $got == *'"value":['*',"60"]'* ]] || fail "Prometheus did not get the worker's steps: $got"
+  [[ $workers == *',"1"]'* ]] || fail "Prometheus did not get the coordinator's members: $workers"
+  [[ $up == *',"2"]'* ]] || fail "both targets up? $up"
+  echo "metrics: ok (Prometheus at $papi scraped worker $wm and coordinator $cm: $got)"
+  ;;
 demo)
   "$SPLITQ" demo --config "$config" --clients 2 --out "$dir/demo" >"$dir/demo.log" 2>&1 ||
     fail "demo exited with $?"
