@@ -10,8 +10,8 @@ RUN bash scripts/install-deps.sh --no-test && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPLITQ_TESTS=OFF \
       -DSPLITQ_SERVICES=ON \
- && cmake --build /build --target splitq \
- && install -m 0755 /build/splitq /usr/local/bin/splitq \
+ && cmake --build /build --target splitq splitq-health \
+ && install -m 0755 /build/splitq /build/splitq-health /usr/local/bin/ \
  && rm -rf /build
 WORKDIR /
 # The data sets come from the Debian packages install-deps.sh installed

@@ -36,6 +36,7 @@ namespace fs = std::filesystem;
 
 const fs::path kSource = SPLITQ_SOURCE_DIR;
 const std::string kSplitq = SPLITQ_BINARY;
+const std::string kSplitqHealth = SPLITQ_HEALTH_BINARY;
 
 // A service's key, looking through the `<<: *anchor` merge key (yaml-cpp does not resolve it).
 YAML::Node Key(const YAML::Node& service, const std::string& key) {
@@ -127,10 +128,12 @@ TEST_F(Compose, EveryCommandParsesAndEveryConfigLoads) {
       std::vector<std::string> test = Strings(health["test"]);
       ASSERT_GE(test.size(), 2u);
       EXPECT_EQ(test[0], "CMD") << name;
+      // The small probe, not `splitq health` (which loads libtorch: ~0.4 s of CPU a probe).
+      EXPECT_EQ(test[1], "splitq-health") << name;
       lines.emplace_back(test.begin() + 1, test.end());
     }
     for (std::vector<std::string> line : lines) {
-      line[0] = kSplitq;
+      line[0] = line[0] == "splitq-health" ? kSplitqHealth : kSplitq;
       fs::remove(log);
       EXPECT_EQ(RunToEnd(line, {{"SPLITQ_PARSE_ONLY", "1"}}, log), 0)
           << name << ": the command does not parse: " << Slurp(log);
