@@ -72,7 +72,9 @@ class CoordinatorService::Call final
       }
       caller_ = *bearer;
       if (!service.reading_.Take(caller_.id)) {
-        Finish(rpc::ToGrpcStatus(absl::ResourceExhaustedError(
+        // UNAVAILABLE, not RESOURCE_EXHAUSTED: a member retries it with backoff (a burst of
+        // calls from members that share a token, a coordinator restart) rather than giving up.
+        Finish(rpc::ToGrpcStatus(absl::UnavailableError(
             absl::StrCat("the token of '", caller_.id, "' has ", kMaxReadingPerToken,
                          " calls whose request has not fully arrived; try again when they have"))));
         return;

@@ -40,11 +40,12 @@ namespace splitq::server {
 //
 // A caller WITH a token could still open streams and leave their requests unfinished; gRPC
 // holds what arrived of each (up to 4 MiB). So at most kMaxReadingPerToken calls of one token
-// may be waiting for their request at once; more are RESOURCE_EXHAUSTED at their headers. A
+// may be waiting for their request at once; more are UNAVAILABLE at their headers (retried with
+// backoff by the members' clients). A
 // legitimate worker or client has one or two calls in flight, each read in microseconds.
 // Members that share one token share its places.
 //
-// Each call: the bearer token first (UNAUTHENTICATED), then its place (RESOURCE_EXHAUSTED),
+// Each call: the bearer token first (UNAUTHENTICATED), then its place (UNAVAILABLE),
 // then the body (INVALID_ARGUMENT when it does not parse as the method's request, or when the
 // caller sends none), then the method.
 class CoordinatorService final : public grpc::Service {

@@ -2,6 +2,7 @@
 
 #include <httplib.h>
 
+#include <atomic>
 #include <chrono>
 #include <thread>
 
@@ -13,13 +14,18 @@ namespace splitq::server {
 struct MetricsServer::Impl {
   httplib::Server http;
   std::thread thread;
+  std::atomic<bool> done{false};  // listen_after_bind returned
   rpc::WorkerAddress bound;
 };
 
 MetricsServer::MetricsServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 MetricsServer::~MetricsServer() {
-  impl_->http.stop();
+  // stop() before the serving loop has started is lost: ask until the loop has ended.
+  while (!impl_->done.load()) {
+    impl_->http.stop();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   if (impl_->thread.joinable()) impl_->thread.join();
 }
 
@@ -52,11 +58,11 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::s
         absl::StrCat("--metrics-listen '", listen, "': cannot bind (in use, or not this host's)"));
   }
   impl->bound = rpc::WorkerAddress{host, static_cast<uint32_t>(port)};
-  impl->thread = std::thread([&http] { http.listen_after_bind(); });
-  // stop() before the loop runs would be lost (and the join would wait for ever).
-  for (int i = 0; i < 5000 && !http.is_running(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  Impl* raw = impl.get();
+  impl->thread = std::thread([raw] {
+    raw->http.listen_after_bind();
+    raw->done.store(true);
+  });
   return std::unique_ptr<MetricsServer>(new MetricsServer(std::move(impl)));
 }
 

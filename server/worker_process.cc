@@ -117,7 +117,7 @@ struct WorkerProcess::Impl {
         r.Counter("splitq_worker_group_sum_seconds_total", "Time in group rounds' gradient sums");
     base::Metric* round_seconds =
         r.Counter("splitq_worker_round_seconds_total", "Time in merged or group rounds with work");
-    r.OnScrape([=, this] {
+    r.OnScrape([=] {
       const WorkerStats w = core->stats();
       sessions_train->Set(w.train_sessions);
       sessions_eval->Set(w.sessions - w.train_sessions);

@@ -197,6 +197,8 @@ struct BucketedSum::Impl {
   size_t next = 0;  // the first bucket not started
   int early = 0;
   absl::Status failed;
+  bool late = false;      // an Add came for a started bucket
+  bool finished = false;  // Finish ran
   std::mutex mutex;
 
   at::Tensor Slot(const Place& p) const {
@@ -218,8 +220,9 @@ struct BucketedSum::Impl {
 
 BucketedSum::BucketedSum(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 BucketedSum::~BucketedSum() {
-  // A sum dropped unfinished (an error on the way) must not leave collectives reading freed
-  // buckets.
+  // A sum dropped unfinished (an error on the way): its remaining collectives still start (the
+  // other members wait for them), and none may be left reading freed buckets.
+  if (!impl_->finished) (void)Finish();
   for (auto& b : impl_->buckets) {
     if (b.work) {
       try {
@@ -272,11 +275,8 @@ void BucketedSum::Add(size_t index, const at::Tensor& value, double scale) {
   Impl::Place& p = s.places[index];
   Impl::Bucket& b = s.buckets[p.bucket];
   if (b.started) {
-    if (s.failed.ok()) {
-      s.failed = absl::InternalError(
-          absl::StrCat("gradient sum: tensor ", index, " arrived after its bucket had started"));
-    }
-    return;
+    s.late = true;  // not in the sum: the caller poisons the round (every member's collectives
+    return;         // still run, so none waits for one this member skipped)
   }
   at::Tensor slot = s.Slot(p);
   if (p.added) {
@@ -306,6 +306,7 @@ bool BucketedSum::Discard() {
 absl::Status BucketedSum::Finish() {
   Impl& s = *impl_;
   std::lock_guard<std::mutex> lock(s.mutex);
+  s.finished = true;
   while (s.next < s.buckets.size()) s.Start(s.buckets[s.next++]);
   for (auto& b : s.buckets) {
     if (!b.work) continue;
@@ -325,6 +326,14 @@ absl::Status BucketedSum::Finish() {
 }
 
 at::Tensor BucketedSum::sum(size_t index) const { return impl_->Slot(impl_->places[index]); }
+bool BucketedSum::added(size_t index) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return index < impl_->places.size() && impl_->places[index].added;
+}
+bool BucketedSum::late() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->late;
+}
 int BucketedSum::buckets() const { return static_cast<int>(impl_->buckets.size()); }
 int BucketedSum::started_early() const { return impl_->early; }
 

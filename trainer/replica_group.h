@@ -107,7 +107,9 @@ class ReplicaGroup {
 // call Finish on a sum of the same list; a member with nothing to add just calls Finish.
 //
 // Add may run on another thread (autograd's) than Finish; the calls are serialized. A failed
-// collective breaks the group (ReplicaGroup::broken) and Finish returns UNAVAILABLE.
+// collective breaks the group (ReplicaGroup::broken) and Finish returns UNAVAILABLE. A sum
+// dropped before Finish starts its remaining buckets first (zeros where nothing was added), so
+// the other members never wait for collectives this one skipped.
 class BucketedSum {
  public:
   ~BucketedSum();
@@ -118,6 +120,12 @@ class BucketedSum {
   absl::Status Finish();
   // Tensor `index`'s sum over the members (a view into its bucket), after Finish returned OK.
   at::Tensor sum(size_t index) const;
+  // Whether tensor `index`'s place holds an Add since the sum started (or the last Discard).
+  bool added(size_t index) const;
+  // An Add came for a bucket that had started: its value is not in the sum. The collectives
+  // all run as planned (every member starts the same ones); the caller must not use the sum
+  // as complete (server_part.h poisons the round).
+  bool late() const;
   int buckets() const;
   // Buckets that Add started (before Finish: during the backward pass, when Add runs there).
   int started_early() const;

@@ -42,21 +42,6 @@ struct RoundRecords {
   std::vector<std::string>* others = nullptr;
 };
 
-// Hooks on tensors, removed when this goes (whatever the backward pass threw).
-class HookGuard {
- public:
-  template <typename F>
-  void Add(const at::Tensor& t, F&& hook) {
-    hooks_.emplace_back(t, t.register_hook(std::forward<F>(hook)));
-  }
-  ~HookGuard() {
-    for (auto& [t, h] : hooks_) t.remove_hook(h);
-  }
-
- private:
-  std::vector<std::pair<at::Tensor, unsigned>> hooks_;
-};
-
 using Clock = std::chrono::steady_clock;
 double Ms(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration<double, std::milli>(to - from).count();
@@ -204,6 +189,31 @@ struct ServerPart::Impl {
     AutocastScope scope(c.bf16_autocast);
     return model.server->forward(server_in);
   }
+  // Worker groups with buckets: one hook per trainable parameter, registered once (a tensor's
+  // hook list never shrinks: remove_hook only blanks an entry), that adds the parameter's
+  // gradient to `hook_sum` (index i + 1, times `hook_scale`) while a round's backward pass
+  // runs, and does nothing otherwise. HookTarget sets them for one backward pass.
+  std::atomic<BucketedSum*> hook_sum{nullptr};
+  double hook_scale = 1;  // written before hook_sum is set (release), read after (acquire)
+  bool hooks_registered = false;
+  struct HookTarget {
+    HookTarget(Impl& s, BucketedSum* sum, double scale) : s(s) {
+      if (!s.hooks_registered) {
+        const std::vector<at::Tensor> params = s.Trainable();
+        for (size_t i = 0; i < params.size(); ++i) {
+          params[i].register_hook([&s, i](const at::Tensor& g) {
+            BucketedSum* into = s.hook_sum.load(std::memory_order_acquire);
+            if (into != nullptr) into->Add(i + 1, g, s.hook_scale);
+          });
+        }
+        s.hooks_registered = true;
+      }
+      s.hook_scale = scale;
+      s.hook_sum.store(sum, std::memory_order_release);
+    }
+    ~HookTarget() { s.hook_sum.store(nullptr, std::memory_order_release); }
+    Impl& s;
+  };
   // The trainable parameters, in the order of a group's sum (after its extras, index 0).
   std::vector<at::Tensor> Trainable() const {
     std::vector<at::Tensor> out;
@@ -227,9 +237,9 @@ struct ServerPart::Impl {
   // same update: the one a single replica would take on all the batches. `sum` is the round's
   // sum; with server.group.bucket_kib > 0 the backward pass has already added the gradients
   // (hooks, TrainRound), and its buckets may be on their way. A replica whose backward pass
-  // failed after that (targets 0 and a bucket started) poisons the round: no member updates,
-  // every step of the round is UNAVAILABLE (sent again). `sum_ms` (if set) gets the time in
-  // the group's sum.
+  // failed after that (targets 0 and a bucket started), or whose hooks added a value too late
+  // (BucketedSum::late), poisons the round: no member updates, every step of the round is
+  // UNAVAILABLE (sent again). `sum_ms` (if set) gets the time in the group's sum.
   absl::Status Update(int64_t targets, const RoundRecords& records = {}, double* sum_ms = nullptr,
                       BucketedSum* sum = nullptr, bool added = false) {
     if (group == nullptr) {
@@ -242,12 +252,14 @@ struct ServerPart::Impl {
       sum = own.get();
     }
     const std::vector<at::Tensor> params = Trainable();
-    bool poisoned = false;
+    bool poisoned = sum->late();
     if (targets <= 0) {
-      poisoned = sum->Discard();
-    } else if (!added) {
+      poisoned = sum->Discard() || poisoned;
+    } else {
+      // Without hooks, every gradient now; with them, any a hook did not add (a parameter whose
+      // tensor was replaced since its hook was registered): its bucket cannot have started.
       for (size_t i = 0; i < params.size(); ++i) {
-        if (params[i].grad().defined()) {
+        if (params[i].grad().defined() && !(added && sum->added(i + 1))) {
           sum->Add(i + 1, params[i].grad(), static_cast<double>(targets));
         }
       }
@@ -575,21 +587,15 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
     const at::Tensor loss = per_target.sum() / static_cast<double>(merged);
     double merged_loss = 0;
     SPLITQ_RETURN_IF_ERROR(CheckLoss(loss, last_step, &merged_loss));
-    {
+    if (sum != nullptr && s.c.group_bucket_kib > 0) {
       // In a group with buckets, each gradient goes into the sum as the backward pass makes it
       // (weighted by this replica's targets), so the buckets' all-reduces overlap the rest of
-      // the backward pass.
-      HookGuard hooks;
-      if (sum != nullptr && s.c.group_bucket_kib > 0) {
-        const std::vector<at::Tensor> params = s.Trainable();
-        for (size_t i = 0; i < params.size(); ++i) {
-          BucketedSum* into = sum.get();
-          const double scale = static_cast<double>(merged);
-          hooks.Add(params[i],
-                    [into, i, scale](const at::Tensor& g) { into->Add(i + 1, g, scale); });
-        }
-        added = true;
-      }
+      // the backward pass (Impl::HookInto).
+      Impl::HookTarget into(s, sum.get(), static_cast<double>(merged));
+      added = true;
+      loss.backward();
+      t.early_buckets = sum->started_early();
+    } else {
       loss.backward();
     }
     const at::Tensor grad = server_in.grad();

@@ -86,6 +86,9 @@ struct RoundTimes {
   double gradients_ms = 0;  // each client's gradient slice encoded (server.merge.threads)
   double update_ms = 0;     // the optimizer update, with the group's sum
   double sum_ms = 0;        // worker groups: the gradient sum, waiting for the others included
+  // Worker groups with server.group.bucket_kib: buckets whose all-reduce started during the
+  // backward pass (from its hooks).
+  int64_t early_buckets = 0;
   // Adds o times `sign` (-1: what came after o, given o is an earlier reading of these).
   void Add(const RoundTimes& o, int sign = 1) {
     rounds += sign * o.rounds;
@@ -95,6 +98,7 @@ struct RoundTimes {
     gradients_ms += sign * o.gradients_ms;
     update_ms += sign * o.update_ms;
     sum_ms += sign * o.sum_ms;
+    early_buckets += sign * o.early_buckets;
   }
 };
 
