@@ -9,6 +9,7 @@
 #include <string>
 #include <string_view>
 
+#include "cli/int_range.h"
 #include "trainer/train_loop.h"
 
 namespace splitq::cli {
@@ -27,12 +28,7 @@ void SetProgressOutput(const std::string& prefix, trainer::TrainOptions* options
 // Ends a progress line left open on a terminal.
 void EndProgress();
 
-// `text` as a whole number (digits with an optional '-', nothing else), or nullopt.
-std::optional<int64_t> ParseWholeNumber(std::string_view text);
-
-// An integer option's check: "Value abc is not a whole number", or "Value 9 not in range 1 to
-// 4" (CLI::Range alone calls both "not in range"). Its description is "INT in [lo - hi]".
-CLI::Validator IntRange(int64_t lo, int64_t hi);
+// ParseWholeNumber and IntRange: cli/int_range.h.
 
 // `splitq bench kernels`: our kernels against PyTorch's ops and a copy (docs/benchmarks.md).
 void RegisterBenchKernels(CLI::App& bench, RunFn* run);

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <string>
 
+#include "cli/int_range.h"
 #include "cli/security_flags.h"
 #include "proto/protocol.h"
 #include "server/health.h"
@@ -27,7 +28,7 @@ inline void AddHealthOptions(CLI::App* cmd, HealthOptions* opt) {
       "--service", opt->service,
       "Service name: splitq.v1.Coordinator or splitq.v1.Worker (default: the whole server)");
   cmd->add_option("--timeout-ms", opt->timeout_ms, "Deadline in milliseconds")
-      ->check(CLI::Range(1, 1 << 30));
+      ->check(IntRange(1, 1 << 30));
 }
 
 // Prints the status; 0 when SERVING, 1 otherwise, 2 for a bad target.

@@ -61,28 +61,6 @@ void ForwardGrpcLog(gpr_log_func_args* args) {
 
 namespace splitq::cli {
 
-std::optional<int64_t> ParseWholeNumber(std::string_view text) {
-  int64_t v = 0;
-  const char* end = text.data() + text.size();
-  const auto [at, error] = std::from_chars(text.data(), end, v);
-  if (text.empty() || error != std::errc() || at != end) return std::nullopt;
-  return v;
-}
-
-CLI::Validator IntRange(int64_t lo, int64_t hi) {
-  return CLI::Validator(
-      [lo, hi](std::string& text) -> std::string {
-        const std::optional<int64_t> parsed = ParseWholeNumber(text);
-        if (!parsed) return "Value " + text + " is not a whole number";
-        if (const int64_t v = *parsed; v < lo || v > hi) {
-          return "Value " + text + " not in range " + std::to_string(lo) + " to " +
-                 std::to_string(hi);
-        }
-        return std::string();
-      },
-      "INT in [" + std::to_string(lo) + " - " + std::to_string(hi) + "]");
-}
-
 void WarnIfReferenceBlas() {
   std::ifstream maps("/proc/self/maps");
   for (std::string line; std::getline(maps, line);) {

@@ -85,7 +85,7 @@ struct WorkerProcess::Impl {
   int group_root = 0;        // whose state the last generation took
   std::atomic<int> rank{0};  // in the last generation formed (for worker.json)
   std::atomic<int64_t> generation{0};
-  std::atomic<int> world{0};  // the last generation formed's size (for the metrics)
+  std::atomic<int> world{0};  // the formed generation's size (0: none now; for the metrics)
 
   void Log(const std::string& line) const {
     if (o.log) o.log(line);
@@ -193,6 +193,7 @@ struct WorkerProcess::Impl {
     if (group) {
       part->set_group(nullptr);
       group.reset();
+      world.store(0);  // no generation formed now (the metrics' group_members)
     }
     trainer::ReplicaGroupOptions g;
     g.backend = o.config.group_backend;
