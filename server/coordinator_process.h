@@ -27,7 +27,7 @@ struct CoordinatorProcessOptions {
   ConnectionLimits connection_limits;                                // connection_guard.h
   std::string ready_file;                                            // server/process.h, ReadyFile
   std::string metrics_listen;  // HOST:PORT for Prometheus' /metrics ("" : none; metrics_server.h)
-  std::function<void(const std::string&)> log;                       // "coordinator ..." lines
+  std::function<void(const std::string&)> log;  // "coordinator ..." lines
 };
 
 class CoordinatorProcess {

@@ -106,7 +106,7 @@ struct RunConfig {
   int64_t aqsgd_max_cache_mib = 8192;
   std::string group_backend = "auto";  // worker groups: auto | gloo | nccl
   int64_t group_bucket_kib = 0;  // worker groups: gradient buckets (0: one sum after backward)
-  bool group_rebalance = true;         // the coordinator moves clients to a joining member
+  bool group_rebalance = true;   // the coordinator moves clients to a joining member
   // quant
   ActivationQuantConfig activations;
   GradientQuantConfig gradients;
