@@ -364,7 +364,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
         r.set_output(piece->frame);
         replies.push_back(rpc::ToByteBuffer(r));
       }
-      Count(status, service_.metrics_ ? service_.metrics_->evaluate : nullptr, 0, 0);
+      Count(status, 0, 0, true);
       EndJob(status, std::move(replies));
     } else {
       // Another session's U-shaped step is open: this step waits for its turn.
@@ -377,26 +377,24 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   void Deliver(absl::StatusOr<trainer::DownFrame> down) {
     std::deque<grpc::ByteBuffer> replies;
     if (down.ok()) AppendFrame(*down, &replies);
-    if (down.ok()) {
-      Count(down.status(), service_.metrics_ ? service_.metrics_->train : nullptr,
-            down->frame.size(), down->activation ? 0 : down->grad_bits);
-    } else {
-      Count(down.status(), nullptr, 0, 0);
-    }
+    Count(down.status(), down.ok() ? down->frame.size() : 0,
+          down.ok() && !down->activation ? down->grad_bits : 0, !down.ok() || !down->activation);
     EndJob(down.status(), std::move(replies));
   }
 
-  // On the compute thread: a step answered (`steps`, its frame's bytes and bits) or failed.
-  void Count(const absl::Status& status, base::Metric* steps, size_t bytes, double grad_bits) {
+  // On the compute thread: an answer (its frame's bytes and bits) or a failure. `last`: the
+  // step's final answer (a U-shaped step answers twice; it counts once, at its head gradient).
+  void Count(const absl::Status& status, size_t bytes, double grad_bits, bool last) {
     WorkerService::Metrics* m = service_.metrics_.get();
     if (m == nullptr) return;
     if (!status.ok()) {
       m->Failed("step", status);
       return;
     }
-    steps->Add(1);
     m->bytes_down->Add(static_cast<double>(bytes));
     if (grad_bits > 0) m->grad_bits->Set(grad_bits);
+    if (!last) return;
+    (kEvaluate ? m->evaluate : m->train)->Add(1);
     (kEvaluate ? m->evaluate_latency : m->train_latency)
         ->Observe(
             std::chrono::duration<double>(std::chrono::steady_clock::now() - frame_done_).count());
@@ -472,11 +470,11 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   std::string auth_id_, client_id_;
   bool opening_ = false;  // holds one of its token's opening places (until the first message)
   absl::Status end_status_;
-  grpc::ByteBuffer raw_;     // the message being read
-  uint64_t frame_step_ = 0;  // the step of the last chunk taken
+  grpc::ByteBuffer raw_;      // the message being read
+  uint64_t frame_step_ = 0;   // the step of the last chunk taken
   uint64_t frame_bytes_ = 0;  // the size of the frame of the last chunk taken
   std::chrono::steady_clock::time_point frame_done_;  // when the last frame completed
-  bool head_ = false;        // the frame completed is a head gradient (U-shaped)
+  bool head_ = false;  // the frame completed is a head gradient (U-shaped)
   uint64_t session_ = 0;
   std::mutex mutex_;
   std::deque<grpc::ByteBuffer> writes_;  // front: being written while writing_

@@ -240,16 +240,12 @@ struct ServerPart::Impl {
   // failed after that (targets 0 and a bucket started), or whose hooks added a value too late
   // (BucketedSum::late), poisons the round: no member updates, every step of the round is
   // UNAVAILABLE (sent again). `sum_ms` (if set) gets the time in the group's sum.
-  absl::Status Update(int64_t targets, const RoundRecords& records = {}, double* sum_ms = nullptr,
-                      BucketedSum* sum = nullptr, bool added = false) {
+  // `sum` is required in a group (StartSum, before the backward pass).
+  absl::Status Update(int64_t targets, const RoundRecords& records, double* sum_ms,
+                      BucketedSum* sum) {
     if (group == nullptr) {
       if (targets > 0) ClipAndStep(true);
       return absl::OkStatus();
-    }
-    std::unique_ptr<BucketedSum> own;
-    if (sum == nullptr) {
-      own = StartSum(records);
-      sum = own.get();
     }
     const std::vector<at::Tensor> params = Trainable();
     bool poisoned = sum->late();
@@ -259,7 +255,7 @@ struct ServerPart::Impl {
       // Without hooks, every gradient now; with them, any a hook did not add (a parameter whose
       // tensor was replaced since its hook was registered): its bucket cannot have started.
       for (size_t i = 0; i < params.size(); ++i) {
-        if (params[i].grad().defined() && !(added && sum->added(i + 1))) {
+        if (params[i].grad().defined() && !sum->added(i + 1)) {
           sum->Add(i + 1, params[i].grad(), static_cast<double>(targets));
         }
       }
@@ -500,7 +496,6 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
   }
   // A group round's sum, started before the backward pass (Impl::Update).
   std::unique_ptr<BucketedSum> sum;
-  bool added = false;  // the backward pass added the gradients to `sum`
   if (s.group != nullptr) sum = s.StartSum(round_records);
   const auto round_start = Clock::now();
   RoundTimes t;  // this round's phases
@@ -590,9 +585,8 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
     if (sum != nullptr && s.c.group_bucket_kib > 0) {
       // In a group with buckets, each gradient goes into the sum as the backward pass makes it
       // (weighted by this replica's targets), so the buckets' all-reduces overlap the rest of
-      // the backward pass (Impl::HookInto).
+      // the backward pass (Impl::HookTarget).
       Impl::HookTarget into(s, sum.get(), static_cast<double>(merged));
-      added = true;
       loss.backward();
       t.early_buckets = sum->started_early();
     } else {
@@ -647,9 +641,8 @@ std::vector<absl::StatusOr<DownFrame>> ServerPart::TrainRound(
   if (round_records.mine != nullptr) round_records.mine = &applied;
   const auto update_start = Clock::now();
   double sum_ms = 0;
-  const absl::Status updated = TorchCall("server update", [&] {
-    return s.Update(total, round_records, &sum_ms, sum.get(), added && local.ok());
-  });
+  const absl::Status updated = TorchCall(
+      "server update", [&] { return s.Update(total, round_records, &sum_ms, sum.get()); });
   if (!updated.ok()) {
     for (const Item& item : items) out[item.index] = updated;
   }
