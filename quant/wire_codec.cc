@@ -118,6 +118,9 @@ absl::StatusOr<Frame> WireEncoder::Encode(const at::Tensor& x_in, uint64_t step,
     }
     return absl::OkStatus();
   }));
+  if (options_.entropy_coding) {
+    SPLITQ_ASSIGN_OR_RETURN(entropy_, EntropyCodeFrame(&frame, bits));
+  }
   // Only a frame that was built moves the bit-map state on.
   if (bits != last_bits_ || version_ == 0) {
     ++version_;
@@ -143,34 +146,44 @@ WireDecoder::WireDecoder(const FrameLimits& limits) : limits_(limits) {}
 absl::StatusOr<at::Tensor> WireDecoder::Decode(const Frame& frame, const at::Device& device) {
   SPLITQ_ASSIGN_OR_RETURN(std::vector<uint8_t> bits,
                           ValidateFrame(frame, has_bits_ ? &bits_ : nullptr, version_, limits_));
-  return TorchCall("", [&]() -> absl::StatusOr<at::Tensor> {
-    at::Tensor out;
-    if (device.is_cpu()) {
-      out = at::empty(frame.shape, at::TensorOptions().dtype(ToScalarType(frame.dtype)));
-      SPLITQ_RETURN_IF_ERROR(DecodePayload(frame, bits, out.data_ptr()));
-    } else {
-      const int64_t payload_bytes = static_cast<int64_t>(frame.payload.size());
-      const at::Tensor packed =
-          at::from_blob(const_cast<uint8_t*>(frame.payload.data()), {payload_bytes}, at::kByte)
-              .to(device);
-      const auto groups = static_cast<int64_t>(frame.scales.size());
-      QuantTensors q;
-      q.scale =
-          at::from_blob(const_cast<float*>(frame.scales.data()), {groups}, at::kFloat).to(device);
-      q.offset =
-          at::from_blob(const_cast<float*>(frame.offsets.data()), {groups}, at::kFloat).to(device);
-      out = UnpackDequantize(packed, frame.shape, ToScalarType(frame.dtype),
-                             GroupingFor(frame.group_axis), q, bits);
-    }
-    // Only a frame that carried a map replaces the kept one; a frame without one (kept map,
-    // or zero groups: an empty tensor) leaves it as it was.
-    if (!frame.bits.empty()) {
-      has_bits_ = true;
-      version_ = frame.bitmap_version;
-      bits_ = std::move(bits);
-    }
-    return out;
-  });
+  // A coded payload is decoded on the host (its structure checked) before anything else.
+  std::vector<uint8_t> packed_bytes;
+  if (frame.coded) {
+    SPLITQ_ASSIGN_OR_RETURN(packed_bytes, UncodedPayload(frame, bits));
+  }
+  const std::vector<uint8_t>& plain = frame.coded ? packed_bytes : frame.payload;
+  SPLITQ_ASSIGN_OR_RETURN(
+      at::Tensor decoded, TorchCall("", [&]() -> absl::StatusOr<at::Tensor> {
+        at::Tensor out;
+        if (device.is_cpu()) {
+          out = at::empty(frame.shape, at::TensorOptions().dtype(ToScalarType(frame.dtype)));
+          SPLITQ_RETURN_IF_ERROR(DecodePayload(frame, bits, out.data_ptr(), {}, &plain));
+        } else {
+          const int64_t payload_bytes = static_cast<int64_t>(plain.size());
+          const at::Tensor packed =
+              at::from_blob(const_cast<uint8_t*>(plain.data()), {payload_bytes}, at::kByte)
+                  .to(device);
+          const auto groups = static_cast<int64_t>(frame.scales.size());
+          QuantTensors q;
+          q.scale = at::from_blob(const_cast<float*>(frame.scales.data()), {groups}, at::kFloat)
+                        .to(device);
+          q.offset = at::from_blob(const_cast<float*>(frame.offsets.data()), {groups}, at::kFloat)
+                         .to(device);
+          out = UnpackDequantize(packed, frame.shape, ToScalarType(frame.dtype),
+                                 GroupingFor(frame.group_axis), q, bits);
+        }
+        // Only a frame that carried a map replaces the kept one; a frame without one (kept map,
+        // or zero groups: an empty tensor) leaves it as it was.
+        if (!frame.bits.empty()) {
+          has_bits_ = true;
+          version_ = frame.bitmap_version;
+          bits_ = std::move(bits);
+        }
+        return out;
+      }));
+  coded_ = frame.coded;
+  packed_ = std::move(packed_bytes);
+  return decoded;
 }
 
 WireRange MinMaxRange(const at::Tensor& x, int32_t group_axis, const std::vector<uint8_t>& bits) {

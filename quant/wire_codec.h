@@ -31,6 +31,7 @@ struct WireEncoderOptions {
   int32_t group_axis = 1;  // axis with one bit width / scale / offset per entry; -1: one group
   kernels::Rounding rounding = kernels::Rounding::kNearest;  // stochastic for gradients
   uint64_t seed = 0;  // Philox seed for stochastic rounding (the step is the other key)
+  bool entropy_coding = false;  // entropy-code the payload when that makes it smaller
 };
 
 class WireEncoder {
@@ -52,8 +53,11 @@ class WireEncoder {
   void ResendBitMap();
 
   uint32_t bitmap_version() const { return version_; }
+  // With entropy_coding: the order-0 entropy of the last frame's codes (the coder measures it).
+  const CodeEntropy& last_entropy() const { return entropy_; }
 
  private:
+  CodeEntropy entropy_;
   uint64_t session_id_;
   FrameKind kind_;
   WireEncoderOptions options_;
@@ -71,8 +75,13 @@ class WireDecoder {
   absl::StatusOr<at::Tensor> Decode(const Frame& frame, const at::Device& device = at::kCPU);
   // The bit map the last successful Decode used (empty before one).
   const std::vector<uint8_t>& bits() const { return bits_; }
+  // The packed payload of the last successful Decode when its frame was entropy-coded
+  // (nullptr otherwise): for MeasureCodeEntropy, so the frame is not decoded twice.
+  const std::vector<uint8_t>* packed() const { return coded_ ? &packed_ : nullptr; }
 
  private:
+  bool coded_ = false;
+  std::vector<uint8_t> packed_;
   FrameLimits limits_;
   bool has_bits_ = false;
   uint32_t version_ = 0;

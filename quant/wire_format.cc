@@ -35,12 +35,15 @@
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "quant/crc32c.h"
+#include "quant/entropy_coding.h"
 
 namespace splitq::quant {
 namespace {
 
 constexpr uint8_t kFrameVersion = 1;
 constexpr uint8_t kFlagBitMap = 0x01;
+constexpr uint8_t kFlagCoded = 0x02;
+constexpr uint8_t kKnownFlags = kFlagBitMap | kFlagCoded;
 constexpr size_t kFixedHeaderBytes = 36;  // magic .. group_axis
 
 bool KnownKind(uint8_t v) {
@@ -99,7 +102,7 @@ void EncodeBody(const Frame& f, Sink& sink) {
   e.U8(static_cast<uint8_t>(f.kind));
   e.U8(static_cast<uint8_t>(f.dtype));
   e.U8(static_cast<uint8_t>(f.shape.size()));
-  e.U8(f.bits.empty() ? 0 : kFlagBitMap);
+  e.U8(static_cast<uint8_t>((f.bits.empty() ? 0 : kFlagBitMap) | (f.coded ? kFlagCoded : 0)));
   e.U8(0);
   e.U8(0);
   e.U8(0);
@@ -252,8 +255,24 @@ absl::StatusOr<std::vector<int64_t>> SegmentOffsets(const kernels::GroupLayout& 
   return offsets;
 }
 
-absl::Status CheckPayloadSize(size_t actual, int64_t implied) {
-  if (static_cast<uint64_t>(actual) != static_cast<uint64_t>(implied)) {
+// A packed payload has exactly the size the layout and bits imply; a coded one at most
+// MaxCodedPayloadBytes of it (its own structure is checked when it is decoded).
+absl::Status CheckPayloadSize(const Frame& frame, const kernels::GroupLayout& layout,
+                              int64_t implied) {
+  const auto actual = static_cast<uint64_t>(frame.payload.size());
+  if (frame.coded) {
+    if (layout.groups == 0)
+      return FieldError("flags", "payload flagged coded, but there are 0 groups");
+    const int64_t most = MaxCodedPayloadBytes(implied, layout.groups);
+    if (actual > static_cast<uint64_t>(most)) {
+      return FieldError("payload", absl::StrCat(actual,
+                                                " coded bytes, but a coded payload of this "
+                                                "shape and bit map takes at most ",
+                                                most));
+    }
+    return absl::OkStatus();
+  }
+  if (actual != static_cast<uint64_t>(implied)) {
     return FieldError("payload",
                       absl::StrCat(actual, " bytes, but the shape and bit map imply ", implied));
   }
@@ -319,9 +338,9 @@ absl::StatusOr<Frame> ParseFrame(absl::Span<const uint8_t> bytes) {
         "rank", absl::StrCat(static_cast<int>(rank), " exceeds the maximum rank ", kMaxFrameRank));
   }
   SPLITQ_RETURN_IF_ERROR(r.U8("flags", &flags));
-  if ((flags & ~kFlagBitMap) != 0) {
+  if ((flags & ~kKnownFlags) != 0) {
     return FieldError("flags", absl::StrCat("unknown flag bits 0x",
-                                            absl::Hex(flags & ~kFlagBitMap, absl::kZeroPad2)));
+                                            absl::Hex(flags & ~kKnownFlags, absl::kZeroPad2)));
   }
   SPLITQ_RETURN_IF_ERROR(r.Need("reserved", 3));
   for (int i = 0; i < 3; ++i) {
@@ -347,6 +366,10 @@ absl::StatusOr<Frame> ParseFrame(absl::Span<const uint8_t> bytes) {
     SPLITQ_RETURN_IF_ERROR(r.Need("bits", groups, "claimed"));
     const uint8_t* p = r.Take(groups);
     f.bits.assign(p, p + groups);
+  }
+  if ((flags & kFlagCoded) != 0) {
+    if (groups == 0) return FieldError("flags", "payload flagged coded, but there are 0 groups");
+    f.coded = true;
   }
   const uint64_t float_bytes = uint64_t{4} * groups;  // <= 2^34, no overflow
   SPLITQ_RETURN_IF_ERROR(r.Need("scales", float_bytes, "claimed"));
@@ -426,7 +449,7 @@ absl::StatusOr<std::vector<uint8_t>> ValidateFrame(const Frame& frame,
 
   // Payload size (groups == scales.size() now, so the offsets are bounded by the frame).
   SPLITQ_ASSIGN_OR_RETURN(const std::vector<int64_t> offsets, SegmentOffsets(layout, *bits));
-  SPLITQ_RETURN_IF_ERROR(CheckPayloadSize(frame.payload.size(), offsets.back()));
+  SPLITQ_RETURN_IF_ERROR(CheckPayloadSize(frame, layout, offsets.back()));
 
   // CRC.
   const uint32_t crc = ComputeFrameCrc(frame);
@@ -440,7 +463,7 @@ absl::StatusOr<std::vector<uint8_t>> ValidateFrame(const Frame& frame,
 }
 
 absl::Status DecodePayload(const Frame& frame, absl::Span<const uint8_t> bits, void* out,
-                           const kernels::ExecContext& cpu) {
+                           const kernels::ExecContext& cpu, const std::vector<uint8_t>* given) {
   if (cpu.device != kernels::Device::kCpu) {
     return absl::InvalidArgumentError("DecodePayload runs on the host: pass a CPU ExecContext");
   }
@@ -453,9 +476,21 @@ absl::Status DecodePayload(const Frame& frame, absl::Span<const uint8_t> bits, v
   SPLITQ_RETURN_IF_ERROR(CheckBits(bits, "bits"));
   SPLITQ_RETURN_IF_ERROR(CheckScalesOffsets(frame.scales, frame.offsets, layout.groups));
   SPLITQ_ASSIGN_OR_RETURN(const std::vector<int64_t> offsets, SegmentOffsets(layout, bits));
-  SPLITQ_RETURN_IF_ERROR(CheckPayloadSize(frame.payload.size(), offsets.back()));
+  SPLITQ_RETURN_IF_ERROR(CheckPayloadSize(frame, layout, offsets.back()));
   if (layout.numel() > 0 && out == nullptr) {
     return absl::InvalidArgumentError("DecodePayload: null output");
+  }
+  std::vector<uint8_t> decoded;
+  if (frame.coded && given == nullptr) {
+    SPLITQ_RETURN_IF_ERROR(EntropyDecode(frame.payload, layout, bits, &decoded, cpu));
+  }
+  const std::vector<uint8_t>& packed =
+      !frame.coded ? frame.payload : (given != nullptr ? *given : decoded);
+  if (static_cast<int64_t>(packed.size()) != offsets.back()) {
+    return FieldError("payload", absl::StrCat(packed.size(),
+                                              " packed bytes, but the shape and "
+                                              "bit map imply ",
+                                              offsets.back()));
   }
   kernels::QuantParams params;
   params.scale = frame.scales.data();
@@ -463,16 +498,63 @@ absl::Status DecodePayload(const Frame& frame, absl::Span<const uint8_t> bits, v
   params.zero_point = nullptr;
   params.bits = bits.data();
   params.is_signed = false;
-  return kernels::UnpackDequantize(cpu, frame.dtype, layout, params, frame.payload.data(),
-                                   static_cast<int64_t>(frame.payload.size()), offsets.data(), out);
+  return kernels::UnpackDequantize(cpu, frame.dtype, layout, params, packed.data(),
+                                   static_cast<int64_t>(packed.size()), offsets.data(), out);
 }
 
-absl::StatusOr<CodeEntropy> MeasureCodeEntropy(const Frame& frame, absl::Span<const uint8_t> bits) {
+absl::StatusOr<CodeEntropy> EntropyCodeFrame(Frame* frame, absl::Span<const uint8_t> bits,
+                                             const kernels::ExecContext& cpu) {
+  if (frame->coded)
+    return absl::InvalidArgumentError("EntropyCodeFrame: the frame is coded already");
+  SPLITQ_ASSIGN_OR_RETURN(const kernels::GroupLayout layout, FrameLayout(*frame));
+  SPLITQ_RETURN_IF_ERROR(CheckBitCount(bits.size(), layout.groups, "bits"));
+  SPLITQ_RETURN_IF_ERROR(CheckBits(bits, "bits"));
+  CodeEntropy entropy;
+  entropy.elements = layout.numel();
+  if (layout.groups == 0 || layout.numel() == 0) return entropy;  // nothing to code
+  SPLITQ_ASSIGN_OR_RETURN(CodedPayload coded, EntropyCode(frame->payload, layout, bits, cpu));
+  entropy.bits = coded.entropy_bits;
+  if (coded.bytes.size() < frame->payload.size()) {
+    frame->payload = std::move(coded.bytes);
+    frame->coded = true;
+  }
+  return entropy;
+}
+
+absl::StatusOr<std::vector<uint8_t>> UncodedPayload(const Frame& frame,
+                                                    absl::Span<const uint8_t> bits,
+                                                    const kernels::ExecContext& cpu) {
   SPLITQ_ASSIGN_OR_RETURN(const kernels::GroupLayout layout, FrameLayout(frame));
   SPLITQ_RETURN_IF_ERROR(CheckBitCount(bits.size(), layout.groups, "bits"));
   SPLITQ_RETURN_IF_ERROR(CheckBits(bits, "bits"));
   SPLITQ_ASSIGN_OR_RETURN(const std::vector<int64_t> offsets, SegmentOffsets(layout, bits));
-  SPLITQ_RETURN_IF_ERROR(CheckPayloadSize(frame.payload.size(), offsets.back()));
+  SPLITQ_RETURN_IF_ERROR(CheckPayloadSize(frame, layout, offsets.back()));
+  if (!frame.coded) return frame.payload;
+  std::vector<uint8_t> packed;
+  SPLITQ_RETURN_IF_ERROR(EntropyDecode(frame.payload, layout, bits, &packed, cpu));
+  return packed;
+}
+
+absl::StatusOr<CodeEntropy> MeasureCodeEntropy(const Frame& frame, absl::Span<const uint8_t> bits,
+                                               const std::vector<uint8_t>* packed) {
+  SPLITQ_ASSIGN_OR_RETURN(const kernels::GroupLayout layout, FrameLayout(frame));
+  SPLITQ_RETURN_IF_ERROR(CheckBitCount(bits.size(), layout.groups, "bits"));
+  SPLITQ_RETURN_IF_ERROR(CheckBits(bits, "bits"));
+  SPLITQ_ASSIGN_OR_RETURN(const std::vector<int64_t> offsets, SegmentOffsets(layout, bits));
+  std::vector<uint8_t> decoded;
+  if (frame.coded && packed == nullptr) {
+    SPLITQ_ASSIGN_OR_RETURN(decoded, UncodedPayload(frame, bits));
+    packed = &decoded;
+  } else if (!frame.coded) {
+    packed = &frame.payload;
+  }
+  if (static_cast<int64_t>(packed->size()) != offsets.back()) {
+    return FieldError("payload", absl::StrCat(packed->size(),
+                                              " bytes, but the shape and bit "
+                                              "map imply ",
+                                              offsets.back()));
+  }
+  const std::vector<uint8_t>& payload = *packed;
   CodeEntropy out;
   out.elements = layout.numel();
   const int64_t m = layout.per_group();
@@ -482,7 +564,7 @@ absl::StatusOr<CodeEntropy> MeasureCodeEntropy(const Frame& frame, absl::Span<co
     const int k = bits[static_cast<size_t>(g)];
     const uint32_t mask = (1u << k) - 1;
     counts.fill(0);
-    const uint8_t* seg = frame.payload.data() + offsets[static_cast<size_t>(g)];
+    const uint8_t* seg = payload.data() + offsets[static_cast<size_t>(g)];
     const int64_t seg_bytes = offsets[static_cast<size_t>(g) + 1] - offsets[static_cast<size_t>(g)];
     // Four interleaved histograms, so that runs of one code do not serialize the increments.
     std::array<std::array<int64_t, 256>, 4> part{};
@@ -491,16 +573,10 @@ absl::StatusOr<CodeEntropy> MeasureCodeEntropy(const Frame& frame, absl::Span<co
       // the codes of a last, partial byte one by one (its padding bits are not codes, and a
       // peer's frame may not have them zero).
       const int64_t full = m * k / 8;
-      int64_t b = 0;
-      for (; b + 4 <= full; b += 4) {
-        ++part[0][seg[b]];
-        ++part[1][seg[b + 1]];
-        ++part[2][seg[b + 2]];
-        ++part[3][seg[b + 3]];
-      }
-      for (; b < full; ++b) ++part[0][seg[b]];
+      std::array<int64_t, 256> byte_counts{};
+      internal::AddByteHistogram(seg, full, &byte_counts);
       for (uint32_t v = 0; v < 256; ++v) {
-        const int64_t n = part[0][v] + part[1][v] + part[2][v] + part[3][v];
+        const int64_t n = byte_counts[v];
         if (n == 0) continue;
         for (int shift = 0; shift < 8; shift += k) counts[(v >> shift) & mask] += n;
       }

@@ -44,7 +44,9 @@ struct Frame {
                                  // last frame that carried `bitmap_version`
   std::vector<float> scales;     // [groups] step size, x units, finite and > 0
   std::vector<float> offsets;    // [groups] value of code 0, x units, finite
-  std::vector<uint8_t> payload;  // packed codes, kernels/pack.h layout
+  std::vector<uint8_t> payload;  // packed codes, kernels/pack.h layout; when `coded`, those
+                                 // codes entropy-coded (quant/entropy_coding.h)
+  bool coded = false;            // flags bit 1: the payload is entropy-coded
   uint32_t crc32c = 0;           // CRC32C of the canonical encoding of every field above
 };
 
@@ -75,12 +77,21 @@ std::string SerializeFrame(const Frame& frame);
 // bytes, no bit-map flag with zero groups), so SerializeFrame(parsed) == bytes.
 absl::StatusOr<Frame> ParseFrame(absl::Span<const uint8_t> bytes);
 
+// The order-0 entropy of a frame's codes (MeasureCodeEntropy, EntropyCodeFrame).
+struct CodeEntropy {
+  int64_t elements = 0;
+  double bits = 0;  // total over the frame
+};
+
 // Full check of a frame before decoding. `known_bits` is the receiver's current bit map
 // for `known_version` (nullptr when it has none); a frame without bits must carry that
 // version. Returns the bit map to decode with.
 //   INVALID_ARGUMENT: bad shape or axis, bits outside 1..8, bit-map length != groups,
 //                     scales/offsets of the wrong length or not finite, scale <= 0,
-//                     payload size != the size implied by shape and bits, CRC mismatch.
+//                     payload size != the size implied by shape and bits (coded: above
+//                     MaxCodedPayloadBytes of that size), CRC mismatch. A coded payload's
+//                     own structure is checked when it is decoded (DecodePayload,
+//                     UncodedPayload), with the same code.
 //   FAILED_PRECONDITION: no bits and no matching known bit map.
 //   RESOURCE_EXHAUSTED: more elements or payload bytes than `limits` allow.
 absl::StatusOr<std::vector<uint8_t>> ValidateFrame(const Frame& frame,
@@ -89,20 +100,34 @@ absl::StatusOr<std::vector<uint8_t>> ValidateFrame(const Frame& frame,
                                                    const FrameLimits& limits);
 
 // Decodes a frame that ValidateFrame accepted into `out` (host memory, numel elements of
-// frame.dtype), using `bits` as returned by ValidateFrame.
+// frame.dtype), using `bits` as returned by ValidateFrame. A coded frame is entropy-decoded
+// first (INVALID_ARGUMENT when its coded payload is malformed; nothing written then), unless
+// `packed` gives its packed payload (UncodedPayload's).
 absl::Status DecodePayload(const Frame& frame, absl::Span<const uint8_t> bits, void* out,
-                           const kernels::ExecContext& cpu = {});
+                           const kernels::ExecContext& cpu = {},
+                           const std::vector<uint8_t>* packed = nullptr);
+
+// Entropy-codes the payload of a frame that is not coded yet, in place, when that makes it
+// smaller (quant/entropy_coding.h), and sets `coded`; `bits` is the frame's full bit map (the
+// frame may omit it). Returns the order-0 entropy of the codes (as MeasureCodeEntropy), which
+// the coder measures anyway. Call SealFrame after it.
+absl::StatusOr<CodeEntropy> EntropyCodeFrame(Frame* frame, absl::Span<const uint8_t> bits,
+                                             const kernels::ExecContext& cpu = {});
+
+// The packed payload of a frame: the payload itself, or a coded frame's payload decoded.
+// Checks as DecodePayload.
+absl::StatusOr<std::vector<uint8_t>> UncodedPayload(const Frame& frame,
+                                                    absl::Span<const uint8_t> bits,
+                                                    const kernels::ExecContext& cpu = {});
 
 // The order-0 entropy of a frame's codes, each group with its own histogram (one frequency
 // table per channel: what a static per-group entropy coder can reach, its tables not counted).
 // `bits` as for DecodePayload. Returns the total over the frame in bits: sum over groups g of
 // M * H_g, H_g = -sum_q p_q log2 p_q over the 2^k_g codes' frequencies in the group. Divide by
-// numel for bits per element. A frame DecodePayload accepts is accepted here (same checks).
-struct CodeEntropy {
-  int64_t elements = 0;
-  double bits = 0;  // total over the frame
-};
-absl::StatusOr<CodeEntropy> MeasureCodeEntropy(const Frame& frame, absl::Span<const uint8_t> bits);
+// numel for bits per element. A frame DecodePayload accepts is accepted here (same checks). A
+// coded frame is decoded first unless `packed` gives its packed payload (UncodedPayload's).
+absl::StatusOr<CodeEntropy> MeasureCodeEntropy(const Frame& frame, absl::Span<const uint8_t> bits,
+                                               const std::vector<uint8_t>* packed = nullptr);
 
 // The content rules for a frame about to be built (the ones ValidateFrame applies to shape,
 // group_axis, bits, scales and offsets), with the same INVALID_ARGUMENT messages. Returns

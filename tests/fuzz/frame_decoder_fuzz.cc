@@ -10,7 +10,9 @@
 // Invariants checked (a violation aborts, which libFuzzer reports as a crash):
 //   - ParseFrame accepts only canonical encodings: SerializeFrame(parsed) == input.
 //   - ValidateFrame's errors are INVALID_ARGUMENT, FAILED_PRECONDITION or
-//     RESOURCE_EXHAUSTED, and DecodePayload succeeds on every frame it accepts.
+//     RESOURCE_EXHAUSTED, and DecodePayload succeeds on every packed frame it accepts; on a
+//     coded one (flags bit 1) it succeeds or says INVALID_ARGUMENT (rule V8), and agrees with
+//     UncodedPayload.
 //
 // Seed corpus: run the binary with SPLITQ_FUZZ_WRITE_SEEDS=DIR and it writes a few valid
 // frames to DIR and exits (from LLVMFuzzerInitialize, before any fuzzing). run_fuzz.sh does.
@@ -74,6 +76,13 @@ void Receive(const Frame& frame) {
   std::vector<uint8_t> out(static_cast<size_t>(layout->numel()) *
                            splitq::kernels::DTypeSize(frame.dtype));
   const absl::Status status = splitq::quant::DecodePayload(frame, *bits, out.data());
+  if (frame.coded) {
+    Check(status.ok() || status.code() == absl::StatusCode::kInvalidArgument,
+          "DecodePayload error on a coded frame that is not INVALID_ARGUMENT");
+    auto packed = splitq::quant::UncodedPayload(frame, *bits);
+    Check(packed.ok() == status.ok(), "UncodedPayload and DecodePayload disagree");
+    return;
+  }
   Check(status.ok(), "DecodePayload failed on a validated frame");
 }
 
@@ -91,12 +100,15 @@ void WriteSeed(const std::string& dir, const std::string& name, const std::strin
 }
 
 std::string SeedFrame(DType dtype, std::vector<int64_t> shape, int axis, uint32_t bitmap_version,
-                      bool with_bits, uint32_t salt) {
+                      bool with_bits, uint32_t salt, bool coded = false) {
   int64_t numel = 1;
   for (const int64_t d : shape) numel *= d;
   const int64_t groups = axis < 0 ? 1 : shape[axis];
   std::vector<float> x(numel);
   for (int64_t i = 0; i < numel; ++i) x[i] = static_cast<float>((i * 37 + salt) % 23) * 0.5f - 4;
+  if (coded) {  // peaked codes, so that groups take the rANS mode
+    for (int64_t i = 0; i < numel; ++i) x[i] = (i * 7 + salt) % 11 == 0 ? 3.0f : -4.0f + (i % 3);
+  }
   std::vector<uint16_t> half(numel);  // small positive values as fp16 or bf16
   for (int64_t i = 0; i < numel; ++i) half[i] = static_cast<uint16_t>(0x3c00 + (i * 131) % 512);
   std::vector<uint8_t> bits(groups);
@@ -117,6 +129,13 @@ std::string SeedFrame(DType dtype, std::vector<int64_t> shape, int axis, uint32_
   frame->step = salt;
   frame->kind = salt % 2 ? FrameKind::kGradient : FrameKind::kActivation;
   frame->bitmap_version = bitmap_version;
+  if (coded) {
+    auto h = splitq::quant::EntropyCodeFrame(&*frame, bits);
+    if (!h.ok() || !frame->coded) {
+      std::fprintf(stderr, "seed: the coded seed did not code\n");
+      std::exit(1);
+    }
+  }
   if (!with_bits) frame->bits.clear();
   splitq::quant::SealFrame(&*frame);
   return splitq::quant::SerializeFrame(*frame);
@@ -131,6 +150,10 @@ void WriteSeeds(const std::string& dir) {
   WriteSeed(dir, "f32_17x9_axis0", SeedFrame(DType::kFloat32, {17, 9}, 0, 5, true, 5));
   WriteSeed(dir, "scalar", SeedFrame(DType::kFloat32, {}, -1, 6, true, 6));
   WriteSeed(dir, "empty_0x4", SeedFrame(DType::kFloat16, {0, 4}, 1, 7, true, 7));
+  WriteSeed(dir, "coded_f32_96x4_axis1",
+            SeedFrame(DType::kFloat32, {96, 4}, 1, 8, true, 8, /*coded=*/true));
+  WriteSeed(dir, "coded_bf16_8x3x40_axis1",
+            SeedFrame(DType::kBFloat16, {8, 3, 40}, 1, 9, true, 9, /*coded=*/true));
 }
 
 }  // namespace

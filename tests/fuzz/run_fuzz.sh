@@ -41,7 +41,7 @@ fi
   -ffp-contract=off -Wno-unknown-pragmas -I "$SRC" \
   "$SRC/tests/fuzz/frame_decoder_fuzz.cc" "$SRC/kernels/common.cc" "$SRC/kernels/pack.cc" \
   "$SRC/kernels/detail/philox_batch.cc" \
-  "$SRC/quant/crc32c.cc" "$SRC/quant/wire_format.cc" \
+  "$SRC/quant/crc32c.cc" "$SRC/quant/wire_format.cc" "$SRC/quant/entropy_coding.cc" \
   $ABSL_LIBS -o "$BIN"
 
 SPLITQ_FUZZ_WRITE_SEEDS="$WORK/seeds" "$BIN"

@@ -1,0 +1,600 @@
+#include "quant/entropy_coding.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/detail/cpu_dispatch.h"
+#include "kernels/pack.h"
+
+namespace splitq::quant {
+namespace {
+
+constexpr uint32_t kRansLow = 1u << 23;  // the state lives in [2^23, 2^31)
+enum Mode : uint8_t { kStored = 0, kRans = 1, kConstant = 2, kRansShared = 3 };
+
+absl::Status Bad(int64_t group, const std::string& what) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("frame field 'payload' (entropy-coded), group ", group, ": ", what));
+}
+
+// The probability precision for groups of m codes: about log2(m), within 8..14 (8: a 256-code
+// alphabet always fits).
+int ProbBits(int64_t m) {
+  int l = 8;
+  while (l < 14 && (int64_t{1} << l) < m) ++l;
+  return l;
+}
+
+// A group's codes, one per byte, from its segment.
+void Unpack(const uint8_t* seg, int64_t m, int k, uint8_t* codes) {
+  const uint32_t mask = (1u << k) - 1;
+  if (k == 8) {
+    std::memcpy(codes, seg, static_cast<size_t>(m));
+    return;
+  }
+  int64_t i = 0;
+  for (; i + 8 <= m; i += 8) {  // 8 codes are exactly k bytes
+    uint64_t word = 0;
+    std::memcpy(&word, seg + i / 8 * k, static_cast<size_t>(k));
+    for (int j = 0; j < 8; ++j) codes[i + j] = static_cast<uint8_t>((word >> (j * k)) & mask);
+  }
+  if (i < m) {
+    uint64_t word = 0;
+    std::memcpy(&word, seg + i / 8 * k, static_cast<size_t>((((m - i) * k) + 7) / 8));
+    for (int j = 0; i + j < m; ++j) codes[i + j] = static_cast<uint8_t>((word >> (j * k)) & mask);
+  }
+}
+
+// The segment of `m` codes (padding bits zero).
+void Pack(const uint8_t* codes, int64_t m, int k, uint8_t* seg) {
+  if (k == 8) {
+    std::memcpy(seg, codes, static_cast<size_t>(m));
+    return;
+  }
+  int64_t i = 0;
+  for (; i + 8 <= m; i += 8) {
+    uint64_t word = 0;
+    for (int j = 0; j < 8; ++j) word |= uint64_t{codes[i + j]} << (j * k);
+    std::memcpy(seg + i / 8 * k, &word, static_cast<size_t>(k));
+  }
+  if (i < m) {
+    uint64_t word = 0;
+    for (int j = 0; i + j < m; ++j) word |= uint64_t{codes[i + j]} << (j * k);
+    std::memcpy(seg + i / 8 * k, &word, static_cast<size_t>((((m - i) * k) + 7) / 8));
+  }
+}
+
+void PutVarint(uint64_t v, std::vector<uint8_t>* out) {
+  while (v >= 0x80) {
+    out->push_back(static_cast<uint8_t>(v | 0x80));
+    v >>= 7;
+  }
+  out->push_back(static_cast<uint8_t>(v));
+}
+
+// Reads a LEB128 value of at most `max_bytes` bytes from [*p, end).
+bool GetVarint(const uint8_t** p, const uint8_t* end, int max_bytes, uint64_t* v) {
+  *v = 0;
+  for (int i = 0; i < max_bytes; ++i) {
+    if (*p == end) return false;
+    const uint8_t b = *(*p)++;
+    *v |= uint64_t{b & 0x7fu} << (7 * i);
+    if ((b & 0x80) == 0) return true;
+  }
+  return false;
+}
+
+// A frequency table: codes lo..hi, frequencies summing to 2^prob_bits, cumulative starts.
+struct Table {
+  int lo = 0, hi = -1;
+  std::array<uint32_t, 256> freq{}, start{};
+};
+
+Table MakeTable(const std::vector<uint32_t>& freq) {
+  Table t;
+  t.lo = static_cast<int>(freq.size());
+  uint32_t start = 0;
+  for (size_t s = 0; s < freq.size(); ++s) {
+    t.freq[s] = freq[s];
+    t.start[s] = start;
+    start += freq[s];
+    if (freq[s] != 0) {
+      t.lo = std::min(t.lo, static_cast<int>(s));
+      t.hi = static_cast<int>(s);
+    }
+  }
+  return t;
+}
+
+void PutTable(const Table& t, std::vector<uint8_t>* out) {
+  out->push_back(static_cast<uint8_t>(t.lo));
+  out->push_back(static_cast<uint8_t>(t.hi));
+  for (int s = t.lo; s <= t.hi; ++s) PutVarint(t.freq[s], out);
+}
+
+size_t TableBytes(const Table& t) {
+  size_t n = 2;
+  for (int s = t.lo; s <= t.hi; ++s) n += t.freq[s] < 128 ? 1 : t.freq[s] < 16384 ? 2 : 3;
+  return n;
+}
+
+// Reads and checks a table of a 2^k-code alphabet.
+bool ReadTable(const uint8_t** p, const uint8_t* end, int k, int prob_bits, Table* t,
+               std::string* why) {
+  if (end - *p < 2) {
+    *why = "the code range is missing";
+    return false;
+  }
+  t->lo = (*p)[0];
+  t->hi = (*p)[1];
+  *p += 2;
+  if (t->lo > t->hi || t->hi >= (1 << k)) {
+    *why = absl::StrCat("code range ", t->lo, "..", t->hi, " outside 0..", (1 << k) - 1);
+    return false;
+  }
+  uint64_t total = 0;
+  for (int s = t->lo; s <= t->hi; ++s) {
+    uint64_t f = 0;
+    if (!GetVarint(p, end, 3, &f) || f > (uint64_t{1} << prob_bits)) {
+      *why = absl::StrCat("frequency of code ", s, " cut, malformed or above 2^", prob_bits);
+      return false;
+    }
+    t->freq[s] = static_cast<uint32_t>(f);
+    t->start[s] = static_cast<uint32_t>(total);
+    total += f;
+  }
+  if (total != (uint64_t{1} << prob_bits)) {
+    *why = absl::StrCat("frequencies sum to ", total, ", not 2^", prob_bits);
+    return false;
+  }
+  return true;
+}
+
+// The bits the codes of `counts` cost under table `t` (infinite if one has no frequency).
+double CostBits(const std::array<int64_t, 256>& counts, int alphabet, const Table& t,
+                int prob_bits) {
+  double bits = 0;
+  for (int s = 0; s < alphabet; ++s) {
+    if (counts[s] == 0) continue;
+    if (t.freq[s] == 0) return HUGE_VAL;
+    bits +=
+        static_cast<double>(counts[s]) * (prob_bits - std::log2(static_cast<double>(t.freq[s])));
+  }
+  return bits;
+}
+
+// rANS-codes m codes with table `t` into the end of `stream`; returns the first byte used.
+const uint8_t* EncodeStream(const uint8_t* c, int64_t m, const Table& t, int prob_bits,
+                            std::vector<uint8_t>* stream) {
+  std::array<internal::RansSymbol, 256> sym;
+  for (int s = t.lo; s <= t.hi; ++s) {
+    if (t.freq[s] != 0) sym[s] = internal::MakeRansSymbol(t.start[s], t.freq[s], prob_bits);
+  }
+  // At most prob_bits <= 14 bits a code, plus the two final states.
+  stream->resize(static_cast<size_t>(m * 2 + 16));
+  uint8_t* const end = stream->data() + stream->size();
+  uint8_t* p = end;
+  // Two states, taking even and odd codes in turn (their steps overlap in the decoder).
+  uint32_t x0 = kRansLow, x1 = kRansLow;
+  auto put = [&p](uint32_t& x, const internal::RansSymbol& s) {
+    while (x >= s.x_max) {
+      *--p = static_cast<uint8_t>(x);
+      x >>= 8;
+    }
+    x = internal::RansStep(x, s);
+  };
+  int64_t j = m;
+  if (j % 2 == 1) {
+    --j;
+    put(x0, sym[c[j]]);
+  }
+  for (; j > 0; j -= 2) {
+    put(x1, sym[c[j - 1]]);
+    put(x0, sym[c[j - 2]]);
+  }
+  for (const uint32_t x : {x1, x0}) {  // state 0 first in the stream
+    p -= 4;
+    for (int b = 0; b < 4; ++b) p[b] = static_cast<uint8_t>(x >> (8 * b));
+  }
+  return p;
+}
+
+// What the encoder learns of a group before choosing its mode.
+struct GroupCodes {
+  std::array<int64_t, 256> counts{};
+  int present = 0, lo = 0;
+  double entropy = 0;  // bits
+};
+
+// One group coded with the chosen table (own, or the shared one of its width when `shared`
+// is set and cheaper), or stored, or constant: its bytes (mode byte first) in `out`.
+void CodeGroup(const uint8_t* seg, const uint8_t* c, int64_t m, int k, int prob_bits,
+               const GroupCodes& gc, const Table* shared, std::vector<uint8_t>* stream,
+               std::vector<uint8_t>* out) {
+  const int64_t seg_bytes = kernels::PackedGroupBytes(m, k);
+  out->clear();
+  if (gc.present == 1 && seg_bytes > 2) {
+    out->push_back(kConstant);
+    out->push_back(static_cast<uint8_t>(gc.lo));
+    return;
+  }
+  // Cheaper as stored for sure when even the entropy (no tables) would not save a byte.
+  if (gc.present > 1 && gc.entropy / 8 + 8 < static_cast<double>(seg_bytes)) {
+    const int alphabet = 1 << k;
+    const Table own = MakeTable(internal::NormalizeCounts(
+        absl::MakeConstSpan(gc.counts.data(), static_cast<size_t>(alphabet)), prob_bits));
+    const double own_bytes =
+        static_cast<double>(TableBytes(own)) + CostBits(gc.counts, alphabet, own, prob_bits) / 8;
+    const bool use_shared =
+        shared != nullptr && CostBits(gc.counts, alphabet, *shared, prob_bits) / 8 < own_bytes;
+    const Table& t = use_shared ? *shared : own;
+    const uint8_t* p = EncodeStream(c, m, t, prob_bits, stream);
+    const uint8_t* const end = stream->data() + stream->size();
+    const auto stream_bytes = static_cast<uint64_t>(end - p);
+    out->push_back(use_shared ? kRansShared : kRans);
+    if (!use_shared) PutTable(own, out);
+    PutVarint(stream_bytes, out);
+    if (static_cast<int64_t>(out->size() + stream_bytes) < seg_bytes + 1) {
+      out->insert(out->end(), p, end);
+      return;
+    }
+    out->clear();
+  }
+  out->push_back(kStored);
+  out->insert(out->end(), seg, seg + seg_bytes);
+}
+
+// Where each group's stream lies (found by the header pass, which reads and checks every
+// table), and its table.
+struct GroupSpan {
+  uint8_t mode = kStored;
+  const uint8_t* begin = nullptr;  // stored: the segment; constant: the code; rANS: the stream
+  const uint8_t* end = nullptr;
+  const Table* table = nullptr;
+};
+
+absl::Status DecodeGroup(int64_t g, const GroupSpan& span, int64_t m, int k, int prob_bits,
+                         uint8_t* seg, std::vector<uint8_t>* codes, std::vector<uint8_t>* slots) {
+  if (span.mode == kStored) {
+    std::memcpy(seg, span.begin, static_cast<size_t>(span.end - span.begin));
+    return absl::OkStatus();
+  }
+  if (span.mode == kConstant) {
+    codes->assign(static_cast<size_t>(m), *span.begin);
+    Pack(codes->data(), m, k, seg);
+    return absl::OkStatus();
+  }
+  const Table& t = *span.table;
+  const uint8_t* p = span.begin;
+  slots->resize(size_t{1} << prob_bits);
+  for (int s = t.lo; s <= t.hi; ++s) {
+    std::memset(slots->data() + t.start[s], s, t.freq[s]);
+  }
+  uint32_t x0 = 0, x1 = 0;
+  for (int b = 0; b < 4; ++b) {
+    x0 |= uint32_t{p[b]} << (8 * b);
+    x1 |= uint32_t{p[4 + b]} << (8 * b);
+  }
+  p += 8;
+  const uint32_t mask = (1u << prob_bits) - 1;
+  codes->resize(static_cast<size_t>(m));
+  uint8_t* c = codes->data();
+  const uint8_t* slot = slots->data();
+  const uint8_t* const end = span.end;
+  // One code from state x: decode, then refill x from the stream.
+  auto step = [&](uint32_t& x, int64_t j) -> bool {
+    const uint32_t r = x & mask;
+    const uint8_t s = slot[r];
+    x = t.freq[s] * (x >> prob_bits) + r - t.start[s];
+    c[j] = s;
+    while (x < kRansLow) {
+      if (p == end) return false;
+      x = (x << 8) | *p++;
+    }
+    return true;
+  };
+  int64_t j = 0;
+  for (; j + 2 <= m; j += 2) {
+    if (!step(x0, j) || !step(x1, j + 1)) return Bad(g, "stream ends before its last code");
+  }
+  if (j < m && !step(x0, j)) return Bad(g, "stream ends before its last code");
+  if (p != end || x0 != kRansLow || x1 != kRansLow) {
+    return Bad(g, "stream does not end in the coder's initial states at its last byte");
+  }
+  Pack(c, m, k, seg);
+  return absl::OkStatus();
+}
+
+absl::Status CheckArguments(const kernels::GroupLayout& layout, absl::Span<const uint8_t> bits,
+                            std::vector<int64_t>* offsets) {
+  if (static_cast<int64_t>(bits.size()) != layout.groups) {
+    return absl::InvalidArgumentError(absl::StrCat("entropy coding: ", bits.size(),
+                                                   " bit widths for ", layout.groups, " groups"));
+  }
+  offsets->resize(bits.size() + 1);
+  return kernels::PackedOffsets(bits, layout.per_group(), absl::MakeSpan(*offsets));
+}
+
+}  // namespace
+
+namespace internal {
+
+void AddByteHistogram(const uint8_t* p, int64_t n, std::array<int64_t, 256>* counts) {
+  std::array<std::array<int64_t, 256>, 4> part{};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    ++part[0][p[i]];
+    ++part[1][p[i + 1]];
+    ++part[2][p[i + 2]];
+    ++part[3][p[i + 3]];
+  }
+  for (; i < n; ++i) ++part[0][p[i]];
+  for (size_t v = 0; v < 256; ++v)
+    (*counts)[v] += part[0][v] + part[1][v] + part[2][v] + part[3][v];
+}
+
+RansSymbol MakeRansSymbol(uint32_t start, uint32_t freq, int prob_bits) {
+  RansSymbol s;
+  s.x_max = ((kRansLow >> prob_bits) << 8) * freq;
+  s.cmpl = (1u << prob_bits) - freq;
+  if (freq < 2) {
+    // x / 1 = x: q = x * (2^32 - 1) >> 32 = x - 1 for x >= 1, made up for in the bias.
+    s.rcp = ~0u;
+    s.shift = 32;
+    s.bias = start + (1u << prob_bits) - 1;
+  } else {
+    uint32_t shift = 0;
+    while (freq > (1u << shift)) ++shift;
+    s.rcp = static_cast<uint32_t>(((uint64_t{1} << (shift + 31)) + freq - 1) / freq);
+    s.shift = 32 + shift - 1;
+    s.bias = start;
+  }
+  return s;
+}
+
+std::vector<uint32_t> NormalizeCounts(absl::Span<const int64_t> counts, int prob_bits) {
+  const int64_t target = int64_t{1} << prob_bits;
+  int64_t total = 0;
+  for (int64_t c : counts) total += c;
+  std::vector<uint32_t> freq(counts.size(), 0);
+  if (total == 0) return freq;
+  int64_t sum = 0;
+  for (size_t s = 0; s < counts.size(); ++s) {
+    if (counts[s] == 0) continue;
+    const auto scaled =
+        static_cast<int64_t>((static_cast<__int128>(counts[s]) * target + total / 2) / total);
+    freq[s] = static_cast<uint32_t>(std::max<int64_t>(1, scaled));
+    sum += freq[s];
+  }
+  // Give the difference to (or take it from) the largest frequencies: the smallest relative
+  // change. Every frequency stays >= 1; counts.size() <= 2^prob_bits makes that possible.
+  while (sum != target) {
+    const size_t big =
+        static_cast<size_t>(std::max_element(freq.begin(), freq.end()) - freq.begin());
+    if (sum < target) {
+      freq[big] += static_cast<uint32_t>(target - sum);
+      sum = target;
+    } else {
+      // Take from the largest, but no more than halves it, and spread over several when needed.
+      const int64_t take = std::min<int64_t>(sum - target, std::max<int64_t>(1, freq[big] / 2));
+      freq[big] -= static_cast<uint32_t>(take);
+      sum -= take;
+    }
+  }
+  return freq;
+}
+
+}  // namespace internal
+
+absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
+                                         const kernels::GroupLayout& layout,
+                                         absl::Span<const uint8_t> bits,
+                                         const kernels::ExecContext& cpu) {
+  std::vector<int64_t> offsets;
+  if (absl::Status st = CheckArguments(layout, bits, &offsets); !st.ok()) return st;
+  if (static_cast<int64_t>(packed.size()) != offsets.back()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "entropy coding: ", packed.size(), " packed bytes, the layout implies ", offsets.back()));
+  }
+  const int64_t m = layout.per_group();
+  const int prob_bits = ProbBits(m);
+  const int64_t groups = layout.groups;
+  const auto gsize = static_cast<size_t>(groups);
+  const int threads = kernels::detail::CpuThreads(cpu);
+  const bool parallel = groups > 1 && m * groups >= (1 << 16);
+  // 1. Every group's codes, histogram and entropy.
+  std::vector<uint8_t> all(static_cast<size_t>(m) * gsize);
+  std::vector<GroupCodes> info(gsize);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (parallel)
+  for (int64_t g = 0; g < groups; ++g) {
+    const auto gi = static_cast<size_t>(g);
+    uint8_t* c = all.data() + gi * static_cast<size_t>(m);
+    Unpack(packed.data() + offsets[gi], m, bits[gi], c);
+    GroupCodes& gc = info[gi];
+    internal::AddByteHistogram(c, m, &gc.counts);
+    gc.lo = 256;
+    for (int s = 0; s < (1 << bits[gi]); ++s) {
+      if (gc.counts[s] == 0) continue;
+      ++gc.present;
+      gc.lo = std::min(gc.lo, s);
+      gc.entropy += static_cast<double>(gc.counts[s]) *
+                    std::log2(static_cast<double>(m) / static_cast<double>(gc.counts[s]));
+    }
+  }
+  // 2. One shared table per bit width, from all its groups of two or more codes: a group
+  // takes it instead of its own when that costs less than its own table and stream.
+  std::array<std::unique_ptr<Table>, 9> shared;
+  for (int k = 1; k <= 8; ++k) {
+    std::array<int64_t, 256> sum{};
+    int n = 0;
+    for (size_t g = 0; g < gsize; ++g) {
+      if (bits[g] != k || info[g].present < 2) continue;
+      ++n;
+      for (int s = 0; s < (1 << k); ++s) sum[s] += info[g].counts[s];
+    }
+    if (n < 2) continue;
+    shared[k] = std::make_unique<Table>(MakeTable(internal::NormalizeCounts(
+        absl::MakeConstSpan(sum.data(), static_cast<size_t>(1) << k), prob_bits)));
+  }
+  // 3. Each group coded (shared tables count against the bound below: when they make the
+  // payload larger than every group stored, it is coded again without them).
+  CodedPayload out;
+  for (const bool allow_shared : {true, false}) {
+    std::vector<std::vector<uint8_t>> coded(gsize);
+#pragma omp parallel num_threads(threads) if (parallel)
+    {
+      std::vector<uint8_t> stream;
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t g = 0; g < groups; ++g) {
+        const auto gi = static_cast<size_t>(g);
+        CodeGroup(packed.data() + offsets[gi], all.data() + gi * static_cast<size_t>(m), m,
+                  bits[gi], prob_bits, info[gi], allow_shared ? shared[bits[gi]].get() : nullptr,
+                  &stream, &coded[gi]);
+      }
+    }
+    std::array<bool, 9> used{};  // the shared tables some group took
+    for (size_t g = 0; g < gsize; ++g) {
+      if (!coded[g].empty() && coded[g][0] == kRansShared) used[bits[g]] = true;
+    }
+    out.bytes.clear();
+    out.entropy_bits = 0;
+    out.bytes.push_back(kCodingVersion);
+    out.bytes.push_back(static_cast<uint8_t>(prob_bits));
+    out.bytes.push_back(static_cast<uint8_t>(std::count(used.begin(), used.end(), true)));
+    for (int k = 1; k <= 8; ++k) {
+      if (!used[k]) continue;
+      out.bytes.push_back(static_cast<uint8_t>(k));
+      PutTable(*shared[k], &out.bytes);
+    }
+    for (size_t g = 0; g < gsize; ++g) {
+      out.bytes.insert(out.bytes.end(), coded[g].begin(), coded[g].end());
+      out.entropy_bits += info[g].entropy;
+    }
+    if (static_cast<int64_t>(out.bytes.size()) <= MaxCodedPayloadBytes(offsets.back(), groups)) {
+      break;
+    }
+  }
+  return out;
+}
+
+absl::Status EntropyDecode(absl::Span<const uint8_t> coded, const kernels::GroupLayout& layout,
+                           absl::Span<const uint8_t> bits, std::vector<uint8_t>* packed,
+                           const kernels::ExecContext& cpu) {
+  std::vector<int64_t> offsets;
+  if (absl::Status st = CheckArguments(layout, bits, &offsets); !st.ok()) return st;
+  const int64_t groups = layout.groups;
+  if (static_cast<int64_t>(coded.size()) > MaxCodedPayloadBytes(offsets.back(), groups)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "frame field 'payload' (entropy-coded): ", coded.size(), " bytes, more than the ",
+        MaxCodedPayloadBytes(offsets.back(), groups), " a coded payload of this frame may take"));
+  }
+  if (coded.size() < 2) {
+    return absl::InvalidArgumentError(
+        "frame field 'payload' (entropy-coded): the header bytes are missing");
+  }
+  if (coded[0] != kCodingVersion) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("frame field 'payload' (entropy-coded): coding version ",
+                     static_cast<int>(coded[0]), " (this decoder reads ", kCodingVersion, ")"));
+  }
+  const int64_t m = layout.per_group();
+  const int prob_bits = coded[1];
+  if (prob_bits < 8 || prob_bits > 16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "frame field 'payload' (entropy-coded): probability bits ", prob_bits, " outside 8..16"));
+  }
+  // The shared tables, at most one per bit width.
+  const uint8_t* p = coded.data() + 2;
+  const uint8_t* const end = coded.data() + coded.size();
+  std::string why;
+  std::array<std::unique_ptr<Table>, 9> shared;
+  if (p == end) {
+    return absl::InvalidArgumentError(
+        "frame field 'payload' (entropy-coded): the shared-table count is missing");
+  }
+  const int n_shared = *p++;
+  for (int i = 0; i < n_shared; ++i) {
+    const int k = p == end ? 0 : *p++;
+    if (k < 1 || k > 8 || shared[k] != nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("frame field 'payload' (entropy-coded): shared table ", i, ": bit width ", k,
+                       " missing, outside 1..8 or repeated"));
+    }
+    shared[k] = std::make_unique<Table>();
+    if (!ReadTable(&p, end, k, prob_bits, shared[k].get(), &why)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "frame field 'payload' (entropy-coded): shared table for ", k, " bits: ", why));
+    }
+  }
+  // The header pass: each group's mode, table and extent, before any decoding.
+  std::vector<GroupSpan> spans(static_cast<size_t>(groups));
+  std::vector<Table> own;
+  own.reserve(static_cast<size_t>(groups));
+  for (int64_t g = 0; g < groups; ++g) {
+    const auto gi = static_cast<size_t>(g);
+    const int k = bits[gi];
+    GroupSpan& s = spans[gi];
+    if (p == end) return Bad(g, "missing");
+    s.mode = *p++;
+    const int64_t seg_bytes = offsets[gi + 1] - offsets[gi];
+    if (s.mode == kStored) {
+      if (seg_bytes > end - p) return Bad(g, absl::StrCat(seg_bytes, " stored bytes, fewer left"));
+      s.begin = p;
+      p += seg_bytes;
+    } else if (s.mode == kConstant) {
+      if (p == end) return Bad(g, "the constant code is missing");
+      if (*p >= (1 << k)) {
+        return Bad(g,
+                   absl::StrCat("constant code ", static_cast<int>(*p), " above ", (1 << k) - 1));
+      }
+      s.begin = p++;
+    } else if (s.mode == kRans || s.mode == kRansShared) {
+      if (s.mode == kRans) {
+        own.emplace_back();
+        if (!ReadTable(&p, end, k, prob_bits, &own.back(), &why)) return Bad(g, why);
+        s.table = &own.back();
+      } else {
+        if (shared[k] == nullptr) return Bad(g, absl::StrCat("no shared table for ", k, " bits"));
+        s.table = shared[k].get();
+      }
+      uint64_t stream_bytes = 0;
+      if (!GetVarint(&p, end, 10, &stream_bytes) || stream_bytes > static_cast<uint64_t>(end - p) ||
+          stream_bytes < 8) {
+        return Bad(g, "the stream length is malformed, below 8 or exceeds the bytes left");
+      }
+      s.begin = p;
+      p += stream_bytes;
+    } else {
+      return Bad(g, absl::StrCat("unknown mode ", static_cast<int>(s.mode)));
+    }
+    s.end = p;
+  }
+  if (p != end) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "frame field 'payload' (entropy-coded): ", end - p, " bytes after the last group"));
+  }
+  packed->assign(static_cast<size_t>(offsets.back()), 0);
+  std::vector<absl::Status> status(static_cast<size_t>(groups));
+  const int threads = kernels::detail::CpuThreads(cpu);
+#pragma omp parallel num_threads(threads) if (groups > 1 && m * groups >= (1 << 16))
+  {
+    std::vector<uint8_t> codes, slots;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t g = 0; g < groups; ++g) {
+      const auto gi = static_cast<size_t>(g);
+      status[gi] = DecodeGroup(g, spans[gi], m, bits[gi], prob_bits, packed->data() + offsets[gi],
+                               &codes, &slots);
+    }
+  }
+  for (const absl::Status& st : status) {
+    if (!st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace splitq::quant
