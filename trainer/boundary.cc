@@ -168,9 +168,10 @@ BoundarySender::BoundarySender(const RunConfig& c, int index, int axis, int64_t 
       amaq_(shared ? std::move(shared) : quant::AmaqBoundary(AmaqOptionsOf(c, axis), channels)),
       act_(1, quant::FrameKind::kActivation,
            quant::WireEncoderOptions{axis, kernels::Rounding::kNearest,
-                                     c.seed + static_cast<uint64_t>(index)}),
+                                     c.seed + static_cast<uint64_t>(index), c.activations.coded}),
       eval_(1, quant::FrameKind::kActivation,
-            quant::WireEncoderOptions{axis, kernels::Rounding::kNearest, c.seed}) {}
+            quant::WireEncoderOptions{axis, kernels::Rounding::kNearest, c.seed,
+                                      c.activations.coded}) {}
 
 absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& unrotated, int64_t step,
                                                           const at::Tensor& ids, bool train) {
@@ -215,7 +216,11 @@ absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& unro
                                                              bits, scales, offsets));
   out.bytes = quant::SerializeFrame(frame);
   if (train && measure_) {
-    SPLITQ_ASSIGN_OR_RETURN(out.entropy, quant::MeasureCodeEntropy(frame, bits));
+    if (frame.coded) {
+      out.entropy = encoder.last_entropy();  // the coder measured it
+    } else {
+      SPLITQ_ASSIGN_OR_RETURN(out.entropy, quant::MeasureCodeEntropy(frame, bits));
+    }
   }
   out.bit_map = std::move(bits);
   if (base.defined()) {
@@ -245,8 +250,9 @@ absl::StatusOr<at::Tensor> BoundarySender::ReceiveGradient(const std::string& by
   }
   SPLITQ_ASSIGN_OR_RETURN(at::Tensor g, grad_decoder_.Decode(frame, device));
   if (measure_ && g.numel() > 0) {  // (an empty frame may carry no map: nothing to measure)
-    SPLITQ_ASSIGN_OR_RETURN(gradient_entropy_,
-                            quant::MeasureCodeEntropy(frame, grad_decoder_.bits()));
+    SPLITQ_ASSIGN_OR_RETURN(
+        gradient_entropy_,
+        quant::MeasureCodeEntropy(frame, grad_decoder_.bits(), grad_decoder_.packed()));
   }
   return g;
 }
@@ -295,10 +301,11 @@ BoundaryReceiver::BoundaryReceiver(const RunConfig& c, int index, int axis,
       require_finite_(require_finite),
       act_(limits),
       eval_(limits),
-      grad_(1, quant::FrameKind::kGradient,
-            quant::WireEncoderOptions{
-                axis, c.gradients.rounding,
-                (c.seed ^ 0x9e3779b97f4a7c15ull) + static_cast<uint64_t>(index)}) {}
+      grad_(
+          1, quant::FrameKind::kGradient,
+          quant::WireEncoderOptions{axis, c.gradients.rounding,
+                                    (c.seed ^ 0x9e3779b97f4a7c15ull) + static_cast<uint64_t>(index),
+                                    c.gradients.coded}) {}
 
 const quant::ChannelRotation& BoundaryReceiver::Rotation(int64_t channels) {
   if (c_.activations.rotation != 0 && c_.activations.mode != WireMode::kFloat32 &&
@@ -327,7 +334,8 @@ absl::StatusOr<at::Tensor> BoundaryReceiver::Receive(const std::string& bytes, i
   quant::WireDecoder& decoder = train ? act_ : eval_;
   SPLITQ_ASSIGN_OR_RETURN(at::Tensor received, decoder.Decode(frame, device));
   if (train && measure_ && received.numel() > 0) {
-    SPLITQ_ASSIGN_OR_RETURN(received_entropy_, quant::MeasureCodeEntropy(frame, decoder.bits()));
+    SPLITQ_ASSIGN_OR_RETURN(received_entropy_,
+                            quant::MeasureCodeEntropy(frame, decoder.bits(), decoder.packed()));
   }
   if (c_.activations.mode == WireMode::kAqSgd && train) {
     if (ids.numel() != received.size(0)) {
@@ -360,7 +368,11 @@ absl::StatusOr<std::pair<std::string, double>> BoundaryReceiver::SendGradient(
   SPLITQ_ASSIGN_OR_RETURN(quant::Frame frame, grad_.Encode(grad, static_cast<uint64_t>(step), gbits,
                                                            range.scales, range.offsets));
   if (measure_) {
-    SPLITQ_ASSIGN_OR_RETURN(sent_entropy_, quant::MeasureCodeEntropy(frame, gbits));
+    if (frame.coded) {
+      sent_entropy_ = grad_.last_entropy();
+    } else {
+      SPLITQ_ASSIGN_OR_RETURN(sent_entropy_, quant::MeasureCodeEntropy(frame, gbits));
+    }
   }
   return std::make_pair(quant::SerializeFrame(frame), static_cast<double>(bits));
 }

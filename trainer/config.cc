@@ -249,6 +249,16 @@ absl::Status CheckAcrossKeys(const RunConfig& c) {
           "a rotation would only cost time; set it to 0 or quantize");
     }
   }
+  if (c.activations.coded && c.activations.mode == WireMode::kFloat32) {
+    return absl::InvalidArgumentError(
+        "quant.activations.coding: the activations cross as fp32 (quant.activations.mode): "
+        "there are no codes to entropy-code; set it to none or quantize");
+  }
+  if (c.gradients.coded && c.gradients.mode == WireMode::kFloat32) {
+    return absl::InvalidArgumentError(
+        "quant.gradients.coding: the gradients cross as fp32 (quant.gradients.mode): there are "
+        "no codes to entropy-code; set it to none or quantize");
+  }
   if (c.lora_rank > 0 && c.task != Task::kLanguageModel) {
     return absl::InvalidArgumentError("lora.rank: LoRA applies to task lm only");
   }

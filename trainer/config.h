@@ -55,6 +55,8 @@ struct ActivationQuantConfig {
   // its block size, a power of two up to 1024 (0: off). The cap bounds what a receiver builds
   // for a frame's channel count (a b x b matrix), whatever a peer's frame claims.
   int64_t rotation = 0;
+  // Entropy-code the frames' packed codes (quant/entropy_coding.h: rANS, a table per channel).
+  bool coded = false;
 };
 
 struct GradientQuantConfig {
@@ -62,6 +64,7 @@ struct GradientQuantConfig {
   BitsRange bits{4, 8};
   quant::BitSchedule target = *quant::BitSchedule::Constant(8);
   kernels::Rounding rounding = kernels::Rounding::kStochastic;
+  bool coded = false;  // entropy-code the frames' packed codes, as for activations
 };
 
 struct RunConfig {

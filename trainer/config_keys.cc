@@ -318,6 +318,12 @@ const std::vector<Key>& Keys() {
           "does; 0: off)",
           /*zero_ok=*/true),
       Choice(
+          "quant.activations.coding", {"none", "rans"},
+          [](RunConfig& c, const std::string& s) { c.activations.coded = s == "rans"; },
+          [](const RunConfig& c) { return std::string(c.activations.coded ? "rans" : "none"); },
+          "entropy coding of the quantized frames' codes: rans (a frequency table per channel and "
+          "frame; a channel that does not shrink goes as packed) or none"),
+      Choice(
           "quant.gradients.mode", {"fp32", "uniform"},
           [](RunConfig& c, const std::string& s) { c.gradients.mode = ModeOf(s); },
           [](const RunConfig& c) { return ModeName(c.gradients.mode); },
@@ -338,6 +344,11 @@ const std::vector<Key>& Keys() {
                                                                                    : "stochastic");
           },
           "rounding of gradient codes"),
+      Choice(
+          "quant.gradients.coding", {"none", "rans"},
+          [](RunConfig& c, const std::string& s) { c.gradients.coded = s == "rans"; },
+          [](const RunConfig& c) { return std::string(c.gradients.coded ? "rans" : "none"); },
+          "entropy coding of the gradient frames' codes, as quant.activations.coding"),
       Int("quant.weights.bits", 2, 8, SPLITQ_FIELD(weight_bits),
           "QAT of the model's weights (LSQ per output channel; 0: off)", /*zero_ok=*/true),
       Int("quant.weights.input_bits", 1, 8, SPLITQ_FIELD(input_bits),

@@ -273,7 +273,9 @@ TEST(ReplicaGroupServerPart, BucketsDuringTheBackwardPassChangeNothing) {
       EXPECT_EQ(part.updates(), 2);
       // With buckets the hooks started some during the backward passes (not all: the last
       // bucket holds the extras, added after).
-      if (bucket_kib > 0) EXPECT_GT(part.round_times().early_buckets, 0) << rank;
+      if (bucket_kib > 0) {
+        EXPECT_GT(part.round_times().early_buckets, 0) << rank;
+      }
       digests[rank] = part.WeightsDigest();
       part.set_group(nullptr);
     });
