@@ -78,13 +78,15 @@ void PutVarint(uint64_t v, std::vector<uint8_t>* out) {
 }
 
 // Reads a LEB128 value of at most `max_bytes` bytes from [*p, end).
+// Only the shortest encoding is accepted (no trailing zero groups), and nothing above 2^64.
 bool GetVarint(const uint8_t** p, const uint8_t* end, int max_bytes, uint64_t* v) {
   *v = 0;
   for (int i = 0; i < max_bytes; ++i) {
     if (*p == end) return false;
     const uint8_t b = *(*p)++;
+    if (i == 9 && b > 1) return false;
     *v |= uint64_t{b & 0x7fu} << (7 * i);
-    if ((b & 0x80) == 0) return true;
+    if ((b & 0x80) == 0) return i == 0 || b != 0;
   }
   return false;
 }
@@ -255,13 +257,16 @@ struct GroupSpan {
   uint8_t mode = kStored;
   const uint8_t* begin = nullptr;  // stored: the segment; constant: the code; rANS: the stream
   const uint8_t* end = nullptr;
-  const Table* table = nullptr;
+  const Table* shared = nullptr;       // mode 3: the frame's table for the group's width
+  const uint8_t* own_table = nullptr;  // mode 1: where its table starts (checked already)
 };
 
 absl::Status DecodeGroup(int64_t g, const GroupSpan& span, int64_t m, int k, int prob_bits,
                          uint8_t* seg, std::vector<uint8_t>* codes, std::vector<uint8_t>* slots) {
   if (span.mode == kStored) {
-    std::memcpy(seg, span.begin, static_cast<size_t>(span.end - span.begin));
+    if (span.end != span.begin) {
+      std::memcpy(seg, span.begin, static_cast<size_t>(span.end - span.begin));
+    }
     return absl::OkStatus();
   }
   if (span.mode == kConstant) {
@@ -269,7 +274,15 @@ absl::Status DecodeGroup(int64_t g, const GroupSpan& span, int64_t m, int k, int
     Pack(codes->data(), m, k, seg);
     return absl::OkStatus();
   }
-  const Table& t = *span.table;
+  // A group's own table is read again here, into this thread's stack: the header pass checked
+  // it, and keeping one per group would cost ~2 KB for a 14-byte group of a hostile frame.
+  Table own;
+  if (span.mode == kRans) {
+    const uint8_t* q = span.own_table;
+    std::string why;
+    if (!ReadTable(&q, span.begin, k, prob_bits, &own, &why)) return Bad(g, why);
+  }
+  const Table& t = span.mode == kRans ? own : *span.shared;
   const uint8_t* p = span.begin;
   slots->resize(size_t{1} << prob_bits);
   for (int s = t.lo; s <= t.hi; ++s) {
@@ -533,8 +546,7 @@ absl::Status EntropyDecode(absl::Span<const uint8_t> coded, const kernels::Group
   }
   // The header pass: each group's mode, table and extent, before any decoding.
   std::vector<GroupSpan> spans(static_cast<size_t>(groups));
-  std::vector<Table> own;
-  own.reserve(static_cast<size_t>(groups));
+  Table scratch;
   for (int64_t g = 0; g < groups; ++g) {
     const auto gi = static_cast<size_t>(g);
     const int k = bits[gi];
@@ -555,12 +567,11 @@ absl::Status EntropyDecode(absl::Span<const uint8_t> coded, const kernels::Group
       s.begin = p++;
     } else if (s.mode == kRans || s.mode == kRansShared) {
       if (s.mode == kRans) {
-        own.emplace_back();
-        if (!ReadTable(&p, end, k, prob_bits, &own.back(), &why)) return Bad(g, why);
-        s.table = &own.back();
+        s.own_table = p;
+        if (!ReadTable(&p, end, k, prob_bits, &scratch, &why)) return Bad(g, why);
       } else {
         if (shared[k] == nullptr) return Bad(g, absl::StrCat("no shared table for ", k, " bits"));
-        s.table = shared[k].get();
+        s.shared = shared[k].get();
       }
       uint64_t stream_bytes = 0;
       if (!GetVarint(&p, end, 10, &stream_bytes) || stream_bytes > static_cast<uint64_t>(end - p) ||

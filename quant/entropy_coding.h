@@ -5,9 +5,12 @@
 //   stored     its segment as it is (what an incompressible group costs: one byte more);
 //   constant   the one code every element of the group has (two bytes);
 //   rANS       a frequency table of its codes (normalized to 2^L) and a byte-wise rANS
-//              stream (32-bit state) of its M codes, in element order.
-// So a coded payload is never more than the packed one plus one byte per group and a
-// two-byte header (MaxCodedPayloadBytes), and a receiver's memory bound stays the packed size.
+//              stream (two interleaved 32-bit states) of its M codes, in element order;
+//   shared     the same with the frame's shared table for its bit width (built from all the
+//              groups of that width), when that costs less than a table of its own.
+// A coded payload is never more than the packed one plus one byte per group and a three-byte
+// header (MaxCodedPayloadBytes). Decoding holds the packed payload, the coded one, and per
+// thread one table and one group's codes: memory does not grow with what the tables claim.
 // docs/wire-format.md ("Entropy-coded payload") gives every byte; the frame says it is coded
 // with flags bit 1.
 //
@@ -24,6 +27,7 @@
 
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -39,7 +43,8 @@ inline constexpr uint8_t kCodingVersion = 1;
 // The largest coded payload a packed payload of `packed_bytes` in `groups` groups may become:
 // every group stored (one mode byte each) plus the three-byte header.
 inline int64_t MaxCodedPayloadBytes(int64_t packed_bytes, int64_t groups) {
-  return packed_bytes + groups + 3;
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  return packed_bytes > kMax - 3 - groups ? kMax : packed_bytes + groups + 3;
 }
 
 struct CodedPayload {

@@ -261,8 +261,9 @@ absl::Status CheckPayloadSize(const Frame& frame, const kernels::GroupLayout& la
                               int64_t implied) {
   const auto actual = static_cast<uint64_t>(frame.payload.size());
   if (frame.coded) {
-    if (layout.groups == 0)
-      return FieldError("flags", "payload flagged coded, but there are 0 groups");
+    if (layout.numel() == 0) {
+      return FieldError("flags", "payload flagged coded, but the tensor is empty");
+    }
     const int64_t most = MaxCodedPayloadBytes(implied, layout.groups);
     if (actual > static_cast<uint64_t>(most)) {
       return FieldError("payload", absl::StrCat(actual,
@@ -450,6 +451,11 @@ absl::StatusOr<std::vector<uint8_t>> ValidateFrame(const Frame& frame,
   // Payload size (groups == scales.size() now, so the offsets are bounded by the frame).
   SPLITQ_ASSIGN_OR_RETURN(const std::vector<int64_t> offsets, SegmentOffsets(layout, *bits));
   SPLITQ_RETURN_IF_ERROR(CheckPayloadSize(frame, layout, offsets.back()));
+  if (frame.coded && offsets.back() > limits.max_payload_bytes) {  // what decoding it allocates
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "frame field 'payload': ", offsets.back(),
+        " packed bytes once decoded exceed the receiver's limit of ", limits.max_payload_bytes));
+  }
 
   // CRC.
   const uint32_t crc = ComputeFrameCrc(frame);

@@ -115,7 +115,8 @@ absl::StatusOr<CodeEntropy> EntropyCodeFrame(Frame* frame, absl::Span<const uint
                                              const kernels::ExecContext& cpu = {});
 
 // The packed payload of a frame: the payload itself, or a coded frame's payload decoded.
-// Checks as DecodePayload.
+// Checks what bounds memory (layout, bits, payload size) and the coded structure; not the
+// dtype, scales or offsets (ValidateFrame does).
 absl::StatusOr<std::vector<uint8_t>> UncodedPayload(const Frame& frame,
                                                     absl::Span<const uint8_t> bits,
                                                     const kernels::ExecContext& cpu = {});

@@ -216,8 +216,8 @@ absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& unro
                                                              bits, scales, offsets));
   out.bytes = quant::SerializeFrame(frame);
   if (train && measure_) {
-    if (frame.coded) {
-      out.entropy = encoder.last_entropy();  // the coder measured it
+    if (c_.activations.coded) {
+      out.entropy = encoder.last_entropy();  // the coder measured it (coded or not)
     } else {
       SPLITQ_ASSIGN_OR_RETURN(out.entropy, quant::MeasureCodeEntropy(frame, bits));
     }
@@ -368,7 +368,7 @@ absl::StatusOr<std::pair<std::string, double>> BoundaryReceiver::SendGradient(
   SPLITQ_ASSIGN_OR_RETURN(quant::Frame frame, grad_.Encode(grad, static_cast<uint64_t>(step), gbits,
                                                            range.scales, range.offsets));
   if (measure_) {
-    if (frame.coded) {
+    if (c_.gradients.coded) {
       sent_entropy_ = grad_.last_entropy();
     } else {
       SPLITQ_ASSIGN_OR_RETURN(sent_entropy_, quant::MeasureCodeEntropy(frame, gbits));

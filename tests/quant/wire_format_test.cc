@@ -19,6 +19,7 @@
 
 #include "base/status_macros.h"
 #include "quant/crc32c.h"
+#include "quant/entropy_coding.h"
 
 // ---- allocation tracking ----------------------------------------------------------------
 // A replaced global operator new records the largest single allocation made while a
@@ -1069,6 +1070,39 @@ TEST(WireFormatTest, MeasureCodeEntropyMatchesTheCodesHistograms) {
   // A wrong bit map is refused, as DecodePayload refuses it.
   bits.pop_back();
   ExpectError(MeasureCodeEntropy(*f, bits).status(), absl::StatusCode::kInvalidArgument, {"bits"});
+}
+
+}  // namespace
+}  // namespace splitq::quant
+
+namespace splitq::quant {
+namespace {
+
+// A hostile coded payload of many tiny groups, each with a table of its own (14 bytes a group:
+// mode, a one-code table, length, two states): decoding it allocates in proportion to the
+// payload, not a table's worth (~2 KB) per group (the first version held one per group: 150x).
+TEST(WireFormatMalformedTest, ManyTinyCodedGroupsHoldLittleMemory) {
+  const int64_t groups = 5000, m = 13;
+  std::vector<uint8_t> coded = {1, 8, 0};  // version 1, L = 8, no shared table
+  for (int64_t g = 0; g < groups; ++g) {
+    // mode 1, lo = hi = 0, f_0 = 256, S = 8, both states 2^23 (code 0 leaves them there).
+    const uint8_t group[] = {1, 0, 0, 0x80, 0x02, 8, 0, 0, 0x80, 0, 0, 0, 0x80, 0};
+    coded.insert(coded.end(), std::begin(group), std::end(group));
+  }
+  const kernels::GroupLayout layout{m, groups, 1};
+  const std::vector<uint8_t> bits(static_cast<size_t>(groups), 8);
+  ASSERT_EQ(static_cast<int64_t>(coded.size()), MaxCodedPayloadBytes(m * groups, groups));
+  std::vector<uint8_t> packed;
+  absl::Status st;
+  size_t max_alloc = 0;
+  {
+    ScopedAllocTracker tracker;
+    st = EntropyDecode(coded, layout, bits, &packed);
+    max_alloc = tracker.max_alloc();
+  }
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_EQ(packed, std::vector<uint8_t>(static_cast<size_t>(m * groups), 0));
+  EXPECT_LT(max_alloc, 4 * coded.size());
 }
 
 }  // namespace
