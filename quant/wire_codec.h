@@ -30,7 +30,7 @@ namespace splitq::quant {
 struct WireEncoderOptions {
   int32_t group_axis = 1;  // axis with one bit width / scale / offset per entry; -1: one group
   kernels::Rounding rounding = kernels::Rounding::kNearest;  // stochastic for gradients
-  uint64_t seed = 0;  // Philox seed for stochastic rounding (the step is the other key)
+  uint64_t seed = 0;            // Philox seed for stochastic rounding (the step is the other key)
   bool entropy_coding = false;  // entropy-code the payload when that makes it smaller
 };
 
