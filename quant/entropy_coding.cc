@@ -475,6 +475,9 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
       if (!coded[g].empty() && coded[g][0] == kRansShared) used[bits[g]] = true;
     }
     out.bytes.clear();
+    size_t total = 3 + 8 * (2 + 3 * 256);  // header and at most 8 shared tables
+    for (const auto& c : coded) total += c.size();
+    out.bytes.reserve(total);
     out.entropy_bits = 0;
     out.bytes.push_back(kCodingVersion);
     out.bytes.push_back(static_cast<uint8_t>(prob_bits));
