@@ -31,7 +31,7 @@ int ProbBits(int64_t m) {
 }
 
 // A group's codes, one per byte, from its segment.
-void Unpack(const uint8_t* seg, int64_t m, int k, uint8_t* codes) {
+void UnpackImpl(const uint8_t* seg, int64_t m, int k, uint8_t* codes) {
   const uint32_t mask = (1u << k) - 1;
   if (k == 8) {
     std::memcpy(codes, seg, static_cast<size_t>(m));
@@ -93,12 +93,14 @@ bool GetVarint(const uint8_t** p, const uint8_t* end, int max_bytes, uint64_t* v
 
 // A frequency table: codes lo..hi, frequencies summing to 2^prob_bits, cumulative starts.
 struct Table {
+  int prob_bits = 8;
   int lo = 0, hi = -1;
   std::array<uint32_t, 256> freq{}, start{};
 };
 
-Table MakeTable(const std::vector<uint32_t>& freq) {
+Table MakeTable(const std::vector<uint32_t>& freq, int prob_bits) {
   Table t;
+  t.prob_bits = prob_bits;
   t.lo = static_cast<int>(freq.size());
   uint32_t start = 0;
   for (size_t s = 0; s < freq.size(); ++s) {
@@ -114,27 +116,33 @@ Table MakeTable(const std::vector<uint32_t>& freq) {
 }
 
 void PutTable(const Table& t, std::vector<uint8_t>* out) {
+  out->push_back(static_cast<uint8_t>(t.prob_bits));
   out->push_back(static_cast<uint8_t>(t.lo));
   out->push_back(static_cast<uint8_t>(t.hi));
   for (int s = t.lo; s <= t.hi; ++s) PutVarint(t.freq[s], out);
 }
 
 size_t TableBytes(const Table& t) {
-  size_t n = 2;
+  size_t n = 3;
   for (int s = t.lo; s <= t.hi; ++s) n += t.freq[s] < 128 ? 1 : t.freq[s] < 16384 ? 2 : 3;
   return n;
 }
 
 // Reads and checks a table of a 2^k-code alphabet.
-bool ReadTable(const uint8_t** p, const uint8_t* end, int k, int prob_bits, Table* t,
-               std::string* why) {
-  if (end - *p < 2) {
-    *why = "the code range is missing";
+bool ReadTable(const uint8_t** p, const uint8_t* end, int k, Table* t, std::string* why) {
+  if (end - *p < 3) {
+    *why = "the table's precision or code range is missing";
     return false;
   }
-  t->lo = (*p)[0];
-  t->hi = (*p)[1];
-  *p += 2;
+  const int prob_bits = (*p)[0];
+  if (prob_bits < 8 || prob_bits > 16) {
+    *why = absl::StrCat("probability bits ", prob_bits, " outside 8..16");
+    return false;
+  }
+  t->prob_bits = prob_bits;
+  t->lo = (*p)[1];
+  t->hi = (*p)[2];
+  *p += 3;
   if (t->lo > t->hi || t->hi >= (1 << k)) {
     *why = absl::StrCat("code range ", t->lo, "..", t->hi, " outside 0..", (1 << k) - 1);
     return false;
@@ -158,8 +166,8 @@ bool ReadTable(const uint8_t** p, const uint8_t* end, int k, int prob_bits, Tabl
 }
 
 // The bits the codes of `counts` cost under table `t` (infinite if one has no frequency).
-double CostBits(const std::array<int64_t, 256>& counts, int alphabet, const Table& t,
-                int prob_bits) {
+double CostBits(const std::array<int64_t, 256>& counts, int alphabet, const Table& t) {
+  const int prob_bits = t.prob_bits;
   double bits = 0;
   for (int s = 0; s < alphabet; ++s) {
     if (counts[s] == 0) continue;
@@ -171,8 +179,9 @@ double CostBits(const std::array<int64_t, 256>& counts, int alphabet, const Tabl
 }
 
 // rANS-codes m codes with table `t` into the end of `stream`; returns the first byte used.
-const uint8_t* EncodeStream(const uint8_t* c, int64_t m, const Table& t, int prob_bits,
+const uint8_t* EncodeStream(const uint8_t* c, int64_t m, const Table& t,
                             std::vector<uint8_t>* stream) {
+  const int prob_bits = t.prob_bits;
   std::array<internal::RansSymbol, 256> sym;
   for (int s = t.lo; s <= t.hi; ++s) {
     if (t.freq[s] != 0) sym[s] = internal::MakeRansSymbol(t.start[s], t.freq[s], prob_bits);
@@ -215,7 +224,7 @@ struct GroupCodes {
 
 // One group coded with the chosen table (own, or the shared one of its width when `shared`
 // is set and cheaper), or stored, or constant: its bytes (mode byte first) in `out`.
-void CodeGroup(const uint8_t* seg, const uint8_t* c, int64_t m, int k, int prob_bits,
+void CodeGroup(const uint8_t* seg, const uint8_t* c, int64_t m, int k, int own_bits,
                const GroupCodes& gc, const Table* shared, std::vector<uint8_t>* stream,
                std::vector<uint8_t>* out) {
   const int64_t seg_bytes = kernels::PackedGroupBytes(m, k);
@@ -228,14 +237,16 @@ void CodeGroup(const uint8_t* seg, const uint8_t* c, int64_t m, int k, int prob_
   // Cheaper as stored for sure when even the entropy (no tables) would not save a byte.
   if (gc.present > 1 && gc.entropy / 8 + 8 < static_cast<double>(seg_bytes)) {
     const int alphabet = 1 << k;
-    const Table own = MakeTable(internal::NormalizeCounts(
-        absl::MakeConstSpan(gc.counts.data(), static_cast<size_t>(alphabet)), prob_bits));
+    const Table own = MakeTable(
+        internal::NormalizeCounts(
+            absl::MakeConstSpan(gc.counts.data(), static_cast<size_t>(alphabet)), own_bits),
+        own_bits);
     const double own_bytes =
-        static_cast<double>(TableBytes(own)) + CostBits(gc.counts, alphabet, own, prob_bits) / 8;
+        static_cast<double>(TableBytes(own)) + CostBits(gc.counts, alphabet, own) / 8;
     const bool use_shared =
-        shared != nullptr && CostBits(gc.counts, alphabet, *shared, prob_bits) / 8 < own_bytes;
+        shared != nullptr && CostBits(gc.counts, alphabet, *shared) / 8 < own_bytes;
     const Table& t = use_shared ? *shared : own;
-    const uint8_t* p = EncodeStream(c, m, t, prob_bits, stream);
+    const uint8_t* p = EncodeStream(c, m, t, stream);
     const uint8_t* const end = stream->data() + stream->size();
     const auto stream_bytes = static_cast<uint64_t>(end - p);
     out->push_back(use_shared ? kRansShared : kRans);
@@ -261,8 +272,12 @@ struct GroupSpan {
   const uint8_t* own_table = nullptr;  // mode 1: where its table starts (checked already)
 };
 
-absl::Status DecodeGroup(int64_t g, const GroupSpan& span, int64_t m, int k, int prob_bits,
-                         uint8_t* seg, std::vector<uint8_t>* codes, std::vector<uint8_t>* slots) {
+// `slots` maps each of a table's 2^L slots to its code; `built` is the shared table they were
+// last built for in this thread (nullptr: another), so that groups of one shared table build
+// them once.
+absl::Status DecodeGroup(int64_t g, const GroupSpan& span, int64_t m, int k, uint8_t* seg,
+                         std::vector<uint8_t>* codes, std::vector<uint8_t>* slots,
+                         const Table** built) {
   if (span.mode == kStored) {
     if (span.end != span.begin) {
       std::memcpy(seg, span.begin, static_cast<size_t>(span.end - span.begin));
@@ -280,13 +295,17 @@ absl::Status DecodeGroup(int64_t g, const GroupSpan& span, int64_t m, int k, int
   if (span.mode == kRans) {
     const uint8_t* q = span.own_table;
     std::string why;
-    if (!ReadTable(&q, span.begin, k, prob_bits, &own, &why)) return Bad(g, why);
+    if (!ReadTable(&q, span.begin, k, &own, &why)) return Bad(g, why);
   }
   const Table& t = span.mode == kRans ? own : *span.shared;
+  const int prob_bits = t.prob_bits;
   const uint8_t* p = span.begin;
-  slots->resize(size_t{1} << prob_bits);
-  for (int s = t.lo; s <= t.hi; ++s) {
-    std::memset(slots->data() + t.start[s], s, t.freq[s]);
+  if (span.mode == kRans || *built != span.shared) {
+    slots->resize(size_t{1} << prob_bits);
+    for (int s = t.lo; s <= t.hi; ++s) {
+      std::memset(slots->data() + t.start[s], s, t.freq[s]);
+    }
+    *built = span.mode == kRans ? nullptr : span.shared;
   }
   uint32_t x0 = 0, x1 = 0;
   for (int b = 0; b < 4; ++b) {
@@ -336,6 +355,10 @@ absl::Status CheckArguments(const kernels::GroupLayout& layout, absl::Span<const
 }  // namespace
 
 namespace internal {
+
+void UnpackCodes(const uint8_t* segment, int64_t m, int k, uint8_t* codes) {
+  UnpackImpl(segment, m, k, codes);
+}
 
 void AddByteHistogram(const uint8_t* p, int64_t n, std::array<int64_t, 256>* counts) {
   std::array<std::array<int64_t, 256>, 4> part{};
@@ -415,7 +438,7 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
         "entropy coding: ", packed.size(), " packed bytes, the layout implies ", offsets.back()));
   }
   const int64_t m = layout.per_group();
-  const int prob_bits = ProbBits(m);
+  const int own_bits = ProbBits(m);
   const int64_t groups = layout.groups;
   const auto gsize = static_cast<size_t>(groups);
   const int threads = kernels::detail::CpuThreads(cpu);
@@ -427,7 +450,7 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
   for (int64_t g = 0; g < groups; ++g) {
     const auto gi = static_cast<size_t>(g);
     uint8_t* c = all.data() + gi * static_cast<size_t>(m);
-    Unpack(packed.data() + offsets[gi], m, bits[gi], c);
+    UnpackImpl(packed.data() + offsets[gi], m, bits[gi], c);
     GroupCodes& gc = info[gi];
     internal::AddByteHistogram(c, m, &gc.counts);
     gc.lo = 256;
@@ -451,8 +474,12 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
       for (int s = 0; s < (1 << k); ++s) sum[s] += info[g].counts[s];
     }
     if (n < 2) continue;
-    shared[k] = std::make_unique<Table>(MakeTable(internal::NormalizeCounts(
-        absl::MakeConstSpan(sum.data(), static_cast<size_t>(1) << k), prob_bits)));
+    // Finer than a group's own table: it is paid once, and it codes n groups' codes.
+    const int shared_bits = ProbBits(m * n);
+    shared[k] = std::make_unique<Table>(
+        MakeTable(internal::NormalizeCounts(
+                      absl::MakeConstSpan(sum.data(), static_cast<size_t>(1) << k), shared_bits),
+                  shared_bits));
   }
   // 3. Each group coded (shared tables count against the bound below: when they make the
   // payload larger than every group stored, it is coded again without them).
@@ -466,7 +493,7 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
       for (int64_t g = 0; g < groups; ++g) {
         const auto gi = static_cast<size_t>(g);
         CodeGroup(packed.data() + offsets[gi], all.data() + gi * static_cast<size_t>(m), m,
-                  bits[gi], prob_bits, info[gi], allow_shared ? shared[bits[gi]].get() : nullptr,
+                  bits[gi], own_bits, info[gi], allow_shared ? shared[bits[gi]].get() : nullptr,
                   &stream, &coded[gi]);
       }
     }
@@ -475,12 +502,11 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
       if (!coded[g].empty() && coded[g][0] == kRansShared) used[bits[g]] = true;
     }
     out.bytes.clear();
-    size_t total = 3 + 8 * (2 + 3 * 256);  // header and at most 8 shared tables
+    size_t total = 2 + 8 * (4 + 3 * 256);  // header and at most 8 shared tables
     for (const auto& c : coded) total += c.size();
     out.bytes.reserve(total);
     out.entropy_bits = 0;
     out.bytes.push_back(kCodingVersion);
-    out.bytes.push_back(static_cast<uint8_t>(prob_bits));
     out.bytes.push_back(static_cast<uint8_t>(std::count(used.begin(), used.end(), true)));
     for (int k = 1; k <= 8; ++k) {
       if (!used[k]) continue;
@@ -509,9 +535,9 @@ absl::Status EntropyDecode(absl::Span<const uint8_t> coded, const kernels::Group
         "frame field 'payload' (entropy-coded): ", coded.size(), " bytes, more than the ",
         MaxCodedPayloadBytes(offsets.back(), groups), " a coded payload of this frame may take"));
   }
-  if (coded.size() < 2) {
+  if (coded.empty()) {
     return absl::InvalidArgumentError(
-        "frame field 'payload' (entropy-coded): the header bytes are missing");
+        "frame field 'payload' (entropy-coded): the coding version is missing");
   }
   if (coded[0] != kCodingVersion) {
     return absl::InvalidArgumentError(
@@ -519,13 +545,8 @@ absl::Status EntropyDecode(absl::Span<const uint8_t> coded, const kernels::Group
                      static_cast<int>(coded[0]), " (this decoder reads ", kCodingVersion, ")"));
   }
   const int64_t m = layout.per_group();
-  const int prob_bits = coded[1];
-  if (prob_bits < 8 || prob_bits > 16) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "frame field 'payload' (entropy-coded): probability bits ", prob_bits, " outside 8..16"));
-  }
   // The shared tables, at most one per bit width.
-  const uint8_t* p = coded.data() + 2;
+  const uint8_t* p = coded.data() + 1;
   const uint8_t* const end = coded.data() + coded.size();
   std::string why;
   std::array<std::unique_ptr<Table>, 9> shared;
@@ -542,7 +563,7 @@ absl::Status EntropyDecode(absl::Span<const uint8_t> coded, const kernels::Group
                        " missing, outside 1..8 or repeated"));
     }
     shared[k] = std::make_unique<Table>();
-    if (!ReadTable(&p, end, k, prob_bits, shared[k].get(), &why)) {
+    if (!ReadTable(&p, end, k, shared[k].get(), &why)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "frame field 'payload' (entropy-coded): shared table for ", k, " bits: ", why));
     }
@@ -571,7 +592,7 @@ absl::Status EntropyDecode(absl::Span<const uint8_t> coded, const kernels::Group
     } else if (s.mode == kRans || s.mode == kRansShared) {
       if (s.mode == kRans) {
         s.own_table = p;
-        if (!ReadTable(&p, end, k, prob_bits, &scratch, &why)) return Bad(g, why);
+        if (!ReadTable(&p, end, k, &scratch, &why)) return Bad(g, why);
       } else {
         if (shared[k] == nullptr) return Bad(g, absl::StrCat("no shared table for ", k, " bits"));
         s.shared = shared[k].get();
@@ -598,11 +619,12 @@ absl::Status EntropyDecode(absl::Span<const uint8_t> coded, const kernels::Group
 #pragma omp parallel num_threads(threads) if (groups > 1 && m * groups >= (1 << 16))
   {
     std::vector<uint8_t> codes, slots;
+    const Table* built = nullptr;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t g = 0; g < groups; ++g) {
       const auto gi = static_cast<size_t>(g);
-      status[gi] = DecodeGroup(g, spans[gi], m, bits[gi], prob_bits, packed->data() + offsets[gi],
-                               &codes, &slots);
+      status[gi] = DecodeGroup(g, spans[gi], m, bits[gi], packed->data() + offsets[gi], &codes,
+                               &slots, &built);
     }
   }
   for (const absl::Status& st : status) {

@@ -4,11 +4,13 @@
 // group by group. Each group becomes, whichever is smallest:
 //   stored     its segment as it is (what an incompressible group costs: one byte more);
 //   constant   the one code every element of the group has (two bytes);
-//   rANS       a frequency table of its codes (normalized to 2^L) and a byte-wise rANS
+//   rANS       a frequency table of its codes (normalized to 2^L, L about log2 M) and a byte-wise
+//   rANS
 //              stream (two interleaved 32-bit states) of its M codes, in element order;
 //   shared     the same with the frame's shared table for its bit width (built from all the
-//              groups of that width), when that costs less than a table of its own.
-// A coded payload is never more than the packed one plus one byte per group and a three-byte
+//              groups of that width, finer: L about log2 of all their codes), when that
+//              costs less than a table of its own.
+// A coded payload is never more than the packed one plus one byte per group and a two-byte
 // header (MaxCodedPayloadBytes). Decoding holds the packed payload, the coded one, and per
 // thread one table and one group's codes: memory does not grow with what the tables claim.
 // docs/wire-format.md ("Entropy-coded payload") gives every byte; the frame says it is coded
@@ -41,10 +43,10 @@ namespace splitq::quant {
 inline constexpr uint8_t kCodingVersion = 1;
 
 // The largest coded payload a packed payload of `packed_bytes` in `groups` groups may become:
-// every group stored (one mode byte each) plus the three-byte header.
+// every group stored (one mode byte each) plus the two-byte header.
 inline int64_t MaxCodedPayloadBytes(int64_t packed_bytes, int64_t groups) {
   constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
-  return packed_bytes > kMax - 3 - groups ? kMax : packed_bytes + groups + 3;
+  return packed_bytes > kMax - 2 - groups ? kMax : packed_bytes + groups + 2;
 }
 
 struct CodedPayload {
@@ -77,6 +79,8 @@ inline uint32_t RansStep(uint32_t x, const RansSymbol& s) {
   const uint32_t q = static_cast<uint32_t>((static_cast<uint64_t>(x) * s.rcp) >> s.shift);
   return x + s.bias + q * s.cmpl;
 }
+// The m codes of one group's k-bit segment (kernels/pack.h layout), one per byte.
+void UnpackCodes(const uint8_t* segment, int64_t m, int k, uint8_t* codes);
 // Adds the byte values of p[0..n) to `counts` (four interleaved histograms, so that runs of
 // one value do not serialize the increments).
 void AddByteHistogram(const uint8_t* p, int64_t n, std::array<int64_t, 256>* counts);

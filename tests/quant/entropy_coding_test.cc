@@ -147,7 +147,7 @@ TEST(EntropyCoding, SizeNearTheEntropyAndNeverMuchAbovePacked) {
   const Payload flat = MakePayload(rng, 8, 4096, std::vector<uint8_t>(8, 8), {Shape::kUniform});
   auto coded = EntropyCode(flat.packed, flat.layout, flat.bits);
   ASSERT_TRUE(coded.ok());
-  EXPECT_EQ(coded->bytes.size(), flat.packed.size() + 8 + 3);
+  EXPECT_EQ(coded->bytes.size(), flat.packed.size() + 8 + 2);
 }
 
 void ExpectInvalid(const std::vector<uint8_t>& coded, const Payload& p, const std::string& what) {
@@ -159,24 +159,24 @@ void ExpectInvalid(const std::vector<uint8_t>& coded, const Payload& p, const st
 
 TEST(EntropyCodingMalformed, EveryHeaderAndTableFault) {
   std::mt19937 rng(9);
-  // One group: no shared table; [version, L, 0 shared, mode 1, lo, hi, f_lo.., S, stream].
+  // One group: no shared table; [version, 0 shared, mode 1, L, lo, hi, f_lo.., S, stream].
   const Payload p = MakePayload(rng, 1, 3000, {4}, {Shape::kPeaked});
   auto ok = EntropyCode(p.packed, p.layout, p.bits);
   ASSERT_TRUE(ok.ok());
   const std::vector<uint8_t>& c = ok->bytes;
-  ASSERT_EQ(c[2], 0) << "no shared table for one group";
-  ASSERT_EQ(c[3], 1) << "the group should be rANS-coded with its own table";
+  ASSERT_EQ(c[1], 0) << "no shared table for one group";
+  ASSERT_EQ(c[2], 1) << "the group should be rANS-coded with its own table";
   std::vector<uint8_t> bad = c;
   bad[0] = 2;
   ExpectInvalid(bad, p, "version");
   bad = c;
-  bad[1] = 7;
+  bad[3] = 7;
   ExpectInvalid(bad, p, "probability bits");
   bad = c;
-  bad[3] = 9;
+  bad[2] = 9;
   ExpectInvalid(bad, p, "mode");
   bad = c;
-  bad[3] = 3;
+  bad[2] = 3;
   ExpectInvalid(bad, p, "shared mode without a shared table");
   bad = c;
   bad[5] = 16;  // hi above the 4-bit alphabet
@@ -191,10 +191,10 @@ TEST(EntropyCodingMalformed, EveryHeaderAndTableFault) {
   bad.pop_back();
   ExpectInvalid(bad, p, "cut");
   ExpectInvalid({}, p, "empty");
-  ExpectInvalid({1, 12}, p, "no shared-table count");
-  ExpectInvalid({1, 12, 0, 2, 16}, p, "constant above the alphabet");
-  ExpectInvalid({1, 12, 1, 0}, p, "shared table of 0 bits");
-  ExpectInvalid({1, 12, 2, 4, 0, 0, 0x80, 0x20, 4, 0, 0, 0x80, 0x20, 2, 0}, p,
+  ExpectInvalid({1}, p, "no shared-table count");
+  ExpectInvalid({1, 0, 2, 16}, p, "constant above the alphabet");
+  ExpectInvalid({1, 1, 0}, p, "shared table of 0 bits");
+  ExpectInvalid({1, 2, 4, 12, 0, 0, 0x80, 0x20, 4, 12, 0, 0, 0x80, 0x20, 2, 0}, p,
                 "two shared tables for one width");
   // Every prefix and every single-byte change: an error or a payload, never a crash.
   std::vector<uint8_t> back;
@@ -227,7 +227,7 @@ TEST(EntropyCoding, SmallGroupsShareATable) {
   const Payload p = MakePayload(rng, 64, 300, bits, {Shape::kPeaked});
   auto coded = EntropyCode(p.packed, p.layout, p.bits);
   ASSERT_TRUE(coded.ok());
-  EXPECT_EQ(coded->bytes[2], 2) << "one shared table for 3 bits and one for 6";
+  EXPECT_EQ(coded->bytes[1], 2) << "one shared table for 3 bits and one for 6";
   EXPECT_LT(static_cast<double>(coded->bytes.size()), 1.05 * p.entropy / 8 + 64 * 4 + 400);
   std::vector<uint8_t> back;
   ASSERT_TRUE(EntropyDecode(coded->bytes, p.layout, p.bits, &back).ok());
@@ -282,7 +282,7 @@ TEST(CodedFrames, DecodeAsThePackedFrameAndParseCanonically) {
   // A coded payload above its bound fails validation; a malformed one fails decoding, both
   // INVALID_ARGUMENT, and nothing is written.
   Frame big = coded;
-  big.payload.resize(packed->payload.size() + 24 + 4, 0);
+  big.payload.resize(packed->payload.size() + 24 + 3, 0);  // one byte above the bound
   SealFrame(&big);
   EXPECT_EQ(ValidateFrame(big, nullptr, 0, {}).status().code(), absl::StatusCode::kInvalidArgument);
   Frame broken = coded;

@@ -1078,15 +1078,15 @@ TEST(WireFormatTest, MeasureCodeEntropyMatchesTheCodesHistograms) {
 namespace splitq::quant {
 namespace {
 
-// A hostile coded payload of many tiny groups, each with a table of its own (14 bytes a group:
+// A hostile coded payload of many tiny groups, each with a table of its own (15 bytes a group:
 // mode, a one-code table, length, two states): decoding it allocates in proportion to the
 // payload, not a table's worth (~2 KB) per group (the first version held one per group: 150x).
 TEST(WireFormatMalformedTest, ManyTinyCodedGroupsHoldLittleMemory) {
-  const int64_t groups = 5000, m = 13;
-  std::vector<uint8_t> coded = {1, 8, 0};  // version 1, L = 8, no shared table
+  const int64_t groups = 5000, m = 14;
+  std::vector<uint8_t> coded = {1, 0};  // version 1, no shared table
   for (int64_t g = 0; g < groups; ++g) {
-    // mode 1, lo = hi = 0, f_0 = 256, S = 8, both states 2^23 (code 0 leaves them there).
-    const uint8_t group[] = {1, 0, 0, 0x80, 0x02, 8, 0, 0, 0x80, 0, 0, 0, 0x80, 0};
+    // mode 1, L = 8, lo = hi = 0, f_0 = 256, S = 8, both states 2^23 (code 0 leaves them).
+    const uint8_t group[] = {1, 8, 0, 0, 0x80, 0x02, 8, 0, 0, 0x80, 0, 0, 0, 0x80, 0};
     coded.insert(coded.end(), std::begin(group), std::end(group));
   }
   const kernels::GroupLayout layout{m, groups, 1};
