@@ -3,6 +3,7 @@
 #include <memory>
 
 #include "cli/commands.h"
+#include "tools/coding_bench.h"
 #include "tools/step_bench.h"
 
 namespace splitq::cli {
@@ -23,6 +24,25 @@ void RegisterBenchStep(CLI::App& bench, RunFn* run) {
       return tools::RunStepBench(*opt);
     };
   });
+}
+
+// `splitq bench coding`: tools/coding_bench.h.
+void RegisterBenchCoding(CLI::App& bench, RunFn* run) {
+  auto opt = std::make_shared<tools::CodingBenchOptions>();
+  CLI::App* cmd = bench.add_subcommand(
+      "coding", "Entropy coding of a run's frames: sizes against the codes' entropy, speed");
+  cmd->add_option("--config", opt->config_path, "The YAML run config")->required();
+  cmd->add_option("--set", opt->overrides, "Override a key: key.path=value (YAML value)");
+  cmd->add_option("--init", opt->init, "Base checkpoint (LoRA configs need one)");
+  cmd->add_option("--steps", opt->steps, "Training steps before the frames are measured")
+      ->check(IntRange(1, 1 << 30));
+  cmd->add_option("--frames", opt->frames, "The last steps whose frames are measured")
+      ->check(IntRange(1, 10000));
+  cmd->add_option("--iters", opt->iters, "Timed calls per frame (median)")
+      ->check(IntRange(1, 1000));
+  cmd->add_option("--dump", opt->dump_dir,
+                  "Also write the frames' packed payloads and codes to this folder");
+  cmd->callback([opt, run] { *run = [opt] { return tools::RunCodingBench(*opt); }; });
 }
 
 }  // namespace splitq::cli

@@ -35,6 +35,7 @@ void RegisterBenchKernels(CLI::App& bench, RunFn* run);
 
 // `splitq bench step`: a config's training step against an fp32 wire, side by side.
 void RegisterBenchStep(CLI::App& bench, RunFn* run);
+void RegisterBenchCoding(CLI::App& bench, RunFn* run);
 
 // `splitq bench allreduce` (tools/allreduce_bench.h).
 void RegisterBenchAllreduce(CLI::App& bench, RunFn* run);

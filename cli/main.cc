@@ -124,6 +124,7 @@ int main(int argc, char** argv) {
   bench->require_subcommand(1);
   splitq::cli::RegisterBenchKernels(*bench, &run);
   splitq::cli::RegisterBenchStep(*bench, &run);
+  splitq::cli::RegisterBenchCoding(*bench, &run);
   splitq::cli::RegisterBenchAllreduce(*bench, &run);
 #if SPLITQ_WITH_SERVICES
   splitq::cli::RegisterBenchTransport(*bench, &run);

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -175,7 +176,9 @@ class LocalServerLink : public ServerLink {
       : server_(server), session_(server.OpenSession()) {}
   ~LocalServerLink() override { server_.CloseSession(session_); }
   absl::StatusOr<DownFrame> Train(const UpFrame& up) override {
-    return server_.Train(session_, up, true);
+    absl::StatusOr<DownFrame> down = server_.Train(session_, up, true);
+    if (tap_ && down.ok()) tap_(up, *down);
+    return down;
   }
   absl::StatusOr<DownFrame> TrainHead(const HeadGradient& head) override {
     return server_.TrainHead(session_, head);
@@ -184,10 +187,14 @@ class LocalServerLink : public ServerLink {
     return server_.Evaluate(session_, up);
   }
   uint64_t session() const { return session_; }
+  // Called with each training step's frames both ways after it succeeded (benchmarks).
+  using FrameTap = std::function<void(const UpFrame&, const DownFrame&)>;
+  void set_tap(FrameTap tap) { tap_ = std::move(tap); }
 
  private:
   ServerHandler& server_;
   uint64_t session_;
+  FrameTap tap_;
 };
 
 }  // namespace splitq::trainer

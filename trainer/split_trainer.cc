@@ -77,6 +77,9 @@ int64_t SplitTrainer::step() const { return impl_->client->step(); }
 const RunConfig& SplitTrainer::config() const { return impl_->client->config(); }
 std::string SplitTrainer::device() const { return impl_->client->device(); }
 ClientMemory SplitTrainer::client_memory() const { return impl_->client->memory(); }
+void SplitTrainer::set_frame_tap(LocalServerLink::FrameTap tap) {
+  impl_->link->set_tap(std::move(tap));
+}
 
 WireTotals SplitTrainer::wire() const {
   WireTotals w = impl_->client->wire();

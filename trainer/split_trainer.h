@@ -34,6 +34,7 @@
 
 #include "absl/status/statusor.h"
 #include "trainer/config.h"
+#include "trainer/split_link.h"
 #include "trainer/step.h"
 
 namespace splitq::trainer {
@@ -69,6 +70,9 @@ class SplitTrainer : public StepRunner {
   WireTotals wire() const override;
   std::string device() const override;  // "cpu" or "cuda"
   ClientMemory client_memory() const;
+  // Calls `tap` with every training step's activation and gradient frames, as serialized
+  // (`splitq bench coding`).
+  void set_frame_tap(LocalServerLink::FrameTap tap);
 
  private:
   struct Impl;
