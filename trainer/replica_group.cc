@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -29,6 +30,26 @@ using Collectives = c10d::Backend;
 #else
 using Collectives = c10d::ProcessGroup;
 #endif
+// PyTorch 2.x records every collective in a process-wide "flight recorder" (on by default,
+// TORCH_FR_BUFFER_SIZE=2000), and its recordWithResetEnabled() adds a new process group to a
+// std::map before taking its own mutex: two groups of one process that start their first
+// collectives at once race on that map (seen on PyTorch 2.11 as a SIGSEGV in
+// std::_Rb_tree_insert_and_rebalance under ProcessGroupGloo::enqueue, 3 of 120 runs of these
+// tests on a GPU host). A worker holds one group at a time, but `splitq bench allreduce` and
+// the tests run several members as threads of one process. The recorder reads its size once,
+// when it is first used, so it is turned off here before the first group is made, unless the
+// user set a size (TORCH_FR_BUFFER_SIZE or its older name TORCH_NCCL_TRACE_BUFFER_SIZE, to
+// debug a hang: then keep to one group per process). libtorch 1.13 has no recorder for Gloo and
+// a recorder for NCCL that is off unless asked; the variable changes nothing there.
+void TurnOffFlightRecorderUnlessAsked() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    if (std::getenv("TORCH_FR_BUFFER_SIZE") == nullptr &&
+        std::getenv("TORCH_NCCL_TRACE_BUFFER_SIZE") == nullptr) {
+      setenv("TORCH_FR_BUFFER_SIZE", "0", 0);
+    }
+  });
+}
 }  // namespace
 
 struct ReplicaGroup::Impl {
@@ -68,6 +89,7 @@ absl::StatusOr<std::unique_ptr<ReplicaGroup>> ReplicaGroup::Create(
     return absl::InvalidArgumentError(
         absl::StrCat("replica group: rank ", options.rank, " outside 0..", options.world - 1));
   }
+  TurnOffFlightRecorderUnlessAsked();
   auto impl = std::make_unique<Impl>();
   impl->o = options;
   impl->device = device;
