@@ -33,18 +33,24 @@ absl::StatusOr<std::string> CheckHealth(const std::string& target,
 // and at most kMaxReading requests are read at once, kMaxReadingPerPeer from one peer address
 // (more are RESOURCE_EXHAUSTED at their headers, before anything is read): unfinished Check
 // requests hold at most kMaxReading x the server's message limit. A probe's Check is a few
-// bytes read at once, so the caps only matter under such a flood, which can then deny health
-// checks (not the service) from kMaxReading / kMaxReadingPerPeer addresses or more, until the
-// connection guard evicts its connections (30 s).
+// bytes read at once, so the caps only matter under such a flood.
+//
+// A Check whose request has not arrived whole `read_deadline_ms` after its headers is
+// cancelled (the peer sees CANCELLED), so an unfinished request holds its place and its bytes
+// for that long at most. A flood from kMaxReading / kMaxReadingPerPeer addresses or more can
+// still deny health checks (not the service) while it keeps opening new unfinished Checks;
+// one that opens them once and idles denies them for read_deadline_ms.
 class HealthService final : public grpc::Service {
  public:
   static constexpr int kMaxReading = 16;
   static constexpr int kMaxReadingPerPeer = 4;
-  explicit HealthService(std::set<std::string> serving);
+  static constexpr int kReadDeadlineMs = 2000;  // a probe's request is a few bytes, sent at once
+  explicit HealthService(std::set<std::string> serving, int read_deadline_ms = kReadDeadlineMs);
 
  private:
   class Check;
   const std::set<std::string> serving_;
+  const int read_deadline_ms_;
   KeyedSlots reading_{kMaxReadingPerPeer, kMaxReading};  // by peer address
 };
 

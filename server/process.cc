@@ -20,7 +20,8 @@ absl::StatusOr<Serving> StartServing(const ServingOptions& options,
   grpc::ServerBuilder builder;
   Serving out;
   // `splitq health --service NAME` as well as the whole server.
-  out.health = std::make_unique<HealthService>(std::set<std::string>{"", health_name});
+  out.health = std::make_unique<HealthService>(std::set<std::string>{"", health_name},
+                                               options.health_read_deadline_ms);
   builder.RegisterService(out.health.get());
   builder.AddListeningPort(options.listen, credentials, &out.port);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);

@@ -28,6 +28,8 @@ struct ServingOptions {
   // Caps on connections that have not carried an authenticated call (connection_guard.h; the
   // services tell the guard). Null: no caps.
   ConnectionGuard* guard = nullptr;
+  // The health service's read deadline (health.h: an unfinished Check is cancelled then).
+  int health_read_deadline_ms = HealthService::kReadDeadlineMs;
 };
 
 struct Serving {

@@ -70,6 +70,7 @@ class ConnectionGuardTest : public ::testing::Test {
     options.listen = "127.0.0.1:0";
     options.security.insecure = true;
     options.guard = guard_.get();
+    options.health_read_deadline_ms = health_read_deadline_ms_;
     auto serving = StartServing(options, {service_.get()}, "splitq.v1.Coordinator");
     ASSERT_TRUE(serving.ok()) << serving.status();
     serving_ = std::move(*serving);
@@ -99,6 +100,23 @@ class ConnectionGuardTest : public ::testing::Test {
     return client.Register(rpc::Role::kClient, name).status();
   }
 
+  // One thread per flood: peer i (127.0.0.(2 + i)) opens 40 Check streams on one connection and
+  // sends all but the last byte of a ~4 MiB request on each, until the server has granted
+  // nothing for `idle`.
+  std::vector<std::thread> UnfinishedChecks(std::vector<Flood>* floods,
+                                            std::chrono::milliseconds idle) {
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < floods->size(); ++i) {
+      threads.emplace_back([this, floods, idle, i] {
+        (*floods)[i] =
+            FloodWithHalfRequests(serving_.port, "/grpc.health.v1.Health/Check", 40,
+                                  (4 << 20) - 4096, idle, absl::StrCat("127.0.0.", 2 + i));
+      });
+    }
+    return threads;
+  }
+
+  int health_read_deadline_ms_ = HealthService::kReadDeadlineMs;
   std::unique_ptr<TokenSet> tokens_;
   std::unique_ptr<CoordinatorCore> core_;
   std::unique_ptr<ConnectionGuard> guard_;
@@ -239,7 +257,9 @@ TEST_F(ConnectionGuardTest, CallsWithoutATokenHoldNothing) {
 // all 40: 160 MiB) and a probe from another address is still answered; four such peers take
 // all 16 places and a probe is refused until they go; the memory in use comes back.
 TEST_F(ConnectionGuardTest, UnfinishedHealthChecksHoldFewRequests) {
-  const std::string kCheck = "/grpc.health.v1.Health/Check";
+  Stop();
+  health_read_deadline_ms_ = 60000;  // the caps alone (the deadline: the next test)
+  Start(ConnectionLimits{6, 3});
   const std::string address = "127.0.0.1:" + std::to_string(serving_.port);
   rpc::TransportSecurity plaintext;
   plaintext.insecure = true;
@@ -247,14 +267,7 @@ TEST_F(ConnectionGuardTest, UnfinishedHealthChecksHoldFewRequests) {
   const double rss0 = base::RssMiB();
   for (int peers : {1, 4}) {
     std::vector<Flood> floods(static_cast<size_t>(peers));
-    std::vector<std::thread> threads;
-    for (int i = 0; i < peers; ++i) {
-      threads.emplace_back([&, i] {
-        floods[static_cast<size_t>(i)] =
-            FloodWithHalfRequests(serving_.port, kCheck, 40, (4 << 20) - 4096,
-                                  std::chrono::milliseconds(1500), absl::StrCat("127.0.0.", 2 + i));
-      });
-    }
+    std::vector<std::thread> threads = UnfinishedChecks(&floods, std::chrono::milliseconds(1500));
     std::this_thread::sleep_for(std::chrono::milliseconds(700));
     const absl::StatusOr<std::string> during = CheckHealth(address, plaintext);
     for (std::thread& t : threads) t.join();
@@ -284,6 +297,46 @@ TEST_F(ConnectionGuardTest, UnfinishedHealthChecksHoldFewRequests) {
   EXPECT_EQ(CheckHealth(address, plaintext, "splitq.v1.Coordinator").value_or(""), "SERVING");
   EXPECT_EQ(CheckHealth(address, plaintext, "no.such.Service").status().code(),
             absl::StatusCode::kNotFound);
+  malloc_trim(0);
+  EXPECT_LE(base::RssMiB(), rss0 + 32);
+}
+
+// An unfinished Check is cancelled at the health service's read deadline (here 700 ms): four
+// peers that take all 16 reading places with unfinished ~4 MiB Checks and then idle deny a
+// probe only until then. Every one of their 160 streams ends (36 refused at the headers per
+// peer, the 4 read cancelled), nothing of them stays held, and the memory comes back.
+TEST_F(ConnectionGuardTest, UnfinishedHealthChecksEndAtTheReadDeadline) {
+  Stop();
+  health_read_deadline_ms_ = 700;
+  Start(ConnectionLimits{6, 3});
+  const std::string address = "127.0.0.1:" + std::to_string(serving_.port);
+  rpc::TransportSecurity plaintext;
+  plaintext.insecure = true;
+  malloc_trim(0);
+  const double rss0 = base::RssMiB();
+  constexpr int kPeers = 4;
+  std::vector<Flood> floods(kPeers);
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> threads = UnfinishedChecks(&floods, std::chrono::milliseconds(2500));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const absl::StatusOr<std::string> during = CheckHealth(address, plaintext);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // past the deadline
+  const absl::StatusOr<std::string> after = CheckHealth(address, plaintext);
+  for (std::thread& t : threads) t.join();
+  std::printf(
+      "4 peers x 40 unfinished Checks, deadline 700 ms: a probe at 0.3 s: %s; at 1.5 s: "
+      "%s; the floods ended after %.1f s\n",
+      during.ok() ? during->c_str() : during.status().ToString().c_str(),
+      after.ok() ? after->c_str() : after.status().ToString().c_str(),
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  EXPECT_EQ(during.status().code(), absl::StatusCode::kResourceExhausted);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(*after, "SERVING");
+  for (const Flood& f : floods) {
+    EXPECT_EQ(f.refused, 40);  // every stream ended by the server
+    EXPECT_EQ(f.held, 0);
+    EXPECT_GT(f.sent, int64_t{1} << 20);  // the 4 read ones had taken bytes
+  }
   malloc_trim(0);
   EXPECT_LE(base::RssMiB(), rss0 + 32);
 }
