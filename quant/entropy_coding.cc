@@ -237,12 +237,24 @@ void CodeGroup(const uint8_t* seg, const uint8_t* c, int64_t m, int k, int own_b
   // Cheaper as stored for sure when even the entropy (no tables) would not save a byte.
   if (gc.present > 1 && gc.entropy / 8 + 8 < static_cast<double>(seg_bytes)) {
     const int alphabet = 1 << k;
-    const Table own = MakeTable(
-        internal::NormalizeCounts(
-            absl::MakeConstSpan(gc.counts.data(), static_cast<size_t>(alphabet)), own_bits),
-        own_bits);
-    const double own_bytes =
-        static_cast<double>(TableBytes(own)) + CostBits(gc.counts, alphabet, own) / 8;
+    // The own table's precision: about log2 m, or up to two bits coarser where the smaller
+    // table (fewer two-byte frequencies) saves more than the coarser probabilities cost
+    // (tried for alphabets of up to 64 codes: an 8-bit one costs more time than it saves).
+    Table own;
+    double own_bytes = HUGE_VAL;
+    const int coarsest = k <= 6 ? std::max(8, own_bits - 2) : own_bits;
+    for (int l = own_bits; l >= coarsest; --l) {
+      Table t =
+          MakeTable(internal::NormalizeCounts(
+                        absl::MakeConstSpan(gc.counts.data(), static_cast<size_t>(alphabet)), l),
+                    l);
+      const double bytes =
+          static_cast<double>(TableBytes(t)) + CostBits(gc.counts, alphabet, t) / 8;
+      if (bytes < own_bytes) {
+        own_bytes = bytes;
+        own = std::move(t);
+      }
+    }
     const bool use_shared =
         shared != nullptr && CostBits(gc.counts, alphabet, *shared) / 8 < own_bytes;
     const Table& t = use_shared ? *shared : own;
@@ -506,6 +518,7 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
     for (const auto& c : coded) total += c.size();
     out.bytes.reserve(total);
     out.entropy_bits = 0;
+    out.group_bytes.assign(gsize, 0);
     out.bytes.push_back(kCodingVersion);
     out.bytes.push_back(static_cast<uint8_t>(std::count(used.begin(), used.end(), true)));
     for (int k = 1; k <= 8; ++k) {
@@ -515,6 +528,7 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
     }
     for (size_t g = 0; g < gsize; ++g) {
       out.bytes.insert(out.bytes.end(), coded[g].begin(), coded[g].end());
+      out.group_bytes[g] = static_cast<int64_t>(coded[g].size());
       out.entropy_bits += info[g].entropy;
     }
     if (static_cast<int64_t>(out.bytes.size()) <= MaxCodedPayloadBytes(offsets.back(), groups)) {

@@ -52,6 +52,9 @@ inline int64_t MaxCodedPayloadBytes(int64_t packed_bytes, int64_t groups) {
 struct CodedPayload {
   std::vector<uint8_t> bytes;  // the coded payload
   double entropy_bits = 0;     // order-0 entropy of the codes, one histogram per group (total)
+  // Each group's own bytes in `bytes` (its mode byte, own table, length and stream); the
+  // header and the shared tables are in none of them.
+  std::vector<int64_t> group_bytes;
 };
 
 // Codes `packed` (the payload of a frame with `layout` and per-group `bits`, each 1..8; its

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <string>
@@ -148,6 +149,31 @@ TEST(EntropyCoding, SizeNearTheEntropyAndNeverMuchAbovePacked) {
   auto coded = EntropyCode(flat.packed, flat.layout, flat.bits);
   ASSERT_TRUE(coded.ok());
   EXPECT_EQ(coded->bytes.size(), flat.packed.size() + 8 + 2);
+}
+
+// A group's own table may be coarser than log2 m when the smaller table saves more than the
+// coarser probabilities cost: 1024 two-bit codes in exact halves and quarters need 2-byte
+// frequencies at L = 10 (512, 256, 256), and at L = 8 (128, 64, 64) only the first is two
+// bytes (LEB128), with the same probabilities: the coder takes L = 8, two bytes fewer.
+TEST(EntropyCoding, AnOwnTableTakesTheCheaperPrecision) {
+  std::vector<uint8_t> codes(1024);
+  for (size_t i = 0; i < codes.size(); ++i) codes[i] = i % 4 == 0 ? 1 : i % 4 == 1 ? 2 : 0;
+  std::shuffle(codes.begin(), codes.end(), std::mt19937(4));
+  Payload p;
+  p.layout = kernels::GroupLayout{1024, 1, 1};
+  p.bits = {2};
+  PackGroup(codes, 2, &p.packed);
+  auto coded = EntropyCode(p.packed, p.layout, p.bits);
+  ASSERT_TRUE(coded.ok()) << coded.status();
+  // [coding_version, 0 shared tables, mode 1 (own table), L, lo, hi, freqs...]
+  ASSERT_GT(coded->bytes.size(), 6u);
+  EXPECT_EQ(coded->bytes[2], 1);
+  EXPECT_EQ(coded->bytes[3], 8);
+  EXPECT_EQ(std::vector<uint8_t>(coded->bytes.begin() + 4, coded->bytes.begin() + 10),
+            (std::vector<uint8_t>{0, 2, 0x80, 0x01, 64, 64}));
+  std::vector<uint8_t> back;
+  ASSERT_TRUE(EntropyDecode(coded->bytes, p.layout, p.bits, &back).ok());
+  EXPECT_EQ(back, p.packed);
 }
 
 void ExpectInvalid(const std::vector<uint8_t>& coded, const Payload& p, const std::string& what) {
