@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 
 namespace splitq::quant {
 namespace {
@@ -114,6 +115,43 @@ absl::StatusOr<std::vector<uint8_t>> ProjectBits(const std::vector<float>& b, in
   return k;
 }
 
+absl::StatusOr<std::vector<uint8_t>> ProjectPricedBits(const std::vector<float>& b, int bmin,
+                                                       int bmax, double target_mean,
+                                                       const std::vector<float>& price) {
+  if (price.size() != b.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a code price for ", price.size(), " channels, bits for ", b.size()));
+  }
+  for (const float p : price) {
+    if (!std::isfinite(p) || p < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("code price ", p, " is not a finite >= 0"));
+    }
+  }
+  if (!std::isfinite(target_mean) || target_mean <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("coded bit budget ", target_mean, " is not finite and positive"));
+  }
+  // The rounding and clamping of ProjectBits, with a budget that cannot bind.
+  SPLITQ_ASSIGN_OR_RETURN(std::vector<uint8_t> k, ProjectBits(b, bmin, bmax, bmax));
+  const double channels = static_cast<double>(b.size());
+  double cost = 0;
+  for (size_t c = 0; c < b.size(); ++c) cost += price[c] * k[c];
+  const double allowed = target_mean * channels;
+  if (cost <= allowed) return k;
+  std::vector<int64_t> order(b.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return b[i] < b[j]; });
+  for (const int64_t c : order) {
+    if (price[c] <= 0) continue;  // its bits cost nothing on the wire
+    while (cost > allowed && k[c] > bmin) {
+      k[c] -= 1;
+      cost -= price[c];
+    }
+    if (cost <= allowed) break;
+  }
+  return k;
+}
+
 AmaqBoundaryImpl::AmaqBoundaryImpl(const AmaqOptions& options, int64_t channels)
     : options_(options) {
   TORCH_CHECK(options.bmin >= 1 && options.bmax <= 8 && options.bmin <= options.bmax,
@@ -166,8 +204,10 @@ at::Tensor AmaqBoundaryImpl::forward(const at::Tensor& x, double target_bits) {
   const at::Tensor b = continuous_bits();
   const at::Tensor b_host = b.detach().to(at::kCPU).contiguous();
   const float* bp = b_host.data_ptr<float>();
-  auto bits = ProjectBits(std::vector<float>(bp, bp + b_host.numel()), options_.bmin, options_.bmax,
-                          target_bits);
+  std::vector<float> b_vector(bp, bp + b_host.numel());
+  auto bits = price_.empty()
+                  ? ProjectBits(b_vector, options_.bmin, options_.bmax, target_bits)
+                  : ProjectPricedBits(b_vector, options_.bmin, options_.bmax, target_bits, price_);
   CheckOk(bits.status());
   last_bits_ = std::move(bits).value();
   last_bits_tensor_ =
@@ -176,6 +216,22 @@ at::Tensor AmaqBoundaryImpl::forward(const at::Tensor& x, double target_bits) {
   last_per_channel_ = layout.per_group();
   return AmaqFunction::apply(x, range_.clamp_min(kMinRange), center_, b, last_bits_tensor_,
                              options_.channel_axis);
+}
+
+void AmaqBoundaryImpl::set_code_price(std::vector<float> price) {
+  if (price.empty()) {
+    price_.clear();
+    price_tensor_ = at::Tensor();
+    return;
+  }
+  TORCH_CHECK(static_cast<int64_t>(price.size()) == gate_.numel(), "a code price for ",
+              price.size(), " channels, AmaqBoundary has ", gate_.numel());
+  for (const float p : price) {
+    TORCH_CHECK(std::isfinite(p) && p >= 0, "code price ", p, " is not a finite >= 0");
+  }
+  price_ = std::move(price);
+  price_tensor_ = at::from_blob(price_.data(), {static_cast<int64_t>(price_.size())}, at::kFloat)
+                      .to(gate_.device(), /*non_blocking=*/false, /*copy=*/true);
 }
 
 at::Tensor AmaqBoundaryImpl::wire_scales() const {
@@ -204,7 +260,9 @@ at::Tensor BitRegularization(const std::vector<AmaqBoundary>& boundaries, double
     channels_total += boundary->gate().numel();
     const double weight =
         static_cast<double>(std::max<int64_t>(1, boundary->last_elements_per_channel()));
-    const at::Tensor term = boundary->continuous_bits().sum() * weight;
+    const at::Tensor price = boundary->code_price_tensor();
+    const at::Tensor b = boundary->continuous_bits();
+    const at::Tensor term = (price.defined() ? (b * price).sum() : b.sum()) * weight;
     weighted_bits = weighted_bits.defined() ? weighted_bits + term : term;
     weight_total += weight * static_cast<double>(boundary->gate().numel());
   }

@@ -48,6 +48,17 @@ struct AmaqOptions {
 absl::StatusOr<std::vector<uint8_t>> ProjectBits(const std::vector<float>& b, int bmin, int bmax,
                                                  double target_mean);
 
+// The projection for a budget in coded bits: k = clamp(round(b), bmin, bmax), then bits are
+// removed from the lowest-b channels (ties: lower index first) among those with a price above
+// zero, until mean_c(price_c * k_c) <= target_mean or all of them are at bmin (the budget is
+// then out of reach and the result goes over it: an estimate, unlike ProjectBits' guarantee).
+// price_c: the wire bits per element one nominal bit of channel c costs (the coder's, as last
+// measured). INVALID_ARGUMENT for empty b, a target that is not finite and positive, or a
+// price of another length, negative or not finite.
+absl::StatusOr<std::vector<uint8_t>> ProjectPricedBits(const std::vector<float>& b, int bmin,
+                                                       int bmax, double target_mean,
+                                                       const std::vector<float>& price);
+
 class AmaqBoundaryImpl : public torch::nn::Module {
  public:
   AmaqBoundaryImpl(const AmaqOptions& options, int64_t channels);
@@ -69,6 +80,16 @@ class AmaqBoundaryImpl : public torch::nn::Module {
   at::Tensor wire_scales() const;
   at::Tensor wire_offsets() const;
 
+  // A budget in coded bits (quant.activations.budget: bytes): price_c, the wire bits per
+  // element one nominal bit of channel c costs, as last measured (BoundarySender sets it from
+  // each coded training frame). With a price, forward() projects with ProjectPricedBits and
+  // BitRegularization's B-bar is the element-weighted mean of price_c * b_c. Empty (the
+  // default, and after a restart until the first frame is measured): nominal bits. Throws
+  // c10::Error for a price of another length, negative or not finite.
+  void set_code_price(std::vector<float> price);
+  const std::vector<float>& code_price() const { return price_; }
+  at::Tensor code_price_tensor() const { return price_tensor_; }  // [C], undefined when empty
+
   // Whether the ranges were set from a first batch (or restored from a checkpoint).
   bool is_initialized() const;
   const AmaqOptions& options() const { return options_; }
@@ -88,13 +109,16 @@ class AmaqBoundaryImpl : public torch::nn::Module {
   std::vector<uint8_t> last_bits_;
   at::Tensor last_bits_tensor_;  // uint8 [C] on the parameters' device
   int64_t last_per_channel_ = 0;
+  std::vector<float> price_;  // code_price()
+  at::Tensor price_tensor_;   // float32 [C] on the parameters' device
 };
 TORCH_MODULE(AmaqBoundary);
 
 // The bit regularisation of design.md over a set of boundaries:
 //   beta * mean_c sigmoid(alpha Q_c)^2 + lambda * relu(Bbar - target)^2,
 // Bbar the element-weighted mean of b over all boundaries (weights from each boundary's
-// last forward). Boundaries that have not run forward yet count with weight 1 per channel.
+// last forward), of price_c * b_c for a boundary with a code price (a budget in coded bits).
+// Boundaries that have not run forward yet count with weight 1 per channel.
 at::Tensor BitRegularization(const std::vector<AmaqBoundary>& boundaries, double beta,
                              double lambda, double target_bits);
 

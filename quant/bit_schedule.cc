@@ -78,7 +78,7 @@ absl::StatusOr<BitSchedule> BitSchedule::FromPoints(std::vector<SchedulePoint> p
                                                     const std::string& key_path, double min_bits,
                                                     double max_bits) {
   if (points.empty()) return absl::InvalidArgumentError(key_path + ": needs at least one point");
-  const double lo = std::max(1.0, min_bits), hi = std::min(8.0, max_bits);
+  const double lo = std::max(kLowestBits, min_bits), hi = std::min(8.0, max_bits);
   for (size_t i = 0; i < points.size(); ++i) {
     const std::string key = absl::StrCat(key_path, "[", i, "]");
     if (!std::isfinite(points[i].bits) || points[i].bits < lo || points[i].bits > hi) {

@@ -8,7 +8,8 @@
 //   step              b0 until the point's step, then b1
 // Before the first point the budget is the first point's bits; after the last, the last's.
 // Rules (each violation is INVALID_ARGUMENT naming the key path and the value):
-//   keys are step (integer >= 0), bits (number in 1..8, and within [min, max] when given),
+//   keys are step (integer >= 0), bits (number in [min, max]: 1..8 unless the caller gives
+//   another min, at least kLowestBits),
 //   curve (linear | cosine | step); no other key; at least one point; steps strictly
 //   increasing.
 #pragma once
@@ -35,8 +36,11 @@ struct SchedulePoint {
 
 class BitSchedule {
  public:
+  // The lowest budget any schedule may ask for: below 1 only a budget in coded bits
+  // (quant.activations.budget: bytes) can mean it, and its caller passes such a min_bits.
+  static constexpr double kLowestBits = 0.1;
   // `key_path` names the node in messages (e.g. "quant.activations.target"); the budget
-  // must lie in [min_bits, max_bits] (a subset of 1..8).
+  // must lie in [min_bits, max_bits] (a subset of [kLowestBits, 8]).
   static absl::StatusOr<BitSchedule> FromYaml(const YAML::Node& node, const std::string& key_path,
                                               double min_bits = 1, double max_bits = 8);
   static absl::StatusOr<BitSchedule> FromPoints(std::vector<SchedulePoint> points,

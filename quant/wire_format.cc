@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -520,9 +521,22 @@ absl::StatusOr<CodeEntropy> EntropyCodeFrame(Frame* frame, absl::Span<const uint
   if (layout.groups == 0 || layout.numel() == 0) return entropy;  // nothing to code
   SPLITQ_ASSIGN_OR_RETURN(CodedPayload coded, EntropyCode(frame->payload, layout, bits, cpu));
   entropy.bits = coded.entropy_bits;
+  entropy.group_bits.resize(static_cast<size_t>(layout.groups));
   if (coded.bytes.size() < frame->payload.size()) {
+    const double own = static_cast<double>(
+        std::accumulate(coded.group_bytes.begin(), coded.group_bytes.end(), int64_t{0}));
+    const double spread = own > 0 ? static_cast<double>(coded.bytes.size()) / own : 0.0;
+    for (size_t g = 0; g < entropy.group_bits.size(); ++g) {
+      entropy.group_bits[g] = static_cast<float>(8.0 * coded.group_bytes[g] * spread);
+    }
     frame->payload = std::move(coded.bytes);
     frame->coded = true;
+  } else {  // packed: k bits per code (the padding to whole bytes spread in proportion)
+    const double payload_bits = 8.0 * static_cast<double>(frame->payload.size());
+    const double total = std::accumulate(bits.begin(), bits.end(), 0.0);
+    for (size_t g = 0; g < entropy.group_bits.size(); ++g) {
+      entropy.group_bits[g] = static_cast<float>(payload_bits * bits[g] / total);
+    }
   }
   return entropy;
 }

@@ -81,6 +81,10 @@ absl::StatusOr<Frame> ParseFrame(absl::Span<const uint8_t> bytes);
 struct CodeEntropy {
   int64_t elements = 0;
   double bits = 0;  // total over the frame
+  // EntropyCodeFrame only: the bits each group takes in the payload as it goes (coded, or
+  // packed when coding did not pay), the coded header and shared tables spread over the groups
+  // in proportion; they sum to the payload's bits. Empty from MeasureCodeEntropy.
+  std::vector<float> group_bits;
 };
 
 // Full check of a frame before decoding. `known_bits` is the receiver's current bit map

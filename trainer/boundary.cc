@@ -7,6 +7,7 @@
 #include <unordered_set>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "base/status_macros.h"
 
 namespace splitq::trainer::internal {
@@ -157,20 +158,28 @@ uint64_t RotationSeed(const RunConfig& c, int index) {
   return (c.seed ^ 0x726f746174696f6eull) + static_cast<uint64_t>(index);  // "rotation"
 }
 
+namespace {
+bool TokenFrames(const RunConfig& c) {
+  return c.activations.granularity == kernels::Granularity::kToken &&
+         c.activations.mode != WireMode::kFloat32;
+}
+}  // namespace
+
 BoundarySender::BoundarySender(const RunConfig& c, int index, int axis, int64_t channels,
                                quant::AmaqBoundary shared)
     : c_(c),
       axis_(axis),
+      token_(TokenFrames(c)),
       rotation_(
           c.activations.mode == WireMode::kFloat32
               ? quant::ChannelRotation()
               : quant::ChannelRotation(channels, c.activations.rotation, RotationSeed(c, index))),
       amaq_(shared ? std::move(shared) : quant::AmaqBoundary(AmaqOptionsOf(c, axis), channels)),
       act_(1, quant::FrameKind::kActivation,
-           quant::WireEncoderOptions{axis, kernels::Rounding::kNearest,
+           quant::WireEncoderOptions{token_ ? 0 : axis, kernels::Rounding::kNearest,
                                      c.seed + static_cast<uint64_t>(index), c.activations.coded}),
       eval_(1, quant::FrameKind::kActivation,
-            quant::WireEncoderOptions{axis, kernels::Rounding::kNearest, c.seed,
+            quant::WireEncoderOptions{token_ ? 0 : axis, kernels::Rounding::kNearest, c.seed,
                                       c.activations.coded}) {}
 
 absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& unrotated, int64_t step,
@@ -191,30 +200,39 @@ absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& unro
     scales = amaq_->wire_scales();
     offsets = amaq_->wire_offsets();
   } else {
-    bits.assign(
-        static_cast<size_t>(h.size(axis_)),
-        static_cast<uint8_t>(ScheduleBits(c_.activations.target, c_.activations.bits, step)));
     out.sender_side = h;  // straight-through: min-max ranges clip nothing
     if (c_.activations.mode == WireMode::kAqSgd && train) {
       base = cache_.Gather(ids, payload);
       payload = payload.to(at::kFloat) - base;
     }
-    const quant::WireRange range = quant::MinMaxRange(payload, axis_, bits);
+    // Token frames: [B*T, C], a group per token.
+    if (token_) payload = payload.reshape({-1, payload.size(-1)});
+    const int group_axis = token_ ? 0 : axis_;
+    bits.assign(
+        static_cast<size_t>(payload.size(group_axis)),
+        static_cast<uint8_t>(ScheduleBits(c_.activations.target, c_.activations.bits, step)));
+    const quant::WireRange range = quant::MinMaxRange(payload, group_axis, bits);
     scales = range.scales;
     offsets = range.offsets;
   }
   out.bits = std::accumulate(bits.begin(), bits.end(), 0.0) / static_cast<double>(bits.size());
-  if (out.bits > budget + 1e-9) {
+  // A budget in coded bits is checked after coding (an estimate until then).
+  const bool priced = c_.activations.budget_in_bytes && c_.activations.mode == WireMode::kAmaq;
+  if (!priced && out.bits > budget + 1e-9) {
     return absl::InternalError(
         absl::StrCat("a frame of ", out.bits, " bits exceeds the budget ", budget));
   }
-  if (train) max_excess_ = std::max(max_excess_, out.bits - budget);
+  if (train && !priced) max_excess_ = std::max(max_excess_, out.bits - budget);
   // Validation frames all carry their bit map: a receiver may see any one of them first.
   if (!train) eval_.ResendBitMap();
   quant::WireEncoder& encoder = train ? act_ : eval_;
   SPLITQ_ASSIGN_OR_RETURN(quant::Frame frame, encoder.Encode(payload, static_cast<uint64_t>(step),
                                                              bits, scales, offsets));
   out.bytes = quant::SerializeFrame(frame);
+  if (train && priced) {
+    const double coded = UpdateCodePrice(encoder.last_entropy(), bits);
+    max_excess_ = std::max(max_excess_, coded - budget);
+  }
   if (train && measure_) {
     if (c_.activations.coded) {
       out.entropy = encoder.last_entropy();  // the coder measured it (coded or not)
@@ -226,9 +244,28 @@ absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& unro
   if (base.defined()) {
     // The sender applies its own frame to its cache, decoded as the receiver decodes it.
     SPLITQ_ASSIGN_OR_RETURN(at::Tensor delta, self_decoder_.Decode(frame, h.device()));
-    cache_.Update(ids, base + delta);
+    cache_.Update(ids, base + delta.view(base.sizes()));
   }
   return out;
+}
+
+double BoundarySender::UpdateCodePrice(const quant::CodeEntropy& e,
+                                       const std::vector<uint8_t>& bits) {
+  const size_t channels = bits.size();
+  if (e.elements <= 0 || e.group_bits.size() != channels || channels == 0) return 0;
+  const double per_channel = static_cast<double>(e.elements) / static_cast<double>(channels);
+  std::vector<float> price = amaq_->code_price();
+  const bool first = price.size() != channels;
+  if (first) price.assign(channels, 0.0f);
+  double total = 0;
+  for (size_t c = 0; c < channels; ++c) {
+    total += e.group_bits[c];
+    const double measured = e.group_bits[c] / (per_channel * std::max<int>(1, bits[c]));
+    price[c] = static_cast<float>(first ? measured
+                                        : kPriceMemory * price[c] + (1 - kPriceMemory) * measured);
+  }
+  amaq_->set_code_price(std::move(price));
+  return total / static_cast<double>(e.elements);
 }
 
 at::Tensor BoundarySender::SenderSide(const at::Tensor& unrotated, int64_t step) {
@@ -292,13 +329,33 @@ void BoundarySender::Calibrate(const at::Tensor& h) {
   range.copy_((hi - lo) * 0.5);
 }
 
+absl::StatusOr<at::Tensor> TokensToSamples(const at::Tensor& tokens,
+                                           const std::vector<int64_t>& sample_shape) {
+  if (sample_shape.size() < 2) {
+    return absl::InternalError("token frames need the receiver to know the sample shape");
+  }
+  int64_t per_sample = 1;
+  for (size_t i = 0; i + 1 < sample_shape.size(); ++i) per_sample *= sample_shape[i];
+  if (tokens.dim() != 2 || tokens.size(1) != sample_shape.back() ||
+      tokens.size(0) % per_sample != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a token frame of [", absl::StrJoin(tokens.sizes().vec(), ", "),
+                     "]: expected [B*", per_sample, ", ", sample_shape.back(), "]"));
+  }
+  std::vector<int64_t> shape{tokens.size(0) / per_sample};
+  shape.insert(shape.end(), sample_shape.begin(), sample_shape.end());
+  return tokens.view(shape);
+}
+
 BoundaryReceiver::BoundaryReceiver(const RunConfig& c, int index, int axis,
-                                   const quant::FrameLimits& limits, bool require_finite)
+                                   const quant::FrameLimits& limits, bool require_finite,
+                                   std::vector<int64_t> sample_shape)
     : c_(c),
       axis_(axis),
       index_(index),
       limits_(limits),
       require_finite_(require_finite),
+      sample_shape_(std::move(sample_shape)),
       act_(limits),
       eval_(limits),
       grad_(
@@ -336,6 +393,9 @@ absl::StatusOr<at::Tensor> BoundaryReceiver::Receive(const std::string& bytes, i
   if (train && measure_ && received.numel() > 0) {
     SPLITQ_ASSIGN_OR_RETURN(received_entropy_,
                             quant::MeasureCodeEntropy(frame, decoder.bits(), decoder.packed()));
+  }
+  if (TokenFrames(c_)) {  // [B*T, C] back to [B, T, C]
+    SPLITQ_ASSIGN_OR_RETURN(received, TokensToSamples(received, sample_shape_));
   }
   if (c_.activations.mode == WireMode::kAqSgd && train) {
     if (ids.numel() != received.size(0)) {

@@ -13,6 +13,10 @@
 // gradient mode), so the sender backpropagates through its quantizer and then through R.
 // The rotation's seed: RotationSeed. The formulas are design.md's; the frame layout is
 // docs/wire-format.md.
+// Token granularity (quant.activations.granularity: token, the LM's [B, T, C] boundary with
+// mode uniform or aqsgd): the activation frame carries the tensor as [B*T, C] with group axis
+// 0, one scale, offset and width per token; the receiver gives it back its [B, T, C] shape
+// (BoundaryReceiver's sample_shape). The gradient stays per channel.
 //
 // Not a public API: include it only from trainer/*.cc.
 #pragma once
@@ -130,23 +134,36 @@ class BoundarySender {
 
   const RunConfig& c_;
   int axis_;
+  bool token_;  // token granularity: frames of [B*T, C], group axis 0
   quant::ChannelRotation rotation_;
   quant::AmaqBoundary amaq_;
   quant::WireEncoder act_, eval_;
   quant::WireDecoder self_decoder_, grad_decoder_;
   DeltaCache cache_;
   double max_excess_ = -1e9;
+  // A budget in bytes: the AMAQ module's code price after a coded training frame, each channel's
+  // wire bits per element and nominal bit, averaged with what it was (this much of the old
+  // price stays; the first frame sets it). Returns the frame's payload bits per element.
+  static constexpr double kPriceMemory = 0.5;
+  double UpdateCodePrice(const quant::CodeEntropy& entropy, const std::vector<uint8_t>& bits);
   quant::CodeEntropy gradient_entropy_;
   bool measure_ = false;
 };
+
+// A token frame's decoded [B*T, C] as [B, sample_shape...] (sample_shape [T, C]).
+// INVALID_ARGUMENT naming both shapes when it does not divide; INTERNAL without a sample shape.
+absl::StatusOr<at::Tensor> TokensToSamples(const at::Tensor& tokens,
+                                           const std::vector<int64_t>& sample_shape);
 
 // The receiving half of a boundary.
 class BoundaryReceiver {
  public:
   // `require_finite`: fp32 frames with NaN or infinite values are INVALID_ARGUMENT (a worker's
   // input from the network; in one process a diverging run reaches the loss check instead).
+  // `sample_shape`: one example's activation ([T, C]); needed with token granularity, where
+  // the frame carries [B*T, C].
   BoundaryReceiver(const RunConfig& c, int index, int axis, const quant::FrameLimits& limits = {},
-                   bool require_finite = false);
+                   bool require_finite = false, std::vector<int64_t> sample_shape = {});
 
   // Parses, validates and decodes an activation frame to `dtype` on `device`. AQ-SGD
   // (`train`): adds the receiver's cache entries for `ids` and updates them. Errors as
@@ -185,6 +202,7 @@ class BoundaryReceiver {
   quant::ChannelRotation rotation_;
   quant::FrameLimits limits_;
   bool require_finite_;
+  std::vector<int64_t> sample_shape_;
   quant::WireDecoder act_, eval_;
   quant::WireEncoder grad_;
   DeltaCache cache_;

@@ -60,10 +60,24 @@ at::Tensor ForwardInSlices(torch::nn::SequentialImpl& client, const at::Tensor& 
 }  // namespace
 
 absl::Status CheckSupported(const RunConfig& c) {
-  if (c.activations.granularity != kernels::Granularity::kChannel &&
+  if (c.activations.granularity == kernels::Granularity::kTensor &&
       c.activations.mode != WireMode::kFloat32) {
     return absl::UnimplementedError(
-        "quant.activations.granularity: only channel is supported by the trainer yet");
+        "quant.activations.granularity: tensor is not supported by the trainer yet (channel, or "
+        "token for the LM)");
+  }
+  if (c.activations.granularity == kernels::Granularity::kToken &&
+      c.activations.mode != WireMode::kFloat32) {
+    if (c.task != Task::kLanguageModel || c.u_shaped) {
+      return absl::UnimplementedError(
+          "quant.activations.granularity: token needs the language model's boundary [B, T, C] "
+          "(task lm, not U-shaped)");
+    }
+    if (c.activations.mode == WireMode::kAmaq) {
+      return absl::UnimplementedError(
+          "quant.activations.granularity: token with mode amaq (AMAQ learns bits and ranges "
+          "per channel; token scales go with mode uniform or aqsgd)");
+    }
   }
   if (c.activations.mode == WireMode::kAmaq && !c.activations.learned_scale) {
     return absl::UnimplementedError(

@@ -254,6 +254,18 @@ absl::Status CheckAcrossKeys(const RunConfig& c) {
         "quant.activations.coding: the activations cross as fp32 (quant.activations.mode): "
         "there are no codes to entropy-code; set it to none or quantize");
   }
+  if (c.activations.budget_in_bytes) {
+    if (c.activations.mode != WireMode::kAmaq) {
+      return absl::InvalidArgumentError(
+          "quant.activations.budget: bytes prices learned bits, which only quant.activations.mode "
+          "amaq has; set it to bits or use amaq");
+    }
+    if (!c.activations.coded) {
+      return absl::InvalidArgumentError(
+          "quant.activations.budget: bytes counts coded bytes, but quant.activations.coding is "
+          "none (then bytes are the nominal bits / 8): set coding to rans or the budget to bits");
+    }
+  }
   if (c.gradients.coded && c.gradients.mode == WireMode::kFloat32) {
     return absl::InvalidArgumentError(
         "quant.gradients.coding: the gradients cross as fp32 (quant.gradients.mode): there are "

@@ -57,6 +57,10 @@ struct ActivationQuantConfig {
   int64_t rotation = 0;
   // Entropy-code the frames' packed codes (quant/entropy_coding.h: rANS, a table per channel).
   bool coded = false;
+  // quant.activations.budget: bytes: the target schedule is in coded bits per element (the
+  // payload as sent), and AMAQ's gates and projection price each channel's bits at what the
+  // coder made of them (quant/amaq_boundary.h, set_code_price). Needs amaq and coding rans.
+  bool budget_in_bytes = false;
 };
 
 struct GradientQuantConfig {

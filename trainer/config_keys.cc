@@ -100,7 +100,12 @@ Key Schedule(const char* path, bool activations, const char* doc) {
   Key k{path, Kind::kSchedule, 0, 0, false, false, {}, nullptr, {}, {}, doc};
   k.set = [activations, path](RunConfig& c, const Value& v) {
     const BitsRange& bits = activations ? c.activations.bits : c.gradients.bits;
-    auto schedule = quant::BitSchedule::FromYaml(v.node, path, bits.min, bits.max);
+    // A budget in coded bits may go below the lowest width (quant.activations.budget is read
+    // before the target).
+    const double lowest = activations && c.activations.budget_in_bytes
+                              ? quant::BitSchedule::kLowestBits
+                              : static_cast<double>(bits.min);
+    auto schedule = quant::BitSchedule::FromYaml(v.node, path, lowest, bits.max);
     if (!schedule.ok()) return schedule.status();
     (activations ? c.activations.target : c.gradients.target) = *std::move(schedule);
     return absl::OkStatus();
@@ -276,6 +281,16 @@ const std::vector<Key>& Keys() {
           "lowest bits a channel can get (amaq)"),
       Int("quant.activations.bits.max", 1, 8, SPLITQ_FIELD(activations.bits.max),
           "highest bits a channel can get (amaq); at least bits.min"),
+      Choice(
+          "quant.activations.budget", {"bits", "bytes"},
+          [](RunConfig& c, const std::string& s) { c.activations.budget_in_bytes = s == "bytes"; },
+          [](const RunConfig& c) {
+            return std::string(c.activations.budget_in_bytes ? "bytes" : "bits");
+          },
+          "what quant.activations.target counts: bits (nominal bits per element) or bytes (coded "
+          "payload bits per element, down to 0.1 whatever bits.min: AMAQ prices each channel's "
+          "bits at what the entropy coder made of them in the last frame; needs mode amaq and "
+          "coding rans)"),
       Schedule("quant.activations.target", true,
                "mean bits per value over steps (quant/bit_schedule.h)"),
       Num("quant.activations.gate.alpha", 0, 1000, true, SPLITQ_FIELD(activations.gate_alpha),

@@ -376,8 +376,8 @@ uint64_t ServerPart::OpenSession() {
   const uint64_t id = s.next_session++;
   Impl::Session& session = s.sessions[id];
   const int axis = s.model.boundary_channel_axis;
-  session.receiver =
-      std::make_unique<BoundaryReceiver>(s.c, 0, axis, s.limits, s.options.network_input);
+  session.receiver = std::make_unique<BoundaryReceiver>(s.c, 0, axis, s.limits,
+                                                        s.options.network_input, s.sample_shape);
   if (s.c.u_shaped) {
     session.sender =
         std::make_unique<BoundarySender>(s.c, 1, axis, BoundaryChannels(s.c, 1), s.amaq2);

@@ -15,7 +15,9 @@
 //                     for fp32),
 //                     bytes_up, bytes_down, bytes_fp32_equivalent, wall_seconds,
 //                     max_budget_excess (max over frames of mean bits - budget: never above
-//                     0), device, clients (1; the demo's sum over N clients says N);
+//                     0; with quant.activations.budget: bytes, coded payload bits per element
+//                     - budget, which may be), device, clients (1; the demo's sum over N
+//                     clients says N);
 //                     a networked client adds steps_lost and lost_steps (TrainSummary).
 // A run is never overwritten by accident: see TrainOptions::overwrite.
 // Resume (`resume`): restores out_dir/checkpoint.pt, drops the metric and validation lines
@@ -65,7 +67,9 @@ struct TrainSummary {
   // measured elements; null when no quantized frame went that way) with their element counts.
   CodeEntropyTotals entropy;
   double wall_seconds = 0;       // over all sessions of a resumed run
-  double max_budget_excess = 0;  // max over frames of (mean bits sent - budget); <= 0 always
+  // Max over frames of (mean bits sent - budget): <= 0 always for a budget in bits; for one in
+  // bytes (coded payload bits per element - budget) it may be above 0 (config.h).
+  double max_budget_excess = 0;
   std::string device;
   // `splitq demo` only (written when not empty): the workers, and the clients' steps applied
   // (all workers) per server update of the group (every replica takes each update), over the

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -60,6 +61,78 @@ TEST(ProjectBits, EdgeTargets) {
   auto under = ProjectBits({4.0f, 4.0f, 4.0f}, 2, 8, 4.0 - 1e-9);
   ASSERT_TRUE(under.ok());
   EXPECT_LE(std::accumulate(under->begin(), under->end(), 0.0) / 3, 4.0 - 1e-9);
+}
+
+// A budget in coded bits: the priced mean meets the target for random gates and prices
+// whenever the channels that cost something can reach it; bits only go; channels that cost
+// nothing keep theirs; the lowest gate among the priced gives up bits first.
+TEST(ProjectPricedBits, MeetsTheTargetWhereItCanAndKeepsFreeChannels) {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> bdist(1.0f, 8.0f), pdist(0.0f, 1.2f);
+  std::uniform_real_distribution<double> tdist(0.2, 8.0);
+  int reachable = 0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int channels = 1 + static_cast<int>(rng() % 200);
+    std::vector<float> b(channels), price(channels);
+    for (auto& v : b) v = bdist(rng);
+    for (auto& p : price) p = rng() % 5 == 0 ? 0.0f : pdist(rng);
+    const double target = tdist(rng);
+    auto k = ProjectPricedBits(b, 1, 8, target, price);
+    ASSERT_TRUE(k.ok()) << k.status();
+    double cost = 0, floor = 0;
+    for (int c = 0; c < channels; ++c) {
+      const int rounded = std::clamp(static_cast<int>(std::nearbyint(b[c])), 1, 8);
+      ASSERT_GE((*k)[c], 1);
+      ASSERT_LE((*k)[c], rounded);
+      if (price[c] == 0) {
+        ASSERT_EQ((*k)[c], rounded) << "trial " << trial;
+      }
+      cost += price[c] * (*k)[c];
+      floor += price[c] * 1;
+    }
+    if (floor <= target * channels) {
+      ++reachable;
+      ASSERT_LE(cost, target * channels + 1e-3) << "trial " << trial;
+    }
+  }
+  EXPECT_GT(reachable, 1000);
+  // Prices 0.25, 1, 0.5 at 8, 4, 6 bits: 2 + 4 + 3 = 9 (mean 3). A mean of 2.5 (7.5) takes
+  // 1.5 from channel 1 (the lowest gate): two bits of price 1 -> 2, 4, 6 -> 7 <= 7.5.
+  auto k = ProjectPricedBits({7.9f, 4.2f, 6.1f}, 2, 8, 2.5, {0.25f, 1.0f, 0.5f});
+  ASSERT_TRUE(k.ok());
+  EXPECT_EQ(*k, (std::vector<uint8_t>{8, 2, 6}));
+  // Out of reach: every priced channel at bmin, the result over the target.
+  k = ProjectPricedBits({7.9f, 4.2f}, 2, 8, 0.5, {1.0f, 1.0f});
+  ASSERT_TRUE(k.ok());
+  EXPECT_EQ(*k, (std::vector<uint8_t>{2, 2}));
+  EXPECT_EQ(ProjectPricedBits({5.0f}, 2, 8, 3.0, {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ProjectPricedBits({5.0f}, 2, 8, 3.0, {-1.0f}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ProjectPricedBits({5.0f}, 2, 8, 0.0, {1.0f}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// With a code price, forward() projects on the priced mean and the regulariser's B-bar is the
+// priced mean of b: a channel that costs half as much per bit is pushed half as hard.
+TEST(AmaqBoundary, CodePriceDrivesTheProjectionAndTheRegulariser) {
+  AmaqOptions opt;
+  opt.channel_axis = 1;
+  AmaqBoundary boundary(opt, 2);
+  const at::Tensor x = at::randn({64, 2});
+  boundary->forward(x, 8.0);
+  boundary->set_code_price({0.5f, 1.0f});  // 8 bits each: priced mean (4 + 8) / 2 = 6
+  boundary->forward(x, 6.0);
+  EXPECT_EQ(boundary->last_bits(), (std::vector<uint8_t>{8, 8}));
+  boundary->forward(x, 5.0);  // 2 priced bits per channel over: ties go to channel 0 first
+  const std::vector<uint8_t> bits = boundary->last_bits();
+  EXPECT_LE(0.5 * bits[0] + 1.0 * bits[1], 2 * 5.0);
+  const at::Tensor reg = BitRegularization({boundary}, 0.0, 1.0, 1.0);
+  const auto grads = torch::autograd::grad({reg}, {boundary->gate()});
+  EXPECT_NEAR(grads[0][0].item<double>() / grads[0][1].item<double>(), 0.5, 1e-4);
+  EXPECT_THROW(boundary->set_code_price({1.0f}), c10::Error);
+  boundary->set_code_price({});
+  EXPECT_FALSE(boundary->code_price_tensor().defined());
 }
 
 // F(r, b, m) = sum w * (s(b) * (clamp((x - m + r) / s(b), 0, qmax) + delta) + m - r),

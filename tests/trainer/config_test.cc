@@ -86,6 +86,21 @@ TEST(RunConfig, ErrorsNameTheKeyAndTheValue) {
   ExpectError("task: lm\nlora: {rank: 4, targets: [qkv, mlp]}",
               "lora.targets: 'mlp' is not one of");
   ExpectError("model: 3", "model: expected a map of keys");
+  ExpectError("quant: {activations: {mode: uniform, coding: rans, budget: bytes}}",
+              "quant.activations.budget: bytes prices learned bits, which only");
+  ExpectError("quant: {activations: {budget: bytes}}",
+              "quant.activations.budget: bytes counts coded bytes, but quant.activations.coding is "
+              "none");
+  ExpectError("quant: {activations: {budget: kib}}",
+              "quant.activations.budget: 'kib' is not one of bits, bytes");
+  // A budget in coded bits may go below bits.min (down to 0.1); one in bits may not.
+  ExpectError("quant: {activations: {coding: rans, budget: bytes, target: 0.05}}",
+              "quant.activations.target[0].bits: 0.05 is outside the allowed range [0.1, 8]");
+  auto coded = ParseRunConfig(
+      YAML::Load("quant: {activations: {coding: rans, budget: bytes, target: 0.6}}"));
+  ASSERT_TRUE(coded.ok()) << coded.status();
+  EXPECT_DOUBLE_EQ(coded->activations.target.TargetAt(0), 0.6);
+  EXPECT_TRUE(coded->activations.budget_in_bytes);
   ExpectError("optim: {bf16_autocast: maybe}",
               "optim.bf16_autocast: expected true or false, got 'maybe'");
 }

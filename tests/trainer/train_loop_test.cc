@@ -20,6 +20,7 @@
 #include <sstream>
 
 #include "base/files.h"
+#include "trainer/client_part.h"
 #include "trainer/datasets.h"
 #include "trainer/models.h"
 
@@ -233,6 +234,42 @@ quant:
   EXPECT_EQ(lines, 6);
 }
 
+// quant.activations.budget: bytes: the target counts coded payload bits per element. AMAQ
+// prices each channel's bits at what the coder made of them, so the frames end near the coded
+// target while carrying more nominal bits than a bits budget of the same number would allow
+// (the post-ReLU activations code well below their width).
+TEST_F(FashionMnistSmoke, AmaqMeetsABudgetInCodedBytes) {
+  const RunConfig c = ConfigFrom(R"(
+task: fmnist
+steps: 60
+batch_size: 32
+log_every: 10
+optim: {warmup_steps: 5}
+quant:
+  activations: {mode: amaq, bits: {min: 1, max: 8}, coding: rans, budget: bytes,
+                target: [{step: 0, bits: 8}, {step: 40, bits: 2}]}
+  gradients: {mode: uniform, target: 6}
+)");
+  const TrainSummary s = RunOrFail(c, "amaq_bytes");
+  EXPECT_LT(s.last_loss, 0.7 * s.first_loss);
+  EXPECT_GT(s.val_accuracy, 0.5);
+  std::ifstream metrics(std::filesystem::path(OutDir("amaq_bytes")) / "metrics.jsonl");
+  std::string last;
+  for (std::string line; std::getline(metrics, line);) last = line;
+  const auto number = [&](const std::string& key) {
+    const size_t at = last.find("\"" + key + "\": ");
+    return at == std::string::npos ? -1.0 : std::stod(last.substr(at + key.size() + 4));
+  };
+  const double act = number("act_bits"), wire = number("wire_bits_up");
+  std::printf(
+      "budget 2 coded bits: last window %.3f nominal bits, %.3f wire bits up; max excess "
+      "%.3f\n",
+      act, wire, s.max_budget_excess);
+  EXPECT_GT(act, 2.1);   // nominal bits above the coded budget (2.32 when written)
+  EXPECT_LT(wire, 2.3);  // the coded payload near the budget (headers and scales on top)
+  EXPECT_LT(s.max_budget_excess, 0.5);
+}
+
 TEST_F(FashionMnistSmoke, UniformAndFloat32Learn) {
   for (const char* mode : {"uniform", "fp32"}) {
     const RunConfig c = ConfigFrom(std::string(R"(
@@ -285,6 +322,32 @@ TEST(TrainLoop, LanguageModelOnAUserCorpusLearns) {
   EXPECT_GT(s.val_bits_per_byte, 0.0);
   EXPECT_LT(s.val_accuracy, 0.0);  // null for a language model
   EXPECT_LE(s.max_budget_excess, 0.0);
+}
+
+// Token granularity (uniform and AQ-SGD): a scale, offset and width per token, the frame
+// carrying [B*T, C]; the run learns as the per-channel one does, and its frames cost the
+// per-token scales on top: a scale and an offset (8 bytes; the bit map goes only when it
+// changes) per token of C = 32 values, 2 bits per element, against 8 bytes per channel of
+// B*T = 256 values.
+TEST(TrainLoop, TokenScalesLearnAndCostTheirScales) {
+  for (const char* mode : {"uniform", "aqsgd"}) {
+    std::vector<double> wire;
+    for (const char* granularity : {"channel", "token"}) {
+      const RunConfig c =
+          SmallLm({std::string("quant.activations.mode=") + mode,
+                   "quant.activations.bits={min: 4, max: 4}", "quant.activations.target=4",
+                   std::string("quant.activations.granularity=") + granularity});
+      const TrainSummary s = RunOrFail(c, std::string("tok_") + mode + "_" + granularity);
+      EXPECT_LT(s.last_loss, 0.7 * s.first_loss) << mode << " " << granularity;
+      EXPECT_GT(s.val_bits_per_byte, 0.0);
+      wire.push_back(8.0 * static_cast<double>(s.bytes_up) /
+                     (static_cast<double>(s.bytes_fp32_equivalent) / 8));
+    }
+    std::printf("%s: wire bits up, per channel %.3f, per token %.3f\n", mode, wire[0], wire[1]);
+    EXPECT_NEAR(wire[1] - wire[0], 8.0 * 8 / 32 - 8.0 * 8 / 256, 0.2) << mode;
+  }
+  RunConfig amaq = SmallLm({"quant.activations.granularity=token"});
+  EXPECT_EQ(CheckSupported(amaq).code(), absl::StatusCode::kUnimplemented);
 }
 
 TEST(TrainLoop, UShapedRunsLearnWithTwoBoundaries) {
