@@ -17,6 +17,7 @@
 #include "absl/synchronization/mutex.h"
 #include "base/log.h"
 #include "cli/commands.h"
+#include "trainer/replica_group.h"
 
 namespace {
 
@@ -105,6 +106,7 @@ void EndProgress() {
 int main(int argc, char** argv) {
   KeepLargeAllocationsInTheHeap();
   SkipMutexDeadlockDetection();
+  splitq::trainer::TurnOffFlightRecorderUnlessAsked();  // an environment variable: no threads yet
 #if SPLITQ_WITH_SERVICES
   gpr_set_log_function(&ForwardGrpcLog);
 #endif

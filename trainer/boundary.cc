@@ -180,7 +180,18 @@ BoundarySender::BoundarySender(const RunConfig& c, int index, int axis, int64_t 
                                      c.seed + static_cast<uint64_t>(index), c.activations.coded}),
       eval_(1, quant::FrameKind::kActivation,
             quant::WireEncoderOptions{token_ ? 0 : axis, kernels::Rounding::kNearest, c.seed,
-                                      c.activations.coded}) {}
+                                      c.activations.coded}) {
+  // A budget in bytes prices every channel from the start: a unit price (nominal bits) until
+  // the first coded frame is measured, so that a coded target below bits.min is met as well
+  // as it can be rather than refused by the nominal projection.
+  if (Priced() && amaq_->code_price().empty()) {
+    amaq_->set_code_price(std::vector<float>(static_cast<size_t>(channels), 1.0f));
+  }
+}
+
+bool BoundarySender::Priced() const {
+  return c_.activations.budget_in_bytes && c_.activations.mode == WireMode::kAmaq;
+}
 
 absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& unrotated, int64_t step,
                                                           const at::Tensor& ids, bool train) {
@@ -194,6 +205,13 @@ absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& unro
   at::Tensor scales, offsets, payload = h.detach();
   at::Tensor base;  // AQ-SGD: this side's m_i
   if (c_.activations.mode == WireMode::kAmaq) {
+    // The price measured on the previous training frame applies from this one on (not from
+    // the recomputations of that frame's micro-batches, which must see the bits it was sent
+    // with).
+    if (train && !pending_price_.empty()) {
+      amaq_->set_code_price(std::move(pending_price_));
+      pending_price_.clear();
+    }
     if (train && step < c_.activations.calibration_steps) Calibrate(h);
     out.sender_side = train ? amaq_->forward(h, budget) : amaq_->forward(h.detach(), budget);
     bits = amaq_->last_bits();
@@ -217,7 +235,7 @@ absl::StatusOr<BoundarySender::Sent> BoundarySender::Send(const at::Tensor& unro
   }
   out.bits = std::accumulate(bits.begin(), bits.end(), 0.0) / static_cast<double>(bits.size());
   // A budget in coded bits is checked after coding (an estimate until then).
-  const bool priced = c_.activations.budget_in_bytes && c_.activations.mode == WireMode::kAmaq;
+  const bool priced = Priced();
   if (!priced && out.bits > budget + 1e-9) {
     return absl::InternalError(
         absl::StrCat("a frame of ", out.bits, " bits exceeds the budget ", budget));
@@ -255,8 +273,9 @@ double BoundarySender::UpdateCodePrice(const quant::CodeEntropy& e,
   if (e.elements <= 0 || e.group_bits.size() != channels || channels == 0) return 0;
   const double per_channel = static_cast<double>(e.elements) / static_cast<double>(channels);
   std::vector<float> price = amaq_->code_price();
-  const bool first = price.size() != channels;
-  if (first) price.assign(channels, 0.0f);
+  const bool first = !measured_price_ || price.size() != channels;
+  if (price.size() != channels) price.assign(channels, 1.0f);
+  measured_price_ = true;
   double total = 0;
   for (size_t c = 0; c < channels; ++c) {
     total += e.group_bits[c];
@@ -264,7 +283,7 @@ double BoundarySender::UpdateCodePrice(const quant::CodeEntropy& e,
     price[c] = static_cast<float>(first ? measured
                                         : kPriceMemory * price[c] + (1 - kPriceMemory) * measured);
   }
-  amaq_->set_code_price(std::move(price));
+  pending_price_ = std::move(price);  // from the next training frame on (Send)
   return total / static_cast<double>(e.elements);
 }
 

@@ -141,11 +141,18 @@ class BoundarySender {
   quant::WireDecoder self_decoder_, grad_decoder_;
   DeltaCache cache_;
   double max_excess_ = -1e9;
-  // A budget in bytes: the AMAQ module's code price after a coded training frame, each channel's
-  // wire bits per element and nominal bit, averaged with what it was (this much of the old
-  // price stays; the first frame sets it). Returns the frame's payload bits per element.
+  // A budget in bytes (quant.activations.budget: bytes with amaq).
+  bool Priced() const;
+  // The AMAQ module's next code price after a coded training frame: each channel's wire bits
+  // per element and nominal bit, averaged with the price before (this much of it stays; the
+  // first measurement replaces the starting unit price). It takes effect at the next training
+  // Send. Returns the frame's payload bits per element. The price is an average: it takes a
+  // channel's coded size as proportional to its width, which a removed bit does not exactly
+  // save (a dense channel saves about a whole bit, a nearly constant one almost nothing).
   static constexpr double kPriceMemory = 0.5;
   double UpdateCodePrice(const quant::CodeEntropy& entropy, const std::vector<uint8_t>& bits);
+  std::vector<float> pending_price_;
+  bool measured_price_ = false;
   quant::CodeEntropy gradient_entropy_;
   bool measure_ = false;
 };

@@ -41,6 +41,8 @@ using Collectives = c10d::ProcessGroup;
 // user set a size (TORCH_FR_BUFFER_SIZE or its older name TORCH_NCCL_TRACE_BUFFER_SIZE, to
 // debug a hang: then keep to one group per process). libtorch 1.13 has no recorder for Gloo and
 // a recorder for NCCL that is off unless asked; the variable changes nothing there.
+}  // namespace
+
 void TurnOffFlightRecorderUnlessAsked() {
   static std::once_flag once;
   std::call_once(once, [] {
@@ -50,7 +52,6 @@ void TurnOffFlightRecorderUnlessAsked() {
     }
   });
 }
-}  // namespace
 
 struct ReplicaGroup::Impl {
   ReplicaGroupOptions o;

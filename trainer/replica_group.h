@@ -40,6 +40,12 @@
 
 namespace splitq::trainer {
 
+// Turns PyTorch 2.x's collective flight recorder off (TORCH_FR_BUFFER_SIZE=0) unless the
+// user set its size: it races when two groups of one process start at once (replica_group.cc
+// says how). Sets an environment variable, so call it from main() before any thread starts;
+// ReplicaGroup::Create calls it too (once per process), for programs that did not.
+void TurnOffFlightRecorderUnlessAsked();
+
 struct ReplicaGroupOptions {
   std::string backend = "auto";  // auto (nccl on CUDA, gloo on the CPU) | gloo | nccl
   std::string store_host = "127.0.0.1";

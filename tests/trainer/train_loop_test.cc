@@ -268,6 +268,23 @@ quant:
   EXPECT_GT(act, 2.1);   // nominal bits above the coded budget (2.32 when written)
   EXPECT_LT(wire, 2.3);  // the coded payload near the budget (headers and scales on top)
   EXPECT_LT(s.max_budget_excess, 0.5);
+
+  // A coded target below bits.min from the first frame on (before any price is measured, and
+  // with micro-batches that recompute the sent frame): it trains, every channel at bits.min,
+  // the coded payload as low as that goes.
+  const RunConfig low = ConfigFrom(R"(
+task: fmnist
+steps: 6
+batch_size: 32
+log_every: 3
+client: {micro_batches: 2}
+quant:
+  activations: {mode: amaq, coding: rans, budget: bytes, target: 0.6}
+  gradients: {mode: uniform, target: 6}
+)");
+  const TrainSummary t = RunOrFail(low, "amaq_bytes_low");
+  EXPECT_DOUBLE_EQ(t.avg_act_bits, 2.0);
+  EXPECT_GT(t.max_budget_excess, 0.0);  // out of reach at 2 bits a channel
 }
 
 TEST_F(FashionMnistSmoke, UniformAndFloat32Learn) {
