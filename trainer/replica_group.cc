@@ -13,7 +13,6 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"

@@ -66,7 +66,7 @@ struct TrainSummary {
   // bytes_fp32_equivalent / 8 each way) and code_entropy_bits_up/down (entropy bits /
   // measured elements; null when no quantized frame went that way) with their element counts.
   CodeEntropyTotals entropy;
-  double wall_seconds = 0;       // over all sessions of a resumed run
+  double wall_seconds = 0;  // over all sessions of a resumed run
   // Max over frames of (mean bits sent - budget): <= 0 always for a budget in bits; for one in
   // bytes (coded payload bits per element - budget) it may be above 0 (config.h).
   double max_budget_excess = 0;
