@@ -24,6 +24,7 @@
 // Stochastic rounding draws u for element e = g * M + m from Philox (philox.h), two or three
 // Philox blocks covering any 8 consecutive elements; the codes equal the CPU path's.
 #include <algorithm>
+#include <cstdlib>
 
 #include "kernels/detail/cuda_check.cuh"
 #include "kernels/detail/cuda_launchers.h"
@@ -94,6 +95,60 @@ __device__ __forceinline__ uint64_t LoadWordBytes(const uint8_t* src, int nbytes
   return word;
 }
 
+// ---- integer codes without conversion instructions -----------------------------------
+// With no zero point (every wire frame), lo = qmin and hi = qmax are small integers. Adding
+// M = 1.5 * 2^23 to a float |v| < 2^22 rounds it to an integer, ties to even as rintf does,
+// and leaves that integer in the low mantissa bits. So, with base = bits(M + lo),
+//   NearestCode: rint(clamp(v)) - lo == bits(clamp(v) + M) - base,
+//   DequantCode: float(code) + lo    == float(bits base + code) - M,
+// exactly, with an add and an integer add where quant_math.h rounds and converts between
+// float and int (conversions issue at a quarter of the rate of adds on sm_80 and sm_90).
+// kFast = false keeps quant_math.h's operations (any integer zero point).
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+
+template <bool kFast>
+struct Codes {
+  __device__ __forceinline__ static uint32_t Base(const qm::GroupQuant& q) {
+    if constexpr (kFast) return __float_as_uint(__fadd_rn(kRoundMagic, q.lo));
+    return 0u;
+  }
+  __device__ __forceinline__ static uint32_t Nearest(float x, const qm::GroupQuant& q,
+                                                     uint32_t base) {
+    if constexpr (kFast) {
+      float v = __fmul_rn(__fsub_rn(x, q.offset), q.inv_scale);
+      v = fminf(fmaxf(v, q.lo), q.hi);  // fmaxf(NaN, lo) = lo: NaN gives code 0, as there
+      return __float_as_uint(__fadd_rn(v, kRoundMagic)) - base;
+    } else {
+      return qm::NearestCode(x, q);
+    }
+  }
+  __device__ __forceinline__ static float Dequant(uint32_t code, const qm::GroupQuant& q,
+                                                  uint32_t base) {
+    if constexpr (kFast) {
+      const float lifted = __fsub_rn(__uint_as_float(base + code), kRoundMagic);
+      return __fadd_rn(__fmul_rn(lifted, q.scale), q.offset);
+    } else {
+      return qm::DequantCode(code, q);
+    }
+  }
+};
+
+// Packs code i (0..7) of a run of 8 into two 32-bit halves (4 codes of at most 8 bits
+// each), which cost fewer instructions than shifts of a 64-bit word.
+struct RunWord {
+  uint32_t lo = 0, hi = 0;
+  __device__ __forceinline__ void Put(int i, uint32_t code, int bits) {
+    if (i < 4) {
+      lo |= code << (i * bits);
+    } else {
+      hi |= code << ((i - 4) * bits);
+    }
+  }
+  __device__ __forceinline__ uint64_t Word(int bits) const {
+    return lo | (static_cast<uint64_t>(hi) << (4 * bits));
+  }
+};
+
 // One row of a thread's N columns as loaded: the raw bits (16-bit types stay packed two to
 // a register until quantized, so that 8 rows x 8 columns fit in registers).
 template <typename T, int N>
@@ -152,7 +207,7 @@ __device__ __forceinline__ void GetCodes(const uint8_t* src, uint32_t (&c)[N]) {
 // its segment (32 contiguous bytes per column and tile at k = 4).
 // 16-bit inputs: 3 blocks an SM (at most 85 registers), since a thread's loads carry half
 // the bytes of fp32's and more of them must be in flight.
-template <typename T, int N, bool kStochastic>
+template <typename T, int N, bool kStochastic, bool kFast>
 __global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY, sizeof(T) == 2 ? 3 : 2)
     PackChannelsLastKernel(const QuantParams p, const int64_t outer, const int64_t groups,
                            const uint64_t seed, const uint64_t step, const T* x,
@@ -178,13 +233,18 @@ __global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY, sizeof(T) 
   const bool col_ok = col < groups;
   qm::GroupQuant q[N];
   int bits[N];
+  uint32_t base[N];
 #pragma unroll
-  for (int j = 0; j < N; ++j) bits[j] = 0;
+  for (int j = 0; j < N; ++j) {
+    bits[j] = 0;
+    base[j] = 0;
+  }
   if (col_ok) {
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       q[j] = dev::LoadGroupQuantDevice(p, col + j);
       bits[j] = dev::BitsOf(p, col + j);
+      base[j] = Codes<kFast>::Base(q[j]);
     }
   }
   const int64_t tiles = (outer + kTileRows - 1) / kTileRows;
@@ -224,16 +284,18 @@ __global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY, sizeof(T) 
         }
       }
     } else {
+      RunWord run[N];
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i) {
         if (rbase + i < outer) {
 #pragma unroll
           for (int j = 0; j < N; ++j) {
-            word[j] |= static_cast<uint64_t>(qm::NearestCode(RawElem<T, N>(v[i], j), q[j]))
-                       << (i * bits[j]);
+            run[j].Put(i, Codes<kFast>::Nearest(RawElem<T, N>(v[i], j), q[j], base[j]), bits[j]);
           }
         }
       }
+#pragma unroll
+      for (int j = 0; j < N; ++j) word[j] = run[j].Word(bits[j]);
     }
 #pragma unroll
     for (int j = 0; j < N; ++j) words[threadIdx.y * kRowWords + j * 32 + threadIdx.x] = word[j];
@@ -256,7 +318,7 @@ __global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY, sizeof(T) 
   }
 }
 
-template <typename T, int N>
+template <typename T, int N, bool kFast>
 __global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY)
     UnpackChannelsLastKernel(const QuantParams p, const int64_t outer, const int64_t groups,
                              const uint8_t* packed, const int64_t* offsets, T* y) {
@@ -278,9 +340,13 @@ __global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY)
   const int64_t col = col_tile + threadIdx.x * N;
   const bool col_ok = col < groups;
   qm::GroupQuant q[N];
+  uint32_t base[N];
   if (col_ok) {
 #pragma unroll
-    for (int j = 0; j < N; ++j) q[j] = dev::LoadGroupQuantDevice<false>(p, col + j);
+    for (int j = 0; j < N; ++j) {
+      q[j] = dev::LoadGroupQuantDevice<false>(p, col + j);
+      base[j] = Codes<kFast>::Base(q[j]);
+    }
   }
   const int64_t tiles = (outer + kTileRows - 1) / kTileRows;
   __syncthreads();
@@ -313,7 +379,7 @@ __global__ void __launch_bounds__(dev::kClThreadsX* dev::kClThreadsY)
         GetCodes<N>(codes + (threadIdx.y * kRowsPerThread + i) * kStride + threadIdx.x * N, c);
         float v[N];
 #pragma unroll
-        for (int j = 0; j < N; ++j) v[j] = qm::DequantCode(c[j], q[j]);
+        for (int j = 0; j < N; ++j) v[j] = Codes<kFast>::Dequant(c[j], q[j], base[j]);
         dev::StoreN<T, N, true>(y + (rbase + i) * groups + col, v);
       }
     }
@@ -373,7 +439,7 @@ __device__ __forceinline__ void LoadColumnCodes(const uint8_t* src, int nbytes,
   }
 }
 
-template <typename T, int N, int R>
+template <typename T, int N, int R, bool kFast>
 __global__ void __launch_bounds__(kThreads)
     UnpackChannelsLastDirectKernel(const QuantParams p, const int64_t outer, const int64_t groups,
                                    const uint8_t* packed, const int64_t* offsets, T* y) {
@@ -385,9 +451,11 @@ __global__ void __launch_bounds__(kThreads)
   if (col >= groups || row0 >= outer) return;
   uint32_t c[N][R / 4];  // byte i % 4 of c[j][i / 4]: code of row row0 + i, column col + j
   qm::GroupQuant q[N];
+  uint32_t base[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     q[j] = dev::LoadGroupQuantDevice<false>(p, col + j);
+    base[j] = Codes<kFast>::Base(q[j]);
     const int k = dev::BitsOf(p, col + j);
     const int64_t seg_len = SegmentBytes(outer, k);
     const int64_t pos = (row0 >> 3) * k;
@@ -429,7 +497,7 @@ __global__ void __launch_bounds__(kThreads)
     float v[N];
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      v[j] = qm::DequantCode((c[j][i >> 2] >> (8 * (i & 3))) & 0xffu, q[j]);
+      v[j] = Codes<kFast>::Dequant((c[j][i >> 2] >> (8 * (i & 3))) & 0xffu, q[j], base[j]);
     }
     dev::StoreN<T, N, true>(dst + i * groups, v);
   }
@@ -514,7 +582,7 @@ __device__ __forceinline__ void StoreRun8(T* y, int64_t m0, int n, int64_t g, in
 // Grid: units of `codes_per_unit` (a multiple of 8) consecutive codes of one group,
 // unit = chunk * groups + g (chunk-major, so that the blocks in flight share sectors of x
 // when inner is small); a thread takes runs of 8 codes.
-template <typename T, bool kContiguous, bool kStochastic>
+template <typename T, bool kContiguous, bool kStochastic, bool kFast>
 __global__ void __launch_bounds__(kThreads)
     PackGenericKernel(const QuantParams p, const int64_t outer, const int64_t groups,
                       const int64_t inner, const int64_t codes_per_unit,
@@ -528,6 +596,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t m_begin = chunk * codes_per_unit;
     const int64_t m_end = Min(codes, m_begin + codes_per_unit);
     const qm::GroupQuant q = dev::LoadGroupQuantDevice(p, g);
+    const uint32_t base = Codes<kFast>::Base(q);
     const int k = dev::BitsOf(p, g);
     uint8_t* seg = packed + offsets[g];
     const int64_t seg_len = SegmentBytes(codes, k);
@@ -545,10 +614,12 @@ __global__ void __launch_bounds__(kThreads)
           if (i < n) word |= static_cast<uint64_t>(qm::StochasticCode(v[i], q, u[i])) << (i * k);
         }
       } else {
+        RunWord run;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          if (i < n) word |= static_cast<uint64_t>(qm::NearestCode(v[i], q)) << (i * k);
+          if (i < n) run.Put(i, Codes<kFast>::Nearest(v[i], q, base), k);
         }
+        word = run.Word(k);
       }
       const int64_t pos = (m0 >> 3) * k;
       StoreWordBytes(seg + pos, word, static_cast<int>(Min<int64_t>(k, seg_len - pos)));
@@ -556,7 +627,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, bool kContiguous>
+template <typename T, bool kContiguous, bool kFast>
 __global__ void __launch_bounds__(kThreads)
     UnpackGenericKernel(const QuantParams p, const int64_t outer, const int64_t groups,
                         const int64_t inner, const int64_t codes_per_unit,
@@ -570,6 +641,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t m_begin = chunk * codes_per_unit;
     const int64_t m_end = Min(codes, m_begin + codes_per_unit);
     const qm::GroupQuant q = dev::LoadGroupQuantDevice<false>(p, g);
+    const uint32_t base = Codes<kFast>::Base(q);
     const int k = dev::BitsOf(p, g);
     const uint32_t mask = (1u << k) - 1u;
     const uint8_t* seg = packed + offsets[g];
@@ -583,7 +655,7 @@ __global__ void __launch_bounds__(kThreads)
       float v[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        v[i] = qm::DequantCode(static_cast<uint32_t>(word >> (i * k)) & mask, q);
+        v[i] = Codes<kFast>::Dequant(static_cast<uint32_t>(word >> (i * k)) & mask, q, base);
       }
       StoreRun8<T, kContiguous>(y, m0, n, g, groups, inner, v);
     }
@@ -594,7 +666,7 @@ __global__ void __launch_bounds__(kThreads)
 // writes 8 consecutive elements of y (vector stores when y is 16-byte aligned), gathering each
 // code's bits (at most 2 bytes) from its group's segment. It finds the first element's row
 // (o, g) with one division and steps to the next group where a row of `inner` ends.
-template <typename T, typename Index, bool kAligned>
+template <typename T, typename Index, bool kAligned, bool kFast>
 __global__ void __launch_bounds__(kThreads)
     UnpackFlatKernel(const QuantParams p, const Index numel, const Index groups, const Index inner,
                      const uint8_t* packed, const int64_t* offsets, T* y) {
@@ -608,6 +680,7 @@ __global__ void __launch_bounds__(kThreads)
     Index o = row / groups;
     Index g = row - o * groups;
     qm::GroupQuant q = dev::LoadGroupQuantDevice<false>(p, static_cast<int64_t>(g));
+    uint32_t base = Codes<kFast>::Base(q);
     int k = dev::BitsOf(p, static_cast<int64_t>(g));
     const uint8_t* seg = packed + offsets[g];
     float v[8];
@@ -620,6 +693,7 @@ __global__ void __launch_bounds__(kThreads)
           ++o;
         }
         q = dev::LoadGroupQuantDevice<false>(p, static_cast<int64_t>(g));
+        base = Codes<kFast>::Base(q);
         k = dev::BitsOf(p, static_cast<int64_t>(g));
         seg = packed + offsets[g];
       }
@@ -631,7 +705,7 @@ __global__ void __launch_bounds__(kThreads)
         // A code's bits lie inside its segment, so the second byte exists when needed.
         uint32_t word = src[0];
         if (shift + k > 8) word |= static_cast<uint32_t>(src[1]) << 8;
-        v[i] = qm::DequantCode((word >> shift) & ((1u << k) - 1u), q);
+        v[i] = Codes<kFast>::Dequant((word >> shift) & ((1u << k) - 1u), q, base);
       }
       ++j;
     }
@@ -652,7 +726,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, typename Index>
+template <typename T, typename Index, bool kFast>
 void LaunchUnpackFlat(cudaStream_t stream, const GroupLayout& l, const QuantParams& p,
                       const uint8_t* packed, const int64_t* offsets, T* y) {
   const auto blocks = static_cast<unsigned>(
@@ -661,10 +735,10 @@ void LaunchUnpackFlat(cudaStream_t stream, const GroupLayout& l, const QuantPara
   const auto groups = static_cast<Index>(l.groups);
   const auto inner = static_cast<Index>(l.inner);
   if (dev::Aligned16(y)) {
-    UnpackFlatKernel<T, Index, true>
+    UnpackFlatKernel<T, Index, true, kFast>
         <<<blocks, kThreads, 0, stream>>>(p, numel, groups, inner, packed, offsets, y);
   } else {
-    UnpackFlatKernel<T, Index, false>
+    UnpackFlatKernel<T, Index, false, kFast>
         <<<blocks, kThreads, 0, stream>>>(p, numel, groups, inner, packed, offsets, y);
   }
 }
@@ -693,11 +767,11 @@ bool UseChannelsLast(const GroupLayout& l) { return l.inner == 1 && l.groups >= 
 // Persistent grid: one wave of blocks (as many as fit on the device at once), each
 // walking row tiles with a stride, so that its prologue is paid once and its loads overlap
 // its pack phases.
-template <typename T, int N, bool kStochastic>
+template <typename T, int N, bool kStochastic, bool kFast>
 absl::Status LaunchPackCl(cudaStream_t stream, const GroupLayout& l, const QuantParams& p,
                           const RoundingSpec& r, const T* x, const int64_t* offsets,
                           uint8_t* packed) {
-  const auto kernel = PackChannelsLastKernel<T, N, kStochastic>;
+  const auto kernel = PackChannelsLastKernel<T, N, kStochastic, kFast>;
   int device = 0, sms = 0, per_sm = 0;
   SPLITQ_CUDA_CHECK(cudaGetDevice(&device));
   SPLITQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -714,16 +788,16 @@ absl::Status LaunchPackCl(cudaStream_t stream, const GroupLayout& l, const Quant
   return absl::OkStatus();
 }
 
-template <typename T, bool kContiguous, bool kStochastic>
+template <typename T, bool kContiguous, bool kStochastic, bool kFast>
 void LaunchPackGeneric(cudaStream_t stream, const GroupLayout& l, const QuantParams& p,
                        const RoundingSpec& r, const T* x, const int64_t* offsets, uint8_t* packed) {
   const GenericGrid g = MakeGenericGrid(l);
-  PackGenericKernel<T, kContiguous, kStochastic>
+  PackGenericKernel<T, kContiguous, kStochastic, kFast>
       <<<g.blocks, g.threads, 0, stream>>>(p, l.outer, l.groups, l.inner, g.codes_per_unit,
                                            g.units_per_group, r.seed, r.step, x, offsets, packed);
 }
 
-template <typename T, bool kStochastic>
+template <typename T, bool kStochastic, bool kFast>
 absl::Status LaunchPack(cudaStream_t stream, const GroupLayout& l, const QuantParams& p,
                         const RoundingSpec& r, const T* x, const int64_t* offsets,
                         uint8_t* packed) {
@@ -732,20 +806,20 @@ absl::Status LaunchPack(cudaStream_t stream, const GroupLayout& l, const QuantPa
   constexpr int V = 4;
   if (UseChannelsLast(l)) {
     if (dev::AlignedTo(x, V * sizeof(T)) && l.groups % V == 0) {
-      return LaunchPackCl<T, V, kStochastic>(stream, l, p, r, x, offsets, packed);
+      return LaunchPackCl<T, V, kStochastic, kFast>(stream, l, p, r, x, offsets, packed);
     }
-    return LaunchPackCl<T, 1, kStochastic>(stream, l, p, r, x, offsets, packed);
+    return LaunchPackCl<T, 1, kStochastic, kFast>(stream, l, p, r, x, offsets, packed);
   }
   if (dev::Aligned16(x) && l.inner % 8 == 0) {
-    LaunchPackGeneric<T, true, kStochastic>(stream, l, p, r, x, offsets, packed);
+    LaunchPackGeneric<T, true, kStochastic, kFast>(stream, l, p, r, x, offsets, packed);
   } else {
-    LaunchPackGeneric<T, false, kStochastic>(stream, l, p, r, x, offsets, packed);
+    LaunchPackGeneric<T, false, kStochastic, kFast>(stream, l, p, r, x, offsets, packed);
   }
   SPLITQ_CUDA_CHECK_LAUNCH("PackGenericKernel");
   return absl::OkStatus();
 }
 
-template <typename T>
+template <typename T, bool kFast>
 absl::Status LaunchUnpack(cudaStream_t stream, const GroupLayout& l, const QuantParams& p,
                           const uint8_t* packed, const int64_t* offsets, T* y) {
   constexpr int V = dev::Elem<T>::kVec;
@@ -759,7 +833,7 @@ absl::Status LaunchUnpack(cudaStream_t stream, const GroupLayout& l, const Quant
         chunks <= dev::kClMaxGridY) {
       const dim3 grid(static_cast<unsigned>(dev::CeilDiv(l.groups, 32 * kN)),
                       static_cast<unsigned>(chunks));
-      UnpackChannelsLastDirectKernel<T, kN, kR>
+      UnpackChannelsLastDirectKernel<T, kN, kR, kFast>
           <<<grid, kThreads, 0, stream>>>(p, l.outer, l.groups, packed, offsets, y);
       SPLITQ_CUDA_CHECK_LAUNCH("UnpackChannelsLastDirectKernel");
       return absl::OkStatus();
@@ -771,11 +845,11 @@ absl::Status LaunchUnpack(cudaStream_t stream, const GroupLayout& l, const Quant
     const auto grid_y = static_cast<unsigned>(std::min<int64_t>(tiles, dev::kClMaxGridY));
     if (dev::Aligned16(y) && l.groups % V == 0) {
       const dim3 grid(static_cast<unsigned>(dev::CeilDiv(l.groups, ClTile<V>::kCols)), grid_y);
-      UnpackChannelsLastKernel<T, V>
+      UnpackChannelsLastKernel<T, V, kFast>
           <<<grid, block, 0, stream>>>(p, l.outer, l.groups, packed, offsets, y);
     } else {
       const dim3 grid(static_cast<unsigned>(dev::CeilDiv(l.groups, ClTile<1>::kCols)), grid_y);
-      UnpackChannelsLastKernel<T, 1>
+      UnpackChannelsLastKernel<T, 1, kFast>
           <<<grid, block, 0, stream>>>(p, l.outer, l.groups, packed, offsets, y);
     }
     SPLITQ_CUDA_CHECK_LAUNCH("UnpackChannelsLastKernel");
@@ -784,22 +858,33 @@ absl::Status LaunchUnpack(cudaStream_t stream, const GroupLayout& l, const Quant
   if (l.inner % 8 == 0) {
     const GenericGrid g = MakeGenericGrid(l);
     if (dev::Aligned16(y)) {
-      UnpackGenericKernel<T, true><<<g.blocks, g.threads, 0, stream>>>(
+      UnpackGenericKernel<T, true, kFast><<<g.blocks, g.threads, 0, stream>>>(
           p, l.outer, l.groups, l.inner, g.codes_per_unit, g.units_per_group, packed, offsets, y);
     } else {
-      UnpackGenericKernel<T, false><<<g.blocks, g.threads, 0, stream>>>(
+      UnpackGenericKernel<T, false, kFast><<<g.blocks, g.threads, 0, stream>>>(
           p, l.outer, l.groups, l.inner, g.codes_per_unit, g.units_per_group, packed, offsets, y);
     }
     SPLITQ_CUDA_CHECK_LAUNCH("UnpackGenericKernel");
     return absl::OkStatus();
   }
   if (l.numel() < (int64_t{1} << 31)) {
-    LaunchUnpackFlat<T, uint32_t>(stream, l, p, packed, offsets, y);
+    LaunchUnpackFlat<T, uint32_t, kFast>(stream, l, p, packed, offsets, y);
   } else {
-    LaunchUnpackFlat<T, uint64_t>(stream, l, p, packed, offsets, y);
+    LaunchUnpackFlat<T, uint64_t, kFast>(stream, l, p, packed, offsets, y);
   }
   SPLITQ_CUDA_CHECK_LAUNCH("UnpackFlatKernel");
   return absl::OkStatus();
+}
+
+// Codes<true> applies: no zero point, so lo and hi are the small integers qmin and qmax.
+// SPLITQ_KERNELS_CONVERT=1 forces quant_math.h's conversions instead, to measure the two
+// side by side in one build (`splitq bench kernels`); the codes and values are the same.
+bool IntegerCodes(const QuantParams& p) {
+  static const bool convert = [] {
+    const char* e = std::getenv("SPLITQ_KERNELS_CONVERT");
+    return e != nullptr && e[0] == '1';
+  }();
+  return p.zero_point == nullptr && !convert;
 }
 
 }  // namespace
@@ -813,9 +898,13 @@ absl::Status QuantizePack(void* stream, DType dtype, const GroupLayout& layout,
   return dev::DispatchDeviceDType(dtype, [&](auto tag) -> absl::Status {
     using T = decltype(tag);
     const T* xt = static_cast<const T*>(x);
-    return rounding.mode == Rounding::kStochastic
-               ? LaunchPack<T, true>(s, layout, params, rounding, xt, group_offsets, packed)
-               : LaunchPack<T, false>(s, layout, params, rounding, xt, group_offsets, packed);
+    if (rounding.mode == Rounding::kStochastic) {
+      return LaunchPack<T, true, false>(s, layout, params, rounding, xt, group_offsets, packed);
+    }
+    return IntegerCodes(params)
+               ? LaunchPack<T, false, true>(s, layout, params, rounding, xt, group_offsets, packed)
+               : LaunchPack<T, false, false>(s, layout, params, rounding, xt, group_offsets,
+                                             packed);
   });
 }
 
@@ -827,7 +916,10 @@ absl::Status UnpackDequantize(void* stream, DType dtype, const GroupLayout& layo
   const auto s = static_cast<cudaStream_t>(stream);
   return dev::DispatchDeviceDType(dtype, [&](auto tag) -> absl::Status {
     using T = decltype(tag);
-    return LaunchUnpack<T>(s, layout, params, packed, group_offsets, static_cast<T*>(y));
+    T* yt = static_cast<T*>(y);
+    return IntegerCodes(params)
+               ? LaunchUnpack<T, true>(s, layout, params, packed, group_offsets, yt)
+               : LaunchUnpack<T, false>(s, layout, params, packed, group_offsets, yt);
   });
 }
 

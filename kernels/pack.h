@@ -13,6 +13,11 @@
 // u in [0, 1) to the clamped, offset value before truncation; u comes from Philox4x32-10
 // keyed by (seed, step, element), element being the code's index in packed order
 // g * M + m (see philox.h), so the CPU and CUDA paths give the same codes.
+//
+// On CUDA, without a zero point (every wire frame), rounding to nearest and dequantizing use
+// float adds and integer adds in place of rounding and conversion instructions (pack.cu,
+// `Codes`); the results are the same bit for bit. SPLITQ_KERNELS_CONVERT=1 in the
+// environment turns that off, to measure the two side by side in one build.
 #pragma once
 
 #include "kernels/common.h"
