@@ -2,8 +2,10 @@
 //
 // Channels last (inner == 1, e.g. [N, C] on axis 1): tiles of 8 rows. Codes of a tile are
 // computed row by row (vectorised across channels) into a small per-thread table, then
-// each channel's 8 codes become exactly k_c bytes of its segment. Otherwise the codes of a
-// group are walked in runs of 8 (contiguous in memory whenever inner % 8 == 0).
+// each channel's 8 codes become exactly k_c bytes of its segment. Otherwise a group's codes
+// are taken in chunks of 1024: their codes come from the chunk's contiguous runs of x (up to
+// `inner` elements each) into a byte per code, in loops the compiler vectorises, and are
+// then packed (4 and 8 bits without the general shift loop). Unpacking mirrors it.
 #include "kernels/pack.h"
 
 #include <algorithm>
@@ -78,26 +80,88 @@ int BitsOf(const QuantParams& p, int64_t g) {
   return p.bits != nullptr ? p.bits[g] : p.uniform_bits;
 }
 
-// The position in x of code m, m+1, ... of group g in a [outer, groups, inner] layout:
-// x[(o * groups + g) * inner + i] with m = o * inner + i, advanced without dividing.
-class ElementWalker {
- public:
-  ElementWalker(int64_t m, int64_t inner, int64_t groups, int64_t g)
-      : inner_(inner),
-        stride_(groups * inner),
-        i_(m % inner),
-        base_((m / inner) * groups * inner + g * inner) {}
-  int64_t index() const { return base_ + i_; }
-  void Next() {
-    if (++i_ == inner_) {
-      i_ = 0;
-      base_ += stride_;
+// The general path works on chunks of a group's codes: first the codes of the chunk, one
+// contiguous run of x (at most `inner` elements) at a time, in loops the compiler
+// vectorises; then the chunk's codes become its bytes of the segment.
+constexpr int64_t kChunkCodes = 1024;  // a multiple of 8
+static_assert(kCodesPerUnit % kChunkCodes == 0);
+
+// detail::StochasticCode and detail::DequantCode with int32 conversions, which SSE2
+// vectorises (their uint32 ones it does not); the same values for codes below 2^31.
+inline uint8_t StochasticByte(float x, const detail::GroupQuant& q, float u) {
+  float v = detail::ScaledValue(x, q);
+  v = v > q.lo ? v : q.lo;  // NaN -> lo
+  v = v < q.hi ? v : q.hi;
+  const int32_t code = static_cast<int32_t>(detail::Add(detail::Sub(v, q.lo), u));  // >= 0
+  const auto max_code = static_cast<int32_t>(q.hi - q.lo);
+  return static_cast<uint8_t>(code < max_code ? code : max_code);
+}
+inline float DequantByte(uint8_t code, const detail::GroupQuant& q) {
+  return detail::Add(
+      detail::Mul(detail::Add(static_cast<float>(static_cast<int32_t>(code)), q.lo), q.scale),
+      q.offset);
+}
+
+// Codes m0 .. m0 + n - 1 of group g of an [outer, groups, inner] layout, as runs of x:
+// fn(offset into x, first code's index - m0, run length).
+template <typename Fn>
+inline void ForEachRun(int64_t m0, int64_t n, int64_t g, int64_t groups, int64_t inner, Fn&& fn) {
+  int64_t o = m0 / inner, i = m0 - o * inner;
+  for (int64_t done = 0; done < n;) {
+    const int64_t len = std::min(inner - i, n - done);
+    fn((o * groups + g) * inner + i, done, len);
+    done += len;
+    i = 0;
+    ++o;
+  }
+}
+
+// n codes (one per byte) -> ceil(n * k / 8) bytes of a segment; every 8 codes fill k bytes.
+inline void PackCodeBytes(const uint8_t* codes, int64_t n, int k, uint8_t* dst) {
+  if (k == 8) {
+    std::copy(codes, codes + n, dst);
+    return;
+  }
+  if (k == 4) {
+    const int64_t pairs = n / 2;
+    for (int64_t j = 0; j < pairs; ++j) {
+      dst[j] = static_cast<uint8_t>(codes[2 * j] | (codes[2 * j + 1] << 4));
+    }
+    if (n & 1) dst[pairs] = codes[n - 1];
+    return;
+  }
+  for (int64_t m0 = 0; m0 < n; m0 += 8) {
+    const int64_t len = std::min<int64_t>(8, n - m0);
+    uint64_t word = 0;
+    for (int64_t r = 0; r < len; ++r) word |= static_cast<uint64_t>(codes[m0 + r]) << (r * k);
+    StoreBytes(word, dst + (m0 / 8) * k, (len * k + 7) / 8);
+  }
+}
+
+// Inverse of PackCodeBytes.
+inline void UnpackCodeBytes(const uint8_t* src, int64_t n, int k, uint8_t* codes) {
+  if (k == 8) {
+    std::copy(src, src + n, codes);
+    return;
+  }
+  if (k == 4) {
+    const int64_t pairs = n / 2;
+    for (int64_t j = 0; j < pairs; ++j) {
+      codes[2 * j] = src[j] & 0xf;
+      codes[2 * j + 1] = src[j] >> 4;
+    }
+    if (n & 1) codes[n - 1] = src[pairs] & 0xf;
+    return;
+  }
+  const uint64_t mask = (uint64_t{1} << k) - 1;
+  for (int64_t m0 = 0; m0 < n; m0 += 8) {
+    const int64_t len = std::min<int64_t>(8, n - m0);
+    const uint64_t word = LoadBytes(src + (m0 / 8) * k, (len * k + 7) / 8);
+    for (int64_t r = 0; r < len; ++r) {
+      codes[m0 + r] = static_cast<uint8_t>((word >> (r * k)) & mask);
     }
   }
-
- private:
-  int64_t inner_, stride_, i_, base_;
-};
+}
 
 template <DType D>
 void PackCpu(const ExecContext& ctx, const GroupLayout& layout, const QuantParams& p,
@@ -168,22 +232,27 @@ void PackCpu(const ExecContext& ctx, const GroupLayout& layout, const QuantParam
     const detail::GroupQuant q = t.at(g);
     const int k = BitsOf(p, g);
     UniformStream uniform(rounding.seed, rounding.step);
-    // Code m of group g is x[((m / inner) * groups + g) * inner + m % inner]: walk (o, i)
-    // incrementally, as a division per element costs more than the rest of the work.
-    ElementWalker walk(m_begin, inner, groups, g);
-    for (int64_t m0 = m_begin; m0 < m_end; m0 += 8) {
-      const int64_t n = std::min<int64_t>(8, m_end - m0);
-      uint64_t word = 0;
-      for (int64_t r = 0; r < n; ++r, walk.Next()) {
-        const int64_t m = m0 + r;
-        const float value = E::Load(x[walk.index()]);
-        const uint32_t code =
-            stochastic ? detail::StochasticCode(
-                             value, q, uniform.At(static_cast<uint64_t>(g * codes_per_group + m)))
-                       : detail::NearestCode(value, q);
-        word |= static_cast<uint64_t>(code) << (r * k);
+    uint8_t codes[kChunkCodes];
+    float u[kChunkCodes];
+    for (int64_t c0 = m_begin; c0 < m_end; c0 += kChunkCodes) {
+      const int64_t n = std::min(kChunkCodes, m_end - c0);
+      if (stochastic) {
+        const auto first = static_cast<uint64_t>(g * codes_per_group + c0);
+        for (int64_t r = 0; r < n; ++r) u[r] = uniform.At(first + static_cast<uint64_t>(r));
       }
-      StoreBytes(word, packed + offsets[g] + (m0 / 8) * k, (n * k + 7) / 8);
+      ForEachRun(c0, n, g, groups, inner, [&](int64_t at, int64_t done, int64_t len) {
+        const T* src = x + at;
+        uint8_t* dst = codes + done;
+        if (stochastic) {
+          const float* ur = u + done;
+          for (int64_t r = 0; r < len; ++r) dst[r] = StochasticByte(E::Load(src[r]), q, ur[r]);
+        } else {
+          for (int64_t r = 0; r < len; ++r) {
+            dst[r] = static_cast<uint8_t>(detail::NearestCode(E::Load(src[r]), q));
+          }
+        }
+      });
+      PackCodeBytes(codes, n, k, packed + offsets[g] + (c0 / 8) * k);
     }
   }
 }
@@ -237,15 +306,15 @@ void UnpackCpu(const ExecContext& ctx, const GroupLayout& layout, const QuantPar
     const int64_t m_end = std::min(codes_per_group, m_begin + kCodesPerUnit);
     const detail::GroupQuant q = t.at(g);
     const int k = BitsOf(p, g);
-    const uint64_t mask = (uint64_t{1} << k) - 1;
-    ElementWalker walk(m_begin, inner, groups, g);
-    for (int64_t m0 = m_begin; m0 < m_end; m0 += 8) {
-      const int64_t n = std::min<int64_t>(8, m_end - m0);
-      const uint64_t word = LoadBytes(packed + offsets[g] + (m0 / 8) * k, (n * k + 7) / 8);
-      for (int64_t r = 0; r < n; ++r, walk.Next()) {
-        y[walk.index()] =
-            E::Store(detail::DequantCode(static_cast<uint32_t>((word >> (r * k)) & mask), q));
-      }
+    uint8_t codes[kChunkCodes];
+    for (int64_t c0 = m_begin; c0 < m_end; c0 += kChunkCodes) {
+      const int64_t n = std::min(kChunkCodes, m_end - c0);
+      UnpackCodeBytes(packed + offsets[g] + (c0 / 8) * k, n, k, codes);
+      ForEachRun(c0, n, g, groups, inner, [&](int64_t at, int64_t done, int64_t len) {
+        T* dst = y + at;
+        const uint8_t* src = codes + done;
+        for (int64_t r = 0; r < len; ++r) dst[r] = E::Store(DequantByte(src[r], q));
+      });
     }
   }
 }

@@ -112,7 +112,8 @@ INSTANTIATE_TEST_SUITE_P(
                                          PackCase{{13, 7}, Granularity::kTensor, 0},
                                          PackCase{{6, 5}, Granularity::kToken, 0},
                                          PackCase{{3000, 40}, Granularity::kChannel, 1},
-                                         PackCase{{2, 20000}, Granularity::kChannel, 0}),
+                                         PackCase{{2, 20000}, Granularity::kChannel, 0},
+                                         PackCase{{3, 6, 1100}, Granularity::kChannel, 1}),
                        ::testing::Values(DType::kFloat32, DType::kBFloat16, DType::kFloat16)));
 
 TEST(Pack, HandWorkedExample) {
@@ -179,12 +180,15 @@ TEST(Pack, StochasticRoundingIsUnbiasedAndReproducible) {
 // Stochastic codes follow the documented keying exactly: u = Philox(seed, step, e / 4)[e % 4]
 // >> 8 * 2^-24 with e = g * M + m, code = min(floor(clamp(v) - lo + u), 2^k - 1).
 TEST(Pack, StochasticCodesFollowTheDocumentedPhiloxKeying) {
-  for (const GroupLayout layout : {GroupLayout{37, 5, 1}, GroupLayout{3, 4, 7}}) {
+  // The last layout's runs of x (1100 codes) cross the CPU path's chunks of 1024 codes, and
+  // its 7 groups take every width from 2 to 8 bits.
+  for (const GroupLayout layout :
+       {GroupLayout{37, 5, 1}, GroupLayout{3, 4, 7}, GroupLayout{2, 7, 1100}}) {
     const int64_t groups = layout.groups, per_group = layout.per_group();
     std::vector<uint8_t> bits(groups);
     std::vector<float> scale(groups), offset(groups);
     for (int64_t g = 0; g < groups; ++g) {
-      bits[g] = static_cast<uint8_t>(2 + g % 5);
+      bits[g] = static_cast<uint8_t>(2 + g % 7);
       scale[g] = 0.37f;
       offset[g] = -1.5f;
     }
