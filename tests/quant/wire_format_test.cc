@@ -271,6 +271,7 @@ TEST(Crc32cTest, MatchesBitwiseAndExtendsAtEverySplit) {
   for (size_t n = 0; n <= data.size(); n += 7) {
     const uint32_t whole = Crc32c(absl::MakeConstSpan(data.data(), n));
     ASSERT_EQ(whole, BitwiseCrc32c(data.data(), n)) << n;
+    ASSERT_EQ(Crc32cExtendSoftware(0, data.data(), n), whole) << n;  // the other path
     for (size_t split = 0; split <= n; split += 5) {
       ASSERT_EQ(Crc32cExtend(Crc32cExtend(0, data.data(), split), data.data() + split, n - split),
                 whole);
@@ -279,6 +280,8 @@ TEST(Crc32cTest, MatchesBitwiseAndExtendsAtEverySplit) {
   // Unaligned starts.
   for (size_t start = 1; start < 8; ++start) {
     EXPECT_EQ(Crc32cExtend(0, data.data() + start, 100), BitwiseCrc32c(data.data() + start, 100));
+    EXPECT_EQ(Crc32cExtendSoftware(0, data.data() + start, 100),
+              BitwiseCrc32c(data.data() + start, 100));
   }
 }
 
