@@ -1,14 +1,57 @@
 #include "quant/channel_rotation.h"
 
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <cmath>
 #include <vector>
 
 #include "kernels/rotate.h"
+#include "quant/tensor_ops.h"
 
 namespace splitq::quant {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// R x (R^T x with `inverse`) of a CPU float32 tensor along `axis`, with kernels/rotate.h's
+// fast Walsh-Hadamard transform: log2(b) passes of adds an element instead of the b
+// multiply-adds of the [b, b] matmul.
+at::Tensor RotateOnCpu(const at::Tensor& x_in, int64_t axis, int64_t block, uint64_t seed,
+                       bool inverse) {
+  const at::Tensor x = x_in.contiguous();
+  const kernels::GroupLayout layout =
+      LayoutOf(x, Grouping{kernels::Granularity::kChannel, static_cast<int32_t>(axis)});
+  at::Tensor y = at::empty_like(x);
+  CheckOk(kernels::RotateChannels(layout, block, seed, inverse, x.data_ptr<float>(),
+                                  y.data_ptr<float>()));
+  return y;
+}
+
+// The same with autograd: the gradient of R x is R^T applied to the incoming gradient, and of
+// R^T y, R applied to it.
+struct RotateFunction : public torch::autograd::Function<RotateFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t axis, int64_t block,
+                            int64_t seed, bool inverse) {
+    ctx->saved_data["axis"] = axis;
+    ctx->saved_data["block"] = block;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["inverse"] = inverse;
+    return RotateOnCpu(x, axis, block, static_cast<uint64_t>(seed), inverse);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor g =
+        RotateOnCpu(grads[0], ctx->saved_data["axis"].toInt(), ctx->saved_data["block"].toInt(),
+                    static_cast<uint64_t>(ctx->saved_data["seed"].toInt()),
+                    !ctx->saved_data["inverse"].toBool());
+    return {g, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
 
 ChannelRotation::ChannelRotation(int64_t channels, int64_t block, uint64_t seed)
-    : channels_(channels) {
+    : channels_(channels), seed_(seed) {
   if (block <= 1 || channels <= 1) return;
   int64_t b = 1;
   while (b * 2 <= block && channels % (b * 2) == 0) b *= 2;
@@ -29,6 +72,10 @@ ChannelRotation::ChannelRotation(int64_t channels, int64_t block, uint64_t seed)
 
 at::Tensor ChannelRotation::Apply(const at::Tensor& x, int64_t axis, bool inverse) const {
   if (!enabled()) return x;
+  if (x.device().is_cpu() && x.scalar_type() == at::kFloat && !force_matmul_) {
+    const int64_t dim = axis < 0 ? axis + x.dim() : axis;
+    return RotateFunction::apply(x, dim, block_, static_cast<int64_t>(seed_), inverse);
+  }
   const at::Tensor last = x.movedim(axis, -1);
   std::vector<int64_t> shape = last.sizes().vec();
   std::vector<int64_t> blocks = shape;

@@ -3,7 +3,9 @@
 //
 // The same R as kernels/rotate.h (block-diagonal; within a block of b channels,
 // R = H diag(s) / sqrt(b), H the Sylvester-Hadamard matrix, s_c = kernels::RotationSign(seed, c)),
-// applied as a [b, b] matmul on the channels moved last. The sender rotates the boundary
+// applied as a [b, b] matmul on the channels moved last; CPU float32 tensors instead take
+// kernels/rotate.h's fast Walsh-Hadamard transform (log2(b) add passes; the same R to float
+// rounding). The sender rotates the boundary
 // activation before it is quantized (Forward) and the receiver undoes it after decoding
 // (Inverse); the receiver's gradient goes back rotated (Forward of the gradient: for y = R x,
 // dL/dy = R dL/dx as R is orthonormal), so the sender backpropagates through its quantizer in
@@ -34,11 +36,17 @@ class ChannelRotation {
   at::Tensor Forward(const at::Tensor& x, int64_t axis) const;
   at::Tensor Inverse(const at::Tensor& y, int64_t axis) const;
 
+  // Tests: the [b, b] matmul on every device and dtype (CPU float32 otherwise takes the
+  // kernel).
+  void set_force_matmul(bool on) { force_matmul_ = on; }
+
  private:
   at::Tensor Apply(const at::Tensor& x, int64_t axis, bool inverse) const;
 
   int64_t channels_ = 0;
   int64_t block_ = 0;
+  uint64_t seed_ = 0;
+  bool force_matmul_ = false;
   at::Tensor signs_;     // [channels / block, block] float32, CPU
   at::Tensor hadamard_;  // [block, block] float32, CPU, H / sqrt(block)
 };

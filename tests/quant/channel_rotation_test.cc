@@ -33,24 +33,42 @@ TEST(ChannelRotation, EqualsTheKernelInBothLayouts) {
   for (const Case& k : {Case{{2, 8, 3, 3}, 1, 8}, Case{{2, 8, 3, 3}, 1, 4}, Case{{5, 16}, 1, 16},
                         Case{{3, 4, 32}, 2, 8}}) {
     const at::Tensor x = at::randn(k.shape);
-    const ChannelRotation r(x.size(k.axis), k.block, 42);
-    ASSERT_EQ(r.block(), k.block);
-    EXPECT_TRUE(at::allclose(r.Forward(x, k.axis), KernelRotate(x, k.axis, k.block, 42, false),
-                             1e-5, 1e-6));
-    EXPECT_TRUE(
-        at::allclose(r.Inverse(x, k.axis), KernelRotate(x, k.axis, k.block, 42, true), 1e-5, 1e-6));
-    EXPECT_TRUE(at::allclose(r.Inverse(r.Forward(x, k.axis), k.axis), x, 1e-5, 1e-6));
-    EXPECT_NEAR(r.Forward(x, k.axis).norm().item<double>(), x.norm().item<double>(), 1e-4);
+    // Both paths: the [b, b] matmul (what CUDA and other dtypes take) and, on CPU float32,
+    // the kernel itself.
+    for (const bool matmul : {true, false}) {
+      ChannelRotation r(x.size(k.axis), k.block, 42);
+      r.set_force_matmul(matmul);
+      ASSERT_EQ(r.block(), k.block);
+      EXPECT_TRUE(at::allclose(r.Forward(x, k.axis), KernelRotate(x, k.axis, k.block, 42, false),
+                               1e-5, 1e-6));
+      EXPECT_TRUE(at::allclose(r.Inverse(x, k.axis), KernelRotate(x, k.axis, k.block, 42, true),
+                               1e-5, 1e-6));
+      EXPECT_TRUE(at::allclose(r.Inverse(r.Forward(x, k.axis), k.axis), x, 1e-5, 1e-6));
+      EXPECT_NEAR(r.Forward(x, k.axis).norm().item<double>(), x.norm().item<double>(), 1e-4);
+      // A negative axis names the same dimension.
+      EXPECT_TRUE(at::allclose(r.Forward(x, k.axis - x.dim()), r.Forward(x, k.axis), 1e-6, 1e-7));
+    }
   }
+  // float64 takes the matmul and agrees with the float32 kernel to float precision.
+  const at::Tensor x = at::randn({4, 32});
+  const ChannelRotation r(32, 16, 9);
+  EXPECT_TRUE(at::allclose(r.Forward(x.to(at::kDouble), 1).to(at::kFloat),
+                           KernelRotate(x, 1, 16, 9, false), 1e-5, 1e-6));
 }
 
 TEST(ChannelRotation, TheGradientIsTheInverse) {
   at::manual_seed(4);
-  const ChannelRotation r(16, 8, 7);
-  const at::Tensor x = at::randn({3, 16, 2}).requires_grad_(true);
-  const at::Tensor w = at::randn({3, 16, 2});
-  (r.Forward(x, 1) * w).sum().backward();
-  EXPECT_TRUE(at::allclose(x.grad(), r.Inverse(w, 1), 1e-5, 1e-6));
+  for (const bool matmul : {true, false}) {
+    ChannelRotation r(16, 8, 7);
+    r.set_force_matmul(matmul);
+    const at::Tensor w = at::randn({3, 16, 2});
+    at::Tensor x = at::randn({3, 16, 2}).requires_grad_(true);
+    (r.Forward(x, 1) * w).sum().backward();
+    EXPECT_TRUE(at::allclose(x.grad(), r.Inverse(w, 1), 1e-5, 1e-6)) << "matmul " << matmul;
+    x = at::randn({3, 16, 2}).requires_grad_(true);
+    (r.Inverse(x, 1) * w).sum().backward();
+    EXPECT_TRUE(at::allclose(x.grad(), r.Forward(w, 1), 1e-5, 1e-6)) << "matmul " << matmul;
+  }
 }
 
 TEST(ChannelRotation, TheBlockFallsBackToAPowerOfTwoThatDivides) {
