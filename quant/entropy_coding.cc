@@ -192,11 +192,19 @@ const uint8_t* EncodeStream(const uint8_t* c, int64_t m, const Table& t,
   uint8_t* p = end;
   // Two states, taking even and odd codes in turn (their steps overlap in the decoder).
   uint32_t x0 = kRansLow, x1 = kRansLow;
+  // Renormalisation emits n = 0, 1 or 2 bytes of x, low byte first, downwards: n counts
+  // x >= x_max and x >= 256 x_max (a third byte would need x >= 2^16 x_max >= 2^33, as
+  // x_max >= 2^17 for prob_bits <= 14). Computed without a branch on the data (with 3-4-bit
+  // codes a byte goes out about every other code, which a branch mispredicts); both bytes
+  // are written every time, and the ones not counted are overwritten by later ones or lie
+  // below the stream.
   auto put = [&p](uint32_t& x, const internal::RansSymbol& s) {
-    while (x >= s.x_max) {
-      *--p = static_cast<uint8_t>(x);
-      x >>= 8;
-    }
+    const uint64_t x_max = s.x_max;
+    const int n = static_cast<int>(x >= x_max) + static_cast<int>(x >= (x_max << 8));
+    p[-1] = static_cast<uint8_t>(x);
+    p[-2] = static_cast<uint8_t>(x >> 8);
+    p -= n;
+    x >>= 8 * n;
     x = internal::RansStep(x, s);
   };
   int64_t j = m;
