@@ -40,10 +40,10 @@ struct RotateFunction : public torch::autograd::Function<RotateFunction> {
     return RotateOnCpu(x, axis, block, static_cast<uint64_t>(seed), inverse);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor g =
-        RotateOnCpu(grads[0], ctx->saved_data["axis"].toInt(), ctx->saved_data["block"].toInt(),
-                    static_cast<uint64_t>(ctx->saved_data["seed"].toInt()),
-                    !ctx->saved_data["inverse"].toBool());
+    // Through apply, so that a graph of the backward (create_graph) is recorded too.
+    const at::Tensor g = RotateFunction::apply(
+        grads[0], ctx->saved_data["axis"].toInt(), ctx->saved_data["block"].toInt(),
+        ctx->saved_data["seed"].toInt(), !ctx->saved_data["inverse"].toBool());
     return {g, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -72,8 +72,10 @@ ChannelRotation::ChannelRotation(int64_t channels, int64_t block, uint64_t seed)
 
 at::Tensor ChannelRotation::Apply(const at::Tensor& x, int64_t axis, bool inverse) const {
   if (!enabled()) return x;
+  const int64_t dim = axis < 0 ? axis + x.dim() : axis;
+  TORCH_CHECK(dim >= 0 && dim < x.dim() && x.size(dim) == channels_, "rotation of ", channels_,
+              " channels given a tensor of shape ", x.sizes(), " along dimension ", axis);
   if (x.device().is_cpu() && x.scalar_type() == at::kFloat && !force_matmul_) {
-    const int64_t dim = axis < 0 ? axis + x.dim() : axis;
     return RotateFunction::apply(x, dim, block_, static_cast<int64_t>(seed_), inverse);
   }
   const at::Tensor last = x.movedim(axis, -1);

@@ -180,10 +180,11 @@ TEST(Pack, StochasticRoundingIsUnbiasedAndReproducible) {
 // Stochastic codes follow the documented keying exactly: u = Philox(seed, step, e / 4)[e % 4]
 // >> 8 * 2^-24 with e = g * M + m, code = min(floor(clamp(v) - lo + u), 2^k - 1).
 TEST(Pack, StochasticCodesFollowTheDocumentedPhiloxKeying) {
-  // The last layout's runs of x (1100 codes) cross the CPU path's chunks of 1024 codes, and
-  // its 7 groups take every width from 2 to 8 bits.
-  for (const GroupLayout layout :
-       {GroupLayout{37, 5, 1}, GroupLayout{3, 4, 7}, GroupLayout{2, 7, 1100}}) {
+  // The third layout's runs of x (1100 codes) cross the CPU path's chunks of 1024 codes, and
+  // its 7 groups take every width from 2 to 8 bits; the last one's groups (10000 codes) cross
+  // its units of 8192 codes, and it is large enough to be split over threads.
+  for (const GroupLayout layout : {GroupLayout{37, 5, 1}, GroupLayout{3, 4, 7},
+                                   GroupLayout{2, 7, 1100}, GroupLayout{2, 4, 5000}}) {
     const int64_t groups = layout.groups, per_group = layout.per_group();
     std::vector<uint8_t> bits(groups);
     std::vector<float> scale(groups), offset(groups);

@@ -3,6 +3,7 @@
 #include "quant/channel_rotation.h"
 
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <vector>
 
@@ -68,6 +69,32 @@ TEST(ChannelRotation, TheGradientIsTheInverse) {
     x = at::randn({3, 16, 2}).requires_grad_(true);
     (r.Inverse(x, 1) * w).sum().backward();
     EXPECT_TRUE(at::allclose(x.grad(), r.Forward(w, 1), 1e-5, 1e-6)) << "matmul " << matmul;
+  }
+}
+
+// The backward is itself differentiable (create_graph): for y = R x, the gradient R^T v of
+// an incoming gradient v has gradient R w with respect to v.
+TEST(ChannelRotation, TheBackwardIsDifferentiable) {
+  at::manual_seed(5);
+  for (const bool matmul : {true, false}) {
+    ChannelRotation r(16, 8, 3);
+    r.set_force_matmul(matmul);
+    const at::Tensor x = at::randn({3, 16}).requires_grad_(true);
+    const at::Tensor v = at::randn({3, 16}).requires_grad_(true);
+    const at::Tensor w = at::randn({3, 16});
+    const at::Tensor g = torch::autograd::grad({r.Forward(x, 1)}, {x}, {v}, true, true)[0];
+    (g * w).sum().backward();
+    ASSERT_TRUE(v.grad().defined()) << "matmul " << matmul;
+    EXPECT_TRUE(at::allclose(v.grad(), r.Forward(w, 1), 1e-5, 1e-6)) << "matmul " << matmul;
+  }
+}
+
+// Both paths refuse a tensor whose channel count is not the rotation's.
+TEST(ChannelRotation, RefusesAnotherChannelCount) {
+  for (const bool matmul : {true, false}) {
+    ChannelRotation r(64, 16, 1);
+    r.set_force_matmul(matmul);
+    EXPECT_THROW((void)r.Forward(at::randn({2, 32}), 1), c10::Error) << "matmul " << matmul;
   }
 }
 
