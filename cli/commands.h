@@ -79,4 +79,7 @@ void RegisterHealth(CLI::App& app, RunFn* run);
 // `splitq config check|reference`: validate run configs; list every key.
 void RegisterConfig(CLI::App& app, RunFn* run);
 
+// `splitq report RUN_DIR... [--out FILE.html]` (report_command.cc).
+void RegisterReport(CLI::App& app, RunFn* run);
+
 }  // namespace splitq::cli

@@ -134,6 +134,7 @@ int main(int argc, char** argv) {
   splitq::cli::RegisterBenchCoordinator(*bench, &run);
 #endif
   splitq::cli::RegisterConfig(app, &run);
+  splitq::cli::RegisterReport(app, &run);
   splitq::cli::RegisterData(app, &run);
   splitq::cli::RegisterCerts(app, &run);
   splitq::cli::RegisterThrottle(app, &run);

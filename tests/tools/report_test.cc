@@ -1,0 +1,143 @@
+// tools/report.h: the flat JSON reader, reading run directories (bad lines refused with file
+// and line, a last line cut short skipped), and the page: every chart present, carrying the
+// runs' numbers, fetching nothing.
+#include "tools/report.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "base/files.h"
+
+namespace splitq::tools {
+namespace {
+
+namespace fs = std::filesystem;
+
+TEST(ParseFlatJson, ReadsWhatSplitqWrites) {
+  auto r = ParseFlatJson(
+      R"({"step": 10, "loss": 2.28674183, "val_bits_per_byte": null, "task": "fmnist",)"
+      R"( "ok": true, "neg": -1.5e-3, "q": "a\"b"})");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->numbers.at("step"), 10);
+  EXPECT_DOUBLE_EQ(r->numbers.at("loss"), 2.28674183);
+  EXPECT_DOUBLE_EQ(r->numbers.at("neg"), -1.5e-3);
+  EXPECT_EQ(r->numbers.at("ok"), 1);
+  EXPECT_EQ(r->numbers.count("val_bits_per_byte"), 0u);  // null: left out
+  EXPECT_EQ(r->strings.at("task"), "fmnist");
+  EXPECT_EQ(r->strings.at("q"), "a\"b");
+  EXPECT_TRUE(ParseFlatJson("{}").ok());
+  EXPECT_TRUE(ParseFlatJson(" {\n\"a\": 1\n}\n").ok());
+}
+
+TEST(ParseFlatJson, RefusesWhatItDoesNotRead) {
+  for (const char* bad : {"", "[1]", "{\"a\" 1}", "{\"a\": }", "{\"a\": 1", "{\"a\": [1]}",
+                          "{\"a\": {\"b\": 1}}", "{\"a\": 1} x", "{\"a\": nan}", "{a: 1}"}) {
+    EXPECT_FALSE(ParseFlatJson(bad).ok()) << bad;
+  }
+  const auto r = ParseFlatJson("{\"a\": 1,, \"b\": 2}");
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(std::string(r.status().message()).find("column 9"), std::string::npos) << r.status();
+}
+
+class ReportTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = fs::temp_directory_path() / ("splitq_report_" + std::to_string(getpid()));
+    fs::create_directories(root_);
+  }
+  void TearDown() override { base::RemoveTree(root_.string()); }
+
+  // A run like `splitq train` leaves: metrics every 10 steps, validation every 50.
+  std::string MakeRun(const std::string& name, double act_bits, bool summary) {
+    const fs::path dir = root_ / name;
+    fs::create_directories(dir);
+    std::ofstream m(dir / "metrics.jsonl");
+    for (int step = 10; step <= 100; step += 10) {
+      m << "{\"step\": " << step << ", \"loss\": " << 3.0 - step / 100.0
+        << ", \"act_bits\": " << act_bits
+        << ", \"grad_bits\": 6.0, \"wire_bits_up\": " << act_bits + 0.25
+        << ", \"wire_bits_down\": 6.5, \"code_entropy_bits_up\": " << act_bits - 0.5
+        << ", \"step_ms\": 12.5}\n";
+    }
+    std::ofstream v(dir / "validation.jsonl");
+    v << "{\"step\": 50, \"val_loss\": 0.5, \"val_accuracy\": 0.8125, \"val_bits_per_byte\": "
+         "null}\n{\"step\": 100, \"val_loss\": 0.4, \"val_accuracy\": 0.875, "
+         "\"val_bits_per_byte\": null}\n";
+    if (summary) {
+      std::ofstream s(dir / "summary.json");
+      s << "{\n  \"task\": \"fmnist\",\n  \"steps\": 100,\n  \"act_budget\": " << act_bits
+        << ",\n  \"grad_budget\": 6.0,\n  \"bytes_up\": 1000000,\n  \"bytes_down\": 3000000,\n"
+           "  \"bytes_fp32_equivalent\": 40000000,\n  \"val_accuracy\": 0.875\n}\n";
+    }
+    return dir.string();
+  }
+
+  fs::path root_;
+};
+
+TEST_F(ReportTest, TwoRunsSideBySide) {
+  const std::string a = MakeRun("amaq-4bit", 4.0, true);
+  const std::string b = MakeRun("uniform-3bit", 3.0, false);  // still running: no summary
+  const std::string out = (root_ / "report.html").string();
+  ASSERT_TRUE(WriteReport({a, b}, out).ok());
+  std::ifstream in(out);
+  const std::string html((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  for (const char* id : {"id=\"loss\"", "id=\"val_loss\"", "id=\"val_accuracy\"", "id=\"bits\"",
+                         "id=\"wire\"", "id=\"step_ms\"", "id=\"summary\""}) {
+    EXPECT_NE(html.find(id), std::string::npos) << id;
+  }
+  // No language-model runs: no bits-per-byte chart.
+  EXPECT_EQ(html.find("id=\"val_bits_per_byte\""), std::string::npos);
+  // The runs' numbers: the loss at step 100 of the first run, the validation accuracy of the
+  // second, the activation bits of both, the first run's budget and bytes against fp32.
+  EXPECT_NE(html.find("data-label=\"amaq-4bit\" data-points=\"10,2.9 20,2.8"), std::string::npos);
+  EXPECT_NE(html.find("uniform-3bit, step 100: 0.875"), std::string::npos);
+  EXPECT_NE(html.find("data-label=\"amaq-4bit: activations\" data-points=\"10,4 "),
+            std::string::npos);
+  EXPECT_NE(html.find("data-label=\"uniform-3bit: activations\" data-points=\"10,3 "),
+            std::string::npos);
+  EXPECT_NE(html.find("data-label=\"amaq-4bit: activation budget (final)\" data-y=\"4\""),
+            std::string::npos);
+  EXPECT_NE(html.find("amaq-4bit: 4 MB on the wire up and down against 40 MB as fp32 (10%)"),
+            std::string::npos);
+  // Self-contained: no scripts, no fetches (the SVG namespace is the one URL).
+  EXPECT_EQ(html.find("<script"), std::string::npos);
+  EXPECT_EQ(html.find("src="), std::string::npos);
+  EXPECT_EQ(html.find("href="), std::string::npos);
+}
+
+TEST_F(ReportTest, BadInputIsNamed) {
+  EXPECT_EQ(ReadRun((root_ / "nothing").string()).status().code(), absl::StatusCode::kNotFound);
+  const std::string a = MakeRun("broken", 4.0, false);
+  {
+    std::ofstream m(fs::path(a) / "metrics.jsonl", std::ios::app);
+    m << "{\"step\": 110, \"loss\": oops}\n{\"step\": 120, \"loss\": 1.0}\n";
+  }
+  const auto run = ReadRun(a);
+  ASSERT_FALSE(run.ok());
+  EXPECT_NE(std::string(run.status().message()).find("metrics.jsonl:11:"), std::string::npos)
+      << run.status();
+  // The report is not written when a run is bad.
+  const std::string out = (root_ / "bad.html").string();
+  EXPECT_FALSE(WriteReport({a}, out).ok());
+  EXPECT_FALSE(fs::exists(out));
+}
+
+TEST_F(ReportTest, ALastLineCutShortIsSkipped) {
+  const std::string a = MakeRun("running", 4.0, false);
+  {
+    std::ofstream m(fs::path(a) / "metrics.jsonl", std::ios::app);
+    m << "{\"step\": 110, \"lo";  // the writer is mid-line
+  }
+  const auto run = ReadRun(a);
+  ASSERT_TRUE(run.ok()) << run.status();
+  EXPECT_EQ(run->metrics.size(), 10u);
+  EXPECT_FALSE(run->has_summary);
+}
+
+}  // namespace
+}  // namespace splitq::tools
