@@ -74,6 +74,8 @@ void PrintTrainSummary(const trainer::TrainSummary& summary, const std::string& 
   if (!out_dir.empty()) {
     std::printf("wrote %s/{metrics.jsonl, validation.jsonl, checkpoint.pt, summary.json}\n",
                 out_dir.c_str());
+    std::printf("curves: splitq report %s --out %s/report.html\n", out_dir.c_str(),
+                out_dir.c_str());
   }
 }
 

@@ -400,6 +400,9 @@ int RunDemo(const DemoOptions& opt,
   std::printf("wrote %s\n", summary_path.c_str());
   std::printf("(per client: %s/client<i>/; server logs: %s/logs/)\n", opt.out_dir.c_str(),
               opt.out_dir.c_str());
+  std::string dirs;
+  for (int c = 0; c < opt.clients; ++c) absl::StrAppend(&dirs, " ", opt.out_dir, "/client", c);
+  std::printf("curves: splitq report%s --out %s/report.html\n", dirs.c_str(), opt.out_dir.c_str());
   return 0;
 }
 
