@@ -126,10 +126,13 @@ std::string Num(double v) {
   return buf;
 }
 
+constexpr char kDashed[] = "6 3";
+constexpr char kDotted[] = "2 3";
+
 struct Series {
   std::string label;  // "run: key"
   std::string color;
-  bool dashed = false;
+  std::string dash;  // SVG stroke-dasharray; empty: solid
   std::vector<std::pair<double, double>> points;
 };
 
@@ -219,8 +222,8 @@ std::string Chart(const std::string& id, const std::string& title, const std::st
     }
     o << "<polyline class=\"series\" data-label=\"" << Escape(s.label) << "\" data-points=\""
       << data << "\" points=\"" << pts << "\" fill=\"none\" stroke=\"" << s.color
-      << "\" stroke-width=\"1.5\"" << (s.dashed ? " stroke-dasharray=\"6 3\"" : "") << "><title>"
-      << Escape(s.label) << "</title></polyline>\n";
+      << "\" stroke-width=\"1.5\"" << (s.dash.empty() ? "" : " stroke-dasharray=\"" + s.dash + "\"")
+      << "><title>" << Escape(s.label) << "</title></polyline>\n";
     if (s.points.size() <= 400) {  // hover values, while the file stays small
       for (const auto& [x, y] : s.points) {
         o << "<circle cx=\"" << Num(px(x)) << "\" cy=\"" << Num(py(y)) << "\" r=\"2\" fill=\""
@@ -232,7 +235,10 @@ std::string Chart(const std::string& id, const std::string& title, const std::st
   }
   o << "</svg>\n<div class=\"legend\">";
   for (const Series& s : series) {
-    o << "<span style=\"color:" << s.color << "\">" << (s.dashed ? "- - " : "&#9472;&#9472; ")
+    o << "<span style=\"color:" << s.color << "\">"
+      << (s.dash.empty()      ? "&#9472;&#9472; "
+          : s.dash == kDotted ? "&#183;&#183;&#183; "
+                              : "- - ")
       << Escape(s.label) << "</span> ";
   }
   for (const HLine& l : lines) {
@@ -245,13 +251,14 @@ std::string Chart(const std::string& id, const std::string& title, const std::st
 
 // The series of `key` over "step" in each run's records (`validation` or `metrics`).
 std::vector<Series> Collect(const std::vector<RunData>& runs, bool validation,
-                            const std::string& key, bool dashed, const std::string& suffix) {
+                            const std::string& key, const std::string& dash,
+                            const std::string& suffix) {
   std::vector<Series> out;
   for (size_t r = 0; r < runs.size(); ++r) {
     Series s;
     s.label = runs[r].name + suffix;
     s.color = kColors[r % (sizeof kColors / sizeof kColors[0])];
-    s.dashed = dashed;
+    s.dash = dash;
     for (const FlatRecord& rec : validation ? runs[r].validation : runs[r].metrics) {
       const auto step = rec.numbers.find("step");
       const auto v = rec.numbers.find(key);
@@ -266,6 +273,77 @@ std::vector<Series> Collect(const std::vector<RunData>& runs, bool validation,
 
 void Append(std::vector<Series>* a, std::vector<Series> b) {
   for (Series& s : b) a->push_back(std::move(s));
+}
+
+// Bits 1..8 (viridis-like, dark to light).
+const char* const kBitColors[] = {"#440154", "#46327e", "#365c8d", "#277f8e",
+                                  "#1fa187", "#4ac16d", "#a0da39", "#fde725"};
+
+// A run's activation bits per channel over steps (metrics.jsonl's "act_bit_map"): one column
+// per logged line, one row per channel, at most 300 columns (every k-th line) and 128 rows
+// (a row the mean of consecutive channels). Empty when the run logged no map.
+std::string BitMap(const RunData& run, size_t index) {
+  std::vector<std::pair<double, const std::string*>> cols;
+  size_t channels = 0;
+  for (const FlatRecord& rec : run.metrics) {
+    const auto map = rec.strings.find("act_bit_map");
+    const auto step = rec.numbers.find("step");
+    if (map == rec.strings.end() || step == rec.numbers.end() || map->second.empty()) continue;
+    cols.emplace_back(step->second, &map->second);
+    channels = std::max(channels, map->second.size());
+  }
+  if (cols.empty()) return "";
+  constexpr size_t kMaxCols = 300, kMaxRows = 128;
+  const size_t col_stride = (cols.size() + kMaxCols - 1) / kMaxCols;
+  const size_t row_group = (channels + kMaxRows - 1) / kMaxRows;
+  const size_t ncols = (cols.size() + col_stride - 1) / col_stride;
+  const size_t nrows = (channels + row_group - 1) / row_group;
+  constexpr double kLeft = 64, kTop = 8, kPlotW = 640;
+  const double cell_w = kPlotW / static_cast<double>(ncols);
+  const double cell_h = std::max(1.0, std::min(8.0, 384.0 / static_cast<double>(nrows)));
+  const double height = kTop + cell_h * static_cast<double>(nrows) + 36;
+  std::ostringstream o;
+  o << "<section class=\"chart\" id=\"bit_map_" << index
+    << "\"><h2>Activation bits per channel over steps: " << Escape(run.name)
+    << "</h2>\n<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"bitmap\" width=\""
+    << kLeft + kPlotW + 16 << "\" height=\"" << Num(height) << "\" data-channels=\"" << channels
+    << "\" data-columns=\"" << ncols << "\" data-first-step=\"" << Num(cols.front().first)
+    << "\" data-last-step=\"" << Num(cols.back().first) << "\" data-last-map=\""
+    << Escape(*cols.back().second) << "\">\n";
+  for (size_t c = 0; c < ncols; ++c) {
+    const std::string& map = *cols[c * col_stride].second;
+    for (size_t r = 0; r < nrows; ++r) {
+      double sum = 0;
+      int n = 0;
+      for (size_t ch = r * row_group; ch < std::min(channels, (r + 1) * row_group); ++ch) {
+        if (ch < map.size() && map[ch] >= '1' && map[ch] <= '8') {
+          sum += map[ch] - '0';
+          ++n;
+        }
+      }
+      if (n == 0) continue;
+      const int bits = std::clamp(static_cast<int>(std::lround(sum / n)), 1, 8);
+      o << "<rect class=\"cell\" x=\"" << Num(kLeft + cell_w * static_cast<double>(c)) << "\" y=\""
+        << Num(kTop + cell_h * static_cast<double>(r)) << "\" width=\"" << Num(cell_w + 0.05)
+        << "\" height=\"" << Num(cell_h + 0.05) << "\" fill=\"" << kBitColors[bits - 1] << "\"/>";
+    }
+    o << "\n";
+  }
+  const double bottom = kTop + cell_h * static_cast<double>(nrows);
+  o << "<text class=\"axis\" x=\"4\" y=\"" << Num(kTop + 10) << "\">channel 0</text>"
+    << "<text class=\"axis\" x=\"4\" y=\"" << Num(bottom) << "\">" << channels - 1 << "</text>"
+    << "<text class=\"tick\" x=\"" << kLeft << "\" y=\"" << Num(bottom + 14) << "\">step "
+    << Num(cols.front().first) << "</text><text class=\"tick\" x=\"" << kLeft + kPlotW << "\" y=\""
+    << Num(bottom + 14) << "\" text-anchor=\"end\">step " << Num(cols.back().first)
+    << "</text>\n</svg>\n<div class=\"legend\">bits: ";
+  for (int b = 1; b <= 8; ++b) {
+    o << "<span style=\"background:" << kBitColors[b - 1] << ";color:" << (b >= 6 ? "#000" : "#fff")
+      << ";padding:0 6px\">" << b << "</span>";
+  }
+  if (row_group > 1) o << " (a row: the mean of " << row_group << " channels)";
+  if (col_stride > 1) o << " (a column: every " << col_stride << "th metrics line)";
+  o << "</div></section>\n";
+  return o.str();
 }
 
 std::string SummaryTable(const std::vector<RunData>& runs) {
@@ -395,18 +473,32 @@ std::string RenderReport(const std::vector<RunData>& runs) {
        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
        ".empty{color:#888;font-size:12px}\n</style></head><body>\n"
     << "<h1>splitq report: " << Escape(names) << "</h1>\n";
-  o << Chart("loss", "Training loss", "loss", Collect(runs, false, "loss", false, ""), {});
-  o << Chart("val_loss", "Validation loss", "loss", Collect(runs, true, "val_loss", false, ""), {});
-  const std::vector<Series> accuracy = Collect(runs, true, "val_accuracy", false, "");
+  o << Chart("loss", "Training loss", "loss", Collect(runs, false, "loss", "", ""), {});
+  o << Chart("val_loss", "Validation loss", "loss", Collect(runs, true, "val_loss", "", ""), {});
+  const std::vector<Series> accuracy = Collect(runs, true, "val_accuracy", "", "");
   if (!accuracy.empty())
     o << Chart("val_accuracy", "Validation accuracy", "accuracy", accuracy, {});
-  const std::vector<Series> bpb = Collect(runs, true, "val_bits_per_byte", false, "");
+  const std::vector<Series> bpb = Collect(runs, true, "val_bits_per_byte", "", "");
   if (!bpb.empty())
     o << Chart("val_bits_per_byte", "Validation bits per byte", "bits/byte", bpb, {});
-  std::vector<Series> bits = Collect(runs, false, "act_bits", false, ": activations");
-  Append(&bits, Collect(runs, false, "grad_bits", true, ": gradients"));
+  std::vector<Series> bits = Collect(runs, false, "act_bits", "", ": activations");
+  Append(&bits, Collect(runs, false, "grad_bits", kDashed, ": gradients"));
+  // The budgets over steps (metrics lines since 2026-12-07); runs that predate them get
+  // their final budgets from summary.json as horizontal lines.
+  std::vector<Series> act_budget =
+      Collect(runs, false, "act_budget", kDotted, ": activation budget");
+  std::vector<Series> grad_budget =
+      Collect(runs, false, "grad_budget", kDotted, ": gradient budget");
+  Append(&bits, std::move(act_budget));
+  Append(&bits, std::move(grad_budget));
   std::vector<HLine> budgets;
   for (size_t r = 0; r < runs.size(); ++r) {
+    const auto& m = runs[r].metrics;
+    if (std::any_of(m.begin(), m.end(), [](const FlatRecord& rec) {
+          return rec.numbers.count("act_budget") + rec.numbers.count("grad_budget") > 0;
+        })) {
+      continue;  // plotted over steps
+    }
     const auto& n = runs[r].summary.numbers;
     const std::string color = kColors[r % (sizeof kColors / sizeof kColors[0])];
     if (const auto b = n.find("act_budget"); b != n.end()) {
@@ -417,17 +509,18 @@ std::string RenderReport(const std::vector<RunData>& runs) {
     }
   }
   o << Chart("bits", "Bits per element in use (nominal code widths)", "bits", bits, budgets);
-  std::vector<Series> wire = Collect(runs, false, "wire_bits_up", false, ": wire up");
-  Append(&wire, Collect(runs, false, "wire_bits_down", false, ": wire down"));
-  Append(&wire, Collect(runs, false, "code_entropy_bits_up", true, ": code entropy up"));
-  Append(&wire, Collect(runs, false, "code_entropy_bits_down", true, ": code entropy down"));
+  std::vector<Series> wire = Collect(runs, false, "wire_bits_up", "", ": wire up");
+  Append(&wire, Collect(runs, false, "wire_bits_down", kDashed, ": wire down"));
+  Append(&wire, Collect(runs, false, "code_entropy_bits_up", kDotted, ": code entropy up"));
+  Append(&wire, Collect(runs, false, "code_entropy_bits_down", kDotted, ": code entropy down"));
   o << Chart("wire",
              "Wire bits per element (bytes x 8 / elements, all counted) and the codes' entropy",
              "bits", wire, {});
-  o << Chart("step_ms", "Step time", "ms", Collect(runs, false, "step_ms", false, ""), {});
+  for (size_t r = 0; r < runs.size(); ++r) o << BitMap(runs[r], r);
+  o << Chart("step_ms", "Step time", "ms", Collect(runs, false, "step_ms", "", ""), {});
   o << SummaryTable(runs);
-  o << "<p class=\"empty\">Not shown yet: per-channel bit maps and a step-time breakdown (the "
-       "runs do not log them).</p>\n</body></html>\n";
+  o << "<p class=\"empty\">Not shown yet: a step-time breakdown (the runs do not log it).</p>\n"
+       "</body></html>\n";
   return o.str();
 }
 

@@ -8,7 +8,11 @@
 //   - training loss over steps;
 //   - validation loss, and accuracy (Fashion-MNIST) or bits per byte (language model);
 //   - the bits per element in use, activations and gradients (act_bits, grad_bits), over
-//     steps, with the run's final budgets from summary.json as dashed lines;
+//     steps, against the budgets (act_budget, grad_budget: the budget of each logged window;
+//     runs that did not log them get their final budgets from summary.json as lines);
+//   - per run, a map of the activation bits per channel over steps (act_bit_map: one digit a
+//     channel on each metrics line), at most 300 columns and 128 rows (rows of many channels
+//     are their mean);
 //   - wire bits per element up and down (bytes on the wire x 8 / elements, everything
 //     counted) against the codes' entropy, over steps;
 //   - step time over steps;
@@ -17,8 +21,7 @@
 // carries its value (a <title> a browser shows on hover), and every chart its data as
 // data-series attributes, so tests and scripts can read the numbers back.
 //
-// Not yet: per-channel bit maps over steps and a step-time breakdown (the runs do not log
-// them yet), and a test in a real browser.
+// Not yet: a step-time breakdown (the runs do not log it), and a test in a real browser.
 //
 // The reader takes the flat JSON objects splitq writes (string keys; values numbers, null,
 // true/false or strings without escapes beyond \" and \\); anything else is refused with the

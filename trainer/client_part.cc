@@ -309,6 +309,7 @@ absl::StatusOr<StepStats> ClientPart::Backward(const DownFrame& down) {
     const double n1 = static_cast<double>(side.numel()), n2 = static_cast<double>(p.h2_numel);
     stats.loss = s.c.u_shaped ? p.head_loss : down.loss;
     stats.act_bits = (p.bits * n1 + p.act2_bits * n2) / (n1 + n2);
+    stats.act_bit_map = p.bit_map;
     stats.grad_bits = (down.grad_bits * n1 + p.grad2_bits * n2) / (n1 + n2);
     s.bytes_up += static_cast<int64_t>(p.up.frame->size()) + p.head_bytes_up;
     s.bytes_down += static_cast<int64_t>(down.frame.size()) + p.head_bytes_down;

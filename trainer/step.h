@@ -39,6 +39,9 @@ struct StepStats {
   double act_bits = 0;   // mean bits per element of this step's activation frames (32: fp32)
   double grad_bits = 0;  // ... and of its gradient frames
   double step_ms = 0;    // wall time of the step
+  // Bits per channel of this step's activation frame (boundary 1; empty: fp32). metrics.jsonl
+  // logs it as "act_bit_map" (one digit a channel) on each of its lines.
+  std::vector<uint8_t> act_bit_map;
 };
 
 struct EvalStats {

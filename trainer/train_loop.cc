@@ -90,6 +90,16 @@ double WindowBudget(double (*budget_at)(const RunConfig&, int64_t), const RunCon
   return steps_done > first ? sum / static_cast<double>(steps_done - first) : budget_at(c, 0);
 }
 
+// `, "act_bit_map": "8876..."`: the step's bits per channel, one digit each (1..8); nothing
+// for an fp32 frame.
+std::string BitMapJson(const std::vector<uint8_t>& bits) {
+  if (bits.empty()) return "";
+  std::string digits;
+  digits.reserve(bits.size());
+  for (const uint8_t b : bits) digits.push_back(static_cast<char>('0' + std::min<uint8_t>(b, 9)));
+  return absl::StrCat(", \"act_bit_map\": \"", digits, "\"");
+}
+
 // "3.11 (budget 4.00)", or "fp32" where there is no budget (budget < 0).
 std::string BitsAndBudget(double used, double budget) {
   return budget < 0 ? std::string("fp32") : absl::StrFormat("%.2f (budget %.2f)", used, budget);
@@ -261,9 +271,12 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
       const WireTotals wire = trainer->wire();
       metrics << absl::StrFormat(
           "{\"step\": %d, \"loss\": %.9g, \"lr\": %.6g, \"act_bits\": %.4f, \"grad_bits\": %.4f, "
-          "\"bytes_up\": %d, \"bytes_down\": %d, %s, \"step_ms\": %.3f}\n",
-          step, mean_loss, LearningRateAt(c, step - 1, c.lr), w.avg_act, w.avg_grad, wire.bytes_up,
-          wire.bytes_down, WireBitsJson(wire, logged, " "), s.step_ms);
+          "\"act_budget\": %s, \"grad_budget\": %s, \"bytes_up\": %d, \"bytes_down\": %d, %s, "
+          "\"step_ms\": %.3f%s}\n",
+          step, mean_loss, LearningRateAt(c, step - 1, c.lr), w.avg_act, w.avg_grad,
+          NumberOrNull(WindowBudget(ActivationBudgetAt, c, step)),
+          NumberOrNull(WindowBudget(GradientBudgetAt, c, step)), wire.bytes_up, wire.bytes_down,
+          WireBitsJson(wire, logged, " "), s.step_ms, BitMapJson(s.act_bit_map));
       logged = wire;
       metrics.flush();
       if (options.progress) {

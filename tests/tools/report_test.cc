@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -52,7 +53,8 @@ class ReportTest : public ::testing::Test {
   void TearDown() override { base::RemoveTree(root_.string()); }
 
   // A run like `splitq train` leaves: metrics every 10 steps, validation every 50.
-  std::string MakeRun(const std::string& name, double act_bits, bool summary) {
+  std::string MakeRun(const std::string& name, double act_bits, bool summary,
+                      bool budgets_per_step = false) {
     const fs::path dir = root_ / name;
     fs::create_directories(dir);
     std::ofstream m(dir / "metrics.jsonl");
@@ -61,7 +63,14 @@ class ReportTest : public ::testing::Test {
         << ", \"act_bits\": " << act_bits
         << ", \"grad_bits\": 6.0, \"wire_bits_up\": " << act_bits + 0.25
         << ", \"wire_bits_down\": 6.5, \"code_entropy_bits_up\": " << act_bits - 0.5
-        << ", \"step_ms\": 12.5}\n";
+        << ", \"step_ms\": 12.5";
+      if (budgets_per_step) {
+        m << ", \"act_budget\": " << 8.0 - step / 25.0 << ", \"grad_budget\": null";
+        // 6 channels: the first at 8 bits, the rest falling with the budget.
+        const int b = std::max(1, 8 - step / 25);
+        m << ", \"act_bit_map\": \"8" << std::string(5, static_cast<char>('0' + b)) << "\"";
+      }
+      m << "}\n";
     }
     std::ofstream v(dir / "validation.jsonl");
     v << "{\"step\": 50, \"val_loss\": 0.5, \"val_accuracy\": 0.8125, \"val_bits_per_byte\": "
@@ -108,6 +117,31 @@ TEST_F(ReportTest, TwoRunsSideBySide) {
   EXPECT_EQ(html.find("<script"), std::string::npos);
   EXPECT_EQ(html.find("src="), std::string::npos);
   EXPECT_EQ(html.find("href="), std::string::npos);
+}
+
+// Metrics lines with the budget of each window: plotted over steps instead of the final
+// budget's horizontal line; a null budget (fp32 gradients) plots nothing.
+TEST_F(ReportTest, BudgetsOverSteps) {
+  const std::string a = MakeRun("scheduled", 4.0, true, true);
+  const std::string out = (root_ / "budgets.html").string();
+  ASSERT_TRUE(WriteReport({a}, out).ok());
+  std::ifstream in(out);
+  const std::string html((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(html.find("data-label=\"scheduled: activation budget\" data-points=\"10,7.6 20,7.2 "),
+            std::string::npos);
+  EXPECT_EQ(html.find("scheduled: gradient budget"), std::string::npos);
+  EXPECT_EQ(html.find("budget (final)"), std::string::npos);
+  // The bit map: 10 columns x 6 channels, ending with the last line's map.
+  EXPECT_NE(html.find("id=\"bit_map_0\""), std::string::npos);
+  EXPECT_NE(html.find("data-channels=\"6\" data-columns=\"10\" data-first-step=\"10\" "
+                      "data-last-step=\"100\" data-last-map=\"844444\""),
+            std::string::npos);
+  size_t rects = 0;
+  const std::string cell = "<rect class=\"cell\"";
+  for (size_t at = html.find(cell); at != std::string::npos; at = html.find(cell, at + 1)) {
+    ++rects;
+  }
+  EXPECT_EQ(rects, 60u);
 }
 
 TEST_F(ReportTest, BadInputIsNamed) {

@@ -216,6 +216,7 @@ quant:
   EXPECT_NEAR(read->entropy.bits_down / elements, s.entropy.bits_down / elements, 1e-3);
   std::ifstream metrics(std::filesystem::path(OutDir("amaq")) / "metrics.jsonl");
   int lines = 0;
+  size_t map_size = 0;
   for (std::string line; std::getline(metrics, line);) {
     EXPECT_NE(line.find("\"act_bits\""), std::string::npos);
     const auto number = [&](const std::string& key) {
@@ -229,6 +230,15 @@ quant:
     EXPECT_GT(number("code_entropy_bits_up"), 0) << line;
     EXPECT_LE(number("code_entropy_bits_up"), act + 1e-3) << line;
     EXPECT_LE(number("code_entropy_bits_down"), 6 + 1e-3) << line;
+    EXPECT_GT(number("act_budget"), 0) << line;  // the window's budget
+    // The logged step's bits per channel, a digit each, as many as the first line's.
+    const size_t map = line.find("\"act_bit_map\": \"");
+    ASSERT_NE(map, std::string::npos) << line;
+    const std::string digits = line.substr(map + 16, line.find('"', map + 16) - (map + 16));
+    EXPECT_EQ(digits.find_first_not_of("12345678"), std::string::npos) << digits;
+    if (map_size == 0) map_size = digits.size();
+    EXPECT_GT(digits.size(), 0u);
+    EXPECT_EQ(digits.size(), map_size);
     ++lines;
   }
   EXPECT_EQ(lines, 6);
