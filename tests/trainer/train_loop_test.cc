@@ -87,7 +87,7 @@ class FailingRunner : public StepRunner {
       return absl::CancelledError("interrupted");
     }
     ++step_;
-    return StepStats{1.0, 4, 8, 1};
+    return StepStats{1.0, 4, 8, 1, {}};
   }
   absl::StatusOr<EvalStats> Evaluate() override {
     if (fail_validation_) {
