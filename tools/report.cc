@@ -62,6 +62,28 @@ class Reader {
     i_ += static_cast<size_t>(end - begin);
     return true;
   }
+  // An array of numbers or of such arrays (e.g. summary.json's "lost_steps": [[A, B], ...]),
+  // returned as its text.
+  bool Array(std::string* out, int depth = 0) {
+    SkipSpace();
+    const size_t start = i_;
+    if (depth > 4 || !Eat('[')) return false;
+    if (!Eat(']')) {
+      while (true) {
+        double number = 0;
+        std::string inner;
+        SkipSpace();
+        if (!(i_ < s_.size() && s_[i_] == '[' ? Array(&inner, depth + 1) : Number(&number))) {
+          return false;
+        }
+        if (Eat(',')) continue;
+        if (Eat(']')) break;
+        return false;
+      }
+    }
+    *out = s_.substr(start, i_ - start);
+    return true;
+  }
   bool AtEnd() {
     SkipSpace();
     return i_ == s_.size();
@@ -412,12 +434,12 @@ absl::StatusOr<FlatRecord> ParseFlatJson(const std::string& text) {
         rec.numbers[key] = 1;
       } else if (in.Word("false")) {
         rec.numbers[key] = 0;
-      } else if (in.String(&str)) {
+      } else if (in.String(&str) || in.Array(&str)) {
         rec.strings[key] = str;
       } else if (in.Number(&number)) {
         rec.numbers[key] = number;
       } else {
-        return bad("expected a number, string, true, false or null");
+        return bad("expected a number, string, array of numbers, true, false or null");
       }
       if (in.Eat(',')) continue;
       if (in.Eat('}')) break;

@@ -24,8 +24,8 @@
 // Not yet: a step-time breakdown (the runs do not log it), and a test in a real browser.
 //
 // The reader takes the flat JSON objects splitq writes (string keys; values numbers, null,
-// true/false or strings without escapes beyond \" and \\); anything else is refused with the
-// file and line.
+// true/false, strings without escapes beyond \" and \\, or arrays of numbers or of such
+// arrays, kept as their text); anything else is refused with the file and line.
 #pragma once
 
 #include <map>
@@ -37,7 +37,7 @@
 namespace splitq::tools {
 
 // One line of a .jsonl file or summary.json: numeric fields (null fields are left out) and
-// string fields.
+// string fields (arrays too, as their JSON text).
 struct FlatRecord {
   std::map<std::string, double> numbers;
   std::map<std::string, std::string> strings;

@@ -31,12 +31,18 @@ TEST(ParseFlatJson, ReadsWhatSplitqWrites) {
   EXPECT_EQ(r->strings.at("task"), "fmnist");
   EXPECT_EQ(r->strings.at("q"), "a\"b");
   EXPECT_TRUE(ParseFlatJson("{}").ok());
+  // summary.json of a client: "lost_steps": [[A, B], ...].
+  auto lost = ParseFlatJson(R"({"steps_lost": 3, "lost_steps": [[4, 5], [9, 9]], "e": []})");
+  ASSERT_TRUE(lost.ok()) << lost.status();
+  EXPECT_EQ(lost->strings.at("lost_steps"), "[[4, 5], [9, 9]]");
+  EXPECT_EQ(lost->strings.at("e"), "[]");
   EXPECT_TRUE(ParseFlatJson(" {\n\"a\": 1\n}\n").ok());
 }
 
 TEST(ParseFlatJson, RefusesWhatItDoesNotRead) {
-  for (const char* bad : {"", "[1]", "{\"a\" 1}", "{\"a\": }", "{\"a\": 1", "{\"a\": [1]}",
-                          "{\"a\": {\"b\": 1}}", "{\"a\": 1} x", "{\"a\": nan}", "{a: 1}"}) {
+  for (const char* bad :
+       {"", "[1]", "{\"a\": [1,]}", "{\"a\": [\"x\"]}", "{\"a\" 1}", "{\"a\": }", "{\"a\": 1",
+        "{\"a\": {\"b\": 1}}", "{\"a\": 1} x", "{\"a\": nan}", "{a: 1}"}) {
     EXPECT_FALSE(ParseFlatJson(bad).ok()) << bad;
   }
   const auto r = ParseFlatJson("{\"a\": 1,, \"b\": 2}");
@@ -80,7 +86,9 @@ class ReportTest : public ::testing::Test {
       std::ofstream s(dir / "summary.json");
       s << "{\n  \"task\": \"fmnist\",\n  \"steps\": 100,\n  \"act_budget\": " << act_bits
         << ",\n  \"grad_budget\": 6.0,\n  \"bytes_up\": 1000000,\n  \"bytes_down\": 3000000,\n"
-           "  \"bytes_fp32_equivalent\": 40000000,\n  \"val_accuracy\": 0.875\n}\n";
+           "  \"bytes_fp32_equivalent\": 40000000,\n  \"val_accuracy\": 0.875,\n  \"steps_lost\": "
+           "2,\n"
+           "  \"lost_steps\": [[4, 5]]\n}\n";
     }
     return dir.string();
   }
@@ -113,6 +121,7 @@ TEST_F(ReportTest, TwoRunsSideBySide) {
             std::string::npos);
   EXPECT_NE(html.find("amaq-4bit: 4 MB on the wire up and down against 40 MB as fp32 (10%)"),
             std::string::npos);
+  EXPECT_NE(html.find("<td>lost_steps</td><td>[[4, 5]]</td><td>-</td>"), std::string::npos);
   // Self-contained: no scripts, no fetches (the SVG namespace is the one URL).
   EXPECT_EQ(html.find("<script"), std::string::npos);
   EXPECT_EQ(html.find("src="), std::string::npos);
