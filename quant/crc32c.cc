@@ -45,8 +45,7 @@ inline uint32_t LoadLe32(const uint8_t* p) {
 
 #ifdef SPLITQ_CRC32C_SSE42
 // The crc32 instruction computes CRC-32C (the polynomial above) on the same inverted state.
-__attribute__((target("sse4.2"))) uint32_t ExtendSse42(uint32_t crc, const uint8_t* p,
-                                                         size_t n) {
+__attribute__((target("sse4.2"))) uint32_t ExtendSse42(uint32_t crc, const uint8_t* p, size_t n) {
   uint64_t c = ~crc;
   while (n >= 8) {
     uint64_t v;
