@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "kernels/detail/code_bytes.h"
 #include "kernels/detail/cpu_dispatch.h"
 #include "kernels/detail/cuda_launchers.h"
 #include "kernels/detail/philox_batch.h"
@@ -116,53 +117,6 @@ inline void ForEachRun(int64_t m0, int64_t n, int64_t g, int64_t groups, int64_t
   }
 }
 
-// n codes (one per byte) -> ceil(n * k / 8) bytes of a segment; every 8 codes fill k bytes.
-inline void PackCodeBytes(const uint8_t* codes, int64_t n, int k, uint8_t* dst) {
-  if (k == 8) {
-    std::copy(codes, codes + n, dst);
-    return;
-  }
-  if (k == 4) {
-    const int64_t pairs = n / 2;
-    for (int64_t j = 0; j < pairs; ++j) {
-      dst[j] = static_cast<uint8_t>(codes[2 * j] | (codes[2 * j + 1] << 4));
-    }
-    if (n & 1) dst[pairs] = codes[n - 1];
-    return;
-  }
-  for (int64_t m0 = 0; m0 < n; m0 += 8) {
-    const int64_t len = std::min<int64_t>(8, n - m0);
-    uint64_t word = 0;
-    for (int64_t r = 0; r < len; ++r) word |= static_cast<uint64_t>(codes[m0 + r]) << (r * k);
-    StoreBytes(word, dst + (m0 / 8) * k, (len * k + 7) / 8);
-  }
-}
-
-// Inverse of PackCodeBytes.
-inline void UnpackCodeBytes(const uint8_t* src, int64_t n, int k, uint8_t* codes) {
-  if (k == 8) {
-    std::copy(src, src + n, codes);
-    return;
-  }
-  if (k == 4) {
-    const int64_t pairs = n / 2;
-    for (int64_t j = 0; j < pairs; ++j) {
-      codes[2 * j] = src[j] & 0xf;
-      codes[2 * j + 1] = src[j] >> 4;
-    }
-    if (n & 1) codes[n - 1] = src[pairs] & 0xf;
-    return;
-  }
-  const uint64_t mask = (uint64_t{1} << k) - 1;
-  for (int64_t m0 = 0; m0 < n; m0 += 8) {
-    const int64_t len = std::min<int64_t>(8, n - m0);
-    const uint64_t word = LoadBytes(src + (m0 / 8) * k, (len * k + 7) / 8);
-    for (int64_t r = 0; r < len; ++r) {
-      codes[m0 + r] = static_cast<uint8_t>((word >> (r * k)) & mask);
-    }
-  }
-}
-
 template <DType D>
 void PackCpu(const ExecContext& ctx, const GroupLayout& layout, const QuantParams& p,
              const GroupTable& t, const RoundingSpec& rounding, const void* x_raw,
@@ -252,7 +206,7 @@ void PackCpu(const ExecContext& ctx, const GroupLayout& layout, const QuantParam
           }
         }
       });
-      PackCodeBytes(codes, n, k, packed + offsets[g] + (c0 / 8) * k);
+      detail::PackCodeBytes(codes, n, k, packed + offsets[g] + (c0 / 8) * k);
     }
   }
 }
@@ -309,7 +263,7 @@ void UnpackCpu(const ExecContext& ctx, const GroupLayout& layout, const QuantPar
     uint8_t codes[kChunkCodes];
     for (int64_t c0 = m_begin; c0 < m_end; c0 += kChunkCodes) {
       const int64_t n = std::min(kChunkCodes, m_end - c0);
-      UnpackCodeBytes(packed + offsets[g] + (c0 / 8) * k, n, k, codes);
+      detail::UnpackCodeBytes(packed + offsets[g] + (c0 / 8) * k, n, k, codes);
       ForEachRun(c0, n, g, groups, inner, [&](int64_t at, int64_t done, int64_t len) {
         T* dst = y + at;
         const uint8_t* src = codes + done;
@@ -406,4 +360,52 @@ absl::Status UnpackDequantize(const ExecContext& ctx, DType dtype, const GroupLa
   });
 }
 
+namespace detail {
+
+void PackCodeBytes(const uint8_t* codes, int64_t n, int k, uint8_t* dst) {
+  if (k == 8) {
+    std::copy(codes, codes + n, dst);
+    return;
+  }
+  if (k == 4) {
+    const int64_t pairs = n / 2;
+    for (int64_t j = 0; j < pairs; ++j) {
+      dst[j] = static_cast<uint8_t>(codes[2 * j] | (codes[2 * j + 1] << 4));
+    }
+    if (n & 1) dst[pairs] = codes[n - 1];
+    return;
+  }
+  for (int64_t m0 = 0; m0 < n; m0 += 8) {
+    const int64_t len = std::min<int64_t>(8, n - m0);
+    uint64_t word = 0;
+    for (int64_t r = 0; r < len; ++r) word |= static_cast<uint64_t>(codes[m0 + r]) << (r * k);
+    StoreBytes(word, dst + (m0 / 8) * k, (len * k + 7) / 8);
+  }
+}
+
+void UnpackCodeBytes(const uint8_t* src, int64_t n, int k, uint8_t* codes) {
+  if (k == 8) {
+    std::copy(src, src + n, codes);
+    return;
+  }
+  if (k == 4) {
+    const int64_t pairs = n / 2;
+    for (int64_t j = 0; j < pairs; ++j) {
+      codes[2 * j] = src[j] & 0xf;
+      codes[2 * j + 1] = src[j] >> 4;
+    }
+    if (n & 1) codes[n - 1] = src[pairs] & 0xf;
+    return;
+  }
+  const uint64_t mask = (uint64_t{1} << k) - 1;
+  for (int64_t m0 = 0; m0 < n; m0 += 8) {
+    const int64_t len = std::min<int64_t>(8, n - m0);
+    const uint64_t word = LoadBytes(src + (m0 / 8) * k, (len * k + 7) / 8);
+    for (int64_t r = 0; r < len; ++r) {
+      codes[m0 + r] = static_cast<uint8_t>((word >> (r * k)) & mask);
+    }
+  }
+}
+
+}  // namespace detail
 }  // namespace splitq::kernels

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/detail/code_bytes.h"
 #include "kernels/detail/cpu_dispatch.h"
 #include "kernels/pack.h"
 
@@ -28,45 +29,6 @@ int ProbBits(int64_t m) {
   int l = 8;
   while (l < 14 && (int64_t{1} << l) < m) ++l;
   return l;
-}
-
-// A group's codes, one per byte, from its segment.
-void UnpackImpl(const uint8_t* seg, int64_t m, int k, uint8_t* codes) {
-  const uint32_t mask = (1u << k) - 1;
-  if (k == 8) {
-    std::memcpy(codes, seg, static_cast<size_t>(m));
-    return;
-  }
-  int64_t i = 0;
-  for (; i + 8 <= m; i += 8) {  // 8 codes are exactly k bytes
-    uint64_t word = 0;
-    std::memcpy(&word, seg + i / 8 * k, static_cast<size_t>(k));
-    for (int j = 0; j < 8; ++j) codes[i + j] = static_cast<uint8_t>((word >> (j * k)) & mask);
-  }
-  if (i < m) {
-    uint64_t word = 0;
-    std::memcpy(&word, seg + i / 8 * k, static_cast<size_t>((((m - i) * k) + 7) / 8));
-    for (int j = 0; i + j < m; ++j) codes[i + j] = static_cast<uint8_t>((word >> (j * k)) & mask);
-  }
-}
-
-// The segment of `m` codes (padding bits zero).
-void Pack(const uint8_t* codes, int64_t m, int k, uint8_t* seg) {
-  if (k == 8) {
-    std::memcpy(seg, codes, static_cast<size_t>(m));
-    return;
-  }
-  int64_t i = 0;
-  for (; i + 8 <= m; i += 8) {
-    uint64_t word = 0;
-    for (int j = 0; j < 8; ++j) word |= uint64_t{codes[i + j]} << (j * k);
-    std::memcpy(seg + i / 8 * k, &word, static_cast<size_t>(k));
-  }
-  if (i < m) {
-    uint64_t word = 0;
-    for (int j = 0; i + j < m; ++j) word |= uint64_t{codes[i + j]} << (j * k);
-    std::memcpy(seg + i / 8 * k, &word, static_cast<size_t>((((m - i) * k) + 7) / 8));
-  }
 }
 
 void PutVarint(uint64_t v, std::vector<uint8_t>* out) {
@@ -306,7 +268,7 @@ absl::Status DecodeGroup(int64_t g, const GroupSpan& span, int64_t m, int k, uin
   }
   if (span.mode == kConstant) {
     codes->assign(static_cast<size_t>(m), *span.begin);
-    Pack(codes->data(), m, k, seg);
+    kernels::detail::PackCodeBytes(codes->data(), m, k, seg);
     return absl::OkStatus();
   }
   // A group's own table is read again here, into this thread's stack: the header pass checked
@@ -358,7 +320,7 @@ absl::Status DecodeGroup(int64_t g, const GroupSpan& span, int64_t m, int k, uin
   if (p != end || x0 != kRansLow || x1 != kRansLow) {
     return Bad(g, "stream does not end in the coder's initial states at its last byte");
   }
-  Pack(c, m, k, seg);
+  kernels::detail::PackCodeBytes(c, m, k, seg);
   return absl::OkStatus();
 }
 
@@ -377,7 +339,7 @@ absl::Status CheckArguments(const kernels::GroupLayout& layout, absl::Span<const
 namespace internal {
 
 void UnpackCodes(const uint8_t* segment, int64_t m, int k, uint8_t* codes) {
-  UnpackImpl(segment, m, k, codes);
+  kernels::detail::UnpackCodeBytes(segment, m, k, codes);
 }
 
 void AddByteHistogram(const uint8_t* p, int64_t n, std::array<int64_t, 256>* counts) {
@@ -470,7 +432,7 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
   for (int64_t g = 0; g < groups; ++g) {
     const auto gi = static_cast<size_t>(g);
     uint8_t* c = all.data() + gi * static_cast<size_t>(m);
-    UnpackImpl(packed.data() + offsets[gi], m, bits[gi], c);
+    kernels::detail::UnpackCodeBytes(packed.data() + offsets[gi], m, bits[gi], c);
     GroupCodes& gc = info[gi];
     internal::AddByteHistogram(c, m, &gc.counts);
     gc.lo = 256;
