@@ -38,10 +38,17 @@ inline int RunHealth(const HealthOptions& opt) {
                  opt.target.c_str());
     return 2;
   }
-  auto status = server::CheckHealth(opt.target, opt.security, opt.service, opt.timeout_ms);
+  bool unread = false;
+  auto status = server::CheckHealth(opt.target, opt.security, opt.service, opt.timeout_ms, &unread);
   if (!status.ok()) {
     std::fprintf(stderr, "health %s: %s\n", opt.target.c_str(), status.status().ToString().c_str());
     return 1;
+  }
+  if (unread) {
+    std::fprintf(stderr,
+                 "health %s: answered without reading the request (too many health checks in "
+                 "progress there); the status is the whole server's\n",
+                 opt.target.c_str());
   }
   std::printf("%s\n", status->c_str());
   return *status == "SERVING" ? 0 : 1;

@@ -18,7 +18,7 @@ namespace splitq::server {
 
 absl::StatusOr<std::string> CheckHealth(const std::string& target,
                                         const rpc::TransportSecurity& security,
-                                        const std::string& service, int timeout_ms) {
+                                        const std::string& service, int timeout_ms, bool* unread) {
   auto credentials = rpc::MakeChannelCredentials(security);
   if (!credentials.ok()) return credentials.status();
   auto stub = grpc::health::v1::Health::NewStub(grpc::CreateChannel(target, *credentials));
@@ -29,12 +29,15 @@ absl::StatusOr<std::string> CheckHealth(const std::string& target,
   grpc::health::v1::HealthCheckResponse response;
   const grpc::Status status = stub->Check(&context, request, &response);
   if (!status.ok()) return rpc::FromGrpcStatus(status);
+  if (unread != nullptr) {
+    *unread = context.GetServerTrailingMetadata().count(HealthService::kUnreadKey) > 0;
+  }
   return grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
 }
 
 // One Check: a slot among kMaxReading, then one request read (cancelled at the read
-// deadline), then the answer. It deletes itself once gRPC is done with it (OnDone) and the
-// deadline's alarm has run (fired or cancelled).
+// deadline), then the answer; without a slot, the answer at once. It deletes itself once gRPC is
+// done with it (OnDone) and the deadline's alarm has run (fired or cancelled).
 class HealthService::Check final
     : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
@@ -44,7 +47,11 @@ class HealthService::Check final
           return peer.substr(0, peer.rfind(':'));
         }()) {
     if (!service_.reading_.Take(address_)) {
-      Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "too many health checks at once"));
+      // No place to read the request: answer for the whole server without reading it (the
+      // request may be anyone's unfinished 4 MiB; what arrives of it is dropped with the
+      // stream).
+      context_->AddTrailingMetadata(kUnreadKey, "1");
+      Answer();
       return;
     }
     reading_ = true;
@@ -75,12 +82,7 @@ class HealthService::Check final
       Finish(grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown service"));
       return;
     }
-    grpc::health::v1::HealthCheckResponse response;
-    response.set_status(grpc::health::v1::HealthCheckResponse::SERVING);
-    bool own = false;
-    (void)grpc::SerializationTraits<grpc::health::v1::HealthCheckResponse>::Serialize(
-        response, &reply_, &own);
-    StartWriteAndFinish(&reply_, grpc::WriteOptions(), grpc::Status::OK);
+    Answer();
   }
   void OnDone() override {
     Release();  // cancelled while reading
@@ -93,6 +95,14 @@ class HealthService::Check final
   }
 
  private:
+  void Answer() {
+    grpc::health::v1::HealthCheckResponse response;
+    response.set_status(grpc::health::v1::HealthCheckResponse::SERVING);
+    bool own = false;
+    (void)grpc::SerializationTraits<grpc::health::v1::HealthCheckResponse>::Serialize(
+        response, &reply_, &own);
+    StartWriteAndFinish(&reply_, grpc::WriteOptions(), grpc::Status::OK);
+  }
   void Release() {
     std::lock_guard<std::recursive_mutex> lock(mutex_);
     if (reading_) service_.reading_.Release(address_);

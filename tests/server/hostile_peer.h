@@ -46,7 +46,7 @@ inline int Dial(const std::string& source, int port) {
 struct Flood {
   int64_t held = 0;             // bytes sent on streams still open
   int64_t sent = 0;             // bytes sent in all
-  int refused = 0;              // streams the server reset
+  int refused = 0;              // streams the server ended (reset, or trailers)
   bool closed = false;          // the server closed the connection (GOAWAY or EOF)
   int64_t max_concurrent = -1;  // the server's SETTINGS_MAX_CONCURRENT_STREAMS (-1: none)
 };
