@@ -1,5 +1,6 @@
 #include "kernels/op_table.h"
 
+#include <algorithm>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -85,6 +86,8 @@ const char* KernelOpName(KernelOp op) {
       return "pack_sr";
     case KernelOp::kUnpack:
       return "unpack";
+    case KernelOp::kRotate:
+      return "rotate";
   }
   return "?";
 }
@@ -92,6 +95,7 @@ const char* KernelOpName(KernelOp op) {
 std::string KernelCase::Name() const {
   std::string name = absl::StrCat(KernelOpName(op), ":", shape.name, ":", DTypeName(dtype));
   if (op == KernelOp::kCopy) return name;
+  if (op == KernelOp::kRotate) return absl::StrCat(name, ":r", block);
   if (bits == 0) return absl::StrCat(name, ":b", mixed_lo, "-", mixed_hi);
   return absl::StrCat(name, ":b", bits);
 }
@@ -103,6 +107,7 @@ double KernelCase::Bytes() const {
   switch (op) {
     case KernelOp::kCopy:
     case KernelOp::kFakeQuant:
+    case KernelOp::kRotate:
       return 2 * n * es;
     case KernelOp::kLsq:  // forward: read x, write y; backward: read x and dy, write dx
       return 5 * n * es;
@@ -159,6 +164,10 @@ std::vector<KernelCase> PerfCases(Device device) {
       add(KernelOp::kPackStochastic, 4);
       add(KernelOp::kUnpack, 4);
       add(KernelOp::kUnpack, 0);
+      // The rotation in blocks of 256 channels (issue 17's target case), or of the whole 64
+      // channels of the NCHW shapes.
+      add(KernelOp::kRotate, 8);
+      cases.back().block = static_cast<int>(std::min<int64_t>(256, shape.shape[1]));
     }
   }
   return cases;

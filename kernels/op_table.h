@@ -11,7 +11,8 @@
 //     torch.compile, so that the two join by name.
 //
 // A case's name is OP:SHAPE:DTYPE[:bBITS], e.g. "unpack:nc_16384x4096:float32:b4" or
-// "pack:nchw_256x64x32x32:bfloat16:b3-5" (mixed widths 3..5, one per channel, seeded).
+// "pack:nchw_256x64x32x32:bfloat16:b3-5" (mixed widths 3..5, one per channel, seeded); a
+// rotation's is OP:SHAPE:DTYPE:rBLOCK, e.g. "rotate:nc_16384x4096:float32:r256".
 #pragma once
 
 #include <cstdint>
@@ -48,19 +49,22 @@ enum class KernelOp : uint8_t {
   kPack,            // min-max quantize + pack
   kPackStochastic,  // the same with stochastic rounding (the gradient's wire)
   kUnpack,          // unpack + dequantize
+  kRotate,          // the randomized Hadamard rotation along channels (kernels/rotate.h)
 };
 
-// "copy", "fake_quant", "lsq", "pack", "pack_sr", "unpack".
+// "copy", "fake_quant", "lsq", "pack", "pack_sr", "unpack", "rotate".
 const char* KernelOpName(KernelOp op);
 
 // One benchmark case. bits: 1..8 uniform, or 0 for mixed widths mixed_lo..mixed_hi (one per
-// group, from std::mt19937(1)); ignored by kCopy.
+// group, from std::mt19937(1)); ignored by kCopy and kRotate. block: kRotate's block of
+// channels (named :rBLOCK instead of :bBITS).
 struct KernelCase {
   KernelOp op = KernelOp::kCopy;
   ShapeCase shape;
   DType dtype = DType::kFloat32;
   int bits = 8;
   int mixed_lo = 3, mixed_hi = 5;
+  int block = 0;
 
   // OP:SHAPE:DTYPE[:bBITS] (see the banner).
   std::string Name() const;

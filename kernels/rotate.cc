@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/detail/cuda_launchers.h"
 
 namespace splitq::kernels {
 namespace {
@@ -50,8 +51,9 @@ float RotationSign(uint64_t seed, int64_t channel) {
   return (SplitMix64(SplitMix64(seed) + static_cast<uint64_t>(channel)) & 1) != 0 ? -1.0f : 1.0f;
 }
 
-absl::Status RotateChannels(const GroupLayout& layout, int64_t block, uint64_t seed, bool inverse,
-                            const float* x, float* y) {
+namespace {
+
+absl::Status CheckBlock(const GroupLayout& layout, int64_t block) {
   if (block < 1 || (block & (block - 1)) != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("rotation block ", block, " is not a power of two"));
@@ -60,6 +62,54 @@ absl::Status RotateChannels(const GroupLayout& layout, int64_t block, uint64_t s
     return absl::InvalidArgumentError(absl::StrCat("rotation block ", block, " does not divide ",
                                                    layout.groups, " channels (pad them first)"));
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::vector<uint32_t> RotationSignBits(uint64_t seed, int64_t channels) {
+  std::vector<uint32_t> bits(static_cast<size_t>((channels + 31) / 32), 0);
+  for (int64_t c = 0; c < channels; ++c) {
+    if (RotationSign(seed, c) < 0) bits[static_cast<size_t>(c / 32)] |= 1u << (c % 32);
+  }
+  return bits;
+}
+
+bool RotateChannelsSupported(const ExecContext& ctx, DType dtype, const GroupLayout& layout,
+                             int64_t block) {
+  if (ctx.device == Device::kCpu) return dtype == DType::kFloat32;
+  if (!CudaKernelsBuilt()) return false;
+  return layout.inner == 1 ? block <= 1024 : block <= 64;
+}
+
+absl::Status RotateChannels(const ExecContext& ctx, DType dtype, const GroupLayout& layout,
+                            int64_t block, uint64_t seed, const uint32_t* sign_bits, bool inverse,
+                            const void* x, void* y) {
+  if (ctx.device == Device::kCpu) {
+    if (dtype != DType::kFloat32) {
+      return absl::UnimplementedError("RotateChannels on the CPU takes float32 only");
+    }
+    return RotateChannels(layout, block, seed, inverse, static_cast<const float*>(x),
+                          static_cast<float*>(y));
+  }
+  SPLITQ_RETURN_IF_ERROR(CheckBlock(layout, block));
+  if (layout.numel() == 0) return absl::OkStatus();
+  if (x == nullptr || y == nullptr) return absl::InvalidArgumentError("RotateChannels: null data");
+  if (sign_bits == nullptr) {
+    return absl::InvalidArgumentError("RotateChannels on CUDA: null sign_bits");
+  }
+  if (CudaKernelsBuilt() && !RotateChannelsSupported(ctx, dtype, layout, block)) {
+    return absl::UnimplementedError(absl::StrCat("RotateChannels on CUDA: block ", block,
+                                                 " with inner ", layout.inner,
+                                                 " (inner > 1 takes blocks up to 64)"));
+  }
+  SPLITQ_CUDA_OR_ERROR("RotateChannels", cuda::RotateChannels(ctx.stream, dtype, layout, block,
+                                                              sign_bits, inverse, x, y));
+}
+
+absl::Status RotateChannels(const GroupLayout& layout, int64_t block, uint64_t seed, bool inverse,
+                            const float* x, float* y) {
+  SPLITQ_RETURN_IF_ERROR(CheckBlock(layout, block));
   const int64_t n = layout.numel();
   if (n == 0) return absl::OkStatus();
   if (x == nullptr || y == nullptr) return absl::InvalidArgumentError("RotateChannels: null data");

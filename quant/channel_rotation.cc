@@ -3,6 +3,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels/rotate.h"
@@ -14,17 +15,18 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// R x (R^T x with `inverse`) of a CPU float32 tensor along `axis`, with kernels/rotate.h's
-// fast Walsh-Hadamard transform: log2(b) passes of adds an element instead of the b
-// multiply-adds of the [b, b] matmul.
-at::Tensor RotateOnCpu(const at::Tensor& x_in, int64_t axis, int64_t block, uint64_t seed,
-                       bool inverse) {
+// R x (R^T x with `inverse`) along `axis` with kernels/rotate.h's fast Walsh-Hadamard
+// transform on x's device: log2(b) passes of adds an element instead of the b multiply-adds of
+// the [b, b] matmul. sign_bits: the signs as bits on x's device (read by the CUDA path).
+at::Tensor RotateWithKernel(const at::Tensor& x_in, int64_t axis, int64_t block, uint64_t seed,
+                            bool inverse, const at::Tensor& sign_bits) {
   const at::Tensor x = x_in.contiguous();
   const kernels::GroupLayout layout =
       LayoutOf(x, Grouping{kernels::Granularity::kChannel, static_cast<int32_t>(axis)});
   at::Tensor y = at::empty_like(x);
-  CheckOk(kernels::RotateChannels(layout, block, seed, inverse, x.data_ptr<float>(),
-                                  y.data_ptr<float>()));
+  CheckOk(kernels::RotateChannels(ContextOf(x), ToKernelDType(x.scalar_type()), layout, block, seed,
+                                  reinterpret_cast<const uint32_t*>(sign_bits.data_ptr()), inverse,
+                                  x.data_ptr(), y.data_ptr()));
   return y;
 }
 
@@ -32,19 +34,21 @@ at::Tensor RotateOnCpu(const at::Tensor& x_in, int64_t axis, int64_t block, uint
 // R^T y, R applied to it.
 struct RotateFunction : public torch::autograd::Function<RotateFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t axis, int64_t block,
-                            int64_t seed, bool inverse) {
+                            int64_t seed, bool inverse, const at::Tensor& sign_bits) {
     ctx->saved_data["axis"] = axis;
     ctx->saved_data["block"] = block;
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["inverse"] = inverse;
-    return RotateOnCpu(x, axis, block, static_cast<uint64_t>(seed), inverse);
+    ctx->saved_data["sign_bits"] = sign_bits;
+    return RotateWithKernel(x, axis, block, static_cast<uint64_t>(seed), inverse, sign_bits);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     // Through apply, so that a graph of the backward (create_graph) is recorded too.
     const at::Tensor g = RotateFunction::apply(
         grads[0], ctx->saved_data["axis"].toInt(), ctx->saved_data["block"].toInt(),
-        ctx->saved_data["seed"].toInt(), !ctx->saved_data["inverse"].toBool());
-    return {g, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+        ctx->saved_data["seed"].toInt(), !ctx->saved_data["inverse"].toBool(),
+        ctx->saved_data["sign_bits"].toTensor());
+    return {g, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -68,6 +72,17 @@ ChannelRotation::ChannelRotation(int64_t channels, int64_t block, uint64_t seed)
     }
   }
   hadamard_ = at::tensor(h, at::kFloat).view({b, b});
+  const std::vector<uint32_t> bits = kernels::RotationSignBits(seed, channels);
+  sign_bits_ = at::empty({static_cast<int64_t>(bits.size())}, at::kInt);
+  std::memcpy(sign_bits_.data_ptr(), bits.data(), bits.size() * sizeof(uint32_t));
+}
+
+at::Tensor ChannelRotation::SignBitsOn(const at::Device& device) const {
+  if (device.is_cpu()) return sign_bits_;
+  std::lock_guard<std::mutex> lock(device_bits_->mutex);
+  at::Tensor& there = device_bits_->by_device[device.index()];
+  if (!there.defined()) there = sign_bits_.to(device);
+  return there;
 }
 
 at::Tensor ChannelRotation::Apply(const at::Tensor& x, int64_t axis, bool inverse) const {
@@ -75,8 +90,16 @@ at::Tensor ChannelRotation::Apply(const at::Tensor& x, int64_t axis, bool invers
   const int64_t dim = axis < 0 ? axis + x.dim() : axis;
   TORCH_CHECK(dim >= 0 && dim < x.dim() && x.size(dim) == channels_, "rotation of ", channels_,
               " channels given a tensor of shape ", x.sizes(), " along dimension ", axis);
-  if (x.device().is_cpu() && x.scalar_type() == at::kFloat && !force_matmul_) {
-    return RotateFunction::apply(x, dim, block_, static_cast<int64_t>(seed_), inverse);
+  if (!force_matmul_ && (x.device().is_cpu() || x.device().is_cuda()) &&
+      (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+       x.scalar_type() == at::kHalf)) {
+    const kernels::GroupLayout layout =
+        LayoutOf(x, Grouping{kernels::Granularity::kChannel, static_cast<int32_t>(dim)});
+    if (kernels::RotateChannelsSupported(ContextOf(x), ToKernelDType(x.scalar_type()), layout,
+                                         block_)) {
+      return RotateFunction::apply(x, dim, block_, static_cast<int64_t>(seed_), inverse,
+                                   SignBitsOn(x.device()));
+    }
   }
   const at::Tensor last = x.movedim(axis, -1);
   std::vector<int64_t> shape = last.sizes().vec();

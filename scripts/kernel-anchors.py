@@ -25,6 +25,11 @@ Anchors per op (every one returns a new tensor, as ours do):
               layout byte for byte) and "rows" (two neighbouring channels of a row per
               byte, the layout a PyTorch user would pick); eager and compiled
   unpack      the inverse of pack, both layouts
+  rotate      the randomized Hadamard rotation along channels in blocks (kernels/rotate.h):
+              eager: random signs then a [block, block] matmul on the channels moved last;
+              compile: the fast Walsh-Hadamard transform in tensor ops (log2(block) passes
+              of view, add, subtract, cat) under torch.compile; compile_matmul: the eager
+              version compiled
 Mixed widths and stochastic rounding have no anchor (null).
 """
 import argparse
@@ -49,12 +54,18 @@ DEFAULT_CASES = [
         ("nchw_256x64x32x32", [256, 64, 32, 32], ("float32", "bfloat16")),
         ("nchw_8192x64x7x7", [8192, 64, 7, 7], ("float32", "bfloat16")))
     for dt in dtypes
-    for op, bits in (("copy", None), ("fake_quant", 8), ("lsq", 8), ("pack", 4), ("unpack", 4))
+    for op, bits in (("copy", None), ("fake_quant", 8), ("lsq", 8), ("pack", 4), ("unpack", 4),
+                     ("rotate", None))
 ]
+for _c in DEFAULT_CASES:
+    if _c["op"] == "rotate":
+        _c["block"] = min(256, _c["shape"][1])
 
 
 def case_name(c):
     name = "%s:%s:%s" % (c["op"], c["shape_name"], c["dtype"])
+    if c["op"] == "rotate":
+        return name + ":r%d" % c["block"]
     if c.get("bits") is not None and c["op"] != "copy":
         name += ":b%s" % c["bits"]
     return name
@@ -126,6 +137,35 @@ def pack_rows(x, scale, offset, axis):
 def unpack_rows(packed, scale, offset, shape, axis, dtype):
     q = torch.stack((packed & 15, packed >> 4), dim=1).view(shape).float()
     return (q * scale.view(view_shape(q, axis)) + offset.view(view_shape(q, axis))).to(dtype)
+
+
+def hadamard(b, device):
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < b:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / math.sqrt(b)
+
+
+def rotate_matmul(x, signs, h, axis):
+    """R x along `axis` in blocks: (x * s) H / sqrt(b) on the channels moved last."""
+    last = x.movedim(axis, -1)
+    b = h.shape[0]
+    v = last.reshape(*last.shape[:-1], last.shape[-1] // b, b)
+    v = torch.matmul(v * signs.view(-1, b).to(x.dtype), h.to(x.dtype))
+    return v.reshape(last.shape).movedim(-1, axis)
+
+
+def rotate_fwht(x, signs, b, axis):
+    """The same R as log2(b) butterfly passes in tensor ops (fp32 inside, as ours)."""
+    last = x.movedim(axis, -1).float() * signs
+    shape = last.shape
+    v = last.reshape(-1, b)
+    h = 1
+    while h < b:
+        v = v.view(-1, b // (2 * h), 2, h)
+        v = torch.cat((v[:, :, :1] + v[:, :, 1:], v[:, :, :1] - v[:, :, 1:]), 2)
+        h *= 2
+    return (v.reshape(shape) * (1.0 / math.sqrt(b))).to(x.dtype).movedim(-1, axis).contiguous()
 
 
 # ---- one case ---------------------------------------------------------------------------
@@ -200,6 +240,17 @@ def measure(c, iters, compile_mode):
                                        iters)
         g = compiled(lambda p: unpack_rows(p, scale4, lo, shape, axis, dtype))
         out["compile_rows_ms"] = time_ms(lambda: g(p_rows), iters)
+    elif op == "rotate":
+        b = c["block"]
+        signs = (torch.randint(0, 2, (groups,), device="cuda") * 2 - 1).float()
+        h = hadamard(b, "cuda")
+        out["eager_ms"] = time_ms(lambda: rotate_matmul(x, signs, h, axis), iters)
+        f = compiled(lambda t: rotate_fwht(t, signs, b, axis))
+        out["compile_ms"] = time_ms(lambda: f(x), iters)
+        g = compiled(lambda t: rotate_matmul(t, signs, h, axis))
+        out["compile_matmul_ms"] = time_ms(lambda: g(x), iters)
+        out["fwht_vs_matmul_max_abs"] = float(
+            (f(x).float() - rotate_matmul(x.float(), signs, h, axis)).abs().max())
     return out
 
 
@@ -247,21 +298,24 @@ def main():
             ("  ERROR " + a["error"] if "error" in a else ""), flush=True)
 
     if ours:
-        print("\n| case | ours ms | % of copy | eager ms | compile ms | compile (rows layout) ms |"
+        print("\n| case | ours ms | % of copy | eager ms | compile ms |"
+              " compile (rows layout; rotate: matmul) ms |"
               " best torch / ours |")
         print("|---|---|---|---|---|---|---|")
         for a in rows:
             o = ours.get(a["name"], {})
             ours_ms = o.get("ours_ms")
             torch_best = min([v for v in (a.get("eager_ms"), a.get("compile_ms"),
-                                          a.get("eager_rows_ms"), a.get("compile_rows_ms"))
+                                          a.get("eager_rows_ms"), a.get("compile_rows_ms"),
+                                          a.get("compile_matmul_ms"))
                               if v is not None] or [float("nan")])
             if a["name"].startswith("copy:"):
                 torch_best = float("nan")
             pct = o.get("pct_of_copy")
             print("| %s | %s | %s | %s | %s | %s | %s |" % (
                 a["name"], fmt(ours_ms), "-" if pct is None else "%.0f%%" % pct,
-                fmt(a.get("eager_ms")), fmt(a.get("compile_ms")), fmt(a.get("compile_rows_ms")),
+                fmt(a.get("eager_ms")), fmt(a.get("compile_ms")),
+                fmt(a.get("compile_rows_ms", a.get("compile_matmul_ms"))),
                 "-" if ours_ms is None or math.isnan(torch_best)
                 else "%.2fx" % (torch_best / ours_ms)))
     if args.json:

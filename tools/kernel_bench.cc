@@ -208,6 +208,16 @@ int RunKernelBench(const KernelBenchOptions& opt) {
             });
             break;
           }
+          case kernels::KernelOp::kRotate: {
+            // Ours: the fast transform (kernels/rotate.h); PyTorch: the same R as a [b, b]
+            // matmul on the channels moved last (ChannelRotation's fallback).
+            quant::ChannelRotation rotation(groups, c.block, 1);
+            r.ours_ms = TimeMs(device, iters, [&] { (void)rotation.Forward(x, axis); });
+            quant::ChannelRotation dense(groups, c.block, 1);
+            dense.set_force_matmul(true);
+            r.torch_ms = TimeTorchMs(device, iters, r.name, [&] { (void)dense.Forward(x, axis); });
+            break;
+          }
           case kernels::KernelOp::kPack:
           case kernels::KernelOp::kPackStochastic:
           case kernels::KernelOp::kUnpack: {
@@ -378,6 +388,8 @@ int RunKernelBench(const KernelBenchOptions& opt) {
             << kernels::DTypeName(r.c.dtype) << "\", \"bits\": ";
         if (r.c.op == kernels::KernelOp::kCopy) {
           out << "null";
+        } else if (r.c.op == kernels::KernelOp::kRotate) {
+          out << "null, \"block\": " << r.c.block;
         } else if (r.c.bits == 0) {
           out << "\"" << r.c.mixed_lo << "-" << r.c.mixed_hi << "\"";
         } else {

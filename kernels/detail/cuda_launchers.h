@@ -24,6 +24,9 @@ absl::Status UnpackDequantize(void* stream, DType dtype, const GroupLayout& layo
                               const QuantParams& params, const uint8_t* packed,
                               int64_t packed_bytes, const int64_t* group_offsets, void* y);
 
+absl::Status RotateChannels(void* stream, DType dtype, const GroupLayout& layout, int64_t block,
+                            const uint32_t* sign_bits, bool inverse, const void* x, void* y);
+
 }  // namespace splitq::kernels::cuda
 
 namespace splitq::kernels::detail {

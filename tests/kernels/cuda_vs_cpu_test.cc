@@ -1,7 +1,8 @@
 // The CUDA paths of the kernels against their CPU paths, through the same public API
 // (ExecContext{Device::kCpu} vs {Device::kCuda}):
 //   fake-quant values, packed bytes (nearest and stochastic), unpacked values and LSQ grad_x
-//   bit for bit (NaN == NaN); LSQ per-group sums within kSum*Tol.
+//   bit for bit (NaN == NaN); LSQ per-group sums within kSum*Tol; the channel rotation
+//   (kernels/rotate.h) bit for bit.
 // Sweeps layout (per tensor, per channel on [N, C] and [N, C, H, W], per token; odd and
 // empty sizes) x bits (uniform 2..8, random mixed 1..8 per group) x dtype x signedness.
 // Inputs are synthetic (seeded std::mt19937) with ties, saturation, zeros, NaN and Inf.
@@ -28,6 +29,7 @@
 #include "kernels/lsq_backward.h"
 #include "kernels/op_table.h"
 #include "kernels/pack.h"
+#include "kernels/rotate.h"
 #include "tests/kernels/test_util.h"
 
 namespace splitq::kernels {
@@ -521,6 +523,113 @@ std::vector<Param> PerfParams() {
   return out;
 }
 INSTANTIATE_TEST_SUITE_P(Perf, CudaVsCpuTest, ::testing::ValuesIn(PerfParams()), ParamName);
+
+// ---- the channel rotation (kernels/rotate.h) -------------------------------------------
+
+// Every per-channel shape of the table (the sweep's, the large ones and the benchmark's) x
+// every block that divides its channels and that CUDA runs (2..1024 channels last, up to 64
+// with inner > 1) x dtype x direction, out of place, in place and misaligned by one element:
+// CUDA against the CPU float32 path on the same (dtype-rounded) values, the result rounded
+// to the dtype once, bit for bit. Values: normal, with a few large outliers, zeros and, in
+// some cases, Inf (which gives NaN in its block where it meets -Inf or Inf - Inf).
+struct RotationShape {
+  ShapeCase shape;
+  bool perf;
+};
+
+std::vector<RotationShape> RotationShapes() {
+  std::vector<RotationShape> out;
+  for (const ShapeCase& s : TestShapes()) {
+    if (s.granularity == Granularity::kChannel) out.push_back({s, false});
+  }
+  for (const ShapeCase& s : LargeTestShapes()) out.push_back({s, false});
+  for (const auto& [s, dtypes] : PerfShapes(Device::kCuda)) out.push_back({s, true});
+  return out;
+}
+
+TEST(CudaVsCpuRotation, BitIdenticalToTheCpuPath) {
+  SKIP_WITHOUT_CUDA();
+  const ExecContext cpu{Device::kCpu, nullptr, 0};
+  const ExecContext gpu{Device::kCuda, nullptr, 0};
+  int cases = 0, unsupported = 0;
+  for (const RotationShape& rs : RotationShapes()) {
+    const ShapeCase& sc = rs.shape;
+    const auto layout_or = MakeGroupLayout(sc.shape, sc.granularity, sc.axis);
+    ASSERT_TRUE(layout_or.ok()) << sc.name << ": " << layout_or.status();
+    const GroupLayout layout = *layout_or;
+    const int64_t n = layout.numel();
+    std::mt19937 rng(static_cast<uint32_t>(std::hash<std::string>{}(sc.name)));
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+    const bool with_inf = std::hash<std::string>{}(sc.name) % 3 == 0;
+    std::vector<float> values(static_cast<size_t>(n));
+    for (float& v : values) {
+      const float kind = unit(rng);
+      v = normal(rng);
+      if (kind < 0.01f) v *= 1000.0f;
+      if (kind > 0.99f) v = 0.0f;
+      if (with_inf && kind > 0.4995f && kind < 0.5f) v = std::numeric_limits<float>::infinity();
+    }
+    for (int64_t block = 1; block <= 1024 && block <= layout.groups; block *= 2) {
+      if (layout.groups % block != 0) continue;
+      if (rs.perf && block != 256 && block != 64 && block != 2) continue;  // the big ones: few
+      for (const DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
+        if (!RotateChannelsSupported(gpu, dtype, layout, block)) {
+          ++unsupported;  // refused before anything is read (the buffer is a stand-in)
+          const DeviceBuffer stand_in(64);
+          EXPECT_EQ(RotateChannels(gpu, dtype, layout, block, 7, stand_in.get<uint32_t>(), false,
+                                   stand_in.get(), stand_in.get())
+                        .code(),
+                    n == 0 ? absl::StatusCode::kOk : absl::StatusCode::kUnimplemented)
+              << sc.name << " block " << block;
+          continue;
+        }
+        const uint64_t seed = 1000 + static_cast<uint64_t>(block);
+        const std::vector<uint32_t> bits = RotationSignBits(seed, layout.groups);
+        const DeviceBuffer d_bits = ToDevice(bits);
+        std::vector<uint8_t> x(static_cast<size_t>(n) * DTypeSize(dtype));
+        std::vector<float> xf(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) {
+          StoreElem(dtype, x, i, values[static_cast<size_t>(i)]);
+          xf[static_cast<size_t>(i)] = LoadElem(dtype, x, i);
+        }
+        for (const bool inverse : {false, true}) {
+          std::vector<float> yf(xf.size());
+          ASSERT_STATUS_OK(RotateChannels(cpu, DType::kFloat32, layout, block, seed, nullptr,
+                                          inverse, xf.data(), yf.data()));
+          std::vector<uint8_t> want(x.size());
+          for (int64_t i = 0; i < n; ++i) StoreElem(dtype, want, i, yf[static_cast<size_t>(i)]);
+          const std::string where = sc.name + " block " + std::to_string(block) + " " +
+                                    DTypeName(dtype) + (inverse ? " inverse" : " forward");
+          // Out of place; in place; one element off 16-byte alignment (the scalar fallback).
+          for (int mode = 0; mode < 3; ++mode) {
+            const size_t shift = mode == 2 ? DTypeSize(dtype) : 0;
+            DeviceBuffer d_x(x.size() + shift), d_y(x.size() + shift);
+            ASSERT_TRUE(d_x.ok() && d_y.ok());
+            ASSERT_CUDA_OK(
+                cudaMemcpy(d_x.get<uint8_t>() + shift, x.data(), x.size(), cudaMemcpyHostToDevice));
+            uint8_t* in = d_x.get<uint8_t>() + shift;
+            uint8_t* out = mode == 1 ? in : d_y.get<uint8_t>() + shift;
+            ASSERT_STATUS_OK(RotateChannels(gpu, dtype, layout, block, seed, d_bits.get<uint32_t>(),
+                                            inverse, in, out));
+            ASSERT_CUDA_OK(cudaDeviceSynchronize());
+            std::vector<uint8_t> got(x.size());
+            ASSERT_CUDA_OK(cudaMemcpy(got.data(), out, got.size(), cudaMemcpyDeviceToHost));
+            bool guard_ok = true;
+            (void)(mode == 1 ? d_x : d_y).Download(&guard_ok);
+            EXPECT_TRUE(guard_ok) << where << " mode " << mode << ": wrote past the end";
+            const std::string diff = CompareElems(dtype, want, got, n);
+            EXPECT_TRUE(diff.empty()) << where << " mode " << mode << ": " << diff;
+          }
+          ++cases;
+        }
+      }
+    }
+  }
+  std::printf("rotation: %d cases CUDA == CPU, %d (shape, block, dtype) not run on CUDA\n", cases,
+              unsupported);
+  EXPECT_GT(cases, 300);
+}
 
 }  // namespace
 }  // namespace splitq::kernels

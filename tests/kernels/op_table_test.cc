@@ -50,14 +50,19 @@ TEST(OpTable, PerfCaseNamesAreUniqueAndParse) {
         EXPECT_EQ(parts.size(), 3u) << name;
       } else {
         ASSERT_EQ(parts.size(), 4u) << name;
-        EXPECT_EQ(parts[3], c.bits == 0 ? "b3-5" : "b" + std::to_string(c.bits)) << name;
+        if (c.op == KernelOp::kRotate) {
+          EXPECT_GE(c.block, 2) << name;
+          EXPECT_EQ(parts[3], "r" + std::to_string(c.block)) << name;
+        } else {
+          EXPECT_EQ(parts[3], c.bits == 0 ? "b3-5" : "b" + std::to_string(c.bits)) << name;
+        }
       }
       ops_per_shape_dtype.insert(c.shape.name + DTypeName(c.dtype) + KernelOpName(c.op));
     }
     // Every (shape, dtype) the table names is timed with every op, the copy included.
     size_t pairs = 0;
     for (const auto& [s, dtypes] : PerfShapes(d)) pairs += dtypes.size();
-    EXPECT_EQ(ops_per_shape_dtype.size(), pairs * 6);
+    EXPECT_EQ(ops_per_shape_dtype.size(), pairs * 7);
   }
 }
 
@@ -75,6 +80,10 @@ TEST(OpTable, BytesFollowTheOp) {
   c.op = KernelOp::kUnpack;
   c.bits = 0;  // mixed 3..5: 4 bits on average
   EXPECT_DOUBLE_EQ(c.Bytes(), 32 * 2 + 16);
+  c.op = KernelOp::kRotate;  // read and write every element, as a copy
+  c.block = 4;
+  EXPECT_DOUBLE_EQ(c.Bytes(), 2 * 32 * 2);
+  EXPECT_EQ(c.Name(), "rotate:nc_8x4:bfloat16:r4");
 }
 
 TEST(OpTable, MixedBitsAreSeededAndInRange) {

@@ -1,12 +1,13 @@
 // The torch-level ops on CUDA tensors against the same ops on CPU tensors: fake-quant,
-// the LSQ autograd op, the AMAQ boundary and the wire codec. Skips with a reason when
-// libtorch has no CUDA or the machine has no GPU.
+// the LSQ autograd op, the AMAQ boundary, the wire codec and the channel rotation. Skips with a
+// reason when libtorch has no CUDA or the machine has no GPU.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include "quant/amaq_boundary.h"
+#include "quant/channel_rotation.h"
 #include "quant/lsq_quantizer.h"
 #include "quant/wire_codec.h"
 
@@ -103,6 +104,51 @@ TEST(CudaBoundary, EncodedOnTheGpuDecodesOnTheCpuToTheGpuForward) {
   auto decoded_gpu = dec_gpu.Decode(*frame, at::kCUDA);
   ASSERT_TRUE(decoded_gpu.ok()) << decoded_gpu.status();
   EXPECT_TRUE(at::equal(decoded_gpu->cpu(), y.detach().cpu()));
+#endif
+}
+
+// The rotation on CUDA (kernels/rotate.cu) gives the CPU kernel's float32 values bit for bit,
+// channels last and NCHW, forward and inverse, and its gradient is the other rotation; 16-bit
+// tensors agree with the float32 rotation rounded once; an NCHW block over 64 takes the matmul.
+TEST(CudaRotation, MatchesTheCpuAndDifferentiates) {
+#if !defined(SPLITQ_TORCH_CUDA)
+  GTEST_SKIP() << "splitq was built against a libtorch without CUDA";
+#else
+  if (!at::globalContext().hasCUDA()) GTEST_SKIP() << "no CUDA device visible to libtorch";
+  at::manual_seed(5);
+  struct Case {
+    std::vector<int64_t> shape;
+    int64_t axis, block;
+  };
+  for (const Case& k : {Case{{64, 512}, 1, 256}, Case{{3, 7, 1024}, -1, 1024}, Case{{5, 96}, 1, 32},
+                        Case{{4, 64, 7, 7}, 1, 64}, Case{{2, 128, 3, 3}, 1, 128}}) {
+    const at::Tensor x = at::randn(k.shape);
+    const ChannelRotation r(x.size(k.axis), k.block, 11);
+    for (const bool inverse : {false, true}) {
+      const at::Tensor want = inverse ? r.Inverse(x, k.axis) : r.Forward(x, k.axis);
+      const at::Tensor got = inverse ? r.Inverse(x.cuda(), k.axis) : r.Forward(x.cuda(), k.axis);
+      if (k.block <= 64 || k.shape.size() == 2 || k.axis == -1) {
+        EXPECT_TRUE(at::equal(got.cpu(), want)) << k.block;
+      } else {  // the matmul: the same R to float rounding
+        EXPECT_TRUE(at::allclose(got.cpu(), want, 1e-4, 1e-5)) << k.block;
+      }
+      for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+        const at::Tensor x16 = x.to(dtype);
+        const at::Tensor ref =
+            inverse ? r.Inverse(x16.to(at::kFloat), k.axis) : r.Forward(x16.to(at::kFloat), k.axis);
+        const at::Tensor got16 =
+            inverse ? r.Inverse(x16.cuda(), k.axis) : r.Forward(x16.cuda(), k.axis);
+        ASSERT_EQ(got16.scalar_type(), dtype);
+        if (k.block <= 64 || k.shape.size() == 2 || k.axis == -1) {
+          EXPECT_TRUE(at::equal(got16.cpu(), ref.to(dtype))) << k.block;
+        }
+      }
+    }
+    const at::Tensor xg = x.cuda().requires_grad_(true);
+    const at::Tensor g = at::randn(k.shape, at::kCUDA);
+    const at::Tensor dx = torch::autograd::grad({r.Forward(xg, k.axis)}, {xg}, {g})[0];
+    EXPECT_TRUE(at::allclose(dx, r.Inverse(g, k.axis), 1e-5, 1e-6));
+  }
 #endif
 }
 
