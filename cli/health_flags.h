@@ -26,7 +26,8 @@ inline void AddHealthOptions(CLI::App* cmd, HealthOptions* opt) {
   AddSecurityFlags(cmd, &opt->security, /*serving=*/false);
   cmd->add_option(
       "--service", opt->service,
-      "Service name: splitq.v1.Coordinator or splitq.v1.Worker (default: the whole server)");
+      "Service name: splitq.v1.Coordinator or splitq.v1.Worker (default: the whole server; "
+      "splitq's servers answer for the whole server whatever the name)");
   cmd->add_option("--timeout-ms", opt->timeout_ms, "Deadline in milliseconds")
       ->check(IntRange(1, 1 << 30));
 }
@@ -38,17 +39,10 @@ inline int RunHealth(const HealthOptions& opt) {
                  opt.target.c_str());
     return 2;
   }
-  bool unread = false;
-  auto status = server::CheckHealth(opt.target, opt.security, opt.service, opt.timeout_ms, &unread);
+  auto status = server::CheckHealth(opt.target, opt.security, opt.service, opt.timeout_ms);
   if (!status.ok()) {
     std::fprintf(stderr, "health %s: %s\n", opt.target.c_str(), status.status().ToString().c_str());
     return 1;
-  }
-  if (unread) {
-    std::fprintf(stderr,
-                 "health %s: answered without reading the request (too many health checks in "
-                 "progress there); the status is the whole server's\n",
-                 opt.target.c_str());
   }
   std::printf("%s\n", status->c_str());
   return *status == "SERVING" ? 0 : 1;

@@ -49,8 +49,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
   serving.guard = s.guard.get();
   serving.listen = s.o.listen;
   serving.security = s.o.security;
-  SPLITQ_ASSIGN_OR_RETURN(s.serving, StartServing(serving, {s.service.get()},
-                                                  splitq::v1::Coordinator::service_full_name()));
+  SPLITQ_ASSIGN_OR_RETURN(s.serving, StartServing(serving, {s.service.get()}));
   s.host = s.o.listen.substr(0, s.o.listen.rfind(':'));
   s.Log(absl::StrCat("coordinator listening on ", s.host, ":", s.serving.port, " (",
                      s.o.security.insecure ? "plaintext" : "TLS", ")"));

@@ -1,6 +1,6 @@
 // splitq server: counted places per key (a token id, a peer address) under one lock, for caps
 // on what one peer may have in progress at once (worker_service.h: streams waiting for their
-// hello per token; health.h: Check requests being read per peer address).
+// hello per token).
 #pragma once
 
 #include <map>

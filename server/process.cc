@@ -13,15 +13,13 @@
 namespace splitq::server {
 
 absl::StatusOr<Serving> StartServing(const ServingOptions& options,
-                                     const std::vector<grpc::Service*>& services,
-                                     const std::string& health_name) {
+                                     const std::vector<grpc::Service*>& services) {
   SPLITQ_ASSIGN_OR_RETURN(auto credentials, rpc::MakeServerCredentials(options.security));
   grpc::EnableDefaultHealthCheckService(false);  // (a process-wide switch, read at build)
   grpc::ServerBuilder builder;
   Serving out;
   // `splitq health --service NAME` as well as the whole server.
-  out.health = std::make_unique<HealthService>(std::set<std::string>{"", health_name},
-                                               options.health_read_deadline_ms);
+  out.health = std::make_unique<HealthService>();
   builder.RegisterService(out.health.get());
   builder.AddListeningPort(options.listen, credentials, &out.port);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);

@@ -28,8 +28,6 @@ struct ServingOptions {
   // Caps on connections that have not carried an authenticated call (connection_guard.h; the
   // services tell the guard). Null: no caps.
   ConnectionGuard* guard = nullptr;
-  // The health service's read deadline (health.h: an unfinished Check is cancelled then).
-  int health_read_deadline_ms = HealthService::kReadDeadlineMs;
 };
 
 struct Serving {
@@ -39,14 +37,12 @@ struct Serving {
 };
 
 // Starts a gRPC server for `services` with the standard health service (health.h's
-// HealthService, not gRPC's built-in one), reporting `health_name` (a service's full name) as
-// serving too. No SO_REUSEPORT (gRPC's default would let
+// HealthService, not gRPC's built-in one). No SO_REUSEPORT (gRPC's default would let
 // a second process listen on our port). UNAVAILABLE naming the address when it cannot listen;
 // INVALID_ARGUMENT / NOT_FOUND for bad security flags or missing certificate files;
 // FAILED_PRECONDITION when options.guard cannot be installed (connection_guard.h).
 absl::StatusOr<Serving> StartServing(const ServingOptions& options,
-                                     const std::vector<grpc::Service*>& services,
-                                     const std::string& health_name);
+                                     const std::vector<grpc::Service*>& services);
 
 // --ready-file PATH of the servers: once a server listens, the address its peers dial,
 // "HOST:PORT\n" (the coordinator: --listen's host with the port bound; a worker: the address it

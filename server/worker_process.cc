@@ -381,7 +381,7 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   serving.max_receive_message_bytes = rpc::MaxMessageBytes(core_options.assembler);
   serving.keepalive = true;
   serving.guard = s.guard.get();
-  auto started = StartServing(serving, {s.service.get()}, splitq::v1::Worker::service_full_name());
+  auto started = StartServing(serving, {s.service.get()});
   if (!started.ok()) return started.status();
   s.serving = std::move(*started);
   s.advertised = rpc::WorkerAddress{

@@ -71,7 +71,7 @@ absl::StatusOr<Row> RunCluster(const trainer::RunConfig& config, const std::stri
   serving.listen = "127.0.0.1:0";
   serving.security.insecure = true;
   serving.max_receive_message_bytes = rpc::MaxMessageBytes(core_options.assembler);
-  auto started = server::StartServing(serving, {&service}, splitq::v1::Worker::service_full_name());
+  auto started = server::StartServing(serving, {&service});
   if (!started.ok()) return started.status();
   const std::string address = absl::StrCat("127.0.0.1:", started->port);
 

@@ -70,8 +70,7 @@ class ConnectionGuardTest : public ::testing::Test {
     options.listen = "127.0.0.1:0";
     options.security.insecure = true;
     options.guard = guard_.get();
-    options.health_read_deadline_ms = health_read_deadline_ms_;
-    auto serving = StartServing(options, {service_.get()}, "splitq.v1.Coordinator");
+    auto serving = StartServing(options, {service_.get()});
     ASSERT_TRUE(serving.ok()) << serving.status();
     serving_ = std::move(*serving);
   }
@@ -101,22 +100,20 @@ class ConnectionGuardTest : public ::testing::Test {
   }
 
   // One thread per flood: peer i (127.0.0.(2 + i)) opens 40 Check streams on one connection and
-  // sends all but the last byte of a ~4 MiB request on each, until the server has granted
-  // nothing for `idle`.
-  std::vector<std::thread> UnfinishedChecks(std::vector<Flood>* floods,
+  // sends all but the last byte of a request announcing `bytes` on each, until the server has
+  // granted nothing for `idle`.
+  std::vector<std::thread> UnfinishedChecks(std::vector<Flood>* floods, uint32_t bytes,
                                             std::chrono::milliseconds idle) {
     std::vector<std::thread> threads;
     for (size_t i = 0; i < floods->size(); ++i) {
-      threads.emplace_back([this, floods, idle, i] {
-        (*floods)[i] =
-            FloodWithHalfRequests(serving_.port, "/grpc.health.v1.Health/Check", 40,
-                                  (4 << 20) - 4096, idle, absl::StrCat("127.0.0.", 2 + i));
+      threads.emplace_back([this, floods, bytes, idle, i] {
+        (*floods)[i] = FloodWithHalfRequests(serving_.port, "/grpc.health.v1.Health/Check", 40,
+                                             bytes, idle, absl::StrCat("127.0.0.", 2 + i));
       });
     }
     return threads;
   }
 
-  int health_read_deadline_ms_ = HealthService::kReadDeadlineMs;
   std::unique_ptr<TokenSet> tokens_;
   std::unique_ptr<CoordinatorCore> core_;
   std::unique_ptr<ConnectionGuard> guard_;
@@ -250,72 +247,14 @@ TEST_F(ConnectionGuardTest, CallsWithoutATokenHoldNothing) {
   EXPECT_TRUE(Call(kToken, &good).ok());
 }
 
-// The health service answers without a token (probes have none), so it reads requests from
-// anyone; it reads at most HealthService::kMaxReadingPerPeer at once from one address and
-// kMaxReading in all, and answers more at their headers without reading them. One peer
-// (127.0.0.2) with 40 unfinished ~4 MiB Check requests gets 4 read (gRPC's built-in health
-// service, unary, held all 40: 160 MiB) and a probe from another address is answered after
-// reading it; four such peers take all 16 places and a probe is still answered SERVING, but
-// unread (so a Check for an unknown name is SERVING too, not NOT_FOUND) until they go; the
-// memory in use comes back.
-TEST_F(ConnectionGuardTest, UnfinishedHealthChecksHoldFewRequests) {
+// The health service answers every Check at its headers and never reads the request, so
+// unfinished Checks hold nothing: 4 peers x 40 streams, each announcing a 256 MiB request (gRPC
+// 1.51 would let in all that a request announces once it is read: a stream-registered Check
+// that read them held +235-327 MiB in the fifth outside probe), all answered SERVING at once,
+// what arrived of each before the answer dropped with it; probes during the flood (the whole
+// server, and a name the server does not have) answered SERVING; the memory in use unchanged.
+TEST_F(ConnectionGuardTest, UnreadHealthChecksHoldNothing) {
   Stop();
-  health_read_deadline_ms_ = 60000;  // the caps alone (the deadline: the next test)
-  Start(ConnectionLimits{6, 3});
-  const std::string address = "127.0.0.1:" + std::to_string(serving_.port);
-  rpc::TransportSecurity plaintext;
-  plaintext.insecure = true;
-  malloc_trim(0);
-  const double rss0 = base::RssMiB();
-  for (int peers : {1, 4}) {
-    std::vector<Flood> floods(static_cast<size_t>(peers));
-    std::vector<std::thread> threads = UnfinishedChecks(&floods, std::chrono::milliseconds(1500));
-    std::this_thread::sleep_for(std::chrono::milliseconds(700));
-    bool unread = false;
-    const absl::StatusOr<std::string> during = CheckHealth(address, plaintext, "", 2000, &unread);
-    const absl::StatusOr<std::string> unknown = CheckHealth(address, plaintext, "no.such.Service");
-    for (std::thread& t : threads) t.join();
-    int64_t held = 0;
-    for (const Flood& f : floods) {
-      EXPECT_EQ(f.refused, 40 - HealthService::kMaxReadingPerPeer);
-      held += f.held;
-    }
-    std::printf(
-        "%d peer(s) x 40 unfinished Checks: held %.1f MiB; a probe from 127.0.0.1 during "
-        "the flood: %s%s\n",
-        peers, held / 1048576.0, during.ok() ? during->c_str() : during.status().ToString().c_str(),
-        unread ? " (unread)" : "");
-    EXPECT_LE(held, int64_t{HealthService::kMaxReadingPerPeer} * peers << 22);
-    EXPECT_GT(held, int64_t{HealthService::kMaxReadingPerPeer * peers - 1} << 22);
-    ASSERT_TRUE(during.ok()) << during.status();
-    EXPECT_EQ(*during, "SERVING");
-    if (peers == 1) {  // a place was free: read, and the unknown name found unknown
-      EXPECT_FALSE(unread);
-      EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound);
-    } else {  // none free: answered for the whole server, unread
-      EXPECT_TRUE(unread);
-      EXPECT_EQ(unknown.value_or(""), "SERVING");
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  }
-  const absl::StatusOr<std::string> after = CheckHealth(address, plaintext);
-  ASSERT_TRUE(after.ok()) << after.status();
-  EXPECT_EQ(*after, "SERVING");
-  EXPECT_EQ(CheckHealth(address, plaintext, "splitq.v1.Coordinator").value_or(""), "SERVING");
-  EXPECT_EQ(CheckHealth(address, plaintext, "no.such.Service").status().code(),
-            absl::StatusCode::kNotFound);
-  malloc_trim(0);
-  EXPECT_LE(base::RssMiB(), rss0 + 32);
-}
-
-// An unfinished Check is cancelled at the health service's read deadline (here 1.5 s): four
-// peers that take all 16 reading places with unfinished ~4 MiB Checks and then idle hold them
-// only until then (a probe for an unknown name is answered unread, SERVING, at 0.7 s, and read,
-// NOT_FOUND, at 2.5 s). Every one of their 160 streams ends (36 answered at the headers per
-// peer, the 4 read cancelled), nothing of them stays held, and the memory comes back.
-TEST_F(ConnectionGuardTest, UnfinishedHealthChecksEndAtTheReadDeadline) {
-  Stop();
-  health_read_deadline_ms_ = 1500;
   Start(ConnectionLimits{6, 3});
   const std::string address = "127.0.0.1:" + std::to_string(serving_.port);
   rpc::TransportSecurity plaintext;
@@ -324,38 +263,33 @@ TEST_F(ConnectionGuardTest, UnfinishedHealthChecksEndAtTheReadDeadline) {
   const double rss0 = base::RssMiB();
   constexpr int kPeers = 4;
   std::vector<Flood> floods(kPeers);
-  const auto start = std::chrono::steady_clock::now();
-  std::vector<std::thread> threads = UnfinishedChecks(&floods, std::chrono::milliseconds(4000));
-  std::this_thread::sleep_for(std::chrono::milliseconds(700));
-  bool unread_during = false, unread_after = true;
-  const absl::StatusOr<std::string> during =
-      CheckHealth(address, plaintext, "no.such.Service", 2000, &unread_during);
-  std::this_thread::sleep_for(std::chrono::milliseconds(1800));  // past the deadline
-  const absl::StatusOr<std::string> after =
-      CheckHealth(address, plaintext, "no.such.Service", 2000, &unread_after);
-  const absl::StatusOr<std::string> whole =
-      CheckHealth(address, plaintext, "", 2000, &unread_after);
+  std::vector<std::thread> threads =
+      UnfinishedChecks(&floods, 256u << 20, std::chrono::milliseconds(1500));
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const absl::StatusOr<std::string> during = CheckHealth(address, plaintext);
+  const absl::StatusOr<std::string> unknown = CheckHealth(address, plaintext, "no.such.Service");
+  double peak = base::RssMiB();
   for (std::thread& t : threads) t.join();
-  std::printf(
-      "4 peers x 40 unfinished Checks, deadline 1.5 s: a probe for an unknown name at 0.7 s: "
-      "%s%s; at 2.5 s: %s; the floods ended after %.1f s\n",
-      during.ok() ? during->c_str() : during.status().ToString().c_str(),
-      unread_during ? " (unread)" : "",
-      after.ok() ? after->c_str() : after.status().ToString().c_str(),
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  EXPECT_EQ(during.value_or(""), "SERVING");
-  EXPECT_TRUE(unread_during);
-  EXPECT_EQ(after.status().code(), absl::StatusCode::kNotFound);
-  ASSERT_TRUE(whole.ok()) << whole.status();
-  EXPECT_EQ(*whole, "SERVING");
-  EXPECT_FALSE(unread_after);
+  peak = std::max(peak, base::RssMiB());
+  int64_t sent = 0;
   for (const Flood& f : floods) {
-    EXPECT_EQ(f.refused, 40);  // every stream ended by the server
+    EXPECT_EQ(f.refused, 40);  // every stream ended by the server's answer
     EXPECT_EQ(f.held, 0);
-    EXPECT_GT(f.sent, int64_t{1} << 20);  // the 4 read ones had taken bytes
+    EXPECT_FALSE(f.closed);
+    sent += f.sent;
   }
-  malloc_trim(0);
-  EXPECT_LE(base::RssMiB(), rss0 + 32);
+  std::printf(
+      "%d peers x 40 Checks announcing 256 MiB: %.2f MiB sent in all, none held; probes "
+      "during the flood: %s, unknown name %s; RSS %.0f -> %.0f MiB\n",
+      kPeers, sent / 1048576.0, during.ok() ? during->c_str() : during.status().ToString().c_str(),
+      unknown.ok() ? unknown->c_str() : unknown.status().ToString().c_str(), rss0, peak);
+  // What gRPC lets in before the answer ends a stream (measured: 16-28 MiB in all, ~100 KiB a
+  // stream), dropped with it; nothing like the 256 MiB each announced.
+  EXPECT_LE(sent, int64_t{kPeers} * 40 << 20);
+  ASSERT_TRUE(during.ok()) << during.status();
+  EXPECT_EQ(*during, "SERVING");
+  EXPECT_EQ(unknown.value_or(""), "SERVING");
+  EXPECT_LE(peak, rss0 + 32);
 }
 
 // A peer WITH a token that opens streams and never finishes their requests: at most

@@ -115,7 +115,7 @@ TEST(Health, SilentConnectionsAreClosedAfterTheHandshakeTimeout) {
   options.security.tls_dir = dir;
   options.handshake_timeout_ms = 500;
   splitq::v1::Coordinator::CallbackService service;  // any service: its methods go unused
-  auto serving = StartServing(options, {&service}, "splitq.test");
+  auto serving = StartServing(options, {&service});
   ASSERT_TRUE(serving.ok()) << serving.status();
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
