@@ -85,11 +85,13 @@ absl::StatusOr<std::string> ReadSecretFile(const std::filesystem::path& path, co
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 066) != 0) {
     const bool read = (st.st_mode & 044) != 0;
-    const bool group = (st.st_mode & (read ? 040 : 020)) != 0;
-    return absl::FailedPreconditionError(
-        absl::StrFormat("%s: this %s is %s by %s (mode %04o); make it private: chmod 600 %s",
-                        path.string(), what, read ? "readable" : "writable",
-                        group ? "its group" : "others", st.st_mode & 07777, path.string()));
+    const unsigned bits = st.st_mode & (read ? 044 : 022);
+    const char* who = bits == (read ? 044u : 022u) ? "its group and others"
+                      : (bits & 070) != 0          ? "its group"
+                                                   : "others";
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: this %s is %s by %s (mode %04o); make it private: chmod 600 %s", path.string(), what,
+        read ? "readable" : "writable", who, st.st_mode & 07777, path.string()));
   }
   return ReadSmallFile(path, what, max_bytes);
 }

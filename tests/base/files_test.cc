@@ -11,6 +11,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace splitq::base {
@@ -122,6 +123,16 @@ TEST_F(Files, ReadSecretFileRefusesSecretsOthersMayRead) {
     auto open = ReadSecretFile(dir_ / "key", "private key");
     EXPECT_EQ(open.status().code(), absl::StatusCode::kFailedPrecondition) << mode;
     EXPECT_NE(open.status().message().find("chmod 600"), std::string::npos) << open.status();
+  }
+  // The message names who may read it.
+  for (const auto& [mode, who] :
+       std::vector<std::pair<mode_t, std::string>>{{0640u, "readable by its group ("},
+                                                   {0604u, "readable by others ("},
+                                                   {0666u, "readable by its group and others ("},
+                                                   {0620u, "writable by its group ("}}) {
+    ASSERT_TRUE(WriteFileAtomically(dir_ / "key", "secret\n", mode).ok());
+    const absl::Status refused = ReadSecretFile(dir_ / "key", "private key").status();
+    EXPECT_NE(refused.message().find(who), std::string::npos) << mode << ": " << refused;
   }
   ASSERT_TRUE(WriteFileAtomically(dir_ / "key", "secret\n", 0600).ok());
   EXPECT_EQ(*ReadSecretFile(dir_ / "key", "private key"), "secret\n");
