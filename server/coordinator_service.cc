@@ -1,10 +1,14 @@
 #include "server/coordinator_service.h"
 
+#include <grpcpp/alarm.h>
 #include <grpcpp/impl/codegen/proto_utils.h>
 #include <grpcpp/impl/codegen/server_callback_handlers.h>
 
+#include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -56,14 +60,16 @@ CoordinatorService::~CoordinatorService() {
 }
 
 // One call, as a bidirectional stream that carries one message each way: the token is checked
-// when the call starts (before any of the request is read), then one request is read, parsed
-// and served, and the reply is written with the status.
+// when the call starts (before any of the request is read), then one request is read (cancelled
+// at the read deadline), parsed and served, and the reply is written with the status. It
+// deletes itself once gRPC is done with it (OnDone) and the deadline's alarm has run (fired or
+// cancelled).
 class CoordinatorService::Call final
     : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   using Serve = std::function<absl::Status(const Bearer&, grpc::ByteBuffer*, grpc::ByteBuffer*)>;
   Call(CoordinatorService& service, grpc::CallbackServerContext* context, const Serve& serve)
-      : serve_(serve) {
+      : serve_(serve), context_(context) {
     if (service.tokens_ != nullptr) {
       absl::StatusOr<Bearer> bearer = service.tokens_->Identify(context->client_metadata());
       if (!bearer.ok()) {
@@ -82,9 +88,25 @@ class CoordinatorService::Call final
       reading_ = &service.reading_;
     }
     if (service.guard_ != nullptr) service.guard_->Authenticated(*context);
+    refs_.fetch_add(1);
+    alarm_.Set(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(service.read_deadline_ms_.load()),
+               [this](bool fired) {
+                 {
+                   std::lock_guard<std::recursive_mutex> lock(mutex_);
+                   // Still reading and gRPC not done yet: the context is alive.
+                   if (fired && !read_ && !done_) context_->TryCancel();
+                 }
+                 Unref();
+               });
     StartRead(&request_);
   }
   void OnReadDone(bool ok) override {
+    {
+      std::lock_guard<std::recursive_mutex> lock(mutex_);
+      read_ = true;
+    }
+    alarm_.Cancel();
     GivePlaceBack();
     if (!ok) {  // the caller half-closed (or went away) without a request
       Finish(rpc::ToGrpcStatus(absl::InvalidArgumentError("no request message")));
@@ -99,17 +121,32 @@ class CoordinatorService::Call final
   }
   void OnDone() override {
     GivePlaceBack();
-    delete this;
+    {
+      std::lock_guard<std::recursive_mutex> lock(mutex_);
+      done_ = true;
+    }
+    alarm_.Cancel();
+    Unref();
   }
 
  private:
   void GivePlaceBack() {
+    std::lock_guard<std::recursive_mutex> lock(mutex_);
     if (reading_ != nullptr) reading_->Release(caller_.id);
     reading_ = nullptr;
   }
+  void Unref() {
+    if (refs_.fetch_sub(1) == 1) delete this;
+  }
 
   const Serve& serve_;  // the method's, owned by its handler (lives as long as the service)
+  grpc::CallbackServerContext* const context_;
+  std::recursive_mutex mutex_;     // TryCancel may run a reaction on this thread
   KeyedSlots* reading_ = nullptr;  // the place this call holds while its request arrives
+  bool read_ = false;              // OnReadDone ran: the deadline no longer applies
+  bool done_ = false;              // OnDone ran: context_ is gone
+  std::atomic<int> refs_{1};       // OnDone, and the alarm's callback once set
+  grpc::Alarm alarm_;
   Bearer caller_;
   grpc::ByteBuffer request_, reply_;
 };

@@ -43,7 +43,11 @@ namespace splitq::server {
 // may be waiting for their request at once; more are UNAVAILABLE at their headers (retried with
 // backoff by the members' clients). A
 // legitimate worker or client has one or two calls in flight, each read in microseconds.
-// Members that share one token share its places.
+// Members that share one token share its places. gRPC 1.51 lets a read request in as far as its
+// 5-byte prefix announces (its 4 MiB limit is checked once the message is whole), so such a
+// call may hold more than 4 MiB (docs/cluster.md, Limits); a call whose request has not
+// arrived whole read_deadline_ms (default kReadDeadlineMs) after its headers is cancelled
+// (the caller sees CANCELLED), so it holds its place and its bytes that long at most.
 //
 // Each call: the bearer token first (UNAUTHENTICATED), then its place (UNAVAILABLE),
 // then the body (INVALID_ARGUMENT when it does not parse as the method's request, or when the
@@ -51,6 +55,9 @@ namespace splitq::server {
 class CoordinatorService final : public grpc::Service {
  public:
   static constexpr int kMaxReadingPerToken = 16;
+  // A request is a few hundred bytes (a Status reply is large, not its request); 10 s leaves
+  // room for a slow link.
+  static constexpr int kReadDeadlineMs = 10000;
 
   // `tokens`: every caller must present one of them (null: no token check, for tests and
   // trusted networks). `config_yaml`: the run config sent to each registrant.
@@ -60,6 +67,9 @@ class CoordinatorService final : public grpc::Service {
   CoordinatorService(CoordinatorCore& core, const TokenSet* tokens, std::string config_yaml,
                      ConnectionGuard* guard = nullptr, base::Registry* metrics = nullptr);
   ~CoordinatorService() override;
+
+  // Tests: the read deadline of calls that start after this (milliseconds, > 0).
+  void set_read_deadline_ms(int ms) { read_deadline_ms_ = ms; }
 
  private:
   class Call;  // one call: token, then request, then reply (coordinator_service.cc)
@@ -88,6 +98,7 @@ class CoordinatorService final : public grpc::Service {
   ConnectionGuard* guard_;
   base::Registry* metrics_;
   KeyedSlots reading_{kMaxReadingPerToken};  // calls waiting for their request, per token id
+  std::atomic<int> read_deadline_ms_{kReadDeadlineMs};
   std::vector<std::shared_ptr<
       const std::function<absl::Status(const Bearer&, grpc::ByteBuffer*, grpc::ByteBuffer*)>>>
       serves_;  // each method's parse-and-serve, by method index
