@@ -96,16 +96,26 @@ struct WorkerServiceOptions {
 // tokens, at most kMaxOpeningPerToken streams of one token may be waiting for their hello at
 // once (more: RESOURCE_EXHAUSTED, which clients retry as a full worker): gRPC reads a whole
 // message (up to the frame chunk limit) for each of them, and one client token opened 800 such
-// streams and held 3.4 GB of a worker in the third outside probe. After its hello a stream is a
-// session: one Train and one Evaluate session per client id (a newer hello ends the older).
+// streams and held 3.4 GB of a worker in the third outside probe. gRPC 1.51 lets a read
+// message in as far as its 5-byte prefix announces (its size limit is checked once the message
+// is whole), so an unfinished hello may hold more than that limit; a stream whose hello has not
+// arrived whole kHelloReadDeadlineMs after its headers is cancelled (the client sees
+// CANCELLED). After its hello a stream is a session: one Train and one Evaluate session per
+// client id (a newer hello ends the older). A session's later messages have no deadline (a
+// session may rightly idle between frames, and gRPC does not tell when a message has begun).
 class WorkerService final
     : public splitq::v1::Worker::WithRawCallbackMethod_Train<
           splitq::v1::Worker::WithRawCallbackMethod_Evaluate<splitq::v1::Worker::Service>> {
  public:
   static constexpr int kMaxOpeningPerToken = 4;
+  // A hello is a few hundred bytes, sent as the stream opens; 10 s leaves room for a slow link.
+  static constexpr int kHelloReadDeadlineMs = 10000;
   // `tokens`: every caller must present one (null: no check, for tests and trusted networks).
   WorkerService(WorkerCore& core, const TokenSet* tokens, const WorkerServiceOptions& options = {});
   ~WorkerService() override;
+
+  // Tests: the hello read deadline of streams that start after this (milliseconds, > 0).
+  void set_hello_read_deadline_ms(int ms) { hello_read_deadline_ms_ = ms; }
 
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Train(
       grpc::CallbackServerContext* context) override;
@@ -157,6 +167,7 @@ class WorkerService final
   std::unordered_map<uint64_t, std::function<void(const absl::Status&)>> live_;
   // Streams waiting for their hello, per token id (tokens on only).
   KeyedSlots opening_{kMaxOpeningPerToken};
+  std::atomic<int> hello_read_deadline_ms_{kHelloReadDeadlineMs};
   // The metrics this service updates (null without WorkerServiceOptions::metrics).
   struct Metrics;
   std::unique_ptr<Metrics> metrics_;

@@ -297,6 +297,26 @@ TEST_F(WorkerServiceTest, OneTokenHoldsFewUnfinishedHellos) {
   ExpectGoodClientTrains("alice", 1);
 }
 
+// A stream whose hello has not arrived whole at the deadline (here 1 s) is cancelled: gRPC 1.51
+// lets in all that a read message announces (64 MiB here), so the count of opening places alone
+// does not bound what they hold. The 4 streams end, nothing of them stays, and the token's
+// client trains after.
+TEST_F(WorkerServiceTest, AnUnfinishedHelloEndsAtTheDeadline) {
+  service_->set_hello_read_deadline_ms(1000);
+  const auto start = std::chrono::steady_clock::now();
+  const hostile::Flood flood = hostile::FloodWithHalfRequests(
+      port_, "/splitq.v1.Worker/Train", 4, 64u << 20, std::chrono::milliseconds(2500), "127.0.0.1",
+      TokenFor("alice"));
+  std::printf(
+      "4 hellos announcing 64 MiB, deadline 1 s: %.1f MiB sent, %.1f held at the end, %d ended "
+      "by the server, %.1f s\n",
+      flood.sent / 1048576.0, flood.held / 1048576.0, flood.refused,
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  EXPECT_EQ(flood.refused, 4);
+  EXPECT_EQ(flood.held, 0);
+  ExpectGoodClientTrains("alice", 1);
+}
+
 TEST_F(WorkerServiceTest, ImplausibleValuesNeverReachTheServerPart) {
   const std::string before = part_->WeightsDigest();
   const int64_t updates = part_->updates();
