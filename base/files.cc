@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "base/status_macros.h"
 
 namespace splitq::base {
 namespace {
@@ -78,6 +79,20 @@ absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_
     return Failed(temp, "write it", error);
   }
   return CommitFile(temp, path);
+}
+
+absl::Status CopyFilesInto(const std::filesystem::path& from, const std::vector<std::string>& names,
+                           const std::filesystem::path& to, mode_t mode) {
+  std::error_code ec;
+  std::filesystem::create_directories(to, ec);
+  if (ec) {
+    return absl::InternalError(absl::StrFormat("cannot make %s: %s", to.string(), ec.message()));
+  }
+  for (const std::string& name : names) {
+    SPLITQ_ASSIGN_OR_RETURN(const std::string contents, ReadSmallFile(from / name, "file to copy"));
+    SPLITQ_RETURN_IF_ERROR(WriteFileAtomically(to / name, contents, mode));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::string> ReadSecretFile(const std::filesystem::path& path, const char* what,

@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -43,6 +44,13 @@ absl::StatusOr<std::string> ReadSmallFile(const std::filesystem::path& path, con
 // <(...)`) are taken as they are.
 absl::StatusOr<std::string> ReadSecretFile(const std::filesystem::path& path, const char* what,
                                            size_t max_bytes = 16 << 20);
+
+// Copies the files `names` of folder `from` into folder `to` (made if missing), each written
+// atomically with `mode` (0600 for secrets), for handing a role only the secrets it needs
+// (`splitq certs --export-*`, `splitq tokens --export`). The first failure is returned, naming
+// the file: NOT_FOUND for a missing source, INTERNAL when `to` cannot be made or written.
+absl::Status CopyFilesInto(const std::filesystem::path& from, const std::vector<std::string>& names,
+                           const std::filesystem::path& to, mode_t mode);
 
 // Removes `path` and everything under it, with POSIX calls (nftw); a missing path is fine.
 // Use this, not std::filesystem::remove_all, in anything that links PyTorch's libtorch: on the

@@ -101,11 +101,37 @@ class Compose : public ::testing::Test {
       const std::string host = v.substr(0, colon);
       std::string container = v.substr(colon + 1);
       container = container.substr(0, container.find(':'));
-      if (path.rfind(container + "/", 0) != 0) continue;
+      if (path != container && path.rfind(container + "/", 0) != 0) continue;
       const fs::path base = host.rfind("./", 0) == 0 ? kSource / host.substr(2) : named_root / host;
-      return (base / path.substr(container.size() + 1)).string();
+      return path == container ? base.string()
+                               : (base / path.substr(container.size() + 1)).string();
     }
     return path;
+  }
+  // A command argument with its container paths mapped: "/x/y" and "ID=/x/y" (tokens --export).
+  static std::string MapArgument(const YAML::Node& service, const std::string& a,
+                                 const fs::path& named_root) {
+    if (!a.empty() && a[0] == '/') return HostPath(service, a, named_root);
+    const size_t eq = a.find("=/");
+    if (eq != std::string::npos) {
+      return a.substr(0, eq + 1) + HostPath(service, a.substr(eq + 1), named_root);
+    }
+    return a;
+  }
+  // The named volumes a service mounts (not host folders).
+  static std::vector<std::string> NamedVolumes(const YAML::Node& service) {
+    std::vector<std::string> out;
+    for (const std::string& v : Strings(Key(service, "volumes"))) {
+      const std::string host = v.substr(0, v.find(':'));
+      if (host.rfind("./", 0) != 0 && host[0] != '/') out.push_back(host);
+    }
+    return out;
+  }
+  // Makes a folder for each of the file's named volumes under `named_root`.
+  void MakeVolumes(const fs::path& named_root) const {
+    for (const auto& v : root_["volumes"]) {
+      fs::create_directories(named_root / v.first.as<std::string>());
+    }
   }
   YAML::Node root_;
 };
@@ -168,6 +194,52 @@ TEST_F(Compose, EveryCommandParsesAndEveryConfigLoads) {
   std::set<std::string> want;
   for (int k = 0; k < clients; ++k) want.insert(std::to_string(k) + "/" + std::to_string(clients));
   EXPECT_EQ(shards, want) << "the clients' shards should cover the data once";
+}
+
+// Secrets by role: the one-shots run as the file has them (container paths mapped to folders
+// here), then every file each service could read through its named volumes is listed. No
+// client sees ca.key, server.key, client.key, the tokens file or another member's token; each
+// sees ca.crt and its own token. The servers see server.key and the tokens file, not ca.key.
+// Only the `secrets` one-shot mounts the CA's volume.
+TEST_F(Compose, EachServiceSeesOnlyItsSecrets) {
+  const YAML::Node services = root_["services"];
+  const fs::path dir = fs::path(testing::TempDir()) / "compose_secrets";
+  fs::remove_all(dir);
+  MakeVolumes(dir / "volumes");
+  const std::string log = (dir / "oneshots.log").string();
+  for (const auto& entry : services) {
+    std::vector<std::string> command = Strings(Key(entry.second, "command"));
+    if (command.size() < 2 || (command[1] != "certs" && command[1] != "tokens")) continue;
+    command[0] = kSplitq;
+    for (std::string& a : command) a = MapArgument(entry.second, a, dir / "volumes");
+    ASSERT_EQ(RunToEnd(command, {}, log), 0) << Slurp(log);
+    // Run again, as a restarted one-shot would: --keep, and the copies made again.
+    ASSERT_EQ(RunToEnd(command, {}, log), 0) << Slurp(log);
+  }
+  int clients = 0;
+  for (const auto& entry : services) {
+    const std::string name = entry.first.as<std::string>();
+    const std::vector<std::string> command = Strings(Key(entry.second, "command"));
+    const std::string verb = command.size() > 1 ? command[1] : "";
+    std::set<std::string> seen;
+    for (const std::string& volume : NamedVolumes(entry.second)) {
+      if (volume == "ca") EXPECT_EQ(name, "secrets") << name << " mounts the CA's volume";
+      if (volume == "runs") continue;  // outputs, no secrets
+      for (const auto& f : fs::recursive_directory_iterator(dir / "volumes" / volume)) {
+        if (f.is_regular_file()) seen.insert(f.path().filename().string());
+      }
+    }
+    std::string list;
+    for (const std::string& f : seen) list += " " + f;
+    if (verb == "client") {
+      ++clients;
+      EXPECT_EQ(seen, (std::set<std::string>{"ca.crt", name + ".token"})) << name << ":" << list;
+    } else if (verb == "coordinator" || verb == "worker") {
+      EXPECT_FALSE(seen.count("ca.key")) << name << ":" << list;
+      EXPECT_TRUE(seen.count("server.key") && seen.count("tokens")) << name << ":" << list;
+    }
+  }
+  EXPECT_EQ(clients, 2);
 }
 
 // One network namespace per service, joined by a bridge that lives in a namespace of its own
@@ -284,17 +356,14 @@ TEST_F(Compose, TopologyRunsInNetworkNamespaces) {
     std::vector<std::string> argv = {"ip", "netns", "exec", "sqc-" + name};
     std::vector<std::string> command = Strings(Key(service, "command"));
     command[0] = kSplitq;
-    for (std::string& a : command) {
-      if (!a.empty() && a[0] == '/') a = HostPath(service, a, dir / "volumes");
-    }
+    for (std::string& a : command) a = MapArgument(service, a, dir / "volumes");
     if (command[1] == "worker" || command[1] == "client") {
       command.insert(command.end(), {"--set", "steps=30", "--connect-timeout", "60"});
     }
     argv.insert(argv.end(), command.begin(), command.end());
     return argv;
   };
-  fs::create_directories(dir / "volumes" / "secrets");
-  fs::create_directories(dir / "volumes" / "runs");
+  MakeVolumes(dir / "volumes");
   auto log_of = [&](const std::string& name) { return (dir / "logs" / (name + ".log")).string(); };
   std::vector<pid_t> servers, clients;
   struct Stopper {
