@@ -483,6 +483,100 @@ absl::StatusOr<RunData> ReadRun(const std::string& dir) {
   return run;
 }
 
+// Where a step's time went (metrics.jsonl's client_forward_ms, encode_ms, server_wire_ms,
+// decode_ms, client_backward_ms, since 2026-12-07): one stacked bar per run, each phase's
+// mean over the run's logged lines, with its milliseconds. Runs that predate the phases are
+// listed as such.
+std::string StepBreakdown(const std::vector<RunData>& runs) {
+  static const std::pair<const char*, const char*> kPhases[] = {
+      {"client_forward_ms", "client forward"},
+      {"encode_ms", "encode"},
+      {"server_wire_ms", "server and wire"},
+      {"decode_ms", "decode"},
+      {"client_backward_ms", "client backward and update"}};
+  static const char* const kPhaseColors[] = {"#1f77b4", "#ff7f0e", "#7f7f7f", "#2ca02c", "#9467bd"};
+  struct Row {
+    std::string name;
+    double ms[5] = {0, 0, 0, 0, 0};
+    double total = 0;
+  };
+  std::vector<Row> rows;
+  std::string missing;
+  for (const RunData& run : runs) {
+    Row row;
+    row.name = run.name;
+    int lines = 0;
+    for (const FlatRecord& rec : run.metrics) {
+      if (rec.numbers.count(kPhases[0].first) == 0) continue;
+      ++lines;
+      for (int k = 0; k < 5; ++k) {
+        const auto v = rec.numbers.find(kPhases[k].first);
+        if (v != rec.numbers.end()) row.ms[k] += v->second;
+      }
+    }
+    if (lines == 0) {
+      absl::StrAppend(&missing, missing.empty() ? "" : ", ", run.name);
+      continue;
+    }
+    for (double& m : row.ms) {
+      m /= lines;
+      row.total += m;
+    }
+    rows.push_back(row);
+  }
+  std::ostringstream o;
+  o << "<section id=\"step_breakdown\"><h2>Step time breakdown (mean per logged step)</h2>\n";
+  if (!rows.empty()) {
+    double widest = 0;
+    for (const Row& r : rows) widest = std::max(widest, r.total);
+    const double x0 = 160, width = 560, bar = 22, gap = 12;
+    const double height = 30 + rows.size() * (bar + gap);
+    o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << Num(x0 + width + 80)
+      << "\" height=\"" << Num(height) << "\" role=\"img\">\n";
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
+      const double y = 10 + i * (bar + gap);
+      o << "<text class=\"axis\" x=\"" << Num(x0 - 6) << "\" y=\"" << Num(y + bar * 0.7)
+        << "\" text-anchor=\"end\">" << Escape(r.name) << "</text>\n";
+      double x = x0;
+      for (int k = 0; k < 5; ++k) {
+        const double w = widest > 0 ? r.ms[k] / widest * width : 0;
+        o << "<rect class=\"phase\" data-phase=\"" << kPhases[k].first << "\" data-ms=\""
+          << Num(r.ms[k]) << "\" x=\"" << Num(x) << "\" y=\"" << Num(y) << "\" width=\"" << Num(w)
+          << "\" height=\"" << Num(bar) << "\" fill=\"" << kPhaseColors[k] << "\"><title>"
+          << Escape(r.name) << ": " << kPhases[k].second << " " << Num(r.ms[k])
+          << " ms</title></rect>\n";
+        x += w;
+      }
+      o << "<text class=\"tick\" x=\"" << Num(x + 4) << "\" y=\"" << Num(y + bar * 0.7) << "\">"
+        << Num(r.total) << " ms</text>\n";
+    }
+    o << "</svg>\n<div class=\"legend\">";
+    for (int k = 0; k < 5; ++k) {
+      o << "<span style=\"color:" << kPhaseColors[k] << "\">&#9632;</span> " << kPhases[k].second
+        << "&nbsp;&nbsp; ";
+    }
+    o << "</div>\n<table><tr><th>run</th>";
+    for (const auto& ph : kPhases) o << "<th>" << ph.second << " ms</th>";
+    o << "<th>step ms</th></tr>\n";
+    for (const Row& r : rows) {
+      o << "<tr><td>" << Escape(r.name) << "</td>";
+      for (double m : r.ms) o << "<td>" << Num(m) << "</td>";
+      o << "<td>" << Num(r.total) << "</td></tr>\n";
+    }
+    o << "</table>\n<p class=\"empty\">Host wall time. \"server and wire\" is the rest of the "
+         "step: the server's part and the network (in <code>splitq train</code>, the server "
+         "part in-process). On CUDA, kernels run asynchronously, so a phase shows when its work "
+         "was issued and waited for.</p>\n";
+  }
+  if (!missing.empty()) {
+    o << "<p class=\"empty\">No breakdown logged by: " << Escape(missing)
+      << " (runs before 2026-12-07).</p>\n";
+  }
+  o << "</section>\n";
+  return o.str();
+}
+
 std::string RenderReport(const std::vector<RunData>& runs) {
   std::ostringstream o;
   std::string names;
@@ -540,9 +634,9 @@ std::string RenderReport(const std::vector<RunData>& runs) {
              "bits", wire, {});
   for (size_t r = 0; r < runs.size(); ++r) o << BitMap(runs[r], r);
   o << Chart("step_ms", "Step time", "ms", Collect(runs, false, "step_ms", "", ""), {});
+  o << StepBreakdown(runs);
   o << SummaryTable(runs);
-  o << "<p class=\"empty\">Not shown yet: a step-time breakdown (the runs do not log it).</p>\n"
-       "</body></html>\n";
+  o << "</body></html>\n";
   return o.str();
 }
 

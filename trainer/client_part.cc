@@ -110,6 +110,7 @@ struct ClientPart::Impl {
     double bits = 32;
     quant::CodeEntropy up_entropy;  // of the activation frame (0 elements: fp32)
     Clock::time_point start;
+    double forward_ms = 0, encode_ms = 0;  // StepStats' client_forward_ms and encode_ms
     // U-shaped, after Head: boundary 2's share of the step.
     bool head_done = false;
     double head_loss = 0, act2_bits = 0, grad2_bits = 0;
@@ -205,7 +206,10 @@ absl::StatusOr<UpFrame> ClientPart::Forward() {
         h1 = s.model.client->forward(batch.inputs.to(s.device));
       }
     }
+    const Clock::time_point forwarded = Clock::now();
     SPLITQ_ASSIGN_OR_RETURN(BoundarySender::Sent sent, s.sender->Send(h1, step, batch.ids, true));
+    p.forward_ms = std::chrono::duration<double, std::milli>(forwarded - p.start).count();
+    p.encode_ms = std::chrono::duration<double, std::milli>(Clock::now() - forwarded).count();
     p.up.step = step;
     p.up.frame = std::make_shared<const std::string>(std::move(sent.bytes));
     if (!s.c.u_shaped) p.up.labels = FlatLabels(batch.targets);  // U-shaped: they stay here
@@ -279,10 +283,12 @@ absl::StatusOr<StepStats> ClientPart::Backward(const DownFrame& down) {
   }
   const Impl::Pending& p = *s.pending;
   StepStats stats;
+  const Clock::time_point received = Clock::now();
   SPLITQ_RETURN_IF_ERROR(TorchCall(absl::StrCat("step ", s.step), [&]() -> absl::Status {
     const at::Tensor& side = p.sender_side;
     SPLITQ_ASSIGN_OR_RETURN(
         at::Tensor g, s.sender->ReceiveGradient(down.frame, side.device(), side.scalar_type()));
+    const Clock::time_point decoded = Clock::now();
     if (g.sizes() != side.sizes()) {
       return absl::InvalidArgumentError("the gradient frame's shape is not the activation's");
     }
@@ -320,7 +326,12 @@ absl::StatusOr<StepStats> ClientPart::Backward(const DownFrame& down) {
     s.entropy.elements_down += down_entropy.elements + p.head_down_entropy.elements;
     s.entropy.bits_down += down_entropy.bits + p.head_down_entropy.bits;
     if (s.c.u_shaped) s.boundary_bytes = 4 * (side.numel() + p.h2_numel);
-    stats.step_ms = std::chrono::duration<double, std::milli>(Clock::now() - p.start).count();
+    const Clock::time_point end = Clock::now();
+    stats.step_ms = std::chrono::duration<double, std::milli>(end - p.start).count();
+    stats.client_forward_ms = p.forward_ms;
+    stats.encode_ms = p.encode_ms;
+    stats.decode_ms = std::chrono::duration<double, std::milli>(decoded - received).count();
+    stats.client_backward_ms = std::chrono::duration<double, std::milli>(end - decoded).count();
     return absl::OkStatus();
   }));
   s.pending.reset();

@@ -39,6 +39,13 @@ struct StepStats {
   double act_bits = 0;   // mean bits per element of this step's activation frames (32: fp32)
   double grad_bits = 0;  // ... and of its gradient frames
   double step_ms = 0;    // wall time of the step
+  // Where the client's part of it went (host wall time; on CUDA, kernels run asynchronously, so
+  // a phase shows when its work was issued and waited for, not its kernels alone): the client's
+  // layers forward, quantizing and encoding the activation frame, decoding the gradient frame,
+  // and the client's layers backward with the optimizer step. The rest of step_ms is the
+  // server's part and the wire (in `splitq train`, the server part in-process; U-shaped: the
+  // head step too).
+  double client_forward_ms = 0, encode_ms = 0, decode_ms = 0, client_backward_ms = 0;
   // Bits per channel of this step's activation frame (boundary 1; empty: fp32). metrics.jsonl
   // logs it as "act_bit_map" (one digit a channel) on each of its lines.
   std::vector<uint8_t> act_bit_map;

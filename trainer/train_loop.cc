@@ -272,11 +272,15 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
       metrics << absl::StrFormat(
           "{\"step\": %d, \"loss\": %.9g, \"lr\": %.6g, \"act_bits\": %.4f, \"grad_bits\": %.4f, "
           "\"act_budget\": %s, \"grad_budget\": %s, \"bytes_up\": %d, \"bytes_down\": %d, %s, "
-          "\"step_ms\": %.3f%s}\n",
+          "\"step_ms\": %.3f, \"client_forward_ms\": %.3f, \"encode_ms\": %.3f, "
+          "\"server_wire_ms\": %.3f, \"decode_ms\": %.3f, \"client_backward_ms\": %.3f%s}\n",
           step, mean_loss, LearningRateAt(c, step - 1, c.lr), w.avg_act, w.avg_grad,
           NumberOrNull(WindowBudget(ActivationBudgetAt, c, step)),
           NumberOrNull(WindowBudget(GradientBudgetAt, c, step)), wire.bytes_up, wire.bytes_down,
-          WireBitsJson(wire, logged, " "), s.step_ms, BitMapJson(s.act_bit_map));
+          WireBitsJson(wire, logged, " "), s.step_ms, s.client_forward_ms, s.encode_ms,
+          std::max(0.0, s.step_ms - s.client_forward_ms - s.encode_ms - s.decode_ms -
+                            s.client_backward_ms),
+          s.decode_ms, s.client_backward_ms, BitMapJson(s.act_bit_map));
       logged = wire;
       metrics.flush();
       if (options.progress) {

@@ -71,6 +71,10 @@ class ReportTest : public ::testing::Test {
         << ", \"wire_bits_down\": 6.5, \"code_entropy_bits_up\": " << act_bits - 0.5
         << ", \"step_ms\": 12.5";
       if (budgets_per_step) {
+        // A newer run: the step's phases too (their mean: 2 + 1 + 8 + 0.5 + 1 = 12.5 ms).
+        m << ", \"client_forward_ms\": " << (step <= 50 ? 1.5 : 2.5)
+          << ", \"encode_ms\": 1, \"server_wire_ms\": 8, \"decode_ms\": 0.5, "
+             "\"client_backward_ms\": 1";
         m << ", \"act_budget\": " << 8.0 - step / 25.0 << ", \"grad_budget\": null";
         // 6 channels: the first at 8 bits, the rest falling with the budget.
         const int b = std::max(1, 8 - step / 25);
@@ -126,6 +130,28 @@ TEST_F(ReportTest, TwoRunsSideBySide) {
   EXPECT_EQ(html.find("<script"), std::string::npos);
   EXPECT_EQ(html.find("src="), std::string::npos);
   EXPECT_EQ(html.find("href="), std::string::npos);
+}
+
+// The step-time breakdown: one stacked bar per run that logged the phases, each phase's mean
+// over the run's lines; a run from before the phases is named as such.
+TEST_F(ReportTest, StepTimeBreakdown) {
+  const std::string newer = MakeRun("newer", 4.0, true, /*budgets_per_step=*/true);
+  const std::string older = MakeRun("older", 4.0, true);
+  const std::string out = (root_ / "report.html").string();
+  ASSERT_TRUE(WriteReport({newer, older}, out).ok());
+  std::ifstream in(out);
+  const std::string html((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(html.find("id=\"step_breakdown\""), std::string::npos);
+  for (const char* bar :
+       {"data-phase=\"client_forward_ms\" data-ms=\"2\"", "data-phase=\"encode_ms\" data-ms=\"1\"",
+        "data-phase=\"server_wire_ms\" data-ms=\"8\"", "data-phase=\"decode_ms\" data-ms=\"0.5\"",
+        "data-phase=\"client_backward_ms\" data-ms=\"1\""}) {
+    EXPECT_NE(html.find(bar), std::string::npos) << bar;
+  }
+  EXPECT_NE(html.find("<td>newer</td><td>2</td><td>1</td><td>8</td><td>0.5</td><td>1</td>"
+                      "<td>12.5</td>"),
+            std::string::npos);
+  EXPECT_NE(html.find("No breakdown logged by: older"), std::string::npos);
 }
 
 // Metrics lines with the budget of each window: plotted over steps instead of the final
