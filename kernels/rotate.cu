@@ -11,7 +11,9 @@
 //  * strided (inner > 1, block <= 64): a thread owns one inner position of one block of
 //    channels, its `block` values (stride inner) in registers; threads run along inner, so
 //    each load is coalesced.
-// Signs come from a bit table in device memory (RotationSignBits); multiplying by +-1 and by
+// x and y may be the same memory (each element is read and then written by one thread, so they
+// are not __restrict__). Signs come from a bit table in device memory (RotationSignBits);
+// multiplying by +-1 and by
 // +-1/sqrt(block) is done as the CPU does it (the sign times the factor), so it is exact.
 #include <algorithm>
 #include <cmath>
@@ -35,9 +37,9 @@ __device__ __forceinline__ float SignOf(const uint32_t* bits, int64_t c) {
 // one row, their signs one shift of one word) and every lane's run is whole.
 template <typename T, int E>
 __global__ void __launch_bounds__(kWarps * 32)
-    RotateChannelsLastKernel(const T* __restrict__ x, T* __restrict__ y, int64_t numel,
-                             int64_t channels, int block, const uint32_t* __restrict__ sign_bits,
-                             bool inverse, float norm, bool aligned) {
+    RotateChannelsLastKernel(const T* x, T* y, int64_t numel, int64_t channels, int block,
+                             const uint32_t* __restrict__ sign_bits, bool inverse, float norm,
+                             bool aligned) {
   constexpr int kVec = 16 / sizeof(T) < E ? 16 / sizeof(T) : E;  // elements per access
   const int lane = threadIdx.x & 31;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kWarps) + (threadIdx.x >> 5);
@@ -118,9 +120,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 // inner > 1: a thread per (outer, channel block, inner position), B values in registers.
 template <typename T, int B>
 __global__ void __launch_bounds__(kWarps * 32)
-    RotateStridedKernel(const T* __restrict__ x, T* __restrict__ y, int64_t outer, int64_t channels,
-                        int64_t inner, const uint32_t* __restrict__ sign_bits, bool inverse,
-                        float norm) {
+    RotateStridedKernel(const T* x, T* y, int64_t outer, int64_t channels, int64_t inner,
+                        const uint32_t* __restrict__ sign_bits, bool inverse, float norm) {
   const int64_t blocks = channels / B;
   const int64_t columns = outer * blocks * inner;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;

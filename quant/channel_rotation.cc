@@ -1,5 +1,6 @@
 #include "quant/channel_rotation.h"
 
+#include <c10/core/DeviceGuard.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
@@ -23,6 +24,10 @@ at::Tensor RotateWithKernel(const at::Tensor& x_in, int64_t axis, int64_t block,
   const at::Tensor x = x_in.contiguous();
   const kernels::GroupLayout layout =
       LayoutOf(x, Grouping{kernels::Granularity::kChannel, static_cast<int32_t>(axis)});
+#if defined(SPLITQ_TORCH_CUDA)
+  // The launch goes to the current device: make it x's (the stream is x's device's).
+  const c10::OptionalDeviceGuard guard(x.device());
+#endif
   at::Tensor y = at::empty_like(x);
   CheckOk(kernels::RotateChannels(ContextOf(x), ToKernelDType(x.scalar_type()), layout, block, seed,
                                   reinterpret_cast<const uint32_t*>(sign_bits.data_ptr()), inverse,
@@ -90,7 +95,14 @@ at::Tensor ChannelRotation::Apply(const at::Tensor& x, int64_t axis, bool invers
   const int64_t dim = axis < 0 ? axis + x.dim() : axis;
   TORCH_CHECK(dim >= 0 && dim < x.dim() && x.size(dim) == channels_, "rotation of ", channels_,
               " channels given a tensor of shape ", x.sizes(), " along dimension ", axis);
-  if (!force_matmul_ && (x.device().is_cpu() || x.device().is_cuda()) &&
+  // CUDA tensors take the kernel only where splitq's CUDA kernels and a CUDA libtorch were both
+  // built (else the matmul, as before the kernel existed).
+#if defined(SPLITQ_TORCH_CUDA)
+  constexpr bool kCudaKernels = true;
+#else
+  constexpr bool kCudaKernels = false;
+#endif
+  if (!force_matmul_ && (x.device().is_cpu() || (kCudaKernels && x.device().is_cuda())) &&
       (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
        x.scalar_type() == at::kHalf)) {
     const kernels::GroupLayout layout =
