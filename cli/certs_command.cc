@@ -6,7 +6,6 @@
 #include <filesystem>
 #include <memory>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "base/files.h"
@@ -42,27 +41,29 @@ void RegisterCerts(CLI::App& app, RunFn* run) {
                   "Also copy ca.crt, client.crt and client.key here (for --mtls clients)");
   cmd->callback([opt, run] {
     *run = [opt] {
-      // The copies for each role, made again on every run (a new volume gets them too).
+      // The copies for each role, made again on every run (a new volume gets them too): ca.crt,
+      // and the role's certificate and key where it has them.
       const auto exported = [&opt]() -> int {
-        const std::filesystem::path from(opt->out);
-        for (const auto& [dir, names] :
-             std::vector<std::pair<std::string, std::vector<std::string>>>{
-                 {opt->export_server, {"server.crt", "server.key"}},
-                 {opt->export_ca, {}},
-                 {opt->export_client, {"client.crt", "client.key"}}}) {
-          if (dir.empty()) continue;
-          absl::Status status = base::CopyFilesInto(from, {"ca.crt"}, dir, 0644);
-          for (const std::string& name : names) {
-            if (!status.ok()) break;
-            const bool secret = name.size() > 4 && name.substr(name.size() - 4) == ".key";
-            status = base::CopyFilesInto(from, {name}, dir, secret ? 0600 : 0644);
+        struct Export {
+          const std::string& dir;
+          std::string name;  // "server", "client" or "" (ca.crt alone)
+        };
+        for (const Export& e : {Export{opt->export_server, "server"}, Export{opt->export_ca, ""},
+                                Export{opt->export_client, "client"}}) {
+          if (e.dir.empty()) continue;
+          std::vector<std::string> certs = {"ca.crt"};
+          if (!e.name.empty()) certs.push_back(e.name + ".crt");
+          absl::Status status = base::CopyFilesInto(opt->out, certs, e.dir, 0644);
+          if (status.ok() && !e.name.empty()) {
+            status = base::CopyFilesInto(opt->out, {e.name + ".key"}, e.dir, 0600);
           }
           if (!status.ok()) {
             std::fprintf(stderr, "certs: %s\n", std::string(status.message()).c_str());
             return 1;
           }
-          std::printf("copied ca.crt%s%s to %s\n", names.empty() ? "" : ", ",
-                      names.empty() ? "" : (names[0] + " and " + names[1]).c_str(), dir.c_str());
+          std::printf("copied ca.crt%s to %s\n",
+                      e.name.empty() ? "" : (", " + e.name + ".crt and " + e.name + ".key").c_str(),
+                      e.dir.c_str());
         }
         return 0;
       };

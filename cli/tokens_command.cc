@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "base/files.h"
@@ -47,6 +48,7 @@ void RegisterTokens(CLI::App& app, RunFn* run) {
       }
       // Each --export names a member given here and a folder (checked before anything is
       // written).
+      std::vector<std::pair<std::string, std::string>> exports;  // id, folder
       for (const std::string& e : opt->exports) {
         const size_t eq = e.find('=');
         const std::string id = e.substr(0, eq);
@@ -60,19 +62,17 @@ void RegisterTokens(CLI::App& app, RunFn* run) {
                        e.c_str());
           return 2;
         }
+        exports.emplace_back(id, e.substr(eq + 1));
       }
       // Each exported token, copied again on every run (a new volume gets it too).
-      const auto exported = [&opt]() -> int {
-        for (const std::string& e : opt->exports) {
-          const size_t eq = e.find('=');
-          const std::string id = e.substr(0, eq);
-          const absl::Status status =
-              base::CopyFilesInto(opt->out, {id + ".token"}, e.substr(eq + 1), 0600);
+      const auto exported = [&opt, &exports]() -> int {
+        for (const auto& [id, dir] : exports) {
+          const absl::Status status = base::CopyFilesInto(opt->out, {id + ".token"}, dir, 0600);
           if (!status.ok()) {
             std::fprintf(stderr, "tokens: %s\n", std::string(status.message()).c_str());
             return 1;
           }
-          std::printf("copied %s.token to %s\n", id.c_str(), e.substr(eq + 1).c_str());
+          std::printf("copied %s.token to %s\n", id.c_str(), dir.c_str());
         }
         return 0;
       };

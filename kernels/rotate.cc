@@ -17,6 +17,15 @@ uint64_t SplitMix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
+// One butterfly pass over a run: (p[i], q[i]) <- (p[i] + q[i], p[i] - q[i]) for i < n.
+inline void ButterflyRun(float* p, float* q, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = p[i], v = q[i];
+    p[i] = u + v;
+    q[i] = u - v;
+  }
+}
+
 // One block of b >= 4 contiguous channels (inner == 1): dst = f_out * (H (f_in * src)), with
 // the passes h = 1 and h = 2 done together as 4-point transforms (reading src, which may be
 // dst) and the wider ones as vectorised loops over the block, which stays in L1. The same
@@ -32,15 +41,7 @@ void FwhtBlock(const float* src, float* dst, int64_t b, const float* f_in, const
     dst[j + 3] = d0 - d1;
   }
   for (int64_t h = 4; h < b; h <<= 1) {
-    for (int64_t a = 0; a < b; a += 2 * h) {
-      float* p = dst + a;
-      float* q = dst + a + h;
-      for (int64_t c = 0; c < h; ++c) {
-        const float u = p[c], v = q[c];
-        p[c] = u + v;
-        q[c] = u - v;
-      }
-    }
+    for (int64_t a = 0; a < b; a += 2 * h) ButterflyRun(dst + a, dst + a + h, h);
   }
   for (int64_t c = 0; c < b; ++c) dst[c] *= f_out[c];
 }
@@ -149,26 +150,10 @@ absl::Status RotateChannels(const GroupLayout& layout, int64_t block, uint64_t s
     if (!inverse) apply_signs(1.0f);
     for (int64_t start = 0; start < channels; start += block) {
       for (int64_t h = 1; h < block; h <<= 1) {
+        // Channels a..a+h-1 pair with a+h..a+2h-1 at the same inner position: their rows are
+        // two contiguous runs of h * inner elements, h * inner apart.
         for (int64_t a = start; a < start + block; a += 2 * h) {
-          if (inner == 1) {  // channels last: the pairs' run over c is contiguous (vectorizes)
-            float* p = plane + a;
-            float* q = plane + a + h;
-            for (int64_t c = 0; c < h; ++c) {
-              const float u = p[c], v = q[c];
-              p[c] = u + v;
-              q[c] = u - v;
-            }
-            continue;
-          }
-          for (int64_t c = a; c < a + h; ++c) {
-            float* p = plane + c * inner;
-            float* q = plane + (c + h) * inner;
-            for (int64_t i = 0; i < inner; ++i) {
-              const float u = p[i], v = q[i];
-              p[i] = u + v;
-              q[i] = u - v;
-            }
-          }
+          ButterflyRun(plane + a * inner, plane + (a + h) * inner, h * inner);
         }
       }
     }

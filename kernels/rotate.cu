@@ -32,6 +32,23 @@ __device__ __forceinline__ float SignOf(const uint32_t* bits, int64_t c) {
   return ((__ldg(bits + (c >> 5)) >> (c & 31)) & 1u) != 0 ? -1.0f : 1.0f;
 }
 
+// The butterfly passes h = 1, 2, 4, ... below min(N, limit) among one thread's N values.
+template <int N>
+__device__ __forceinline__ void ButterfliesInRegisters(float (&v)[N], int limit) {
+#pragma unroll
+  for (int h = 1; h < N; h <<= 1) {
+    if (h >= limit) break;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if ((k & h) == 0) {
+        const float a = v[k], b = v[k + h];
+        v[k] = a + b;
+        v[k + h] = a - b;
+      }
+    }
+  }
+}
+
 // Channels last. E elements a lane; `block` a power of two in 2..32 * E (so a block spans at
 // most the warp). `aligned`: channels % E == 0 (a lane's E elements are channels c0..c0+E-1 of
 // one row, their signs one shift of one word) and every lane's run is whole.
@@ -75,19 +92,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int k = 0; k < E; ++k) v[k] *= s[k];
     }
-    // Passes inside a lane.
-#pragma unroll
-    for (int h = 1; h < E; h <<= 1) {
-      if (h >= block) break;
-#pragma unroll
-      for (int k = 0; k < E; ++k) {
-        if ((k & h) == 0) {
-          const float a = v[k], b = v[k + h];
-          v[k] = a + b;
-          v[k + h] = a - b;
-        }
-      }
-    }
+    ButterfliesInRegisters(v, block);  // the passes inside a lane
     // Passes across lanes: the lower lane of a pair keeps a + b, the upper one a - b.
     for (int h = E; h < block; h <<= 1) {
       const int mask = h / E;
@@ -140,17 +145,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int k = 0; k < B; ++k) v[k] *= SignOf(sign_bits, c0 + k);
     }
-#pragma unroll
-    for (int h = 1; h < B; h <<= 1) {
-#pragma unroll
-      for (int k = 0; k < B; ++k) {
-        if ((k & h) == 0) {
-          const float a = v[k], b = v[k + h];
-          v[k] = a + b;
-          v[k + h] = a - b;
-        }
-      }
-    }
+    ButterfliesInRegisters(v, B);
 #pragma unroll
     for (int k = 0; k < B; ++k) {
       v[k] *= inverse ? SignOf(sign_bits, c0 + k) * norm : norm;

@@ -18,7 +18,7 @@ absl::StatusOr<Serving> StartServing(const ServingOptions& options,
   grpc::EnableDefaultHealthCheckService(false);  // (a process-wide switch, read at build)
   grpc::ServerBuilder builder;
   Serving out;
-  // `splitq health --service NAME` as well as the whole server.
+  // Every Check is answered for the whole server (health.h).
   out.health = std::make_unique<HealthService>();
   builder.RegisterService(out.health.get());
   builder.AddListeningPort(options.listen, credentials, &out.port);
