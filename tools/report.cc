@@ -227,8 +227,8 @@ std::string Chart(const std::string& id, const std::string& title, const std::st
       << "\" text-anchor=\"middle\">" << Num(t) << "</text>\n";
   }
   o << "<text class=\"axis\" x=\"" << (kW + kLeft) / 2 << "\" y=\"" << kH - 6
-    << "\" text-anchor=\"middle\">step</text><text class=\"axis\" x=\"12\" y=\"" << kTop + 8
-    << "\">" << Escape(y_label) << "</text>\n";
+    << "\" text-anchor=\"middle\">step</text><text class=\"axis\" x=\"8\" y=\"" << kTop - 10
+    << "\">" << Escape(y_label) << "</text>\n";  // above the plot, clear of the top tick
   for (const HLine& l : lines) {
     o << "<line class=\"budget\" data-label=\"" << Escape(l.label) << "\" data-y=\"" << Num(l.y)
       << "\" x1=\"" << kLeft << "\" x2=\"" << kW - kRight << "\" y1=\"" << Num(py(l.y))

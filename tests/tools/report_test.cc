@@ -4,14 +4,20 @@
 #include "tools/report.h"
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
+#include <sstream>
 #include <string>
+#include <vector>
 
 #include "base/files.h"
+#include "tests/tools/png.h"
 
 namespace splitq::tools {
 namespace {
@@ -206,6 +212,126 @@ TEST_F(ReportTest, ALastLineCutShortIsSkipped) {
   ASSERT_TRUE(run.ok()) << run.status();
   EXPECT_EQ(run->metrics.size(), 10u);
   EXPECT_FALSE(run->has_summary);
+}
+
+// Headless Chromium, the way a user opens the file. Chromium is Debian's `chromium` (a test
+// dependency in scripts/deps.list, or SPLITQ_CHROMIUM=PATH); without it the test skips with the
+// reason, unless SPLITQ_REQUIRE_CHROMIUM=1 (.ci/run sets it).
+std::string FindChromium() {
+  if (const char* env = std::getenv("SPLITQ_CHROMIUM"); env != nullptr && *env != 0) return env;
+  for (const char* path : {"/usr/bin/chromium", "/usr/bin/chromium-browser",
+                           "/usr/local/bin/chromium", "/usr/local/bin/chromium-browser"}) {
+    if (access(path, X_OK) == 0) return path;
+  }
+  return "";
+}
+
+struct BrowserRun {
+  int rc = -1;
+  std::string dom;                   // --dump-dom: the page's DOM after Chromium parsed it
+  std::vector<std::string> console;  // every console message the page caused
+};
+
+// Loads `page` once with --dump-dom and, if `screenshot` is set, once more with --screenshot
+// (1280 x 5000 px: the whole page of one run). Network names resolve nowhere, so a fetch would
+// fail and show up as a console message.
+BrowserRun OpenInChromium(const std::string& chromium, const fs::path& page, const fs::path& work,
+                          const std::string& screenshot = "") {
+  BrowserRun run;
+  const std::string common = "timeout 120 '" + chromium +
+                             "' --headless --no-sandbox --disable-gpu --disable-dev-shm-usage "
+                             "--no-first-run --enable-logging=stderr --v=0 "
+                             "--host-resolver-rules='MAP * ~NOTFOUND' --user-data-dir='" +
+                             (work / "profile").string() + "' ";
+  const std::string url = "'file://" + page.string() + "'";
+  const fs::path out = work / "chromium.out", err = work / "chromium.err";
+  std::string cmd =
+      common + "--dump-dom " + url + " >'" + out.string() + "' 2>'" + err.string() + "'";
+  int status = std::system(cmd.c_str());
+  if (!screenshot.empty() && status == 0) {
+    cmd = common + "--window-size=1280,5000 --screenshot='" + screenshot + "' " + url +
+          " >/dev/null 2>>'" + err.string() + "'";
+    status = std::system(cmd.c_str());
+  }
+  run.rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+  std::ifstream d(out), e(err);
+  run.dom.assign(std::istreambuf_iterator<char>(d), std::istreambuf_iterator<char>());
+  for (std::string line; std::getline(e, line);) {
+    if (line.find(":CONSOLE") != std::string::npos) run.console.push_back(line);
+  }
+  return run;
+}
+
+size_t PixelsOf(const splitq::testing::Image& image, uint8_t r, uint8_t g, uint8_t b) {
+  return static_cast<size_t>(
+      std::count(image.rgb.begin(), image.rgb.end(), std::array<uint8_t, 3>{r, g, b}));
+}
+
+// The report in a real browser: it loads with no console message at all (it has no scripts and
+// fetches nothing, so any message is a fault: a blocked fetch, a parse error); Chromium's DOM
+// holds every chart with the run's numbers; and the screenshot shows the charts: the bit map's
+// 8-bit cells (#fde725) and the step-time bar's "server and wire" segment (#7f7f7f) cover
+// thousands of pixels, where a report of a run without them has no more than their legends'
+// swatches. A control page proves that console messages are seen.
+TEST_F(ReportTest, OpensInChromium) {
+  const std::string chromium = FindChromium();
+  if (chromium.empty()) {
+    const char* require = std::getenv("SPLITQ_REQUIRE_CHROMIUM");
+    if (require != nullptr && std::string(require) == "1") {
+      FAIL() << "SPLITQ_REQUIRE_CHROMIUM=1 but no chromium (install Debian's `chromium`, or set "
+                "SPLITQ_CHROMIUM)";
+    }
+    GTEST_SKIP() << "no chromium: install Debian's `chromium` (scripts/install-deps.sh does) or "
+                    "set SPLITQ_CHROMIUM";
+  }
+  const fs::path control = root_ / "control.html";
+  std::ofstream(control) << "<html><body><p>control</p><script>console.error(\"splitq-control\");"
+                            "</script></body></html>";
+  const BrowserRun c = OpenInChromium(chromium, control, root_);
+  ASSERT_EQ(c.rc, 0) << "chromium failed on a control page";
+  ASSERT_EQ(c.console.size(), 1u) << "the control page's console.error was not seen";
+  EXPECT_NE(c.console[0].find("splitq-control"), std::string::npos) << c.console[0];
+
+  const std::string newer = MakeRun("newer", 4.0, true, /*budgets_per_step=*/true);
+  const fs::path page = root_ / "report.html";
+  ASSERT_TRUE(WriteReport({newer}, page.string()).ok());
+  const std::string shot = (root_ / "report.png").string();
+  const BrowserRun r = OpenInChromium(chromium, page, root_, shot);
+  ASSERT_EQ(r.rc, 0);
+  std::ostringstream messages;
+  for (const std::string& m : r.console) messages << m << "\n";
+  EXPECT_TRUE(r.console.empty()) << messages.str();
+  for (const char* id :
+       {"id=\"loss\"", "id=\"val_loss\"", "id=\"val_accuracy\"", "id=\"bits\"", "id=\"wire\"",
+        "id=\"bit_map_0\"", "id=\"step_breakdown\"", "id=\"summary\""}) {
+    EXPECT_NE(r.dom.find(id), std::string::npos) << id;
+  }
+  EXPECT_NE(r.dom.find("data-label=\"newer\" data-points=\"10,2.9 20,2.8"), std::string::npos);
+  EXPECT_NE(r.dom.find("data-phase=\"server_wire_ms\" data-ms=\"8\""), std::string::npos);
+  EXPECT_NE(r.dom.find("data-last-map=\"844444\""), std::string::npos);
+  auto image = splitq::testing::ReadPng(shot);
+  ASSERT_TRUE(image.ok()) << image.status();
+  EXPECT_EQ(image->width, 1280);
+  const size_t eight_bits = PixelsOf(*image, 0xfd, 0xe7, 0x25);
+  const size_t wire = PixelsOf(*image, 0x7f, 0x7f, 0x7f);
+  EXPECT_GE(eight_bits, 2000u) << "the bit map's 8-bit row is not on the screenshot";
+  EXPECT_GE(wire, 2000u) << "the step-time bar is not on the screenshot";
+
+  // The same measures on a report without a bit map or a breakdown stay near zero.
+  const std::string older = MakeRun("older", 4.0, true);
+  const fs::path bare = root_ / "bare.html";
+  ASSERT_TRUE(WriteReport({older}, bare.string()).ok());
+  const std::string bare_shot = (root_ / "bare.png").string();
+  ASSERT_EQ(OpenInChromium(chromium, bare, root_, bare_shot).rc, 0);
+  auto bare_image = splitq::testing::ReadPng(bare_shot);
+  ASSERT_TRUE(bare_image.ok()) << bare_image.status();
+  EXPECT_LT(PixelsOf(*bare_image, 0xfd, 0xe7, 0x25), 500u);
+  EXPECT_LT(PixelsOf(*bare_image, 0x7f, 0x7f, 0x7f), 500u);
+  std::cout << "chromium: " << r.dom.size() << " bytes of DOM, screenshot " << image->width << "x"
+            << image->height << ": " << eight_bits << " px of 8-bit cells, " << wire
+            << " px of the wire segment (a run without them: "
+            << PixelsOf(*bare_image, 0xfd, 0xe7, 0x25) << ", "
+            << PixelsOf(*bare_image, 0x7f, 0x7f, 0x7f) << ")\n";
 }
 
 }  // namespace
