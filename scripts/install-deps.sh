@@ -3,10 +3,16 @@
 #
 #   scripts/install-deps.sh            install what is missing (apt-get update + install)
 #   scripts/install-deps.sh --no-test  ... but not the test-only tools (an image's build)
+#   scripts/install-deps.sh --runtime FILE
+#                                      only what a built splitq needs to run: the packages
+#                                      tagged 'runtime' and those listed in FILE, one per line
+#                                      (the Dockerfile's runtime stage; FILE comes from
+#                                      scripts/runtime-packages.sh)
 #   scripts/install-deps.sh --list     print the package list and exit
 #
 # The packages are the ones tagged 'apt' in scripts/deps.list (the one list, shared with
-# scripts/offline-deps.sh), and those tagged 'test' unless --no-test. Already installed packages are found with dpkg-query, so a run with
+# scripts/offline-deps.sh), and those tagged 'test' unless --no-test; with --runtime, those
+# tagged 'runtime' and FILE's. Already installed packages are found with dpkg-query, so a run with
 # nothing missing needs no root, touches nothing and prints one line. Otherwise it runs
 # apt-get update and apt-get install -y --no-install-recommends for the missing ones, as root,
 # or through sudo when not root.
@@ -20,18 +26,30 @@ die() { echo "install-deps: error: $*" >&2; exit 1; }
 [[ -r $LIST ]] || die "$LIST not found"
 TAGS=" apt test "
 LIST_ONLY=0
-for arg in "$@"; do
-  case $arg in
+RUNTIME_FILE=
+while [[ $# -gt 0 ]]; do
+  case $1 in
     --list) LIST_ONLY=1 ;;
-    --no-test) TAGS=" apt " ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown argument '$arg' (try --help)" ;;
+    --no-test)
+      [[ -z $RUNTIME_FILE ]] || die "--no-test and --runtime do not go together"
+      TAGS=" apt " ;;
+    --runtime)
+      [[ $TAGS == " apt test " ]] || die "--no-test and --runtime do not go together"
+      [[ $# -ge 2 ]] || die "--runtime needs a FILE (from scripts/runtime-packages.sh)"
+      RUNTIME_FILE=$2; TAGS=" runtime "; shift
+      [[ -r $RUNTIME_FILE ]] || die "--runtime: cannot read '$RUNTIME_FILE'" ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument '$1' (try --help)" ;;
   esac
+  shift
 done
 mapfile -t PKGS < <(awk -v tags="$TAGS" '
   { sub(/#.*/, "") }
   NF >= 2 { k = split($2, t, ","); for (i = 1; i <= k; i++) if (index(tags, " " t[i] " ")) { print $1; next } }' "$LIST")
-[[ ${#PKGS[@]} -gt 0 ]] || die "no packages tagged 'apt' in $LIST"
+[[ ${#PKGS[@]} -gt 0 ]] || die "no packages tagged '${TAGS// /}' in $LIST"
+if [[ -n $RUNTIME_FILE ]]; then
+  mapfile -t -O "${#PKGS[@]}" PKGS < <(sed 's/#.*//' "$RUNTIME_FILE" | awk 'NF { print $1 }')
+fi
 if [[ $LIST_ONLY == 1 ]]; then printf '%s\n' "${PKGS[@]}"; exit 0; fi
 
 command -v dpkg-query >/dev/null || die "dpkg-query not found: this script is for Debian 12"

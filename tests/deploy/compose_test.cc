@@ -242,6 +242,45 @@ TEST_F(Compose, EachServiceSeesOnlyItsSecrets) {
   EXPECT_EQ(clients, 2);
 }
 
+// docker-compose.gpu.yml, the GPU override (not buildable on these machines: its base image
+// cannot be pulled here): it only changes services docker-compose.yml has, and those are the
+// workers; each builds Dockerfile.gpu (which exists and takes the BASE and CUDA_ARCH it passes),
+// and reserves one NVIDIA GPU. The workers' commands stay the base file's, checked above.
+TEST_F(Compose, TheGpuOverrideChangesOnlyTheWorkers) {
+  const YAML::Node gpu = YAML::LoadFile((kSource / "docker-compose.gpu.yml").string());
+  const std::string dockerfile = Slurp((kSource / "Dockerfile.gpu").string());
+  int workers = 0;
+  for (const auto& entry : gpu["services"]) {
+    const std::string name = entry.first.as<std::string>();
+    const YAML::Node base = root_["services"][name];
+    ASSERT_TRUE(base) << name << " is not a service of docker-compose.yml";
+    const std::vector<std::string> command = Strings(Key(base, "command"));
+    ASSERT_GE(command.size(), 2u);
+    EXPECT_EQ(command[1], "worker") << name << ": only workers take a GPU";
+    ++workers;
+    const YAML::Node service = entry.second;
+    EXPECT_FALSE(Key(service, "command")) << name << ": the command stays the base file's";
+    const YAML::Node build = Key(service, "build");
+    ASSERT_TRUE(build && build["dockerfile"]) << name;
+    EXPECT_EQ(build["dockerfile"].as<std::string>(), "Dockerfile.gpu") << name;
+    for (const auto& arg : build["args"]) {
+      const std::string key = arg.first.as<std::string>();
+      EXPECT_NE(dockerfile.find("ARG " + key), std::string::npos) << key << " is not an ARG";
+    }
+    const YAML::Node devices = Key(service, "deploy")["resources"]["reservations"]["devices"];
+    ASSERT_TRUE(devices && devices.size() == 1) << name << ": no GPU reservation";
+    EXPECT_EQ(devices[0]["driver"].as<std::string>(), "nvidia") << name;
+    EXPECT_EQ(devices[0]["count"].as<int>(), 1) << name;
+    EXPECT_EQ(Strings(devices[0]["capabilities"]), std::vector<std::string>{"gpu"}) << name;
+  }
+  int base_workers = 0;
+  for (const auto& entry : root_["services"]) {
+    const std::vector<std::string> command = Strings(Key(entry.second, "command"));
+    if (command.size() > 1 && command[1] == "worker") ++base_workers;
+  }
+  EXPECT_EQ(workers, base_workers) << "every worker of the group gets a GPU";
+}
+
 // One network namespace per service, joined by a bridge that lives in a namespace of its own
 // (sqc-net), so nothing is added to the host's network: the host's firewall (a FORWARD policy
 // of DROP, as once dockerd runs) never sees the bridged traffic, since iptables rules belong
