@@ -6,7 +6,9 @@
 //
 // The run itself (registration, failover, heartbeats, resume) is client/client_session.h; this
 // file parses flags, builds the client part and prints. SIGINT/SIGTERM stop at the end of the
-// step with a checkpoint (exit 128 + signal); a second one exits at once.
+// step with a checkpoint (exit 128 + signal); a second one exits at once. --metrics-listen
+// serves the client's live numbers to Prometheus (splitq_client_*: steps, step latency, loss,
+// bits in use, bytes up and down).
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
@@ -23,12 +25,14 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "base/log.h"
+#include "base/metrics.h"
 #include "base/status_macros.h"
 #include "cli/commands.h"
 #include "cli/net_common.h"
 #include "cli/security_flags.h"
 #include "client/client_session.h"
 #include "proto/protocol.h"
+#include "server/metrics_server.h"
 #include "trainer/client_part.h"
 #include "trainer/config.h"
 #include "trainer/train_loop.h"
@@ -45,6 +49,7 @@ void OnInterrupt(int signal) {
 
 struct ClientCommandOptions {
   std::string config_path, coordinator, id, token_path, shard = "0/1", out_dir, init;
+  std::string metrics_listen;  // HOST:PORT for Prometheus' /metrics ("": none)
   std::vector<std::string> overrides;
   rpc::TransportSecurity security;
   int connect_timeout_s = 120, reconnect_timeout_s = 300;
@@ -130,6 +135,47 @@ int RunClient(const ClientCommandOptions& opt) {
   };
   train_options.interrupt = &g_interrupt;
   SetProgressOutput(opt.id + ": ", &train_options);
+  // Prometheus: the registry and its server live until the run ends (declared before the run,
+  // destroyed after it; the server goes first).
+  base::Registry registry;
+  std::unique_ptr<server::MetricsServer> metrics_server;
+  if (!opt.metrics_listen.empty()) {
+    base::Metric* steps = registry.Counter("splitq_client_steps_total", "Training steps done");
+    base::Histogram* latency = registry.Histo(
+        "splitq_client_step_seconds", "Wall time of a training step (client, wire and server)",
+        base::LatencyBuckets());
+    base::Metric* loss = registry.Gauge("splitq_client_loss", "Training loss of the last step");
+    base::Metric* act_bits = registry.Gauge("splitq_client_activation_bits",
+                                            "Mean bits per element of the last activation frame");
+    base::Metric* grad_bits = registry.Gauge("splitq_client_gradient_bits",
+                                             "Mean bits per element of the last gradient frame");
+    base::Metric* up =
+        registry.Counter("splitq_client_bytes_up_total",
+                         "Bytes of frames sent to workers over the run (kept across a resume)");
+    base::Metric* down = registry.Counter(
+        "splitq_client_bytes_down_total",
+        "Bytes of frames received from workers over the run (kept across a resume)");
+    base::Metric* fp32 = registry.Counter(
+        "splitq_client_bytes_fp32_equivalent_total",
+        "What the same tensors would have cost as float32, both ways, over the run");
+    registry.Gauge("splitq_client_steps", "Steps of the run (the config's steps)")
+        ->Set(static_cast<double>(config->steps));
+    train_options.on_step = [=](int64_t /*step*/, const trainer::StepStats& s,
+                                const trainer::WireTotals& wire) {
+      steps->Add(1);  // the steps this process ran (a resumed run counts from its resume)
+      latency->Observe(s.step_ms / 1000.0);
+      loss->Set(s.loss);
+      act_bits->Set(s.act_bits);
+      grad_bits->Set(s.grad_bits);
+      up->Set(static_cast<double>(wire.bytes_up));
+      down->Set(static_cast<double>(wire.bytes_down));
+      fp32->Set(static_cast<double>(wire.bytes_fp32_equivalent));
+    };
+    auto started = server::MetricsServer::Start(opt.metrics_listen, registry);
+    if (!started.ok()) return Fail(opt.id, "--metrics-listen", started.status());
+    metrics_server = std::move(*started);
+    spdlog::info("client {}: metrics at http://{}/metrics", opt.id, metrics_server->address());
+  }
   client::SessionEvents events;
   events.connected = [&](const std::string& worker) {
     spdlog::info(
@@ -167,6 +213,7 @@ void RegisterClient(CLI::App& app, RunFn* run) {
                   "Output directory (default runs/<id>); resumes from "
                   "its checkpoint.pt when there is one");
   cmd->add_option("--init", opt->init, "Base weights checkpoint (LoRA runs)");
+  AddMetricsListen(*cmd, &opt->metrics_listen);
   cmd->add_option("--chunk-kib", opt->chunk_kib,
                   "Send activation frames in chunks of this many KiB (default 1024; 256 moved "
                   "frames of 1 MiB or more 1.2-1.8x faster in `splitq bench transport` on a "

@@ -257,6 +257,7 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
     if (!stepped.ok()) return cut_short(stepped.status(), false);
     const StepStats& s = *stepped;
     const int64_t step = trainer->step();  // steps done
+    if (options.on_step) options.on_step(step, s, trainer->wire());
     w.loss += s.loss;
     w.act += s.act_bits;
     w.grad += s.grad_bits;

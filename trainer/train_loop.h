@@ -110,6 +110,10 @@ struct TrainOptions {
   // Called with the finished summary before summary.json is written, to add what only the
   // caller knows (a networked client: the steps its workers lost). May be empty.
   std::function<void(TrainSummary&)> finish;
+  // Called after every step (logged or not) with its numbers and the run's wire totals so far
+  // (`splitq client --metrics-listen` feeds Prometheus from it). On the training thread: keep
+  // it cheap. May be empty.
+  std::function<void(int64_t step, const StepStats& stats, const WireTotals& wire)> on_step;
 };
 
 // Runs the configured training. CANCELLED after an interrupt or stop_after (the checkpoint

@@ -4,8 +4,9 @@
 #   cluster_test.sh SPLITQ CASE
 #
 # CASE:
-#   metrics      a coordinator and a worker with --metrics-listen, one client trains 60 steps:
-#                both /metrics pages carry # HELP/# TYPE lines and the run's numbers, and
+#   metrics      a coordinator, a worker and a client with --metrics-listen, the client trains
+#                60 steps (its own page scraped while it does):
+#                the /metrics pages carry # HELP/# TYPE lines and the run's numbers, and
 #                Debian's real `prometheus` scrapes them (its HTTP API returns the worker's 60
 #                steps; both targets up). Skips without `prometheus` unless
 #                SPLITQ_REQUIRE_PROMETHEUS=1 (CI sets it).
@@ -184,7 +185,27 @@ metrics)
   wm=$(metrics_in "$dir/worker0.log")
   cm=$(metrics_in "$dir/coordinator.log")
   [[ -n $wm && -n $cm ]] || fail "no metrics address logged"
-  client client0 "$dir/run" >"$dir/client.log" 2>&1 || fail "client exited with $?"
+  # The client serves its own while it trains: scraped until it has a step, then it finishes.
+  client_args client0 "$dir/run"
+  "$SPLITQ" "${args[@]}" --metrics-listen 127.0.0.1:0 >"$dir/client.log" 2>&1 &
+  cpid=$!
+  pids+=($cpid)
+  wait_for "$dir/client.log" 'metrics at http://'
+  km=$(metrics_in "$dir/client.log")
+  for _ in $(seq 300); do
+    curl -sf "http://$km/metrics" >"$dir/client.metrics" 2>/dev/null || true
+    grep -Eq '^splitq_client_steps_total [1-9]' "$dir/client.metrics" && break
+    kill -0 "$cpid" 2>/dev/null || fail "the client ended before its /metrics showed a step"
+    sleep 0.05
+  done
+  for want in '# TYPE splitq_client_steps_total counter' '# TYPE splitq_client_step_seconds histogram' \
+    'splitq_client_step_seconds_bucket{le="+Inf"} ' 'splitq_client_steps 60' \
+    '# HELP splitq_client_bytes_up_total '; do
+    grep -qF "$want" "$dir/client.metrics" || fail "client /metrics lacks '$want'"
+  done
+  grep -Eq '^splitq_client_bytes_up_total [1-9][0-9]*$' "$dir/client.metrics" || fail "no bytes up"
+  grep -Eq '^splitq_client_activation_bits [0-9.]+$' "$dir/client.metrics" || fail "no act bits"
+  wait "$cpid" || fail "client exited with $?"
   curl -sf "http://$wm/metrics" >"$dir/worker.metrics" || fail "GET worker /metrics"
   curl -sf "http://$cm/metrics" >"$dir/coordinator.metrics" || fail "GET coordinator /metrics"
   for want in '# HELP splitq_worker_steps_total ' '# TYPE splitq_worker_steps_total counter' \
@@ -221,7 +242,8 @@ metrics)
   [[ $got == *'"value":['*',"60"]'* ]] || fail "Prometheus did not get the worker's steps: $got"
   [[ $workers == *',"1"]'* ]] || fail "Prometheus did not get the coordinator's members: $workers"
   [[ $up == *',"2"]'* ]] || fail "both targets up? $up"
-  echo "metrics: ok (Prometheus at $papi scraped worker $wm and coordinator $cm: $got)"
+  echo "metrics: ok (client $km: $(grep '^splitq_client_steps_total' "$dir/client.metrics");"\
+    "Prometheus at $papi scraped worker $wm and coordinator $cm: $got)"
   ;;
 demo)
   "$SPLITQ" demo --config "$config" --clients 2 --out "$dir/demo" >"$dir/demo.log" 2>&1 ||
