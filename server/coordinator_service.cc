@@ -1,6 +1,5 @@
 #include "server/coordinator_service.h"
 
-#include <grpcpp/alarm.h>
 #include <grpcpp/impl/codegen/proto_utils.h>
 #include <grpcpp/impl/codegen/server_callback_handlers.h>
 
@@ -16,6 +15,7 @@
 #include "base/memory.h"
 #include "base/status_macros.h"
 #include "proto/rpc_channel.h"
+#include "server/read_deadline.h"
 
 namespace splitq::server {
 
@@ -69,7 +69,7 @@ class CoordinatorService::Call final
  public:
   using Serve = std::function<absl::Status(const Bearer&, grpc::ByteBuffer*, grpc::ByteBuffer*)>;
   Call(CoordinatorService& service, grpc::CallbackServerContext* context, const Serve& serve)
-      : serve_(serve), context_(context) {
+      : serve_(serve) {
     if (service.tokens_ != nullptr) {
       absl::StatusOr<Bearer> bearer = service.tokens_->Identify(context->client_metadata());
       if (!bearer.ok()) {
@@ -89,24 +89,12 @@ class CoordinatorService::Call final
     }
     if (service.guard_ != nullptr) service.guard_->Authenticated(*context);
     refs_.fetch_add(1);
-    alarm_.Set(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(service.read_deadline_ms_.load()),
-               [this](bool fired) {
-                 {
-                   std::lock_guard<std::recursive_mutex> lock(mutex_);
-                   // Still reading and gRPC not done yet: the context is alive.
-                   if (fired && !read_ && !done_) context_->TryCancel();
-                 }
-                 Unref();
-               });
+    deadline_.Arm(context, std::chrono::milliseconds(service.read_deadline_ms_.load()),
+                  [this] { Unref(); });
     StartRead(&request_);
   }
   void OnReadDone(bool ok) override {
-    {
-      std::lock_guard<std::recursive_mutex> lock(mutex_);
-      read_ = true;
-    }
-    alarm_.Cancel();
+    deadline_.Met();
     GivePlaceBack();
     if (!ok) {  // the caller half-closed (or went away) without a request
       Finish(rpc::ToGrpcStatus(absl::InvalidArgumentError("no request message")));
@@ -121,17 +109,13 @@ class CoordinatorService::Call final
   }
   void OnDone() override {
     GivePlaceBack();
-    {
-      std::lock_guard<std::recursive_mutex> lock(mutex_);
-      done_ = true;
-    }
-    alarm_.Cancel();
+    deadline_.Done();
     Unref();
   }
 
  private:
   void GivePlaceBack() {
-    std::lock_guard<std::recursive_mutex> lock(mutex_);
+    std::lock_guard<std::mutex> lock(mutex_);
     if (reading_ != nullptr) reading_->Release(caller_.id);
     reading_ = nullptr;
   }
@@ -140,13 +124,10 @@ class CoordinatorService::Call final
   }
 
   const Serve& serve_;  // the method's, owned by its handler (lives as long as the service)
-  grpc::CallbackServerContext* const context_;
-  std::recursive_mutex mutex_;     // TryCancel may run a reaction on this thread
+  std::mutex mutex_;    // reading_
   KeyedSlots* reading_ = nullptr;  // the place this call holds while its request arrives
-  bool read_ = false;              // OnReadDone ran: the deadline no longer applies
-  bool done_ = false;              // OnDone ran: context_ is gone
-  std::atomic<int> refs_{1};       // OnDone, and the alarm's callback once set
-  grpc::Alarm alarm_;
+  std::atomic<int> refs_{1};       // OnDone, and the read deadline once armed
+  ReadDeadline deadline_;
   Bearer caller_;
   grpc::ByteBuffer request_, reply_;
 };

@@ -1,7 +1,5 @@
 #include "server/worker_service.h"
 
-#include <grpcpp/alarm.h>
-
 #include <algorithm>
 #include <atomic>
 #include <mutex>
@@ -13,6 +11,7 @@
 #include "base/status_macros.h"
 #include "proto/chunk_codec.h"
 #include "proto/rpc_channel.h"
+#include "server/read_deadline.h"
 
 namespace splitq::server {
 
@@ -110,24 +109,14 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
       opening_ = true;
     }
     if (service_.options_.guard != nullptr) service_.options_.guard->Authenticated(*context);
-    context_ = context;
-    hello_pending_ = true;
     refs_.fetch_add(1);
-    alarm_.Set(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(service_.hello_read_deadline_ms_.load()),
-               [this](bool fired) {
-                 {
-                   std::lock_guard<std::recursive_mutex> lock(alarm_mutex_);
-                   // Still waiting for the hello and gRPC not done yet: the context is alive.
-                   if (fired && hello_pending_ && !alarm_done_) context_->TryCancel();
-                 }
-                 Unref();
-               });
+    hello_deadline_.Arm(context, std::chrono::milliseconds(service_.hello_read_deadline_ms_.load()),
+                        [this] { Unref(); });
     this->StartRead(&raw_);
   }
 
   void OnReadDone(bool ok) override {
-    EndHelloWait();
+    hello_deadline_.Met();
     ReleaseOpening();  // the first message (the hello, or nothing) has been read
     if (!ok) {         // the client finished writing, or the stream broke
       std::lock_guard<std::mutex> lock(mutex_);
@@ -180,11 +169,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   void OnCancel() override { cancelled_.store(true); }
 
   void OnDone() override {
-    {
-      std::lock_guard<std::recursive_mutex> lock(alarm_mutex_);
-      alarm_done_ = true;
-    }
-    EndHelloWait();
+    hello_deadline_.Done();
     ReleaseOpening();  // (a stream that ended before its first message)
     bool last;
     {
@@ -199,16 +184,6 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   void ReleaseOpening() {
     if (opening_) service_.opening_.Release(auth_id_);
     opening_ = false;
-  }
-  // The hello has been read (or the stream ended): the deadline no longer applies.
-  void EndHelloWait() {
-    bool cancel = false;
-    {
-      std::lock_guard<std::recursive_mutex> lock(alarm_mutex_);
-      cancel = hello_pending_;
-      hello_pending_ = false;
-    }
-    if (cancel) alarm_.Cancel();
   }
   // The last of this reactor's owners (gRPC's OnDone with the compute job, and the hello
   // deadline's alarm once set) deletes it.
@@ -505,13 +480,9 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   WorkerService& service_;
   std::atomic<bool> cancelled_{false};
   std::string auth_id_, client_id_;
-  bool opening_ = false;  // holds one of its token's opening places (until the first message)
-  grpc::CallbackServerContext* context_ = nullptr;  // set once the stream is admitted
-  std::recursive_mutex alarm_mutex_;  // TryCancel may run a reaction (OnDone) on this thread
-  bool hello_pending_ = false;        // the hello deadline applies (under alarm_mutex_)
-  bool alarm_done_ = false;           // OnDone ran: context_ is gone (under alarm_mutex_)
-  std::atomic<int> refs_{1};          // Destroy, and the alarm's callback once set
-  grpc::Alarm alarm_;
+  bool opening_ = false;      // holds one of its token's opening places (until the first message)
+  std::atomic<int> refs_{1};  // Destroy, and the hello deadline once armed
+  ReadDeadline hello_deadline_;
   absl::Status end_status_;
   grpc::ByteBuffer raw_;      // the message being read
   uint64_t frame_step_ = 0;   // the step of the last chunk taken

@@ -87,7 +87,12 @@ class FailingRunner : public StepRunner {
       return absl::CancelledError("interrupted");
     }
     ++step_;
-    return StepStats{1.0, 4, 8, 1, {}};
+    StepStats stats;  // by name: StepStats gains fields (the phases came before the bit map)
+    stats.loss = 1.0;
+    stats.act_bits = 4;
+    stats.grad_bits = 8;
+    stats.step_ms = 1;
+    return stats;
   }
   absl::StatusOr<EvalStats> Evaluate() override {
     if (fail_validation_) {
