@@ -67,6 +67,10 @@ std::vector<ShapeCase> LargeTestShapes() {
   return {
       {"nc_1100x2048", {1100, 2048}, C, 1},
       {"nc_17000x40", {17000, 40}, C, 1},
+      // short rows over several tiles of groups (pack.cu's staged kernels): 100 channels of
+      // 7x7 make column tiles of 40, 40 and 20 groups; 700 groups of 3 make two uneven ones
+      {"nchw_9x100x7x7", {9, 100, 7, 7}, C, 1},
+      {"nchw_3x700x1x3", {3, 700, 1, 3}, C, 1},
   };
 }
 
