@@ -36,6 +36,7 @@ struct WorkerCommandOptions {
   std::string init, tokens_path, token_path, out_dir, metrics_listen;
   int64_t checkpoint_every = -1;  // server updates; -1: the config's checkpoint_every
   int chunk_kib = 1024;           // gradient frames go down in chunks of this size
+  int session_idle_s = 300;       // sessions waiting this long for a message end (0: never)
   rpc::TransportSecurity security;
   uint32_t max_clients = 64;
   uint32_t advertise_port = 0;
@@ -90,6 +91,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
   o.out_dir = opt.out_dir;
   o.checkpoint_every = opt.checkpoint_every >= 0 ? opt.checkpoint_every : config->checkpoint_every;
   o.reply_chunk_bytes = int64_t{opt.chunk_kib} << 10;
+  o.session_idle_ms = int64_t{opt.session_idle_s} * 1000;
   o.max_clients = opt.max_clients;
   o.connect_timeout = std::chrono::seconds(opt.connect_timeout_s);
   o.ready_file = opt.ready_file;
@@ -144,6 +146,11 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
                   "Send gradient frames in chunks of this many KiB (default 1024; see "
                   "`splitq client --chunk-kib`)")
       ->check(IntRange(16, 4096));
+  cmd->add_option("--session-idle-s", opt->session_idle_s,
+                  "End a session that has waited this many seconds for the client's next message "
+                  "(the client reconnects and resumes; it bounds how long an unfinished message "
+                  "holds memory). 0: never. Default 300")
+      ->check(IntRange(0, 1 << 30));
   cmd->add_option("--ready-file", opt->ready_file,
                   "Once listening and registered, write the advertised HOST:PORT here (removed "
                   "when it stops)");

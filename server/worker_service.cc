@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -14,6 +15,16 @@
 #include "server/read_deadline.h"
 
 namespace splitq::server {
+namespace {
+
+// Milliseconds on the steady clock (never 0 in practice: the idle watch reads 0 as "no read").
+int64_t SteadyMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
 
 SerialExecutor::SerialExecutor() {
   thread_ = std::thread([this] {
@@ -116,6 +127,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   }
 
   void OnReadDone(bool ok) override {
+    reading_since_ms_.store(0);
     hello_deadline_.Met();
     ReleaseOpening();  // the first message (the hello, or nothing) has been read
     if (!ok) {         // the client finished writing, or the stream broke
@@ -148,7 +160,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
       }
       service_.compute_.Post([this] { Compute(); });
     } else if (writes_.empty() && !writing_) {
-      this->StartRead(&raw_);
+      StartNextRead();
     } else {
       read_after_writes_ = true;
     }
@@ -184,6 +196,11 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   void ReleaseOpening() {
     if (opening_) service_.opening_.Release(auth_id_);
     opening_ = false;
+  }
+  // A read after the hello: the idle watch (WorkerService::WatchIdle) times it.
+  void StartNextRead() {
+    reading_since_ms_.store(SteadyMs());
+    this->StartRead(&raw_);
   }
   // The last of this reactor's owners (gRPC's OnDone with the compute job, and the hello
   // deadline's alarm once set) deletes it.
@@ -235,10 +252,11 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
         SPLITQ_ASSIGN_OR_RETURN(Welcome welcome, service_.core_.Open(hello, auth_id_));
         session_ = welcome.session_id;
         client_id_ = hello.client_id;
-        service_.AddLive(session_, [this](const absl::Status& status) {
-          std::lock_guard<std::mutex> lock(mutex_);
-          MaybeFinishLocked(status);
-        });
+        service_.AddLive(session_, WorkerService::Live{[this](const absl::Status& status) {
+                                                         std::lock_guard<std::mutex> lock(mutex_);
+                                                         MaybeFinishLocked(status);
+                                                       },
+                                                       &reading_since_ms_});
         if (!welcome.replaced.empty()) {
           service_.EndReplaced(
               welcome.replaced,
@@ -447,7 +465,7 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
     }
     if (read_after_writes_ && !read_closed_) {
       read_after_writes_ = false;
-      this->StartRead(&raw_);
+      StartNextRead();
     } else if (read_closed_ && !job_running_) {
       finished_ = true;
       this->Finish(grpc::Status::OK);
@@ -500,11 +518,13 @@ class SessionReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
   bool finished_ = false;
   bool finish_pending_ = false;
   absl::Status finish_status_;
+  // When the pending read after the hello was started (steady clock ms), 0 when none is.
+  std::atomic<int64_t> reading_since_ms_{0};
 };
 
-void WorkerService::AddLive(uint64_t session, std::function<void(const absl::Status&)> end) {
+void WorkerService::AddLive(uint64_t session, Live live) {
   std::lock_guard<std::mutex> lock(live_mutex_);
-  live_[session] = std::move(end);
+  live_[session] = std::move(live);
 }
 
 void WorkerService::RemoveLive(uint64_t session) {
@@ -516,7 +536,7 @@ void WorkerService::EndReplaced(const std::vector<uint64_t>& sessions, const abs
   std::lock_guard<std::mutex> lock(live_mutex_);  // a stream leaves live_ before it is deleted
   for (const uint64_t id : sessions) {
     auto it = live_.find(id);
-    if (it != live_.end()) it->second(status);
+    if (it != live_.end()) it->second.end(status);
   }
 }
 
@@ -527,6 +547,36 @@ WorkerService::WorkerService(WorkerCore& core, const TokenSet* tokens,
   options_.reply_chunk_bytes = std::clamp<int64_t>(options_.reply_chunk_bytes, 1 << 10, 4 << 20);
   core_.set_turn_listener([this] { Unpark(); });
   if (options_.merge.rounds) StartRounds();
+  session_idle_ms_ = std::max<int64_t>(0, options_.session_idle_ms);
+  idle_thread_ = std::thread([this] { WatchIdle(); });
+}
+
+void WorkerService::WatchIdle() {
+  std::unique_lock<std::mutex> lock(idle_mutex_);
+  while (!idle_stop_) {
+    const int64_t limit = session_idle_ms_.load();
+    const auto period =
+        std::chrono::milliseconds(limit > 0 ? std::clamp<int64_t>(limit / 4, 10, 1000) : 1000);
+    idle_wake_.wait_for(lock, period);
+    if (idle_stop_ || limit <= 0) continue;
+    lock.unlock();
+    EndIdle(session_idle_ms_.load());
+    lock.lock();
+  }
+}
+
+void WorkerService::EndIdle(int64_t limit_ms) {
+  if (limit_ms <= 0) return;
+  const int64_t now = SteadyMs();
+  std::lock_guard<std::mutex> lock(live_mutex_);  // a stream leaves live_ before it is deleted
+  for (auto& [id, live] : live_) {
+    const int64_t since = live.reading_since_ms->load();
+    if (since == 0 || now - since <= limit_ms) continue;
+    live.end(absl::DeadlineExceededError(absl::StrCat(
+        "no message from the client for ", absl::SixDigits(limit_ms / 1000.0),
+        " s: the worker ends idle sessions (splitq worker --session-idle-s); reconnect to "
+        "resume")));
+  }
 }
 
 bool WorkerService::ParkIfNotTurn(uint64_t session, std::function<void()> job) {
@@ -630,6 +680,12 @@ void WorkerService::MergeReady() {
 }
 
 WorkerService::~WorkerService() {
+  {
+    std::lock_guard<std::mutex> lock(idle_mutex_);
+    idle_stop_ = true;
+  }
+  idle_wake_.notify_all();
+  if (idle_thread_.joinable()) idle_thread_.join();
   closing_.store(true);
   {
     std::lock_guard<std::mutex> lock(merge_mutex_);

@@ -78,6 +78,12 @@ struct WorkerServiceOptions {
   MergeOptions merge;
   int64_t reply_chunk_bytes = 1 << 20;  // gradient frames go back in chunks of this size
                                         // (clamped to 1 KiB .. 4 MiB)
+  // A session that has waited this long for the client's next message (after its hello) is
+  // ended with DEADLINE_EXCEEDED; the client reconnects and resumes. It bounds how long an
+  // unfinished message can hold the worker's memory (gRPC 1.51 lets a message in as far as
+  // its prefix announces). 0: never. `splitq worker --session-idle-s`. The default, 5
+  // minutes, is far above a client's pause between steps (seconds on a slow machine).
+  int64_t session_idle_ms = 300000;
   // Called (from gRPC's threads) with one line when a session opens and when it ends (with
   // its status, or "the client disconnected"). May be empty.
   std::function<void(const std::string&)> log;
@@ -101,8 +107,10 @@ struct WorkerServiceOptions {
 // is whole), so an unfinished hello may hold more than that limit; a stream whose hello has not
 // arrived whole kHelloReadDeadlineMs after its headers is cancelled (the client sees
 // CANCELLED). After its hello a stream is a session: one Train and one Evaluate session per
-// client id (a newer hello ends the older). A session's later messages have no deadline (a
-// session may rightly idle between frames, and gRPC does not tell when a message has begun).
+// client id (a newer hello ends the older). gRPC does not tell when a later message has begun,
+// so a session's later messages have no deadline of their own; instead a session that has
+// waited WorkerServiceOptions::session_idle_ms for its next message is ended
+// (DEADLINE_EXCEEDED), which bounds how long an unfinished message holds what it announces.
 class WorkerService final
     : public splitq::v1::Worker::WithRawCallbackMethod_Train<
           splitq::v1::Worker::WithRawCallbackMethod_Evaluate<splitq::v1::Worker::Service>> {
@@ -116,6 +124,11 @@ class WorkerService final
 
   // Tests: the hello read deadline of streams that start after this (milliseconds, > 0).
   void set_hello_read_deadline_ms(int ms) { hello_read_deadline_ms_ = ms; }
+  // Tests: WorkerServiceOptions::session_idle_ms from now on (milliseconds, 0: never).
+  void set_session_idle_ms(int64_t ms) {
+    session_idle_ms_ = ms;
+    idle_wake_.notify_all();
+  }
 
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Train(
       grpc::CallbackServerContext* context) override;
@@ -148,9 +161,19 @@ class WorkerService final
   // The streams of open sessions, so that a hello that replaces a session (same client id and
   // kind) can end the old stream: until it ends, gRPC keeps its last message (up to a frame
   // chunk) and its buffers. `end` runs under live_mutex_ and takes the stream's own lock.
-  void AddLive(uint64_t session, std::function<void(const absl::Status&)> end);
+  // `reading_since_ms` (steady clock, 0: not waiting for a message) lives as long as the
+  // entry; the idle watch ends sessions that have waited session_idle_ms.
+  struct Live {
+    std::function<void(const absl::Status&)> end;
+    const std::atomic<int64_t>* reading_since_ms = nullptr;
+  };
+  void AddLive(uint64_t session, Live live);
   void RemoveLive(uint64_t session);
   void EndReplaced(const std::vector<uint64_t>& sessions, const absl::Status& status);
+  // The idle watch (a thread): every quarter of the limit (at most 1 s) it ends the live
+  // sessions that have waited longer than session_idle_ms_ for a message.
+  void WatchIdle();
+  void EndIdle(int64_t limit_ms);
 
   WorkerCore& core_;
   const TokenSet* tokens_;
@@ -164,10 +187,15 @@ class WorkerService final
   bool stopping_ = false;             // under merge_mutex_: the service is going (rounds end)
   std::atomic<bool> closing_{false};  // the same, for MergeOptions::before_round
   std::mutex live_mutex_;
-  std::unordered_map<uint64_t, std::function<void(const absl::Status&)>> live_;
+  std::unordered_map<uint64_t, Live> live_;
   // Streams waiting for their hello, per token id (tokens on only).
   KeyedSlots opening_{kMaxOpeningPerToken};
   std::atomic<int> hello_read_deadline_ms_{kHelloReadDeadlineMs};
+  std::atomic<int64_t> session_idle_ms_{0};
+  std::mutex idle_mutex_;
+  std::condition_variable idle_wake_;
+  bool idle_stop_ = false;  // under idle_mutex_
+  std::thread idle_thread_;
   // The metrics this service updates (null without WorkerServiceOptions::metrics).
   struct Metrics;
   std::unique_ptr<Metrics> metrics_;

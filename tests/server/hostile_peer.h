@@ -90,10 +90,26 @@ inline uint32_t Be32(const unsigned char* p) {
   return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | p[3];
 }
 
+// A gRPC message's 5-byte prefix (not compressed, then the length, big-endian).
+inline std::string MessagePrefix(uint32_t bytes) {
+  return std::string{'\0', static_cast<char>(bytes >> 24), static_cast<char>(bytes >> 16),
+                     static_cast<char>(bytes >> 8), static_cast<char>(bytes)};
+}
+
+// `first_message` (serialized; "" for none) is sent whole on every stream before the unfinished
+// one: a session's hello, so that the unfinished message is a later one.
 inline Flood FloodWithHalfRequests(int port, const std::string& path, int streams,
                                    uint32_t message_bytes, std::chrono::milliseconds idle,
                                    const std::string& source = "127.0.0.1",
-                                   const std::string& token = "") {
+                                   const std::string& token = "",
+                                   const std::string& first_message = "") {
+  // What each stream sends: the first message, then the prefix of the unfinished one; zeros
+  // after that.
+  std::string head;
+  if (!first_message.empty()) {
+    head = MessagePrefix(static_cast<uint32_t>(first_message.size())) + first_message;
+  }
+  head += MessagePrefix(message_bytes);
   Flood out;
   const int fd = Dial(source, port);
   if (fd < 0) return out;
@@ -114,7 +130,7 @@ inline Flood FloodWithHalfRequests(int port, const std::string& path, int stream
     if (!token.empty()) PutHeader(&block, "authorization", "Bearer " + token);
     PutFrame(&start, 1, 0x4, static_cast<uint32_t>(2 * i + 1), block);  // END_HEADERS
     window[i] = initial_window;
-    left[i] = int64_t{message_bytes} + 4;  // the 5-byte prefix, and all but the last byte
+    left[i] = static_cast<int64_t>(head.size()) + message_bytes - 1;  // all but the last byte
   }
   if (!SendAll(fd, start)) {
     close(fd);
@@ -130,11 +146,8 @@ inline Flood FloodWithHalfRequests(int port, const std::string& path, int stream
       while (open[i] && left[i] > 0 && window[i] > 0 && connection_window > 0) {
         const int64_t n = std::min<int64_t>({16384, left[i], window[i], connection_window});
         std::string payload(static_cast<size_t>(n), '\0');
-        if (sent[i] == 0) {  // the message prefix: not compressed, then the length
-          payload[1] = static_cast<char>(message_bytes >> 24);
-          payload[2] = static_cast<char>(message_bytes >> 16);
-          payload[3] = static_cast<char>(message_bytes >> 8);
-          payload[4] = static_cast<char>(message_bytes);
+        for (int64_t b = sent[i]; b < sent[i] + n && b < static_cast<int64_t>(head.size()); ++b) {
+          payload[static_cast<size_t>(b - sent[i])] = head[static_cast<size_t>(b)];
         }
         std::string frame;
         PutFrame(&frame, 0, 0, static_cast<uint32_t>(2 * i + 1), payload);

@@ -25,6 +25,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "client/coordinator_client.h"
 #include "client/worker_client.h"
 #include "proto/rpc_channel.h"
 #include "quant/wire_format.h"
@@ -314,6 +315,62 @@ TEST_F(WorkerServiceTest, AnUnfinishedHelloEndsAtTheDeadline) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   EXPECT_EQ(flood.refused, 4);
   EXPECT_EQ(flood.held, 0);
+  ExpectGoodClientTrains("alice", 1);
+}
+
+// After its hello, a session's next message may be left unfinished: gRPC 1.51 lets in as much as
+// its prefix announces (64 MiB here) for as long as the stream stays open, and the worker cannot
+// tell that a message has begun. A session that has waited session_idle_ms (here 1 s) for its
+// next message is ended (DEADLINE_EXCEEDED): the stream ends and nothing of it stays. With the
+// watch off (0) the same stream is still held when the peer gives up. The token's client trains
+// after.
+TEST_F(WorkerServiceTest, AnUnfinishedLaterMessageEndsAtTheIdleLimit) {
+  std::string hello;
+  ASSERT_TRUE(Hello("alice").SerializeToString(&hello));
+  for (const int64_t idle_ms : {int64_t{0}, int64_t{1000}}) {
+    service_->set_session_idle_ms(idle_ms);
+    const auto start = std::chrono::steady_clock::now();
+    const hostile::Flood flood = hostile::FloodWithHalfRequests(
+        port_, "/splitq.v1.Worker/Train", 1, 64u << 20, std::chrono::milliseconds(2500),
+        "127.0.0.1", TokenFor("alice"), hello);
+    std::printf(
+        "a hello, then a message announcing 64 MiB, idle limit %lld ms: %.1f MiB sent, %.1f held "
+        "when the peer gave up, %d ended by the server, %.1f s\n",
+        static_cast<long long>(idle_ms), flood.sent / 1048576.0, flood.held / 1048576.0,
+        flood.refused,
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    EXPECT_GT(flood.sent, 8 << 20) << idle_ms;  // the worker let much of the message in
+    if (idle_ms == 0) {
+      EXPECT_EQ(flood.refused, 0);
+      EXPECT_GT(flood.held, 8 << 20);
+    } else {
+      EXPECT_EQ(flood.refused, 1);
+      EXPECT_EQ(flood.held, 0);
+    }
+  }
+  ExpectGoodClientTrains("alice", 1);
+}
+
+// A client that pauses longer than the idle limit after its hello finds its session ended with
+// DEADLINE_EXCEEDED, a status clients treat as transient (they reconnect and resume).
+TEST_F(WorkerServiceTest, AnIdleSessionEndsWithDeadlineExceeded) {
+  service_->set_session_idle_ms(500);
+  Raw raw = Open(TokenFor("alice"));
+  ASSERT_TRUE(raw.stream->Write(Hello("alice")));
+  const auto start = std::chrono::steady_clock::now();
+  TrainReply reply;
+  while (raw.stream->Read(&reply)) {  // the welcome, then nothing until the session ends
+  }
+  const grpc::Status status = raw.stream->Finish();
+  const double waited =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
+  EXPECT_NE(status.error_message().find("--session-idle-s"), std::string::npos)
+      << status.error_message();
+  EXPECT_GE(waited, 0.45);
+  EXPECT_LT(waited, 5.0);
+  EXPECT_TRUE(client::IsTransient(absl::DeadlineExceededError("")));
+  // The same client id opens a new session and trains.
   ExpectGoodClientTrains("alice", 1);
 }
 
