@@ -48,6 +48,10 @@
 #                saw every client step applied exactly once (4 x 150 steps: no update lost,
 #                none applied twice). The coordinator rebalances: clients move from the
 #                survivor to the member that came back (at least one; its log shows sessions).
+#   idle         a worker with --session-idle-s 1 and a client stopped (SIGSTOP) for 3 s mid-run,
+#                heartbeats at 10 s so the coordinator does not mark it dead: the worker ends the
+#                client's idle session (DEADLINE_EXCEEDED, its log names the flag), the client
+#                reconnects when it runs again and finishes, and every step is applied once.
 #   refusals     a client with another config (digest) and a client without a token are refused
 #                with a clear message; the worker keeps serving.
 set -euo pipefail
@@ -445,6 +449,24 @@ coordinator-restart)
   grep -q "client client0: registered again with the coordinator" "$dir/client.log" ||
     fail "the client did not register again"
   echo "coordinator-restart: ok"
+  ;;
+idle)
+  # No validation pass mid-run: its ~1 s here is a pause of the Train stream too (the client
+  # reconnects after each; harmless, but this case is about the stopped client).
+  sed -i 's/^eval_every: 30$/eval_every: 1000/' "$config"
+  coord_extra=(--heartbeat-ms 10000)
+  worker_extra=(--session-idle-s 1)
+  start_long_run 1
+  kill -STOP "$cpid"
+  sleep 3
+  kill -CONT "$cpid"
+  wait "$cpid" || fail "the client did not survive its pause"
+  grep -q "DEADLINE_EXCEEDED: no message from the client for 1 s" "$dir/worker0.log" ||
+    fail "the worker did not end the idle session"
+  grep -q "reconnected to worker" "$dir/client.log" || fail "no reconnect"
+  grep -q '"steps": 200,' "$dir/run/summary.json" || fail "the run did not finish"
+  stop_worker_expecting_200_updates "${worker_pids[0]}"
+  echo "PASS: idle session ended by the worker ($(grep -c 'DEADLINE_EXCEEDED' "$dir/worker0.log") time(s)), the client reconnected and finished, 200 updates"
   ;;
 partition)
   # A silent partition: the TCP proxy between the client and its worker stops forwarding
