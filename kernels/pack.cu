@@ -27,6 +27,7 @@
 // Philox blocks covering any 8 consecutive elements; the codes equal the CPU path's.
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <numeric>
 
 #include "absl/status/statusor.h"
@@ -792,7 +793,9 @@ bool UseStaged(const GroupLayout& l) {
     const char* e = std::getenv("SPLITQ_KERNELS_STAGED");
     return e != nullptr && e[0] == '0';
   }();
-  return !off && l.inner % 8 != 0 && l.inner <= kStageCodes / 8 && l.outer > 0 && l.groups > 0;
+  // The kernel indexes groups with int (a tile's groups and positions are small).
+  return !off && l.inner % 8 != 0 && l.inner <= kStageCodes / 8 && l.outer > 0 && l.groups > 0 &&
+         l.groups <= std::numeric_limits<int32_t>::max();
 }
 
 StageGrid MakeStageGrid(const GroupLayout& l) {
@@ -957,7 +960,7 @@ __global__ void __launch_bounds__(kThreads)
       const int r = q0 / t.span, c = q0 - r * t.span;
       const uint2 cw = *reinterpret_cast<const uint2*>(codes + q0);
       StageWalker w(c, inner);
-      StageQuant sg = sq[w.gl];  // reloaded only where a row of the tile ends
+      StageQuant sg = sq[w.gl];  // reloaded only where the walk enters the next group
       float v[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {

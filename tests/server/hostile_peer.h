@@ -97,7 +97,8 @@ inline std::string MessagePrefix(uint32_t bytes) {
 }
 
 // `first_message` (serialized; "" for none) is sent whole on every stream before the unfinished
-// one: a session's hello, so that the unfinished message is a later one.
+// one: a session's hello, so that the unfinished message is a later one (with more than one
+// stream, the same hello on each: at a worker, each replaces the session of the one before).
 inline Flood FloodWithHalfRequests(int port, const std::string& path, int streams,
                                    uint32_t message_bytes, std::chrono::milliseconds idle,
                                    const std::string& source = "127.0.0.1",
