@@ -66,6 +66,9 @@ absl::StatusOr<trainer::DownFrame> ReconnectingLink::TrainHead(const trainer::He
 absl::StatusOr<trainer::EvalPiece> ReconnectingLink::Evaluate(const trainer::UpFrame& up) {
   return Succeeded(link_->Evaluate(up));
 }
+void ReconnectingLink::EndEvaluation() {
+  if (link_) link_->EndEvaluation();
+}
 
 absl::Status ReconnectingLink::Recover(const absl::Status& error) {
   if (moving_) {  // Train's own refusal: no failure, no backoff

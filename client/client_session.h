@@ -71,6 +71,7 @@ class ReconnectingLink : public trainer::ServerLink {
   absl::StatusOr<trainer::DownFrame> Train(const trainer::UpFrame& up) override;
   absl::StatusOr<trainer::DownFrame> TrainHead(const trainer::HeadGradient& head) override;
   absl::StatusOr<trainer::EvalPiece> Evaluate(const trainer::UpFrame& up) override;
+  void EndEvaluation() override;
   // Failures in a row back off (as Connect) until a call succeeds; after reconnect_timeout
   // without one, UNAVAILABLE naming the last error. Errors other than transient ones and
   // NOT_FOUND (an unknown session) are returned as they are.

@@ -232,11 +232,7 @@ absl::StatusOr<trainer::DownFrame> WorkerClient::ReadAnswer(int64_t step) {
 }
 
 absl::StatusOr<trainer::EvalPiece> WorkerClient::Evaluate(const trainer::UpFrame& up) {
-  if (eval_.stream && eval_.step != up.step) {  // a new validation pass: a new stream
-    eval_.stream->WritesDone();
-    eval_.stream->Finish();
-    eval_.stream.reset();
-  }
+  if (eval_.step != up.step) EndEvaluation();  // a new validation pass: a new stream
   if (!eval_.stream) {
     eval_.context = NewContext();
     eval_.stream =
@@ -264,17 +260,21 @@ absl::StatusOr<trainer::EvalPiece> WorkerClient::Evaluate(const trainer::UpFrame
   return piece;
 }
 
+void WorkerClient::EndEvaluation() {
+  if (eval_.stream) {
+    eval_.stream->WritesDone();
+    eval_.stream->Finish();
+    eval_.stream.reset();
+  }
+}
+
 void WorkerClient::Close() {
   if (train_.stream) {
     train_.stream->WritesDone();
     train_.stream->Finish();
     train_.stream.reset();
   }
-  if (eval_.stream) {
-    eval_.stream->WritesDone();
-    eval_.stream->Finish();
-    eval_.stream.reset();
-  }
+  EndEvaluation();
 }
 
 }  // namespace splitq::client

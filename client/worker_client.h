@@ -66,6 +66,8 @@ class WorkerClient : public trainer::ServerLink {
   // U-shaped: the head loss and gradient of the step Train opened, on the same stream.
   absl::StatusOr<trainer::DownFrame> TrainHead(const trainer::HeadGradient& head) override;
   absl::StatusOr<trainer::EvalPiece> Evaluate(const trainer::UpFrame& up) override;
+  // Ends the Evaluate stream cleanly (WritesDone, Finish), if one is open.
+  void EndEvaluation() override;
   // Ends both streams cleanly (WritesDone, Finish).
   void Close();
 

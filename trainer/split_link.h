@@ -88,6 +88,10 @@ class ServerLink {
     return absl::UnimplementedError("this link carries the plain layout only");
   }
   virtual absl::StatusOr<EvalPiece> Evaluate(const UpFrame& up) = 0;
+  // A validation pass is over: the link may close what it opened for it (a worker's Evaluate
+  // stream, which would otherwise sit idle until the next pass, and workers end idle sessions:
+  // `splitq worker --session-idle-s`). The default does nothing.
+  virtual void EndEvaluation() {}
   // Called after Train or Evaluate failed with `error`. OK: the link has a new session (after
   // a reconnect, perhaps to another worker) and the call may be retried; the caller resends the
   // frame with its bit map (ClientPart::NewSession). Otherwise the error to give up with. The

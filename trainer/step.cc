@@ -48,6 +48,7 @@ absl::StatusOr<EvalStats> ClientRunner::Evaluate() {
     correct += static_cast<double>(piece->correct);
     count += static_cast<double>(piece->count);
   }
+  link_.EndEvaluation();
   EvalStats out;
   if (count == 0) return absl::InternalError("validation: no targets");
   out.loss = loss_sum / count;

@@ -223,7 +223,9 @@ TEST_F(Compose, EachServiceSeesOnlyItsSecrets) {
     const std::string verb = command.size() > 1 ? command[1] : "";
     std::set<std::string> seen;
     for (const std::string& volume : NamedVolumes(entry.second)) {
-      if (volume == "ca") EXPECT_EQ(name, "secrets") << name << " mounts the CA's volume";
+      if (volume == "ca") {
+        EXPECT_EQ(name, "secrets") << name << " mounts the CA's volume";
+      }
       if (volume == "runs") continue;  // outputs, no secrets
       for (const auto& f : fs::recursive_directory_iterator(dir / "volumes" / volume)) {
         if (f.is_regular_file()) seen.insert(f.path().filename().string());

@@ -374,6 +374,27 @@ TEST_F(WorkerServiceTest, AnIdleSessionEndsWithDeadlineExceeded) {
   ExpectGoodClientTrains("alice", 1);
 }
 
+// A client ends its Evaluate stream when a validation pass is over (ServerLink::EndEvaluation),
+// so the stream does not sit idle at the worker until the next pass or the idle limit.
+TEST_F(WorkerServiceTest, AClientEndsItsEvaluateStreamAfterAPass) {
+  client::WorkerLinkOptions o;
+  o.client_id = "alice";
+  o.token = TokenFor("alice");
+  client::WorkerClient client(channel_, o);
+  ASSERT_TRUE(client.Train((*frames_)[0]).ok());
+  const auto piece = client.Evaluate((*frames_)[0]);  // the frame with the bit map
+  ASSERT_TRUE(piece.ok()) << piece.status();
+  EXPECT_EQ(core_->stats().sessions, 2u);  // Train and Evaluate
+  client.EndEvaluation();
+  for (int i = 0; i < 200 && core_->stats().sessions != 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(core_->stats().sessions, 1u);  // the Train session only
+  EXPECT_EQ(core_->stats().train_sessions, 1u);
+  ASSERT_TRUE(client.Train((*frames_)[1]).ok());  // training goes on
+  client.Close();
+}
+
 TEST_F(WorkerServiceTest, ImplausibleValuesNeverReachTheServerPart) {
   const std::string before = part_->WeightsDigest();
   const int64_t updates = part_->updates();
