@@ -679,6 +679,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// 8 values to 8 consecutive elements at a 16-byte aligned p, with streaming stores (two
+// 16-byte stores for fp32, one for 16-bit types).
+template <typename T>
+__device__ __forceinline__ void StoreVec8(T* p, const float (&v)[8]) {
+  if constexpr (sizeof(T) == 4) {
+    const float a[4] = {v[0], v[1], v[2], v[3]}, b[4] = {v[4], v[5], v[6], v[7]};
+    dev::StoreN<T, 4, true>(p, a);
+    dev::StoreN<T, 4, true>(p + 4, b);
+  } else {
+    dev::StoreN<T, 8, true>(p, v);
+  }
+}
+
 // Unpack for layouts whose runs of 8 codes are not contiguous in y (inner % 8 != 0): a thread
 // writes 8 consecutive elements of y (vector stores when y is 16-byte aligned), gathering each
 // code's bits (at most 2 bytes) from its group's segment. It finds the first element's row
@@ -727,13 +740,7 @@ __global__ void __launch_bounds__(kThreads)
       ++j;
     }
     if (kAligned && n == 8) {
-      if constexpr (sizeof(T) == 4) {
-        const float a[4] = {v[0], v[1], v[2], v[3]}, b[4] = {v[4], v[5], v[6], v[7]};
-        dev::StoreN<T, 4, true>(y + e0, a);
-        dev::StoreN<T, 4, true>(y + e0 + 4, b);
-      } else {
-        dev::StoreN<T, 8, true>(y + e0, v);
-      }
+      StoreVec8<T>(y + e0, v);
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
@@ -880,13 +887,7 @@ __device__ __forceinline__ void StoreStaged(T* y, const StageTile& t, int r, int
   const int64_t e = t.Elem(r, c, groups, inner);
   const bool contiguous = t.gn == groups || c + 8 <= t.span;  // every group: rows abut
   if (kAligned && cnt == 8 && contiguous && (e & 7) == 0) {
-    if constexpr (sizeof(T) == 4) {
-      const float a[4] = {v[0], v[1], v[2], v[3]}, b[4] = {v[4], v[5], v[6], v[7]};
-      dev::StoreN<T, 4, true>(y + e, a);
-      dev::StoreN<T, 4, true>(y + e + 4, b);
-    } else {
-      dev::StoreN<T, 8, true>(y + e, v);
-    }
+    StoreVec8<T>(y + e, v);
     return;
   }
 #pragma unroll
