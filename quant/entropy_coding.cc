@@ -140,49 +140,60 @@ double CostBits(const std::array<int64_t, 256>& counts, int alphabet, const Tabl
   return bits;
 }
 
-// rANS-codes m codes with table `t` into the end of `stream`; returns the first byte used.
-const uint8_t* EncodeStream(const uint8_t* c, int64_t m, const Table& t,
-                            std::vector<uint8_t>* stream) {
-  const int prob_bits = t.prob_bits;
-  std::array<internal::RansSymbol, 256> sym;
-  for (int s = t.lo; s <= t.hi; ++s) {
-    if (t.freq[s] != 0) sym[s] = internal::MakeRansSymbol(t.start[s], t.freq[s], prob_bits);
+// One rANS encoder step of state x with symbol s, writing downwards from p. Renormalisation
+// emits n = 0, 1 or 2 bytes of x, low byte first: n counts x >= x_max and x >= 256 x_max (a
+// third byte would need x >= 2^16 x_max >= 2^33, as x_max >= 2^17 for prob_bits <= 14).
+// Computed without a branch on the data (with 3-4-bit codes a byte goes out about every other
+// code, which a branch mispredicts); both bytes are written every time, and the ones not
+// counted are overwritten by later ones or lie below the stream.
+inline void RansPut(uint8_t*& p, uint32_t& x, const internal::RansSymbol& s) {
+  const uint64_t x_max = s.x_max;
+  const int n = static_cast<int>(x >= x_max) + static_cast<int>(x >= (x_max << 8));
+  p[-1] = static_cast<uint8_t>(x);
+  p[-2] = static_cast<uint8_t>(x >> 8);
+  p -= n;
+  x >>= 8 * n;
+  x = internal::RansStep(x, s);
+}
+
+// rANS-codes N groups of m codes each at once: lane l codes c[l] with table *t[l] into the end
+// of streams[l] and sets begin[l] to the first byte it used. Each group's stream is what it
+// would be alone (two states taking even and odd codes in turn, as the decoder reads them); the
+// N groups' 2N states are stepped in lockstep so that their dependency chains overlap.
+template <int N>
+void EncodeStreams(const uint8_t* const* c, int64_t m, const Table* const* t,
+                   std::vector<uint8_t>* const* streams, const uint8_t** begin) {
+  std::array<std::array<internal::RansSymbol, 256>, N> sym;
+  std::array<uint8_t*, N> p;
+  std::array<uint32_t, N> x0, x1;
+  for (int l = 0; l < N; ++l) {
+    for (int s = t[l]->lo; s <= t[l]->hi; ++s) {
+      if (t[l]->freq[s] != 0) {
+        sym[l][s] = internal::MakeRansSymbol(t[l]->start[s], t[l]->freq[s], t[l]->prob_bits);
+      }
+    }
+    // At most prob_bits <= 14 bits a code, plus the two final states.
+    streams[l]->resize(static_cast<size_t>(m * 2 + 16));
+    p[l] = streams[l]->data() + streams[l]->size();
+    x0[l] = kRansLow;
+    x1[l] = kRansLow;
   }
-  // At most prob_bits <= 14 bits a code, plus the two final states.
-  stream->resize(static_cast<size_t>(m * 2 + 16));
-  uint8_t* const end = stream->data() + stream->size();
-  uint8_t* p = end;
-  // Two states, taking even and odd codes in turn (their steps overlap in the decoder).
-  uint32_t x0 = kRansLow, x1 = kRansLow;
-  // Renormalisation emits n = 0, 1 or 2 bytes of x, low byte first, downwards: n counts
-  // x >= x_max and x >= 256 x_max (a third byte would need x >= 2^16 x_max >= 2^33, as
-  // x_max >= 2^17 for prob_bits <= 14). Computed without a branch on the data (with 3-4-bit
-  // codes a byte goes out about every other code, which a branch mispredicts); both bytes
-  // are written every time, and the ones not counted are overwritten by later ones or lie
-  // below the stream.
-  auto put = [&p](uint32_t& x, const internal::RansSymbol& s) {
-    const uint64_t x_max = s.x_max;
-    const int n = static_cast<int>(x >= x_max) + static_cast<int>(x >= (x_max << 8));
-    p[-1] = static_cast<uint8_t>(x);
-    p[-2] = static_cast<uint8_t>(x >> 8);
-    p -= n;
-    x >>= 8 * n;
-    x = internal::RansStep(x, s);
-  };
   int64_t j = m;
   if (j % 2 == 1) {
     --j;
-    put(x0, sym[c[j]]);
+    for (int l = 0; l < N; ++l) RansPut(p[l], x0[l], sym[l][c[l][j]]);
   }
   for (; j > 0; j -= 2) {
-    put(x1, sym[c[j - 1]]);
-    put(x0, sym[c[j - 2]]);
+    for (int l = 0; l < N; ++l) RansPut(p[l], x1[l], sym[l][c[l][j - 1]]);
+    for (int l = 0; l < N; ++l) RansPut(p[l], x0[l], sym[l][c[l][j - 2]]);
   }
-  for (const uint32_t x : {x1, x0}) {  // state 0 first in the stream
-    p -= 4;
-    for (int b = 0; b < 4; ++b) p[b] = static_cast<uint8_t>(x >> (8 * b));
+  for (int l = 0; l < N; ++l) {
+    for (const uint32_t x : {x1[l], x0[l]}) {  // state 0 first in the stream
+      p[l] -= 4;
+      for (int b = 0; b < 4; ++b) p[l][b] = static_cast<uint8_t>(x >> (8 * b));
+    }
+    begin[l] = p[l];
   }
-  return p;
 }
 
 // What the encoder learns of a group before choosing its mode.
@@ -192,47 +203,63 @@ struct GroupCodes {
   double entropy = 0;  // bits
 };
 
-// One group coded with the chosen table (own, or the shared one of its width when `shared`
-// is set and cheaper), or stored, or constant: its bytes (mode byte first) in `out`.
-void CodeGroup(const uint8_t* seg, const uint8_t* c, int64_t m, int k, int own_bits,
-               const GroupCodes& gc, const Table* shared, std::vector<uint8_t>* stream,
-               std::vector<uint8_t>* out) {
+// How a group will be coded: stored, constant, or rANS with its own table or the shared one
+// of its width (when `shared` is set and cheaper). `table` points at `own` or the shared one.
+struct GroupPlan {
+  Mode mode = kStored;
+  Table own;
+  const Table* table = nullptr;
+};
+
+void PlanGroup(int64_t m, int k, int own_bits, const GroupCodes& gc, const Table* shared,
+               GroupPlan* plan) {
+  const int64_t seg_bytes = kernels::PackedGroupBytes(m, k);
+  plan->mode = kStored;
+  plan->table = nullptr;
+  if (gc.present == 1 && seg_bytes > 2) {
+    plan->mode = kConstant;
+    return;
+  }
+  // Cheaper as stored for sure when even the entropy (no tables) would not save a byte.
+  if (gc.present < 2 || gc.entropy / 8 + 8 >= static_cast<double>(seg_bytes)) return;
+  const int alphabet = 1 << k;
+  // The own table's precision: about log2 m, or up to two bits coarser where the smaller
+  // table (fewer two-byte frequencies) saves more than the coarser probabilities cost
+  // (tried for alphabets of up to 64 codes: an 8-bit one costs more time than it saves).
+  double own_bytes = HUGE_VAL;
+  const int coarsest = k <= 6 ? std::max(8, own_bits - 2) : own_bits;
+  for (int l = own_bits; l >= coarsest; --l) {
+    Table t =
+        MakeTable(internal::NormalizeCounts(
+                      absl::MakeConstSpan(gc.counts.data(), static_cast<size_t>(alphabet)), l),
+                  l);
+    const double bytes = static_cast<double>(TableBytes(t)) + CostBits(gc.counts, alphabet, t) / 8;
+    if (bytes < own_bytes) {
+      own_bytes = bytes;
+      plan->own = std::move(t);
+    }
+  }
+  const bool use_shared =
+      shared != nullptr && CostBits(gc.counts, alphabet, *shared) / 8 < own_bytes;
+  plan->mode = use_shared ? kRansShared : kRans;
+  plan->table = use_shared ? shared : &plan->own;
+}
+
+// A group's bytes (mode byte first) in `out`, from its plan and, for rANS, its stream
+// [p, end): stored instead when the stream with its table would not be smaller.
+void EmitGroup(const uint8_t* seg, int64_t m, int k, const GroupCodes& gc, const GroupPlan& plan,
+               const uint8_t* p, const uint8_t* end, std::vector<uint8_t>* out) {
   const int64_t seg_bytes = kernels::PackedGroupBytes(m, k);
   out->clear();
-  if (gc.present == 1 && seg_bytes > 2) {
+  if (plan.mode == kConstant) {
     out->push_back(kConstant);
     out->push_back(static_cast<uint8_t>(gc.lo));
     return;
   }
-  // Cheaper as stored for sure when even the entropy (no tables) would not save a byte.
-  if (gc.present > 1 && gc.entropy / 8 + 8 < static_cast<double>(seg_bytes)) {
-    const int alphabet = 1 << k;
-    // The own table's precision: about log2 m, or up to two bits coarser where the smaller
-    // table (fewer two-byte frequencies) saves more than the coarser probabilities cost
-    // (tried for alphabets of up to 64 codes: an 8-bit one costs more time than it saves).
-    Table own;
-    double own_bytes = HUGE_VAL;
-    const int coarsest = k <= 6 ? std::max(8, own_bits - 2) : own_bits;
-    for (int l = own_bits; l >= coarsest; --l) {
-      Table t =
-          MakeTable(internal::NormalizeCounts(
-                        absl::MakeConstSpan(gc.counts.data(), static_cast<size_t>(alphabet)), l),
-                    l);
-      const double bytes =
-          static_cast<double>(TableBytes(t)) + CostBits(gc.counts, alphabet, t) / 8;
-      if (bytes < own_bytes) {
-        own_bytes = bytes;
-        own = std::move(t);
-      }
-    }
-    const bool use_shared =
-        shared != nullptr && CostBits(gc.counts, alphabet, *shared) / 8 < own_bytes;
-    const Table& t = use_shared ? *shared : own;
-    const uint8_t* p = EncodeStream(c, m, t, stream);
-    const uint8_t* const end = stream->data() + stream->size();
+  if (plan.mode == kRans || plan.mode == kRansShared) {
     const auto stream_bytes = static_cast<uint64_t>(end - p);
-    out->push_back(use_shared ? kRansShared : kRans);
-    if (!use_shared) PutTable(own, out);
+    out->push_back(plan.mode);
+    if (plan.mode == kRans) PutTable(plan.own, out);
     PutVarint(stream_bytes, out);
     if (static_cast<int64_t>(out->size() + stream_bytes) < seg_bytes + 1) {
       out->insert(out->end(), p, end);
@@ -242,6 +269,57 @@ void CodeGroup(const uint8_t* seg, const uint8_t* c, int64_t m, int k, int own_b
   }
   out->push_back(kStored);
   out->insert(out->end(), seg, seg + seg_bytes);
+}
+
+// Groups planned and coded together in one thread (EncodeStreams' N).
+constexpr int kGroupBatch = 4;
+
+// Codes groups [g0, g0 + n) (n <= kGroupBatch) into coded[g0 ..]: the rANS ones in one
+// EncodeStreams call. `all` holds every group's codes, one per byte, m per group.
+void CodeGroups(int64_t g0, int n, const uint8_t* packed, const std::vector<int64_t>& offsets,
+                const uint8_t* all, int64_t m, absl::Span<const uint8_t> bits, int own_bits,
+                const std::vector<GroupCodes>& info, const Table* const* shared_by_width,
+                std::array<GroupPlan, kGroupBatch>& plans,
+                std::array<std::vector<uint8_t>, kGroupBatch>& streams,
+                std::vector<std::vector<uint8_t>>* coded) {
+  std::array<const uint8_t*, kGroupBatch> codes{}, begin{}, end{};
+  std::array<const Table*, kGroupBatch> tables{};
+  std::array<std::vector<uint8_t>*, kGroupBatch> outs{};
+  std::array<int, kGroupBatch> lane_of{};
+  int lanes = 0;
+  for (int i = 0; i < n; ++i) {
+    const auto g = static_cast<size_t>(g0 + i);
+    PlanGroup(m, bits[g], own_bits, info[g], shared_by_width[bits[g]], &plans[i]);
+    lane_of[i] = -1;
+    if (plans[i].table == nullptr) continue;
+    codes[lanes] = all + g * static_cast<size_t>(m);
+    tables[lanes] = plans[i].table;
+    outs[lanes] = &streams[lanes];
+    lane_of[i] = lanes++;
+  }
+  switch (lanes) {
+    case 1:
+      EncodeStreams<1>(codes.data(), m, tables.data(), outs.data(), begin.data());
+      break;
+    case 2:
+      EncodeStreams<2>(codes.data(), m, tables.data(), outs.data(), begin.data());
+      break;
+    case 3:
+      EncodeStreams<3>(codes.data(), m, tables.data(), outs.data(), begin.data());
+      break;
+    case 4:
+      EncodeStreams<4>(codes.data(), m, tables.data(), outs.data(), begin.data());
+      break;
+    default:
+      break;
+  }
+  for (int l = 0; l < lanes; ++l) end[l] = streams[l].data() + streams[l].size();
+  for (int i = 0; i < n; ++i) {
+    const auto g = static_cast<size_t>(g0 + i);
+    const int l = lane_of[i];
+    EmitGroup(packed + offsets[g], m, bits[g], info[g], plans[i], l < 0 ? nullptr : begin[l],
+              l < 0 ? nullptr : end[l], &(*coded)[g]);
+  }
 }
 
 // Where each group's stream lies (found by the header pass, which reads and checks every
@@ -468,15 +546,19 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
   CodedPayload out;
   for (const bool allow_shared : {true, false}) {
     std::vector<std::vector<uint8_t>> coded(gsize);
+    std::array<const Table*, 9> shared_by_width{};
+    for (int k = 1; k <= 8 && allow_shared; ++k) shared_by_width[k] = shared[k].get();
+    const int64_t batches = (groups + kGroupBatch - 1) / kGroupBatch;
 #pragma omp parallel num_threads(threads) if (parallel)
     {
-      std::vector<uint8_t> stream;
-#pragma omp for schedule(dynamic, 4)
-      for (int64_t g = 0; g < groups; ++g) {
-        const auto gi = static_cast<size_t>(g);
-        CodeGroup(packed.data() + offsets[gi], all.data() + gi * static_cast<size_t>(m), m,
-                  bits[gi], own_bits, info[gi], allow_shared ? shared[bits[gi]].get() : nullptr,
-                  &stream, &coded[gi]);
+      std::array<GroupPlan, kGroupBatch> plans;
+      std::array<std::vector<uint8_t>, kGroupBatch> streams;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < batches; ++b) {
+        const int64_t g0 = b * kGroupBatch;
+        CodeGroups(g0, static_cast<int>(std::min<int64_t>(kGroupBatch, groups - g0)), packed.data(),
+                   offsets, all.data(), m, bits, own_bits, info, shared_by_width.data(), plans,
+                   streams, &coded);
       }
     }
     std::array<bool, 9> used{};  // the shared tables some group took

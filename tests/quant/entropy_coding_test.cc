@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "quant/crc32c.h"
 #include "quant/wire_format.h"
 
 namespace splitq::quant {
@@ -174,6 +175,33 @@ TEST(EntropyCoding, AnOwnTableTakesTheCheaperPrecision) {
   std::vector<uint8_t> back;
   ASSERT_TRUE(EntropyDecode(coded->bytes, p.layout, p.bits, &back).ok());
   EXPECT_EQ(back, p.packed);
+}
+
+// The coded bytes of one fixed payload (groups of every mode: own and shared tables, constant,
+// stored; widths 1..8; a group count that is not a multiple of the encoder's batch of groups;
+// one and two threads) are pinned by their CRC-32C, so that a faster encoder must write the
+// same bytes. If the format changes on purpose, docs/wire-format.md and kCodingVersion change
+// with this number.
+TEST(EntropyCoding, TheCodedBytesOfAFixedPayloadArePinned) {
+  std::mt19937 rng(21);
+  std::vector<uint8_t> bits;
+  for (int g = 0; g < 23; ++g) bits.push_back(static_cast<uint8_t>(1 + (g * 5) % 8));
+  const Payload p = MakePayload(rng, 23, 3001, bits,
+                                {Shape::kPeaked, Shape::kUniform, Shape::kTwoValues, Shape::kPeaked,
+                                 Shape::kConstant, Shape::kPeaked});
+  for (int threads : {1, 2}) {
+    kernels::ExecContext cpu;
+    cpu.cpu_threads = threads;
+    auto coded = EntropyCode(p.packed, p.layout, p.bits, cpu);
+    ASSERT_TRUE(coded.ok()) << coded.status();
+    EXPECT_EQ(coded->bytes.size(), 20093u) << threads << " threads";
+    EXPECT_GT(coded->bytes[1], 0) << "no group took a shared table";
+    EXPECT_EQ(Crc32cExtend(0, coded->bytes.data(), coded->bytes.size()), 2012113260u)
+        << threads << " threads";
+    std::vector<uint8_t> back;
+    ASSERT_TRUE(EntropyDecode(coded->bytes, p.layout, p.bits, &back).ok());
+    EXPECT_EQ(back, p.packed);
+  }
 }
 
 void ExpectInvalid(const std::vector<uint8_t>& coded, const Payload& p, const std::string& what) {
@@ -350,4 +378,5 @@ TEST(CodedFrames, IncompressibleFramesStayPacked) {
 }
 
 }  // namespace
+
 }  // namespace splitq::quant
