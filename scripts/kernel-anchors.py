@@ -298,10 +298,10 @@ def main():
             ("  ERROR " + a["error"] if "error" in a else ""), flush=True)
 
     if ours:
-        print("\n| case | ours ms | % of copy | eager ms | compile ms |"
+        print("\n| case | ours ms | % of copy | % of rw bound | eager ms | compile ms |"
               " compile (rows layout; rotate: matmul) ms |"
               " best torch / ours |")
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for a in rows:
             o = ours.get(a["name"], {})
             ours_ms = o.get("ours_ms")
@@ -312,8 +312,10 @@ def main():
             if a["name"].startswith("copy:"):
                 torch_best = float("nan")
             pct = o.get("pct_of_copy")
-            print("| %s | %s | %s | %s | %s | %s | %s |" % (
+            rw = o.get("pct_of_rw_bound")
+            print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 a["name"], fmt(ours_ms), "-" if pct is None else "%.0f%%" % pct,
+                "-" if not rw else "%.0f%%" % rw,
                 fmt(a.get("eager_ms")), fmt(a.get("compile_ms")),
                 fmt(a.get("compile_rows_ms", a.get("compile_matmul_ms"))),
                 "-" if ours_ms is None or math.isnan(torch_best)

@@ -39,6 +39,9 @@ struct CaseResult {
   double bytes = 0;  // read + written per call
   double ours_ms = 0;
   double copy_ms = 0;  // copy of the same shape and dtype
+  // What PyTorch's read-only (sum) and write-only (fill) kernels take for the bytes this call
+  // reads and writes (0: not estimated); see RwBoundMs.
+  double bound_ms = 0;
   std::optional<double> torch_ms;
 };
 
@@ -115,6 +118,30 @@ at::Tensor Along(const at::Tensor& v, int64_t dims, int64_t axis) {
   return v.view(shape);
 }
 
+// A memory bound for one call: the bytes it reads at the rate of PyTorch's read-only kernel
+// (a sum of x) plus the bytes it writes at the rate of its write-only kernel (a fill of a
+// tensor like x), both measured on this shape and dtype: reads and writes share the memory
+// bus, so a call that moves R bytes in and W out takes at least about R / read + W / write.
+// Packed codes count as bytes of x's dtype at the same rates. 0 for the CPU wire rows.
+double RwBoundMs(const kernels::KernelCase& c, double read_ms, double fill_ms) {
+  const double es = static_cast<double>(kernels::DTypeSize(c.dtype));
+  const double codes = (c.bits == 0 ? 0.5 * (c.mixed_lo + c.mixed_hi) : c.bits) / 8.0 / es;
+  switch (c.op) {
+    case kernels::KernelOp::kCopy:
+    case kernels::KernelOp::kFakeQuant:
+    case kernels::KernelOp::kRotate:
+      return read_ms + fill_ms;
+    case kernels::KernelOp::kLsq:  // x twice and dy; y and dx
+      return 3 * read_ms + 2 * fill_ms;
+    case kernels::KernelOp::kPack:
+    case kernels::KernelOp::kPackStochastic:
+      return read_ms + codes * fill_ms;
+    case kernels::KernelOp::kUnpack:
+      return codes * read_ms + fill_ms;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int RunKernelBench(const KernelBenchOptions& opt) {
@@ -162,6 +189,8 @@ int RunKernelBench(const KernelBenchOptions& opt) {
                                     .contiguous();
       at::Tensor copy_out = at::empty_like(x);
       const double copy_ms = TimeMs(device, iters, [&] { copy_out.copy_(x); });
+      const double read_ms = TimeMs(device, iters, [&] { (void)x.sum(); });
+      const double fill_ms = TimeMs(device, iters, [&] { copy_out.fill_(1); });
 
       for (const kernels::KernelCase& c : cases) {
         CaseResult r;
@@ -169,6 +198,7 @@ int RunKernelBench(const KernelBenchOptions& opt) {
         r.name = c.Name();
         r.bytes = c.Bytes();
         r.copy_ms = copy_ms;
+        r.bound_ms = RwBoundMs(c, read_ms, fill_ms);
         const std::vector<uint8_t> bits =
             c.bits == 0
                 ? c.MixedBits(groups)
@@ -349,8 +379,8 @@ int RunKernelBench(const KernelBenchOptions& opt) {
     return 2;
   }
 
-  std::printf("%-44s %9s %9s %10s %10s %10s\n", "case", "ours_ms", "torch_ms", "ours_GB/s",
-              "%_of_copy", "torch/ours");
+  std::printf("%-44s %9s %9s %10s %10s %10s %10s\n", "case", "ours_ms", "torch_ms", "ours_GB/s",
+              "%_of_copy", "%_of_rw", "torch/ours");
   for (const CaseResult& r : results) {
     const double ours = Gbps(r.bytes, r.ours_ms);
     const double copy = Gbps(2.0 * static_cast<double>(r.c.shape.numel()) *
@@ -361,8 +391,10 @@ int RunKernelBench(const KernelBenchOptions& opt) {
       std::snprintf(torch_ms, sizeof(torch_ms), "%.3f", *r.torch_ms);
       std::snprintf(ratio, sizeof(ratio), "%.2fx", *r.torch_ms / r.ours_ms);
     }
-    std::printf("%-44s %9.3f %9s %10.1f %9.0f%% %10s\n", r.name.c_str(), r.ours_ms, torch_ms, ours,
-                100.0 * ours / copy, ratio);
+    char rw[32] = "-";
+    if (r.bound_ms > 0) std::snprintf(rw, sizeof(rw), "%.0f%%", 100.0 * r.bound_ms / r.ours_ms);
+    std::printf("%-44s %9.3f %9s %10.1f %9.0f%% %10s %10s\n", r.name.c_str(), r.ours_ms, torch_ms,
+                ours, 100.0 * ours / copy, rw, ratio);
   }
   if (!opt.json_path.empty()) {
     std::ofstream out(opt.json_path);
@@ -399,6 +431,8 @@ int RunKernelBench(const KernelBenchOptions& opt) {
       out << ", \"ours_ms\": " << r.ours_ms << ", \"ours_gbps\": " << Gbps(r.bytes, r.ours_ms)
           << ", \"copy_gbps\": " << copy_gbps
           << ", \"pct_of_copy\": " << 100.0 * Gbps(r.bytes, r.ours_ms) / copy_gbps
+          << ", \"rw_bound_ms\": " << r.bound_ms
+          << ", \"pct_of_rw_bound\": " << (r.bound_ms > 0 ? 100.0 * r.bound_ms / r.ours_ms : 0.0)
           << ", \"torch_ms\": " << (r.torch_ms ? std::to_string(*r.torch_ms) : std::string("null"))
           << "}" << (i + 1 < results.size() ? "," : "") << "\n";
     }

@@ -47,6 +47,7 @@ TEST(KernelBench, TimesTheFilteredCasesAndWritesThemAsJson) {
   }
   EXPECT_GT(selected, 0);
   EXPECT_NE(doc.find("\"pct_of_copy\": "), std::string::npos);
+  EXPECT_NE(doc.find("\"pct_of_rw_bound\": "), std::string::npos);
   unlink(json.c_str());
 }
 
