@@ -21,7 +21,8 @@
 // in packed order). Unpacking mirrors that when inner % 8 == 0; otherwise (inner <= 2048)
 // a block stages a tile of 8 outer rows' codes in shared memory in y's order and writes y
 // with vector stores (UnpackStagedKernel), or, for longer rows, each thread writes 8
-// consecutive elements of y in memory order and gathers their codes' bits.
+// consecutive elements of y in memory order and gathers their codes' bits. (UnpackRunsKernel,
+// opt-in and not yet run on a GPU, reads rows of 8 or more by aligned words instead.)
 //
 // Stochastic rounding draws u for element e = g * M + m from Philox (philox.h), two or three
 // Philox blocks covering any 8 consecutive elements; the codes equal the CPU path's.
@@ -692,6 +693,20 @@ __device__ __forceinline__ void StoreVec8(T* p, const float (&v)[8]) {
   }
 }
 
+// The first n (<= 8) of v to y[e0 ..]: one vector store when all 8 go and y is 16-byte
+// aligned (e0 is a multiple of 8).
+template <typename T, bool kAligned, typename Index>
+__device__ __forceinline__ void StoreFlat8(T* y, Index e0, int n, const float (&v)[8]) {
+  if (kAligned && n == 8) {
+    StoreVec8<T>(y + e0, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (i < n) y[e0 + i] = dev::Elem<T>::Store(v[i]);
+    }
+  }
+}
+
 // Unpack for layouts whose runs of 8 codes are not contiguous in y (inner % 8 != 0): a thread
 // writes 8 consecutive elements of y (vector stores when y is 16-byte aligned), gathering each
 // code's bits (at most 2 bytes) from its group's segment. It finds the first element's row
@@ -739,14 +754,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       ++j;
     }
-    if (kAligned && n == 8) {
-      StoreVec8<T>(y + e0, v);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        if (i < n) y[e0 + i] = dev::Elem<T>::Store(v[i]);
-      }
-    }
+    StoreFlat8<T, kAligned>(y, e0, n, v);
   }
 }
 
@@ -765,6 +773,123 @@ void LaunchUnpackFlat(cudaStream_t stream, const GroupLayout& l, const QuantPara
     UnpackFlatKernel<T, Index, false, kFast>
         <<<blocks, kThreads, 0, stream>>>(p, numel, groups, inner, packed, offsets, y);
   }
+}
+
+// ---- unpack of rows of 8 or more elements, not a multiple of 8 ----------------------------
+// 8 consecutive elements of y lie in at most two rows of `inner` >= 8 elements, so their
+// codes are at most two runs of consecutive codes (of one group each), and a run of at most
+// 8 codes (64 bits) lies in at most two aligned 8-byte words of packed. A thread loads those
+// words, spreads the codes to registers and writes its 8 elements with vector stores: no
+// shared memory, no byte loads. Opt-in and not yet run on a GPU (UseRuns).
+
+// Bits [bit, bit + nbits) of packed (nbits <= 64) at the low end of the result (the bits above
+// are whatever follows). Aligned 8-byte loads inside the buffer; byte loads at its ends.
+__device__ __forceinline__ uint64_t LoadBits(const uint8_t* packed, int64_t packed_bytes,
+                                             int64_t bit, int nbits) {
+  const uint8_t* src = packed + (bit >> 3);
+  const int shift = static_cast<int>(bit & 7);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(src);
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(a & ~uintptr_t{7});
+  const int sh = static_cast<int>(a & 7) * 8 + shift;  // 0 .. 63
+  const bool two = sh + nbits > 64;                    // implies sh > 0
+  if (w >= packed && w + (two ? 16 : 8) <= packed + packed_bytes) {
+    const auto* words = reinterpret_cast<const unsigned long long*>(w);
+    const uint64_t lo = __ldg(words);
+    if (!two) return lo >> sh;
+    return (lo >> sh) | (static_cast<uint64_t>(__ldg(words + 1)) << (64 - sh));
+  }
+  const int nb = (shift + nbits + 7) >> 3;  // <= 9; 9 only when shift > 0
+  uint64_t word = src[0] >> shift;
+  for (int b = 1; b < nb; ++b) word |= static_cast<uint64_t>(src[b]) << (8 * b - shift);
+  return word;
+}
+
+template <typename T, bool kAligned, bool kFast>
+__global__ void __launch_bounds__(kThreads)
+    UnpackRunsKernel(const QuantParams p, const uint32_t numel, const uint32_t groups,
+                     const uint32_t inner, const uint8_t* packed, const int64_t packed_bytes,
+                     const int64_t* offsets, T* y) {
+  const uint32_t runs = (numel + 7) / 8;
+  const uint32_t stride = gridDim.x * kThreads;
+  for (uint32_t r = blockIdx.x * kThreads + threadIdx.x; r < runs; r += stride) {
+    const uint32_t e0 = r * 8;
+    const int n = static_cast<int>(Min<uint32_t>(8, numel - e0));
+    const uint32_t row = e0 / inner;
+    const uint32_t j = e0 - row * inner;
+    const uint32_t o = row / groups;
+    const uint32_t g = row - o * groups;
+    const int n1 = static_cast<int>(Min<uint32_t>(n, inner - j));  // >= 1
+    // Run 1: codes o * inner + j .. of group g.
+    const int k1 = dev::BitsOf(p, g);
+    const qm::GroupQuant q1 = dev::LoadGroupQuantDevice<false>(p, g);
+    const uint32_t base1 = Codes<kFast>::Base(q1);
+    const uint64_t w1 = LoadBits(
+        packed, packed_bytes, offsets[g] * 8 + static_cast<int64_t>(o * inner + j) * k1, n1 * k1);
+    // Run 2: the next row's first codes (group g + 1 of row o, or group 0 of row o + 1),
+    // shifted up so that code i of the 8 sits at bit i * k2.
+    int k2 = k1;
+    qm::GroupQuant q2 = q1;
+    uint32_t base2 = base1;
+    uint64_t w2 = 0;
+    if (n > n1) {
+      const bool wrap = g + 1 == groups;
+      const uint32_t g2 = wrap ? 0 : g + 1;
+      const uint32_t o2 = wrap ? o + 1 : o;
+      k2 = dev::BitsOf(p, g2);
+      q2 = dev::LoadGroupQuantDevice<false>(p, g2);
+      base2 = Codes<kFast>::Base(q2);
+      w2 = LoadBits(packed, packed_bytes, offsets[g2] * 8 + static_cast<int64_t>(o2) * inner * k2,
+                    (n - n1) * k2)
+           << (n1 * k2);
+    }
+    const uint32_t lo1 = static_cast<uint32_t>(w1), hi1 = static_cast<uint32_t>(w1 >> (4 * k1));
+    const uint32_t lo2 = static_cast<uint32_t>(w2), hi2 = static_cast<uint32_t>(w2 >> (4 * k2));
+    const uint32_t m1 = (1u << k1) - 1u, m2 = (1u << k2) - 1u;
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const bool first = i < n1;
+      const uint32_t half = first ? (i < 4 ? lo1 : hi1) : (i < 4 ? lo2 : hi2);
+      const int k = first ? k1 : k2;
+      const uint32_t code = (half >> ((i & 3) * k)) & (first ? m1 : m2);
+      v[i] = Codes<kFast>::Dequant(code, first ? q1 : q2, first ? base1 : base2);
+    }
+    StoreFlat8<T, kAligned>(y, e0, n, v);
+  }
+}
+
+// Rows of 8 <= inner elements (inner % 8 != 0) with 32-bit element indices, only with
+// SPLITQ_KERNELS_RUNS=1 for now: the kernel was written and compiled in a session that had no
+// GPU, so it is neither checked against the CPU path on a device nor timed against
+// UnpackStagedKernel (which these layouts take otherwise). To do both on a GPU host:
+//   SPLITQ_KERNELS_RUNS=1 cuda_vs_cpu_test --gtest_filter='*Unpack*'
+//   SPLITQ_KERNELS_RUNS=0|1 splitq bench kernels --device cuda --iters 50 --filter 7x7
+bool UseRuns(const GroupLayout& l) {
+  static const bool on = [] {
+    const char* e = std::getenv("SPLITQ_KERNELS_RUNS");
+    return e != nullptr && e[0] == '1';
+  }();
+  return on && l.inner >= 8 && l.inner % 8 != 0 && l.numel() < (int64_t{1} << 31);
+}
+
+template <typename T, bool kFast>
+absl::Status LaunchUnpackRuns(cudaStream_t stream, const GroupLayout& l, const QuantParams& p,
+                              const uint8_t* packed, int64_t packed_bytes, const int64_t* offsets,
+                              T* y) {
+  const auto blocks = static_cast<unsigned>(
+      std::min<int64_t>(dev::CeilDiv(dev::CeilDiv(l.numel(), 8), kThreads), 1 << 16));
+  const auto numel = static_cast<uint32_t>(l.numel());
+  const auto groups = static_cast<uint32_t>(l.groups);
+  const auto inner = static_cast<uint32_t>(l.inner);
+  if (dev::Aligned16(y)) {
+    UnpackRunsKernel<T, true, kFast><<<blocks, kThreads, 0, stream>>>(
+        p, numel, groups, inner, packed, packed_bytes, offsets, y);
+  } else {
+    UnpackRunsKernel<T, false, kFast><<<blocks, kThreads, 0, stream>>>(
+        p, numel, groups, inner, packed, packed_bytes, offsets, y);
+  }
+  SPLITQ_CUDA_CHECK_LAUNCH("UnpackRunsKernel");
+  return absl::OkStatus();
 }
 
 // ---- unpack of short rows, staged in shared memory ---------------------------------------
@@ -1090,7 +1215,8 @@ absl::Status LaunchPack(cudaStream_t stream, const GroupLayout& l, const QuantPa
 
 template <typename T, bool kFast>
 absl::Status LaunchUnpack(cudaStream_t stream, const GroupLayout& l, const QuantParams& p,
-                          const uint8_t* packed, const int64_t* offsets, T* y) {
+                          const uint8_t* packed, int64_t packed_bytes, const int64_t* offsets,
+                          T* y) {
   constexpr int V = dev::Elem<T>::kVec;
   if constexpr (sizeof(T) == 2) {
     // 16-bit outputs: codes straight to registers, 4 columns (8-byte stores) x 32 rows a
@@ -1136,6 +1262,7 @@ absl::Status LaunchUnpack(cudaStream_t stream, const GroupLayout& l, const Quant
     SPLITQ_CUDA_CHECK_LAUNCH("UnpackGenericKernel");
     return absl::OkStatus();
   }
+  if (UseRuns(l)) return LaunchUnpackRuns<T, kFast>(stream, l, p, packed, packed_bytes, offsets, y);
   if (UseStaged(l)) return LaunchUnpackStaged<T, kFast>(stream, l, p, packed, offsets, y);
   if (l.numel() < (int64_t{1} << 31)) {
     LaunchUnpackFlat<T, uint32_t, kFast>(stream, l, p, packed, offsets, y);
@@ -1181,15 +1308,14 @@ absl::Status QuantizePack(void* stream, DType dtype, const GroupLayout& layout,
 absl::Status UnpackDequantize(void* stream, DType dtype, const GroupLayout& layout,
                               const QuantParams& params, const uint8_t* packed,
                               int64_t packed_bytes, const int64_t* group_offsets, void* y) {
-  (void)packed_bytes;
   if (layout.numel() == 0) return absl::OkStatus();
   const auto s = static_cast<cudaStream_t>(stream);
   return dev::DispatchDeviceDType(dtype, [&](auto tag) -> absl::Status {
     using T = decltype(tag);
     T* yt = static_cast<T*>(y);
     return IntegerCodes(params)
-               ? LaunchUnpack<T, true>(s, layout, params, packed, group_offsets, yt)
-               : LaunchUnpack<T, false>(s, layout, params, packed, group_offsets, yt);
+               ? LaunchUnpack<T, true>(s, layout, params, packed, packed_bytes, group_offsets, yt)
+               : LaunchUnpack<T, false>(s, layout, params, packed, packed_bytes, group_offsets, yt);
   });
 }
 
