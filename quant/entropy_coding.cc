@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "kernels/detail/code_bytes.h"
 #include "kernels/detail/cpu_dispatch.h"
 #include "kernels/pack.h"
@@ -332,6 +333,34 @@ struct GroupSpan {
   const uint8_t* own_table = nullptr;  // mode 1: where its table starts (checked already)
 };
 
+// Maps each of table t's 2^L slots to its code.
+void BuildSlots(const Table& t, std::vector<uint8_t>* slots) {
+  slots->resize(size_t{1} << t.prob_bits);
+  for (int s = t.lo; s <= t.hi; ++s) {
+    if (t.freq[s] != 0) std::memset(slots->data() + t.start[s], s, t.freq[s]);
+  }
+}
+
+// One rANS decoding step with table t (slots from BuildSlots): code j of `codes` from state x,
+// then x refilled from the stream [*p, end) while below 2^23. False if the stream runs out.
+struct RansReader {
+  const Table& t;
+  const uint8_t* slot;
+  uint8_t* codes;
+  uint32_t mask = (1u << t.prob_bits) - 1;
+  bool Step(uint32_t& x, int64_t j, const uint8_t*& p, const uint8_t* end) const {
+    const uint32_t r = x & mask;
+    const uint8_t s = slot[r];
+    x = t.freq[s] * (x >> t.prob_bits) + r - t.start[s];
+    codes[j] = s;
+    while (x < kRansLow) {
+      if (p == end) return false;
+      x = (x << 8) | *p++;
+    }
+    return true;
+  }
+};
+
 // `slots` maps each of a table's 2^L slots to its code; `built` is the shared table they were
 // last built for in this thread (nullptr: another), so that groups of one shared table build
 // them once.
@@ -358,13 +387,9 @@ absl::Status DecodeGroup(int64_t g, const GroupSpan& span, int64_t m, int k, uin
     if (!ReadTable(&q, span.begin, k, &own, &why)) return Bad(g, why);
   }
   const Table& t = span.mode == kRans ? own : *span.shared;
-  const int prob_bits = t.prob_bits;
   const uint8_t* p = span.begin;
   if (span.mode == kRans || *built != span.shared) {
-    slots->resize(size_t{1} << prob_bits);
-    for (int s = t.lo; s <= t.hi; ++s) {
-      std::memset(slots->data() + t.start[s], s, t.freq[s]);
-    }
+    BuildSlots(t, slots);
     *built = span.mode == kRans ? nullptr : span.shared;
   }
   uint32_t x0 = 0, x1 = 0;
@@ -373,28 +398,17 @@ absl::Status DecodeGroup(int64_t g, const GroupSpan& span, int64_t m, int k, uin
     x1 |= uint32_t{p[4 + b]} << (8 * b);
   }
   p += 8;
-  const uint32_t mask = (1u << prob_bits) - 1;
   codes->resize(static_cast<size_t>(m));
   uint8_t* c = codes->data();
-  const uint8_t* slot = slots->data();
   const uint8_t* const end = span.end;
-  // One code from state x: decode, then refill x from the stream.
-  auto step = [&](uint32_t& x, int64_t j) -> bool {
-    const uint32_t r = x & mask;
-    const uint8_t s = slot[r];
-    x = t.freq[s] * (x >> prob_bits) + r - t.start[s];
-    c[j] = s;
-    while (x < kRansLow) {
-      if (p == end) return false;
-      x = (x << 8) | *p++;
-    }
-    return true;
-  };
+  const RansReader rd{t, slots->data(), c};
   int64_t j = 0;
   for (; j + 2 <= m; j += 2) {
-    if (!step(x0, j) || !step(x1, j + 1)) return Bad(g, "stream ends before its last code");
+    if (!rd.Step(x0, j, p, end) || !rd.Step(x1, j + 1, p, end)) {
+      return Bad(g, "stream ends before its last code");
+    }
   }
-  if (j < m && !step(x0, j)) return Bad(g, "stream ends before its last code");
+  if (j < m && !rd.Step(x0, j, p, end)) return Bad(g, "stream ends before its last code");
   if (p != end || x0 != kRansLow || x1 != kRansLow) {
     return Bad(g, "stream does not end in the coder's initial states at its last byte");
   }
@@ -410,6 +424,618 @@ absl::Status CheckArguments(const kernels::GroupLayout& layout, absl::Span<const
   }
   offsets->resize(bits.size() + 1);
   return kernels::PackedOffsets(bits, layout.per_group(), absl::MakeSpan(*offsets));
+}
+
+// The shared tables at *p (a count, then per table its width and the table), at most one per
+// width: both versions start with them.
+absl::Status ReadSharedTables(const uint8_t** p, const uint8_t* end,
+                              std::array<std::unique_ptr<Table>, 9>* shared) {
+  std::string why;
+  if (*p == end) {
+    return absl::InvalidArgumentError(
+        "frame field 'payload' (entropy-coded): the shared-table count is missing");
+  }
+  const int n_shared = *(*p)++;
+  for (int i = 0; i < n_shared; ++i) {
+    const int k = *p == end ? 0 : *(*p)++;
+    if (k < 1 || k > 8 || (*shared)[k] != nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("frame field 'payload' (entropy-coded): shared table ", i, ": bit width ", k,
+                       " missing, outside 1..8 or repeated"));
+    }
+    (*shared)[k] = std::make_unique<Table>();
+    if (!ReadTable(p, end, k, (*shared)[k].get(), &why)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "frame field 'payload' (entropy-coded): shared table for ", k, " bits: ", why));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The end of a payload's last group must be the payload's end.
+absl::Status NothingAfter(const uint8_t* p, const uint8_t* end) {
+  if (p == end) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("frame field 'payload' (entropy-coded): ", end - p,
+                                                 " bytes after the last group"));
+}
+
+// fn(i, &scratch) for i in [0, n), on up to `threads` threads when `parallel`, each thread with
+// its own Scratch; the first failure in index order, if any.
+template <typename Scratch, typename Fn>
+absl::Status DecodeEach(int64_t n, int threads, bool parallel, const Fn& fn) {
+  std::vector<absl::Status> status(static_cast<size_t>(n));
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+    Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) status[static_cast<size_t>(i)] = fn(i, &scratch);
+  }
+  for (const absl::Status& st : status) {
+    if (!st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
+// ---- coding version 2: streams that span runs of groups ---------------------------------
+// docs/wire-format.md ("Entropy-coded payload", version 2) gives every byte. In short: groups
+// are coded in runs of R consecutive groups; a run's rANS groups share one stream of four
+// interleaved states (code i of a group in state i mod 4, the states going on from group to
+// group), so the final states and the stream length are paid once a run; own tables are
+// coded in bits; and a group of up to 5-bit codes may take a two-sided geometric table (a
+// centre and a decay rate each side: 3 bytes), built in integer arithmetic so that every
+// receiver gets the same frequencies.
+enum Mode2 : uint8_t { kGeometric = 4 };
+constexpr int kStates = 4;
+constexpr int kGeometricMaxBits = 5;
+constexpr int64_t kMaxRunGroups = 256;
+
+// Groups per run: at least 2^16 codes a run where the groups allow (the states and the length
+// then cost under 0.03% of a run of 2-bit codes), at most kMaxRunGroups, at most every group.
+int64_t RunGroups(int64_t m, int64_t groups) {
+  const int64_t want = m > 0 ? ((int64_t{1} << 16) + m - 1) / m : kMaxRunGroups;
+  return std::clamp<int64_t>(want, 1, std::clamp<int64_t>(groups, 1, kMaxRunGroups));
+}
+
+// LSB-first bit fields (own tables of version 2).
+class BitWriter {
+ public:
+  explicit BitWriter(std::vector<uint8_t>* out) : out_(out) {}
+  void Put(uint32_t v, int bits) {
+    acc_ |= static_cast<uint64_t>(v) << n_;
+    n_ += bits;
+    while (n_ >= 8) {
+      out_->push_back(static_cast<uint8_t>(acc_));
+      acc_ >>= 8;
+      n_ -= 8;
+    }
+  }
+  void Flush() {
+    if (n_ > 0) out_->push_back(static_cast<uint8_t>(acc_));
+    acc_ = 0;
+    n_ = 0;
+  }
+
+ private:
+  std::vector<uint8_t>* out_;
+  uint64_t acc_ = 0;
+  int n_ = 0;
+};
+
+class BitReader {
+ public:
+  BitReader(const uint8_t** p, const uint8_t* end) : p_(p), end_(end) {}
+  bool Get(int bits, uint32_t* v) {
+    while (n_ < bits) {
+      if (*p_ == end_) return false;
+      acc_ |= static_cast<uint64_t>(*(*p_)++) << n_;
+      n_ += 8;
+    }
+    *v = static_cast<uint32_t>(acc_ & ((uint64_t{1} << bits) - 1));
+    acc_ >>= bits;
+    n_ -= bits;
+    return true;
+  }
+  // The unread bits of the last byte read (padding) are zero.
+  bool PaddingIsZero() const { return acc_ == 0; }
+
+ private:
+  const uint8_t** p_;
+  const uint8_t* end_;
+  uint64_t acc_ = 0;
+  int n_ = 0;
+};
+
+// An own table in bits: L - 8 (4 bits), lo and hi (k bits each), then f_lo .. f_(hi-1) (L bits
+// each; f_hi is what is left of 2^L), zero bits to the byte's end.
+size_t BitTableBytes(const Table& t, int k) {
+  return static_cast<size_t>((4 + 2 * k + (t.hi - t.lo) * t.prob_bits + 7) / 8);
+}
+
+void PutBitTable(const Table& t, int k, std::vector<uint8_t>* out) {
+  BitWriter w(out);
+  w.Put(static_cast<uint32_t>(t.prob_bits - 8), 4);
+  w.Put(static_cast<uint32_t>(t.lo), k);
+  w.Put(static_cast<uint32_t>(t.hi), k);
+  for (int s = t.lo; s < t.hi; ++s) w.Put(t.freq[s], t.prob_bits);
+  w.Flush();
+}
+
+bool ReadBitTable(const uint8_t** p, const uint8_t* end, int k, Table* t, std::string* why) {
+  BitReader r(p, end);
+  uint32_t l8 = 0, lo = 0, hi = 0;
+  if (!r.Get(4, &l8) || !r.Get(k, &lo) || !r.Get(k, &hi)) {
+    *why = "the table's precision or code range is cut";
+    return false;
+  }
+  const int prob_bits = 8 + static_cast<int>(l8);
+  if (prob_bits > 16) {
+    *why = absl::StrCat("probability bits ", prob_bits, " outside 8..16");
+    return false;
+  }
+  if (lo > hi) {
+    *why = absl::StrCat("code range ", lo, "..", hi, " is empty");
+    return false;
+  }
+  *t = Table{};
+  t->prob_bits = prob_bits;
+  t->lo = static_cast<int>(lo);
+  t->hi = static_cast<int>(hi);
+  uint32_t total = 0;
+  for (int s = t->lo; s < t->hi; ++s) {
+    uint32_t f = 0;
+    if (!r.Get(prob_bits, &f)) {
+      *why = absl::StrCat("frequency of code ", s, " cut");
+      return false;
+    }
+    t->freq[s] = f;
+    t->start[s] = total;
+    total += f;  // < 2^16 per frequency, at most 255 of them: no overflow
+  }
+  const uint32_t full = 1u << prob_bits;
+  if (total >= full || (t->lo < t->hi && t->freq[t->lo] == 0)) {
+    *why = absl::StrCat("frequencies sum to ", total, " of 2^", prob_bits,
+                        " or the first is 0 (both ends of the range must occur)");
+    return false;
+  }
+  t->freq[t->hi] = full - total;
+  t->start[t->hi] = total;
+  if (!r.PaddingIsZero()) {
+    *why = "the table's padding bits are not zero";
+    return false;
+  }
+  return true;
+}
+
+// The two-sided geometric table: weights 2^32 at code c, times (2a + 1) / 128 a code below and
+// (2b + 1) / 128 a code above (integer products, truncated), normalized to 2^L by
+// NormalizeCounts, L = max(log2-ish m, k + 2). Codes whose weight truncates to 0 get no slot.
+int GeometricBits(int64_t m, int k) { return std::max(ProbBits(m), k + 2); }
+
+Table GeometricTable(int64_t m, int k, int c, int a, int b) {
+  const int alphabet = 1 << k;
+  std::array<int64_t, 256> w{};
+  w[c] = int64_t{1} << 32;
+  for (int s = c - 1; s >= 0; --s) w[s] = (w[s + 1] * (2 * a + 1)) >> 7;
+  for (int s = c + 1; s < alphabet; ++s) w[s] = (w[s - 1] * (2 * b + 1)) >> 7;
+  const int prob_bits = GeometricBits(m, k);
+  return MakeTable(internal::NormalizeCounts(
+                       absl::MakeConstSpan(w.data(), static_cast<size_t>(alphabet)), prob_bits),
+                   prob_bits);
+}
+
+// How a group goes into a version-2 payload, and what it is expected to cost (bytes).
+struct Plan2 {
+  uint8_t mode = kStored;
+  Table table;  // own or geometric
+  const Table* shared = nullptr;
+  uint8_t c = 0, a = 0, b = 0;  // geometric
+  double bytes = 0;
+  const Table& rans_table() const { return mode == kRansShared ? *shared : table; }
+  bool rans() const { return mode == kRans || mode == kRansShared || mode == kGeometric; }
+};
+
+// The decay index (0..63) whose rate (2i + 1) / 128 gives a geometric law the mean distance d.
+int DecayIndex(double d) {
+  const double theta = d / (1.0 + d);
+  return std::clamp(static_cast<int>(std::lround(theta * 64.0 - 0.5)), 0, 63);
+}
+
+void PlanGroup2(int64_t m, int k, int own_bits, const GroupCodes& gc, const Table* shared,
+                Plan2* plan) {
+  const int64_t seg_bytes = kernels::PackedGroupBytes(m, k);
+  plan->mode = kStored;
+  plan->shared = nullptr;
+  plan->bytes = static_cast<double>(seg_bytes + 1);
+  if (gc.present == 1 && seg_bytes > 1) {
+    plan->mode = kConstant;
+    plan->c = static_cast<uint8_t>(gc.lo);
+    plan->bytes = 2;
+    return;
+  }
+  if (gc.present < 2 || gc.entropy / 8 + 2 >= static_cast<double>(seg_bytes)) return;
+  const int alphabet = 1 << k;
+  const auto counts = absl::MakeConstSpan(gc.counts.data(), static_cast<size_t>(alphabet));
+  // Own table: about log2 m bits of precision, or (up to 6-bit codes, as in version 1) up to
+  // two bits coarser where that is smaller.
+  for (int l = own_bits; l >= (k <= 6 ? std::max(8, own_bits - 2) : own_bits); --l) {
+    Table t = MakeTable(internal::NormalizeCounts(counts, l), l);
+    const double bytes =
+        1.0 + static_cast<double>(BitTableBytes(t, k)) + CostBits(gc.counts, alphabet, t) / 8;
+    if (bytes < plan->bytes) {
+      plan->bytes = bytes;
+      plan->mode = kRans;
+      plan->table = std::move(t);
+    }
+  }
+  if (shared != nullptr) {
+    const double bytes = 1.0 + CostBits(gc.counts, alphabet, *shared) / 8;
+    if (bytes < plan->bytes) {
+      plan->bytes = bytes;
+      plan->mode = kRansShared;
+      plan->shared = shared;
+    }
+  }
+  if (k <= kGeometricMaxBits) {
+    int mode = 0;
+    for (int s = 1; s < alphabet; ++s) {
+      if (gc.counts[s] > gc.counts[mode]) mode = s;
+    }
+    // Centre at the most frequent code; each side's rate from its mean distance, then one
+    // step either way, the left rate first (5 tables tried).
+    const int c = mode;
+    double below = 0, above = 0, n_below = 0, n_above = 0;
+    for (int s = 0; s < alphabet; ++s) {
+      const auto n = static_cast<double>(gc.counts[s]);
+      if (s < c) {
+        below += n * (c - s);
+        n_below += n;
+      } else if (s > c) {
+        above += n * (s - c);
+        n_above += n;
+      }
+    }
+    int best_a = DecayIndex(n_below > 0 ? below / n_below : 0.0);
+    int best_b = DecayIndex(n_above > 0 ? above / n_above : 0.0);
+    double best = HUGE_VAL;
+    const auto try_rates = [&](int a, int b) {
+      if (a < 0 || a > 63 || b < 0 || b > 63) return;
+      Table t = GeometricTable(m, k, c, a, b);
+      const double bytes = 4.0 + CostBits(gc.counts, alphabet, t) / 8;
+      if (bytes < best) {
+        best = bytes;
+        best_a = a;
+        best_b = b;
+      }
+      if (bytes < plan->bytes) {
+        plan->bytes = bytes;
+        plan->mode = kGeometric;
+        plan->table = std::move(t);
+        plan->c = static_cast<uint8_t>(c);
+        plan->a = static_cast<uint8_t>(a);
+        plan->b = static_cast<uint8_t>(b);
+      }
+    };
+    try_rates(best_a, best_b);
+    const int a0 = best_a;
+    try_rates(a0 - 1, best_b);
+    try_rates(a0 + 1, best_b);
+    const int b0 = best_b;
+    try_rates(best_a, b0 - 1);
+    try_rates(best_a, b0 + 1);
+  }
+}
+
+// Codes run [g0, g1) into `out`: every group's descriptor (its mode byte and what follows it),
+// then, when some group is rANS-coded, the stream's length and the stream; every group stored
+// instead when that is smaller (then it returns true). `group_bytes` gets each group's share.
+bool EncodeRun2(int64_t g0, int64_t g1, int64_t m, const uint8_t* packed,
+                const std::vector<int64_t>& offsets, const uint8_t* all,
+                absl::Span<const uint8_t> bits, const std::vector<Plan2>& plans,
+                std::vector<uint8_t>* stream, std::vector<uint8_t>* out, int64_t* group_bytes) {
+  out->clear();
+  int64_t rans_codes = 0, rans_groups = 0, stored_bytes = 0;
+  for (int64_t g = g0; g < g1; ++g) {
+    const auto gi = static_cast<size_t>(g);
+    const Plan2& plan = plans[gi];
+    const size_t before = out->size();
+    const int64_t seg_bytes = offsets[gi + 1] - offsets[gi];
+    stored_bytes += seg_bytes + 1;
+    out->push_back(plan.mode);
+    switch (plan.mode) {
+      case kStored:
+        out->insert(out->end(), packed + offsets[gi], packed + offsets[gi] + seg_bytes);
+        break;
+      case kConstant:
+        out->push_back(plan.c);
+        break;
+      case kRans:
+        PutBitTable(plan.table, bits[gi], out);
+        break;
+      case kGeometric:
+        out->push_back(plan.c);
+        out->push_back(plan.a);
+        out->push_back(plan.b);
+        break;
+      default:
+        break;
+    }
+    group_bytes[g - g0] = static_cast<int64_t>(out->size() - before);
+    if (plan.rans()) {
+      rans_codes += m;
+      ++rans_groups;
+    }
+  }
+  if (rans_groups > 0) {
+    // Bytes a code: at most L <= 14 bits, renormalized a byte at a time; plus the states.
+    stream->resize(static_cast<size_t>(rans_codes * 2 + 4 * kStates + 16));
+    uint8_t* const end = stream->data() + stream->size();
+    uint8_t* p = end;
+    uint32_t x0 = kRansLow, x1 = kRansLow, x2 = kRansLow, x3 = kRansLow;
+    std::array<internal::RansSymbol, 256> sym;
+    for (int64_t g = g1 - 1; g >= g0; --g) {
+      const auto gi = static_cast<size_t>(g);
+      const Plan2& plan = plans[gi];
+      if (!plan.rans()) continue;
+      const Table& t = plan.rans_table();
+      for (int s = t.lo; s <= t.hi; ++s) {
+        if (t.freq[s] != 0) sym[s] = internal::MakeRansSymbol(t.start[s], t.freq[s], t.prob_bits);
+      }
+      const uint8_t* c = all + gi * static_cast<size_t>(m);
+      const uint8_t* const p_before = p;
+      // Code i into state i mod 4, from the last code down (the decoder reads them forward).
+      int64_t i = m - m % kStates;
+      switch (m % kStates) {  // the last m mod 4 codes first: states 2, 1, 0 as they come
+        case 3:
+          RansPut(p, x2, sym[c[i + 2]]);
+          [[fallthrough]];
+        case 2:
+          RansPut(p, x1, sym[c[i + 1]]);
+          [[fallthrough]];
+        case 1:
+          RansPut(p, x0, sym[c[i]]);
+          break;
+        default:
+          break;
+      }
+      for (; i > 0; i -= kStates) {
+        RansPut(p, x3, sym[c[i - 1]]);
+        RansPut(p, x2, sym[c[i - 2]]);
+        RansPut(p, x1, sym[c[i - 3]]);
+        RansPut(p, x0, sym[c[i - 4]]);
+      }
+      group_bytes[g - g0] += p_before - p;
+    }
+    for (const uint32_t x : {x3, x2, x1, x0}) {  // state 0 first in the stream
+      p -= 4;
+      for (int b = 0; b < 4; ++b) p[b] = static_cast<uint8_t>(x >> (8 * b));
+    }
+    const auto stream_bytes = static_cast<uint64_t>(end - p);
+    const size_t len_at = out->size();
+    PutVarint(stream_bytes, out);
+    // The length and the states: spread over the run's rANS groups.
+    const int64_t shared_bytes = static_cast<int64_t>(out->size() - len_at) + 4 * kStates;
+    for (int64_t g = g0; g < g1; ++g) {
+      if (plans[static_cast<size_t>(g)].rans()) group_bytes[g - g0] += shared_bytes / rans_groups;
+    }
+    out->insert(out->end(), p, end);
+  }
+  if (static_cast<int64_t>(out->size()) > stored_bytes) {  // every group stored
+    out->clear();
+    for (int64_t g = g0; g < g1; ++g) {
+      const auto gi = static_cast<size_t>(g);
+      out->push_back(kStored);
+      out->insert(out->end(), packed + offsets[gi], packed + offsets[gi + 1]);
+      group_bytes[g - g0] = offsets[gi + 1] - offsets[gi] + 1;
+    }
+    return true;
+  }
+  return false;
+}
+
+// Version 2, decoding. One group's descriptor at *p, checked: the table of a rANS mode goes
+// to *t (own, geometric) or *shared_out (shared); a stored group's segment to *stored.
+struct Desc2 {
+  uint8_t mode = kStored;
+  const uint8_t* stored = nullptr;
+  uint8_t q = 0;
+  const Table* shared = nullptr;
+};
+
+bool ReadDesc2(const uint8_t** p, const uint8_t* end, int64_t m, int k, int64_t seg_bytes,
+               const std::array<std::unique_ptr<Table>, 9>& shared, Desc2* d, Table* t,
+               std::string* why) {
+  if (*p == end) {
+    *why = "missing";
+    return false;
+  }
+  d->mode = *(*p)++;
+  switch (d->mode) {
+    case kStored:
+      if (seg_bytes > end - *p) {
+        *why = absl::StrCat(seg_bytes, " stored bytes, fewer left");
+        return false;
+      }
+      d->stored = *p;
+      *p += seg_bytes;
+      return true;
+    case kConstant:
+      if (*p == end || **p >= (1 << k)) {
+        *why = "the constant code is missing or outside the alphabet";
+        return false;
+      }
+      d->q = *(*p)++;
+      return true;
+    case kRans:
+      return ReadBitTable(p, end, k, t, why);
+    case kRansShared:
+      if (shared[k] == nullptr) {
+        *why = absl::StrCat("no shared table for ", k, " bits");
+        return false;
+      }
+      d->shared = shared[k].get();
+      return true;
+    case kGeometric: {
+      if (k > kGeometricMaxBits) {
+        *why = absl::StrCat("a geometric table for ", k, "-bit codes (at most ", kGeometricMaxBits,
+                            ")");
+        return false;
+      }
+      if (end - *p < 3 || (*p)[0] >= (1 << k) || (*p)[1] > 63 || (*p)[2] > 63) {
+        *why = "the geometric table's centre or rates are cut or out of range";
+        return false;
+      }
+      *t = GeometricTable(m, k, (*p)[0], (*p)[1], (*p)[2]);
+      *p += 3;
+      return true;
+    }
+    default:
+      *why = absl::StrCat("unknown mode ", static_cast<int>(d->mode));
+      return false;
+  }
+}
+
+bool IsRans2(uint8_t mode) { return mode == kRans || mode == kRansShared || mode == kGeometric; }
+
+// Where a run lies: its descriptors from `desc`, its stream [stream, end) (none: stream ==
+// end == nullptr).
+struct RunSpan {
+  const uint8_t* desc = nullptr;
+  const uint8_t* desc_end = nullptr;
+  const uint8_t* stream = nullptr;
+  const uint8_t* end = nullptr;
+};
+
+// Per thread: one group's codes, a table's slots, and the shared table they were built for.
+struct RunScratch {
+  std::vector<uint8_t> codes, slots;
+  const Table* built = nullptr;
+  Table table;
+};
+
+absl::Status DecodeRun2(int64_t g0, int64_t g1, const RunSpan& span, int64_t m,
+                        absl::Span<const uint8_t> bits, const std::vector<int64_t>& offsets,
+                        const std::array<std::unique_ptr<Table>, 9>& shared, uint8_t* packed,
+                        RunScratch* sc) {
+  const uint8_t* p = span.desc;
+  const uint8_t* q = span.stream;
+  const uint8_t* const end = span.end;
+  std::array<uint32_t, kStates> x{};
+  if (q != nullptr) {
+    for (int j = 0; j < kStates; ++j) {
+      for (int b = 0; b < 4; ++b) x[static_cast<size_t>(j)] |= uint32_t{q[4 * j + b]} << (8 * b);
+    }
+    q += 4 * kStates;
+  }
+  uint32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+  for (int64_t g = g0; g < g1; ++g) {
+    const auto gi = static_cast<size_t>(g);
+    const int k = bits[gi];
+    uint8_t* seg = packed + offsets[gi];
+    const int64_t seg_bytes = offsets[gi + 1] - offsets[gi];
+    Desc2 d;
+    std::string why;
+    if (!ReadDesc2(&p, span.desc_end, m, k, seg_bytes, shared, &d, &sc->table, &why)) {
+      return Bad(g, why);  // checked by the header pass already
+    }
+    if (d.mode == kStored) {
+      if (seg_bytes > 0) std::memcpy(seg, d.stored, static_cast<size_t>(seg_bytes));
+      continue;
+    }
+    if (d.mode == kConstant) {
+      sc->codes.assign(static_cast<size_t>(m), d.q);
+      kernels::detail::PackCodeBytes(sc->codes.data(), m, k, seg);
+      continue;
+    }
+    const Table& t = d.mode == kRansShared ? *d.shared : sc->table;
+    if (d.mode != kRansShared || sc->built != d.shared) {
+      BuildSlots(t, &sc->slots);
+      sc->built = d.mode == kRansShared ? d.shared : nullptr;
+    }
+    sc->codes.resize(static_cast<size_t>(m));
+    uint8_t* c = sc->codes.data();
+    const RansReader rd{t, sc->slots.data(), c};
+    int64_t i = 0;
+    for (; i + kStates <= m; i += kStates) {
+      if (!rd.Step(x0, i, q, end) || !rd.Step(x1, i + 1, q, end) || !rd.Step(x2, i + 2, q, end) ||
+          !rd.Step(x3, i + 3, q, end)) {
+        return Bad(g, "the run's stream ends before this group's last code");
+      }
+    }
+    for (; i < m; ++i) {
+      uint32_t& xs = i % kStates == 0 ? x0 : i % kStates == 1 ? x1 : x2;
+      if (!rd.Step(xs, i, q, end))
+        return Bad(g, "the run's stream ends before this group's last code");
+    }
+    kernels::detail::PackCodeBytes(c, m, k, seg);
+  }
+  if (span.stream != nullptr &&
+      (q != end || x0 != kRansLow || x1 != kRansLow || x2 != kRansLow || x3 != kRansLow)) {
+    return Bad(g1 - 1,
+               "the run's stream does not end in the coder's initial states at its last "
+               "byte");
+  }
+  return absl::OkStatus();
+}
+
+// Version 2 after the version byte (EntropyDecode checked the size bound and the version).
+absl::Status DecodeVersion2(absl::Span<const uint8_t> coded, const kernels::GroupLayout& layout,
+                            absl::Span<const uint8_t> bits, const std::vector<int64_t>& offsets,
+                            std::vector<uint8_t>* packed, const kernels::ExecContext& cpu) {
+  const int64_t m = layout.per_group();
+  const int64_t groups = layout.groups;
+  const uint8_t* p = coded.data() + 1;
+  const uint8_t* const end = coded.data() + coded.size();
+  std::string why;
+  std::array<std::unique_ptr<Table>, 9> shared;
+  SPLITQ_RETURN_IF_ERROR(ReadSharedTables(&p, end, &shared));
+  uint64_t run = 0;
+  if (!GetVarint(&p, end, 10, &run) || run < 1 ||
+      run > static_cast<uint64_t>(std::max<int64_t>(groups, 1))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "frame field 'payload' (entropy-coded): groups per run missing, malformed or outside 1..",
+        std::max<int64_t>(groups, 1)));
+  }
+  const auto r_groups = static_cast<int64_t>(run);
+  const int64_t runs = (groups + r_groups - 1) / r_groups;
+  // The header pass: every run's descriptors and stream, checked, before any decoding.
+  std::vector<RunSpan> spans(static_cast<size_t>(runs));
+  Table scratch;
+  for (int64_t r = 0; r < runs; ++r) {
+    RunSpan& span = spans[static_cast<size_t>(r)];
+    span.desc = p;
+    bool any_rans = false;
+    for (int64_t g = r * r_groups; g < std::min(groups, (r + 1) * r_groups); ++g) {
+      const auto gi = static_cast<size_t>(g);
+      Desc2 d;
+      if (!ReadDesc2(&p, end, m, bits[gi], offsets[gi + 1] - offsets[gi], shared, &d, &scratch,
+                     &why)) {
+        return Bad(g, why);
+      }
+      any_rans = any_rans || IsRans2(d.mode);
+    }
+    span.desc_end = p;
+    if (any_rans) {
+      uint64_t stream_bytes = 0;
+      if (!GetVarint(&p, end, 10, &stream_bytes) || stream_bytes > static_cast<uint64_t>(end - p) ||
+          stream_bytes < 4 * kStates) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "frame field 'payload' (entropy-coded): run ", r,
+            ": the stream length is malformed, below ", 4 * kStates, " or exceeds the bytes left"));
+      }
+      span.stream = p;
+      p += stream_bytes;
+      span.end = p;
+    }
+  }
+  SPLITQ_RETURN_IF_ERROR(NothingAfter(p, end));
+  packed->assign(static_cast<size_t>(offsets.back()), 0);
+  return DecodeEach<RunScratch>(
+      runs, kernels::detail::CpuThreads(cpu), runs > 1 && m * groups >= (1 << 16),
+      [&](int64_t r, RunScratch* sc) {
+        return DecodeRun2(r * r_groups, std::min(groups, (r + 1) * r_groups),
+                          spans[static_cast<size_t>(r)], m, bits, offsets, shared, packed->data(),
+                          sc);
+      });
 }
 
 }  // namespace
@@ -487,25 +1113,43 @@ std::vector<uint32_t> NormalizeCounts(absl::Span<const int64_t> counts, int prob
 
 }  // namespace internal
 
-absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
-                                         const kernels::GroupLayout& layout,
-                                         absl::Span<const uint8_t> bits,
-                                         const kernels::ExecContext& cpu) {
+namespace {
+
+// What both encoders learn of a payload first: every group's codes (one per byte), histogram
+// and entropy, and one shared table per bit width from all its groups of two or more codes.
+struct Analysis {
+  int64_t m = 0, groups = 0;
+  int own_bits = 8, threads = 1;
+  bool parallel = false;
   std::vector<int64_t> offsets;
+  std::vector<uint8_t> all;
+  std::vector<GroupCodes> info;
+  std::array<std::unique_ptr<Table>, 9> shared;
+};
+
+absl::Status Analyze(absl::Span<const uint8_t> packed, const kernels::GroupLayout& layout,
+                     absl::Span<const uint8_t> bits, const kernels::ExecContext& cpu, Analysis* a) {
+  std::vector<int64_t>& offsets = a->offsets;
   if (absl::Status st = CheckArguments(layout, bits, &offsets); !st.ok()) return st;
   if (static_cast<int64_t>(packed.size()) != offsets.back()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "entropy coding: ", packed.size(), " packed bytes, the layout implies ", offsets.back()));
   }
   const int64_t m = layout.per_group();
-  const int own_bits = ProbBits(m);
   const int64_t groups = layout.groups;
   const auto gsize = static_cast<size_t>(groups);
   const int threads = kernels::detail::CpuThreads(cpu);
   const bool parallel = groups > 1 && m * groups >= (1 << 16);
+  a->m = m;
+  a->groups = groups;
+  a->own_bits = ProbBits(m);
+  a->threads = threads;
+  a->parallel = parallel;
   // 1. Every group's codes, histogram and entropy.
-  std::vector<uint8_t> all(static_cast<size_t>(m) * gsize);
-  std::vector<GroupCodes> info(gsize);
+  std::vector<uint8_t>& all = a->all;
+  std::vector<GroupCodes>& info = a->info;
+  all.resize(static_cast<size_t>(m) * gsize);
+  info.assign(gsize, GroupCodes{});
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (parallel)
   for (int64_t g = 0; g < groups; ++g) {
     const auto gi = static_cast<size_t>(g);
@@ -524,7 +1168,7 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
   }
   // 2. One shared table per bit width, from all its groups of two or more codes: a group
   // takes it instead of its own when that costs less than its own table and stream.
-  std::array<std::unique_ptr<Table>, 9> shared;
+  std::array<std::unique_ptr<Table>, 9>& shared = a->shared;
   for (int k = 1; k <= 8; ++k) {
     std::array<int64_t, 256> sum{};
     int n = 0;
@@ -541,6 +1185,27 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
                       absl::MakeConstSpan(sum.data(), static_cast<size_t>(1) << k), shared_bits),
                   shared_bits));
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+namespace internal {
+
+absl::StatusOr<CodedPayload> EntropyCodeVersion1(absl::Span<const uint8_t> packed,
+                                                 const kernels::GroupLayout& layout,
+                                                 absl::Span<const uint8_t> bits,
+                                                 const kernels::ExecContext& cpu) {
+  Analysis a;
+  SPLITQ_RETURN_IF_ERROR(Analyze(packed, layout, bits, cpu, &a));
+  const int64_t m = a.m, groups = a.groups;
+  const auto gsize = static_cast<size_t>(groups);
+  const int own_bits = a.own_bits, threads = a.threads;
+  const bool parallel = a.parallel;
+  const std::vector<int64_t>& offsets = a.offsets;
+  const std::vector<uint8_t>& all = a.all;
+  const std::vector<GroupCodes>& info = a.info;
+  const std::array<std::unique_ptr<Table>, 9>& shared = a.shared;
   // 3. Each group coded (shared tables count against the bound below: when they make the
   // payload larger than every group stored, it is coded again without them).
   CodedPayload out;
@@ -571,7 +1236,7 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
     out.bytes.reserve(total);
     out.entropy_bits = 0;
     out.group_bytes.assign(gsize, 0);
-    out.bytes.push_back(kCodingVersion);
+    out.bytes.push_back(1);
     out.bytes.push_back(static_cast<uint8_t>(std::count(used.begin(), used.end(), true)));
     for (int k = 1; k <= 8; ++k) {
       if (!used[k]) continue;
@@ -586,6 +1251,77 @@ absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
     if (static_cast<int64_t>(out.bytes.size()) <= MaxCodedPayloadBytes(offsets.back(), groups)) {
       break;
     }
+  }
+  return out;
+}
+
+}  // namespace internal
+
+absl::StatusOr<CodedPayload> EntropyCode(absl::Span<const uint8_t> packed,
+                                         const kernels::GroupLayout& layout,
+                                         absl::Span<const uint8_t> bits,
+                                         const kernels::ExecContext& cpu) {
+  Analysis a;
+  SPLITQ_RETURN_IF_ERROR(Analyze(packed, layout, bits, cpu, &a));
+  const int64_t m = a.m, groups = a.groups;
+  const auto gsize = static_cast<size_t>(groups);
+  const int64_t run = RunGroups(m, groups);
+  const int64_t runs = groups == 0 ? 0 : (groups + run - 1) / run;
+  CodedPayload out;
+  out.entropy_bits = 0;
+  for (const GroupCodes& gc : a.info) out.entropy_bits += gc.entropy;
+  for (const bool allow_shared : {true, false}) {
+    std::vector<Plan2> plans(gsize);
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, 4) if (a.parallel)
+    for (int64_t g = 0; g < groups; ++g) {
+      const auto gi = static_cast<size_t>(g);
+      PlanGroup2(m, bits[gi], a.own_bits, a.info[gi],
+                 allow_shared ? a.shared[bits[gi]].get() : nullptr, &plans[gi]);
+    }
+    std::vector<std::vector<uint8_t>> coded(static_cast<size_t>(runs));
+    std::vector<char> stored_run(static_cast<size_t>(runs), 0);
+    out.group_bytes.assign(gsize, 0);
+#pragma omp parallel num_threads(a.threads) if (a.parallel && runs > 1)
+    {
+      std::vector<uint8_t> stream;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t r = 0; r < runs; ++r) {
+        const int64_t g0 = r * run, g1 = std::min(groups, g0 + run);
+        stored_run[static_cast<size_t>(r)] =
+            EncodeRun2(g0, g1, m, packed.data(), a.offsets, a.all.data(), bits, plans, &stream,
+                       &coded[static_cast<size_t>(r)], out.group_bytes.data() + g0);
+      }
+    }
+    std::array<bool, 9> used{};  // the shared tables some group took (in a run not stored)
+    for (int64_t r = 0; r < runs; ++r) {
+      if (stored_run[static_cast<size_t>(r)]) continue;
+      for (int64_t g = r * run; g < std::min(groups, (r + 1) * run); ++g) {
+        const auto gi = static_cast<size_t>(g);
+        if (plans[gi].mode == kRansShared) used[bits[gi]] = true;
+      }
+    }
+    out.bytes.clear();
+    out.bytes.push_back(kCodingVersion);
+    out.bytes.push_back(static_cast<uint8_t>(std::count(used.begin(), used.end(), true)));
+    for (int k = 1; k <= 8; ++k) {
+      if (!used[k]) continue;
+      out.bytes.push_back(static_cast<uint8_t>(k));
+      PutTable(*a.shared[k], &out.bytes);
+    }
+    PutVarint(static_cast<uint64_t>(run), &out.bytes);
+    for (const auto& c : coded) out.bytes.insert(out.bytes.end(), c.begin(), c.end());
+    if (static_cast<int64_t>(out.bytes.size()) <= MaxCodedPayloadBytes(a.offsets.back(), groups)) {
+      return out;
+    }
+  }
+  // Larger than every group stored even without shared tables (a version-2 header is a byte
+  // or two longer): every group stored, in version 1's layout, which is exactly that bound.
+  out.bytes.assign({1, 0});
+  for (size_t g = 0; g < gsize; ++g) {
+    out.bytes.push_back(kStored);
+    out.bytes.insert(out.bytes.end(), packed.begin() + a.offsets[g],
+                     packed.begin() + a.offsets[g + 1]);
+    out.group_bytes[g] = a.offsets[g + 1] - a.offsets[g] + 1;
   }
   return out;
 }
@@ -605,10 +1341,11 @@ absl::Status EntropyDecode(absl::Span<const uint8_t> coded, const kernels::Group
     return absl::InvalidArgumentError(
         "frame field 'payload' (entropy-coded): the coding version is missing");
   }
-  if (coded[0] != kCodingVersion) {
+  if (coded[0] == 2) return DecodeVersion2(coded, layout, bits, offsets, packed, cpu);
+  if (coded[0] != 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("frame field 'payload' (entropy-coded): coding version ",
-                     static_cast<int>(coded[0]), " (this decoder reads ", kCodingVersion, ")"));
+                     static_cast<int>(coded[0]), " (this decoder reads 1 and 2)"));
   }
   const int64_t m = layout.per_group();
   // The shared tables, at most one per bit width.
@@ -616,24 +1353,7 @@ absl::Status EntropyDecode(absl::Span<const uint8_t> coded, const kernels::Group
   const uint8_t* const end = coded.data() + coded.size();
   std::string why;
   std::array<std::unique_ptr<Table>, 9> shared;
-  if (p == end) {
-    return absl::InvalidArgumentError(
-        "frame field 'payload' (entropy-coded): the shared-table count is missing");
-  }
-  const int n_shared = *p++;
-  for (int i = 0; i < n_shared; ++i) {
-    const int k = p == end ? 0 : *p++;
-    if (k < 1 || k > 8 || shared[k] != nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("frame field 'payload' (entropy-coded): shared table ", i, ": bit width ", k,
-                       " missing, outside 1..8 or repeated"));
-    }
-    shared[k] = std::make_unique<Table>();
-    if (!ReadTable(&p, end, k, shared[k].get(), &why)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "frame field 'payload' (entropy-coded): shared table for ", k, " bits: ", why));
-    }
-  }
+  SPLITQ_RETURN_IF_ERROR(ReadSharedTables(&p, end, &shared));
   // The header pass: each group's mode, table and extent, before any decoding.
   std::vector<GroupSpan> spans(static_cast<size_t>(groups));
   Table scratch;
@@ -675,28 +1395,15 @@ absl::Status EntropyDecode(absl::Span<const uint8_t> coded, const kernels::Group
     }
     s.end = p;
   }
-  if (p != end) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "frame field 'payload' (entropy-coded): ", end - p, " bytes after the last group"));
-  }
+  SPLITQ_RETURN_IF_ERROR(NothingAfter(p, end));
   packed->assign(static_cast<size_t>(offsets.back()), 0);
-  std::vector<absl::Status> status(static_cast<size_t>(groups));
-  const int threads = kernels::detail::CpuThreads(cpu);
-#pragma omp parallel num_threads(threads) if (groups > 1 && m * groups >= (1 << 16))
-  {
-    std::vector<uint8_t> codes, slots;
-    const Table* built = nullptr;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t g = 0; g < groups; ++g) {
-      const auto gi = static_cast<size_t>(g);
-      status[gi] = DecodeGroup(g, spans[gi], m, bits[gi], packed->data() + offsets[gi], &codes,
-                               &slots, &built);
-    }
-  }
-  for (const absl::Status& st : status) {
-    if (!st.ok()) return st;
-  }
-  return absl::OkStatus();
+  return DecodeEach<RunScratch>(
+      groups, kernels::detail::CpuThreads(cpu), groups > 1 && m * groups >= (1 << 16),
+      [&](int64_t g, RunScratch* sc) {
+        const auto gi = static_cast<size_t>(g);
+        return DecodeGroup(g, spans[gi], m, bits[gi], packed->data() + offsets[gi], &sc->codes,
+                           &sc->slots, &sc->built);
+      });
 }
 
 }  // namespace splitq::quant

@@ -1,30 +1,33 @@
-// splitq quant: entropy coding of a frame's packed codes (rANS, a static table per group).
+// splitq quant: entropy coding of a frame's packed codes (rANS, static tables per group).
 //
 // A frame's payload (kernels/pack.h layout: one segment of k_g-bit codes per group) is coded
-// group by group. Each group becomes, whichever is smallest:
-//   stored     its segment as it is (what an incompressible group costs: one byte more);
+// group by group (docs/wire-format.md, "Entropy-coded payload", gives every byte). Version 2,
+// which EntropyCode writes, takes the groups in runs (a run holds at least 2^16 codes) and
+// codes each group, whichever is smallest, as:
+//   stored     its segment as it is (one byte more than packed);
 //   constant   the one code every element of the group has (two bytes);
-//   rANS       a frequency table of its codes (normalized to 2^L, L about log2 M) and a byte-wise
-//   rANS
-//              stream (two interleaved 32-bit states) of its M codes, in element order;
-//   shared     the same with the frame's shared table for its bit width (built from all the
-//              groups of that width, finer: L about log2 of all their codes), when that
-//              costs less than a table of its own.
+//   own        a frequency table of its codes (normalized to 2^L, L about log2 M), in bits;
+//   shared     the frame's shared table for its bit width (built from all the groups of that
+//              width, finer: L about log2 of all their codes), when that costs less;
+//   geometric  (codes of at most 5 bits) a two-sided geometric law, 3 bytes: a centre code and
+//              a decay rate each side, its table built in integer arithmetic;
+// the own, shared and geometric groups of a run in one byte-wise rANS stream with four
+// interleaved 32-bit states, in element order, group after group. Version 1 (a stream with two
+// states per group, tables in bytes, no geometric tables) is still decoded.
 // A coded payload is never more than the packed one plus one byte per group and a two-byte
 // header (MaxCodedPayloadBytes). Decoding holds the packed payload, the coded one, and per
 // thread one table and one group's codes: memory does not grow with what the tables claim.
-// docs/wire-format.md ("Entropy-coded payload") gives every byte; the frame says it is coded
-// with flags bit 1.
+// The frame says it is coded with flags bit 1.
 //
-// The coder's tables are static per group and frame, so its size is close to the order-0
-// entropy of each group's codes (quant::MeasureCodeEntropy) plus the tables: CodedPayload
-// returns that entropy too, measured from the same histograms.
+// The tables are static per group and frame, so the size is close to the order-0 entropy of
+// each group's codes (quant::MeasureCodeEntropy) plus the tables: CodedPayload returns that
+// entropy too, measured from the same histograms.
 //
 // Decoding trusts nothing: every table is checked (symbols inside the group's 2^k codes,
-// frequencies summing to exactly 2^L), every stream is read within its declared length, and a
-// group's stream must end exactly at its end in the coder's initial state. Any failure is
-// INVALID_ARGUMENT naming the group. Groups are coded and decoded on up to
-// ExecContext::cpu_threads threads (0: OpenMP's default).
+// frequencies summing to exactly 2^L, padding bits zero), every stream is read within its
+// declared length, and a stream must end exactly at its end in the coder's initial states.
+// Any failure is INVALID_ARGUMENT naming the group. Groups (version 1) or runs (version 2) are
+// coded and decoded on up to ExecContext::cpu_threads threads (0: OpenMP's default).
 #pragma once
 
 #include <array>
@@ -39,8 +42,9 @@
 
 namespace splitq::quant {
 
-// The first byte of a coded payload.
-inline constexpr uint8_t kCodingVersion = 1;
+// The first byte of a coded payload: the version EntropyCode writes. EntropyDecode reads
+// versions 1 and 2.
+inline constexpr uint8_t kCodingVersion = 2;
 
 // The largest coded payload a packed payload of `packed_bytes` in `groups` groups may become:
 // every group stored (one mode byte each) plus the two-byte header.
@@ -52,8 +56,9 @@ inline int64_t MaxCodedPayloadBytes(int64_t packed_bytes, int64_t groups) {
 struct CodedPayload {
   std::vector<uint8_t> bytes;  // the coded payload
   double entropy_bits = 0;     // order-0 entropy of the codes, one histogram per group (total)
-  // Each group's own bytes in `bytes` (its mode byte, own table, length and stream); the
-  // header and the shared tables are in none of them.
+  // Each group's share of `bytes`: its mode byte and what follows it, the stream bytes the
+  // coder emitted while it coded this group's codes, and an even share of its run's stream
+  // length and final states. The header and the shared tables are in none of them.
   std::vector<int64_t> group_bytes;
 };
 
@@ -72,6 +77,12 @@ absl::Status EntropyDecode(absl::Span<const uint8_t> coded, const kernels::Group
                            const kernels::ExecContext& cpu = {});
 
 namespace internal {
+// EntropyCode as it wrote coding version 1 (a stream per group, byte-coded tables, no
+// geometric tables), for the tests of the version-1 decoder.
+absl::StatusOr<CodedPayload> EntropyCodeVersion1(absl::Span<const uint8_t> packed,
+                                                 const kernels::GroupLayout& layout,
+                                                 absl::Span<const uint8_t> bits,
+                                                 const kernels::ExecContext& cpu = {});
 // rANS symbol encoding with a reciprocal instead of a division (exposed for the test that
 // checks it against the division on every frequency).
 struct RansSymbol {

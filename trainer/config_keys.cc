@@ -336,8 +336,10 @@ const std::vector<Key>& Keys() {
           "quant.activations.coding", {"none", "rans"},
           [](RunConfig& c, const std::string& s) { c.activations.coded = s == "rans"; },
           [](const RunConfig& c) { return std::string(c.activations.coded ? "rans" : "none"); },
-          "entropy coding of the quantized frames' codes: rans (a frequency table per channel and "
-          "frame; a channel that does not shrink goes as packed) or none"),
+          "entropy coding of the quantized frames' codes: rans (per channel and frame an own, "
+          "shared or geometric frequency table, one rANS stream per run of channels; a channel "
+          "that does not shrink goes as packed; coding version 2, which receivers before "
+          "2026-12-08 do not read) or none"),
       Choice(
           "quant.gradients.mode", {"fp32", "uniform"},
           [](RunConfig& c, const std::string& s) { c.gradients.mode = ModeOf(s); },

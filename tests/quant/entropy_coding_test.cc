@@ -30,7 +30,9 @@ void PackGroup(const std::vector<uint8_t>& codes, int k, std::vector<uint8_t>* o
   }
 }
 
-enum class Shape { kUniform, kPeaked, kConstant, kTwoValues };
+// kLaplace: the difference of two geometric draws around the middle code (a two-sided
+// geometric law, the shape version 2's geometric tables describe).
+enum class Shape { kUniform, kPeaked, kConstant, kTwoValues, kLaplace };
 
 struct Payload {
   kernels::GroupLayout layout;
@@ -68,6 +70,11 @@ Payload MakePayload(std::mt19937& rng, int64_t groups, int64_t m, const std::vec
         case Shape::kTwoValues:
           c = static_cast<uint8_t>(rng() % 16 == 0 ? top : 0);
           break;
+        case Shape::kLaplace: {
+          const int mid = static_cast<int>(top / 2);
+          c = static_cast<uint8_t>(std::clamp(mid + geo(rng) - geo(rng), 0, static_cast<int>(top)));
+          break;
+        }
       }
       ++counts[c];
     }
@@ -164,7 +171,7 @@ TEST(EntropyCoding, AnOwnTableTakesTheCheaperPrecision) {
   p.layout = kernels::GroupLayout{1024, 1, 1};
   p.bits = {2};
   PackGroup(codes, 2, &p.packed);
-  auto coded = EntropyCode(p.packed, p.layout, p.bits);
+  auto coded = internal::EntropyCodeVersion1(p.packed, p.layout, p.bits);
   ASSERT_TRUE(coded.ok()) << coded.status();
   // [coding_version, 0 shared tables, mode 1 (own table), L, lo, hi, freqs...]
   ASSERT_GT(coded->bytes.size(), 6u);
@@ -182,7 +189,7 @@ TEST(EntropyCoding, AnOwnTableTakesTheCheaperPrecision) {
 // one and two threads) are pinned by their CRC-32C, so that a faster encoder must write the
 // same bytes. If the format changes on purpose, docs/wire-format.md and kCodingVersion change
 // with this number.
-TEST(EntropyCoding, TheCodedBytesOfAFixedPayloadArePinned) {
+TEST(EntropyCoding, TheVersion1BytesOfAFixedPayloadArePinned) {
   std::mt19937 rng(21);
   std::vector<uint8_t> bits;
   for (int g = 0; g < 23; ++g) bits.push_back(static_cast<uint8_t>(1 + (g * 5) % 8));
@@ -192,7 +199,7 @@ TEST(EntropyCoding, TheCodedBytesOfAFixedPayloadArePinned) {
   for (int threads : {1, 2}) {
     kernels::ExecContext cpu;
     cpu.cpu_threads = threads;
-    auto coded = EntropyCode(p.packed, p.layout, p.bits, cpu);
+    auto coded = internal::EntropyCodeVersion1(p.packed, p.layout, p.bits, cpu);
     ASSERT_TRUE(coded.ok()) << coded.status();
     EXPECT_EQ(coded->bytes.size(), 20093u) << threads << " threads";
     EXPECT_GT(coded->bytes[1], 0) << "no group took a shared table";
@@ -211,17 +218,17 @@ void ExpectInvalid(const std::vector<uint8_t>& coded, const Payload& p, const st
   EXPECT_NE(st.message().find("entropy-coded"), std::string::npos) << st;
 }
 
-TEST(EntropyCodingMalformed, EveryHeaderAndTableFault) {
+TEST(EntropyCodingMalformed, EveryVersion1HeaderAndTableFault) {
   std::mt19937 rng(9);
   // One group: no shared table; [version, 0 shared, mode 1, L, lo, hi, f_lo.., S, stream].
   const Payload p = MakePayload(rng, 1, 3000, {4}, {Shape::kPeaked});
-  auto ok = EntropyCode(p.packed, p.layout, p.bits);
+  auto ok = internal::EntropyCodeVersion1(p.packed, p.layout, p.bits);
   ASSERT_TRUE(ok.ok());
   const std::vector<uint8_t>& c = ok->bytes;
   ASSERT_EQ(c[1], 0) << "no shared table for one group";
   ASSERT_EQ(c[2], 1) << "the group should be rANS-coded with its own table";
   std::vector<uint8_t> bad = c;
-  bad[0] = 2;
+  bad[0] = 3;
   ExpectInvalid(bad, p, "version");
   bad = c;
   bad[3] = 7;
@@ -269,6 +276,219 @@ TEST(EntropyCodingMalformed, EveryHeaderAndTableFault) {
     }
   }
   // The end-state check catches most changes to the streams themselves.
+  EXPECT_GT(refused, static_cast<int>(c.size()) * 9 / 10);
+}
+
+// ---- coding version 2 -------------------------------------------------------------------
+
+// Reads a version-2 payload's structure as docs/wire-format.md lays it out (independently of
+// the decoder) and counts the groups of each mode; false if the bytes do not follow it.
+bool WalkVersion2(const std::vector<uint8_t>& c, const Payload& p, std::array<int, 5>* modes,
+                  int64_t* runs) {
+  modes->fill(0);
+  *runs = 0;
+  size_t at = 0;
+  const auto varint = [&](uint64_t* v) {
+    *v = 0;
+    for (int i = 0; i < 10 && at < c.size(); ++i) {
+      const uint8_t b = c[at++];
+      *v |= uint64_t{b & 0x7fu} << (7 * i);
+      if ((b & 0x80) == 0) return true;
+    }
+    return false;
+  };
+  if (c.size() < 3 || c[0] != 2) return false;
+  const int n_shared = c[1];
+  at = 2;
+  for (int i = 0; i < n_shared; ++i) {
+    if (at + 4 > c.size()) return false;
+    at += 1;  // k
+    const int lo = c[at + 1], hi = c[at + 2];
+    at += 3;
+    for (int s = lo; s <= hi; ++s) {
+      uint64_t f = 0;
+      if (!varint(&f)) return false;
+    }
+  }
+  uint64_t r = 0;
+  if (!varint(&r) || r == 0) return false;
+  const int64_t groups = p.layout.groups, m = p.layout.per_group();
+  for (int64_t g0 = 0; g0 < groups; g0 += static_cast<int64_t>(r)) {
+    ++*runs;
+    bool rans = false;
+    for (int64_t g = g0; g < std::min<int64_t>(groups, g0 + static_cast<int64_t>(r)); ++g) {
+      const int k = p.bits[static_cast<size_t>(g)];
+      if (at >= c.size()) return false;
+      const int mode = c[at++];
+      if (mode > 4) return false;
+      ++(*modes)[static_cast<size_t>(mode)];
+      switch (mode) {
+        case 0:
+          at += static_cast<size_t>((m * k + 7) / 8);
+          break;
+        case 2:
+          at += 1;
+          break;
+        case 1: {  // L - 8 (4 bits), lo, hi (k bits), (hi - lo) frequencies of L bits
+          if (at + 2 > c.size()) return false;
+          const uint32_t head = c[at] | (uint32_t{c[at + 1]} << 8) |
+                                (at + 2 < c.size() ? uint32_t{c[at + 2]} << 16 : 0);
+          const int l = 8 + static_cast<int>(head & 15);
+          const int lo = static_cast<int>((head >> 4) & ((1u << k) - 1));
+          const int hi = static_cast<int>((head >> (4 + k)) & ((1u << k) - 1));
+          at += static_cast<size_t>((4 + 2 * k + (hi - lo) * l + 7) / 8);
+          rans = true;
+          break;
+        }
+        case 3:
+          rans = true;
+          break;
+        case 4:
+          at += 3;
+          rans = true;
+          break;
+      }
+    }
+    if (rans) {
+      uint64_t s = 0;
+      if (!varint(&s) || s < 16) return false;
+      at += static_cast<size_t>(s);
+    }
+  }
+  return at == c.size();
+}
+
+// The version-2 bytes of a payload like the version-1 pin's (two-sided geometric groups in
+// place of two peaked ones): every mode occurs (stored, constant, own bit-coded tables, the
+// shared table, a geometric table), in two runs; pinned by CRC-32C as above, on one and two
+// threads.
+TEST(EntropyCoding, TheVersion2BytesOfAFixedPayloadArePinned) {
+  std::mt19937 rng(21);
+  std::vector<uint8_t> bits;
+  for (int g = 0; g < 23; ++g) bits.push_back(static_cast<uint8_t>(1 + (g * 5) % 8));
+  const Payload p = MakePayload(rng, 23, 3001, bits,
+                                {Shape::kPeaked, Shape::kUniform, Shape::kTwoValues,
+                                 Shape::kLaplace, Shape::kConstant, Shape::kLaplace});
+  for (int threads : {1, 2}) {
+    kernels::ExecContext cpu;
+    cpu.cpu_threads = threads;
+    auto coded = EntropyCode(p.packed, p.layout, p.bits, cpu);
+    ASSERT_TRUE(coded.ok()) << coded.status();
+    ASSERT_EQ(coded->bytes[0], kCodingVersion);
+    std::array<int, 5> modes{};
+    int64_t runs = 0;
+    ASSERT_TRUE(WalkVersion2(coded->bytes, p, &modes, &runs));
+    EXPECT_EQ(runs, 2);  // 23 groups of 3001 codes: a run takes ceil(65536 / 3001) = 22 groups
+    for (int mode = 0; mode <= 4; ++mode) EXPECT_GT(modes[static_cast<size_t>(mode)], 0) << mode;
+    EXPECT_EQ(coded->bytes.size(), 20668u) << threads << " threads";
+    EXPECT_EQ(Crc32cExtend(0, coded->bytes.data(), coded->bytes.size()), 4115861406u)
+        << threads << " threads";
+    std::vector<uint8_t> back;
+    ASSERT_TRUE(EntropyDecode(coded->bytes, p.layout, p.bits, &back, cpu).ok());
+    EXPECT_EQ(back, p.packed);
+  }
+}
+
+// Runs of every shape: many runs of many tiny groups, runs that end with a short one, groups
+// whose code count leaves 1, 2 or 3 codes over the four states, on one and two threads.
+TEST(EntropyCoding, RunsOfEveryLengthRoundTrip) {
+  std::mt19937 rng(31);
+  for (const auto& [groups, m] : std::vector<std::pair<int64_t, int64_t>>{
+           {600, 3}, {600, 7}, {300, 250}, {10, 20001}, {9, 4096}, {1, 70001}, {5, 2}}) {
+    std::vector<uint8_t> bits;
+    for (int64_t g = 0; g < groups; ++g) bits.push_back(static_cast<uint8_t>(1 + (g * 3) % 8));
+    const Payload p = MakePayload(
+        rng, groups, m, bits,
+        {Shape::kPeaked, Shape::kTwoValues, Shape::kPeaked, Shape::kUniform, Shape::kConstant});
+    for (int threads : {1, 2}) {
+      kernels::ExecContext cpu;
+      cpu.cpu_threads = threads;
+      auto coded = EntropyCode(p.packed, p.layout, p.bits, cpu);
+      ASSERT_TRUE(coded.ok()) << coded.status();
+      EXPECT_LE(static_cast<int64_t>(coded->bytes.size()),
+                MaxCodedPayloadBytes(static_cast<int64_t>(p.packed.size()), groups));
+      std::vector<uint8_t> back;
+      const absl::Status st = EntropyDecode(coded->bytes, p.layout, p.bits, &back, cpu);
+      ASSERT_TRUE(st.ok()) << groups << " x " << m << ": " << st;
+      EXPECT_EQ(back, p.packed) << groups << " x " << m;
+      if (coded->bytes[0] == 2) {
+        std::array<int, 5> modes{};
+        int64_t runs = 0;
+        EXPECT_TRUE(WalkVersion2(coded->bytes, p, &modes, &runs)) << groups << " x " << m;
+        const int64_t per_run = std::clamp<int64_t>(((int64_t{1} << 16) + m - 1) / m, 1,
+                                                    std::min<int64_t>(groups, 256));
+        EXPECT_EQ(runs, (groups + per_run - 1) / per_run) << groups << " x " << m;
+      }
+    }
+  }
+}
+
+TEST(EntropyCodingMalformed, EveryVersion2HeaderAndTableFault) {
+  // Handmade payloads of two 4-bit groups of 64 codes (packed: 64 bytes; a coded payload may
+  // take 68), one group a run; the second group is constant (mode 2, code 0) where the
+  // first one's fault leaves the rest to read. Each fails before any stream is decoded.
+  Payload p;
+  p.layout = kernels::GroupLayout{64, 2, 1};
+  p.bits = {4, 4};
+  p.packed.assign(64, 0);
+  ExpectInvalid({3, 0, 1, 2, 0, 2, 0}, p, "version 3");
+  ExpectInvalid({2}, p, "no shared-table count");
+  ExpectInvalid({2, 0}, p, "no groups per run");
+  ExpectInvalid({2, 0, 0, 2, 0, 2, 0}, p, "0 groups per run");
+  ExpectInvalid({2, 0, 3, 2, 0, 2, 0}, p, "more groups per run than groups");
+  ExpectInvalid({2, 0, 1, 9, 0, 2, 0}, p, "unknown mode");
+  ExpectInvalid({2, 0, 1, 3, 2, 0}, p, "shared mode without a shared table");
+  ExpectInvalid({2, 0, 1, 2, 16, 2, 0}, p, "constant above the alphabet");
+  ExpectInvalid({2, 0, 1, 4, 16, 0, 0, 2, 0}, p, "geometric centre outside the alphabet");
+  ExpectInvalid({2, 0, 1, 4, 1, 64, 0, 2, 0}, p, "geometric rate above 63");
+  ExpectInvalid({2, 0, 1, 4, 1, 0}, p, "geometric table cut");
+  // Own tables in bits (k = 4, L = 8): L - 8 in bits 0-3, lo 4-7, hi 8-11, f_lo 12-19, then
+  // padding to the byte.
+  ExpectInvalid({2, 0, 1, 1, 0x00}, p, "own table cut");
+  ExpectInvalid({2, 0, 1, 1, 0x09, 0x00, 0x00, 16}, p, "probability bits 17");
+  ExpectInvalid({2, 0, 1, 1, 0x50, 0x03, 0x00, 16}, p, "lo above hi");
+  ExpectInvalid({2, 0, 1, 1, 0x00, 0x01, 0x00, 16}, p, "first frequency 0");
+  ExpectInvalid({2, 0, 1, 1, 0x00, 0x01, 0x18, 16}, p, "a padding bit set");
+  ExpectInvalid({2, 0, 1, 1, 0x00, 0x01, 0x08, 15}, p, "stream below 16 bytes");
+  ExpectInvalid({2, 0, 1, 1, 0x00, 0x01, 0x08, 60, 0, 0}, p, "stream beyond the bytes");
+  ExpectInvalid({2, 0, 1, 2, 0, 2, 0, 7}, p, "trailing byte");
+  Payload six = p;
+  six.bits = {6, 4};
+  six.packed.assign(48 + 32, 0);
+  ExpectInvalid({2, 0, 1, 4, 1, 1, 1, 2, 0}, six, "geometric table for 6-bit codes");
+  // Two constant groups decode as their segments.
+  std::vector<uint8_t> back;
+  ASSERT_TRUE(EntropyDecode({2, 0, 1, 2, 3, 2, 0}, p.layout, p.bits, &back).ok());
+  std::vector<uint8_t> want(64, 0);
+  std::fill(want.begin(), want.begin() + 32, 0x33);
+  EXPECT_EQ(back, want);
+
+  // A real payload: every prefix fails; every single-byte change fails or decodes to a
+  // payload of the right size; the end-state check catches most.
+  std::mt19937 rng(19);
+  const Payload q = MakePayload(rng, 6, 500, {2, 3, 4, 4, 6, 8},
+                                {Shape::kPeaked, Shape::kTwoValues, Shape::kPeaked});
+  auto ok = EntropyCode(q.packed, q.layout, q.bits);
+  ASSERT_TRUE(ok.ok());
+  const std::vector<uint8_t>& c = ok->bytes;
+  ASSERT_EQ(c[0], 2);
+  for (size_t n = 0; n < c.size(); ++n) {
+    std::vector<uint8_t> prefix(c.begin(), c.begin() + static_cast<std::ptrdiff_t>(n));
+    EXPECT_FALSE(EntropyDecode(prefix, q.layout, q.bits, &back).ok()) << n;
+  }
+  int refused = 0;
+  for (size_t i = 0; i < c.size(); ++i) {
+    std::vector<uint8_t> bad = c;
+    bad[i] = static_cast<uint8_t>(bad[i] + 1 + rng() % 255);
+    const absl::Status st = EntropyDecode(bad, q.layout, q.bits, &back);
+    if (!st.ok()) {
+      ++refused;
+      EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_NE(st.message().find("entropy-coded"), std::string::npos) << st;
+    } else {
+      EXPECT_EQ(back.size(), q.packed.size());
+    }
+  }
   EXPECT_GT(refused, static_cast<int>(c.size()) * 9 / 10);
 }
 
