@@ -18,7 +18,8 @@
 #                1e-6 relative (bit-identical in practice); with the default threads and device
 #                (CUDA on a GPU host) within 2% (float reductions differ between processes).
 #   equivalence-layouts  the same, exact (one thread, CPU), for a U-shaped model (AMAQ at both
-#                boundaries, two round trips a step) and for AQ-SGD (plain layout).
+#                boundaries, two round trips a step), for AQ-SGD (plain layout) and with
+#                entropy-coded frames both ways (plain layout).
 #   client-kill  a client killed with SIGKILL mid-run: the worker frees its session within two
 #                heartbeat periods (2 s); the restarted client resumes from its last checkpoint
 #                and finishes; its metrics have every logged step exactly once and the worker
@@ -376,9 +377,13 @@ equivalence)
 equivalence-layouts)
   export OMP_NUM_THREADS=1 DEVICE=cpu
   base=$(cat "$config")
-  for layout in u_shaped aqsgd; do
+  for layout in u_shaped aqsgd coded; do
     if [[ $layout == u_shaped ]]; then
       printf '%s\nmodel: {split_after: 1, u_shaped: true}\n' "$base" >"$config"
+    elif [[ $layout == coded ]]; then
+      # Entropy-coded frames both ways (lossless: the curves must still be the same).
+      printf '%s\n' "$base" | sed 's/calibration_steps: 10}/calibration_steps: 10, coding: rans}/; s/mode: uniform, target: 6}/mode: uniform, target: 6, coding: rans}/' >"$config"
+      [[ $(grep -c "coding: rans" "$config") == 2 ]] || fail "could not make the coded config"
     else
       printf '%s\n' "$base" | sed 's/mode: amaq, target: \[.*\], calibration_steps: 10/mode: aqsgd, target: 4/' >"$config"
       grep -q "mode: aqsgd" "$config" || fail "could not make the aqsgd config"
