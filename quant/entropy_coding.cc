@@ -567,9 +567,10 @@ bool ReadBitTable(const uint8_t** p, const uint8_t* end, int k, Table* t, std::s
     *why = "the table's precision or code range is cut";
     return false;
   }
+  // 8..14 (what the coder writes): a table's slots cost 2^L bytes to build, whatever M is.
   const int prob_bits = 8 + static_cast<int>(l8);
-  if (prob_bits > 16) {
-    *why = absl::StrCat("probability bits ", prob_bits, " outside 8..16");
+  if (prob_bits > 14) {
+    *why = absl::StrCat("probability bits ", prob_bits, " outside 8..14");
     return false;
   }
   if (lo > hi) {
@@ -608,8 +609,9 @@ bool ReadBitTable(const uint8_t** p, const uint8_t* end, int k, Table* t, std::s
 
 // The two-sided geometric table: weights 2^32 at code c, times (2a + 1) / 128 a code below and
 // (2b + 1) / 128 a code above (integer products, truncated), normalized to 2^L by
-// NormalizeCounts, L = max(log2-ish m, k + 2). Codes whose weight truncates to 0 get no slot.
-int GeometricBits(int64_t m, int k) { return std::max(ProbBits(m), k + 2); }
+// NormalizeCounts, L = ProbBits(m) (8..14: at least 4 slots a code for k <= 5). Codes whose
+// weight truncates to 0 get no slot.
+int GeometricBits(int64_t m, int /*k*/) { return ProbBits(m); }
 
 Table GeometricTable(int64_t m, int k, int c, int a, int b) {
   const int alphabet = 1 << k;

@@ -446,6 +446,7 @@ TEST(EntropyCodingMalformed, EveryVersion2HeaderAndTableFault) {
   // padding to the byte.
   ExpectInvalid({2, 0, 1, 1, 0x00}, p, "own table cut");
   ExpectInvalid({2, 0, 1, 1, 0x09, 0x00, 0x00, 16}, p, "probability bits 17");
+  ExpectInvalid({2, 0, 1, 1, 0x07, 0x00, 0x00, 16}, p, "probability bits 15 (at most 14)");
   ExpectInvalid({2, 0, 1, 1, 0x50, 0x03, 0x00, 16}, p, "lo above hi");
   ExpectInvalid({2, 0, 1, 1, 0x00, 0x01, 0x00, 16}, p, "first frequency 0");
   ExpectInvalid({2, 0, 1, 1, 0x00, 0x01, 0x18, 16}, p, "a padding bit set");
