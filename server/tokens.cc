@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "base/files.h"
+#include "base/status_macros.h"
 #include "server/coordinator_core.h"
 
 namespace splitq::server {
@@ -24,6 +25,24 @@ std::string Digest(absl::string_view token) {
   }
   return std::string(reinterpret_cast<const char*>(digest), size);
 }
+}  // namespace
+
+namespace {
+
+// A token travels as an HTTP/2 header value ("Bearer TOKEN"): gRPC aborts the process on a
+// byte it may not send there, so only visible ASCII (0x21..0x7e) is accepted.
+absl::Status CheckTokenText(absl::string_view token, const std::string& where) {
+  for (size_t i = 0; i < token.size(); ++i) {
+    const auto c = static_cast<unsigned char>(token[i]);
+    if (c < 0x21 || c > 0x7e) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, ": the token holds byte 0x", absl::Hex(c, absl::kZeroPad2), " at position ", i,
+          ": a token is visible ASCII only (0x21..0x7e), as `splitq tokens` makes them"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::string& origin) {
@@ -55,6 +74,10 @@ absl::StatusOr<TokenSet> TokenSet::Parse(const std::string& text, const std::str
       return absl::InvalidArgumentError(
           absl::StrCat(origin, ":", line_number, ": client id '", fields[0],
                        "' is not 1..64 of [A-Za-z0-9._-], not . or .."));
+    }
+    if (absl::Status st = CheckTokenText(fields[1], absl::StrCat(origin, ":", line_number));
+        !st.ok()) {
+      return st;
     }
     if (fields[1].size() < 16) {
       return absl::InvalidArgumentError(
@@ -172,6 +195,7 @@ absl::StatusOr<std::string> ReadToken(const std::string& path) {
   absl::StatusOr<std::string> text = base::ReadSecretFile(path, "token file", 4096);
   if (!text.ok()) return text.status();
   const std::string token(absl::StripAsciiWhitespace(*text));
+  SPLITQ_RETURN_IF_ERROR(CheckTokenText(token, path));
   if (token.size() < 16) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": no token (16+ characters) in it"));
   }

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 
@@ -68,6 +69,34 @@ TEST(Tokens, LinesCarryARole) {
   auto bad = TokenSet::Parse("a " + kTokenA + " admin\n", "t");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad.status().message().find("client or worker"), std::string::npos) << bad.status();
+}
+
+// A token with a byte gRPC may not put in a header (a control byte, a space inside a member's
+// own file, UTF-8) is refused when it is read, naming the file: before, the client or worker
+// aborted on its first call (SIGABRT, nothing printed).
+TEST(Tokens, TokensOfBytesAHeaderCannotCarryAreRefused) {
+  for (const std::string bad : {std::string("aaaaaaaaaaaaaaaaaaaa\x01bbbb"),
+                                std::string("aaaaaaaaaaaaaaaaaaaa\x00bbbb", 25),
+                                std::string("aaaaaaaaaaaaaaaaaaaa\xc3\xa9\xff"),
+                                std::string("aaaaaaaaaaaa aaaaaaaaaaaa")}) {
+    const std::string dir = ::testing::TempDir() + "/bad_token";
+    std::filesystem::create_directories(dir);
+    const std::string path = dir + "/t.token";
+    {
+      std::ofstream out(path, std::ios::binary);
+      out << bad << "\n";
+    }
+    std::filesystem::permissions(
+        path, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+    const auto token = ReadToken(path);
+    EXPECT_EQ(token.status().code(), absl::StatusCode::kInvalidArgument) << token.status();
+    EXPECT_NE(token.status().message().find(path), std::string::npos) << token.status();
+    if (bad.find(' ') == std::string::npos) {
+      const auto set = TokenSet::Parse("alice " + bad + " client\n", "tokens");
+      EXPECT_EQ(set.status().code(), absl::StatusCode::kInvalidArgument) << set.status();
+      EXPECT_NE(set.status().message().find("visible ASCII"), std::string::npos) << set.status();
+    }
+  }
 }
 
 TEST(Tokens, WrittenFilesLoadBackAndArePrivate) {
