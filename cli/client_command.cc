@@ -53,6 +53,7 @@ struct ClientCommandOptions {
   std::vector<std::string> overrides;
   rpc::TransportSecurity security;
   int connect_timeout_s = 120, reconnect_timeout_s = 300;
+  int reply_timeout_s = 300;  // a step's answer not here after this long: reconnect (0: never)
   int micro_batches = 0;  // 0: the config's client.micro_batches
   int chunk_kib = 1024;   // activation frames go up in chunks of this size
 };
@@ -127,6 +128,7 @@ int RunClient(const ClientCommandOptions& opt) {
   session.link.config_digest = *digest;
   session.link.run_id = *run_id;
   session.link.chunk_bytes = int64_t{opt.chunk_kib} << 10;
+  session.link.reply_timeout = std::chrono::seconds(opt.reply_timeout_s);
   session.connect_timeout = std::chrono::seconds(opt.connect_timeout_s);
   session.reconnect_timeout = std::chrono::seconds(opt.reconnect_timeout_s);
   session.interrupt = &g_interrupt;
@@ -229,6 +231,11 @@ void RegisterClient(CLI::App& app, RunFn* run) {
   cmd->add_option("--connect-timeout", opt->connect_timeout_s,
                   "Seconds to keep trying to reach the coordinator and a worker at the start")
       ->check(IntRange(1, 1 << 30));
+  cmd->add_option("--reply-timeout-s", opt->reply_timeout_s,
+                  "Give up on a worker that has not answered a step (or a validation batch) this "
+                  "many seconds after it was sent: reconnect, perhaps to another worker, and send "
+                  "it again. 0: wait for ever. Default 300")
+      ->check(IntRange(0, 1 << 20));
   cmd->add_option("--reconnect-timeout", opt->reconnect_timeout_s,
                   "Seconds to keep trying after the worker stream failed")
       ->check(IntRange(1, 1 << 30));

@@ -37,6 +37,7 @@ struct WorkerCommandOptions {
   int64_t checkpoint_every = -1;  // server updates; -1: the config's checkpoint_every
   int chunk_kib = 1024;           // gradient frames go down in chunks of this size
   int session_idle_s = 300;       // sessions waiting this long for a message end (0: never)
+  int turn_idle_s = 30;           // U-shaped: a session holding the turn this long ends (0: never)
   rpc::TransportSecurity security;
   uint32_t max_clients = 64;
   uint32_t advertise_port = 0;
@@ -92,6 +93,7 @@ int RunWorker(const WorkerCommandOptions& opt) {
   o.checkpoint_every = opt.checkpoint_every >= 0 ? opt.checkpoint_every : config->checkpoint_every;
   o.reply_chunk_bytes = int64_t{opt.chunk_kib} << 10;
   o.session_idle_ms = int64_t{opt.session_idle_s} * 1000;
+  o.turn_idle_ms = int64_t{opt.turn_idle_s} * 1000;
   o.max_clients = opt.max_clients;
   o.connect_timeout = std::chrono::seconds(opt.connect_timeout_s);
   o.ready_file = opt.ready_file;
@@ -150,6 +152,12 @@ void RegisterWorker(CLI::App& app, RunFn* run) {
                   "End a session that has waited this many seconds for the client's next message "
                   "(the client reconnects and resumes; it bounds how long an unfinished message "
                   "holds memory). 0: never. Default 300")
+      ->check(IntRange(0, 1 << 30));
+  cmd->add_option("--turn-idle-s", opt->turn_idle_s,
+                  "U-shaped models: end a session whose step holds the server part (every other "
+                  "client waits meanwhile) once it has waited this many seconds for the head "
+                  "gradient; its step is abandoned and the client resumes. 0: only "
+                  "--session-idle-s. Default 30")
       ->check(IntRange(0, 1 << 30));
   cmd->add_option("--ready-file", opt->ready_file,
                   "Once listening and registered, write the advertised HOST:PORT here (removed "

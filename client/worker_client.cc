@@ -4,6 +4,7 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -93,6 +94,63 @@ WorkerClient::WorkerClient(std::shared_ptr<grpc::Channel> channel, WorkerLinkOpt
 
 WorkerClient::~WorkerClient() { Close(); }
 
+WorkerClient::ReplyWatch::~ReplyWatch() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void WorkerClient::ReplyWatch::Arm(grpc::ClientContext* context,
+                                   std::chrono::milliseconds timeout) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    context_ = context;
+    deadline_ = std::chrono::steady_clock::now() + timeout;
+    fired_ = false;
+    if (!thread_.joinable()) thread_ = std::thread([this] { Run(); });
+  }
+  wake_.notify_all();
+}
+
+bool WorkerClient::ReplyWatch::Disarm() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  context_ = nullptr;
+  return fired_;
+}
+
+void WorkerClient::ReplyWatch::Run() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (!stop_) {
+    if (context_ == nullptr) {
+      wake_.wait(lock);
+    } else if (wake_.wait_until(lock, deadline_) == std::cv_status::timeout &&
+               context_ != nullptr && std::chrono::steady_clock::now() >= deadline_) {
+      context_->TryCancel();  // the reader's Read returns false; Disarm tells it why
+      context_ = nullptr;
+      fired_ = true;
+    }
+  }
+}
+
+namespace {
+// A reply's numbers are the worker's word: a non-finite loss would make the client's
+// metrics.jsonl invalid JSON (and a worker never sends one: it refuses such a step itself).
+absl::Status CheckResult(double loss, double grad_bits, double act_bits) {
+  if (!std::isfinite(loss)) {
+    return absl::InternalError(absl::StrCat("the worker's loss is not finite (", loss, ")"));
+  }
+  for (const double bits : {grad_bits, act_bits}) {
+    if (!std::isfinite(bits) || bits < 0 || bits > 64) {
+      return absl::InternalError(absl::StrCat("the worker's bit count ", bits, " is not in 0..64"));
+    }
+  }
+  return absl::OkStatus();
+}
+}  // namespace
+
 std::unique_ptr<grpc::ClientContext> WorkerClient::NewContext() const {
   auto context = std::make_unique<grpc::ClientContext>();
   context->set_deadline(std::chrono::system_clock::now() + options_.stream_deadline);
@@ -103,6 +161,7 @@ std::unique_ptr<grpc::ClientContext> WorkerClient::NewContext() const {
 template <typename Stream>
 absl::Status WorkerClient::Fail(Open<Stream>& open, const char* what, bool cancel) {
   absl::Status status;
+  (void)watch_.Disarm();  // it must not cancel a context that is about to go
   if (open.stream) {
     // After a failed Read or Write the worker has ended the stream, and Finish returns its
     // status; a stream we abandon (a bad reply) is cancelled first, or Finish would wait.
@@ -183,6 +242,18 @@ absl::StatusOr<trainer::DownFrame> WorkerClient::TrainHead(const trainer::HeadGr
 }
 
 absl::StatusOr<trainer::DownFrame> WorkerClient::ReadAnswer(int64_t step) {
+  if (options_.reply_timeout.count() > 0) watch_.Arm(train_.context.get(), options_.reply_timeout);
+  absl::StatusOr<trainer::DownFrame> answer = ReadAnswerFrames(step);
+  if (watch_.Disarm() && !answer.ok()) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("the worker did not answer step ", step, " within ",
+                     absl::SixDigits(options_.reply_timeout.count() / 1000.0),
+                     " s (splitq client --reply-timeout-s): giving up on this stream"));
+  }
+  return answer;
+}
+
+absl::StatusOr<trainer::DownFrame> WorkerClient::ReadAnswerFrames(int64_t step) {
   rpc::FrameAssembler assembler(options_.limits);
   trainer::DownFrame down;
   down.step = step;
@@ -222,6 +293,10 @@ absl::StatusOr<trainer::DownFrame> WorkerClient::ReadAnswer(int64_t step) {
       down.grad_bits = reply.result().grad_bits();
       down.activation = reply.result().activation();
       down.act_bits = reply.result().act_bits();
+      if (absl::Status st = CheckResult(down.loss, down.grad_bits, down.act_bits); !st.ok()) {
+        (void)Fail(train_, "result", true);
+        return st;
+      }
       return down;
     } else {
       (void)Fail(train_, "reply", true);
@@ -246,7 +321,16 @@ absl::StatusOr<trainer::EvalPiece> WorkerClient::Evaluate(const trainer::UpFrame
     return Fail(eval_, "sending a frame");
   }
   grpc::ByteBuffer raw;
-  if (!eval_.stream->Read(&raw)) return Fail(eval_, "waiting for the result");
+  if (options_.reply_timeout.count() > 0) watch_.Arm(eval_.context.get(), options_.reply_timeout);
+  const bool read = eval_.stream->Read(&raw);
+  if (watch_.Disarm() && !read) {
+    (void)Fail(eval_, "waiting for the result");
+    return absl::DeadlineExceededError(
+        absl::StrCat("the worker did not answer a validation batch within ",
+                     absl::SixDigits(options_.reply_timeout.count() / 1000.0),
+                     " s (splitq client --reply-timeout-s)"));
+  }
+  if (!read) return Fail(eval_, "waiting for the result");
   splitq::v1::EvaluateReply reply;
   if (!rpc::FromByteBuffer(&raw, &reply)) {
     (void)Fail(eval_, "result", true);
@@ -257,6 +341,13 @@ absl::StatusOr<trainer::EvalPiece> WorkerClient::Evaluate(const trainer::UpFrame
   piece.correct = static_cast<int64_t>(reply.correct());
   piece.count = static_cast<int64_t>(reply.count());
   piece.frame = std::move(*reply.mutable_output());
+  if (!std::isfinite(piece.loss_sum) || piece.loss_sum < 0 || piece.count < 0 ||
+      piece.correct < 0 || piece.correct > piece.count) {
+    (void)Fail(eval_, "result", true);
+    return absl::InternalError(
+        absl::StrCat("the worker's validation result is not possible (loss sum ", piece.loss_sum,
+                     ", ", piece.correct, " of ", piece.count, " right)"));
+  }
   return piece;
 }
 

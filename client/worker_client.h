@@ -22,9 +22,12 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "proto/chunk_codec.h"  // RawStream
 #include "proto/frame_assembler.h"
@@ -45,6 +48,12 @@ struct WorkerLinkOptions {
   // Called when a worker's welcome says that steps first..last of this client were lost with
   // its state (TrainWelcome.next_applied below the step sent). May be empty.
   std::function<void(int64_t first, int64_t last)> lost;
+  // A step's answer (a gradient, a U-shaped output, a validation result) that has not come this
+  // long after the step was sent ends the stream with DEADLINE_EXCEEDED, which the client treats
+  // as a broken link (it reconnects, perhaps to another worker, and resends the step). Before,
+  // a worker that took a step and never answered held the client for good (the sixth outside
+  // probe: 624 s, no log line). 0: no limit. `splitq client --reply-timeout-s`.
+  std::chrono::milliseconds reply_timeout{300000};
 };
 
 // Channel arguments every splitq client uses: keepalive pings every `keepalive_ms` (dead after
@@ -83,12 +92,33 @@ class WorkerClient : public trainer::ServerLink {
     int64_t step = -1;  // Evaluate: the training step in its hello
   };
 
+  // Cancels the call of an armed context at its deadline (a thread, started on first use).
+  class ReplyWatch {
+   public:
+    ~ReplyWatch();
+    void Arm(grpc::ClientContext* context, std::chrono::milliseconds timeout);
+    // Disarms (before the armed context may go: Fail calls it first); true if it cancelled
+    // the call since the last Arm (so does every later call, until the next Arm).
+    bool Disarm();
+
+   private:
+    void Run();
+    std::mutex mutex_;
+    std::condition_variable wake_;
+    std::thread thread_;
+    grpc::ClientContext* context_ = nullptr;  // armed (under mutex_)
+    std::chrono::steady_clock::time_point deadline_;
+    bool fired_ = false, stop_ = false;
+  };
+
   std::unique_ptr<grpc::ClientContext> NewContext() const;
   absl::Status OpenTrain(int64_t step);
   template <typename Stream>
   absl::Status Fail(Open<Stream>& open, const char* what, bool cancel = false);
-  // Reads one frame of `step` (gradient, or U-shaped output) and its StepResult.
+  // Reads one frame of `step` (gradient, or U-shaped output) and its StepResult, within
+  // options_.reply_timeout (ReadAnswerFrames does the reading).
   absl::StatusOr<trainer::DownFrame> ReadAnswer(int64_t step);
+  absl::StatusOr<trainer::DownFrame> ReadAnswerFrames(int64_t step);
 
   std::shared_ptr<grpc::Channel> channel_;
   WorkerLinkOptions options_;
@@ -96,6 +126,7 @@ class WorkerClient : public trainer::ServerLink {
   Open<rpc::RawStream> eval_;
   uint64_t session_id_ = 0;
   bool refused_full_ = false;
+  ReplyWatch watch_;
 };
 
 }  // namespace splitq::client

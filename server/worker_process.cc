@@ -347,6 +347,7 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   WorkerServiceOptions service_options;
   service_options.reply_chunk_bytes = s.o.reply_chunk_bytes;
   service_options.session_idle_ms = s.o.session_idle_ms;
+  service_options.turn_idle_ms = s.o.turn_idle_ms;
   service_options.merge.max_clients = s.o.config.merge_max_clients;
   service_options.merge.max_targets = s.o.config.merge_max_targets;
   service_options.merge.window_ms = s.o.config.merge_window_ms;

@@ -50,6 +50,7 @@ struct WorkerProcessOptions {
   int64_t checkpoint_every = 0;        // server updates between saves (0: only when stopping)
   int64_t reply_chunk_bytes = 1 << 20;
   int64_t session_idle_ms = 300000;  // WorkerServiceOptions::session_idle_ms (0: never)
+  int64_t turn_idle_ms = 30000;      // WorkerServiceOptions::turn_idle_ms (0: none)
   uint32_t max_clients = 64;
   std::chrono::seconds connect_timeout{120};
   std::string ready_file;  // server/process.h, ReadyFile

@@ -548,32 +548,44 @@ WorkerService::WorkerService(WorkerCore& core, const TokenSet* tokens,
   core_.set_turn_listener([this] { Unpark(); });
   if (options_.merge.rounds) StartRounds();
   session_idle_ms_ = std::max<int64_t>(0, options_.session_idle_ms);
+  turn_idle_ms_ = std::max<int64_t>(0, options_.turn_idle_ms);
   idle_thread_ = std::thread([this] { WatchIdle(); });
 }
 
 void WorkerService::WatchIdle() {
   std::unique_lock<std::mutex> lock(idle_mutex_);
   while (!idle_stop_) {
-    const int64_t limit = session_idle_ms_.load();
+    const int64_t idle = session_idle_ms_.load(), turn = turn_idle_ms_.load();
+    // Look every quarter of the shorter limit (10 ms .. 1 s).
+    const int64_t shorter = idle > 0 && turn > 0 ? std::min(idle, turn) : std::max(idle, turn);
     const auto period =
-        std::chrono::milliseconds(limit > 0 ? std::clamp<int64_t>(limit / 4, 10, 1000) : 1000);
+        std::chrono::milliseconds(shorter > 0 ? std::clamp<int64_t>(shorter / 4, 10, 1000) : 1000);
     idle_wake_.wait_for(lock, period);
-    if (idle_stop_ || limit <= 0) continue;
+    if (idle_stop_ || shorter <= 0) continue;
     lock.unlock();
-    EndIdle(session_idle_ms_.load());
+    EndIdle(session_idle_ms_.load(), turn_idle_ms_.load());
     lock.lock();
   }
 }
 
-void WorkerService::EndIdle(int64_t limit_ms) {
-  if (limit_ms <= 0) return;
+void WorkerService::EndIdle(int64_t idle_ms, int64_t turn_ms) {
   const int64_t now = SteadyMs();
+  const uint64_t holder = core_.turn();           // the U-shaped session whose step is open, if any
   std::lock_guard<std::mutex> lock(live_mutex_);  // a stream leaves live_ before it is deleted
   for (auto& [id, live] : live_) {
     const int64_t since = live.reading_since_ms->load();
-    if (since == 0 || now - since <= limit_ms) continue;
+    if (since == 0) continue;
+    if (id == holder && turn_ms > 0 && now - since > turn_ms) {
+      live.end(absl::DeadlineExceededError(absl::StrCat(
+          "no head gradient from the client for ", absl::SixDigits(turn_ms / 1000.0),
+          " s while its step held the server part (U-shaped; every other client waits "
+          "meanwhile): the worker ends the session and abandons the step (splitq worker "
+          "--turn-idle-s); reconnect to resume")));
+      continue;
+    }
+    if (idle_ms <= 0 || now - since <= idle_ms) continue;
     live.end(absl::DeadlineExceededError(absl::StrCat(
-        "no message from the client for ", absl::SixDigits(limit_ms / 1000.0),
+        "no message from the client for ", absl::SixDigits(idle_ms / 1000.0),
         " s: the worker ends idle sessions (splitq worker --session-idle-s); reconnect to "
         "resume")));
   }

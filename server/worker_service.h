@@ -84,6 +84,14 @@ struct WorkerServiceOptions {
   // its prefix announces). 0: never. `splitq worker --session-idle-s`. The default, 5
   // minutes, is far above a client's pause between steps (seconds on a slow machine).
   int64_t session_idle_ms = 300000;
+  // U-shaped layouts: a session whose step holds the server part (its turn: the worker has sent
+  // the server's output and waits for the head loss and gradient, while every other client's
+  // steps wait) and that has waited this long for the client's next message is ended the same
+  // way, and its step abandoned, so that one client, stalled or hostile, holds the others up
+  // for at most this long a step (it took up to session_idle_ms before). 0: only
+  // session_idle_ms. `splitq worker --turn-idle-s`. The default, 30 s, is far above a head's
+  // forward and backward on a slow machine.
+  int64_t turn_idle_ms = 30000;
   // Called (from gRPC's threads) with one line when a session opens and when it ends (with
   // its status, or "the client disconnected"). May be empty.
   std::function<void(const std::string&)> log;
@@ -129,6 +137,11 @@ class WorkerService final
     session_idle_ms_ = ms;
     idle_wake_.notify_all();
   }
+  // Tests: WorkerServiceOptions::turn_idle_ms from now on (milliseconds, 0: none).
+  void set_turn_idle_ms(int64_t ms) {
+    turn_idle_ms_ = ms;
+    idle_wake_.notify_all();
+  }
 
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Train(
       grpc::CallbackServerContext* context) override;
@@ -171,9 +184,10 @@ class WorkerService final
   void RemoveLive(uint64_t session);
   void EndReplaced(const std::vector<uint64_t>& sessions, const absl::Status& status);
   // The idle watch (a thread): every quarter of the limit (at most 1 s) it ends the live
-  // sessions that have waited longer than session_idle_ms_ for a message.
+  // sessions that have waited longer than session_idle_ms_ for a message, and the session
+  // holding the U-shaped turn once it has waited turn_idle_ms_.
   void WatchIdle();
-  void EndIdle(int64_t limit_ms);
+  void EndIdle(int64_t idle_ms, int64_t turn_ms);
 
   WorkerCore& core_;
   const TokenSet* tokens_;
@@ -192,6 +206,7 @@ class WorkerService final
   KeyedSlots opening_{kMaxOpeningPerToken};
   std::atomic<int> hello_read_deadline_ms_{kHelloReadDeadlineMs};
   std::atomic<int64_t> session_idle_ms_{0};
+  std::atomic<int64_t> turn_idle_ms_{0};
   std::mutex idle_mutex_;
   std::condition_variable idle_wake_;
   bool idle_stop_ = false;  // under idle_mutex_

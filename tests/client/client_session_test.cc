@@ -9,10 +9,12 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "base/files.h"
 #include "server/coordinator_core.h"
@@ -218,6 +220,105 @@ TEST(IsTransient, AStreamResetIsRetriedAServicesRefusalIsNot) {
       absl::ResourceExhaustedError("a frame of 300 MiB is above the limit of 6 MiB")));
   EXPECT_TRUE(client::IsTransient(absl::UnavailableError("Broken pipe")));
   EXPECT_FALSE(client::IsTransient(absl::InvalidArgumentError("a malformed frame")));
+}
+
+// A server part that answers late, or with numbers no worker sends (the sixth outside probe ran
+// a fake worker: a client waited 624 s for a step that never came back, and wrote a NaN loss
+// into metrics.jsonl, which is then not JSON).
+class OddServerPart : public trainer::ServerHandler {
+ public:
+  int delay_ms = 0;
+  double loss = 1.0;
+  trainer::EvalPiece eval{1.0, 1, 1, ""};
+  uint64_t OpenSession() override { return ++sessions_; }
+  int64_t CloseSession(uint64_t) override { return 0; }
+  absl::StatusOr<trainer::DownFrame> Train(uint64_t, const trainer::UpFrame& up, bool) override {
+    std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+    trainer::DownFrame down;
+    down.step = up.step;
+    down.frame = "g";
+    down.loss = loss;
+    return down;
+  }
+  absl::StatusOr<trainer::EvalPiece> Evaluate(uint64_t, const trainer::UpFrame&) override {
+    return eval;
+  }
+  int64_t updates() const override { return 0; }
+
+ private:
+  uint64_t sessions_ = 0;
+};
+
+struct OddWorker {
+  OddServerPart part;
+  server::WorkerCore core{part};
+  server::WorkerService service{core, nullptr};
+  std::unique_ptr<grpc::Server> server;
+  std::shared_ptr<grpc::Channel> channel;
+  OddWorker() {
+    int port = 0;
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&service);
+    server = builder.BuildAndStart();
+    channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
+                                  grpc::InsecureChannelCredentials());
+  }
+  ~OddWorker() { server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(3)); }
+};
+
+trainer::UpFrame OneUp(int64_t step) {
+  trainer::UpFrame up;
+  up.step = step;
+  up.frame = std::make_shared<const std::string>("frame");
+  return up;
+}
+
+TEST(WorkerClientChecks, AStepNotAnsweredInTimeEndsWithDeadlineExceeded) {
+  OddWorker worker;
+  worker.part.delay_ms = 2000;
+  WorkerLinkOptions o;
+  o.client_id = "alice";
+  o.reply_timeout = std::chrono::milliseconds(300);
+  WorkerClient link(worker.channel, o);
+  const auto start = std::chrono::steady_clock::now();
+  const auto down = link.Train(OneUp(0));
+  const double waited =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_EQ(down.status().code(), absl::StatusCode::kDeadlineExceeded) << down.status();
+  EXPECT_NE(down.status().message().find("--reply-timeout-s"), std::string::npos) << down.status();
+  EXPECT_TRUE(IsTransient(down.status()));  // the client reconnects and resends
+  EXPECT_GE(waited, 0.25);
+  EXPECT_LT(waited, 1.8);  // not the 2 s the worker took
+  // With time enough, the same worker answers.
+  worker.part.delay_ms = 0;
+  WorkerClient patient(worker.channel, o);
+  EXPECT_TRUE(patient.Train(OneUp(0)).ok());
+}
+
+TEST(WorkerClientChecks, NumbersNoWorkerSendsAreRefused) {
+  OddWorker worker;
+  WorkerLinkOptions o;
+  o.client_id = "alice";
+  for (const double loss : {std::nan(""), HUGE_VAL, -HUGE_VAL}) {
+    worker.part.loss = loss;
+    WorkerClient link(worker.channel, o);
+    const auto down = link.Train(OneUp(0));
+    EXPECT_EQ(down.status().code(), absl::StatusCode::kInternal) << loss << ": " << down.status();
+    EXPECT_FALSE(IsTransient(down.status()));
+  }
+  worker.part.loss = 1.0;
+  for (const trainer::EvalPiece& bad :
+       {trainer::EvalPiece{std::nan(""), 1, 1, ""}, trainer::EvalPiece{1.0, 2, 1, ""},
+        trainer::EvalPiece{-1.0, 0, 1, ""}}) {
+    worker.part.eval = bad;
+    WorkerClient link(worker.channel, o);
+    const auto piece = link.Evaluate(OneUp(0));
+    EXPECT_EQ(piece.status().code(), absl::StatusCode::kInternal) << piece.status();
+  }
+  worker.part.eval = trainer::EvalPiece{1.0, 1, 1, ""};
+  WorkerClient link(worker.channel, o);
+  EXPECT_TRUE(link.Evaluate(OneUp(0)).ok());
 }
 
 TEST(RunId, IsMadeOnceAndKeptAcrossRestarts) {

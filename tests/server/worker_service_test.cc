@@ -879,5 +879,82 @@ quant:
   }
 }
 
+// U-shaped: a client that stops between its step's two round trips (it has the server's output
+// and never sends the head gradient: stalled, or on purpose) holds the turn, and every other
+// client's steps wait. The worker ends that session once it has waited --turn-idle-s (here
+// 0.7 s; the idle limit is off) and abandons the step: the other client's step goes through
+// within about that, not after the 300 s idle limit (the sixth outside probe held a worker
+// this way, one message per idle period). The stalled client's head gradient, sent late, is
+// refused; it resumes on a new session.
+TEST(WorkerServiceUShaped, AStalledTurnEndsAtTheTurnLimit) {
+  if (access(FashionMnistDir().c_str(), R_OK) != 0) GTEST_SKIP() << "no Fashion-MNIST";
+  auto config = trainer::ParseRunConfig(YAML::Load(R"(
+task: fmnist
+steps: 100
+batch_size: 16
+model: {split_after: 1, u_shaped: true}
+quant:
+  activations: {mode: amaq, target: 4, calibration_steps: 2}
+  gradients: {mode: uniform, target: 6}
+)"));
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto part = trainer::ServerPart::Create(*config, "");
+  ASSERT_TRUE(part.ok()) << part.status();
+  WorkerCore core(**part);
+  std::mutex log_mutex;
+  std::vector<std::string> log;
+  WorkerServiceOptions options;
+  options.session_idle_ms = 0;
+  options.turn_idle_ms = 700;
+  options.log = [&](const std::string& line) {
+    std::lock_guard<std::mutex> lock(log_mutex);
+    log.push_back(line);
+  };
+  WorkerService service(core, nullptr, options);
+  auto local = Serve(service);
+  ASSERT_NE(local->server, nullptr);
+
+  auto stalled = trainer::ClientPart::Create(*config, "", false, trainer::DataShard{0, 2});
+  ASSERT_TRUE(stalled.ok()) << stalled.status();
+  client::WorkerLinkOptions so;
+  so.client_id = "stalled";
+  client::WorkerClient stalled_link(local->channel, so);
+  auto up = (*stalled)->Forward();
+  ASSERT_TRUE(up.ok()) << up.status();
+  auto output = stalled_link.Train(*up);  // the first round trip: the turn is now held
+  const auto held = std::chrono::steady_clock::now();
+  ASSERT_TRUE(output.ok()) << output.status();
+  EXPECT_NE(core.turn(), 0u);
+  auto head = (*stalled)->Head(*output);  // computed, and held back
+  ASSERT_TRUE(head.ok()) << head.status();
+
+  auto other = trainer::ClientPart::Create(*config, "", false, trainer::DataShard{1, 2});
+  ASSERT_TRUE(other.ok()) << other.status();
+  client::WorkerLinkOptions oo;
+  oo.client_id = "other";
+  client::WorkerClient other_link(local->channel, oo);
+  trainer::ClientRunner runner(**other, other_link);
+  auto step = runner.Step();  // parked behind the held turn until the worker ends it
+  const double waited =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - held).count();
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_GE(waited, 0.6);  // the turn was held for the limit (0.7 s) ...
+  EXPECT_LT(waited, 5.0);  // ... and not for the idle limit (off here; 300 s by default)
+  for (int i = 0; i < 2; ++i) ASSERT_TRUE(runner.Step().ok());
+  EXPECT_EQ((*part)->updates(), 3);  // the other client's steps; the abandoned one is not applied
+  // The late head gradient finds its session ended.
+  EXPECT_FALSE(stalled_link.TrainHead(*head).ok());
+  {
+    std::lock_guard<std::mutex> lock(log_mutex);
+    bool named = false;
+    for (const std::string& line : log)
+      named = named || line.find("--turn-idle-s") != std::string::npos;
+    EXPECT_TRUE(named) << "no log line names --turn-idle-s";
+  }
+  stalled_link.Close();
+  other_link.Close();
+  local->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+}
+
 }  // namespace
 }  // namespace splitq::server
