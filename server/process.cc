@@ -9,11 +9,15 @@
 #include "absl/strings/str_cat.h"
 #include "base/files.h"
 #include "base/status_macros.h"
+#include "proto/protocol.h"
 
 namespace splitq::server {
 
 absl::StatusOr<Serving> StartServing(const ServingOptions& options,
                                      const std::vector<grpc::Service*>& services) {
+  // HOST:PORT with PORT 0..65535 (gRPC itself would take 99999 as 34463, a missing port as 443
+  // and "unix:/path" as a socket: the sixth outside probe).
+  SPLITQ_RETURN_IF_ERROR(rpc::ParseHostPort(options.listen).status());
   SPLITQ_ASSIGN_OR_RETURN(auto credentials, rpc::MakeServerCredentials(options.security));
   grpc::EnableDefaultHealthCheckService(false);  // (a process-wide switch, read at build)
   grpc::ServerBuilder builder;

@@ -582,6 +582,14 @@ refusals)
   fi
   grep -q "UNAUTHENTICATED" "$dir/notoken.log" || fail "$(tail -n 3 "$dir/notoken.log")"
   client client1 "$dir/good" >"$dir/good.log" 2>&1 || fail "a good client failed"
+  # Listening addresses gRPC would bend (99999 -> 34463, no port -> 443, a unix socket).
+  for listen in 127.0.0.1:99999 127.0.0.1 unix:"$dir/sock"; do
+    if timeout 20 "$SPLITQ" coordinator --listen "$listen" --insecure --config "$config" \
+      >"$dir/listen.log" 2>&1; then
+      fail "a coordinator listened on $listen"
+    fi
+    grep -q "expected HOST:PORT" "$dir/listen.log" || fail "$listen: $(tail -n 2 "$dir/listen.log")"
+  done
   echo "refusals: ok"
   ;;
 *)
