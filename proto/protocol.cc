@@ -15,6 +15,14 @@ bool IsValidMemberName(const std::string& name) {
   });
 }
 
+bool IsValidHost(const std::string& host) {
+  if (host.empty() || host.size() > 253 || host == "0.0.0.0" || host == "::") return false;
+  return std::all_of(host.begin(), host.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '_' ||
+           c == ':' || c == '%';
+  });
+}
+
 absl::StatusOr<WorkerAddress> ParseHostPort(const std::string& text) {
   const size_t colon = text.rfind(':');
   uint32_t port = 0;

@@ -14,6 +14,10 @@ inline constexpr uint32_t kProtocolVersion = 1;  // splitq.v1 PROTOCOL_VERSION_C
 
 enum class Role : uint8_t { kWorker, kClient };
 
+// A host a client can dial, as a worker advertises it: 1..253 characters of a DNS name, an IPv4
+// or an IPv6 address ([A-Za-z0-9.-_:%]), not an unspecified address (0.0.0.0, ::).
+bool IsValidHost(const std::string& host);
+
 // Worker names, client ids and run ids (also the ids of `splitq tokens`): 1..64 of
 // [A-Za-z0-9._-], and not "." or ".." (they name folders: --out runs/<id>).
 bool IsValidMemberName(const std::string& name);

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <random>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 
 namespace splitq::server {
@@ -155,6 +156,15 @@ absl::StatusOr<uint64_t> CoordinatorCore::Register(Role role, const std::string&
   if (!caller.empty() && caller != name) {
     return absl::PermissionDeniedError(absl::StrCat("this call's token belongs to '", caller,
                                                     "': it cannot register as '", name, "'"));
+  }
+  for (const WorkerAddress* a : {&endpoint, &group_store}) {
+    if (role == Role::kWorker && !a->host.empty() && !IsValidHost(a->host)) {
+      // Clients dial it and print it: no control bytes, no megabyte names (sixth outside probe).
+      return absl::InvalidArgumentError(absl::StrCat(
+          "worker '", name, "': host '", absl::CHexEscape(a->host.substr(0, 64)),
+          a->host.size() > 64 ? "...'" : "'",
+          " is not a DNS name or an IP address (1..253 of [A-Za-z0-9.-_:%], not 0.0.0.0 or ::)"));
+    }
   }
   const bool grouped = !group_store.host.empty();
   if (grouped && (role != Role::kWorker || group_store.port == 0 || group_store.port > 65535)) {

@@ -84,6 +84,7 @@ namespace splitq::server {
 using Clock = std::chrono::steady_clock;
 
 using rpc::Assignment;
+using rpc::IsValidHost;
 using rpc::IsValidMemberName;
 using rpc::kProtocolVersion;
 using rpc::Role;

@@ -84,6 +84,25 @@ TEST_F(CoordinatorCoreTest, RefusesOtherProtocolVersionsAndBadNames) {
   EXPECT_EQ(core_.Assign(Client("early"), At(0)).status().code(), absl::StatusCode::kUnavailable);
 }
 
+// A worker's host is dialled and printed by clients: control bytes, spaces, a megabyte name
+// and unspecified addresses are refused (the sixth outside probe registered all of them).
+TEST_F(CoordinatorCoreTest, WorkerHostsAreNamesOrAddresses) {
+  for (const std::string& host :
+       {std::string("evil\n\x1b[31mclient alice: fake line"), std::string(1000000, 'a'),
+        std::string("0.0.0.0"), std::string("::"), std::string("a b"), std::string("h/x")}) {
+    const auto r = core_.Register(Role::kWorker, "w", kProtocolVersion, {host, 50051}, 1, At(0));
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << host.substr(0, 20);
+    EXPECT_LT(r.status().message().size(), 400u);
+    EXPECT_EQ(r.status().message().find('\n'), std::string::npos);
+  }
+  int i = 0;
+  for (const char* host : {"worker-0.example.com", "10.1.2.3", "fe80::1%eth0", "splitq_worker_1"}) {
+    auto r = core_.Register(Role::kWorker, absl::StrCat("w", i++), kProtocolVersion, {host, 50051},
+                            1, At(0));
+    EXPECT_TRUE(r.ok()) << host << ": " << r.status();
+  }
+}
+
 TEST_F(CoordinatorCoreTest, LiveDuplicateNamesAreRefusedDeadOnesMayReturn) {
   const uint64_t a = Client("a");
   EXPECT_EQ(core_.Register(Role::kClient, "a", kProtocolVersion, {}, 0, At(10)).status().code(),
