@@ -208,6 +208,18 @@ absl::StatusOr<TrainSummary> RunTraining(StepRunner& runner, const TrainOptions&
         "over the run and is a ceiling (bits sit below it where the loss allows)",
         ActivationBudgetAt(c, 0), ActivationBudgetAt(c, c.steps - 1)));
   }
+  // The logs are appended to in place (everything else is written to a temporary file and
+  // renamed over): a symbolic link there would have a run write through it into whatever it
+  // points at (the sixth outside probe overwrote a file that way).
+  for (const char* name : {"metrics.jsonl", "validation.jsonl"}) {
+    std::error_code link_error;
+    if (fs::is_symlink(dir / name, link_error)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat((dir / name).string(),
+                       " is a symbolic link: a run writes its logs only to files of "
+                       "its own (nothing was changed)"));
+    }
+  }
   const auto mode = options.resume ? std::ios::app : std::ios::trunc;
   std::ofstream metrics(dir / "metrics.jsonl", mode), validation(dir / "validation.jsonl", mode);
   if (!metrics || !validation) {

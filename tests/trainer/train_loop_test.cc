@@ -613,6 +613,23 @@ TEST(TrainLoop, AFolderThatHoldsARunIsKept) {
   // measured, the steps before the stop too.
   EXPECT_EQ(resumed->entropy.elements_up, resumed->bytes_fp32_equivalent / 8);
 
+  // A log that is a symbolic link is refused, with --force too: the run would write through it
+  // (the sixth outside probe overwrote another file this way).
+  TrainOptions linked = Options("kept_linked");
+  RemoveTree(linked.out_dir);
+  std::filesystem::create_directories(linked.out_dir);
+  const std::string victim = linked.out_dir + ".victim";
+  std::ofstream(victim) << "not the run's\n";
+  std::filesystem::create_symlink(victim, linked.out_dir + "/metrics.jsonl");
+  linked.overwrite = true;
+  refused = Train(c, linked);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_NE(refused.status().message().find("symbolic link"), std::string::npos)
+      << refused.status();
+  EXPECT_EQ(Slurp(victim), "not the run's\n");
+  RemoveTree(linked.out_dir);
+  std::filesystem::remove(victim);
+
   // --force starts over: the old summary goes at once, a new one comes at the end.
   again.overwrite = true;
   again.stop_after = 2;
