@@ -117,9 +117,21 @@ absl::Status CheckKeys(const YAML::Node& node, const std::string& prefix) {
         absl::StrCat(prefix.empty() ? "config" : prefix, ": expected a map of keys (",
                      absl::StrJoin(ChildrenOf(prefix), ", "), "), got '", Show(node), "'"));
   }
+  std::set<std::string> seen;
   for (const auto& entry : node) {
+    // YAML gives a repeated key's first value (the rest would be dropped without a word), and
+    // a key may be any node ("? [a, b]"): both are refused.
+    if (!entry.first.IsScalar()) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix.empty() ? "config" : prefix,
+                                                     ": a key must be a plain name, got '",
+                                                     Show(entry.first), "'"));
+    }
     const std::string name = entry.first.as<std::string>();
     const std::string path = prefix.empty() ? name : prefix + "." + name;
+    if (!seen.insert(name).second) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": the key appears twice (YAML would take the first and drop the rest)"));
+    }
     if (IsKey(path)) continue;
     const std::vector<std::string> children = ChildrenOf(path);
     if (children.empty()) {
@@ -157,10 +169,18 @@ absl::Status ReadKey(const YAML::Node& root, const Key& k, RunConfig* c) {
   const char* expected = "";
   try {
     switch (k.kind) {
-      case Kind::kInt:
+      case Kind::kInt: {
         expected = "an integer";
+        // yaml-cpp reads 010 as 8 and 0x10 as 16: only plain decimal is taken.
+        const std::string text = node.IsScalar() ? node.Scalar() : std::string();
+        const size_t d = !text.empty() && (text[0] == '-' || text[0] == '+') ? 1 : 0;
+        if (text.size() > d + 1 && text[d] == '0') {
+          return absl::InvalidArgumentError(absl::StrCat(
+              k.path, ": '", text, "': write integers in decimal, without leading zeros"));
+        }
         v.i = node.as<int64_t>();
         break;
+      }
       case Kind::kNumber:
         expected = "a number";
         v.d = node.as<double>();
@@ -307,12 +327,23 @@ absl::Status ApplyOverride(YAML::Node& root, const std::string& assignment) {
         absl::StrCat("--set '", assignment, "': expected key.path=value"));
   }
   const std::string path = assignment.substr(0, eq);
+  for (const absl::string_view part : absl::StrSplit(path, '.')) {
+    if (part.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--set '", assignment, "': a key path of names joined by single dots"));
+    }
+  }
   YAML::Node value;
   try {
     value = YAML::Load(assignment.substr(eq + 1));
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("--set ", path, ": the value is not YAML: ", e.what()));
+  }
+  if (!value.IsDefined() || value.IsNull()) {
+    // An empty or null value would quietly give the key its default again.
+    return absl::InvalidArgumentError(absl::StrCat("--set ", path, ": no value (", path,
+                                                   "=VALUE; leave the --set out for the default)"));
   }
   if (!root.IsDefined() || root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
   const std::vector<std::string> parts = absl::StrSplit(path, '.');

@@ -121,6 +121,30 @@ TEST(RunConfig, OverridesReplaceAndAddKeys) {
   EXPECT_FALSE(ApplyOverride(root, "steps").ok());
   EXPECT_FALSE(ApplyOverride(root, "=3").ok());
   EXPECT_FALSE(ApplyOverride(root, "steps.inner=3").ok());  // steps is not a map
+  // An empty or null value would give the key its default again; an empty path part (a
+  // leading, doubled or trailing dot) would be ignored (the sixth outside probe).
+  for (const char* bad :
+       {"steps=", "steps=~", "steps=null", ".steps=1", "optim..lr=1", "steps.=1"}) {
+    const absl::Status st = ApplyOverride(root, bad);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << bad << ": " << st;
+  }
+}
+
+// What YAML would quietly reinterpret is refused (the sixth outside probe): a repeated key
+// (YAML keeps the first), a key that is not a plain name, and integers that are not plain
+// decimal (yaml-cpp reads 010 as 8 and 0x10 as 16).
+TEST(RunConfig, WhatYamlWouldReinterpretIsRefused) {
+  ExpectError("steps: 60\nsteps: .nan\n", "steps: the key appears twice");
+  ExpectError("optim: {lr: 0.001}\noptim: {lr: .nan}\n", "optim: the key appears twice");
+  ExpectError("optim: {lr: 0.001, lr: 0.1}\n", "optim.lr: the key appears twice");
+  ExpectError("? [a, b]\n: 1\n", "a key must be a plain name");
+  ExpectError("steps: 010\n", "write integers in decimal");
+  ExpectError("steps: 0x10\n", "write integers in decimal");
+  ExpectError("steps: -07\n", "write integers in decimal");
+  auto c = Parse("steps: 10\nbatch_size: 0\n");
+  EXPECT_FALSE(c.ok());  // 0 itself is a decimal integer (refused here for its range only)
+  EXPECT_EQ(c.status().message().find("decimal"), std::string::npos) << c.status();
+  ASSERT_TRUE(Parse("steps: 10\nbatch_size: 100\n").ok());
 }
 
 TEST(RunConfig, UnknownKeysSuggestTheNearestKnownOne) {
