@@ -10,6 +10,7 @@
 #include <torch/serialize/output-archive.h>
 
 #include <chrono>
+#include <cmath>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
@@ -21,6 +22,24 @@
 
 namespace splitq::trainer {
 namespace {
+
+// A tensor from the worker, before the client part uses it: finite, and at most `bound` in
+// magnitude (client.max_abs_gradient; a worker could send 1e31 and poison the client's weights:
+// the sixth outside probe).
+absl::Status CheckFromWorker(const at::Tensor& t, const char* what, double bound) {
+  const double largest = t.numel() == 0 ? 0.0 : t.abs().max().item<double>();
+  if (!std::isfinite(largest)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a non-finite value in the worker's ", what, " frame: refused"));
+  }
+  if (largest > bound) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the worker's ", what, " frame has a value of magnitude ", largest,
+        ", above client.max_abs_gradient (", bound, "): refused before the client part uses it"));
+  }
+  return absl::OkStatus();
+}
+
 
 using Clock = std::chrono::steady_clock;
 using namespace internal;  // NOLINT(build/namespaces)
@@ -247,6 +266,7 @@ absl::StatusOr<HeadGradient> ClientPart::Head(const DownFrame& down) {
     SPLITQ_ASSIGN_OR_RETURN(
         at::Tensor received,
         s.receiver->Receive(down.frame, s.step, p.ids, true, s.device, s.ActivationType()));
+    SPLITQ_RETURN_IF_ERROR(CheckFromWorker(received, "output", s.c.client_max_abs_gradient));
     const at::Tensor head_in = received.detach().requires_grad_(true);
     at::Tensor loss;
     {
@@ -292,6 +312,7 @@ absl::StatusOr<StepStats> ClientPart::Backward(const DownFrame& down) {
     if (g.sizes() != side.sizes()) {
       return absl::InvalidArgumentError("the gradient frame's shape is not the activation's");
     }
+    SPLITQ_RETURN_IF_ERROR(CheckFromWorker(g, "gradient", s.c.client_max_abs_gradient));
     if (!p.inputs.defined()) {
       BackwardWithRegularizer(side, g, s.sender->Regularizer(s.step));
     } else {

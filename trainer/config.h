@@ -102,6 +102,8 @@ struct RunConfig {
   std::vector<std::string> lora_targets{"qkv", "proj", "fc1", "fc2"};
   // client: `splitq client` only (`splitq train` ignores it)
   int64_t client_micro_batches = 1;  // ClientPart::set_micro_batches
+  // The largest magnitude a client takes in a worker's gradient (or U-shaped output) frame.
+  double client_max_abs_gradient = 1e4;
   // server: `splitq worker` only (server/worker_service.h, MergeOptions)
   int64_t merge_max_clients = 1;  // 1: every client step is its own server update
   int64_t merge_max_targets = 0;  // 0: no limit

@@ -232,6 +232,10 @@ const std::vector<Key>& Keys() {
           "more forward pass; the same result up to float summation order). A CUDA client runs "
           "the batch whole; `splitq client --micro-batches K` overrides both; splitq train "
           "ignores it"),
+      Num("client.max_abs_gradient", 1, 1e30, false, SPLITQ_FIELD(client_max_abs_gradient),
+          "the largest magnitude a client takes in a worker's gradient frame (or a U-shaped "
+          "model's output activation); a frame with a larger or a non-finite value is refused "
+          "(INVALID_ARGUMENT) before the client part steps with it"),
       Int("server.merge.max_clients", 1, 1024, SPLITQ_FIELD(merge_max_clients),
           "splitq worker: compute the ready steps of up to this many clients as one server batch "
           "with one update (1: each step alone; docs/cluster.md, Merged batches)"),

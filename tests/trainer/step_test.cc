@@ -15,6 +15,7 @@
 #include <limits>
 #include <memory>
 
+#include "quant/wire_format.h"
 #include "trainer/batches.h"
 #include "trainer/boundary.h"
 #include "trainer/client_part.h"
@@ -167,6 +168,34 @@ TEST_F(SplitParts, RotationIsTransparentAtEightBits) {
   RunConfig aqsgd = ConfigFrom(kAqSgd);
   aqsgd.activations.rotation = 32;
   ExpectSameCurve(aqsgd, 6);
+}
+
+// A worker's gradient frame with values no server part makes (its scales raised to 1e30:
+// finite values around 1e31, which the sixth outside probe's fake worker sent and the client
+// stepped with) is refused before the client part uses it; the step is still pending, and the
+// real gradient then goes through.
+TEST_F(SplitParts, AGradientAboveTheClientsBoundIsRefused) {
+  const RunConfig c = ConfigFrom(kAmaq);
+  Parts p;
+  MakeParts(c, &p);
+  auto up = p.client->Forward();
+  ASSERT_TRUE(up.ok()) << up.status();
+  const uint64_t session = p.server->OpenSession();
+  auto down = p.server->Train(session, *up, true);
+  ASSERT_TRUE(down.ok()) << down.status();
+  auto f = quant::ParseFrame(absl::MakeConstSpan(
+      reinterpret_cast<const uint8_t*>(down->frame.data()), down->frame.size()));
+  ASSERT_TRUE(f.ok()) << f.status();
+  ASSERT_FALSE(f->scales.empty());
+  for (float& v : f->scales) v = 1e30f;
+  quant::SealFrame(&*f);
+  DownFrame bad = *down;
+  bad.frame = quant::SerializeFrame(*f);
+  const auto refused = p.client->Backward(bad);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+  EXPECT_NE(refused.status().message().find("client.max_abs_gradient"), std::string::npos)
+      << refused.status();
+  EXPECT_TRUE(p.client->Backward(*down).ok());
 }
 
 TEST_F(SplitParts, AqSgdCurveIsSplitTrainersBitForBit) {
