@@ -4,6 +4,7 @@
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
@@ -87,6 +88,28 @@ absl::Status ConfigureLogging(const std::string& level, const std::string& forma
   spdlog::set_default_logger(logger);
   g_json = format == "json";
   return absl::OkStatus();
+}
+
+LineBudget::LineBudget(double per_second, double burst)
+    : per_second_(per_second),
+      burst_(burst),
+      tokens_(burst),
+      last_(std::chrono::steady_clock::now()) {}
+
+bool LineBudget::Take(int64_t* suppressed) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto now = std::chrono::steady_clock::now();
+  tokens_ =
+      std::min(burst_, tokens_ + per_second_ * std::chrono::duration<double>(now - last_).count());
+  last_ = now;
+  if (tokens_ < 1) {
+    ++suppressed_;
+    return false;
+  }
+  tokens_ -= 1;
+  *suppressed = suppressed_;
+  suppressed_ = 0;
+  return true;
 }
 
 }  // namespace splitq::base

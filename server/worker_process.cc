@@ -3,12 +3,14 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <memory>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "base/files.h"
+#include "base/log.h"
 #include "base/memory.h"
 #include "base/status_macros.h"
 #include "client/coordinator_client.h"
@@ -357,8 +359,17 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
       return s.BeforeRound(closing);
     };
   }
-  service_options.log = [&s](const std::string& line) {
-    s.Log(absl::StrCat("worker ", s.o.name, ": ", line));
+  // Session lines are caused by peers: at most 20 a second (bursts of 200), and the next line
+  // that goes out says how many were left out.
+  auto budget = std::make_shared<base::LineBudget>(20, 200);
+  service_options.log = [&s, budget](const std::string& line) {
+    int64_t suppressed = 0;
+    if (!budget->Take(&suppressed)) return;
+    s.Log(absl::StrCat("worker ", s.o.name, ": ", line,
+                       suppressed > 0 ? absl::StrCat(" (", suppressed,
+                                                     " session lines left out before this one: "
+                                                     "more than 20 a second)")
+                                      : std::string()));
   };
   if (const std::string note = FitToDescriptorLimit(&s.o.connection_limits); !note.empty()) {
     s.Log(absl::StrCat("worker ", s.o.name, ": ", note));

@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 #include <spdlog/spdlog.h>
 
+#include <chrono>
 #include <string>
+#include <thread>
 
 namespace splitq::base {
 namespace {
@@ -44,6 +46,23 @@ TEST(Logging, BadFlagsAreRefusedByName) {
             std::string::npos);
   EXPECT_NE(ConfigureLogging("info", "xml").message().find("--log-format 'xml'"),
             std::string::npos);
+}
+
+// A burst goes out whole, then lines are refused until the budget refills; the first line out
+// after that is told how many were refused.
+TEST(LineBudget, BurstsThenRefusesAndCountsWhatItLeftOut) {
+  LineBudget budget(10, 5);
+  int64_t suppressed = -1;
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(budget.Take(&suppressed)) << i;
+    EXPECT_EQ(suppressed, 0);
+  }
+  for (int i = 0; i < 7; ++i) EXPECT_FALSE(budget.Take(&suppressed)) << i;
+  std::this_thread::sleep_for(std::chrono::milliseconds(250));  // 2.5 lines at 10 a second
+  ASSERT_TRUE(budget.Take(&suppressed));
+  EXPECT_EQ(suppressed, 7);
+  ASSERT_TRUE(budget.Take(&suppressed));
+  EXPECT_EQ(suppressed, 0);
 }
 
 }  // namespace
