@@ -54,8 +54,8 @@ struct ClientCommandOptions {
   rpc::TransportSecurity security;
   int connect_timeout_s = 120, reconnect_timeout_s = 300;
   int reply_timeout_s = 300;  // a step's answer not here after this long: reconnect (0: never)
-  int micro_batches = 0;  // 0: the config's client.micro_batches
-  int chunk_kib = 1024;   // activation frames go up in chunks of this size
+  int micro_batches = 0;      // 0: the config's client.micro_batches
+  int chunk_kib = 1024;       // activation frames go up in chunks of this size
 };
 
 int Fail(const std::string& id, const char* what, const absl::Status& status, int code = 2) {

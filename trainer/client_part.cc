@@ -40,7 +40,6 @@ absl::Status CheckFromWorker(const at::Tensor& t, const char* what, double bound
   return absl::OkStatus();
 }
 
-
 using Clock = std::chrono::steady_clock;
 using namespace internal;  // NOLINT(build/namespaces)
 constexpr int64_t kClientCheckpointVersion = 1;
